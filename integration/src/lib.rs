@@ -1,0 +1,1 @@
+//! Root tests live in tests/.
