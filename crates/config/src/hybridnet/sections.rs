@@ -1,0 +1,237 @@
+//! The readers for each section of HybridNetConfig.
+
+use std::path::PathBuf;
+
+use super::{Ours, TOP_KEYS, get};
+use crate::error::IssueKind;
+use crate::filter::FilterRule;
+use crate::model::{Backend, Mtu, Peer, PublicKey, Topology};
+use crate::parse;
+use crate::read::Ctx;
+use crate::yaml::{Node, Value};
+
+const APIPRISM_KEYS: &[&str] = &["listen", "endpoints", "admin", "healthCheck", "dialTimeout", "tlsServerName"];
+const HEALTH_KEYS: &[&str] = &["interval", "timeout", "fall", "rise"];
+const MESHD_KEYS: &[&str] = &[
+    "interface",
+    "listenPort",
+    "mtu",
+    "backend",
+    "privateKeyFile",
+    "addresses",
+    "location",
+    "topology",
+    "peers",
+    "filters",
+    "allowDownPeerBypass",
+    "advertiseKubernetesNetworks",
+    "harvestExtraEndpoints",
+    "extraAnnouncedEndpoints",
+    "kubespanCompat",
+    "admin",
+];
+const FILTER_KEYS: &[&str] = &["endpoints", "excludeAdvertisedNetworks"];
+const PEER_KEYS: &[&str] = &["name", "publicKey", "endpoints", "allowedIPs", "location"];
+const DNSLOCAL_KEYS: &[&str] = &["listen", "interface", "clusterDomain", "clusterDNS", "upstreams", "cache", "admin"];
+const INTERFACE_KEYS: &[&str] = &["name", "create"];
+const CACHE_KEYS: &[&str] = &["size", "maxTTL", "negativeTTL", "serveStale", "prefetch"];
+
+/// A section mapping, checked for unknown keys; `None` when absent, null or not a mapping.
+fn section<'a>(ctx: &mut Ctx, parent: Option<&'a Node>, key: &str, name: &str, allowed: &[&str]) -> Option<&'a Node> {
+    let node = parent?.get(key).filter(|n| !n.is_null())?;
+    ctx.check_keys(node, name, allowed).then_some(node)
+}
+
+fn path(ctx: &mut Ctx, n: &Node, key: &str) -> Option<PathBuf> {
+    ctx.parsed(n, key, |s| {
+        if s.is_empty() || s.contains('\0') {
+            Err("expected a non-empty path".to_owned())
+        } else {
+            Ok(PathBuf::from(s))
+        }
+    })
+}
+
+fn count(ctx: &mut Ctx, n: &Node, key: &str) -> Option<u32> {
+    ctx.uint(n, key, 1, 1000).and_then(|v| u32::try_from(v).ok())
+}
+
+fn name(ctx: &mut Ctx, n: &Node, key: &str) -> Option<String> {
+    ctx.parsed(n, key, |s| {
+        if s.is_empty() || s.len() > 253 || s.chars().any(char::is_control) {
+            Err(format!("invalid name `{s}`: expected 1-253 printable characters"))
+        } else {
+            Ok(s.to_owned())
+        }
+    })
+}
+
+fn host_ports(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Vec<parse::HostPort>> {
+    ctx.list(n, key, |c, item, k| c.parsed(item, k, parse::parse_host_port))
+}
+
+/// Reads our document. Unknown keys and bad values are added to `ctx.issues`.
+pub fn read_hybridnet(ctx: &mut Ctx, doc: &Node) -> Ours {
+    ctx.check_keys(doc, "HybridNetConfig", TOP_KEYS);
+    let top = Some(doc);
+    let mut o = Ours {
+        state_dir: get(ctx, top, "", "stateDir", path),
+        data_dir: get(ctx, top, "", "dataDir", path),
+        ..Ours::default()
+    };
+    let s = section(ctx, top, "apiprism", "apiprism", APIPRISM_KEYS);
+    read_apiprism(ctx, s, &mut o);
+    let s = section(ctx, top, "meshd", "meshd", MESHD_KEYS);
+    read_meshd(ctx, s, &mut o);
+    let s = section(ctx, top, "dnslocal", "dnslocal", DNSLOCAL_KEYS);
+    read_dnslocal(ctx, s, &mut o);
+    o
+}
+
+fn read_apiprism(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
+    const P: &str = "apiprism";
+    o.ap_listen = get(ctx, s, P, "listen", |c, n, k| c.socket_addrs(n, k));
+    o.ap_endpoints = get(ctx, s, P, "endpoints", host_ports);
+    o.ap_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
+    o.ap_dial_timeout = get(ctx, s, P, "dialTimeout", |c, n, k| c.duration(n, k));
+    o.ap_tls_server_name = get(ctx, s, P, "tlsServerName", name);
+    let hc = section(ctx, s, "healthCheck", "apiprism.healthCheck", HEALTH_KEYS);
+    const H: &str = "apiprism.healthCheck";
+    o.ap_hc_interval = get(ctx, hc, H, "interval", |c, n, k| c.duration(n, k));
+    o.ap_hc_timeout = get(ctx, hc, H, "timeout", |c, n, k| c.duration(n, k));
+    o.ap_hc_fall = get(ctx, hc, H, "fall", count);
+    o.ap_hc_rise = get(ctx, hc, H, "rise", count);
+}
+
+fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
+    const P: &str = "meshd";
+    o.m_interface = get(ctx, s, P, "interface", |c, n, k| c.parsed(n, k, parse_ifname));
+    o.m_listen_port = get(ctx, s, P, "listenPort", |c, n, k| c.port(n, k));
+    o.m_mtu = get(ctx, s, P, "mtu", read_mtu);
+    o.m_backend = get(ctx, s, P, "backend", |c, n, k| {
+        c.parsed(n, k, |v| match v {
+            "kernel" => Ok(Backend::Kernel),
+            "userspace" => Ok(Backend::Userspace),
+            "auto" => Ok(Backend::Auto),
+            _ => Err(format!("unknown backend `{v}`: expected kernel, userspace or auto")),
+        })
+    });
+    o.m_private_key_file = get(ctx, s, P, "privateKeyFile", path);
+    o.m_addresses = get(ctx, s, P, "addresses", |c, n, k| c.ipnets(n, k));
+    o.m_location = get(ctx, s, P, "location", name);
+    o.m_topology = get(ctx, s, P, "topology", |c, n, k| {
+        c.parsed(n, k, |v| match v {
+            "full" => Ok(Topology::Full),
+            "location" => Ok(Topology::Location),
+            _ => Err(format!("unknown topology `{v}`: expected full or location")),
+        })
+    });
+    o.m_peers = get(ctx, s, P, "peers", |c, n, k| c.list(n, k, read_peer));
+    o.m_bypass = get(ctx, s, P, "allowDownPeerBypass", |c, n, k| c.boolean(n, k));
+    o.m_advertise = get(ctx, s, P, "advertiseKubernetesNetworks", |c, n, k| c.boolean(n, k));
+    o.m_harvest = get(ctx, s, P, "harvestExtraEndpoints", |c, n, k| c.boolean(n, k));
+    o.m_extra_endpoints = get(ctx, s, P, "extraAnnouncedEndpoints", |c, n, k| c.socket_addrs(n, k));
+    o.m_kubespan_compat = get(ctx, s, P, "kubespanCompat", |c, n, k| c.boolean(n, k));
+    o.m_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
+    let filters = section(ctx, s, "filters", "meshd.filters", FILTER_KEYS);
+    o.m_filters = get(ctx, filters, "meshd.filters", "endpoints", |c, n, k| {
+        c.list(n, k, |c, item, k| c.parsed(item, k, FilterRule::parse))
+    });
+    o.m_exclude = get(ctx, filters, "meshd.filters", "excludeAdvertisedNetworks", |c, n, k| c.ipnets(n, k));
+}
+
+/// A Linux interface name: 1-15 bytes, no `/`, whitespace or `:`.
+fn parse_ifname(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 15 || s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+        Err(format!("invalid interface name `{s}`: expected 1-15 characters without `/`, `:` or spaces"))
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+fn read_mtu(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Mtu> {
+    match &n.value {
+        Value::Str(s) if s == "auto" => Some(Mtu::Auto),
+        Value::Int(_) => ctx.uint(n, key, 1280, 65535).and_then(|v| u16::try_from(v).ok()).map(Mtu::Fixed),
+        _ => {
+            ctx.issue(n, IssueKind::Type, format!("`{key}`: expected a number (1280-65535) or `auto`"));
+            None
+        }
+    }
+}
+
+fn read_peer(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Peer> {
+    if !ctx.check_keys(n, key, PEER_KEYS) {
+        if n.is_null() {
+            ctx.issue(n, IssueKind::Type, format!("`{key}`: expected a mapping with name and publicKey"));
+        }
+        return None;
+    }
+    let need = |ctx: &mut Ctx, field: &str| {
+        let node = n.get(field).filter(|v| !v.is_null());
+        if node.is_none() {
+            ctx.issue(n, IssueKind::Value, format!("`{key}`: `{field}` is required"));
+        }
+        node
+    };
+    let name_node = need(ctx, "name");
+    let key_node = need(ctx, "publicKey");
+    let peer_name = name_node.and_then(|v| name(ctx, v, &format!("{key}.name")));
+    let public_key = key_node.and_then(|v| {
+        ctx.parsed(v, &format!("{key}.publicKey"), |s| {
+            crate::talos::decode32(s).map(PublicKey).map_err(|e| format!("invalid WireGuard public key: {e}"))
+        })
+    });
+    let opt = |field: &str| n.get(field).filter(|v| !v.is_null()).map(|v| (v, format!("{key}.{field}")));
+    let endpoints = match opt("endpoints") {
+        Some((v, k)) => host_ports(ctx, v, &k),
+        None => Some(Vec::new()),
+    };
+    let allowed_ips = match opt("allowedIPs") {
+        Some((v, k)) => ctx.ipnets(v, &k),
+        None => Some(Vec::new()),
+    };
+    let location = match opt("location") {
+        Some((v, k)) => name(ctx, v, &k).map(Some),
+        None => Some(None),
+    };
+    Some(Peer {
+        name: peer_name?,
+        public_key: public_key?,
+        endpoints: endpoints?,
+        allowed_ips: allowed_ips?,
+        location: location?,
+    })
+}
+
+fn read_dnslocal(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
+    const P: &str = "dnslocal";
+    o.d_listen = get(ctx, s, P, "listen", |c, n, k| c.socket_addrs(n, k));
+    o.d_cluster_domain = get(ctx, s, P, "clusterDomain", |c, n, k| {
+        c.parsed(n, k, |v| {
+            if parse::is_hostname(v) {
+                Ok(v.trim_end_matches('.').to_owned())
+            } else {
+                Err(format!("invalid domain `{v}`"))
+            }
+        })
+    });
+    o.d_cluster_dns = get(ctx, s, P, "clusterDNS", dns_servers);
+    o.d_upstreams = get(ctx, s, P, "upstreams", dns_servers);
+    o.d_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
+    let iface = section(ctx, s, "interface", "dnslocal.interface", INTERFACE_KEYS);
+    o.d_if_name = get(ctx, iface, "dnslocal.interface", "name", |c, n, k| c.parsed(n, k, parse_ifname));
+    o.d_if_create = get(ctx, iface, "dnslocal.interface", "create", |c, n, k| c.boolean(n, k));
+    let cache = section(ctx, s, "cache", "dnslocal.cache", CACHE_KEYS);
+    const C: &str = "dnslocal.cache";
+    o.d_cache_size = get(ctx, cache, C, "size", |c, n, k| c.uint(n, k, 0, 100_000_000).and_then(|v| usize::try_from(v).ok()));
+    o.d_cache_max_ttl = get(ctx, cache, C, "maxTTL", |c, n, k| c.duration(n, k));
+    o.d_cache_negative_ttl = get(ctx, cache, C, "negativeTTL", |c, n, k| c.duration(n, k));
+    o.d_cache_serve_stale = get(ctx, cache, C, "serveStale", |c, n, k| c.duration(n, k));
+    o.d_cache_prefetch = get(ctx, cache, C, "prefetch", |c, n, k| c.boolean(n, k));
+}
+
+/// DNS servers: `ip` (port 53) or `ip:port`.
+fn dns_servers(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Vec<std::net::SocketAddr>> {
+    ctx.list(n, key, |c, item, k| c.parsed(item, k, |s| parse::parse_socket_addr_default(s, 53)))
+}
