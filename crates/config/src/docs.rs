@@ -32,22 +32,34 @@ pub fn classify<'a>(ctx: &mut Ctx, docs: &'a [Node]) -> Vec<Doc<'a>> {
             Value::Map(_) => {}
             _ => {
                 let found = doc.type_name();
-                ctx.issue(doc, IssueKind::Document, format!("document {number}: expected a mapping, found {found}"));
+                ctx.issue(
+                    doc,
+                    IssueKind::Document,
+                    format!("document {number}: expected a mapping, found {found}"),
+                );
                 continue;
             }
         }
-        let Some(classified) = classify_one(ctx, doc, number) else { continue };
+        let Some(classified) = classify_one(ctx, doc, number) else {
+            continue;
+        };
         let (kind, name) = match &classified {
             Doc::Legacy(_) => ("v1alpha1 (legacy machine config)".to_owned(), None),
             Doc::HybridNet(_) => (HYBRIDNET_KIND.to_owned(), None),
-            Doc::Talos(kind, node) => (kind.clone(), node.get("name").and_then(Node::as_str).map(str::to_owned)),
+            Doc::Talos(kind, node) => (
+                kind.clone(),
+                node.get("name").and_then(Node::as_str).map(str::to_owned),
+            ),
         };
         let what = match &name {
             Some(n) => format!("{kind} named `{n}`"),
             None => kind.clone(),
         };
         if let Some(first) = seen.get(&(kind.clone(), name.clone())) {
-            let message = format!("duplicate document: {what} is already defined at line {}", first.line);
+            let message = format!(
+                "duplicate document: {what} is already defined at line {}",
+                first.line
+            );
             ctx.issue(doc, IssueKind::Duplicate, message);
             continue;
         }
@@ -63,18 +75,28 @@ fn classify_one<'a>(ctx: &mut Ctx, doc: &'a Node, number: usize) -> Option<Doc<'
     match (kind, version) {
         (Some(k), _) => {
             let Some(kind) = k.as_str().filter(|s| !s.is_empty()) else {
-                ctx.issue(k, IssueKind::Type, format!("document {number}: `kind` must be a non-empty string"));
+                ctx.issue(
+                    k,
+                    IssueKind::Type,
+                    format!("document {number}: `kind` must be a non-empty string"),
+                );
                 return None;
             };
             match doc.get("apiVersion").map(|v| v.as_str()) {
                 Some(Some("v1alpha1")) => {}
                 Some(Some(other)) if kind == HYBRIDNET_KIND => {
-                    let message = format!("{HYBRIDNET_KIND}: unsupported apiVersion `{other}`: expected v1alpha1");
+                    let message = format!(
+                        "{HYBRIDNET_KIND}: unsupported apiVersion `{other}`: expected v1alpha1"
+                    );
                     ctx.issue(doc, IssueKind::Value, message);
                     return None;
                 }
                 None if kind == HYBRIDNET_KIND => {
-                    ctx.issue(doc, IssueKind::Document, format!("{HYBRIDNET_KIND}: `apiVersion: v1alpha1` is missing"));
+                    ctx.issue(
+                        doc,
+                        IssueKind::Document,
+                        format!("{HYBRIDNET_KIND}: `apiVersion: v1alpha1` is missing"),
+                    );
                     return None;
                 }
                 // Talos documents of another apiVersion are accepted and ignored like unknown kinds.
@@ -89,7 +111,9 @@ fn classify_one<'a>(ctx: &mut Ctx, doc: &'a Node, number: usize) -> Option<Doc<'
         (None, Some(v)) => match v.as_str() {
             Some("v1alpha1") => Some(Doc::Legacy(doc)),
             _ => {
-                let message = format!("document {number}: unsupported machine config `version`: expected v1alpha1");
+                let message = format!(
+                    "document {number}: unsupported machine config `version`: expected v1alpha1"
+                );
                 ctx.issue(v, IssueKind::Value, message);
                 None
             }

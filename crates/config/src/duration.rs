@@ -6,7 +6,8 @@ use std::time::Duration;
 /// `h`; a number may have a fraction. A bare `0` is zero. Anything else is an error that says
 /// what was expected.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let expected = || format!("invalid duration `{text}`: expected e.g. `500ms`, `1s`, `5m`, `1h` or `1h30m`");
+    let expected =
+        || format!("invalid duration `{text}`: expected e.g. `500ms`, `1s`, `5m`, `1h` or `1h30m`");
     let s = text.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
@@ -17,12 +18,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total: u128 = 0;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(expected)?;
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(expected)?;
         if num_len == 0 {
             return Err(expected());
         }
         let (num, tail) = rest.split_at(num_len);
-        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let nanos_per: u128 = match unit {
             "ns" => 1,
@@ -33,7 +38,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "h" => 3_600_000_000_000,
             _ => return Err(expected()),
         };
-        total = total.checked_add(part_nanos(num, nanos_per).ok_or_else(expected)?).ok_or_else(expected)?;
+        total = total
+            .checked_add(part_nanos(num, nanos_per).ok_or_else(expected)?)
+            .ok_or_else(expected)?;
         rest = tail;
     }
     let secs = u64::try_from(total / 1_000_000_000).map_err(|_| expected())?;
@@ -67,8 +74,12 @@ pub fn format_duration(d: Duration) -> String {
     if nanos == 0 {
         return "0s".to_owned();
     }
-    if nanos % 1_000_000_000 != 0 {
-        return if nanos % 1_000_000 == 0 { format!("{}ms", nanos / 1_000_000) } else { format!("{nanos}ns") };
+    if !nanos.is_multiple_of(1_000_000_000) {
+        return if nanos.is_multiple_of(1_000_000) {
+            format!("{}ms", nanos / 1_000_000)
+        } else {
+            format!("{nanos}ns")
+        };
     }
     let secs = d.as_secs();
     let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
@@ -86,6 +97,7 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -95,11 +107,24 @@ mod tests {
         assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("168h0m0s"), Ok(Duration::from_secs(168 * 3600)));
+        assert_eq!(
+            parse_duration("168h0m0s"),
+            Ok(Duration::from_secs(168 * 3600))
+        );
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        for bad in ["", "1", "s", "1x", "-1s", "1..2s", "1s2", "99999999999999999999999h", ".s"] {
+        for bad in [
+            "",
+            "1",
+            "s",
+            "1x",
+            "-1s",
+            "1..2s",
+            "1s2",
+            "99999999999999999999999h",
+            ".s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -38,8 +38,18 @@ pub struct Issue {
 }
 
 impl Issue {
-    pub fn new(origin: &Path, pos: Option<Pos>, kind: IssueKind, message: impl Into<String>) -> Self {
-        Issue { origin: origin.to_owned(), pos, kind, message: message.into() }
+    pub fn new(
+        origin: &Path,
+        pos: Option<Pos>,
+        kind: IssueKind,
+        message: impl Into<String>,
+    ) -> Self {
+        Issue {
+            origin: origin.to_owned(),
+            pos,
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -66,7 +76,11 @@ pub enum Error {
     },
     /// The file or text is over [`crate::MAX_CONFIG_BYTES`]; refused before it is read.
     #[error("{}: config is {size} bytes, over the {limit}-byte limit", path.display())]
-    TooLarge { path: PathBuf, size: u64, limit: u64 },
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     /// The file is not UTF-8 text.
     #[error("{}: config is not UTF-8 text (invalid byte at offset {offset})", path.display())]
     NotUtf8 { path: PathBuf, offset: usize },
@@ -76,7 +90,11 @@ pub enum Error {
 }
 
 fn display_issues(issues: &[Issue]) -> String {
-    issues.iter().map(Issue::to_string).collect::<Vec<_>>().join("\n")
+    issues
+        .iter()
+        .map(Issue::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Error {

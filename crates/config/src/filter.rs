@@ -33,7 +33,10 @@ impl FilterRule {
             Some(rest) => (true, rest),
             None => (false, t),
         };
-        Ok(FilterRule { negate, net: parse_ipnet(rest, true)? })
+        Ok(FilterRule {
+            negate,
+            net: parse_ipnet(rest, true)?,
+        })
     }
 }
 
@@ -78,21 +81,31 @@ impl EndpointFilter {
             }
         }
         // Keep the input order, as Talos does.
-        addrs.iter().copied().filter(|a| selected.contains(a)).fold(Vec::new(), |mut out, a| {
-            if !out.contains(&a) {
-                out.push(a);
-            }
-            out
-        })
+        addrs
+            .iter()
+            .copied()
+            .filter(|a| selected.contains(a))
+            .fold(Vec::new(), |mut out, a| {
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+                out
+            })
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     fn filter(rules: &[&str]) -> Result<EndpointFilter, String> {
-        EndpointFilter::new(rules.iter().map(|r| FilterRule::parse(r)).collect::<Result<_, _>>()?)
+        EndpointFilter::new(
+            rules
+                .iter()
+                .map(|r| FilterRule::parse(r))
+                .collect::<Result<_, _>>()?,
+        )
     }
 
     #[test]
@@ -108,7 +121,11 @@ mod tests {
         assert_eq!(f.apply(&ips), vec![ips[0], ips[1], ips[3]]);
         let f = filter(&["203.0.113.7"]).expect("valid");
         assert_eq!(f.apply(&ips), vec![ips[3]]);
-        assert!(filter(&["!10.0.0.0/8", "!192.168.0.0/16"]).unwrap_err().contains("selects nothing"));
+        assert!(
+            filter(&["!10.0.0.0/8", "!192.168.0.0/16"])
+                .unwrap_err()
+                .contains("selects nothing")
+        );
         assert!(filter(&["0.0.0.0/33"]).is_err());
         assert_eq!(filter(&[]).expect("empty").apply(&ips), ips);
     }

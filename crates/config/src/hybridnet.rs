@@ -19,7 +19,15 @@ use crate::yaml::Node;
 pub use sections::read_hybridnet;
 
 /// The keys of the top level.
-pub const TOP_KEYS: &[&str] = &["apiVersion", "kind", "stateDir", "dataDir", "apiprism", "meshd", "dnslocal"];
+pub const TOP_KEYS: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "stateDir",
+    "dataDir",
+    "apiprism",
+    "meshd",
+    "dnslocal",
+];
 
 /// Everything HybridNetConfig can set; `None` where it is silent.
 #[derive(Default)]
@@ -78,7 +86,11 @@ fn get<T>(
     f: impl FnOnce(&mut Ctx, &Node, &str) -> Option<T>,
 ) -> Sourced<T> {
     let node = section?.get(key).filter(|n| !n.is_null())?;
-    let full = if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") };
+    let full = if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    };
     let value = f(ctx, node, &full)?;
     Some((value, ctx.ours(&full, node)))
 }

@@ -115,12 +115,20 @@ pub struct Config {
 impl Config {
     /// The built-in defaults: what a daemon runs with before any config file exists.
     pub fn defaults() -> Config {
-        let localhost = |port| vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port)), SocketAddr::from((Ipv6Addr::LOCALHOST, port))];
+        let localhost = |port| {
+            vec![
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+            ]
+        };
         let admin = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         Config {
             state_dir: PathBuf::from("/run/hybridnet"),
             data_dir: PathBuf::from("/var/lib/hybridnet"),
-            cluster: ClusterConfig { local_api_server_port: 6443, ..ClusterConfig::default() },
+            cluster: ClusterConfig {
+                local_api_server_port: 6443,
+                ..ClusterConfig::default()
+            },
             apiprism: ApiprismConfig {
                 listen: localhost(KUBEPRISM_PORT),
                 endpoints: Vec::new(),
@@ -157,7 +165,10 @@ impl Config {
             },
             dnslocal: DnslocalConfig {
                 listen: vec![SocketAddr::from(([169, 254, 20, 10], 53))],
-                interface: DnsInterface { name: "dnslocal0".into(), create: true },
+                interface: DnsInterface {
+                    name: "dnslocal0".into(),
+                    create: true,
+                },
                 cluster_domain: "cluster.local".into(),
                 cluster_dns: vec![SocketAddr::from(([10, 96, 0, 10], 53))],
                 upstreams: Vec::new(),
@@ -200,29 +211,50 @@ impl Config {
 
 /// Reads, merges and validates the config file at `path`.
 pub fn load_file(path: &Path) -> Result<Config, Error> {
-    let io = |source| Error::Io { path: path.to_owned(), source };
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(io)?;
     if meta.len() > MAX_CONFIG_BYTES {
-        return Err(Error::TooLarge { path: path.to_owned(), size: meta.len(), limit: MAX_CONFIG_BYTES });
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+            size: meta.len(),
+            limit: MAX_CONFIG_BYTES,
+        });
     }
     let file = std::fs::File::open(path).map_err(io)?;
     let mut bytes = Vec::new();
     // The file may grow between metadata and read: never read more than the cap plus one byte.
-    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
     if bytes.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(Error::TooLarge { path: path.to_owned(), size: bytes.len() as u64, limit: MAX_CONFIG_BYTES });
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+            size: bytes.len() as u64,
+            limit: MAX_CONFIG_BYTES,
+        });
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|e| Error::NotUtf8 { path: path.to_owned(), offset: e.utf8_error().valid_up_to() })?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::NotUtf8 {
+        path: path.to_owned(),
+        offset: e.utf8_error().valid_up_to(),
+    })?;
     load_str(&text, path)
 }
 
 /// Merges and validates config text; `origin` names it in errors and sources.
 pub fn load_str(text: &str, origin: &Path) -> Result<Config, Error> {
     if text.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(Error::TooLarge { path: origin.to_owned(), size: text.len() as u64, limit: MAX_CONFIG_BYTES });
+        return Err(Error::TooLarge {
+            path: origin.to_owned(),
+            size: text.len() as u64,
+            limit: MAX_CONFIG_BYTES,
+        });
     }
-    let nodes = yaml::parse_stream(text, origin).map_err(|issue| Error::Invalid { issues: vec![issue] })?;
+    let nodes = yaml::parse_stream(text, origin).map_err(|issue| Error::Invalid {
+        issues: vec![issue],
+    })?;
     let mut ctx = read::Ctx::new(origin);
     let documents = docs::classify(&mut ctx, &nodes);
     let mut legacy = talos::TalosFacts::default();

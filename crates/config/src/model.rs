@@ -21,8 +21,9 @@ pub const TALOS_HOST_DNS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0,
 /// The address Talos adds to `lo` for `forwardKubeDNSToHost` (CoreDNS forwards there).
 pub const TALOS_HOST_DNS_FORWARD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 116, 108));
 /// The IPv6 twin of [`TALOS_HOST_DNS_FORWARD`].
-pub const TALOS_HOST_DNS_FORWARD_V6: IpAddr =
-    IpAddr::V6(std::net::Ipv6Addr::new(0xfd54, 0x616c, 0x6f73, 0, 0, 0x204f, 0x5320, 0x444e));
+pub const TALOS_HOST_DNS_FORWARD_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(
+    0xfd54, 0x616c, 0x6f73, 0, 0, 0x204f, 0x5320, 0x444e,
+));
 
 /// The node's role, from Talos `machine.type` (`init` counts as a control plane).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

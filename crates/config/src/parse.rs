@@ -16,7 +16,10 @@ pub struct HostPort {
 impl HostPort {
     /// The address when the host is an IP literal.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
-        self.host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, self.port))
+        self.host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, self.port))
     }
 }
 
@@ -42,7 +45,9 @@ pub fn parse_port(text: &str) -> Result<u16, String> {
 /// Splits `host:port` / `[v6]:port`; `None` when there is no port.
 fn split_host_port(text: &str) -> Result<(&str, Option<&str>), String> {
     if let Some(rest) = text.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').ok_or_else(|| format!("invalid address `{text}`: missing `]`"))?;
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("invalid address `{text}`: missing `]`"))?;
         return match after {
             "" => Ok((host, None)),
             _ => match after.strip_prefix(':') {
@@ -84,7 +89,11 @@ pub fn parse_host_port(text: &str) -> Result<HostPort, String> {
     let (default_port, rest) = match trimmed.split_once("://") {
         Some(("https", rest)) => (Some(443), rest),
         Some(("http", rest)) => (Some(80), rest),
-        Some((scheme, _)) => return Err(format!("invalid endpoint `{text}`: unsupported scheme `{scheme}`")),
+        Some((scheme, _)) => {
+            return Err(format!(
+                "invalid endpoint `{text}`: unsupported scheme `{scheme}`"
+            ));
+        }
         None => (None, trimmed),
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
@@ -96,9 +105,14 @@ pub fn parse_host_port(text: &str) -> Result<HostPort, String> {
         (None, None) => return Err(format!("invalid endpoint `{text}`: expected `host:port`")),
     };
     if host.parse::<IpAddr>().is_err() && !is_hostname(host) {
-        return Err(format!("invalid endpoint `{text}`: `{host}` is neither an IP address nor a hostname"));
+        return Err(format!(
+            "invalid endpoint `{text}`: `{host}` is neither an IP address nor a hostname"
+        ));
     }
-    Ok(HostPort { host: host.to_owned(), port })
+    Ok(HostPort {
+        host: host.to_owned(),
+        port,
+    })
 }
 
 /// A DNS hostname: labels of letters, digits, `-` and `_`, 1-63 bytes each, 253 in all.
@@ -108,7 +122,9 @@ pub fn is_hostname(host: &str) -> bool {
         && host.trim_end_matches('.').split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                 && !label.starts_with('-')
         })
 }
@@ -123,38 +139,64 @@ pub fn parse_ipnet(text: &str, allow_ip: bool) -> Result<IpNet, String> {
         return if allow_ip {
             Ok(IpNet::from(ip))
         } else {
-            Err(format!("invalid prefix `{text}`: expected CIDR notation like `10.0.0.0/8` (a prefix length is required)"))
+            Err(format!(
+                "invalid prefix `{text}`: expected CIDR notation like `10.0.0.0/8` (a prefix length is required)"
+            ))
         };
     }
     if let Some((addr, len)) = t.split_once('/') {
         if let Ok(ip) = addr.parse::<IpAddr>() {
             let max = if ip.is_ipv4() { 32 } else { 128 };
-            return Err(format!("invalid prefix `{text}`: prefix length `{len}` must be 0-{max}"));
+            return Err(format!(
+                "invalid prefix `{text}`: prefix length `{len}` must be 0-{max}"
+            ));
         }
-        return Err(format!("invalid prefix `{text}`: `{addr}` is not an IP address"));
+        return Err(format!(
+            "invalid prefix `{text}`: `{addr}` is not an IP address"
+        ));
     }
-    Err(format!("invalid prefix `{text}`: expected CIDR notation like `10.0.0.0/8`"))
+    Err(format!(
+        "invalid prefix `{text}`: expected CIDR notation like `10.0.0.0/8`"
+    ))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn addresses() {
         assert_eq!(parse_socket_addr("[::1]:7445").map(|a| a.port()), Ok(7445));
-        assert!(parse_socket_addr("10.0.0.1:70000").unwrap_err().contains("port 70000 out of range"));
+        assert!(
+            parse_socket_addr("10.0.0.1:70000")
+                .unwrap_err()
+                .contains("port 70000 out of range")
+        );
         assert!(parse_socket_addr("10.0.0.1").is_err());
         assert!(parse_socket_addr("10.0.0.300:1").is_err());
-        assert_eq!(parse_socket_addr_default("1.1.1.1", 53).map(|a| a.port()), Ok(53));
+        assert_eq!(
+            parse_socket_addr_default("1.1.1.1", 53).map(|a| a.port()),
+            Ok(53)
+        );
         assert_eq!(
             parse_host_port("https://base:6443"),
-            Ok(HostPort { host: "base".into(), port: 6443 })
+            Ok(HostPort {
+                host: "base".into(),
+                port: 6443
+            })
         );
-        assert_eq!(parse_host_port("https://[fd00::1]/x").map(|h| h.to_string()), Ok("[fd00::1]:443".into()));
+        assert_eq!(
+            parse_host_port("https://[fd00::1]/x").map(|h| h.to_string()),
+            Ok("[fd00::1]:443".into())
+        );
         assert!(parse_host_port("base").is_err());
         assert!(parse_host_port("ftp://x:1").is_err());
-        assert!(parse_ipnet("10.0.0.0/33", false).unwrap_err().contains("0-32"));
+        assert!(
+            parse_ipnet("10.0.0.0/33", false)
+                .unwrap_err()
+                .contains("0-32")
+        );
         assert!(parse_ipnet("10.0.0.1", false).is_err());
         assert!(parse_ipnet("10.0.0.1", true).is_ok());
     }

@@ -20,11 +20,15 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(origin: &Path) -> Self {
-        Ctx { origin: origin.to_owned(), issues: Vec::new() }
+        Ctx {
+            origin: origin.to_owned(),
+            issues: Vec::new(),
+        }
     }
 
     pub fn issue(&mut self, node: &Node, kind: IssueKind, message: impl Into<String>) {
-        self.issues.push(Issue::new(&self.origin, Some(node.pos), kind, message));
+        self.issues
+            .push(Issue::new(&self.origin, Some(node.pos), kind, message));
     }
 
     fn type_error(&mut self, node: &Node, key: &str, expected: &str) {
@@ -38,12 +42,20 @@ impl Ctx {
 
     /// A Talos source label for `field` at `node`.
     pub fn talos(&self, field: &str, node: &Node) -> Source {
-        Source::Talos { field: field.to_owned(), origin: self.origin.clone(), pos: node.pos }
+        Source::Talos {
+            field: field.to_owned(),
+            origin: self.origin.clone(),
+            pos: node.pos,
+        }
     }
 
     /// A HybridNetConfig source label for `key` at `node`.
     pub fn ours(&self, key: &str, node: &Node) -> Source {
-        Source::HybridNet { key: key.to_owned(), origin: self.origin.clone(), pos: node.pos }
+        Source::HybridNet {
+            key: key.to_owned(),
+            origin: self.origin.clone(),
+            pos: node.pos,
+        }
     }
 
     /// Checks that a mapping has only `allowed` keys; suggests the nearest for an unknown one.
@@ -57,13 +69,25 @@ impl Ctx {
         };
         for (key, _) in entries {
             let Some(name) = key.as_str() else {
-                self.issue(key, IssueKind::Type, format!("in {section}: keys must be strings, found {}", key.type_name()));
+                self.issue(
+                    key,
+                    IssueKind::Type,
+                    format!(
+                        "in {section}: keys must be strings, found {}",
+                        key.type_name()
+                    ),
+                );
                 continue;
             };
             if !allowed.contains(&name) {
                 let message = match suggest(name, allowed) {
-                    Some(best) => format!("unknown key `{name}` in {section}; did you mean `{best}`?"),
-                    None => format!("unknown key `{name}` in {section}; expected one of: {}", allowed.join(", ")),
+                    Some(best) => {
+                        format!("unknown key `{name}` in {section}; did you mean `{best}`?")
+                    }
+                    None => format!(
+                        "unknown key `{name}` in {section}; expected one of: {}",
+                        allowed.join(", ")
+                    ),
                 };
                 self.issue(key, IssueKind::UnknownKey, message);
             }
@@ -114,18 +138,28 @@ impl Ctx {
         match u64::try_from(value) {
             Ok(v) if (min..=max).contains(&v) => Some(v),
             _ => {
-                self.value_error(node, key, format!("{value} out of range: expected {min}-{max}"));
+                self.value_error(
+                    node,
+                    key,
+                    format!("{value} out of range: expected {min}-{max}"),
+                );
                 None
             }
         }
     }
 
     pub fn port(&mut self, node: &Node, key: &str) -> Option<u16> {
-        self.uint(node, key, 1, 65535).and_then(|p| u16::try_from(p).ok())
+        self.uint(node, key, 1, 65535)
+            .and_then(|p| u16::try_from(p).ok())
     }
 
     /// Applies `f` to a string scalar, reporting its error as a value issue.
-    pub fn parsed<T>(&mut self, node: &Node, key: &str, f: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    pub fn parsed<T>(
+        &mut self,
+        node: &Node,
+        key: &str,
+        f: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         let text = self.string(node, key)?;
         match f(&text) {
             Ok(v) => Some(v),
@@ -137,6 +171,18 @@ impl Ctx {
     }
 
     pub fn duration(&mut self, node: &Node, key: &str) -> Option<Duration> {
+        match &node.value {
+            Value::Int(0) => return Some(Duration::ZERO),
+            Value::Int(i) => {
+                self.value_error(
+                    node,
+                    key,
+                    format!("`{i}` has no unit: expected e.g. `500ms`, `1s`, `5m`, `1h`"),
+                );
+                return None;
+            }
+            _ => {}
+        }
         self.parsed(node, key, parse_duration)
     }
 
@@ -146,13 +192,20 @@ impl Ctx {
 
     pub fn ip(&mut self, node: &Node, key: &str) -> Option<IpAddr> {
         self.parsed(node, key, |s| {
-            s.trim().parse::<IpAddr>().map_err(|_| format!("invalid IP address `{s}`"))
+            s.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("invalid IP address `{s}`"))
         })
     }
 
     /// A list, each element read with `f`; `None` if the node or any element is bad (all are
     /// reported). A null is an empty list.
-    pub fn list<T>(&mut self, node: &Node, key: &str, mut f: impl FnMut(&mut Self, &Node, &str) -> Option<T>) -> Option<Vec<T>> {
+    pub fn list<T>(
+        &mut self,
+        node: &Node,
+        key: &str,
+        mut f: impl FnMut(&mut Self, &Node, &str) -> Option<T>,
+    ) -> Option<Vec<T>> {
         let items = match &node.value {
             Value::Seq(items) => items,
             Value::Null => return Some(Vec::new()),
@@ -177,9 +230,10 @@ impl Ctx {
     }
 
     pub fn ipnets(&mut self, node: &Node, key: &str) -> Option<Vec<IpNet>> {
-        self.list(node, key, |c, n, k| c.parsed(n, k, |s| parse::parse_ipnet(s, false)))
+        self.list(node, key, |c, n, k| {
+            c.parsed(n, k, |s| parse::parse_ipnet(s, false))
+        })
     }
-
 }
 
 /// The allowed key nearest to `name`, if it is near enough to be a likely misspelling.
@@ -190,13 +244,19 @@ pub fn suggest<'a>(name: &str, allowed: &[&'a str]) -> Option<&'a str> {
     let lower = name.to_ascii_lowercase();
     allowed
         .iter()
-        .map(|cand| (strsim::damerau_levenshtein(&lower, &cand.to_ascii_lowercase()), *cand))
+        .map(|cand| {
+            (
+                strsim::damerau_levenshtein(&lower, &cand.to_ascii_lowercase()),
+                *cand,
+            )
+        })
         .filter(|(d, cand)| *d <= (cand.len() / 3).max(2))
         .min_by_key(|(d, _)| *d)
         .map(|(_, cand)| cand)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     #[test]
     fn suggestions() {

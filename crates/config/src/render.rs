@@ -30,19 +30,44 @@ fn shared(c: &Config) -> Vec<(String, Value)> {
         ("stateDir".into(), json!(c.state_dir.display().to_string())),
         ("dataDir".into(), json!(c.data_dir.display().to_string())),
         ("cluster.machineType".into(), json!(machine)),
-        ("cluster.controlPlaneEndpoint".into(), opt(k.control_plane_endpoint.as_ref())),
-        ("cluster.localAPIServerPort".into(), json!(k.local_api_server_port)),
+        (
+            "cluster.controlPlaneEndpoint".into(),
+            opt(k.control_plane_endpoint.as_ref()),
+        ),
+        (
+            "cluster.localAPIServerPort".into(),
+            json!(k.local_api_server_port),
+        ),
         ("cluster.name".into(), opt(k.name.as_ref())),
         ("cluster.podSubnets".into(), strings(&k.pod_subnets)),
         ("cluster.serviceSubnets".into(), strings(&k.service_subnets)),
         ("cluster.id".into(), opt(k.id.as_ref())),
-        ("cluster.secret".into(), if k.secret.is_some() { json!("<redacted>") } else { Value::Null }),
-        ("cluster.discovery.enabled".into(), json!(k.discovery.enabled)),
-        ("cluster.discovery.endpoints".into(), strings(&k.discovery.endpoints)),
-        ("cluster.discovery.kubernetesRegistry".into(), json!(k.discovery.kubernetes_registry)),
+        (
+            "cluster.secret".into(),
+            if k.secret.is_some() {
+                json!("<redacted>")
+            } else {
+                Value::Null
+            },
+        ),
+        (
+            "cluster.discovery.enabled".into(),
+            json!(k.discovery.enabled),
+        ),
+        (
+            "cluster.discovery.endpoints".into(),
+            strings(&k.discovery.endpoints),
+        ),
+        (
+            "cluster.discovery.kubernetesRegistry".into(),
+            json!(k.discovery.kubernetes_registry),
+        ),
         (
             "cluster.kubePrism".into(),
-            k.kube_prism.as_ref().map_or(json!("disabled"), |p| json!({"port": p.port, "tlsServerName": p.tls_server_name})),
+            k.kube_prism.as_ref().map_or(
+                json!("disabled"),
+                |p| json!({"port": p.port, "tlsServerName": p.tls_server_name}),
+            ),
         ),
         (
             "cluster.hostDNS".into(),
@@ -64,12 +89,30 @@ fn apiprism(c: &Config) -> Vec<(String, Value)> {
     }
     out.extend([
         ("apiprism.admin".into(), json!(a.admin.to_string())),
-        ("apiprism.healthCheck.interval".into(), json!(format_duration(a.health_check.interval))),
-        ("apiprism.healthCheck.timeout".into(), json!(format_duration(a.health_check.timeout))),
-        ("apiprism.healthCheck.fall".into(), json!(a.health_check.fall)),
-        ("apiprism.healthCheck.rise".into(), json!(a.health_check.rise)),
-        ("apiprism.dialTimeout".into(), json!(format_duration(a.dial_timeout))),
-        ("apiprism.tlsServerName".into(), opt(a.tls_server_name.as_ref())),
+        (
+            "apiprism.healthCheck.interval".into(),
+            json!(format_duration(a.health_check.interval)),
+        ),
+        (
+            "apiprism.healthCheck.timeout".into(),
+            json!(format_duration(a.health_check.timeout)),
+        ),
+        (
+            "apiprism.healthCheck.fall".into(),
+            json!(a.health_check.fall),
+        ),
+        (
+            "apiprism.healthCheck.rise".into(),
+            json!(a.health_check.rise),
+        ),
+        (
+            "apiprism.dialTimeout".into(),
+            json!(format_duration(a.dial_timeout)),
+        ),
+        (
+            "apiprism.tlsServerName".into(),
+            opt(a.tls_server_name.as_ref()),
+        ),
     ]);
     out
 }
@@ -102,17 +145,38 @@ fn meshd(c: &Config) -> Vec<(String, Value)> {
         ("meshd.listenPort".into(), json!(m.listen_port)),
         ("meshd.mtu".into(), mtu),
         ("meshd.backend".into(), json!(backend)),
-        ("meshd.privateKeyFile".into(), json!(m.private_key_file.display().to_string())),
+        (
+            "meshd.privateKeyFile".into(),
+            json!(m.private_key_file.display().to_string()),
+        ),
         ("meshd.addresses".into(), strings(&m.addresses)),
         ("meshd.location".into(), opt(m.location.as_ref())),
         ("meshd.topology".into(), json!(topology)),
         ("meshd.peers".into(), Value::Array(peers)),
-        ("meshd.filters.endpoints".into(), strings(&m.endpoint_filter.rules)),
-        ("meshd.filters.excludeAdvertisedNetworks".into(), strings(&m.exclude_advertised_networks)),
-        ("meshd.allowDownPeerBypass".into(), json!(m.allow_down_peer_bypass)),
-        ("meshd.advertiseKubernetesNetworks".into(), json!(m.advertise_kubernetes_networks)),
-        ("meshd.harvestExtraEndpoints".into(), json!(m.harvest_extra_endpoints)),
-        ("meshd.extraAnnouncedEndpoints".into(), strings(&m.extra_announced_endpoints)),
+        (
+            "meshd.filters.endpoints".into(),
+            strings(&m.endpoint_filter.rules),
+        ),
+        (
+            "meshd.filters.excludeAdvertisedNetworks".into(),
+            strings(&m.exclude_advertised_networks),
+        ),
+        (
+            "meshd.allowDownPeerBypass".into(),
+            json!(m.allow_down_peer_bypass),
+        ),
+        (
+            "meshd.advertiseKubernetesNetworks".into(),
+            json!(m.advertise_kubernetes_networks),
+        ),
+        (
+            "meshd.harvestExtraEndpoints".into(),
+            json!(m.harvest_extra_endpoints),
+        ),
+        (
+            "meshd.extraAnnouncedEndpoints".into(),
+            strings(&m.extra_announced_endpoints),
+        ),
         ("meshd.kubespanCompat".into(), json!(m.kubespan_compat)),
         ("meshd.ulaPrefix".into(), opt(m.ula_prefix.as_ref())),
         ("meshd.admin".into(), json!(m.admin.to_string())),
@@ -124,14 +188,26 @@ fn dnslocal(c: &Config) -> Vec<(String, Value)> {
     vec![
         ("dnslocal.listen".into(), strings(&d.listen)),
         ("dnslocal.interface.name".into(), json!(d.interface.name)),
-        ("dnslocal.interface.create".into(), json!(d.interface.create)),
+        (
+            "dnslocal.interface.create".into(),
+            json!(d.interface.create),
+        ),
         ("dnslocal.clusterDomain".into(), json!(d.cluster_domain)),
         ("dnslocal.clusterDNS".into(), strings(&d.cluster_dns)),
         ("dnslocal.upstreams".into(), strings(&d.upstreams)),
         ("dnslocal.cache.size".into(), json!(d.cache.size)),
-        ("dnslocal.cache.maxTTL".into(), json!(format_duration(d.cache.max_ttl))),
-        ("dnslocal.cache.negativeTTL".into(), json!(format_duration(d.cache.negative_ttl))),
-        ("dnslocal.cache.serveStale".into(), json!(format_duration(d.cache.serve_stale))),
+        (
+            "dnslocal.cache.maxTTL".into(),
+            json!(format_duration(d.cache.max_ttl)),
+        ),
+        (
+            "dnslocal.cache.negativeTTL".into(),
+            json!(format_duration(d.cache.negative_ttl)),
+        ),
+        (
+            "dnslocal.cache.serveStale".into(),
+            json!(format_duration(d.cache.serve_stale)),
+        ),
         ("dnslocal.cache.prefetch".into(), json!(d.cache.prefetch)),
         ("dnslocal.admin".into(), json!(d.admin.to_string())),
     ]
@@ -176,7 +252,10 @@ pub fn render_json(c: &Config, daemon: Option<Daemon>) -> Value {
         map.insert(key, json!({"value": value, "source": source}));
     }
     if !c.warnings.is_empty() {
-        map.insert("warnings".into(), json!({"value": c.warnings, "source": "loader"}));
+        map.insert(
+            "warnings".into(),
+            json!({"value": c.warnings, "source": "loader"}),
+        );
     }
     Value::Object(map)
 }

@@ -10,10 +10,18 @@ use crate::yaml::Pos;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     /// Set in our `HybridNetConfig` document: `HybridNetConfig apiprism.listen (config.yaml:12:3)`.
-    HybridNet { key: String, origin: PathBuf, pos: Pos },
+    HybridNet {
+        key: String,
+        origin: PathBuf,
+        pos: Pos,
+    },
     /// A Talos field for the same thing: `Talos machine.features.kubePrism.port (config.yaml:8:9)`
     /// or `Talos KubePrismConfig.port (...)`.
-    Talos { field: String, origin: PathBuf, pos: Pos },
+    Talos {
+        field: String,
+        origin: PathBuf,
+        pos: Pos,
+    },
     /// Computed from Talos fields: `derived from cluster.network.serviceSubnets[0]`.
     Derived { from: String },
     /// The built-in default.

@@ -112,7 +112,8 @@ pub fn decode32(text: &str) -> Result<[u8; 32], String> {
         .find_map(|engine| engine.decode(t).ok())
         .ok_or_else(|| "expected base64 of 32 bytes, found text that is not base64".to_owned())?;
     let len = bytes.len();
-    <[u8; 32]>::try_from(bytes).map_err(|_| format!("expected base64 of 32 bytes, found {len} bytes"))
+    <[u8; 32]>::try_from(bytes)
+        .map_err(|_| format!("expected base64 of 32 bytes, found {len} bytes"))
 }
 
 fn read_secret(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Secret> {
@@ -129,11 +130,14 @@ fn read_filters(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Vec<FilterRule>> {
 
 /// DNS server IPs (`clusterDNS`) as `ip:53`.
 fn read_dns_servers(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Vec<SocketAddr>> {
-    ctx.list(n, key, |c, item, k| c.parsed(item, k, |s| crate::parse::parse_socket_addr_default(s, 53)))
+    ctx.list(n, key, |c, item, k| {
+        c.parsed(item, k, |s| crate::parse::parse_socket_addr_default(s, 53))
+    })
 }
 
 fn read_mtu(ctx: &mut Ctx, n: &Node, key: &str) -> Option<u16> {
-    ctx.uint(n, key, 0, 65535).and_then(|v| u16::try_from(v).ok())
+    ctx.uint(n, key, 0, 65535)
+        .and_then(|v| u16::try_from(v).ok())
 }
 
 fn read_host_dns(ctx: &mut Ctx, n: &Node, key: &str) -> Option<HostDns> {
@@ -145,23 +149,56 @@ fn read_host_dns(ctx: &mut Ctx, n: &Node, key: &str) -> Option<HostDns> {
         Some(e) => ctx.boolean(e, &format!("{key}.forwardKubeDNSToHost"))?,
         None => false,
     };
-    Some(HostDns { enabled, forward_kube_dns_to_host: forward })
+    Some(HostDns {
+        enabled,
+        forward_kube_dns_to_host: forward,
+    })
 }
 
 /// The KubeSpan fields, the same in `machine.network.kubespan` and `KubeSpanConfig`.
 fn read_kubespan_fields(ctx: &mut Ctx, ks: &Node, base: &str, f: &mut TalosFacts) {
     let field = |name: &str| format!("{base}.{name}");
-    f.kubespan_enabled = fact(ctx, ks, "enabled", &field("enabled"), |c, n, k| c.boolean(n, k));
+    f.kubespan_enabled = fact(ctx, ks, "enabled", &field("enabled"), |c, n, k| {
+        c.boolean(n, k)
+    });
     f.kubespan_mtu = fact(ctx, ks, "mtu", &field("mtu"), read_mtu);
-    f.kubespan_filters = fact(ctx, ks, "filters.endpoints", &field("filters.endpoints"), read_filters);
-    f.kubespan_exclude = fact(ctx, ks, "filters.excludeAdvertisedNetworks", &field("filters.excludeAdvertisedNetworks"), |c, n, k| {
-        c.list(n, k, |c, item, k| c.parsed(item, k, |s| crate::parse::parse_ipnet(s, true)))
-    });
-    f.kubespan_advertise = fact(ctx, ks, "advertiseKubernetesNetworks", &field("advertiseKubernetesNetworks"), |c, n, k| {
-        c.boolean(n, k)
-    });
-    f.kubespan_bypass = fact(ctx, ks, "allowDownPeerBypass", &field("allowDownPeerBypass"), |c, n, k| c.boolean(n, k));
-    f.kubespan_harvest = fact(ctx, ks, "harvestExtraEndpoints", &field("harvestExtraEndpoints"), |c, n, k| {
-        c.boolean(n, k)
-    });
+    f.kubespan_filters = fact(
+        ctx,
+        ks,
+        "filters.endpoints",
+        &field("filters.endpoints"),
+        read_filters,
+    );
+    f.kubespan_exclude = fact(
+        ctx,
+        ks,
+        "filters.excludeAdvertisedNetworks",
+        &field("filters.excludeAdvertisedNetworks"),
+        |c, n, k| {
+            c.list(n, k, |c, item, k| {
+                c.parsed(item, k, |s| crate::parse::parse_ipnet(s, true))
+            })
+        },
+    );
+    f.kubespan_advertise = fact(
+        ctx,
+        ks,
+        "advertiseKubernetesNetworks",
+        &field("advertiseKubernetesNetworks"),
+        |c, n, k| c.boolean(n, k),
+    );
+    f.kubespan_bypass = fact(
+        ctx,
+        ks,
+        "allowDownPeerBypass",
+        &field("allowDownPeerBypass"),
+        |c, n, k| c.boolean(n, k),
+    );
+    f.kubespan_harvest = fact(
+        ctx,
+        ks,
+        "harvestExtraEndpoints",
+        &field("harvestExtraEndpoints"),
+        |c, n, k| c.boolean(n, k),
+    );
 }

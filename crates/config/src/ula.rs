@@ -27,10 +27,14 @@ pub fn ula_prefix(cluster_id: &str, purpose: u8) -> Ipv6Net {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     #[test]
     fn talos_test_vector() {
-        let net = super::ula_prefix("8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo=", super::ULA_KUBESPAN);
+        let net = super::ula_prefix(
+            "8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo=",
+            super::ULA_KUBESPAN,
+        );
         assert_eq!(net.to_string(), "fd7f:175a:b97c:5602::/64");
     }
 }

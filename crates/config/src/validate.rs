@@ -14,7 +14,12 @@ fn push(ctx: &mut Ctx, config: &Config, key: &str, kind: IssueKind, message: Str
         Source::HybridNet { pos, .. } | Source::Talos { pos, .. } => Some(*pos),
         _ => None,
     };
-    ctx.issues.push(Issue::new(&ctx.origin, pos, kind, format!("`{key}`: {message}")));
+    ctx.issues.push(Issue::new(
+        &ctx.origin,
+        pos,
+        kind,
+        format!("`{key}`: {message}"),
+    ));
 }
 
 /// Runs every cross-field check, adding issues to `ctx`.
@@ -23,23 +28,57 @@ pub fn validate(ctx: &mut Ctx, c: &Config) {
     check_apiprism(ctx, c);
     check_admin(ctx, c);
     check_peers(ctx, c);
-    for (key, d) in [("apiprism.healthCheck.interval", c.apiprism.health_check.interval), ("apiprism.healthCheck.timeout", c.apiprism.health_check.timeout), ("apiprism.dialTimeout", c.apiprism.dial_timeout)] {
+    for (key, d) in [
+        (
+            "apiprism.healthCheck.interval",
+            c.apiprism.health_check.interval,
+        ),
+        (
+            "apiprism.healthCheck.timeout",
+            c.apiprism.health_check.timeout,
+        ),
+        ("apiprism.dialTimeout", c.apiprism.dial_timeout),
+    ] {
         if d.is_zero() {
-            push(ctx, c, key, IssueKind::Value, "must be more than zero".into());
+            push(
+                ctx,
+                c,
+                key,
+                IssueKind::Value,
+                "must be more than zero".into(),
+            );
         }
     }
     if c.dnslocal.cache.max_ttl.is_zero() {
-        push(ctx, c, "dnslocal.cache.maxTTL", IssueKind::Value, "must be more than zero".into());
+        push(
+            ctx,
+            c,
+            "dnslocal.cache.maxTTL",
+            IssueKind::Value,
+            "must be more than zero".into(),
+        );
     }
 }
 
 fn check_dnslocal_listen(ctx: &mut Ctx, c: &Config) {
     if c.dnslocal.listen.is_empty() {
-        push(ctx, c, "dnslocal.listen", IssueKind::Value, "expected at least one address".into());
+        push(
+            ctx,
+            c,
+            "dnslocal.listen",
+            IssueKind::Value,
+            "expected at least one address".into(),
+        );
     }
     for addr in &c.dnslocal.listen {
         let ip = addr.ip();
-        if [TALOS_HOST_DNS, TALOS_HOST_DNS_FORWARD, TALOS_HOST_DNS_FORWARD_V6].contains(&ip) {
+        if [
+            TALOS_HOST_DNS,
+            TALOS_HOST_DNS_FORWARD,
+            TALOS_HOST_DNS_FORWARD_V6,
+        ]
+        .contains(&ip)
+        {
             let message = format!(
                 "{addr} is Talos's host DNS address (machined's DNS cache listens there); \
                  use another address such as 169.254.20.10:53"
@@ -57,9 +96,17 @@ fn check_dnslocal_listen(ctx: &mut Ctx, c: &Config) {
 
 fn check_apiprism(ctx: &mut Ctx, c: &Config) {
     if c.apiprism.listen.is_empty() {
-        push(ctx, c, "apiprism.listen", IssueKind::Value, "expected at least one address".into());
+        push(
+            ctx,
+            c,
+            "apiprism.listen",
+            IssueKind::Value,
+            "expected at least one address".into(),
+        );
     }
-    let Some(kp) = &c.cluster.kube_prism else { return };
+    let Some(kp) = &c.cluster.kube_prism else {
+        return;
+    };
     for addr in &c.apiprism.listen {
         let v4 = matches!(addr.ip(), IpAddr::V4(ip) if ip.is_loopback() || ip.is_unspecified());
         if v4 && addr.port() == kp.port {
@@ -73,11 +120,20 @@ fn check_apiprism(ctx: &mut Ctx, c: &Config) {
 }
 
 fn check_admin(ctx: &mut Ctx, c: &Config) {
-    let admins: [(&str, SocketAddr); 3] =
-        [("apiprism.admin", c.apiprism.admin), ("meshd.admin", c.meshd.admin), ("dnslocal.admin", c.dnslocal.admin)];
+    let admins: [(&str, SocketAddr); 3] = [
+        ("apiprism.admin", c.apiprism.admin),
+        ("meshd.admin", c.meshd.admin),
+        ("dnslocal.admin", c.dnslocal.admin),
+    ];
     for (i, (key, addr)) in admins.iter().enumerate() {
         if let Some((other, _)) = admins[..i].iter().find(|(_, a)| a == addr) {
-            push(ctx, c, key, IssueKind::Conflict, format!("{addr} is also `{other}`: each daemon needs its own admin address"));
+            push(
+                ctx,
+                c,
+                key,
+                IssueKind::Conflict,
+                format!("{addr} is also `{other}`: each daemon needs its own admin address"),
+            );
         }
     }
 }
@@ -87,10 +143,22 @@ fn check_peers(ctx: &mut Ctx, c: &Config) {
     let mut keys = HashSet::new();
     for peer in &c.meshd.peers {
         if !names.insert(peer.name.as_str()) {
-            push(ctx, c, "meshd.peers", IssueKind::Value, format!("peer name `{}` appears twice", peer.name));
+            push(
+                ctx,
+                c,
+                "meshd.peers",
+                IssueKind::Value,
+                format!("peer name `{}` appears twice", peer.name),
+            );
         }
         if !keys.insert(peer.public_key) {
-            push(ctx, c, "meshd.peers", IssueKind::Value, format!("public key of `{}` appears twice", peer.name));
+            push(
+                ctx,
+                c,
+                "meshd.peers",
+                IssueKind::Value,
+                format!("public key of `{}` appears twice", peer.name),
+            );
         }
     }
 }

@@ -167,7 +167,10 @@ impl<'de> Visitor<'de> for RawVisitor {
 }
 
 fn convert(raw: Spanned<Raw>) -> Node {
-    let pos = Pos { line: raw.referenced.line(), column: raw.referenced.column() };
+    let pos = Pos {
+        line: raw.referenced.line(),
+        column: raw.referenced.column(),
+    };
     let value = match raw.value {
         Raw::Null => Value::Null,
         Raw::Bool(b) => Value::Bool(b),
@@ -175,9 +178,12 @@ fn convert(raw: Spanned<Raw>) -> Node {
         Raw::Float(f) => Value::Float(f),
         Raw::Str(s) => Value::Str(s),
         Raw::Seq(items) => Value::Seq(items.into_iter().map(convert).collect()),
-        Raw::Map(entries) => {
-            Value::Map(entries.into_iter().map(|(k, v)| (convert(k), convert(v))).collect())
-        }
+        Raw::Map(entries) => Value::Map(
+            entries
+                .into_iter()
+                .map(|(k, v)| (convert(k), convert(v)))
+                .collect(),
+        ),
     };
     Node { value, pos }
 }
@@ -213,7 +219,10 @@ pub fn parse_stream(text: &str, origin: &Path) -> Result<Vec<Node>, Issue> {
         Err(err) => {
             let pos = err
                 .location()
-                .map(|l| Pos { line: l.line(), column: l.column() })
+                .map(|l| Pos {
+                    line: l.line(),
+                    column: l.column(),
+                })
                 .filter(|p| p.line > 0);
             let message = err.to_string();
             let kind = if message.contains("budget") || message.contains("limit") {
@@ -223,7 +232,9 @@ pub fn parse_stream(text: &str, origin: &Path) -> Result<Vec<Node>, Issue> {
             };
             let message = strip_location(&message);
             let message = if kind == IssueKind::Limit {
-                format!("YAML too complex (aliases, nesting or size over the loader's limits): {message}")
+                format!(
+                    "YAML too complex (aliases, nesting or size over the loader's limits): {message}"
+                )
             } else {
                 format!("invalid YAML: {message}")
             };

@@ -10,7 +10,14 @@ use crate::parse;
 use crate::read::Ctx;
 use crate::yaml::{Node, Value};
 
-const APIPRISM_KEYS: &[&str] = &["listen", "endpoints", "admin", "healthCheck", "dialTimeout", "tlsServerName"];
+const APIPRISM_KEYS: &[&str] = &[
+    "listen",
+    "endpoints",
+    "admin",
+    "healthCheck",
+    "dialTimeout",
+    "tlsServerName",
+];
 const HEALTH_KEYS: &[&str] = &["interval", "timeout", "fall", "rise"];
 const MESHD_KEYS: &[&str] = &[
     "interface",
@@ -32,12 +39,26 @@ const MESHD_KEYS: &[&str] = &[
 ];
 const FILTER_KEYS: &[&str] = &["endpoints", "excludeAdvertisedNetworks"];
 const PEER_KEYS: &[&str] = &["name", "publicKey", "endpoints", "allowedIPs", "location"];
-const DNSLOCAL_KEYS: &[&str] = &["listen", "interface", "clusterDomain", "clusterDNS", "upstreams", "cache", "admin"];
+const DNSLOCAL_KEYS: &[&str] = &[
+    "listen",
+    "interface",
+    "clusterDomain",
+    "clusterDNS",
+    "upstreams",
+    "cache",
+    "admin",
+];
 const INTERFACE_KEYS: &[&str] = &["name", "create"];
 const CACHE_KEYS: &[&str] = &["size", "maxTTL", "negativeTTL", "serveStale", "prefetch"];
 
 /// A section mapping, checked for unknown keys; `None` when absent, null or not a mapping.
-fn section<'a>(ctx: &mut Ctx, parent: Option<&'a Node>, key: &str, name: &str, allowed: &[&str]) -> Option<&'a Node> {
+fn section<'a>(
+    ctx: &mut Ctx,
+    parent: Option<&'a Node>,
+    key: &str,
+    name: &str,
+    allowed: &[&str],
+) -> Option<&'a Node> {
     let node = parent?.get(key).filter(|n| !n.is_null())?;
     ctx.check_keys(node, name, allowed).then_some(node)
 }
@@ -53,13 +74,16 @@ fn path(ctx: &mut Ctx, n: &Node, key: &str) -> Option<PathBuf> {
 }
 
 fn count(ctx: &mut Ctx, n: &Node, key: &str) -> Option<u32> {
-    ctx.uint(n, key, 1, 1000).and_then(|v| u32::try_from(v).ok())
+    ctx.uint(n, key, 1, 1000)
+        .and_then(|v| u32::try_from(v).ok())
 }
 
 fn name(ctx: &mut Ctx, n: &Node, key: &str) -> Option<String> {
     ctx.parsed(n, key, |s| {
         if s.is_empty() || s.len() > 253 || s.chars().any(char::is_control) {
-            Err(format!("invalid name `{s}`: expected 1-253 printable characters"))
+            Err(format!(
+                "invalid name `{s}`: expected 1-253 printable characters"
+            ))
         } else {
             Ok(s.to_owned())
         }
@@ -67,7 +91,9 @@ fn name(ctx: &mut Ctx, n: &Node, key: &str) -> Option<String> {
 }
 
 fn host_ports(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Vec<parse::HostPort>> {
-    ctx.list(n, key, |c, item, k| c.parsed(item, k, parse::parse_host_port))
+    ctx.list(n, key, |c, item, k| {
+        c.parsed(item, k, parse::parse_host_port)
+    })
 }
 
 /// Reads our document. Unknown keys and bad values are added to `ctx.issues`.
@@ -105,7 +131,9 @@ fn read_apiprism(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
 
 fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     const P: &str = "meshd";
-    o.m_interface = get(ctx, s, P, "interface", |c, n, k| c.parsed(n, k, parse_ifname));
+    o.m_interface = get(ctx, s, P, "interface", |c, n, k| {
+        c.parsed(n, k, parse_ifname)
+    });
     o.m_listen_port = get(ctx, s, P, "listenPort", |c, n, k| c.port(n, k));
     o.m_mtu = get(ctx, s, P, "mtu", read_mtu);
     o.m_backend = get(ctx, s, P, "backend", |c, n, k| {
@@ -113,7 +141,9 @@ fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
             "kernel" => Ok(Backend::Kernel),
             "userspace" => Ok(Backend::Userspace),
             "auto" => Ok(Backend::Auto),
-            _ => Err(format!("unknown backend `{v}`: expected kernel, userspace or auto")),
+            _ => Err(format!(
+                "unknown backend `{v}`: expected kernel, userspace or auto"
+            )),
         })
     });
     o.m_private_key_file = get(ctx, s, P, "privateKeyFile", path);
@@ -128,22 +158,40 @@ fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     });
     o.m_peers = get(ctx, s, P, "peers", |c, n, k| c.list(n, k, read_peer));
     o.m_bypass = get(ctx, s, P, "allowDownPeerBypass", |c, n, k| c.boolean(n, k));
-    o.m_advertise = get(ctx, s, P, "advertiseKubernetesNetworks", |c, n, k| c.boolean(n, k));
-    o.m_harvest = get(ctx, s, P, "harvestExtraEndpoints", |c, n, k| c.boolean(n, k));
-    o.m_extra_endpoints = get(ctx, s, P, "extraAnnouncedEndpoints", |c, n, k| c.socket_addrs(n, k));
+    o.m_advertise = get(ctx, s, P, "advertiseKubernetesNetworks", |c, n, k| {
+        c.boolean(n, k)
+    });
+    o.m_harvest = get(ctx, s, P, "harvestExtraEndpoints", |c, n, k| {
+        c.boolean(n, k)
+    });
+    o.m_extra_endpoints = get(ctx, s, P, "extraAnnouncedEndpoints", |c, n, k| {
+        c.socket_addrs(n, k)
+    });
     o.m_kubespan_compat = get(ctx, s, P, "kubespanCompat", |c, n, k| c.boolean(n, k));
     o.m_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
     let filters = section(ctx, s, "filters", "meshd.filters", FILTER_KEYS);
     o.m_filters = get(ctx, filters, "meshd.filters", "endpoints", |c, n, k| {
         c.list(n, k, |c, item, k| c.parsed(item, k, FilterRule::parse))
     });
-    o.m_exclude = get(ctx, filters, "meshd.filters", "excludeAdvertisedNetworks", |c, n, k| c.ipnets(n, k));
+    o.m_exclude = get(
+        ctx,
+        filters,
+        "meshd.filters",
+        "excludeAdvertisedNetworks",
+        |c, n, k| c.ipnets(n, k),
+    );
 }
 
 /// A Linux interface name: 1-15 bytes, no `/`, whitespace or `:`.
 fn parse_ifname(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 15 || s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
-        Err(format!("invalid interface name `{s}`: expected 1-15 characters without `/`, `:` or spaces"))
+    if s.is_empty()
+        || s.len() > 15
+        || s.chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        Err(format!(
+            "invalid interface name `{s}`: expected 1-15 characters without `/`, `:` or spaces"
+        ))
     } else {
         Ok(s.to_owned())
     }
@@ -152,9 +200,16 @@ fn parse_ifname(s: &str) -> Result<String, String> {
 fn read_mtu(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Mtu> {
     match &n.value {
         Value::Str(s) if s == "auto" => Some(Mtu::Auto),
-        Value::Int(_) => ctx.uint(n, key, 1280, 65535).and_then(|v| u16::try_from(v).ok()).map(Mtu::Fixed),
+        Value::Int(_) => ctx
+            .uint(n, key, 1280, 65535)
+            .and_then(|v| u16::try_from(v).ok())
+            .map(Mtu::Fixed),
         _ => {
-            ctx.issue(n, IssueKind::Type, format!("`{key}`: expected a number (1280-65535) or `auto`"));
+            ctx.issue(
+                n,
+                IssueKind::Type,
+                format!("`{key}`: expected a number (1280-65535) or `auto`"),
+            );
             None
         }
     }
@@ -163,14 +218,22 @@ fn read_mtu(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Mtu> {
 fn read_peer(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Peer> {
     if !ctx.check_keys(n, key, PEER_KEYS) {
         if n.is_null() {
-            ctx.issue(n, IssueKind::Type, format!("`{key}`: expected a mapping with name and publicKey"));
+            ctx.issue(
+                n,
+                IssueKind::Type,
+                format!("`{key}`: expected a mapping with name and publicKey"),
+            );
         }
         return None;
     }
     let need = |ctx: &mut Ctx, field: &str| {
         let node = n.get(field).filter(|v| !v.is_null());
         if node.is_none() {
-            ctx.issue(n, IssueKind::Value, format!("`{key}`: `{field}` is required"));
+            ctx.issue(
+                n,
+                IssueKind::Value,
+                format!("`{key}`: `{field}` is required"),
+            );
         }
         node
     };
@@ -179,10 +242,16 @@ fn read_peer(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Peer> {
     let peer_name = name_node.and_then(|v| name(ctx, v, &format!("{key}.name")));
     let public_key = key_node.and_then(|v| {
         ctx.parsed(v, &format!("{key}.publicKey"), |s| {
-            crate::talos::decode32(s).map(PublicKey).map_err(|e| format!("invalid WireGuard public key: {e}"))
+            crate::talos::decode32(s)
+                .map(PublicKey)
+                .map_err(|e| format!("invalid WireGuard public key: {e}"))
         })
     });
-    let opt = |field: &str| n.get(field).filter(|v| !v.is_null()).map(|v| (v, format!("{key}.{field}")));
+    let opt = |field: &str| {
+        n.get(field)
+            .filter(|v| !v.is_null())
+            .map(|v| (v, format!("{key}.{field}")))
+    };
     let endpoints = match opt("endpoints") {
         Some((v, k)) => host_ports(ctx, v, &k),
         None => Some(Vec::new()),
@@ -220,11 +289,18 @@ fn read_dnslocal(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.d_upstreams = get(ctx, s, P, "upstreams", dns_servers);
     o.d_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
     let iface = section(ctx, s, "interface", "dnslocal.interface", INTERFACE_KEYS);
-    o.d_if_name = get(ctx, iface, "dnslocal.interface", "name", |c, n, k| c.parsed(n, k, parse_ifname));
-    o.d_if_create = get(ctx, iface, "dnslocal.interface", "create", |c, n, k| c.boolean(n, k));
+    o.d_if_name = get(ctx, iface, "dnslocal.interface", "name", |c, n, k| {
+        c.parsed(n, k, parse_ifname)
+    });
+    o.d_if_create = get(ctx, iface, "dnslocal.interface", "create", |c, n, k| {
+        c.boolean(n, k)
+    });
     let cache = section(ctx, s, "cache", "dnslocal.cache", CACHE_KEYS);
     const C: &str = "dnslocal.cache";
-    o.d_cache_size = get(ctx, cache, C, "size", |c, n, k| c.uint(n, k, 0, 100_000_000).and_then(|v| usize::try_from(v).ok()));
+    o.d_cache_size = get(ctx, cache, C, "size", |c, n, k| {
+        c.uint(n, k, 0, 100_000_000)
+            .and_then(|v| usize::try_from(v).ok())
+    });
     o.d_cache_max_ttl = get(ctx, cache, C, "maxTTL", |c, n, k| c.duration(n, k));
     o.d_cache_negative_ttl = get(ctx, cache, C, "negativeTTL", |c, n, k| c.duration(n, k));
     o.d_cache_serve_stale = get(ctx, cache, C, "serveStale", |c, n, k| c.duration(n, k));
@@ -233,5 +309,7 @@ fn read_dnslocal(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
 
 /// DNS servers: `ip` (port 53) or `ip:port`.
 fn dns_servers(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Vec<std::net::SocketAddr>> {
-    ctx.list(n, key, |c, item, k| c.parsed(item, k, |s| parse::parse_socket_addr_default(s, 53)))
+    ctx.list(n, key, |c, item, k| {
+        c.parsed(item, k, |s| parse::parse_socket_addr_default(s, 53))
+    })
 }

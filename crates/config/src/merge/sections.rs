@@ -10,8 +10,8 @@ use crate::error::IssueKind;
 use crate::filter::EndpointFilter;
 use crate::hybridnet::Ours;
 use crate::model::{
-    APIPRISM_ALT_PORT, ApiprismConfig, ClusterConfig, DnsCache, DnsInterface, DnslocalConfig, HealthCheck, KUBEPRISM_PORT,
-    MeshdConfig, Mtu,
+    APIPRISM_ALT_PORT, ApiprismConfig, ClusterConfig, DnsCache, DnsInterface, DnslocalConfig,
+    HealthCheck, KUBEPRISM_PORT, MeshdConfig, Mtu,
 };
 use crate::parse::HostPort;
 use crate::read::Ctx;
@@ -20,16 +20,36 @@ use crate::talos::TalosFacts;
 use crate::ula::{ULA_KUBESPAN, ula_prefix};
 use crate::yaml::Pos;
 
-pub fn apiprism(m: &mut Merger, t: &TalosFacts, o: &Ours, cluster: &ClusterConfig, d: &ApiprismConfig) -> ApiprismConfig {
+pub fn apiprism(
+    m: &mut Merger,
+    t: &TalosFacts,
+    o: &Ours,
+    cluster: &ClusterConfig,
+    d: &ApiprismConfig,
+) -> ApiprismConfig {
     // Talos's own KubePrism owns 7445 when it is on: ours moves to 7455 so both can run.
     let moved: Sourced<Vec<SocketAddr>> = match &t.kube_prism {
         Some((Some(kp), source)) if kp.port == KUBEPRISM_PORT => {
-            let listen = d.listen.iter().map(|a| SocketAddr::new(a.ip(), APIPRISM_ALT_PORT)).collect();
-            Some((listen, Source::derived(format!("{} (Talos KubePrism owns {KUBEPRISM_PORT})", field_of(source)))))
+            let listen = d
+                .listen
+                .iter()
+                .map(|a| SocketAddr::new(a.ip(), APIPRISM_ALT_PORT))
+                .collect();
+            Some((
+                listen,
+                Source::derived(format!(
+                    "{} (Talos KubePrism owns {KUBEPRISM_PORT})",
+                    field_of(source)
+                )),
+            ))
         }
         _ => None,
     };
-    let listen = m.first("apiprism.listen", [o.ap_listen.clone(), moved], d.listen.clone());
+    let listen = m.first(
+        "apiprism.listen",
+        [o.ap_listen.clone(), moved],
+        d.listen.clone(),
+    );
     let endpoints = m.first("apiprism.endpoints", [o.ap_endpoints.clone()], Vec::new());
     let upstreams = upstreams(m, cluster, &endpoints);
     let tls_from_talos = match &t.kube_prism {
@@ -42,13 +62,36 @@ pub fn apiprism(m: &mut Merger, t: &TalosFacts, o: &Ours, cluster: &ClusterConfi
         upstreams,
         admin: m.first("apiprism.admin", [o.ap_admin.clone()], d.admin),
         health_check: HealthCheck {
-            interval: m.first("apiprism.healthCheck.interval", [o.ap_hc_interval.clone()], d.health_check.interval),
-            timeout: m.first("apiprism.healthCheck.timeout", [o.ap_hc_timeout.clone()], d.health_check.timeout),
-            fall: m.first("apiprism.healthCheck.fall", [o.ap_hc_fall.clone()], d.health_check.fall),
-            rise: m.first("apiprism.healthCheck.rise", [o.ap_hc_rise.clone()], d.health_check.rise),
+            interval: m.first(
+                "apiprism.healthCheck.interval",
+                [o.ap_hc_interval.clone()],
+                d.health_check.interval,
+            ),
+            timeout: m.first(
+                "apiprism.healthCheck.timeout",
+                [o.ap_hc_timeout.clone()],
+                d.health_check.timeout,
+            ),
+            fall: m.first(
+                "apiprism.healthCheck.fall",
+                [o.ap_hc_fall.clone()],
+                d.health_check.fall,
+            ),
+            rise: m.first(
+                "apiprism.healthCheck.rise",
+                [o.ap_hc_rise.clone()],
+                d.health_check.rise,
+            ),
         },
-        dial_timeout: m.first("apiprism.dialTimeout", [o.ap_dial_timeout.clone()], d.dial_timeout),
-        tls_server_name: m.optional("apiprism.tlsServerName", [o.ap_tls_server_name.clone(), tls_from_talos]),
+        dial_timeout: m.first(
+            "apiprism.dialTimeout",
+            [o.ap_dial_timeout.clone()],
+            d.dial_timeout,
+        ),
+        tls_server_name: m.optional(
+            "apiprism.tlsServerName",
+            [o.ap_tls_server_name.clone(), tls_from_talos],
+        ),
     }
 }
 
@@ -56,21 +99,34 @@ pub fn apiprism(m: &mut Merger, t: &TalosFacts, o: &Ours, cluster: &ClusterConfi
 fn upstreams(m: &mut Merger, cluster: &ClusterConfig, endpoints: &[HostPort]) -> Vec<HostPort> {
     let mut list: Vec<(HostPort, Source)> = Vec::new();
     if let Some(ep) = &cluster.control_plane_endpoint {
-        list.push((ep.clone(), m.sources.get("cluster.controlPlaneEndpoint").clone()));
+        list.push((
+            ep.clone(),
+            m.sources.get("cluster.controlPlaneEndpoint").clone(),
+        ));
     }
     if cluster.machine_type.is_control_plane() {
         let port_source = m.sources.get("cluster.localAPIServerPort").clone();
         let from = match port_source {
-            Source::Default => "machine.type (control plane) and the default API server port 6443".to_owned(),
+            Source::Default => {
+                "machine.type (control plane) and the default API server port 6443".to_owned()
+            }
             other => format!("machine.type (control plane) and {}", field_of(&other)),
         };
-        list.push((HostPort { host: "localhost".into(), port: cluster.local_api_server_port }, Source::derived(from)));
+        list.push((
+            HostPort {
+                host: "localhost".into(),
+                port: cluster.local_api_server_port,
+            },
+            Source::derived(from),
+        ));
     }
     for (i, ep) in endpoints.iter().enumerate() {
         let source = match m.sources.get("apiprism.endpoints") {
-            Source::HybridNet { origin, pos, .. } => {
-                Source::HybridNet { key: format!("apiprism.endpoints[{i}]"), origin: origin.clone(), pos: *pos }
-            }
+            Source::HybridNet { origin, pos, .. } => Source::HybridNet {
+                key: format!("apiprism.endpoints[{i}]"),
+                origin: origin.clone(),
+                pos: *pos,
+            },
             other => other.clone(),
         };
         list.push((ep.clone(), source));
@@ -78,7 +134,8 @@ fn upstreams(m: &mut Merger, cluster: &ClusterConfig, endpoints: &[HostPort]) ->
     let mut out = Vec::new();
     for (ep, source) in list {
         if !out.contains(&ep) {
-            m.sources.set(format!("apiprism.upstreams[{}]", out.len()), source);
+            m.sources
+                .set(format!("apiprism.upstreams[{}]", out.len()), source);
             out.push(ep);
         }
     }
@@ -120,13 +177,22 @@ pub fn meshd(
         Source::Default => None,
         _ => Some((data_dir.join("meshd.key"), Source::derived("dataDir"))),
     };
-    let rules = m.first("meshd.filters.endpoints", [o.m_filters.clone(), t.kubespan_filters.clone()], Vec::new());
+    let rules = m.first(
+        "meshd.filters.endpoints",
+        [o.m_filters.clone(), t.kubespan_filters.clone()],
+        Vec::new(),
+    );
     let endpoint_filter = match EndpointFilter::new(rules) {
         Ok(f) => f,
         Err(message) => {
             let pos = pos_of(m.sources.get("meshd.filters.endpoints"));
             let message = format!("`filters.endpoints`: {message}");
-            ctx.issues.push(crate::error::Issue::new(&ctx.origin, pos, IssueKind::Value, message));
+            ctx.issues.push(crate::error::Issue::new(
+                &ctx.origin,
+                pos,
+                IssueKind::Value,
+                message,
+            ));
             EndpointFilter::default()
         }
     };
@@ -135,11 +201,19 @@ pub fn meshd(
         (Some(ula_prefix(id, ULA_KUBESPAN)), Source::derived(from))
     });
     MeshdConfig {
-        interface: m.first("meshd.interface", [o.m_interface.clone()], d.interface.clone()),
+        interface: m.first(
+            "meshd.interface",
+            [o.m_interface.clone()],
+            d.interface.clone(),
+        ),
         listen_port: m.first("meshd.listenPort", [o.m_listen_port.clone()], d.listen_port),
         mtu,
         backend: m.first("meshd.backend", [o.m_backend.clone()], d.backend),
-        private_key_file: m.first("meshd.privateKeyFile", [o.m_private_key_file.clone(), key_file], d.private_key_file.clone()),
+        private_key_file: m.first(
+            "meshd.privateKeyFile",
+            [o.m_private_key_file.clone(), key_file],
+            d.private_key_file.clone(),
+        ),
         addresses: m.first("meshd.addresses", [o.m_addresses.clone()], Vec::new()),
         location: m.optional("meshd.location", [o.m_location.clone()]),
         topology: m.first("meshd.topology", [o.m_topology.clone()], d.topology),
@@ -150,13 +224,21 @@ pub fn meshd(
             [o.m_exclude.clone(), t.kubespan_exclude.clone()],
             Vec::new(),
         ),
-        allow_down_peer_bypass: m.first("meshd.allowDownPeerBypass", [o.m_bypass.clone(), t.kubespan_bypass.clone()], false),
+        allow_down_peer_bypass: m.first(
+            "meshd.allowDownPeerBypass",
+            [o.m_bypass.clone(), t.kubespan_bypass.clone()],
+            false,
+        ),
         advertise_kubernetes_networks: m.first(
             "meshd.advertiseKubernetesNetworks",
             [o.m_advertise.clone(), t.kubespan_advertise.clone()],
             false,
         ),
-        harvest_extra_endpoints: m.first("meshd.harvestExtraEndpoints", [o.m_harvest.clone(), t.kubespan_harvest.clone()], false),
+        harvest_extra_endpoints: m.first(
+            "meshd.harvestExtraEndpoints",
+            [o.m_harvest.clone(), t.kubespan_harvest.clone()],
+            false,
+        ),
         extra_announced_endpoints: m.first(
             "meshd.extraAnnouncedEndpoints",
             [o.m_extra_endpoints.clone(), t.extra_endpoints.clone()],
@@ -184,38 +266,96 @@ pub fn tenth_address(net: &IpNet) -> Option<IpAddr> {
     }
 }
 
-pub fn dnslocal(ctx: &mut Ctx, m: &mut Merger, t: &TalosFacts, o: &Ours, d: &DnslocalConfig) -> DnslocalConfig {
+pub fn dnslocal(
+    ctx: &mut Ctx,
+    m: &mut Merger,
+    t: &TalosFacts,
+    o: &Ours,
+    d: &DnslocalConfig,
+) -> DnslocalConfig {
     let derived_dns = match &t.service_subnets {
         Some((nets, source)) if !nets.is_empty() => match tenth_address(&nets[0]) {
-            Some(ip) => Some((vec![SocketAddr::new(ip, 53)], Source::derived(format!("{}[0]", field_of(source))))),
+            Some(ip) => Some((
+                vec![SocketAddr::new(ip, 53)],
+                Source::derived(format!("{}[0]", field_of(source))),
+            )),
             None => {
-                let message = format!("service subnet {} is too small to hold the kube-dns address (its 10th)", nets[0]);
-                ctx.issues.push(crate::error::Issue::new(&ctx.origin, pos_of(source), IssueKind::Value, message));
+                let message = format!(
+                    "service subnet {} is too small to hold the kube-dns address (its 10th)",
+                    nets[0]
+                );
+                ctx.issues.push(crate::error::Issue::new(
+                    &ctx.origin,
+                    pos_of(source),
+                    IssueKind::Value,
+                    message,
+                ));
                 None
             }
         },
         _ => None,
     };
-    let nameservers = t.nameservers.clone().map(|(ips, s)| (ips.into_iter().map(|ip| SocketAddr::new(ip, 53)).collect(), s));
+    let nameservers = t.nameservers.clone().map(|(ips, s)| {
+        (
+            ips.into_iter().map(|ip| SocketAddr::new(ip, 53)).collect(),
+            s,
+        )
+    });
     DnslocalConfig {
         listen: m.first("dnslocal.listen", [o.d_listen.clone()], d.listen.clone()),
         interface: DnsInterface {
-            name: m.first("dnslocal.interface.name", [o.d_if_name.clone()], d.interface.name.clone()),
-            create: m.first("dnslocal.interface.create", [o.d_if_create.clone()], d.interface.create),
+            name: m.first(
+                "dnslocal.interface.name",
+                [o.d_if_name.clone()],
+                d.interface.name.clone(),
+            ),
+            create: m.first(
+                "dnslocal.interface.create",
+                [o.d_if_create.clone()],
+                d.interface.create,
+            ),
         },
         cluster_domain: m.first(
             "dnslocal.clusterDomain",
             [o.d_cluster_domain.clone(), t.dns_domain.clone()],
             d.cluster_domain.clone(),
         ),
-        cluster_dns: m.first("dnslocal.clusterDNS", [o.d_cluster_dns.clone(), t.cluster_dns.clone(), derived_dns], d.cluster_dns.clone()),
-        upstreams: m.first("dnslocal.upstreams", [o.d_upstreams.clone(), nameservers], Vec::new()),
+        cluster_dns: m.first(
+            "dnslocal.clusterDNS",
+            [o.d_cluster_dns.clone(), t.cluster_dns.clone(), derived_dns],
+            d.cluster_dns.clone(),
+        ),
+        upstreams: m.first(
+            "dnslocal.upstreams",
+            [o.d_upstreams.clone(), nameservers],
+            Vec::new(),
+        ),
         cache: DnsCache {
-            size: m.first("dnslocal.cache.size", [o.d_cache_size.clone()], d.cache.size),
-            max_ttl: m.first("dnslocal.cache.maxTTL", [o.d_cache_max_ttl.clone()], d.cache.max_ttl),
-            negative_ttl: m.first("dnslocal.cache.negativeTTL", [o.d_cache_negative_ttl.clone()], d.cache.negative_ttl),
-            serve_stale: m.first("dnslocal.cache.serveStale", [o.d_cache_serve_stale.clone()], d.cache.serve_stale),
-            prefetch: m.first("dnslocal.cache.prefetch", [o.d_cache_prefetch.clone()], d.cache.prefetch),
+            size: m.first(
+                "dnslocal.cache.size",
+                [o.d_cache_size.clone()],
+                d.cache.size,
+            ),
+            max_ttl: m.first(
+                "dnslocal.cache.maxTTL",
+                [o.d_cache_max_ttl.clone()],
+                d.cache.max_ttl,
+            ),
+            negative_ttl: m.first(
+                "dnslocal.cache.negativeTTL",
+                [o.d_cache_negative_ttl.clone()],
+                d.cache.negative_ttl,
+            ),
+            serve_stale: m.first(
+                "dnslocal.cache.serveStale",
+                [o.d_cache_serve_stale.clone()],
+                d.cache.serve_stale,
+            ),
+            prefetch: m.first(
+                "dnslocal.cache.prefetch",
+                [o.d_cache_prefetch.clone()],
+                d.cache.prefetch,
+            ),
         },
         admin: m.first("dnslocal.admin", [o.d_admin.clone()], d.admin),
     }

@@ -1,4 +1,6 @@
 //! The crate's one integration test binary.
 
 mod common;
+mod errors;
 mod fixtures;
+mod precedence;
