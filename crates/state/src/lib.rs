@@ -36,6 +36,29 @@
 //! [`StateDir::read`] / [`StateDir::read_record`] read once. [`RecordWatcher`] follows one record (inotify on its
 //! directory, a slow poll as fallback) and keeps the last good version when the file goes missing or turns corrupt.
 //! [`FileWatcher`] follows any one file, e.g. a daemon's config file, which may appear only after the daemon starts.
+//! The watchers read on the task that awaits them (records are small files on a tmpfs).
+//!
+//! ```
+//! use hybridnet_state::{MEMBERS, Member, Members, StateDir};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! let state = StateDir::new(dir.path()); // e.g. /run/hybridnet
+//! let members = Members {
+//!     members: vec![Member {
+//!         name: "cp-1".into(),
+//!         addresses: vec!["192.0.2.10".parse()?],
+//!         control_plane: true,
+//!         api_server_port: Some(6443),
+//!         ..Member::default()
+//!     }],
+//! };
+//! state.write(MEMBERS.0, MEMBERS.1, &members)?; // meshd
+//! let record = state.read_record::<Members>(MEMBERS.0, MEMBERS.1)?; // apiprism, `meshd status`
+//! assert_eq!(record.seq, 1);
+//! assert_eq!(record.data.api_servers(), ["192.0.2.10:6443".parse()?]);
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro, missing_docs)]
 

@@ -11,7 +11,7 @@ use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::{RECORD_MODE, atomic_write, remove_stale_temps, sync_dir};
-use crate::{DaemonStatus, Error, STATUS};
+use crate::{DaemonStatus, Error, RecordWatcher, STATUS, WatchOptions};
 
 /// The envelope schema this build writes and the newest it reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -26,6 +26,7 @@ pub struct Record<T> {
     /// Envelope schema ([`SCHEMA_VERSION`]).
     pub schema: u32,
     /// The daemon that owns the record (its directory).
+    #[serde(default)]
     pub writer: String,
     /// The record's name (its file name without `.json`).
     #[serde(default)]
@@ -180,6 +181,16 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(path, e)),
         }
+    }
+
+    /// A [`RecordWatcher`] for `<root>/<writer>/<name>.json`. Call it inside the Tokio runtime.
+    pub fn watch<T: DeserializeOwned>(
+        &self,
+        writer: &str,
+        name: &str,
+        opts: WatchOptions,
+    ) -> RecordWatcher<T> {
+        RecordWatcher::new(self, writer, name, opts)
     }
 
     /// Writes `<status.daemon>/status.json`.

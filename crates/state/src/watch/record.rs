@@ -23,7 +23,8 @@ const RECORD_MASK: WatchMask = WatchMask::CLOSE_WRITE
 ///
 /// A missing, partial, corrupt or unreadable record never replaces a good one: [`RecordWatcher::latest`] stays the
 /// last good version, and the problem is logged once (and kept in [`RecordWatcher::problem`]) until it changes.
-/// A record whose writer stopped writing stays too: judge it with [`RecordWatcher::is_stale`].
+/// A record whose writer stopped writing stays too: judge it with [`RecordWatcher::is_stale`]. The file is read on
+/// the task that awaits [`RecordWatcher::changed`] (records are small files on a tmpfs).
 ///
 /// ```no_run
 /// # async fn f() {
