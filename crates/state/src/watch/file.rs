@@ -32,7 +32,7 @@ pub enum FileChange {
 ///
 /// Events in the file's directory wake it (debounced: a burst of events is one change), and a slow poll too;
 /// inotify is set up as soon as the directory exists. The file is compared by identity (device, inode, size,
-/// mtime, ctime, following symlinks), so [`FileWatcher::changed`] yields only for real changes.
+/// mtime, ctime, following symlinks), so [`FileWatcher::changed`] returns only for real changes.
 #[derive(Debug)]
 pub struct FileWatcher {
     path: PathBuf,
@@ -87,8 +87,13 @@ impl FileWatcher {
         change
     }
 
-    /// Returns at the next change of the file. Cancel-safe.
-    pub async fn changed(&mut self) -> FileChange {
+    /// Returns at the next change of the file (created, written, replaced or removed). Cancel-safe.
+    pub async fn changed(&mut self) {
+        self.next_change().await;
+    }
+
+    /// [`FileWatcher::changed`], saying how the file changed. Cancel-safe.
+    pub async fn next_change(&mut self) -> FileChange {
         loop {
             self.events.wait().await;
             if let Some(change) = self.check() {

@@ -40,7 +40,7 @@ async fn next_record(
 }
 
 async fn next_change(w: &mut FileWatcher) -> Result<FileChange, String> {
-    timeout(PATIENCE, w.changed())
+    timeout(PATIENCE, w.next_change())
         .await
         .map_err(|_| format!("no change of the file within {PATIENCE:?}"))
 }
