@@ -1,0 +1,228 @@
+//! Network namespaces and the multi-node "lab network" built from them.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::sched::{CloneFlags, setns};
+
+use crate::root::{ip, require_root};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace named `hn-<pid>-<n>` with loopback up; deleted on drop.
+///
+/// Processes still running in it keep the namespace alive until they exit, so drop the [`crate::Daemon`]s
+/// first (declare the `Netns` before them: locals drop in reverse order).
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace; panics (after [`require_root`]) if that fails.
+    pub fn new() -> Netns {
+        require_root();
+        let name = format!(
+            "hn-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        if let Err(error) = ip(&["netns", "add", &name]) {
+            panic!("cannot create network namespace {name}: {error}");
+        }
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ARGS`; panics with the command and its stderr if it fails.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        if let Err(error) = ip(&full) {
+            panic!("{error}");
+        }
+    }
+
+    /// A command that runs `program` in this namespace (`ip netns exec NAME program ...`). `ip netns exec`
+    /// execs the program, so the child's pid is the program's pid. It also gives the program its own mount
+    /// namespace (with `/sys` for this network namespace).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `args[0] args[1..]` in the namespace and waits; panics if it cannot be started.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let (program, rest) = args.split_first().expect("exec needs a program");
+        self.command(program)
+            .args(rest)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {args:?} in {}: {e}", self.name))
+    }
+
+    /// Starts `args` in the namespace without waiting (stdio inherited unless the caller builds the command
+    /// with [`Netns::command`] instead).
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        let (program, rest) = args.split_first().expect("spawn needs a program");
+        self.command(program)
+            .args(rest)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {args:?} in {}: {e}", self.name))
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace, so the sockets `f` opens live there.
+    /// Only the network namespace changes (the filesystem is shared).
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+        enter_named(&self.name, f)
+    }
+}
+
+/// [`Netns::enter`] by namespace name.
+pub(crate) fn enter_named<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    let handle = File::open(format!("/run/netns/{name}"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                setns(&handle, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(error) = ip(&["netns", "del", &self.name]) {
+            eprintln!("warning: {error}");
+        }
+    }
+}
+
+/// An IPv4 /24 and an IPv6 /64 from the documentation ranges; node `i` (from 1) gets host number `10 + i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub v4: [u8; 3],
+    pub v6: [u16; 4],
+}
+
+/// The three documentation segments: 192.0.2.0/24 + 2001:db8::/64 (the default), 198.51.100.0/24 +
+/// 2001:db8:0:1::/64, 203.0.113.0/24 + 2001:db8:0:2::/64.
+pub const SEGMENTS: [Segment; 3] = [
+    Segment {
+        v4: [192, 0, 2],
+        v6: [0x2001, 0xdb8, 0, 0],
+    },
+    Segment {
+        v4: [198, 51, 100],
+        v6: [0x2001, 0xdb8, 0, 1],
+    },
+    Segment {
+        v4: [203, 0, 113],
+        v6: [0x2001, 0xdb8, 0, 2],
+    },
+];
+
+impl Segment {
+    pub fn v4_host(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(self.v4[0], self.v4[1], self.v4[2], host)
+    }
+
+    pub fn v6_host(&self, host: u16) -> Ipv6Addr {
+        let [a, b, c, d] = self.v6;
+        Ipv6Addr::new(a, b, c, d, 0, 0, 0, host)
+    }
+}
+
+/// One node of a [`LabNet`]: its namespace, with `eth0` on the segment.
+#[derive(Debug)]
+pub struct LabNode {
+    /// 1-based.
+    pub index: u8,
+    pub netns: Netns,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+/// N nodes joined by veth pairs to bridge `br0` in a "switch" namespace (nothing touches the host's
+/// namespace). Node `i` has `eth0` with `<segment>.1i/24` and `<segment>::1i/64` (no DAD, usable at once).
+#[derive(Debug)]
+pub struct LabNet {
+    // Field order is drop order: nodes first, then the switch.
+    pub nodes: Vec<LabNode>,
+    pub switch: Netns,
+    pub segment: Segment,
+}
+
+impl LabNet {
+    /// `n` nodes on the default segment (192.0.2.0/24, 2001:db8::/64).
+    pub fn new(n: u8) -> LabNet {
+        LabNet::on_segment(n, SEGMENTS[0])
+    }
+
+    pub fn on_segment(n: u8, segment: Segment) -> LabNet {
+        assert!((1..=200).contains(&n), "a lab network has 1..=200 nodes");
+        let switch = Netns::new();
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let mut nodes = Vec::new();
+        for index in 1..=n {
+            let netns = Netns::new();
+            let port = format!("port{index}");
+            switch.ip(&[
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns.name(),
+            ]);
+            switch.ip(&["link", "set", &port, "master", "br0", "up"]);
+            let host = 10 + index;
+            let (ipv4, ipv6) = (segment.v4_host(host), segment.v6_host(u16::from(host)));
+            netns.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"]);
+            netns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ipv6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            netns.ip(&["link", "set", "eth0", "up"]);
+            nodes.push(LabNode {
+                index,
+                netns,
+                ipv4,
+                ipv6,
+            });
+        }
+        LabNet {
+            nodes,
+            switch,
+            segment,
+        }
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Netns::new()
+    }
+}
