@@ -1,0 +1,186 @@
+//! The admin HTTP endpoint: `GET /metrics` (Prometheus text), `/healthz` (200 while the process serves),
+//! `/readyz` (200 once the daemon reports ready, 503 before).
+//!
+//! The listener is bound with `SO_REUSEPORT`, so a new instance of a daemon can start while the old one
+//! still runs, and it follows the config: a new `admin` address is bound before the old one is closed.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::SharedRegistry;
+
+/// What the handlers read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub registry: SharedRegistry,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Binds a TCP listener with `SO_REUSEADDR` and `SO_REUSEPORT`.
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(128)
+}
+
+/// Serves the admin endpoint on the address `addr` yields, rebinding when it changes, until `shutdown`.
+pub async fn serve(
+    mut addr: watch::Receiver<SocketAddr>,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let mut current = *addr.borrow_and_update();
+    let mut listener = bind_reuseport(current)?;
+    tracing::info!(addr = %current, "admin endpoint listening");
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            changed = addr.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let next = *addr.borrow_and_update();
+                if next == current {
+                    continue;
+                }
+                match bind_reuseport(next) {
+                    Ok(l) => {
+                        tracing::info!(from = %current, to = %next, "admin endpoint moved");
+                        listener = l;
+                        current = next;
+                    }
+                    Err(error) => {
+                        tracing::error!(addr = %next, %error, "cannot bind the new admin address; keeping the old one");
+                    }
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let state = state.clone();
+                            async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(Duration::from_secs(5))
+                            .serve_connection(TokioIo::new(stream), service);
+                        if let Err(error) = conn.await {
+                            tracing::debug!(%error, "admin connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => {
+                    // EMFILE and the like: back off briefly instead of spinning.
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut resp = text(StatusCode::OK, state.registry.encode());
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
+        "/healthz" | "/livez" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if state.ready.load(Ordering::SeqCst) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz, /readyz\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_health_readiness_and_metrics() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = probe.local_addr().expect("addr");
+        drop(probe);
+        let state = AdminState {
+            registry: SharedRegistry::default(),
+            ready: Arc::default(),
+        };
+        let (_tx, rx) = watch::channel(addr);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(rx, state.clone(), shutdown.clone()));
+        let mut health = String::new();
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                health = get(addr, "/healthz").await;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        state.ready.store(true, Ordering::SeqCst);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/metrics").await.contains("# EOF"));
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        shutdown.cancel();
+        task.await.expect("join").expect("serve");
+    }
+}

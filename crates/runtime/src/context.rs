@@ -1,0 +1,82 @@
+//! What a daemon's `run` receives.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hybridnet_config::Config;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::SharedRegistry;
+
+/// Handed to [`crate::Daemon::run`].
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The applied config; a new value arrives whenever a valid new version of the file is applied.
+    pub config: watch::Receiver<Arc<Config>>,
+    /// Cancelled on SIGTERM/SIGINT: stop accepting work, drain, return.
+    pub shutdown: CancellationToken,
+    /// Register the daemon's metrics here (under its own prefix); `/metrics` serves them.
+    pub metrics: SharedRegistry,
+    /// The daemon's one-line summary and details for `status.json`.
+    pub status: StatusHandle,
+    pub(crate) ready: Arc<AtomicBool>,
+}
+
+impl Context {
+    /// Marks the daemon ready (`/readyz` 200) or not. Call it after the first successful apply of a config.
+    pub fn set_ready(&self, ready: bool) {
+        if self.ready.swap(ready, Ordering::SeqCst) != ready {
+            tracing::info!(ready, "readiness changed");
+            self.status.touch();
+        }
+    }
+
+    /// Whether the daemon said it is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// What the daemon reports about itself; the runtime writes it to `status.json` on change and periodically.
+#[derive(Debug, Clone, Default)]
+pub struct StatusHandle {
+    inner: Arc<StatusInner>,
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    report: Mutex<(String, serde_json::Value)>,
+    changed: Notify,
+}
+
+impl StatusHandle {
+    /// Replaces the summary line and the details.
+    pub fn set(&self, summary: impl Into<String>, details: serde_json::Value) {
+        *self
+            .inner
+            .report
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (summary.into(), details);
+        self.touch();
+    }
+
+    /// The current summary and details.
+    pub fn get(&self) -> (String, serde_json::Value) {
+        self.inner
+            .report
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Asks for the status record to be written soon.
+    pub(crate) fn touch(&self) {
+        self.inner.changed.notify_one();
+    }
+
+    /// Waits until the daemon changes its report (or readiness).
+    pub(crate) async fn changed(&self) {
+        self.inner.changed.notified().await;
+    }
+}

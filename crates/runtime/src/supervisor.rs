@@ -1,0 +1,306 @@
+//! Runs one daemon: loads its config, serves admin, publishes status, reloads on file change and SIGHUP,
+//! and stops on SIGTERM/SIGINT with a bounded drain.
+//!
+//! Reload rules (DESIGN.md section 3): the file may be missing at start (the daemon runs on defaults and
+//! waits for it: on Talos the ExtensionServiceConfig file can appear after the service started); a valid new
+//! version is applied without a restart; an invalid one is logged, counted and shown in `status`, and the
+//! running config stays. An invalid file at start is fatal (exit 78): there is no good version to keep.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hybridnet_config::Config;
+use hybridnet_state::{DaemonStatus, FileWatcher, StateDir};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::cli::ExitStatus;
+use crate::metrics::{RuntimeMetrics, SharedRegistry};
+use crate::status::{RECORD, STOPPED, WRITE_INTERVAL, unix_now};
+use crate::{Context, Daemon, StatusHandle};
+
+/// How long a daemon may take to drain after SIGTERM before the process exits anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the status writer needs besides the daemon's own report.
+#[derive(Debug)]
+struct Shared {
+    daemon: &'static str,
+    config_path: PathBuf,
+    started_at: u64,
+    generation: Mutex<(u64, Option<String>)>,
+}
+
+/// Runs daemon `D` with the config at `path` until SIGTERM/SIGINT or a fatal error.
+pub async fn run<D: Daemon>(path: PathBuf) -> ExitStatus {
+    let name = D::KIND.name();
+    let (config, generation) = match hybridnet_config::load_file(&path) {
+        Ok(config) => {
+            tracing::info!(config = %path.display(), "config loaded");
+            (config, 1)
+        }
+        Err(error) if error.is_not_found() => {
+            tracing::info!(config = %path.display(), "no config file yet: running on the built-in defaults and waiting for it");
+            (Config::defaults(), 0)
+        }
+        Err(error) => {
+            tracing::error!("config error: {error}");
+            return ExitStatus::Config;
+        }
+    };
+
+    let registry = SharedRegistry::default();
+    let metrics = RuntimeMetrics::register(&registry, name);
+    metrics.config_generation.set(generation as i64);
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    let admin_addr = config_rx.borrow().admin_addr(D::KIND);
+    let (admin_tx, admin_rx) = watch::channel(admin_addr);
+    let shared = Arc::new(Shared {
+        daemon: name,
+        config_path: path.clone(),
+        started_at: unix_now(),
+        generation: Mutex::new((generation, None)),
+    });
+    let ctx = Context {
+        config: config_rx.clone(),
+        shutdown: shutdown.child_token(),
+        metrics: registry.clone(),
+        status: StatusHandle::default(),
+        ready: ready.clone(),
+    };
+
+    let admin_listener_stop = CancellationToken::new();
+    let admin_state = AdminState {
+        registry: registry.clone(),
+        ready: ready.clone(),
+    };
+    let admin = tokio::spawn(admin::serve(
+        admin_rx,
+        admin_state,
+        admin_listener_stop.clone(),
+    ));
+    let status_stop = CancellationToken::new();
+    let status_writer = tokio::spawn(write_status(
+        shared.clone(),
+        ctx.clone(),
+        metrics.clone(),
+        status_stop.clone(),
+    ));
+    let mut daemon = tokio::spawn(D::run(ctx.clone()));
+
+    let mut exit = ExitStatus::Ok;
+    match reload_loop(
+        D::KIND,
+        &path,
+        &config_tx,
+        &admin_tx,
+        &shared,
+        &metrics,
+        &ctx,
+        &mut daemon,
+    )
+    .await
+    {
+        Stop::Signal => {
+            shutdown.cancel();
+            match tokio::time::timeout(DRAIN_TIMEOUT, &mut daemon).await {
+                Ok(Ok(Ok(()))) => tracing::info!("stopped cleanly"),
+                Ok(Ok(Err(error))) => {
+                    tracing::error!(%error, "{name} failed while stopping");
+                    exit = ExitStatus::Failure;
+                }
+                Ok(Err(join)) => {
+                    tracing::error!(error = %join, "{name} task panicked");
+                    exit = ExitStatus::Failure;
+                }
+                Err(_) => {
+                    tracing::warn!(timeout = ?DRAIN_TIMEOUT, "drain took too long; exiting anyway");
+                    daemon.abort();
+                }
+            }
+        }
+        Stop::Daemon(result) => {
+            exit = result;
+            shutdown.cancel();
+        }
+        Stop::Admin => exit = ExitStatus::Failure,
+    }
+    ctx.set_ready(false);
+    status_stop.cancel();
+    if let Err(error) = status_writer.await {
+        tracing::warn!(%error, "status writer task failed");
+    }
+    admin_listener_stop.cancel();
+    match admin.await {
+        Ok(Err(error)) => {
+            tracing::error!(%error, "admin endpoint failed");
+            exit = ExitStatus::Failure;
+        }
+        Err(error) => tracing::warn!(%error, "admin task failed"),
+        Ok(Ok(())) => {}
+    }
+    exit
+}
+
+enum Stop {
+    Signal,
+    Daemon(ExitStatus),
+    Admin,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reload_loop<E: std::fmt::Display>(
+    kind: hybridnet_config::Daemon,
+    path: &Path,
+    config_tx: &watch::Sender<Arc<Config>>,
+    admin_tx: &watch::Sender<std::net::SocketAddr>,
+    shared: &Shared,
+    metrics: &RuntimeMetrics,
+    ctx: &Context,
+    daemon: &mut tokio::task::JoinHandle<Result<(), E>>,
+) -> Stop {
+    let (mut hup, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return Stop::Admin;
+        }
+    };
+    let mut watcher = FileWatcher::new(path);
+    loop {
+        let reason = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Stop::Signal; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Stop::Signal; }
+            _ = hup.recv() => "SIGHUP",
+            () = watcher.changed() => "file changed",
+            result = &mut *daemon => {
+                return Stop::Daemon(match result {
+                    Ok(Ok(())) => { tracing::info!("daemon returned"); ExitStatus::Ok }
+                    Ok(Err(error)) => { tracing::error!(%error, "daemon failed"); ExitStatus::Failure }
+                    Err(error) => { tracing::error!(%error, "daemon task panicked"); ExitStatus::Failure }
+                });
+            }
+        };
+        reload(
+            kind, path, reason, config_tx, admin_tx, shared, metrics, ctx,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reload(
+    kind: hybridnet_config::Daemon,
+    path: &Path,
+    reason: &str,
+    config_tx: &watch::Sender<Arc<Config>>,
+    admin_tx: &watch::Sender<std::net::SocketAddr>,
+    shared: &Shared,
+    metrics: &RuntimeMetrics,
+    ctx: &Context,
+) {
+    match hybridnet_config::load_file(path) {
+        Ok(new) => {
+            let mut generation = shared
+                .generation
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            generation.1 = None;
+            if **config_tx.borrow() == new {
+                tracing::info!(reason, "config unchanged");
+            } else {
+                generation.0 += 1;
+                metrics.config_reloads.inc();
+                metrics.config_generation.set(generation.0 as i64);
+                tracing::info!(reason, generation = generation.0, "new config applied");
+                admin_tx.send_if_modified(|addr| {
+                    let next = new.admin_addr(kind);
+                    std::mem::replace(addr, next) != next
+                });
+                config_tx.send_replace(Arc::new(new));
+            }
+        }
+        Err(error) if error.is_not_found() => {
+            tracing::warn!(reason, config = %path.display(), "config file is gone; keeping the running config");
+        }
+        Err(error) => {
+            metrics.config_reload_errors.inc();
+            tracing::error!(
+                reason,
+                "new config rejected, the running config stays: {error}"
+            );
+            shared
+                .generation
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .1 = Some(error.to_string());
+        }
+    }
+    ctx.status.touch();
+}
+
+/// Writes `status.json` on every change the daemon reports and every [`WRITE_INTERVAL`]; a last record
+/// saying "stopped" when `stop` is cancelled.
+async fn write_status(
+    shared: Arc<Shared>,
+    ctx: Context,
+    metrics: RuntimeMetrics,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(WRITE_INTERVAL);
+    let mut last_error = None;
+    loop {
+        let stopping = tokio::select! {
+            () = stop.cancelled() => true,
+            _ = tick.tick() => false,
+            () = ctx.status.changed() => false,
+        };
+        let ready = ctx.is_ready();
+        metrics.ready.set(i64::from(ready));
+        let (generation, config_error) = shared
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (mut summary, details) = ctx.status.get();
+        if stopping {
+            summary = STOPPED.to_owned();
+        }
+        let record = DaemonStatus {
+            daemon: shared.daemon.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            started_at: shared.started_at,
+            updated_at: unix_now(),
+            ready,
+            config_path: shared.config_path.display().to_string(),
+            config_generation: generation,
+            config_error,
+            summary,
+            details,
+        };
+        let dir = StateDir::new(ctx.config.borrow().state_dir.clone());
+        match dir.write(shared.daemon, RECORD, &record) {
+            Ok(()) => last_error = None,
+            Err(error) => {
+                let text = error.to_string();
+                if last_error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(%error, "cannot write the status record");
+                    last_error = Some(text);
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}

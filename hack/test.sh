@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# All the tests: installs what they need, then runs the format check, clippy, a static musl build, the unit
+# tests and the root tests in integration/. Run it as root (the integration tests create network
+# namespaces); it fails loudly, never skips, when it cannot set up.
+#
+#   hack/test.sh            everything
+#   hack/test.sh --quick    format, clippy and the unit tests only (no root needed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) quick=1 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "hack/test.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+step() { printf '\n==> %s\n' "$*"; step_start=$SECONDS; }
+done_step() { printf '    (%ss)\n' "$((SECONDS - step_start))"; }
+
+# Debian packages the tests use, by the command that proves each is there.
+need_pkgs=()
+need() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
+need ip iproute2
+need readelf binutils
+need musl-gcc musl-tools
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  step "installing ${need_pkgs[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "hack/test.sh: need root to install ${need_pkgs[*]} (or install them yourself)" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  done_step
+fi
+
+step "toolchain"
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
+if cargo nextest --version >/dev/null 2>&1; then runner=(cargo nextest run --no-fail-fast); else runner=(cargo test --no-fail-fast); fi
+cargo --version; echo "runner: ${runner[*]}"
+done_step
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+done_step
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+done_step
+
+if [ "$quick" -eq 1 ]; then
+  step "unit tests"
+  "${runner[@]}" --workspace --locked --exclude hybridnet-integration
+  done_step
+  exit 0
+fi
+
+step "release build (the binaries the integration tests run)"
+cargo build --release --locked --bins
+done_step
+
+step "static musl build"
+cargo build --release --locked --bins --target x86_64-unknown-linux-musl
+for bin in apiprism meshd dnslocal; do
+  f=target/x86_64-unknown-linux-musl/release/$bin
+  if readelf -l "$f" | grep -q INTERP; then echo "$f is not static" >&2; exit 1; fi
+  printf '    %-9s %s bytes, static\n' "$bin" "$(stat -c %s "$f")"
+done
+done_step
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "hack/test.sh: the integration tests need root (network namespaces); run as root or use --quick" >&2
+  exit 1
+fi
+
+step "unit and integration tests"
+HYBRIDNET_BIN_DIR="$PWD/target/release" "${runner[@]}" --workspace --locked
+done_step
