@@ -1,0 +1,150 @@
+//! Active health checks: one task per upstream, so all upstreams are checked in parallel and a blackholed one
+//! never delays the others. A TCP connect by default; a TLS handshake when a TLS server name is configured.
+//!
+//! Pacing: every `interval`; right away after a failure that has not yet taken the upstream down (to confirm
+//! within one timeout), after a quarter interval after a success of a down upstream (to confirm its recovery),
+//! and at once when a client's dial to it failed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::{Signal, State};
+use crate::shared::Shared;
+use crate::{sockopt, tls};
+
+/// How probes are done; follows the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// `Some`: complete a TLS handshake with this server name, not only a TCP connect.
+    pub tls_server_name: Option<String>,
+}
+
+/// The running probe tasks.
+#[derive(Debug)]
+pub struct Prober {
+    tasks: HashMap<SocketAddr, CancellationToken>,
+    set: JoinSet<()>,
+    settings: watch::Sender<ProbeSettings>,
+}
+
+impl Prober {
+    pub fn new(settings: ProbeSettings) -> Prober {
+        Prober {
+            tasks: HashMap::new(),
+            set: JoinSet::new(),
+            settings: watch::Sender::new(settings),
+        }
+    }
+
+    pub fn set_settings(&self, settings: ProbeSettings) {
+        self.settings.send_if_modified(|s| {
+            let changed = *s != settings;
+            *s = settings;
+            changed
+        });
+    }
+
+    pub fn add(&mut self, addr: SocketAddr, shared: &Arc<Shared>, shutdown: &CancellationToken) {
+        if self.tasks.contains_key(&addr) {
+            return;
+        }
+        let token = shutdown.child_token();
+        self.tasks.insert(addr, token.clone());
+        let kick = shared.register_kick(addr);
+        let settings = self.settings.subscribe();
+        let shared = Arc::clone(shared);
+        self.set.spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = probe_loop(addr, shared, settings, kick) => {}
+            }
+        });
+    }
+
+    pub fn remove(&mut self, addr: SocketAddr, shared: &Shared) {
+        if let Some(token) = self.tasks.remove(&addr) {
+            token.cancel();
+        }
+        shared.forget_kick(addr);
+    }
+
+    /// Reaps finished tasks (they only finish when cancelled).
+    pub fn reap(&mut self) {
+        while self.set.try_join_next().is_some() {}
+    }
+
+    pub async fn stop(mut self) {
+        for token in self.tasks.values() {
+            token.cancel();
+        }
+        while self.set.join_next().await.is_some() {}
+    }
+}
+
+async fn probe_loop(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    settings: watch::Receiver<ProbeSettings>,
+    kick: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        let s = settings.borrow().clone();
+        let timeout = shared
+            .table()
+            .get(addr)
+            .map_or(s.timeout, |u| u.attempt_timeout(s.timeout));
+        let started = Instant::now();
+        let result = probe(addr, timeout, s.tls_server_name.as_deref()).await;
+        let ok = result.is_ok();
+        let Some(state) = shared.observe(addr, result, Signal::Probe) else {
+            return; // removed
+        };
+        let wait = match (ok, state) {
+            (false, State::Unknown | State::Up) => Duration::from_millis(20),
+            (true, State::Down) => s.interval / 4,
+            _ => s.interval.saturating_sub(started.elapsed()),
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = kick.notified() => {}
+        }
+    }
+}
+
+/// One check: `Ok(connect time)` or what went wrong.
+async fn probe(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls_server_name: Option<&str>,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    let stream = match tokio::time::timeout(timeout, sockopt::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("connect timed out after {timeout:?}")),
+    };
+    let rtt = start.elapsed();
+    match tls_server_name {
+        None => {
+            // RST on close: no TIME_WAIT per probe (go-loadbalancer uses SO_LINGER for the same reason).
+            sockopt::reset_on_close(&stream);
+            Ok(rtt)
+        }
+        Some(name) => {
+            let left = timeout.saturating_sub(rtt);
+            match tokio::time::timeout(left, tls::handshake(stream, name)).await {
+                Ok(Ok(())) => Ok(rtt),
+                Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                Err(_) => Err(format!("TLS handshake timed out after {timeout:?}")),
+            }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! apiprism's Prometheus metrics (prefix `apiprism_`), per upstream and in total.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::core::{State, Upstream};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum HealthState {
+    Unknown,
+    Up,
+    Down,
+}
+
+impl From<State> for HealthState {
+    fn from(s: State) -> Self {
+        match s {
+            State::Unknown => HealthState::Unknown,
+            State::Up => HealthState::Up,
+            State::Down => HealthState::Down,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub upstream: String,
+    pub state: HealthState,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    /// Client → upstream.
+    ToUpstream,
+    /// Upstream → client.
+    ToClient,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub upstream: String,
+    pub direction: Direction,
+}
+
+const STATES: [State; 3] = [State::Unknown, State::Up, State::Down];
+const DIRECTIONS: [Direction; 2] = [Direction::ToUpstream, Direction::ToClient];
+
+/// Every apiprism metric. Clones share the values.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub upstream_state: Family<StateLabels, Gauge>,
+    pub upstream_rtt: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+    pub upstream_score: Family<UpstreamLabels, Gauge>,
+    pub upstream_active: Family<UpstreamLabels, Gauge>,
+    pub upstream_connections: Family<UpstreamLabels, Counter>,
+    pub upstream_dial_errors: Family<UpstreamLabels, Counter>,
+    pub upstream_failovers: Family<UpstreamLabels, Counter>,
+    pub upstream_bytes: Family<BytesLabels, Counter>,
+    pub connections: Counter,
+    pub active: Gauge,
+    pub failovers: Counter,
+    pub rejected: Counter,
+    pub transitions: Counter,
+    pub upstreams: Gauge,
+    pub upstreams_usable: Gauge,
+    pub listeners: Gauge,
+}
+
+pub fn labels(addr: SocketAddr) -> UpstreamLabels {
+    UpstreamLabels {
+        upstream: addr.to_string(),
+    }
+}
+
+pub fn bytes_labels(addr: SocketAddr, direction: Direction) -> BytesLabels {
+    BytesLabels {
+        upstream: addr.to_string(),
+        direction,
+    }
+}
+
+impl Metrics {
+    /// Registers under `apiprism_` in `registry` (the runtime's sub-registry).
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        let r = registry;
+        r.register(
+            "upstream_state",
+            "1 for the upstream's current health state (unknown, up, down)",
+            m.upstream_state.clone(),
+        );
+        r.register(
+            "upstream_rtt_seconds",
+            "Smoothed connect round-trip time of the upstream (probes and dials)",
+            m.upstream_rtt.clone(),
+        );
+        r.register(
+            "upstream_score",
+            "Consecutive successful (> 0) or failed (< 0) checks and dials",
+            m.upstream_score.clone(),
+        );
+        r.register(
+            "upstream_active_connections",
+            "Client connections open through the upstream",
+            m.upstream_active.clone(),
+        );
+        r.register(
+            "upstream_connections",
+            "Client connections established through the upstream",
+            m.upstream_connections.clone(),
+        );
+        r.register(
+            "upstream_dial_errors",
+            "Client dials to the upstream that failed or timed out",
+            m.upstream_dial_errors.clone(),
+        );
+        r.register(
+            "upstream_failovers",
+            "Client connections moved to another upstream after a failed dial to this one",
+            m.upstream_failovers.clone(),
+        );
+        r.register(
+            "upstream_bytes",
+            "Bytes relayed through the upstream, by direction",
+            m.upstream_bytes.clone(),
+        );
+        r.register(
+            "connections",
+            "Client connections accepted",
+            m.connections.clone(),
+        );
+        r.register(
+            "active_connections",
+            "Client connections open now",
+            m.active.clone(),
+        );
+        r.register(
+            "failovers",
+            "Failed dials retried on another upstream before the client saw anything",
+            m.failovers.clone(),
+        );
+        r.register(
+            "rejected_connections",
+            "Client connections closed because no upstream could be reached",
+            m.rejected.clone(),
+        );
+        r.register(
+            "upstream_transitions",
+            "Upstream health state changes",
+            m.transitions.clone(),
+        );
+        r.register("upstreams", "Upstreams configured", m.upstreams.clone());
+        r.register(
+            "upstreams_usable",
+            "Upstreams not down",
+            m.upstreams_usable.clone(),
+        );
+        r.register("listeners", "Listening sockets", m.listeners.clone());
+        m
+    }
+
+    /// Sets the gauges of one upstream from the table.
+    pub fn sync(&self, u: &Upstream) {
+        let upstream = u.addr.to_string();
+        for s in STATES {
+            self.upstream_state
+                .get_or_create(&StateLabels {
+                    upstream: upstream.clone(),
+                    state: s.into(),
+                })
+                .set(i64::from(s == u.state));
+        }
+        let l = labels(u.addr);
+        self.upstream_rtt
+            .get_or_create(&l)
+            .set(u.srtt.map_or(0.0, |d| d.as_secs_f64()));
+        self.upstream_score
+            .get_or_create(&l)
+            .set(i64::from(u.streak));
+        self.upstream_active
+            .get_or_create(&l)
+            .set(i64::try_from(u.active).unwrap_or(i64::MAX));
+    }
+
+    /// Drops a removed upstream's series.
+    pub fn forget(&self, addr: SocketAddr) {
+        let upstream = addr.to_string();
+        for s in STATES {
+            self.upstream_state.remove(&StateLabels {
+                upstream: upstream.clone(),
+                state: s.into(),
+            });
+        }
+        let l = labels(addr);
+        self.upstream_rtt.remove(&l);
+        self.upstream_score.remove(&l);
+        self.upstream_active.remove(&l);
+        self.upstream_connections.remove(&l);
+        self.upstream_dial_errors.remove(&l);
+        self.upstream_failovers.remove(&l);
+        for d in DIRECTIONS {
+            self.upstream_bytes.remove(&bytes_labels(addr, d));
+        }
+    }
+}

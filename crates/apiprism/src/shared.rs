@@ -1,0 +1,108 @@
+//! What the accept loops, the probes and the control loop share: the table behind a lock, the metrics, and
+//! the probe "kick" handles.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::core::{Attempt, Signal, State, Table, Transition};
+use crate::metrics::{Metrics, labels};
+
+#[derive(Debug)]
+pub struct Shared {
+    table: Mutex<Table>,
+    pub metrics: Metrics,
+    /// Wakes an upstream's probe task for an immediate check (after a failed dial).
+    kicks: Mutex<HashMap<SocketAddr, Arc<Notify>>>,
+    /// Something the status shows changed.
+    pub changed: Notify,
+}
+
+impl Shared {
+    pub fn new(table: Table, metrics: Metrics) -> Shared {
+        Shared {
+            table: Mutex::new(table),
+            metrics,
+            kicks: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn kicks(&self) -> MutexGuard<'_, HashMap<SocketAddr, Arc<Notify>>> {
+        self.kicks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn register_kick(&self, addr: SocketAddr) -> Arc<Notify> {
+        Arc::clone(self.kicks().entry(addr).or_default())
+    }
+
+    pub fn forget_kick(&self, addr: SocketAddr) {
+        self.kicks().remove(&addr);
+    }
+
+    fn kick(&self, addr: SocketAddr) {
+        if let Some(k) = self.kicks().get(&addr) {
+            k.notify_one();
+        }
+    }
+
+    /// Records a probe or dial result, logs and counts a state change. Returns the upstream's state after.
+    pub fn observe(
+        &self,
+        addr: SocketAddr,
+        result: Result<Duration, String>,
+        signal: Signal,
+    ) -> Option<State> {
+        let failed = result.is_err();
+        let (transition, state) = {
+            let mut table = self.table();
+            let transition = table.observe(addr, result, signal, Instant::now());
+            let u = table.get(addr)?;
+            self.metrics.sync(u);
+            self.metrics
+                .upstreams_usable
+                .set(i64::try_from(table.usable()).unwrap_or(0));
+            if let Some(t) = &transition {
+                log_transition(t, u.active, u.last_error.as_deref());
+            }
+            (transition, u.state)
+        };
+        if signal == Signal::Dial && failed {
+            self.metrics
+                .upstream_dial_errors
+                .get_or_create(&labels(addr))
+                .inc();
+            self.kick(addr);
+        }
+        if transition.is_some() {
+            self.metrics.transitions.inc();
+            self.changed.notify_one();
+        }
+        Some(state)
+    }
+
+    pub fn plan(&self) -> Vec<Attempt> {
+        self.table().plan()
+    }
+}
+
+fn log_transition(t: &Transition, active: u64, error: Option<&str>) {
+    match t.to {
+        State::Down => tracing::warn!(
+            upstream = %t.addr,
+            from = t.from.as_str(),
+            closed_connections = active,
+            error = error.unwrap_or(""),
+            "upstream down: out of rotation, its connections closed"
+        ),
+        State::Up => tracing::info!(upstream = %t.addr, from = t.from.as_str(), "upstream up"),
+        State::Unknown => {}
+    }
+}
