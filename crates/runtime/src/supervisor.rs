@@ -41,6 +41,7 @@ pub async fn run<D: Daemon>(path: PathBuf) -> ExitStatus {
     let (config, generation) = match hybridnet_config::load_file(&path) {
         Ok(config) => {
             tracing::info!(config = %path.display(), "config loaded");
+            log_warnings(&config);
             (config, 1)
         }
         Err(error) if error.is_not_found() => {
@@ -222,6 +223,7 @@ fn reload(
                 metrics.config_reloads.inc();
                 metrics.config_generation.set(generation.0 as i64);
                 tracing::info!(reason, generation = generation.0, "new config applied");
+                log_warnings(&new);
                 admin_tx.send_if_modified(|addr| {
                     let next = new.admin_addr(kind);
                     std::mem::replace(addr, next) != next
@@ -246,6 +248,12 @@ fn reload(
         }
     }
     ctx.status.touch();
+}
+
+fn log_warnings(config: &Config) {
+    for warning in &config.warnings {
+        tracing::warn!("config: {warning}");
+    }
 }
 
 /// Writes `status.json` on every change the daemon reports and every [`WRITE_INTERVAL`]; a last record
