@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# All the tests: installs what they need, then runs the format check, clippy, a static musl build, the unit
-# tests and the root tests in integration/. Run it as root (the integration tests create network
-# namespaces); it fails loudly, never skips, when it cannot set up.
+# All the tests: installs what they need, then runs the format check, clippy, the licence check, a static
+# musl release build, the unit tests and the root tests in integration/ (against those static binaries).
+# Run it as root (the integration tests create network namespaces); it fails loudly, never skips, when it
+# cannot set up.
 #
 #   hack/test.sh            everything
 #   hack/test.sh --quick    format, clippy and the unit tests only (no root needed)
@@ -61,14 +62,17 @@ if [ "$quick" -eq 1 ]; then
   exit 0
 fi
 
-step "release build (the binaries the integration tests run)"
-cargo build --release --locked --bins
+step "cargo deny (licences, bans, sources)"
+command -v cargo-deny >/dev/null 2>&1 || cargo install cargo-deny --locked --quiet
+cargo deny --log-level error check licenses bans sources
 done_step
 
-step "static musl build"
-cargo build --release --locked --bins --target x86_64-unknown-linux-musl
+# The static musl binaries are what we ship, and what the integration tests run.
+musl=x86_64-unknown-linux-musl
+step "static release build ($musl)"
+cargo build --release --locked --bins --target $musl
 for bin in apiprism meshd dnslocal; do
-  f=target/x86_64-unknown-linux-musl/release/$bin
+  f=target/$musl/release/$bin
   if readelf -l "$f" | grep -q INTERP; then echo "$f is not static" >&2; exit 1; fi
   printf '    %-9s %s bytes, static\n' "$bin" "$(stat -c %s "$f")"
 done
@@ -80,5 +84,5 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 step "unit and integration tests"
-HYBRIDNET_BIN_DIR="$PWD/target/release" "${runner[@]}" --workspace --locked
+HYBRIDNET_BIN_DIR="$PWD/target/$musl/release" "${runner[@]}" --workspace --locked
 done_step
