@@ -1,11 +1,57 @@
-//! dnslocal: a node-local DNS cache and forwarder.
+//! dnslocal: a node-local DNS cache and forwarder (DESIGN.md section 5).
 //!
-//! Until its data plane lands (issue "dnslocal"), `run` follows the config and reports what it would serve.
+//! - [`wire`]: sans-IO DNS wire handling (query parsing, answer analysis, rendering with ID/case/TTL patching);
+//! - [`cache`]: the sharded, bounded, TTL-aware wire-format cache with serve-stale and prefetch signals;
+//! - [`engine`]: hits on the hot path; misses coalesced, bounded, routed, served stale when upstreams fail;
+//! - [`upstream`]: UDP (TCP on truncation) and persistent pipelined TCP upstreams, health and failover;
+//! - [`server`]: `SO_REUSEPORT` UDP sockets (one thread each) and TCP listeners, drained without loss;
+//! - [`link`]: the dummy link holding the listen addresses.
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
-use hybridnet_config::Config;
+pub mod cache;
+pub mod engine;
+pub mod link;
+pub mod metrics;
+pub mod server;
+pub mod upstream;
+pub mod wire;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hybridnet_config::{Config, DnslocalConfig};
 use hybridnet_runtime::{Context, Daemon};
+
+use crate::cache::Cache;
+use crate::engine::{Engine, MAX_INFLIGHT, Routes};
+use crate::metrics::{Metrics, Outcome};
+use crate::server::Listeners;
+use crate::upstream::{Pool, Upstream};
+use crate::wire::TtlPolicy;
+
+/// How long upstream SERVFAIL answers are cached.
+pub const SERVFAIL_TTL: u32 = 1;
+const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+const RETRY: Duration = Duration::from_secs(2);
+
+/// dnslocal's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("listen address link: {0}")]
+    Link(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("upstream {addr}: {source}")]
+    Upstream {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
 
 /// The dnslocal daemon.
 #[derive(Debug)]
@@ -13,18 +59,371 @@ pub struct Dnslocal;
 
 impl Daemon for Dnslocal {
     const KIND: hybridnet_config::Daemon = hybridnet_config::Daemon::Dnslocal;
-    type Error = std::convert::Infallible;
+    type Error = Error;
 
-    async fn run(ctx: Context) -> Result<(), Self::Error> {
-        hybridnet_runtime::idle::run(ctx, plan).await
+    async fn run(ctx: Context) -> Result<(), Error> {
+        run(ctx).await
+    }
+
+    fn render_details(details: &serde_json::Value) -> String {
+        render_details(details)
     }
 }
 
-/// What dnslocal would do with `config`.
-pub fn plan(config: &Config) -> (String, serde_json::Value) {
+/// The nameservers of a resolv.conf text.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next())?
+        })
+        .filter_map(|w| w.split('%').next()?.parse().ok())
+        .collect()
+}
+
+/// Where names outside the cluster zones go: `upstreams`, else Talos's nameservers, else the node's
+/// `/etc/resolv.conf`; never our own listen addresses (a loop).
+pub fn default_upstreams(config: &Config, resolv_conf: &str) -> Vec<SocketAddr> {
     let c = &config.dnslocal;
-    (
-        "idle: the DNS cache is not implemented yet".to_owned(),
-        serde_json::json!({ "admin": c.admin.to_string() }),
-    )
+    let candidates: Vec<SocketAddr> = if !c.upstreams.is_empty() {
+        c.upstreams.clone()
+    } else if !config.cluster.nameservers.is_empty() {
+        config
+            .cluster
+            .nameservers
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, 53))
+            .collect()
+    } else {
+        resolv_conf_nameservers(resolv_conf)
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, 53))
+            .collect()
+    };
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for addr in candidates {
+        let ours = c
+            .listen
+            .iter()
+            .any(|l| l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified()));
+        if ours {
+            tracing::warn!(%addr, "skipping an upstream that is one of our own listen addresses (a loop)");
+        } else if !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    out
+}
+
+/// One running configuration: engine, listeners.
+struct Instance {
+    engine: Arc<Engine>,
+    listeners: Listeners,
+    config: DnslocalConfig,
+}
+
+async fn pool(addrs: &[SocketAddr], tcp_only: bool, metrics: &Metrics) -> Result<Pool, Error> {
+    let mut upstreams = Vec::new();
+    for &addr in addrs {
+        let u = Upstream::new(addr, tcp_only)
+            .await
+            .map_err(|source| Error::Upstream { addr, source })?;
+        metrics.upstream_up(&addr.to_string(), true);
+        upstreams.push(Arc::new(u));
+    }
+    Ok(Pool { upstreams })
+}
+
+impl Instance {
+    async fn start(config: &Config, metrics: &Metrics) -> Result<Instance, Error> {
+        let c = &config.dnslocal;
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let upstreams = default_upstreams(config, &resolv);
+        if upstreams.is_empty() {
+            tracing::error!("no upstream for names outside the cluster: they will get SERVFAIL");
+        }
+        let cluster = if c.cluster_dns.is_empty() {
+            None
+        } else {
+            Some(Arc::new(pool(&c.cluster_dns, true, metrics).await?))
+        };
+        let routes = Routes {
+            cluster_zones: [c.cluster_domain.as_str(), "in-addr.arpa", "ip6.arpa"]
+                .iter()
+                .map(|z| wire::name_to_wire(z))
+                .collect(),
+            cluster,
+            default: Arc::new(pool(&upstreams, false, metrics).await?),
+        };
+        let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        let policy = TtlPolicy {
+            max_ttl: secs(c.cache.max_ttl),
+            negative_ttl: secs(c.cache.negative_ttl),
+            servfail_ttl: SERVFAIL_TTL,
+        };
+        let cache = Cache::new(
+            c.cache.size,
+            c.cache.serve_stale.as_secs(),
+            c.cache.prefetch,
+        );
+        let engine = Arc::new(Engine::new(
+            cache,
+            routes,
+            policy,
+            metrics.clone(),
+            MAX_INFLIGHT,
+            tokio::runtime::Handle::current(),
+        ));
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let listeners =
+            Listeners::bind(&c.listen, threads, &engine).map_err(|source| Error::Bind {
+                addr: c
+                    .listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                source,
+            })?;
+        tracing::info!(listen = ?c.listen, ?upstreams, cluster_dns = ?c.cluster_dns, threads, "serving DNS");
+        Ok(Instance {
+            engine,
+            listeners,
+            config: c.clone(),
+        })
+    }
+
+    /// Stops taking queries, answers what is queued and in flight (bounded), and returns.
+    async fn drain(self) {
+        self.listeners.drain().await;
+        let deadline = tokio::time::Instant::now() + engine::MISS_DEADLINE * 2;
+        while self.engine.inflight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn status(&self) -> (String, serde_json::Value) {
+        let e = &self.engine;
+        let m = &e.metrics;
+        let entries = e.cache.len();
+        m.cache_entries.set(entries as i64);
+        let (hits, stale, misses, coalesced, servfail) = (
+            m.total(Outcome::Hit),
+            m.total(Outcome::Stale),
+            m.total(Outcome::Miss),
+            m.total(Outcome::Coalesced),
+            m.total(Outcome::Servfail),
+        );
+        let pools = |p: &Pool| -> Vec<serde_json::Value> {
+            p.upstreams
+                .iter()
+                .map(|u| {
+                    serde_json::json!({
+                        "addr": u.addr.to_string(), "protocol": u.protocol(), "up": u.is_up(),
+                        "srtt_ms": u.srtt().as_secs_f64() * 1000.0,
+                    })
+                })
+                .collect()
+        };
+        let up = e
+            .routes
+            .default
+            .upstreams
+            .iter()
+            .filter(|u| u.is_up())
+            .count();
+        let summary = format!(
+            "serving on {}: {entries} cached, {up}/{} upstreams up",
+            self.config
+                .listen
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            e.routes.default.upstreams.len()
+        );
+        let details = serde_json::json!({
+            "listen": self.config.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "cluster_domain": self.config.cluster_domain,
+            "cluster_dns": e.routes.cluster.as_deref().map(pools).unwrap_or_default(),
+            "upstreams": pools(&e.routes.default),
+            "cache": { "entries": entries, "capacity": e.cache.capacity() },
+            "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail },
+            "inflight": e.inflight(),
+        });
+        (summary, details)
+    }
+}
+
+async fn run(mut ctx: Context) -> Result<(), Error> {
+    let metrics = ctx.metrics.register("dnslocal", Metrics::register);
+    let mut config: Arc<Config> = ctx.config.borrow_and_update().clone();
+    let mut link: Option<Link> = None;
+    let mut instance: Option<Instance> = None;
+    loop {
+        if instance.is_none() {
+            match start(&config, &metrics, &mut link).await {
+                Ok(i) => {
+                    instance = Some(i);
+                    ctx.set_ready(true);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot serve DNS; retrying");
+                    ctx.status
+                        .set(format!("not serving: {error}"), serde_json::Value::Null);
+                }
+            }
+        }
+        if let Some(i) = &instance {
+            let (summary, details) = i.status();
+            ctx.status.set(summary, details);
+        }
+        let wait = if instance.is_some() {
+            STATUS_INTERVAL
+        } else {
+            RETRY
+        };
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+            changed = ctx.config.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let new = ctx.config.borrow_and_update().clone();
+                if new.dnslocal != config.dnslocal || new.cluster.nameservers != config.cluster.nameservers {
+                    config = new;
+                    // The new instance binds beside the old one (SO_REUSEPORT), then the old one drains.
+                    match start(&config, &metrics, &mut link).await {
+                        Ok(i) => {
+                            if let Some(old) = instance.replace(i) {
+                                old.drain().await;
+                            }
+                            tracing::info!("applied the new configuration");
+                        }
+                        Err(error) => tracing::error!(%error, "cannot apply the new configuration; the old one keeps serving"),
+                    }
+                }
+            }
+        }
+    }
+    ctx.set_ready(false);
+    if let Some(i) = instance {
+        let listen = i.config.listen.clone();
+        i.drain().await;
+        if let Some(l) = link {
+            l.teardown(&listen);
+        }
+    }
+    Ok(())
+}
+
+use crate::link::Link;
+
+async fn start(
+    config: &Config,
+    metrics: &Metrics,
+    link: &mut Option<Link>,
+) -> Result<Instance, Error> {
+    let c = &config.dnslocal;
+    if c.interface.create && link.is_none() {
+        *link = Some(Link::setup(&c.interface.name, &c.listen)?);
+    }
+    Instance::start(config, metrics).await
+}
+
+/// `dnslocal status` details, as text.
+pub fn render_details(d: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let list = |v: &serde_json::Value| -> String {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|u| {
+                        format!(
+                            "{} ({}, {}, srtt {:.1} ms)",
+                            u["addr"].as_str().unwrap_or("?"),
+                            u["protocol"].as_str().unwrap_or("?"),
+                            if u["up"].as_bool().unwrap_or(false) {
+                                "up"
+                            } else {
+                                "DOWN"
+                            },
+                            u["srtt_ms"].as_f64().unwrap_or(0.0)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    out.push_str(&format!("listen       {}\n", d["listen"]));
+    out.push_str(&format!(
+        "cluster      {} -> {}\n",
+        d["cluster_domain"],
+        list(&d["cluster_dns"])
+    ));
+    out.push_str(&format!("upstreams    {}\n", list(&d["upstreams"])));
+    out.push_str(&format!(
+        "cache        {} / {} entries\n",
+        d["cache"]["entries"], d["cache"]["capacity"]
+    ));
+    let q = &d["queries"];
+    out.push_str(&format!(
+        "queries      hit {}  stale {}  miss {}  coalesced {}  servfail {}  (in flight {})\n",
+        q["hit"], q["stale"], q["miss"], q["coalesced"], q["servfail"], d["inflight"]
+    ));
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_nameservers_are_read() {
+        let text = "# comment\nsearch svc.cluster.local\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nnameserver bogus\noptions ndots:5\n";
+        let ns = resolv_conf_nameservers(text);
+        assert_eq!(
+            ns,
+            vec![
+                IpAddr::from([10, 0, 0, 2]),
+                "fe80::1".parse::<IpAddr>().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn default_upstreams_skip_our_own_addresses() {
+        let mut config = Config::defaults();
+        config.dnslocal.listen = vec!["169.254.20.10:53".parse().unwrap()];
+        let resolv = "nameserver 169.254.20.10\nnameserver 192.0.2.53\nnameserver 192.0.2.53\n";
+        assert_eq!(
+            default_upstreams(&config, resolv),
+            vec!["192.0.2.53:53".parse().unwrap()]
+        );
+        config.cluster.nameservers = vec![IpAddr::from([198, 51, 100, 1])];
+        assert_eq!(
+            default_upstreams(&config, resolv),
+            vec!["198.51.100.1:53".parse().unwrap()]
+        );
+        config.dnslocal.upstreams = vec!["203.0.113.1:5353".parse().unwrap()];
+        assert_eq!(
+            default_upstreams(&config, resolv),
+            vec!["203.0.113.1:5353".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn details_render_as_text() {
+        let d = serde_json::json!({
+            "listen": ["169.254.20.10:53"], "cluster_domain": "cluster.local",
+            "cluster_dns": [{"addr": "10.96.0.10:53", "protocol": "tcp", "up": true, "srtt_ms": 1.0}],
+            "upstreams": [], "cache": {"entries": 3, "capacity": 10}, "queries": {"hit": 1}, "inflight": 0,
+        });
+        let text = render_details(&d);
+        assert!(text.contains("10.96.0.10:53 (tcp, up"), "{text}");
+        assert!(text.contains("3 / 10 entries"), "{text}");
+    }
 }

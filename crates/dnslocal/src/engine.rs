@@ -1,0 +1,374 @@
+//! The query engine: cache lookups on the hot path, and for misses, coalescing, the in-flight bound,
+//! routing to an upstream pool, serve-stale and prefetch.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::cache::{Cache, Hit};
+use crate::metrics::{Metrics, Outcome};
+use crate::upstream::Pool;
+use crate::wire::{self, Aging, Query, QueryError, Rcode, TtlPolicy};
+
+/// A miss gets SERVFAIL (or a stale answer) after this long, never a client timeout.
+pub const MISS_DEADLINE: Duration = Duration::from_millis(900);
+/// With a stale answer at hand, the upstream gets this long before the stale answer goes out.
+pub const STALE_WAIT: Duration = Duration::from_millis(400);
+/// RFC 8767: the TTL of a stale answer.
+pub const STALE_TTL: u32 = 30;
+/// Default bound on distinct questions resolved upstream at once.
+pub const MAX_INFLIGHT: usize = 2048;
+
+/// Where an answer goes.
+#[derive(Debug)]
+pub enum Reply {
+    Udp(Arc<UdpSocket>, SocketAddr),
+    Tcp(mpsc::Sender<Vec<u8>>),
+}
+
+impl Reply {
+    fn limit(&self, q: &Query) -> usize {
+        match self {
+            Reply::Udp(..) => q.udp_limit(),
+            Reply::Tcp(_) => usize::from(u16::MAX),
+        }
+    }
+
+    fn send(&self, bytes: Vec<u8>) {
+        match self {
+            Reply::Udp(socket, peer) => {
+                let _ = socket.send_to(&bytes, peer);
+            }
+            Reply::Tcp(tx) => {
+                let _ = tx.try_send(bytes);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Waiter {
+    buf: Vec<u8>,
+    q: Query,
+    reply: Reply,
+}
+
+#[derive(Debug, Default)]
+struct Flight {
+    waiters: Vec<Waiter>,
+    /// The upstream is slow or down and a stale answer went out: later askers get it at once.
+    stale_mode: bool,
+}
+
+/// Which pool serves which names.
+#[derive(Debug)]
+pub struct Routes {
+    /// Lower-cased wire-format zones that go to `cluster` (cluster domain, reverse zones).
+    pub cluster_zones: Vec<Vec<u8>>,
+    pub cluster: Option<Arc<Pool>>,
+    pub default: Arc<Pool>,
+}
+
+impl Routes {
+    pub fn pool_for(&self, qname: &[u8]) -> &Arc<Pool> {
+        match &self.cluster {
+            Some(pool) if self.cluster_zones.iter().any(|z| wire::in_zone(qname, z)) => pool,
+            _ => &self.default,
+        }
+    }
+}
+
+/// The engine shared by all listeners of one instance.
+#[derive(Debug)]
+pub struct Engine {
+    pub cache: Cache,
+    pub routes: Routes,
+    pub metrics: Metrics,
+    policy: TtlPolicy,
+    inflight: Mutex<HashMap<Box<[u8]>, Flight>>,
+    max_inflight: usize,
+    epoch: Instant,
+    runtime: tokio::runtime::Handle,
+}
+
+/// What a listener does after [`Engine::handle`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send `out` now.
+    Send,
+    /// The answer will be sent later (through the [`Reply`]).
+    Later,
+    /// Drop the packet.
+    Drop,
+}
+
+impl Engine {
+    pub fn new(
+        cache: Cache,
+        routes: Routes,
+        policy: TtlPolicy,
+        metrics: Metrics,
+        max_inflight: usize,
+        runtime: tokio::runtime::Handle,
+    ) -> Engine {
+        Engine {
+            cache,
+            routes,
+            metrics,
+            policy,
+            inflight: Mutex::default(),
+            max_inflight,
+            epoch: Instant::now(),
+            runtime,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Distinct questions in flight.
+    pub fn inflight(&self) -> usize {
+        self.inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Handles one client message `buf`. Cache hits and errors are rendered into `out` (send it);
+    /// misses are resolved in the background and answered through `reply()`.
+    pub fn handle(
+        self: &Arc<Self>,
+        buf: &[u8],
+        tcp: bool,
+        out: &mut Vec<u8>,
+        reply: impl FnOnce() -> Reply,
+    ) -> Action {
+        let q = match wire::parse_query(buf) {
+            Ok(q) => q,
+            Err(QueryError::Drop) => {
+                self.metrics.dropped.inc();
+                return Action::Drop;
+            }
+            Err(QueryError::Reply(rcode)) => {
+                wire::error_response(buf, None, rcode, false, out);
+                self.metrics.query(0, Outcome::Error);
+                return Action::Send;
+            }
+        };
+        let limit = if tcp {
+            usize::from(u16::MAX)
+        } else {
+            q.udp_limit()
+        };
+        let now = self.now_ms();
+        let hit = self.cache.get(&q.key, now, |answer, hit| match hit {
+            Hit::Fresh { age, prefetch } => {
+                wire::render(answer, buf, &q, Aging::By(age), limit, out);
+                Some(prefetch)
+            }
+            Hit::Stale => None,
+        });
+        match hit {
+            Some(Some(prefetch)) => {
+                self.metrics.query(q.qtype, Outcome::Hit);
+                if prefetch {
+                    self.metrics.prefetches.inc();
+                    self.start_flight(buf, q, None, false);
+                }
+                Action::Send
+            }
+            Some(None) => self.miss(buf, q, true, out, limit, reply),
+            None => self.miss(buf, q, false, out, limit, reply),
+        }
+    }
+
+    fn render_stale(&self, buf: &[u8], q: &Query, limit: usize, out: &mut Vec<u8>) -> bool {
+        let now = self.now_ms();
+        self.cache
+            .get(&q.key, now, |answer, _| {
+                wire::render(answer, buf, q, Aging::Stale(STALE_TTL), limit, out);
+            })
+            .is_some()
+    }
+
+    fn miss(
+        self: &Arc<Self>,
+        buf: &[u8],
+        q: Query,
+        has_stale: bool,
+        out: &mut Vec<u8>,
+        limit: usize,
+        reply: impl FnOnce() -> Reply,
+    ) -> Action {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(flight) = inflight.get_mut(q.key.as_slice()) {
+            if flight.stale_mode && has_stale && self.render_stale(buf, &q, limit, out) {
+                self.metrics.query(q.qtype, Outcome::Stale);
+                return Action::Send;
+            }
+            self.metrics.query(q.qtype, Outcome::Coalesced);
+            flight.waiters.push(Waiter {
+                buf: buf.to_vec(),
+                q,
+                reply: reply(),
+            });
+            return Action::Later;
+        }
+        if inflight.len() >= self.max_inflight {
+            drop(inflight);
+            self.metrics.shed.inc();
+            if has_stale && self.render_stale(buf, &q, limit, out) {
+                self.metrics.query(q.qtype, Outcome::Stale);
+            } else {
+                wire::error_response(buf, Some(&q), Rcode::ServFail, false, out);
+                self.metrics.query(q.qtype, Outcome::Servfail);
+            }
+            return Action::Send;
+        }
+        let answer_stale_now = has_stale && self.routes.pool_for(q.qname()).all_down();
+        drop(inflight);
+        if answer_stale_now && self.render_stale(buf, &q, limit, out) {
+            self.metrics.query(q.qtype, Outcome::Stale);
+            self.start_flight(buf, q, None, true);
+            return Action::Send;
+        }
+        let waiter = Waiter {
+            buf: buf.to_vec(),
+            q: q.clone(),
+            reply: reply(),
+        };
+        self.start_flight(buf, q, Some(waiter), false);
+        Action::Later
+    }
+
+    /// Registers a flight for `q` (unless one exists) and resolves it in the background.
+    fn start_flight(
+        self: &Arc<Self>,
+        buf: &[u8],
+        q: Query,
+        waiter: Option<Waiter>,
+        stale_mode: bool,
+    ) {
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(flight) = inflight.get_mut(q.key.as_slice()) {
+                flight.waiters.extend(waiter);
+                return;
+            }
+            inflight.insert(
+                q.key.clone().into_boxed_slice(),
+                Flight {
+                    waiters: waiter.into_iter().collect(),
+                    stale_mode,
+                },
+            );
+            self.metrics.inflight.set(inflight.len() as i64);
+        }
+        let mut msg = Vec::with_capacity(buf.len() + 11);
+        wire::upstream_query(buf, &q, 0, &mut msg);
+        let engine = self.clone();
+        self.runtime
+            .spawn(async move { engine.resolve(msg, q).await });
+    }
+
+    fn take_waiters(&self, key: &[u8], remove: bool) -> Vec<Waiter> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        let waiters = if remove {
+            inflight.remove(key).map(|f| f.waiters).unwrap_or_default()
+        } else {
+            inflight
+                .get_mut(key)
+                .map(|f| {
+                    f.stale_mode = true;
+                    std::mem::take(&mut f.waiters)
+                })
+                .unwrap_or_default()
+        };
+        self.metrics.inflight.set(inflight.len() as i64);
+        waiters
+    }
+
+    async fn resolve(self: Arc<Self>, msg: Vec<u8>, q: Query) {
+        let pool = self.routes.pool_for(q.qname()).clone();
+        let has_stale = self
+            .cache
+            .get(&q.key, self.now_ms(), |_, h| h == Hit::Stale)
+            .unwrap_or(false);
+        let deadline = Instant::now() + MISS_DEADLINE;
+        let exchange = pool.exchange(&msg, deadline, &self.metrics);
+        tokio::pin!(exchange);
+        let result = if has_stale {
+            tokio::select! {
+                r = &mut exchange => r,
+                () = tokio::time::sleep(STALE_WAIT) => {
+                    // Slow upstream: the stale answer goes out now, the refresh goes on.
+                    self.answer_stale(&q.key, self.take_waiters(&q.key, false));
+                    exchange.await
+                }
+            }
+        } else {
+            exchange.await
+        };
+        let answer = result.ok().and_then(|bytes| {
+            hickory_proto::op::Message::from_vec(&bytes).ok()?;
+            wire::analyse_answer(&bytes, &msg, &q, &self.policy).ok()
+        });
+        match answer {
+            Some(answer) if !(answer.rcode == Rcode::ServFail as u8 && has_stale) => {
+                self.cache.insert(&q.key, answer.clone(), self.now_ms());
+                let waiters = self.take_waiters(&q.key, true);
+                let mut out = Vec::new();
+                for w in waiters {
+                    wire::render(
+                        &answer,
+                        &w.buf,
+                        &w.q,
+                        Aging::By(0),
+                        w.reply.limit(&w.q),
+                        &mut out,
+                    );
+                    self.metrics.query(w.q.qtype, Outcome::Miss);
+                    w.reply.send(std::mem::take(&mut out));
+                }
+            }
+            _ => {
+                self.cache.refresh_failed(&q.key);
+                let waiters = self.take_waiters(&q.key, true);
+                self.answer_stale(&q.key, waiters);
+            }
+        }
+    }
+
+    /// Answers `waiters` from the stale entry of `key`, or with SERVFAIL when there is none.
+    fn answer_stale(&self, key: &[u8], waiters: Vec<Waiter>) {
+        let now = self.now_ms();
+        for w in waiters {
+            let limit = w.reply.limit(&w.q);
+            let mut out = Vec::new();
+            let stale = self
+                .cache
+                .get(key, now, |answer, _| {
+                    wire::render(
+                        answer,
+                        &w.buf,
+                        &w.q,
+                        Aging::Stale(STALE_TTL),
+                        limit,
+                        &mut out,
+                    );
+                })
+                .is_some();
+            if stale {
+                self.metrics.query(w.q.qtype, Outcome::Stale);
+            } else {
+                wire::error_response(&w.buf, Some(&w.q), Rcode::ServFail, false, &mut out);
+                self.metrics.query(w.q.qtype, Outcome::Servfail);
+            }
+            w.reply.send(out);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! dnslocal's Prometheus metrics (prefix `dnslocal_`). Hot-path counters are resolved once at start.
+
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// Query types counted on their own; everything else is `other`.
+pub const QTYPES: [(u16, &str); 6] = [
+    (1, "A"),
+    (28, "AAAA"),
+    (12, "PTR"),
+    (33, "SRV"),
+    (5, "CNAME"),
+    (0, "other"),
+];
+
+/// How a query was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// From the cache, fresh.
+    Hit = 0,
+    /// From the cache, expired (serve-stale).
+    Stale,
+    /// Forwarded upstream and answered.
+    Miss,
+    /// Joined an identical query already in flight.
+    Coalesced,
+    /// SERVFAIL from us (upstreams failed, or shed).
+    Servfail,
+    /// FORMERR/NOTIMP for a malformed or unsupported query.
+    Error,
+}
+
+const OUTCOMES: [&str; 6] = ["hit", "stale", "miss", "coalesced", "servfail", "error"];
+
+/// Every dnslocal metric. Clones share the values.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    queries: Vec<Vec<Counter>>,
+    pub cache_entries: Gauge,
+    pub inflight: Gauge,
+    pub prefetches: Counter,
+    pub shed: Counter,
+    pub dropped: Counter,
+    upstream_latency: Family<Labels, Histogram>,
+    upstream_errors: Family<Labels, Counter>,
+    upstream_up: Family<Labels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            queries: Vec::new(),
+            cache_entries: Gauge::default(),
+            inflight: Gauge::default(),
+            prefetches: Counter::default(),
+            shed: Counter::default(),
+            dropped: Counter::default(),
+            upstream_latency: Family::new_with_constructor(new_histogram),
+            upstream_errors: Family::default(),
+            upstream_up: Family::default(),
+        }
+    }
+}
+
+fn new_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    ])
+}
+
+fn upstream(label: &str) -> Labels {
+    vec![("upstream".to_owned(), label.to_owned())]
+}
+
+impl Metrics {
+    /// Registers everything under `registry` (give it the `dnslocal` sub-registry).
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let queries_family: Family<Labels, Counter> = Family::default();
+        let queries = QTYPES
+            .iter()
+            .map(|(_, t)| {
+                OUTCOMES
+                    .iter()
+                    .map(|o| {
+                        queries_family
+                            .get_or_create(&vec![
+                                ("type".to_owned(), (*t).to_owned()),
+                                ("result".to_owned(), (*o).to_owned()),
+                            ])
+                            .clone()
+                    })
+                    .collect()
+            })
+            .collect();
+        let m = Metrics {
+            queries,
+            ..Metrics::default()
+        };
+        registry.register(
+            "queries",
+            "Client queries by type and result (hit, stale, miss, coalesced, servfail, error)",
+            queries_family,
+        );
+        registry.register(
+            "cache_entries",
+            "Answers in the cache",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "inflight",
+            "Distinct questions being resolved upstream now",
+            m.inflight.clone(),
+        );
+        registry.register(
+            "prefetches",
+            "Popular answers refreshed before they expired",
+            m.prefetches.clone(),
+        );
+        registry.register(
+            "shed",
+            "Misses answered SERVFAIL (or stale) because too many were in flight",
+            m.shed.clone(),
+        );
+        registry.register(
+            "dropped",
+            "Packets dropped unanswered (too short, or responses)",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Upstream answer time",
+            m.upstream_latency.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream exchanges that failed, by kind (timeout, refused, io, busy)",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "upstream_up",
+            "1 while an upstream answers",
+            m.upstream_up.clone(),
+        );
+        m
+    }
+
+    /// Counts one query of `qtype` answered with `outcome`.
+    pub fn query(&self, qtype: u16, outcome: Outcome) {
+        let t = QTYPES
+            .iter()
+            .position(|(q, _)| *q == qtype)
+            .unwrap_or(QTYPES.len() - 1);
+        if let Some(c) = self
+            .queries
+            .get(t)
+            .and_then(|row| row.get(outcome as usize))
+        {
+            c.inc();
+        }
+    }
+
+    /// Total queries with `outcome`, over all types.
+    pub fn total(&self, outcome: Outcome) -> u64 {
+        self.queries
+            .iter()
+            .filter_map(|row| row.get(outcome as usize))
+            .map(Counter::get)
+            .sum()
+    }
+
+    pub fn upstream_latency(&self, label: &str, rtt: Duration) {
+        self.upstream_latency
+            .get_or_create(&upstream(label))
+            .observe(rtt.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, label: &str, kind: &str) {
+        let mut l = upstream(label);
+        l.push(("kind".to_owned(), kind.to_owned()));
+        self.upstream_errors.get_or_create(&l).inc();
+    }
+
+    pub fn upstream_up(&self, label: &str, up: bool) {
+        self.upstream_up
+            .get_or_create(&upstream(label))
+            .set(i64::from(up));
+    }
+}

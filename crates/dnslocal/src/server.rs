@@ -1,0 +1,229 @@
+//! The listeners: per listen address, one `SO_REUSEPORT` UDP socket per core, each read by its own thread
+//! (the hot path: receive, cache lookup, send, no task switch), and a TCP listener.
+//!
+//! Draining (restart and reload without lost queries): the kernel spreads datagrams over every socket of
+//! a `SO_REUSEPORT` group, so closing a socket loses what sits in its receive queue. A draining socket is
+//! first `connect`ed to its own address: Linux then no longer picks it for new datagrams (they go to the
+//! new instance's sockets) but keeps what is queued; the thread answers the queue until it stays empty,
+//! and only then closes the socket.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Action, Engine, Reply};
+
+/// How long a reading thread blocks before it checks for draining.
+const POLL: Duration = Duration::from_millis(100);
+/// A draining socket closes after its queue stayed empty this long.
+const QUIET: Duration = Duration::from_millis(50);
+const TCP_IDLE: Duration = Duration::from_secs(10);
+const MAX_TCP_CONNECTIONS: usize = 1024;
+
+fn reuseport_socket(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// The running listeners of one instance.
+#[derive(Debug)]
+pub struct Listeners {
+    threads: Vec<JoinHandle<()>>,
+    draining: Arc<AtomicBool>,
+    tcp_stop: CancellationToken,
+    tcp_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Listeners {
+    /// Binds UDP (`threads` sockets each) and TCP on every address in `addrs`.
+    pub fn bind(
+        addrs: &[SocketAddr],
+        threads: usize,
+        engine: &Arc<Engine>,
+    ) -> io::Result<Listeners> {
+        let draining = Arc::new(AtomicBool::new(false));
+        let tcp_stop = CancellationToken::new();
+        let mut sockets = Vec::new();
+        let mut tcp = Vec::new();
+        for &addr in addrs {
+            for _ in 0..threads.max(1) {
+                let s = reuseport_socket(addr, Type::DGRAM, Protocol::UDP)?;
+                s.set_recv_buffer_size(4 << 20).ok();
+                s.set_read_timeout(Some(POLL))?;
+                sockets.push((addr, UdpSocket::from(s)));
+            }
+            let l = reuseport_socket(addr, Type::STREAM, Protocol::TCP)?;
+            l.listen(1024)?;
+            l.set_nonblocking(true)?;
+            tcp.push(TcpListener::from_std(l.into())?);
+        }
+        let mut listeners = Listeners {
+            threads: Vec::new(),
+            draining: draining.clone(),
+            tcp_stop: tcp_stop.clone(),
+            tcp_tasks: Vec::new(),
+        };
+        for (i, (addr, socket)) in sockets.into_iter().enumerate() {
+            let engine = engine.clone();
+            let draining = draining.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("dnslocal-udp{i}"))
+                .spawn(move || udp_loop(&Arc::new(socket), addr, &engine, &draining))?;
+            listeners.threads.push(thread);
+        }
+        for listener in tcp {
+            let task = tokio::spawn(tcp_accept(listener, engine.clone(), tcp_stop.clone()));
+            listeners.tcp_tasks.push(task);
+        }
+        Ok(listeners)
+    }
+
+    /// Stops taking new queries, answers what was queued, and returns when every socket is closed.
+    pub async fn drain(self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.tcp_stop.cancel();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        for t in self.tcp_tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn udp_loop(
+    socket: &Arc<UdpSocket>,
+    addr: SocketAddr,
+    engine: &Arc<Engine>,
+    draining: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(4096);
+    let mut detached = false;
+    loop {
+        if !detached && draining.load(Ordering::Relaxed) {
+            // Leave the reuseport group for new datagrams; keep the queue.
+            let own = socket.local_addr().unwrap_or(addr);
+            if let Err(error) = socket.connect(own) {
+                tracing::warn!(%error, %addr, "cannot detach the socket for draining; closing it");
+                return;
+            }
+            let _ = socket.set_read_timeout(Some(QUIET));
+            detached = true;
+        }
+        match socket.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                let action = engine.handle(&buf[..n], false, &mut out, || {
+                    Reply::Udp(socket.clone(), peer)
+                });
+                if action == Action::Send {
+                    let _ = socket.send_to(&out, peer);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if detached {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, %addr, "udp receive failed");
+                if detached {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn tcp_accept(listener: TcpListener, engine: Arc<Engine>, stop: CancellationToken) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                    continue; // over the bound: the connection is closed
+                };
+                let engine = engine.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    tcp_connection(stream, engine, stop).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                tracing::debug!(%error, "tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn tcp_connection(stream: TcpStream, engine: Arc<Engine>, stop: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let mut frame = Vec::with_capacity(msg.len() + 2);
+            frame.extend_from_slice(&(msg.len().min(65535) as u16).to_be_bytes());
+            frame.extend_from_slice(&msg);
+            if wr.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    loop {
+        let mut len = [0u8; 2];
+        let read = tokio::select! {
+            () = stop.cancelled() => break,
+            r = tokio::time::timeout(TCP_IDLE, rd.read_exact(&mut len)) => r,
+        };
+        if !matches!(read, Ok(Ok(_))) {
+            break;
+        }
+        let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE, rd.read_exact(&mut msg)).await,
+            Ok(Ok(_))
+        ) {
+            break;
+        }
+        if engine.handle(&msg, true, &mut out, || Reply::Tcp(tx.clone())) == Action::Send
+            && tx.send(std::mem::take(&mut out)).await.is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    // Answers still in flight hold their own sender; the writer ends when the last one is sent.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}

@@ -1,0 +1,422 @@
+//! Upstream servers: one connected UDP socket per upstream with ID demultiplexing (one conntrack entry, not
+//! one per query), persistent pipelined TCP (for the cluster DNS, and for answers truncated over UDP),
+//! health (consecutive failures, smoothed RTT) and failover across a pool.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::wire;
+
+/// Consecutive failures after which an upstream counts as down (it is still tried, last).
+pub const FALL: u32 = 2;
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const TCP_IDLE: Duration = Duration::from_secs(30);
+const MAX_PENDING: usize = 4096;
+
+/// Why an exchange failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    Timeout,
+    Refused,
+    Io,
+    Busy,
+}
+
+impl Failure {
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Refused => "refused",
+            Failure::Io => "io",
+            Failure::Busy => "busy",
+        }
+    }
+}
+
+type AnswerTx = oneshot::Sender<Result<Vec<u8>, Failure>>;
+type AnswerRx = oneshot::Receiver<Result<Vec<u8>, Failure>>;
+type Pending = Arc<Mutex<HashMap<u16, AnswerTx>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Registers a pending exchange under a fresh random ID; removes it again on drop.
+struct Slot {
+    pending: Pending,
+    id: u16,
+}
+
+impl Slot {
+    fn new(pending: &Pending) -> Result<(Slot, AnswerRx), Failure> {
+        let mut map = lock(pending);
+        if map.len() >= MAX_PENDING {
+            return Err(Failure::Busy);
+        }
+        let mut id = fastrand::u16(..);
+        while map.contains_key(&id) {
+            id = fastrand::u16(..);
+        }
+        let (tx, rx) = oneshot::channel();
+        map.insert(id, tx);
+        Ok((
+            Slot {
+                pending: pending.clone(),
+                id,
+            },
+            rx,
+        ))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.pending).remove(&self.id);
+    }
+}
+
+fn fail_all(pending: &Pending, failure: Failure) {
+    for (_, tx) in lock(pending).drain() {
+        let _ = tx.send(Err(failure));
+    }
+}
+
+async fn wait(rx: oneshot::Receiver<Result<Vec<u8>, Failure>>) -> Result<Vec<u8>, Failure> {
+    rx.await.unwrap_or(Err(Failure::Io))
+}
+
+/// A connected UDP socket to one upstream and the task reading its answers.
+#[derive(Debug)]
+struct UdpClient {
+    socket: Arc<UdpSocket>,
+    pending: Pending,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for UdpClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl UdpClient {
+    async fn connect(addr: SocketAddr) -> io::Result<UdpClient> {
+        let local: SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        let socket = Arc::new(UdpSocket::bind(local).await?);
+        socket.connect(addr).await?;
+        let pending: Pending = Arc::default();
+        let reader = tokio::spawn(udp_reader(socket.clone(), pending.clone()));
+        Ok(UdpClient {
+            socket,
+            pending,
+            reader,
+        })
+    }
+
+    async fn exchange(&self, msg: &mut [u8]) -> Result<Vec<u8>, Failure> {
+        let (slot, rx) = Slot::new(&self.pending)?;
+        msg[..2].copy_from_slice(&slot.id.to_be_bytes());
+        self.socket.send(msg).await.map_err(|e| io_failure(&e))?;
+        wait(rx).await
+    }
+}
+
+fn io_failure(e: &io::Error) -> Failure {
+    if e.kind() == io::ErrorKind::ConnectionRefused {
+        Failure::Refused
+    } else {
+        Failure::Io
+    }
+}
+
+async fn udp_reader(socket: Arc<UdpSocket>, pending: Pending) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        match socket.recv(&mut buf).await {
+            Ok(n) => {
+                let msg = &buf[..n];
+                let Some(id) = wire::id_of(msg) else { continue };
+                if let Some(tx) = lock(&pending).remove(&id) {
+                    let _ = tx.send(Ok(msg.to_vec()));
+                }
+            }
+            // ICMP port unreachable: the upstream is not there; fail what waits on it at once.
+            Err(e) => {
+                fail_all(&pending, io_failure(&e));
+                if e.kind() != io::ErrorKind::ConnectionRefused {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A persistent, pipelined TCP connection to one upstream, (re)opened on demand.
+#[derive(Debug)]
+struct TcpClient {
+    addr: SocketAddr,
+    tx: Mutex<Option<mpsc::Sender<TcpRequest>>>,
+}
+
+impl TcpClient {
+    fn new(addr: SocketAddr) -> TcpClient {
+        TcpClient {
+            addr,
+            tx: Mutex::new(None),
+        }
+    }
+
+    async fn exchange(&self, msg: &[u8]) -> Result<Vec<u8>, Failure> {
+        let (reply, rx) = oneshot::channel();
+        let tx = {
+            let mut guard = lock(&self.tx);
+            match guard.as_ref().filter(|tx| !tx.is_closed()) {
+                Some(tx) => tx.clone(),
+                None => {
+                    let (tx, rx) = mpsc::channel(1024);
+                    tokio::spawn(tcp_connection(self.addr, rx));
+                    *guard = Some(tx.clone());
+                    tx
+                }
+            }
+        };
+        tx.try_send((msg.to_vec(), reply))
+            .map_err(|_| Failure::Busy)?;
+        wait(rx).await
+    }
+}
+
+type TcpRequest = (Vec<u8>, AnswerTx);
+
+async fn tcp_connection(addr: SocketAddr, mut rx: mpsc::Receiver<TcpRequest>) {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return refuse_all(&mut rx, io_failure(&e)),
+        Err(_) => return refuse_all(&mut rx, Failure::Timeout),
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let pending: Pending = Arc::default();
+    let mut reader = tokio::spawn({
+        let pending = pending.clone();
+        async move {
+            loop {
+                let mut len = [0u8; 2];
+                if rd.read_exact(&mut len).await.is_err() {
+                    break;
+                }
+                let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if rd.read_exact(&mut msg).await.is_err() {
+                    break;
+                }
+                let Some(id) = wire::id_of(&msg) else {
+                    continue;
+                };
+                if let Some(tx) = lock(&pending).remove(&id) {
+                    let _ = tx.send(Ok(msg));
+                }
+            }
+            fail_all(&pending, Failure::Io);
+        }
+    });
+    loop {
+        let request = tokio::select! {
+            _ = &mut reader => break,
+            r = tokio::time::timeout(TCP_IDLE, rx.recv()) => match r {
+                Ok(Some(r)) => r,
+                Ok(None) | Err(_) => break,
+            },
+        };
+        let (mut msg, mut reply) = request;
+        if msg.len() < 2 || msg.len() > usize::from(u16::MAX) {
+            let _ = reply.send(Err(Failure::Io));
+            continue;
+        }
+        let Ok((slot, answer)) = Slot::new(&pending) else {
+            let _ = reply.send(Err(Failure::Busy));
+            continue;
+        };
+        msg[..2].copy_from_slice(&slot.id.to_be_bytes());
+        let mut frame = (msg.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(&msg);
+        // The slot lives until the answer comes or the caller gives up.
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                r = wait(answer) => { let _ = reply.send(r); }
+                () = reply.closed() => {}
+            }
+        });
+        if wr.write_all(&frame).await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
+    fail_all(&pending, Failure::Io);
+    refuse_all(&mut rx, Failure::Io);
+}
+
+fn refuse_all(rx: &mut mpsc::Receiver<TcpRequest>, failure: Failure) {
+    rx.close();
+    while let Ok((_, reply)) = rx.try_recv() {
+        let _ = reply.send(Err(failure));
+    }
+}
+
+/// One upstream server and its health.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    udp: Option<UdpClient>,
+    tcp: TcpClient,
+    fails: AtomicU32,
+    srtt_us: AtomicU32,
+    label: String,
+}
+
+impl Upstream {
+    /// `tcp_only`: always TCP (the cluster DNS); otherwise UDP with TCP retry on truncation.
+    pub async fn new(addr: SocketAddr, tcp_only: bool) -> io::Result<Upstream> {
+        let udp = if tcp_only {
+            None
+        } else {
+            Some(UdpClient::connect(addr).await?)
+        };
+        Ok(Upstream {
+            addr,
+            udp,
+            tcp: TcpClient::new(addr),
+            fails: AtomicU32::new(0),
+            srtt_us: AtomicU32::new(0),
+            label: addr.to_string(),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.fails.load(Ordering::Relaxed) < FALL
+    }
+
+    pub fn srtt(&self) -> Duration {
+        Duration::from_micros(u64::from(self.srtt_us.load(Ordering::Relaxed)))
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        if self.udp.is_some() { "udp" } else { "tcp" }
+    }
+
+    async fn exchange(&self, msg: &mut [u8]) -> Result<Vec<u8>, Failure> {
+        let answer = match &self.udp {
+            Some(udp) => udp.exchange(msg).await?,
+            None => return self.tcp.exchange(msg).await,
+        };
+        if answer.get(2).is_some_and(|b| b & 0x02 != 0) {
+            return self.tcp.exchange(msg).await;
+        }
+        Ok(answer)
+    }
+
+    fn record(&self, result: Result<Duration, Failure>, metrics: &Metrics) {
+        match result {
+            Ok(rtt) => {
+                let was_down = !self.is_up();
+                self.fails.store(0, Ordering::Relaxed);
+                let us = u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX);
+                let old = self.srtt_us.load(Ordering::Relaxed);
+                let new = if old == 0 { us } else { (old / 8) * 7 + us / 8 };
+                self.srtt_us.store(new, Ordering::Relaxed);
+                metrics.upstream_latency(&self.label, rtt);
+                if was_down {
+                    tracing::info!(upstream = %self.addr, "upstream is answering again");
+                    metrics.upstream_up(&self.label, true);
+                }
+            }
+            Err(failure) => {
+                metrics.upstream_error(&self.label, failure.label());
+                if self.fails.fetch_add(1, Ordering::Relaxed) + 1 == FALL {
+                    tracing::warn!(upstream = %self.addr, ?failure, "upstream is down");
+                    metrics.upstream_up(&self.label, false);
+                }
+            }
+        }
+    }
+}
+
+/// The upstreams of one zone.
+#[derive(Debug)]
+pub struct Pool {
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Pool {
+    /// Whether every upstream is down (then a stale answer is served without waiting).
+    pub fn all_down(&self) -> bool {
+        self.upstreams.iter().all(|u| !u.is_up())
+    }
+
+    /// Try order: up before down, then by smoothed RTT (ties keep configuration order).
+    fn order(&self) -> Vec<Arc<Upstream>> {
+        let mut order = self.upstreams.clone();
+        order.sort_by_key(|u| (!u.is_up(), u.srtt() / 2));
+        order
+    }
+
+    /// Sends `msg` (any ID) to the upstreams in turn until one answers usefully or `deadline` passes.
+    /// An answer with a failure rcode is returned only if nothing better came.
+    pub async fn exchange(
+        &self,
+        msg: &[u8],
+        deadline: Instant,
+        metrics: &Metrics,
+    ) -> Result<Vec<u8>, Failure> {
+        let order = self.order();
+        let mut last = Err(Failure::Timeout);
+        for (i, upstream) in order.iter().enumerate() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let left = u32::try_from(order.len() - i).unwrap_or(1);
+            let budget = (deadline - now) / left;
+            let mut m = msg.to_vec();
+            let started = Instant::now();
+            let result = match tokio::time::timeout(budget, upstream.exchange(&mut m)).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Timeout),
+            };
+            match result {
+                Ok(answer) => match wire::rcode_of(&answer) {
+                    1 | 2 | 4 | 5 => {
+                        // It answered (healthy), but another upstream may do better.
+                        upstream.record(Ok(started.elapsed()), metrics);
+                        last = Ok(answer);
+                    }
+                    _ => {
+                        upstream.record(Ok(started.elapsed()), metrics);
+                        return Ok(answer);
+                    }
+                },
+                Err(failure) => {
+                    upstream.record(Err(failure), metrics);
+                    if last.is_err() {
+                        last = Err(failure);
+                    }
+                }
+            }
+        }
+        last
+    }
+}
