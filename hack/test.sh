@@ -27,6 +27,8 @@ need() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
 need ip iproute2
 need readelf binutils
 need musl-gcc musl-tools
+need nsd nsd             # dnslocal tests: the upstream and cluster DNS (a real zone server)
+need dig bind9-dnsutils  # dnslocal tests: a real client (glibc getent is the other)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   step "installing ${need_pkgs[*]}"
   if [ "$(id -u)" -ne 0 ]; then

@@ -24,6 +24,7 @@
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
 mod config;
+pub mod dnslocal;
 mod daemon;
 mod fs;
 mod http;

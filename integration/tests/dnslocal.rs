@@ -1,0 +1,371 @@
+//! dnslocal against real peers, as root, each test in its own network namespace: NSD as the upstream and
+//! the cluster DNS, `dig` and glibc's resolver (`getent`) as clients.
+//!
+//! Run: `cargo build --release -p hybridnet-dnslocal && sudo -E cargo test -p hybridnet-integration --test dnslocal`.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use hybridnet_integration::dnslocal::{
+    CountingUpstream, LISTEN, Load, NSD_ADDR, NetnsResolvConf, Nsd, dig_in, query_bytes,
+    require_tools, spawn_in, write_config,
+};
+use hybridnet_integration::{Daemon, DaemonKind, Netns, TestDir, wait_until};
+use nix::sys::signal::Signal;
+
+const READY: Duration = Duration::from_secs(10);
+
+struct Setup {
+    // Drop order: daemon, nsd, then the namespace.
+    daemon: Daemon,
+    nsd: Nsd,
+    dir: TestDir,
+    ns: Netns,
+}
+
+fn setup(label: &str, max_ttl: &str) -> Setup {
+    require_tools(&["nsd", "dig", "getent"]);
+    let ns = Netns::new();
+    let dir = TestDir::new(label);
+    let nsd = Nsd::start(&ns, &dir, 0);
+    let upstream = format!("{NSD_ADDR}:53");
+    let config = write_config(&dir, "dnslocal", "127.0.0.1:7448", &[&upstream], max_ttl);
+    let mut daemon = Daemon::builder(DaemonKind::Dnslocal, &ns, config).start();
+    daemon
+        .wait_ready(READY)
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    Setup {
+        daemon,
+        nsd,
+        dir,
+        ns,
+    }
+}
+
+impl Setup {
+    fn dig(&self, args: &[&str]) -> hybridnet_integration::dnslocal::Dig {
+        dig_in(self.ns.name(), LISTEN, args)
+    }
+}
+
+#[test]
+fn answers_caches_and_routes() {
+    let s = setup("dl-basic", "1h");
+    // The client's case comes back; the answer is cached (the second one has an aged or equal TTL).
+    let first = s.dig(&["WwW.ExAmPlE.tEsT"]);
+    assert_eq!(first.status, "NOERROR", "{}", first.text);
+    assert_eq!(first.data(), vec!["192.0.2.80"]);
+    assert!(
+        first.answers[0].starts_with("WwW.ExAmPlE.tEsT."),
+        "{}",
+        first.text
+    );
+    assert!(first.flags.contains(&"ra".to_owned()), "{}", first.text);
+
+    // The cluster zone and reverse zones go to the cluster DNS (over TCP).
+    let k8s = s.dig(&["kubernetes.default.svc.cluster.local"]);
+    assert_eq!(k8s.data(), vec!["10.96.0.1"], "{}", k8s.text);
+    let ptr = s.dig(&["-x", "192.0.2.80"]);
+    assert_eq!(ptr.data(), vec!["www.example.test."], "{}", ptr.text);
+
+    // NXDOMAIN and NODATA, then the same with the upstream hung: answered from the cache, at once.
+    let nx = s.dig(&["nope.example.test"]);
+    assert_eq!(nx.status, "NXDOMAIN", "{}", nx.text);
+    assert!(nx.text.contains("SOA"), "{}", nx.text);
+    let nodata = s.dig(&["www.example.test", "MX"]);
+    assert_eq!(
+        (nodata.status.as_str(), nodata.answers.len()),
+        ("NOERROR", 0),
+        "{}",
+        nodata.text
+    );
+    s.nsd.pause(true);
+    for (args, status) in [
+        (vec!["nope.example.test"], "NXDOMAIN"),
+        (vec!["www.example.test", "MX"], "NOERROR"),
+        (vec!["www.example.test"], "NOERROR"),
+        (vec!["kubernetes.default.svc.cluster.local"], "NOERROR"),
+    ] {
+        let d = s.dig(&args);
+        assert_eq!(d.status, status, "{args:?} from the cache: {}", d.text);
+        assert!(
+            d.elapsed < Duration::from_millis(500),
+            "{args:?} took {:?}",
+            d.elapsed
+        );
+    }
+    s.nsd.pause(false);
+
+    // Metrics and status.
+    let m = s.daemon.metrics().unwrap();
+    let hits: f64 = m
+        .series("dnslocal_queries_total")
+        .filter(|(l, _)| l.contains("result=\"hit\""))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(hits >= 4.0, "hits {hits}:\n{}", m.0);
+    let status = wait_until(Duration::from_secs(10), "status shows the cache", || {
+        let out = DaemonKind::Dnslocal.cli(
+            &[
+                "status",
+                "--state-dir",
+                s.dir.join("dnslocal-state").to_str().unwrap(),
+            ],
+            Duration::from_secs(5),
+        );
+        if out.stdout.contains("upstreams") && out.stdout.contains("hit ") {
+            Ok(out.stdout)
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
+        }
+    })
+    .unwrap();
+    assert!(status.contains("127.0.0.11:53 (udp, up"), "{status}");
+
+    // On SIGTERM it stops and removes the link it created.
+    let Setup {
+        mut daemon,
+        ns,
+        nsd,
+        dir,
+    } = s;
+    daemon.signal(Signal::SIGTERM).unwrap();
+    let exit = daemon.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(exit.success(), "{exit}\n{}", daemon.log());
+    let link = ns.exec(&["ip", "link", "show", "dnslocal0"]);
+    assert!(!link.status.success(), "the link is still there");
+    drop((daemon, nsd, dir, ns));
+}
+
+#[test]
+fn truncation_and_tcp() {
+    let s = setup("dl-tc", "1h");
+    // 8 × 200-byte TXT: more than the 1232 bytes dnslocal asks upstream for, so it retries over TCP.
+    let big = s.dig(&["big.example.test", "TXT", "+bufsize=4096"]);
+    assert_eq!(big.answers.len(), 8, "{}", big.text);
+    assert!(!big.flags.contains(&"tc".to_owned()), "{}", big.text);
+    // A client without EDNS gets TC and no records over UDP...
+    let tc = s.dig(&["big.example.test", "TXT", "+noedns", "+ignore"]);
+    assert!(tc.flags.contains(&"tc".to_owned()), "{}", tc.text);
+    assert!(tc.answers.is_empty(), "{}", tc.text);
+    // ... and everything over TCP (dig retries by itself without +ignore).
+    let retried = s.dig(&["big.example.test", "TXT", "+noedns"]);
+    assert_eq!(retried.answers.len(), 8, "{}", retried.text);
+    let tcp = s.dig(&["www.example.test", "+tcp"]);
+    assert_eq!(tcp.data(), vec!["192.0.2.80"], "{}", tcp.text);
+}
+
+#[test]
+fn glibc_search_path_expansion() {
+    let s = setup("dl-glibc", "1h");
+    let _resolv = NetnsResolvConf::write(
+        &s.ns,
+        &format!(
+            "nameserver {LISTEN}\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+        ),
+    );
+    for (name, want) in [
+        ("kubernetes", "10.96.0.1"),
+        ("kube-dns.kube-system", "10.96.0.10"),
+        ("www.example.test", "192.0.2.80"),
+    ] {
+        let started = Instant::now();
+        let out = s.ns.exec(&["getent", "ahosts", name]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(want),
+            "getent ahosts {name}: {text}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{name} took {:?}",
+            started.elapsed()
+        );
+    }
+    let out = s.ns.exec(&["getent", "ahosts", "nothing-here"]);
+    assert_eq!(out.status.code(), Some(2), "a name that exists nowhere");
+}
+
+#[test]
+fn upstream_hung_dead_and_back() {
+    // maxTTL 1s: answers expire fast, so what follows is served stale.
+    let mut s = setup("dl-stale", "1s");
+    for name in ["www.example.test", "kubernetes.default.svc.cluster.local"] {
+        assert_eq!(s.dig(&[name]).status, "NOERROR");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Hung upstream (SIGSTOP: no answers, no errors).
+    s.nsd.pause(true);
+    for name in ["www.example.test", "kubernetes.default.svc.cluster.local"] {
+        let d = s.dig(&[name]);
+        assert_eq!(d.status, "NOERROR", "{name} stale: {}", d.text);
+        assert_eq!(d.ttls(), vec![30], "stale TTL: {}", d.text);
+        assert!(
+            d.elapsed < Duration::from_secs(1),
+            "{name} took {:?}",
+            d.elapsed
+        );
+    }
+    let d = s.dig(&["uncached.example.test"]);
+    assert_eq!(d.status, "SERVFAIL", "{}", d.text);
+    assert!(
+        d.elapsed < Duration::from_millis(1250),
+        "SERVFAIL took {:?}",
+        d.elapsed
+    );
+
+    // Dead upstream (killed: ICMP port unreachable, connection refused).
+    s.nsd.kill();
+    let d = s.dig(&["www.example.test"]);
+    assert_eq!(
+        (d.status.as_str(), d.ttls()),
+        ("NOERROR", vec![30]),
+        "{}",
+        d.text
+    );
+    let d = s.dig(&["kubernetes.default.svc.cluster.local"]);
+    assert_eq!(
+        (d.status.as_str(), d.ttls()),
+        ("NOERROR", vec![30]),
+        "{}",
+        d.text
+    );
+    let d = s.dig(&["other.example.test"]);
+    assert_eq!(d.status, "SERVFAIL", "{}", d.text);
+    assert!(
+        d.elapsed < Duration::from_millis(1250),
+        "SERVFAIL took {:?}",
+        d.elapsed
+    );
+
+    // Back, with new data: fresh answers within a second.
+    s.nsd.restart(1);
+    let back = Instant::now();
+    let fresh = wait_until(Duration::from_secs(1), "a fresh answer", || {
+        let d = s.dig(&["www.example.test"]);
+        if d.data() == vec!["192.0.2.81"] {
+            Ok(d)
+        } else {
+            Err(d.text)
+        }
+    })
+    .unwrap();
+    assert!(
+        back.elapsed() < Duration::from_millis(1200),
+        "fresh after {:?}",
+        back.elapsed()
+    );
+    assert_ne!(fresh.ttls(), vec![30]);
+    let d = s.dig(&["uncached.example.test"]);
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.text);
+}
+
+#[test]
+fn concurrent_identical_misses_are_one_upstream_query() {
+    require_tools(&["dig"]);
+    let ns = Netns::new();
+    let dir = TestDir::new("dl-coalesce");
+    let upstream: SocketAddr = "127.0.0.12:53".parse().unwrap();
+    let standin = CountingUpstream::start(ns.name(), upstream, Duration::from_millis(300));
+    let config = write_config(&dir, "dnslocal", "127.0.0.1:7448", &["127.0.0.12:53"], "1h");
+    let mut daemon = Daemon::builder(DaemonKind::Dnslocal, &ns, config).start();
+    daemon
+        .wait_ready(READY)
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+
+    let server: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let barrier = Arc::new(Barrier::new(100));
+    let clients: Vec<_> = (0..100u16)
+        .map(|i| {
+            let barrier = barrier.clone();
+            spawn_in(ns.name(), move || {
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .unwrap();
+                barrier.wait();
+                socket
+                    .send_to(&query_bytes("same.example.test", i), server)
+                    .unwrap();
+                let mut buf = [0u8; 512];
+                let (n, _) = socket.recv_from(&mut buf).expect("an answer");
+                (buf[..2] == i.to_be_bytes() && n > 12 && buf[3] & 0x0F == 0 && buf[7] == 1)
+                    .then_some(())
+                    .ok_or(format!("bad answer {:?}", &buf[..n]))
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap().unwrap();
+    }
+    assert_eq!(
+        standin.count(),
+        1,
+        "upstream queries for 100 identical misses"
+    );
+    let m = daemon.metrics().unwrap();
+    let coalesced: f64 = m
+        .series("dnslocal_queries_total")
+        .filter(|(l, _)| l.contains("result=\"coalesced\""))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(coalesced, 99.0, "{}", m.0);
+}
+
+#[test]
+fn restart_under_load_loses_nothing() {
+    let s = setup("dl-restart", "1h");
+    let names: Vec<String> = [
+        "www.example.test",
+        "kubernetes.default.svc.cluster.local",
+        "nope.example.test",
+        "kube-dns.kube-system.svc.cluster.local",
+    ]
+    .iter()
+    .map(|n| (*n).to_owned())
+    .collect();
+    let server: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let load = Load::start(s.ns.name(), server, names, 4, Duration::from_millis(2));
+    std::thread::sleep(Duration::from_millis(800));
+
+    // The new instance starts beside the old one (SO_REUSEPORT on DNS and admin ports)...
+    let config = write_config(
+        &s.dir,
+        "dnslocal-new",
+        "127.0.0.1:7449",
+        &[&format!("{NSD_ADDR}:53")],
+        "1h",
+    );
+    let mut new = Daemon::builder(DaemonKind::Dnslocal, &s.ns, config)
+        .admin("127.0.0.1:7449".parse().unwrap())
+        .log_file(s.dir.join("dnslocal-new.log"))
+        .start();
+    new.wait_ready(READY)
+        .unwrap_or_else(|e| panic!("{e}\n{}", new.log()));
+    std::thread::sleep(Duration::from_millis(500));
+    // ... then the old one drains and exits.
+    let Setup {
+        mut daemon,
+        nsd,
+        dir,
+        ns,
+    } = s;
+    daemon.signal(Signal::SIGTERM).unwrap();
+    let exit = daemon.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(exit.success(), "{exit}\n{}", daemon.log());
+    std::thread::sleep(Duration::from_millis(800));
+    let report = load.stop();
+    assert!(report.sent > 1000, "too little load: {report:?}");
+    assert_eq!(
+        report.lost, 0,
+        "lost queries across the restart: {report:?}"
+    );
+    // The new instance took over and still has its listen address.
+    let d = dig_in(ns.name(), LISTEN, &["www.example.test"]);
+    assert_eq!(d.data(), vec!["192.0.2.80"], "{}", d.text);
+    eprintln!("restart under load: {report:?}");
+    drop((new, daemon, nsd, dir, ns));
+}
