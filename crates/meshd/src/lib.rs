@@ -1,11 +1,53 @@
-//! meshd: a WireGuard mesh between Kubernetes nodes.
+//! meshd: a WireGuard mesh between Kubernetes nodes that recovers from a dead path in seconds, on kernel or
+//! userspace WireGuard.
 //!
-//! Until its data plane lands (issue "meshd core"), `run` follows the config and reports what it would serve.
+//! - [`identity`]: the key pair in `dataDir` and the mesh address (ULA /64 from the cluster ID, interface ID
+//!   from the public key);
+//! - [`wg`]: the device model, the pure desired-vs-actual [`wg::diff`], and the two backends (kernel
+//!   netlink, embedded boringtun on a TUN device) configured by the same reconcile code;
+//! - [`probe`] and [`peer`]: the authenticated probe protocol and the pure per-peer state machine (parallel
+//!   probing of every candidate, RTT ranking, failover in about 1.5 s);
+//! - [`net`]: addresses, routes, rules over rtnetlink (own table, rule priority and fwmark bit);
+//! - [`mesh`]: the running mesh that ties them together; [`status`]: `status.json` details and
+//!   `members.json`; [`cache`]: the last known peers in `dataDir`.
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
+pub mod cache;
+pub mod identity;
+pub mod mesh;
+pub mod metrics;
+pub mod net;
+pub mod peer;
+pub mod probe;
+pub mod status;
+pub mod wg;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use hybridnet_config::Config;
 use hybridnet_runtime::{Context, Daemon};
+use hybridnet_state::{MEMBERS, Members, StateDir};
+
+use crate::mesh::Mesh;
+
+/// meshd's errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("private key {path}: {reason}")]
+    Key {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("WireGuard backend: {0}")]
+    Backend(String),
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("{0}")]
+    Io(String),
+}
 
 /// The meshd daemon.
 #[derive(Debug)]
@@ -13,18 +55,133 @@ pub struct Meshd;
 
 impl Daemon for Meshd {
     const KIND: hybridnet_config::Daemon = hybridnet_config::Daemon::Meshd;
-    type Error = std::convert::Infallible;
+    type Error = Error;
 
-    async fn run(ctx: Context) -> Result<(), Self::Error> {
-        hybridnet_runtime::idle::run(ctx, plan).await
+    async fn run(ctx: Context) -> Result<(), Error> {
+        run(ctx).await
+    }
+
+    fn render_details(details: &serde_json::Value) -> String {
+        status::render(details)
     }
 }
 
-/// What meshd would do with `config`.
-pub fn plan(config: &Config) -> (String, serde_json::Value) {
-    let c = &config.meshd;
-    (
-        "idle: the mesh is not implemented yet".to_owned(),
-        serde_json::json!({ "admin": c.admin.to_string() }),
-    )
+/// How often status, metrics, members and the cache are refreshed.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// How long to wait before retrying a mesh that failed to start.
+const RETRY_START: Duration = Duration::from_secs(2);
+
+async fn run(mut ctx: Context) -> Result<(), Error> {
+    let metrics = metrics::Metrics::register(&ctx.metrics);
+    let mut mesh: Option<Mesh> = None;
+    let mut members_written: Option<(Members, Instant)> = None;
+    let mut underlay: (Vec<std::net::IpAddr>, Option<Instant>) = (Vec::new(), None);
+    let mut next_report = Instant::now();
+    let mut next_start = Instant::now();
+    loop {
+        let now = Instant::now();
+        if mesh.is_none() && now >= next_start {
+            let cfg: Arc<Config> = ctx.config.borrow_and_update().clone();
+            match Mesh::start(cfg, metrics.clone()).await {
+                Ok(m) => mesh = Some(m),
+                Err(error) => {
+                    tracing::error!(%error, "cannot start the mesh; retrying");
+                    ctx.status.set(
+                        format!("error: {error}"),
+                        serde_json::json!({ "error": error.to_string() }),
+                    );
+                    next_start = now + RETRY_START;
+                }
+            }
+        }
+        let wake = mesh
+            .as_ref()
+            .map_or(next_start, Mesh::next_wakeup)
+            .min(next_report);
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => break,
+            changed = ctx.config.changed() => {
+                if changed.is_err() { break; }
+                let cfg: Arc<Config> = ctx.config.borrow_and_update().clone();
+                if let Some(m) = mesh.as_mut() {
+                    if m.compatible(&cfg) {
+                        if let Err(error) = m.update_config(cfg).await {
+                            tracing::warn!(%error, "applying the new config failed");
+                        }
+                    } else if let Some(old) = mesh.take() {
+                        tracing::info!("device settings changed: rebuilding the mesh");
+                        old.shutdown().await;
+                        next_start = Instant::now();
+                    }
+                }
+            }
+            result = async { match mesh.as_mut() { Some(m) => m.recv().await, None => std::future::pending().await } } => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "probe socket");
+                }
+            }
+            () = tokio::time::sleep_until(wake.into()) => {}
+        }
+        let Some(m) = mesh.as_mut() else { continue };
+        m.poll(Instant::now()).await;
+        if Instant::now() >= next_report {
+            next_report = Instant::now() + REPORT_EVERY;
+            report(&ctx, m, &mut members_written, &mut underlay).await;
+        }
+    }
+    if let Some(m) = mesh {
+        m.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn report(
+    ctx: &Context,
+    mesh: &mut Mesh,
+    written: &mut Option<(Members, Instant)>,
+    underlay: &mut (Vec<std::net::IpAddr>, Option<Instant>),
+) {
+    if let Err(error) = mesh.refresh_stats().await {
+        tracing::debug!(%error, "cannot read the device counters");
+    }
+    mesh.update_metrics();
+    let (summary, details) = status::report(mesh);
+    ctx.status.set(summary, details);
+    if mesh.last_error.is_none() && !ctx.is_ready() {
+        ctx.set_ready(true);
+    }
+    mesh.store_cache();
+    // This node's underlay addresses (re-read every 30 s), filtered as KubeSpan filters its endpoints.
+    if underlay
+        .1
+        .is_none_or(|t| t.elapsed() > Duration::from_secs(30))
+        && let Ok(addrs) = mesh.underlay_addresses().await
+    {
+        let mut kept = mesh.cfg.meshd.endpoint_filter.apply(&addrs);
+        for extra in &mesh.cfg.meshd.extra_announced_endpoints {
+            if !kept.contains(&extra.ip()) {
+                kept.push(extra.ip());
+            }
+        }
+        *underlay = (kept, Some(Instant::now()));
+    }
+    let members = status::members(mesh, underlay.0.clone());
+    let same = written.as_ref().is_some_and(|(w, at)| {
+        at.elapsed() < Duration::from_secs(30) && strip_seen(w) == strip_seen(&members)
+    });
+    if !same {
+        let dir = StateDir::new(&mesh.cfg.state_dir);
+        match dir.write(MEMBERS.0, MEMBERS.1, &members) {
+            Ok(()) => *written = Some((members, Instant::now())),
+            Err(error) => tracing::warn!(%error, "cannot write members.json"),
+        }
+    }
+}
+
+fn strip_seen(m: &Members) -> Members {
+    let mut m = m.clone();
+    for x in &mut m.members {
+        x.last_seen = 0;
+    }
+    m
 }

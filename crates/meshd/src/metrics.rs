@@ -1,0 +1,110 @@
+//! meshd's metrics (prefix `meshd_`), per peer where it matters.
+
+use std::sync::atomic::AtomicU64;
+
+use hybridnet_runtime::SharedRegistry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+type Labels = Vec<(String, String)>;
+
+/// Registered once per process (a re-created mesh after a config change reuses them).
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// 0 unknown, 1 up, 2 down.
+    pub peer_state: Family<Labels, Gauge>,
+    pub peer_rtt_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    pub peer_handshake_age_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    pub peer_rx_bytes: Family<Labels, Gauge>,
+    pub peer_tx_bytes: Family<Labels, Gauge>,
+    pub peer_failovers: Family<Labels, Counter>,
+    /// 1 for the endpoint WireGuard uses for each peer.
+    pub peer_active_endpoint: Family<Labels, Gauge>,
+    pub peers: Gauge,
+    pub peers_up: Gauge,
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+    pub wireguard_peer_ops: Counter,
+    pub route_changes: Counter,
+    pub probes_sent: Counter,
+    pub probes_answered: Counter,
+    pub probes_rejected: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &SharedRegistry) -> Metrics {
+        let m = Metrics::default();
+        registry.register("meshd", |r| {
+            r.register(
+                "peer_state",
+                "Peer state: 0 unknown, 1 up, 2 down",
+                m.peer_state.clone(),
+            );
+            r.register(
+                "peer_rtt_seconds",
+                "Smoothed probe RTT of the peer's active path",
+                m.peer_rtt_seconds.clone(),
+            );
+            r.register(
+                "peer_handshake_age_seconds",
+                "Age of the last WireGuard handshake, when the backend reports it",
+                m.peer_handshake_age_seconds.clone(),
+            );
+            r.register(
+                "peer_rx_bytes",
+                "Bytes received from the peer (WireGuard counter)",
+                m.peer_rx_bytes.clone(),
+            );
+            r.register(
+                "peer_tx_bytes",
+                "Bytes sent to the peer (WireGuard counter)",
+                m.peer_tx_bytes.clone(),
+            );
+            r.register(
+                "peer_failovers",
+                "Switches away from a dead active path",
+                m.peer_failovers.clone(),
+            );
+            r.register(
+                "peer_active_endpoint",
+                "1 for the endpoint in use",
+                m.peer_active_endpoint.clone(),
+            );
+            r.register("peers", "Peers configured", m.peers.clone());
+            r.register("peers_up", "Peers up", m.peers_up.clone());
+            r.register("reconciles", "Reconcile passes", m.reconciles.clone());
+            r.register(
+                "reconcile_errors",
+                "Failed reconcile passes",
+                m.reconcile_errors.clone(),
+            );
+            r.register(
+                "wireguard_peer_ops",
+                "Peer changes applied to the WireGuard device",
+                m.wireguard_peer_ops.clone(),
+            );
+            r.register(
+                "route_changes",
+                "Routes added or removed",
+                m.route_changes.clone(),
+            );
+            r.register("probes_sent", "Probes sent", m.probes_sent.clone());
+            r.register(
+                "probes_answered",
+                "Pongs matched to a probe",
+                m.probes_answered.clone(),
+            );
+            r.register(
+                "probes_rejected",
+                "Probe datagrams dropped (unknown sender, bad MAC, malformed)",
+                m.probes_rejected.clone(),
+            );
+        });
+        m
+    }
+}
+
+pub fn peer(name: &str) -> Labels {
+    vec![("peer".to_owned(), name.to_owned())]
+}

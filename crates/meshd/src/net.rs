@@ -1,0 +1,372 @@
+//! Links, addresses, routes and rules over rtnetlink.
+//!
+//! What meshd owns, so that cleanup never touches anyone else's:
+//! - its interface (and therefore the addresses on it);
+//! - every route in [`ROUTE_TABLE`] whose output interface is its interface (added with protocol
+//!   [`ROUTE_PROTOCOL`]);
+//! - the two rules (IPv4, IPv6) `not fwmark FWMARK/FWMARK lookup ROUTE_TABLE` at [`RULE_PRIORITY`].
+//!
+//! WireGuard's own UDP packets and meshd's probes carry [`FWMARK`], so they skip the table and take the
+//! underlay even when a peer's allowed IPs cover its underlay address. The numbers avoid KubeSpan's
+//! (table 180, marks 0x20/0x40/0x60, priority 32500), Kilo's (table 1107), Calico's marks (0xffff0000),
+//! Cilium's (0x0f00, upper 16 bits for identities), Flannel's and kube-proxy's (0x4000, 0x8000) and Istio's
+//! (0x539): mark bit 0x1000, table 51821, priority 32450 (before `main` at 32766).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures_util::TryStreamExt as _;
+use ipnet::IpNet;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
+use netlink_packet_route::rule::{RuleAttribute, RuleFlags};
+use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
+
+use crate::Error;
+
+/// meshd's routing table.
+pub const ROUTE_TABLE: u32 = 51821;
+/// meshd's rule priority.
+pub const RULE_PRIORITY: u32 = 32450;
+/// The fwmark bit on WireGuard's and the prober's own packets.
+pub const FWMARK: u32 = 0x1000;
+/// The protocol number on meshd's routes (`ip route show table 51821 proto 213`).
+pub const ROUTE_PROTOCOL: u8 = 213;
+
+fn nl(what: &str) -> impl Fn(rtnetlink::Error) -> Error + '_ {
+    move |e| Error::Netlink(format!("{what}: {e}"))
+}
+
+/// A netlink connection (its task is spawned on the current runtime).
+#[derive(Debug, Clone)]
+pub struct Net {
+    handle: Handle,
+}
+
+impl Net {
+    pub fn new() -> Result<Net, Error> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| Error::Netlink(format!("connect: {e}")))?;
+        tokio::spawn(conn);
+        Ok(Net { handle })
+    }
+
+    /// The index of link `name`, if it exists.
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>, Error> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(Some(link.header.index)),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl("get link")(e)),
+        }
+    }
+
+    /// Creates a kernel WireGuard link.
+    pub async fn add_wireguard(&self, name: &str) -> Result<(), Error> {
+        self.handle
+            .link()
+            .add(rtnetlink::LinkWireguard::new(name).build())
+            .execute()
+            .await
+            .map_err(nl("add wireguard link"))
+    }
+
+    pub async fn delete_link(&self, index: u32) -> Result<(), Error> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(nl("delete link"))
+    }
+
+    /// Sets the MTU and brings the link up.
+    pub async fn up(&self, index: u32, mtu: u32) -> Result<(), Error> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(nl("set link up"))
+    }
+
+    /// Makes the addresses on link `index` exactly `want` (the link is ours).
+    pub async fn sync_addresses(&self, index: u32, want: &BTreeSet<IpNet>) -> Result<(), Error> {
+        let mut have = BTreeSet::new();
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut stale = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(nl("get addresses"))? {
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                netlink_packet_route::address::AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            let Some(addr) = addr else { continue };
+            let Ok(net) = IpNet::new(addr, msg.header.prefix_len) else {
+                continue;
+            };
+            // IPv6 link-local addresses are the kernel's.
+            if matches!(addr, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80) {
+                continue;
+            }
+            if want.contains(&net) {
+                have.insert(net);
+            } else {
+                stale.push(msg);
+            }
+        }
+        for msg in stale {
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(nl("delete address"))?;
+        }
+        for net in want.difference(&have) {
+            let req = self
+                .handle
+                .address()
+                .add(index, net.addr(), net.prefix_len());
+            match req.execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                Err(e) => return Err(nl("add address")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Global unicast addresses of every link but `skip` (the mesh link) and loopback.
+    pub async fn underlay_addresses(&self, skip: u32) -> Result<Vec<IpAddr>, Error> {
+        let mut out = Vec::new();
+        let mut stream = self.handle.address().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("get addresses"))? {
+            if msg.header.index == skip {
+                continue;
+            }
+            for a in &msg.attributes {
+                if let netlink_packet_route::address::AddressAttribute::Address(ip) = a {
+                    let usable = match ip {
+                        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+                        IpAddr::V6(v6) => !v6.is_loopback() && v6.segments()[0] & 0xffc0 != 0xfe80,
+                    };
+                    if usable && !out.contains(ip) {
+                        out.push(*ip);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The destinations of meshd's routes (table [`ROUTE_TABLE`], via link `index`).
+    pub async fn routes(&self, index: u32) -> Result<BTreeSet<IpNet>, Error> {
+        let mut out = BTreeSet::new();
+        for v6 in [false, true] {
+            let msg = if v6 {
+                RouteMessageBuilder::<Ipv6Addr>::new().build()
+            } else {
+                RouteMessageBuilder::<Ipv4Addr>::new().build()
+            };
+            let mut stream = self.handle.route().get(msg).execute();
+            while let Some(route) = stream.try_next().await.map_err(nl("dump routes"))? {
+                let mut table = u32::from(route.header.table);
+                let mut oif = None;
+                let mut dst = None;
+                for a in &route.attributes {
+                    match a {
+                        RouteAttribute::Table(t) => table = *t,
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                            dst = Some(IpAddr::V4(*ip))
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                            dst = Some(IpAddr::V6(*ip))
+                        }
+                        _ => {}
+                    }
+                }
+                if table != ROUTE_TABLE || oif != Some(index) {
+                    continue;
+                }
+                let len = route.header.destination_prefix_length;
+                let dst = dst.unwrap_or(if v6 {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                });
+                if let Ok(net) = IpNet::new(dst, len) {
+                    out.insert(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn route_message(index: u32, net: &IpNet) -> netlink_packet_route::route::RouteMessage {
+        let protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+        match net {
+            IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .output_interface(index)
+                .table_id(ROUTE_TABLE)
+                .protocol(protocol)
+                .build(),
+            IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .output_interface(index)
+                .table_id(ROUTE_TABLE)
+                .protocol(protocol)
+                .build(),
+        }
+    }
+
+    /// Adds (or replaces) a route to `net` via link `index` in meshd's table.
+    pub async fn add_route(&self, index: u32, net: &IpNet) -> Result<(), Error> {
+        self.handle
+            .route()
+            .add(Self::route_message(index, net))
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("add route"))
+    }
+
+    pub async fn del_route(&self, index: u32, net: &IpNet) -> Result<(), Error> {
+        match self
+            .handle
+            .route()
+            .del(Self::route_message(index, net))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            Err(e) => Err(nl("delete route")(e)),
+        }
+    }
+
+    /// Routes: makes meshd's routes via `index` exactly `want`, with one netlink call per difference.
+    /// Returns the number of changes.
+    pub async fn sync_routes(&self, index: u32, want: &BTreeSet<IpNet>) -> Result<usize, Error> {
+        let have = self.routes(index).await?;
+        let mut changes = 0;
+        for net in have.difference(want) {
+            self.del_route(index, net).await?;
+            changes += 1;
+        }
+        for net in want.difference(&have) {
+            self.add_route(index, net).await?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
+    async fn our_rules(&self) -> Result<Vec<netlink_packet_route::rule::RuleMessage>, Error> {
+        let mut out = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let mut stream = self.handle.rule().get(version).execute();
+            while let Some(rule) = stream.try_next().await.map_err(nl("dump rules"))? {
+                let prio = rule
+                    .attributes
+                    .contains(&RuleAttribute::Priority(RULE_PRIORITY));
+                let table = rule.attributes.contains(&RuleAttribute::Table(ROUTE_TABLE));
+                if prio && table {
+                    out.push(rule);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds meshd's two rules unless they exist (a restart adopts them).
+    pub async fn ensure_rules(&self) -> Result<(), Error> {
+        let existing = self.our_rules().await?;
+        for v6 in [false, true] {
+            let family = if v6 {
+                netlink_packet_route::AddressFamily::Inet6
+            } else {
+                netlink_packet_route::AddressFamily::Inet
+            };
+            if existing.iter().any(|r| r.header.family == family) {
+                continue;
+            }
+            let base = self
+                .handle
+                .rule()
+                .add()
+                .table_id(ROUTE_TABLE)
+                .priority(RULE_PRIORITY)
+                .fw_mark(FWMARK)
+                .action(netlink_packet_route::rule::RuleAction::ToTable);
+            let result = if v6 {
+                let mut req = base.v6();
+                let m = req.message_mut();
+                m.header.flags |= RuleFlags::Invert;
+                m.attributes.push(RuleAttribute::FwMask(FWMARK));
+                req.execute().await
+            } else {
+                let mut req = base.v4();
+                let m = req.message_mut();
+                m.header.flags |= RuleFlags::Invert;
+                m.attributes.push(RuleAttribute::FwMask(FWMARK));
+                req.execute().await
+            };
+            match result {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                Err(e) => return Err(nl("add rule")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes meshd's rules.
+    pub async fn remove_rules(&self) -> Result<(), Error> {
+        for rule in self.our_rules().await? {
+            self.handle
+                .rule()
+                .del(rule)
+                .execute()
+                .await
+                .map_err(nl("delete rule"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The mesh MTU for `auto`: the smallest MTU of the up, non-loopback, non-mesh links (from
+/// `/sys/class/net`), minus the WireGuard overhead: 80 when any endpoint is IPv6, else 60. At least 1280.
+pub fn auto_mtu(own: &str, any_v6: bool) -> u32 {
+    let overhead = if any_v6 { 80 } else { 60 };
+    let mut min: Option<u32> = None;
+    if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == "lo" || name == own {
+                continue;
+            }
+            let path = entry.path();
+            let up = std::fs::read_to_string(path.join("operstate"))
+                .map(|s| s.trim() == "up" || s.trim() == "unknown")
+                .unwrap_or(false);
+            let mtu = std::fs::read_to_string(path.join("mtu"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            if let (true, Some(mtu)) = (up, mtu) {
+                min = Some(min.map_or(mtu, |m: u32| m.min(mtu)));
+            }
+        }
+    }
+    min.unwrap_or(1500).saturating_sub(overhead).max(1280)
+}

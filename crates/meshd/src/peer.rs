@@ -1,0 +1,364 @@
+//! The pure per-peer state machine: candidate paths probed in parallel, ranked by RTT, failover in seconds.
+//!
+//! Owns no sockets and no clock: the driver calls [`PeerMachine::poll`] with the time and sends the
+//! [`Action::Probe`]s it returns, feeds pongs to [`PeerMachine::on_pong`], and applies [`Action::SetEndpoint`].
+//!
+//! **Paths.** Each candidate endpoint is a path: `Unknown` until it answers or misses; `Alive` after one pong
+//! (from `Unknown`) or [`Timing::rise`] consecutive pongs (from `Dead`); `Dead` after [`Timing::fall`]
+//! consecutive missed probes (a probe is missed when no pong came within `max(probe_timeout, 3 × RTT)`).
+//!
+//! **Probing.** All candidates are probed at once when the peer appears. The active path is probed every
+//! `active_interval` (4/s), alive standby paths every `standby_interval`, dead and unanswered paths with a
+//! backoff from `active_interval` doubling to `dead_interval_max`; an idle peer (no traffic, see
+//! [`PeerMachine::set_idle`]) has its active path probed every `standby_interval` instead.
+//!
+//! **Choice.** The preferred live path is the one earliest in the candidate list among those whose RTT is
+//! within `1.5 × best + 2 ms` of the best live RTT (near-equal paths keep the configured order, e.g. the private
+//! network first). The active path changes only to a path that is `Alive` (never to an untested one):
+//! - at once, when the active path is dead (a failover);
+//! - when the preferred path is earlier in the list than the active one (moving back after a repair);
+//! - when the active path is far slower (`> 2 × best + 5 ms`).
+//!
+//! **Peer state.** `Up` while the active path is alive; `Down` when no path is alive and every path has been
+//! tried (or the active one died with no alternative); `Unknown` before that.
+//!
+//! KubeSpan, for comparison: one candidate at a time, down after 275 s without a handshake, checked every 30 s.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The timing constants (defaults in [`Timing::default`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub active_interval: Duration,
+    pub standby_interval: Duration,
+    pub dead_interval_max: Duration,
+    pub probe_timeout: Duration,
+    /// Consecutive missed probes that make a path dead.
+    pub fall: u32,
+    /// Consecutive pongs that make a dead path alive again.
+    pub rise: u32,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            active_interval: Duration::from_millis(250),
+            standby_interval: Duration::from_secs(1),
+            dead_interval_max: Duration::from_secs(2),
+            probe_timeout: Duration::from_millis(750),
+            fall: 3,
+            rise: 2,
+        }
+    }
+}
+
+/// A path's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathState {
+    Unknown,
+    Alive,
+    Dead,
+}
+
+/// A peer's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerState {
+    Unknown,
+    Up,
+    Down,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Unknown => "unknown",
+            PeerState::Up => "up",
+            PeerState::Down => "down",
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send a ping with this nonce to the path's probe address.
+    Probe { endpoint: SocketAddr, nonce: u64 },
+    /// Point WireGuard at this endpoint.
+    SetEndpoint(SocketAddr),
+    /// The peer's state changed.
+    State(PeerState),
+}
+
+/// One candidate endpoint.
+#[derive(Clone, Debug)]
+pub struct Path {
+    pub endpoint: SocketAddr,
+    pub state: PathState,
+    /// Smoothed RTT (EWMA, 1/4 weight for a new sample).
+    pub rtt: Option<Duration>,
+    pub misses: u32,
+    pub successes: u32,
+    pub last_pong: Option<Instant>,
+    outstanding: Vec<(u64, Instant)>,
+    next_probe: Instant,
+    backoff: Duration,
+}
+
+impl Path {
+    fn new(endpoint: SocketAddr, now: Instant, timing: &Timing) -> Path {
+        Path {
+            endpoint,
+            state: PathState::Unknown,
+            rtt: None,
+            misses: 0,
+            successes: 0,
+            last_pong: None,
+            outstanding: Vec::new(),
+            next_probe: now,
+            backoff: timing.active_interval,
+        }
+    }
+
+    fn timeout(&self, timing: &Timing) -> Duration {
+        self.rtt
+            .map_or(timing.probe_timeout, |r| (r * 3).max(timing.probe_timeout))
+    }
+}
+
+/// The state machine of one peer.
+#[derive(Clone, Debug)]
+pub struct PeerMachine {
+    pub timing: Timing,
+    pub paths: Vec<Path>,
+    /// Index into `paths` of the endpoint WireGuard uses.
+    pub active: Option<usize>,
+    pub state: PeerState,
+    pub failovers: u64,
+    idle: bool,
+}
+
+impl PeerMachine {
+    pub fn new(candidates: &[SocketAddr], timing: Timing, now: Instant) -> PeerMachine {
+        let mut m = PeerMachine {
+            timing,
+            paths: Vec::new(),
+            active: None,
+            state: PeerState::Unknown,
+            failovers: 0,
+            idle: false,
+        };
+        m.set_candidates(candidates, now);
+        m
+    }
+
+    /// The active endpoint.
+    pub fn active_endpoint(&self) -> Option<SocketAddr> {
+        self.active.map(|i| self.paths[i].endpoint)
+    }
+
+    /// Replaces the candidate list, keeping what is known of paths that stay. A removed active path is
+    /// treated as dead at the next poll.
+    pub fn set_candidates(&mut self, candidates: &[SocketAddr], now: Instant) {
+        let active = self.active_endpoint();
+        let mut old = std::mem::take(&mut self.paths);
+        for c in candidates {
+            if self.paths.iter().any(|p| p.endpoint == *c) {
+                continue;
+            }
+            match old.iter().position(|p| p.endpoint == *c) {
+                Some(i) => self.paths.push(old.swap_remove(i)),
+                None => self.paths.push(Path::new(*c, now, &self.timing)),
+            }
+        }
+        self.active = active.and_then(|a| self.paths.iter().position(|p| p.endpoint == a));
+        if active.is_some() && self.active.is_none() {
+            // The active endpoint is gone from the list: keep using it until another path is alive.
+            if let Some(a) = active {
+                let mut p = Path::new(a, now, &self.timing);
+                p.state = PathState::Dead;
+                p.misses = self.timing.fall;
+                self.paths.push(p);
+                self.active = Some(self.paths.len() - 1);
+            }
+        }
+    }
+
+    /// An idle peer (no traffic lately) has its active path probed less often.
+    pub fn set_idle(&mut self, idle: bool) {
+        self.idle = idle;
+    }
+
+    /// A pong with `nonce` arrived. Returns whether it matched an outstanding probe.
+    pub fn on_pong(&mut self, nonce: u64, now: Instant) -> bool {
+        for path in &mut self.paths {
+            let Some(pos) = path.outstanding.iter().position(|(n, _)| *n == nonce) else {
+                continue;
+            };
+            let (_, sent) = path.outstanding.swap_remove(pos);
+            let sample = now.saturating_duration_since(sent);
+            path.rtt = Some(match path.rtt {
+                None => sample,
+                Some(r) => (r * 3 + sample) / 4,
+            });
+            path.misses = 0;
+            path.successes = path.successes.saturating_add(1);
+            path.last_pong = Some(now);
+            path.backoff = self.timing.active_interval;
+            let rise = if path.state == PathState::Unknown {
+                1
+            } else {
+                self.timing.rise
+            };
+            if path.state != PathState::Alive && path.successes >= rise {
+                path.state = PathState::Alive;
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Advances to `now`: expires probes, decides, schedules. `nonce` makes probe nonces.
+    pub fn poll(&mut self, now: Instant, nonce: &mut impl FnMut() -> u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.expire(now);
+        self.choose(&mut actions);
+        self.update_state(&mut actions);
+        self.schedule(now, nonce, &mut actions);
+        actions
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let timing = self.timing;
+        for path in &mut self.paths {
+            let timeout = path.timeout(&timing);
+            let before = path.outstanding.len();
+            path.outstanding
+                .retain(|(_, sent)| now.saturating_duration_since(*sent) < timeout);
+            let missed = (before - path.outstanding.len()) as u32;
+            if missed > 0 {
+                path.misses = path.misses.saturating_add(missed);
+                path.successes = 0;
+                if path.misses >= timing.fall {
+                    path.state = PathState::Dead;
+                }
+            }
+        }
+    }
+
+    /// The preferred live path (see the module docs).
+    pub fn preferred(&self) -> Option<usize> {
+        let best = self
+            .paths
+            .iter()
+            .filter(|p| p.state == PathState::Alive)
+            .filter_map(|p| p.rtt)
+            .min()?;
+        let near = best.mul_f64(1.5) + Duration::from_millis(2);
+        self.paths
+            .iter()
+            .position(|p| p.state == PathState::Alive && p.rtt.is_some_and(|r| r <= near))
+    }
+
+    fn choose(&mut self, actions: &mut Vec<Action>) {
+        let Some(pref) = self.preferred() else {
+            return;
+        };
+        let switch = match self.active {
+            None => true,
+            Some(a) if a == pref => false,
+            Some(a) => {
+                let active = &self.paths[a];
+                match active.state {
+                    PathState::Dead | PathState::Unknown => {
+                        self.failovers += 1;
+                        true
+                    }
+                    PathState::Alive => {
+                        let best = self.paths[pref].rtt.unwrap_or_default();
+                        let far = best * 2 + Duration::from_millis(5);
+                        pref < a || active.rtt.is_some_and(|r| r > far)
+                    }
+                }
+            }
+        };
+        if switch {
+            self.active = Some(pref);
+            actions.push(Action::SetEndpoint(self.paths[pref].endpoint));
+        }
+    }
+
+    fn update_state(&mut self, actions: &mut Vec<Action>) {
+        let active_alive = self
+            .active
+            .is_some_and(|a| self.paths[a].state == PathState::Alive);
+        let all_tried = self.paths.iter().all(|p| p.state != PathState::Unknown);
+        let state = if active_alive {
+            PeerState::Up
+        } else if self.active.is_some() || all_tried {
+            PeerState::Down
+        } else {
+            PeerState::Unknown
+        };
+        if state != self.state {
+            self.state = state;
+            actions.push(Action::State(state));
+        }
+    }
+
+    fn schedule(
+        &mut self,
+        now: Instant,
+        nonce: &mut impl FnMut() -> u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let timing = self.timing;
+        let up = self.state == PeerState::Up;
+        for (i, path) in self.paths.iter_mut().enumerate() {
+            if now < path.next_probe {
+                continue;
+            }
+            let interval = if Some(i) == self.active && path.state == PathState::Alive {
+                if self.idle {
+                    timing.standby_interval
+                } else {
+                    timing.active_interval
+                }
+            } else if path.state == PathState::Alive {
+                timing.standby_interval
+            } else if !up && path.state == PathState::Unknown {
+                timing.active_interval
+            } else {
+                // Dead, or untested while the peer is up: back off.
+                let b = path.backoff;
+                path.backoff = (b * 2).min(timing.dead_interval_max);
+                b
+            };
+            let n = nonce();
+            if path.outstanding.len() >= 16 {
+                path.outstanding.remove(0);
+            }
+            path.outstanding.push((n, now));
+            path.next_probe = now + interval;
+            actions.push(Action::Probe {
+                endpoint: path.endpoint,
+                nonce: n,
+            });
+        }
+    }
+
+    /// When [`PeerMachine::poll`] next has something to do.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        let timing = self.timing;
+        self.paths
+            .iter()
+            .flat_map(|p| {
+                let t = p.timeout(&timing);
+                std::iter::once(p.next_probe).chain(p.outstanding.iter().map(move |(_, s)| *s + t))
+            })
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,270 @@
+//! The peer state machine under simulated time: a fake network answers probes per endpoint.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+
+use super::*;
+
+const PRIV: &str = "192.0.2.12:51821";
+const PUB: &str = "198.51.100.12:51821";
+
+struct Sim {
+    start: Instant,
+    now: Instant,
+    m: PeerMachine,
+    /// endpoint -> RTT when reachable
+    net: HashMap<SocketAddr, Option<Duration>>,
+    in_flight: Vec<(Instant, u64)>,
+    endpoints: Vec<SocketAddr>,
+    states: Vec<(Duration, PeerState)>,
+    nonce: u64,
+    probes: usize,
+}
+
+impl Sim {
+    fn new(candidates: &[&str]) -> Sim {
+        let now = Instant::now();
+        let cands: Vec<SocketAddr> = candidates.iter().map(|c| c.parse().unwrap()).collect();
+        let net = cands
+            .iter()
+            .map(|c| (*c, Some(Duration::from_millis(1))))
+            .collect();
+        Sim {
+            start: now,
+            now,
+            m: PeerMachine::new(&cands, Timing::default(), now),
+            net,
+            in_flight: Vec::new(),
+            endpoints: Vec::new(),
+            states: Vec::new(),
+            nonce: 0,
+            probes: 0,
+        }
+    }
+
+    fn set(&mut self, ep: &str, rtt: Option<Duration>) {
+        self.net.insert(ep.parse().unwrap(), rtt);
+    }
+
+    /// Runs for `d` in 5 ms steps.
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += Duration::from_millis(5);
+            let now = self.now;
+            let due: Vec<u64> = self
+                .in_flight
+                .iter()
+                .filter(|(t, _)| *t <= now)
+                .map(|(_, n)| *n)
+                .collect();
+            self.in_flight.retain(|(t, _)| *t > now);
+            for n in due {
+                self.m.on_pong(n, now);
+            }
+            let mut counter = self.nonce;
+            let actions = self.m.poll(now, &mut || {
+                counter += 1;
+                counter
+            });
+            self.nonce = counter;
+            for a in actions {
+                match a {
+                    Action::Probe { endpoint, nonce } => {
+                        self.probes += 1;
+                        if let Some(Some(rtt)) = self.net.get(&endpoint) {
+                            self.in_flight.push((now + *rtt, nonce));
+                        }
+                    }
+                    Action::SetEndpoint(ep) => self.endpoints.push(ep),
+                    Action::State(s) => self.states.push((now - self.start, s)),
+                }
+            }
+        }
+    }
+
+    fn active(&self) -> Option<String> {
+        self.m.active_endpoint().map(|e| e.to_string())
+    }
+
+    fn since(&self, mark: Instant) -> Duration {
+        self.now - mark
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+#[test]
+fn unknown_to_up_within_a_round_trip_on_the_first_listed_path() {
+    let mut s = Sim::new(&[PRIV, PUB]);
+    assert_eq!(s.m.state, PeerState::Unknown);
+    s.run(ms(20));
+    assert_eq!(s.m.state, PeerState::Up);
+    assert_eq!(s.active().as_deref(), Some(PRIV));
+    assert_eq!(
+        s.states,
+        vec![(ms(10), PeerState::Up)],
+        "probe at 5 ms, pong (1 ms RTT) seen at the next 5 ms step"
+    );
+    // Both candidates were probed at once (in parallel), not one after the other.
+    assert!(s.probes >= 2);
+}
+
+#[test]
+fn faster_path_wins_when_rtts_differ_a_lot() {
+    let mut s = Sim::new(&[PRIV, PUB]);
+    s.set(PRIV, Some(ms(80)));
+    s.set(PUB, Some(ms(2)));
+    s.run(ms(3000));
+    assert_eq!(s.active().as_deref(), Some(PUB));
+}
+
+#[test]
+fn unknown_to_down_when_nothing_answers_and_down_to_up_when_it_does() {
+    let mut s = Sim::new(&[PRIV, PUB]);
+    s.set(PRIV, None);
+    s.set(PUB, None);
+    s.run(ms(2500));
+    assert_eq!(s.m.state, PeerState::Down);
+    assert_eq!(s.m.active, None);
+    assert!(
+        s.endpoints.is_empty(),
+        "never points WireGuard at an untested path"
+    );
+    s.set(PUB, Some(ms(1)));
+    let mark = s.now;
+    s.run(ms(3000));
+    assert_eq!(s.m.state, PeerState::Up);
+    assert_eq!(s.active().as_deref(), Some(PUB));
+    let up_at = s.states.last().unwrap().0;
+    assert!(up_at <= s.since(s.start) && s.since(mark) >= ms(3000));
+}
+
+#[test]
+fn failover_to_the_live_standby_within_two_seconds_then_back() {
+    let mut s = Sim::new(&[PRIV, PUB]);
+    s.run(ms(3000));
+    assert_eq!(s.active().as_deref(), Some(PRIV));
+    s.set(PRIV, None);
+    let cut = s.now;
+    let mut switched = None;
+    for _ in 0..100 {
+        s.run(ms(50));
+        if s.active().as_deref() == Some(PUB) {
+            switched = Some(s.since(cut));
+            break;
+        }
+    }
+    let switched = switched.expect("failed over");
+    assert!(switched <= ms(2000), "failover took {switched:?}");
+    assert_eq!(s.m.state, PeerState::Up, "a live standby keeps the peer up");
+    assert_eq!(s.m.failovers, 1);
+    // Repair: moves back to the preferred (first listed) path once it is alive again (rise = 2).
+    s.set(PRIV, Some(ms(1)));
+    let repaired = s.now;
+    let mut back = None;
+    for _ in 0..200 {
+        s.run(ms(50));
+        if s.active().as_deref() == Some(PRIV) {
+            back = Some(s.since(repaired));
+            break;
+        }
+    }
+    let back = back.expect("moved back");
+    assert!(back <= ms(5000), "moving back took {back:?}");
+    assert_eq!(s.endpoints.len(), 3);
+}
+
+#[test]
+fn up_to_down_when_the_only_path_dies_and_the_endpoint_stays() {
+    let mut s = Sim::new(&[PRIV]);
+    s.run(ms(500));
+    assert_eq!(s.m.state, PeerState::Up);
+    s.set(PRIV, None);
+    s.run(ms(2000));
+    assert_eq!(s.m.state, PeerState::Down);
+    assert_eq!(
+        s.active().as_deref(),
+        Some(PRIV),
+        "no rotation onto nothing"
+    );
+    s.set(PRIV, Some(ms(1)));
+    s.run(ms(4000));
+    assert_eq!(s.m.state, PeerState::Up);
+    assert_eq!(s.m.failovers, 0);
+    let kinds: Vec<PeerState> = s.states.iter().map(|(_, st)| *st).collect();
+    assert_eq!(kinds, vec![PeerState::Up, PeerState::Down, PeerState::Up]);
+}
+
+#[test]
+fn never_rotates_onto_an_untested_or_dead_path() {
+    let mut s = Sim::new(&[PRIV, PUB]);
+    s.set(PUB, None);
+    s.run(ms(3000));
+    assert_eq!(s.active().as_deref(), Some(PRIV));
+    assert_eq!(s.m.paths[1].state, PathState::Dead);
+    s.set(PRIV, None);
+    s.run(ms(3000));
+    assert_eq!(s.active().as_deref(), Some(PRIV));
+    assert_eq!(s.m.state, PeerState::Down);
+    assert_eq!(s.endpoints.len(), 1);
+}
+
+#[test]
+fn probing_backs_off_for_dead_standby_and_idle_paths() {
+    let mut busy = Sim::new(&[PRIV, PUB]);
+    busy.set(PUB, None);
+    busy.run(ms(10_000));
+    let mut idle = Sim::new(&[PRIV, PUB]);
+    idle.set(PUB, None);
+    idle.m.set_idle(true);
+    idle.run(ms(10_000));
+    // Active: 4/s for 10 s (~40); dead standby backs off to one per 2 s.
+    assert!(
+        (40..=60).contains(&busy.probes),
+        "busy probes {}",
+        busy.probes
+    );
+    assert!(
+        idle.probes < busy.probes / 2,
+        "idle {} busy {}",
+        idle.probes,
+        busy.probes
+    );
+    assert!(busy.m.next_wakeup().is_some());
+}
+
+#[test]
+fn candidate_changes_keep_known_paths_and_a_removed_active_fails_over() {
+    let mut s = Sim::new(&[PRIV, PUB]);
+    s.run(ms(3000));
+    let rtt = s.m.paths[1].rtt;
+    let pub_ep: SocketAddr = PUB.parse().unwrap();
+    s.m.set_candidates(&[pub_ep], s.now);
+    assert_eq!(
+        s.m.paths.len(),
+        2,
+        "the removed active path stays until replaced"
+    );
+    assert_eq!(s.m.paths[0].rtt, rtt, "known path kept its state");
+    s.run(ms(100));
+    assert_eq!(s.active().as_deref(), Some(PUB));
+    s.m.set_candidates(&[pub_ep], s.now);
+    assert_eq!(s.m.paths.len(), 1);
+}
+
+#[test]
+fn replayed_or_unknown_pongs_are_ignored() {
+    let mut s = Sim::new(&[PRIV]);
+    let now = s.now;
+    assert!(!s.m.on_pong(12345, now));
+    let actions = s.m.poll(now, &mut || 7);
+    assert!(actions.contains(&Action::Probe {
+        endpoint: PRIV.parse().unwrap(),
+        nonce: 7
+    }));
+    assert!(s.m.on_pong(7, now + ms(1)));
+    assert!(!s.m.on_pong(7, now + ms(2)), "a nonce counts once");
+}

@@ -1,0 +1,162 @@
+//! What `meshd status` shows (the `details` of `status.json`) and `meshd/members.json`.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use hybridnet_state::{Member, Members};
+use serde_json::{Value, json};
+
+use crate::mesh::{Mesh, unix_now};
+use crate::peer::PathState;
+
+fn ms(d: Option<std::time::Duration>) -> Value {
+    d.map_or(Value::Null, |d| {
+        json!((d.as_secs_f64() * 1e4).round() / 10.0)
+    })
+}
+
+/// The summary line and the details.
+pub fn report(mesh: &Mesh) -> (String, Value) {
+    let mut peers: Vec<&crate::mesh::Peer> = mesh.peers.values().collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    let up = peers
+        .iter()
+        .filter(|p| p.machine.state == crate::peer::PeerState::Up)
+        .count();
+    let rows: Vec<Value> = peers
+        .iter()
+        .map(|p| {
+            let m = &p.machine;
+            json!({
+                "name": p.name,
+                "publicKey": p.key.to_string(),
+                "meshAddress": p.mesh_addr.to_string(),
+                "state": m.state.as_str(),
+                "endpoint": m.active_endpoint().map(|e| e.to_string()),
+                "rttMs": ms(m.active.and_then(|a| m.paths[a].rtt)),
+                "failovers": m.failovers,
+                "rxBytes": p.stats.rx_bytes,
+                "txBytes": p.stats.tx_bytes,
+                "handshakeAgeS": p.stats.last_handshake.map(|d| d.as_secs()),
+                "lastSeen": p.last_seen_unix,
+                "paths": m.paths.iter().map(|path| json!({
+                    "endpoint": path.endpoint.to_string(),
+                    "state": match path.state { PathState::Unknown => "unknown", PathState::Alive => "alive", PathState::Dead => "dead" },
+                    "rttMs": ms(path.rtt),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let summary = format!(
+        "{up}/{} peers up on {} ({}, {})",
+        peers.len(),
+        mesh.cfg.meshd.interface,
+        mesh.backend.name(),
+        mesh.mesh_addr
+    );
+    let details = json!({
+        "interface": mesh.cfg.meshd.interface,
+        "backend": mesh.backend.name(),
+        "publicKey": mesh.public.to_string(),
+        "meshAddress": mesh.mesh_addr.to_string(),
+        "meshPrefix": mesh.prefix.to_string(),
+        "listenPort": mesh.cfg.meshd.listen_port,
+        "mtu": mesh.mtu,
+        "error": mesh.last_error,
+        "peers": rows,
+    });
+    (summary, details)
+}
+
+/// The peer table for `meshd status`.
+pub fn render(details: &Value) -> String {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "interface {} ({})  mesh {}  port {}  mtu {}\npublic key {}",
+        s(&details["interface"]),
+        s(&details["backend"]),
+        s(&details["meshAddress"]),
+        details["listenPort"],
+        details["mtu"],
+        s(&details["publicKey"]),
+    );
+    if let Some(e) = details["error"].as_str() {
+        let _ = writeln!(out, "last error: {e}");
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  paths",
+        "PEER", "STATE", "ENDPOINT", "RTT ms", "FAIL", "RX", "TX"
+    );
+    for p in details["peers"].as_array().into_iter().flatten() {
+        let paths: Vec<String> = p["paths"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| format!("{}={}", s(&x["endpoint"]), s(&x["state"])))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  {}",
+            s(&p["name"]),
+            s(&p["state"]),
+            p["endpoint"].as_str().unwrap_or("-"),
+            p["rttMs"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.1}")),
+            p["failovers"],
+            p["rxBytes"],
+            p["txBytes"],
+            paths.join(" "),
+        );
+    }
+    out
+}
+
+/// This node's name (the kernel hostname).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// `meshd/members.json`: this node and every peer. `own_addresses` are this node's underlay addresses.
+pub fn members(mesh: &Mesh, own_addresses: Vec<IpAddr>) -> Members {
+    let cluster = &mesh.cfg.cluster;
+    let mut members = vec![Member {
+        name: hostname(),
+        node_id: None,
+        addresses: own_addresses,
+        mesh_address: Some(IpAddr::V6(mesh.mesh_addr)),
+        location: mesh.cfg.meshd.location.clone(),
+        control_plane: cluster.machine_type.is_control_plane(),
+        api_server_port: cluster
+            .machine_type
+            .is_control_plane()
+            .then_some(cluster.local_api_server_port),
+        last_seen: unix_now(),
+    }];
+    let mut peers: Vec<&crate::mesh::Peer> = mesh.peers.values().collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    for p in peers {
+        let mut addresses: Vec<IpAddr> = Vec::new();
+        for path in &p.machine.paths {
+            if !addresses.contains(&path.endpoint.ip()) {
+                addresses.push(path.endpoint.ip());
+            }
+        }
+        members.push(Member {
+            name: p.name.clone(),
+            node_id: None,
+            addresses,
+            mesh_address: Some(IpAddr::V6(p.mesh_addr)),
+            location: p.location.clone(),
+            control_plane: false,
+            api_server_port: None,
+            last_seen: p.last_seen_unix,
+        });
+    }
+    Members { members }
+}
