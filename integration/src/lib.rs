@@ -23,9 +23,10 @@
 //! Only the non-root CLI tests: `cargo test -p hybridnet-integration --test cli`.
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
+pub mod apiprism;
 mod config;
-pub mod dnslocal;
 mod daemon;
+pub mod dnslocal;
 mod fs;
 mod http;
 mod netns;

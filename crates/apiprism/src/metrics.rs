@@ -16,35 +16,20 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum HealthState {
-    Unknown,
-    Up,
-    Down,
-}
-
-impl From<State> for HealthState {
-    fn from(s: State) -> Self {
-        match s {
-            State::Unknown => HealthState::Unknown,
-            State::Up => HealthState::Up,
-            State::Down => HealthState::Down,
-        }
-    }
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub upstream: String,
-    pub state: HealthState,
+    /// `unknown`, `up` or `down`.
+    pub state: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the label values are the variant names
 pub enum Direction {
     /// Client → upstream.
-    ToUpstream,
+    to_upstream,
     /// Upstream → client.
-    ToClient,
+    to_client,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,7 +39,7 @@ pub struct BytesLabels {
 }
 
 const STATES: [State; 3] = [State::Unknown, State::Up, State::Down];
-const DIRECTIONS: [Direction; 2] = [Direction::ToUpstream, Direction::ToClient];
+const DIRECTIONS: [Direction; 2] = [Direction::to_upstream, Direction::to_client];
 
 /// Every apiprism metric. Clones share the values.
 #[derive(Clone, Debug, Default)]
@@ -177,7 +162,7 @@ impl Metrics {
             self.upstream_state
                 .get_or_create(&StateLabels {
                     upstream: upstream.clone(),
-                    state: s.into(),
+                    state: s.as_str().to_owned(),
                 })
                 .set(i64::from(s == u.state));
         }
@@ -199,7 +184,7 @@ impl Metrics {
         for s in STATES {
             self.upstream_state.remove(&StateLabels {
                 upstream: upstream.clone(),
-                state: s.into(),
+                state: s.as_str().to_owned(),
             });
         }
         let l = labels(addr);

@@ -120,11 +120,11 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
     m.upstream_active.get_or_create(&labels(addr)).inc();
     let to_upstream = m
         .upstream_bytes
-        .get_or_create(&bytes_labels(addr, Direction::ToUpstream))
+        .get_or_create(&bytes_labels(addr, Direction::to_upstream))
         .clone();
     let to_client = m
         .upstream_bytes
-        .get_or_create(&bytes_labels(addr, Direction::ToClient))
+        .get_or_create(&bytes_labels(addr, Direction::to_client))
         .clone();
     tokio::select! {
         result = relay(&client, &upstream, &to_upstream, &to_client) => {

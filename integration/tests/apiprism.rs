@@ -1,0 +1,545 @@
+//! Root tests of apiprism's failover (issue 3): three stand-in API servers, each in its own network namespace on
+//! a lab bridge, apiprism in a client namespace, and kubelet-like clients through it (one long-lived HTTP/2
+//! watch, plus bursts of new connections). The stand-ins are test doubles (TLS + HTTP/2 servers of our own,
+//! `hybridnet_integration::apiprism`) because no real kube-apiserver can run here.
+//!
+//! Each scenario asserts: no failed new connection while one upstream is healthy; the dead upstream leaves the
+//! rotation within 2 s; a watch through it is cut within 2 s and the client's reconnect succeeds; an upstream
+//! that comes back is used again within 2 s. apiprism runs with its default health checks (1 s interval and
+//! timeout, fall 2, rise 2; dial timeout 1 s).
+//!
+//! Needs root and the release binaries (`hack/test.sh`). Scenarios run one at a time (timing assertions on a
+//! 2-core machine); the whole file takes about half a minute.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use hybridnet_integration::apiprism::{Pki, Watch, fetch_name};
+use hybridnet_integration::{
+    ConfigDoc, Daemon, DaemonKind, LabNet, TestDir, require_root, wait_until, write_atomic,
+};
+
+/// The issue's bound for leaving the rotation, cutting a watch, and using a returning upstream again.
+const BOUND: Duration = Duration::from_secs(2);
+const SOON: Duration = Duration::from_secs(10);
+const API_PORT: u16 = 6443;
+const LISTEN: &str = "127.0.0.1:7445";
+/// The pause between bursts of 4 new connections.
+const BURST_EVERY: Duration = Duration::from_millis(50);
+
+/// Timing assertions need the machine to themselves: one scenario at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One stand-in API server process in an upstream namespace.
+struct Standin {
+    child: Child,
+}
+
+impl Standin {
+    fn start(
+        netns_name: &LabNet,
+        node: usize,
+        name: &str,
+        pki: &std::path::Path,
+    ) -> Result<Standin> {
+        let n = &netns_name.nodes[node];
+        let addr = SocketAddr::new(n.ipv4.into(), API_PORT);
+        let mut child = n
+            .netns
+            .command(env!("CARGO_BIN_EXE_apiprism-standin"))
+            .args([name, &addr.to_string(), &pki.display().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting apiprism-standin")?;
+        let stdout = child.stdout.take().context("standin stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        ensure!(line.starts_with("listening"), "standin {name}: {line:?}");
+        Ok(Standin { child })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What the kubelet-like client saw.
+#[derive(Debug, Default)]
+struct Log {
+    /// Watch connected, with the server that streams its events.
+    connected: Vec<(Instant, String)>,
+    /// Watch cut or failed to open.
+    cut: Vec<(Instant, String)>,
+    /// New connections: (start, end, server or error).
+    requests: Vec<(Instant, Instant, Result<String, String>)>,
+}
+
+struct Lab {
+    apiprism: Daemon,
+    standins: Vec<Option<Standin>>,
+    doc: ConfigDoc,
+    config: PathBuf,
+    pki: PathBuf,
+    // Drop order: processes first, then namespaces, then files.
+    net: LabNet,
+    _dir: TestDir,
+    _serial: MutexGuard<'static, ()>,
+}
+
+const NAMES: [&str; 3] = ["api-1", "api-2", "api-3"];
+
+impl Lab {
+    fn new() -> Result<Lab> {
+        require_root();
+        let serial = serial();
+        let dir = TestDir::new("apiprism");
+        let net = LabNet::new(4);
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki)?;
+        Pki::generate().write(&pki);
+        let mut standins = Vec::new();
+        for (i, name) in NAMES.iter().enumerate() {
+            standins.push(Some(Standin::start(&net, i, name, &pki)?));
+        }
+        let mut doc = ConfigDoc::new(dir.path());
+        doc.apiprism_listen = vec![LISTEN.into(), "[::1]:7445".into()];
+        doc.apiprism_endpoints = (0..3).map(|i| upstream(&net, i).to_string()).collect();
+        let config = dir.join("config.yaml");
+        write_atomic(&config, doc.render());
+        let mut apiprism = Daemon::start(DaemonKind::Apiprism, &net.nodes[3].netns, &config);
+        apiprism.wait_ready(SOON)?;
+        let lab = Lab {
+            apiprism,
+            standins,
+            doc,
+            config,
+            pki,
+            net,
+            _dir: dir,
+            _serial: serial,
+        };
+        for i in 0..3 {
+            lab.wait_state(i, "up", SOON)?;
+        }
+        Ok(lab)
+    }
+
+    fn upstream(&self, i: usize) -> SocketAddr {
+        upstream(&self.net, i)
+    }
+
+    /// apiprism's state of upstream `i` (`up`, `down`, `unknown`; `absent` when not in its table).
+    fn state(&self, i: usize) -> Result<String> {
+        let metrics = self.apiprism.metrics()?;
+        let needle = format!("upstream=\"{}\"", self.upstream(i));
+        let state = metrics
+            .series("apiprism_upstream_state")
+            .find(|(labels, v)| labels.contains(&needle) && *v == 1.0)
+            .and_then(|(labels, _)| labels.split("state=\"").nth(1))
+            .map(|s| s.trim_end_matches("\"}").to_owned());
+        Ok(state.unwrap_or_else(|| "absent".to_owned()))
+    }
+
+    /// Waits until upstream `i` is in `state`; returns how long that took.
+    fn wait_state(&self, i: usize, state: &str, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        wait_until(
+            timeout,
+            format!("{} {state}", self.upstream(i)),
+            || match self.state(i) {
+                Ok(s) if s == state => Ok(()),
+                Ok(s) => Err(s),
+                Err(e) => Err(e.to_string()),
+            },
+        )?;
+        Ok(start.elapsed())
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut s) = self.standins[i].take() {
+            s.kill();
+        }
+    }
+
+    fn restart(&mut self, i: usize) -> Result<()> {
+        self.standins[i] = Some(Standin::start(&self.net, i, NAMES[i], &self.pki)?);
+        Ok(())
+    }
+
+    /// Drops every packet from upstream `i` to the client node (a blackhole route in its namespace).
+    fn blackhole(&self, i: usize, on: bool) {
+        let client = format!("{}/32", self.net.nodes[3].ipv4);
+        let verb = if on { "add" } else { "del" };
+        self.net.nodes[i]
+            .netns
+            .ip(&["route", verb, "blackhole", &client]);
+    }
+
+    /// Runs the kubelet-like client in the client namespace while `scenario` runs on this thread.
+    fn with_kubelet<T>(
+        &mut self,
+        scenario: impl FnOnce(&mut Lab, &Mutex<Log>) -> Result<T>,
+    ) -> Result<(T, Log)> {
+        let log = Mutex::new(Log::default());
+        let stop = AtomicBool::new(false);
+        let tls = Pki::read(&self.pki)?.client_config()?;
+        let addr: SocketAddr = LISTEN.parse()?;
+        let netns_name = self.net.nodes[3].netns.name().to_owned();
+        let result = std::thread::scope(|scope| {
+            let client = scope.spawn(|| {
+                let ns = std::fs::File::open(format!("/run/netns/{netns_name}"))?;
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(kubelet(addr, tls, &log, &stop));
+                Ok::<_, anyhow::Error>(())
+            });
+            let result = scenario(self, &log);
+            stop.store(true, Ordering::SeqCst);
+            client
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+            result
+        });
+        let log = log.into_inner().unwrap_or_else(PoisonError::into_inner);
+        if result.is_err() {
+            eprintln!("--- apiprism log ---\n{}", self.apiprism.log());
+        }
+        Ok((result?, log))
+    }
+
+    fn rewrite_config(&mut self, endpoints: Vec<String>) {
+        self.doc.apiprism_endpoints = endpoints;
+        write_atomic(&self.config, self.doc.render());
+    }
+}
+
+fn upstream(net: &LabNet, i: usize) -> SocketAddr {
+    SocketAddr::new(net.nodes[i].ipv4.into(), API_PORT)
+}
+
+fn lock(log: &Mutex<Log>) -> MutexGuard<'_, Log> {
+    log.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One watch that reconnects when cut, and bursts of new connections, until `stop`.
+async fn kubelet(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    log: &Mutex<Log>,
+    stop: &AtomicBool,
+) {
+    let watch = async {
+        while !stop.load(Ordering::SeqCst) {
+            let mut w = match Watch::open(addr, &tls).await {
+                Ok(w) => w,
+                Err(e) => {
+                    lock(log).cut.push((Instant::now(), format!("open: {e}")));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match w.next().await {
+                Ok(server) => lock(log).connected.push((Instant::now(), server)),
+                Err(e) => {
+                    lock(log).cut.push((Instant::now(), e));
+                    continue;
+                }
+            }
+            while !stop.load(Ordering::SeqCst) {
+                let next = tokio::time::timeout(Duration::from_millis(200), w.next()).await;
+                match next {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        lock(log).cut.push((Instant::now(), e));
+                        break;
+                    }
+                    Err(_) => {} // a quiet stream (blackholed): wait for apiprism to cut it
+                }
+            }
+        }
+    };
+    let bursts = async {
+        while !stop.load(Ordering::SeqCst) {
+            let one = || async {
+                let start = Instant::now();
+                let result = fetch_name(addr, &tls, Duration::from_secs(5)).await;
+                lock(log).requests.push((start, Instant::now(), result));
+            };
+            tokio::join!(one(), one(), one(), one());
+            tokio::time::sleep(BURST_EVERY).await;
+        }
+    };
+    tokio::join!(watch, bursts);
+}
+
+/// The upstream the current watch goes through, once it streams.
+fn watch_server(log: &Mutex<Log>) -> Result<String> {
+    wait_until(SOON, "the watch streaming", || {
+        lock(log)
+            .connected
+            .last()
+            .map(|(_, s)| s.clone())
+            .ok_or("no watch yet")
+    })
+    .map_err(Into::into)
+}
+
+fn index_of(name: &str) -> Result<usize> {
+    NAMES
+        .iter()
+        .position(|n| *n == name)
+        .with_context(|| format!("unknown server {name}"))
+}
+
+/// The watch was cut after `t0` and reconnected to another server: (cut latency, new server).
+fn watch_moved(log: &Mutex<Log>, t0: Instant, from: &str) -> Result<(Duration, String)> {
+    let cut = wait_until(SOON, "the watch cut", || {
+        lock(log)
+            .cut
+            .iter()
+            .find(|(at, _)| *at >= t0)
+            .map(|(at, e)| (*at, e.clone()))
+            .ok_or("not cut yet")
+    })?;
+    let server = wait_until(SOON, "the watch reconnected", || {
+        lock(log)
+            .connected
+            .iter()
+            .find(|(at, _)| *at >= cut.0)
+            .map(|(_, s)| s.clone())
+            .ok_or("not reconnected yet")
+    })?;
+    ensure!(
+        server != from,
+        "the watch reconnected to {server}, the dead upstream"
+    );
+    Ok((cut.0 - t0, server))
+}
+
+/// Waits until a new connection that started after `t0` was served by `name`; returns how long after `t0`.
+fn used_again(log: &Mutex<Log>, t0: Instant, name: &str) -> Result<Duration> {
+    let start = wait_until(SOON, format!("a connection served by {name}"), || {
+        lock(log)
+            .requests
+            .iter()
+            .filter(|(start, _, r)| *start >= t0 && r.as_deref() == Ok(name))
+            .map(|(start, _, _)| *start)
+            .min()
+            .ok_or("not yet")
+    })?;
+    Ok(start - t0)
+}
+
+/// Fails on any failed new connection that started after `t0` (the fault): connections in flight through the
+/// dead or removed upstream at that moment are cut, by design. Returns (connections since `t0`, in flight and
+/// cut at `t0`).
+fn no_failures(log: &Log, t0: Instant) -> Result<(usize, usize)> {
+    let after: Vec<_> = log.requests.iter().filter(|r| r.0 >= t0).collect();
+    let in_flight_cut = log
+        .requests
+        .iter()
+        .filter(|r| r.0 < t0 && r.1 >= t0 && r.2.is_err())
+        .count();
+    let failed: Vec<_> = after.iter().filter(|r| r.2.is_err()).collect();
+    if let Some((start, end, Err(e))) = failed.first() {
+        bail!(
+            "{} of {} new connections failed; first {:?} after the fault, after {:?}: {e}",
+            failed.len(),
+            after.len(),
+            *start - t0,
+            *end - *start
+        );
+    }
+    let before_failed = log
+        .requests
+        .iter()
+        .filter(|r| r.1 < t0 && r.2.is_err())
+        .count();
+    ensure!(
+        before_failed == 0,
+        "{before_failed} connections failed before the fault"
+    );
+    Ok((after.len(), in_flight_cut))
+}
+
+fn settle() {
+    std::thread::sleep(Duration::from_millis(500)); // traffic before the fault
+}
+
+/// Common to the SIGKILL and blackhole scenarios.
+fn fail_one(
+    fault: impl Fn(&mut Lab, usize),
+    repair: impl Fn(&mut Lab, usize) -> Result<()>,
+    what: &str,
+) -> Result<()> {
+    let mut lab = Lab::new()?;
+    let ((out, t0, down, cut, back), log) = lab.with_kubelet(|lab, log| {
+        let server = watch_server(log)?;
+        let victim = index_of(&server)?;
+        settle();
+        let t0 = Instant::now();
+        fault(lab, victim);
+        let down = lab.wait_state(victim, "down", SOON)?;
+        let (cut, to) = watch_moved(log, t0, &server)?;
+        settle();
+        let t1 = Instant::now();
+        repair(lab, victim)?;
+        let back = used_again(log, t1, &server)?;
+        settle();
+        Ok((
+            format!("{server} {what}; watch moved to {to}"),
+            t0,
+            down,
+            cut,
+            back,
+        ))
+    })?;
+    let (total, cut_in_flight) = no_failures(&log, t0)?;
+    eprintln!(
+        "apiprism {what}: {out}; out of rotation after {down:?}, watch cut after {cut:?}, used again {back:?} \
+         after its return; {total} new connections after the fault, none failed ({cut_in_flight} in flight \
+         through it were cut)"
+    );
+    ensure!(down <= BOUND, "{what}: out of rotation after {down:?}");
+    ensure!(cut <= BOUND, "{what}: watch cut after {cut:?}");
+    ensure!(
+        back <= BOUND,
+        "{what}: used again {back:?} after its return"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigkilled_upstream_fails_over_without_a_failed_connection() -> Result<()> {
+    fail_one(|lab, i| lab.kill(i), |lab, i| lab.restart(i), "SIGKILLed")
+}
+
+#[test]
+fn blackholed_upstream_fails_over_without_a_failed_connection() -> Result<()> {
+    fail_one(
+        |lab, i| lab.blackhole(i, true),
+        |lab, i| {
+            lab.blackhole(i, false);
+            Ok(())
+        },
+        "blackholed",
+    )
+}
+
+#[test]
+fn upstream_removed_from_config_is_cut_and_readded_is_used() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let all: Vec<String> = (0..3).map(|i| lab.upstream(i).to_string()).collect();
+    let ((t0, removed, cut, to, back), log) = lab.with_kubelet(|lab, log| {
+        let server = watch_server(log)?;
+        let victim = index_of(&server)?;
+        settle();
+        let t0 = Instant::now();
+        let rest: Vec<String> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != victim)
+            .map(|(_, a)| a.clone())
+            .collect();
+        lab.rewrite_config(rest);
+        let removed = lab.wait_state(victim, "absent", SOON)?;
+        let (cut, to) = watch_moved(log, t0, &server)?;
+        settle();
+        let t1 = Instant::now();
+        lab.rewrite_config(all.clone());
+        let back = used_again(log, t1, &server)?;
+        Ok((t0, removed, cut, to, back))
+    })?;
+    let (total, cut_in_flight) = no_failures(&log, t0)?;
+    eprintln!(
+        "apiprism removal: removed after {removed:?}, watch cut after {cut:?} (moved to {to}), re-added and used \
+         after {back:?}; {total} new connections after the removal, none failed ({cut_in_flight} in flight \
+         through it were cut)"
+    );
+    ensure!(removed <= BOUND && cut <= BOUND && back <= BOUND);
+    Ok(())
+}
+
+#[test]
+fn all_down_then_one_back_is_used_at_once() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let ((back, watch_back), log) = lab.with_kubelet(|lab, log| {
+        watch_server(log)?;
+        settle();
+        for i in 0..3 {
+            lab.kill(i);
+        }
+        for i in 0..3 {
+            lab.wait_state(i, "down", SOON)?;
+        }
+        settle();
+        let t1 = Instant::now();
+        lab.restart(1)?;
+        let back = used_again(log, t1, NAMES[1])?;
+        let watch_back = wait_until(SOON, "the watch back", || {
+            lock(log)
+                .connected
+                .iter()
+                .find(|(at, s)| *at >= t1 && s == NAMES[1])
+                .map(|(at, _)| *at - t1)
+                .ok_or("not yet")
+        })?;
+        Ok((back, watch_back))
+    })?;
+    eprintln!(
+        "apiprism all down, one back: used again after {back:?}, watch back after {watch_back:?}; {} new \
+         connections (those while all were down fail)",
+        log.requests.len()
+    );
+    ensure!(back <= BOUND, "used again {back:?} after its return");
+    ensure!(
+        watch_back <= BOUND,
+        "watch back {watch_back:?} after the return"
+    );
+    Ok(())
+}
+
+#[test]
+fn status_shows_the_upstream_table() -> Result<()> {
+    let lab = Lab::new()?;
+    let want: Vec<String> = (0..3).map(|i| lab.upstream(i).to_string()).collect();
+    // The status record is written shortly after a change: wait for the one with all three up.
+    let text = wait_until(SOON, "`apiprism status` with 3/3 upstreams up", || {
+        let out = Command::new(hybridnet_integration::bin_path(DaemonKind::Apiprism))
+            .args(["status", "--config"])
+            .arg(&lab.config)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let complete = out.status.success()
+            && text.contains("UPSTREAM")
+            && text.contains("3/3 upstreams up")
+            && want.iter().all(|a| text.contains(a.as_str()));
+        if complete {
+            Ok(text)
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    })?;
+    eprintln!("{text}");
+    Ok(())
+}
