@@ -107,6 +107,11 @@ const NAMES: [&str; 3] = ["api-1", "api-2", "api-3"];
 
 impl Lab {
     fn new() -> Result<Lab> {
+        Lab::with_endpoints(3)
+    }
+
+    /// Three stand-ins, the first `endpoints` of them in apiprism's config.
+    fn with_endpoints(endpoints: usize) -> Result<Lab> {
         require_root();
         let serial = serial();
         let dir = TestDir::new("apiprism");
@@ -120,7 +125,9 @@ impl Lab {
         }
         let mut doc = ConfigDoc::new(dir.path());
         doc.apiprism_listen = vec![LISTEN.into(), "[::1]:7445".into()];
-        doc.apiprism_endpoints = (0..3).map(|i| upstream(&net, i).to_string()).collect();
+        doc.apiprism_endpoints = (0..endpoints)
+            .map(|i| upstream(&net, i).to_string())
+            .collect();
         let config = dir.join("config.yaml");
         write_atomic(&config, doc.render());
         let mut apiprism = Daemon::start(DaemonKind::Apiprism, &net.nodes[3].netns, &config);
@@ -135,7 +142,7 @@ impl Lab {
             _dir: dir,
             _serial: serial,
         };
-        for i in 0..3 {
+        for i in 0..endpoints {
             lab.wait_state(i, "up", SOON)?;
         }
         Ok(lab)
@@ -541,5 +548,51 @@ fn status_shows_the_upstream_table() -> Result<()> {
         }
     })?;
     eprintln!("{text}");
+    Ok(())
+}
+
+/// meshd's control-plane members become upstreams (meshd does not write the record yet: the test does), and a
+/// member that leaves is removed with its connections.
+#[test]
+fn members_from_meshd_become_upstreams() -> Result<()> {
+    use hybridnet_state::{MEMBERS, Member, Members, StateDir};
+    let lab = Lab::with_endpoints(2)?;
+    let state = StateDir::new(&lab.doc.state_dir);
+    let member = |name: &str, i: usize, control_plane: bool| Member {
+        name: name.to_owned(),
+        addresses: vec![lab.net.nodes[i].ipv4.into()],
+        control_plane,
+        api_server_port: Some(API_PORT),
+        ..Default::default()
+    };
+    ensure!(
+        lab.state(2)? == "absent",
+        "upstream 3 before the members record"
+    );
+    let members = Members {
+        members: vec![
+            member("cp-1", 0, true), // also a configured endpoint: one upstream, two sources
+            member("cp-3", 2, true),
+            member("worker", 3, false),
+        ],
+    };
+    state.write(MEMBERS.0, MEMBERS.1, &members)?;
+    let added = lab.wait_state(2, "up", SOON)?;
+    let metrics = lab.apiprism.metrics()?;
+    ensure!(
+        metrics.value("apiprism_upstreams") == 3.0,
+        "upstreams: {:?}",
+        metrics.get("apiprism_upstreams")
+    );
+    state.write(
+        MEMBERS.0,
+        MEMBERS.1,
+        &Members {
+            members: vec![member("cp-1", 0, true)],
+        },
+    )?;
+    let removed = lab.wait_state(2, "absent", SOON)?;
+    ensure!(lab.state(0)? == "up", "the configured endpoint stays");
+    eprintln!("apiprism members: cp-3 added and up after {added:?}, removed after {removed:?}");
     Ok(())
 }

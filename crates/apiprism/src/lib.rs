@@ -98,6 +98,7 @@ struct Control {
 
 /// The main loop: follows the config and the members record, keeps listeners and upstreams in line.
 pub async fn run(mut ctx: Context) -> Result<(), Error> {
+    raise_nofile();
     let config = ctx.config.borrow_and_update().clone();
     let metrics = ctx.metrics.register("apiprism", Metrics::register);
     let shared = Arc::new(Shared::new(Table::new(policy(&config)), metrics));
@@ -148,6 +149,21 @@ pub async fn run(mut ctx: Context) -> Result<(), Error> {
     }
     c.stop().await;
     Ok(())
+}
+
+/// Each proxied connection takes two descriptors: raise the soft limit to the hard one (as Go does at start),
+/// so that thousands of connections don't hit a default soft limit of 1024.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
+    }
 }
 
 impl Control {
