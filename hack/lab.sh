@@ -149,7 +149,7 @@ stateDir: $dir/state
 dataDir: $dir/data
 apiprism: {listen: ["127.0.0.1:7445"], endpoints: ["192.0.2.1:6443"], admin: "127.0.0.1:$(admin_port apiprism)"}
 meshd: {interface: hybridnet0, listenPort: 51821, location: lab, admin: "127.0.0.1:$(admin_port meshd)"}
-dnslocal: {listen: ["169.254.20.10:53"], clusterDomain: cluster.local, clusterDNS: ["192.0.2.53:53"], admin: "127.0.0.1:$(admin_port dnslocal)"}
+dnslocal: {listen: ["169.254.20.10:53"], clusterDomain: cluster.local, clusterDNS: ["192.0.2.53:53"], upstreams: ["192.0.2.1:53"], admin: "127.0.0.1:$(admin_port dnslocal)"}
 EOF
 }
 

@@ -8,6 +8,11 @@ use crate::DaemonKind;
 
 /// A `HybridNetConfig` document with the keys the daemons have today; change fields, then [`ConfigDoc::render`].
 /// Per-node state and data directories are required: namespaces share the filesystem.
+///
+/// The default addresses are on the lab segment (192.0.2.0/24): upstreams must be routable for dnslocal to
+/// become ready (it connects its upstream sockets), so a lone namespace needs [`Netns::add_lab_link`].
+///
+/// [`Netns::add_lab_link`]: crate::Netns::add_lab_link
 #[derive(Clone, Debug)]
 pub struct ConfigDoc {
     pub state_dir: PathBuf,
@@ -22,6 +27,8 @@ pub struct ConfigDoc {
     pub dnslocal_listen: Vec<String>,
     pub cluster_domain: String,
     pub cluster_dns: Vec<String>,
+    /// Where dnslocal forwards everything else; set, so the host's /etc/resolv.conf does not matter.
+    pub dnslocal_upstreams: Vec<String>,
     pub dnslocal_admin: SocketAddr,
     /// Documents (Talos machine config) put before ours, without the trailing `---`.
     pub preamble: Option<String>,
@@ -45,6 +52,7 @@ impl ConfigDoc {
             dnslocal_listen: vec!["169.254.20.10:53".into()],
             cluster_domain: "cluster.local".into(),
             cluster_dns: vec!["192.0.2.53:53".into()],
+            dnslocal_upstreams: vec!["192.0.2.1:53".into()],
             dnslocal_admin: DaemonKind::Dnslocal.default_admin(),
             preamble: None,
             extra: String::new(),
@@ -99,10 +107,11 @@ impl ConfigDoc {
         );
         let _ = writeln!(
             out,
-            "dnslocal: {{listen: {}, clusterDomain: {}, clusterDNS: {}, admin: {}}}",
+            "dnslocal: {{listen: {}, clusterDomain: {}, clusterDNS: {}, upstreams: {}, admin: {}}}",
             list(&self.dnslocal_listen),
             quote(&self.cluster_domain),
             list(&self.cluster_dns),
+            list(&self.dnslocal_upstreams),
             quote(&self.dnslocal_admin.to_string()),
         );
         out.push_str(&self.extra);

@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
-use hybridnet_state::{DaemonStatus, StateDir};
+use hybridnet_state::{DaemonStatus, STATUS, StateDir};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -71,12 +71,11 @@ impl DaemonKind {
         run_with_timeout(self.command().args(args), timeout)
     }
 
-    /// Reads `<state_dir>/<daemon>/status.json`.
+    /// Reads `<state_dir>/<daemon>/status.json` (the payload of the record's envelope).
     pub fn read_status(self, state_dir: &Path) -> Result<DaemonStatus, String> {
-        let path = StateDir::new(state_dir).record_path(self.name(), "status");
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}: {text}", path.display()))
+        StateDir::new(state_dir)
+            .read(self.name(), STATUS)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -378,6 +377,7 @@ impl Daemon {
         mut probe: impl FnMut(&Daemon) -> Result<T, String>,
     ) -> Result<T, Timeout> {
         let what = what.to_string();
+        let start = std::time::Instant::now();
         let result = wait_until(timeout, &what, || match self.exited() {
             Some(status) => Ok(Err(format!(
                 "{} exited ({status}); log:\n{}",
@@ -387,9 +387,10 @@ impl Daemon {
             None => probe(self).map(Ok),
         })?;
         result.map_err(|last| Timeout {
-            what: format!("{what} (gave up: the daemon exited)"),
-            waited: Duration::ZERO,
+            what,
+            waited: start.elapsed(),
             last,
+            gave_up: true,
         })
     }
 

@@ -51,6 +51,28 @@ impl Netns {
         }
     }
 
+    /// Adds link `lab0` holding `192.0.2.10/24` and `2001:db8::10/64`, so a lone namespace routes the lab
+    /// segment (a daemon can connect sockets to 192.0.2.x) while nothing leaves it. `lab0` is one end of a
+    /// veth pair whose other end (`lab0peer`, no address) stays in the namespace; a veth, because this
+    /// kernel may have no `dummy` link type.
+    pub fn add_lab_link(&self) {
+        self.ip(&[
+            "link", "add", "lab0", "type", "veth", "peer", "name", "lab0peer",
+        ]);
+        self.ip(&["addr", "add", "192.0.2.10/24", "dev", "lab0"]);
+        self.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8::10/64",
+            "dev",
+            "lab0",
+            "nodad",
+        ]);
+        self.ip(&["link", "set", "lab0peer", "up"]);
+        self.ip(&["link", "set", "lab0", "up"]);
+    }
+
     /// A command that runs `program` in this namespace (`ip netns exec NAME program ...`). `ip netns exec`
     /// execs the program, so the child's pid is the program's pid. It also gives the program its own mount
     /// namespace (with `/sys` for this network namespace).

@@ -9,13 +9,16 @@ pub struct Timeout {
     pub what: String,
     pub waited: Duration,
     pub last: String,
+    /// The wait was cut short: what it waited on can no longer happen (e.g. the daemon exited).
+    pub gave_up: bool,
 }
 
 impl Display for Timeout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verb = if self.gave_up { "gave up" } else { "timed out" };
         write!(
             f,
-            "timed out after {:?} waiting for {}; last: {}",
+            "{verb} after {:?} waiting for {}; last: {}",
             self.waited, self.what, self.last
         )
     }
@@ -55,6 +58,7 @@ pub fn wait_until<T, E: Display>(
                 what: what.to_string(),
                 waited: now - start,
                 last,
+                gave_up: false,
             });
         }
         std::thread::sleep(pause.min(deadline - now));

@@ -94,6 +94,8 @@ fn accepts_every_talos_fixture(kind: DaemonKind) -> Result<()> {
 fn accepts_our_document_and_prints_json(kind: DaemonKind) -> Result<()> {
     let dir = TestDir::new("check");
     let mut doc = ConfigDoc::new(Path::new("/run/hybridnet-test/node1"));
+    // This machine config keeps Talos's KubePrism on 127.0.0.1:7445: apiprism must use another port.
+    doc.apiprism_listen = vec!["127.0.0.1:7455".into()];
     doc.preamble = Some(std::fs::read_to_string(
         talos_fixtures().join("machine-config/v1.15-base-worker.yaml"),
     )?);
@@ -183,6 +185,7 @@ fn junk() -> Vec<u8> {
 
 fn bad_inputs() -> Vec<Bad> {
     let tabs = "apiVersion: v1alpha1\nkind: HybridNetConfig\nmeshd:\n\tlistenPort: 51821\n";
+    let kubeprism_on = "apiVersion: v1alpha1\nkind: KubePrismConfig\nport: 7445\n";
     let talos_negations = "apiVersion: v1alpha1\nkind: KubeSpanConfig\nenabled: true\nfilters:\n    endpoints:\n        - \"!10.0.0.0/8\"\n        - \"!192.168.0.0/16\"\n";
     vec![
         Bad {
@@ -246,6 +249,12 @@ fn bad_inputs() -> Vec<Bad> {
             positioned: false,
         },
         Bad {
+            name: "apiprism on the port of Talos's KubePrism",
+            bytes: format!("{kubeprism_on}---\n{}", our_doc()).into_bytes(),
+            needle: Some("7445"),
+            positioned: true,
+        },
+        Bad {
             name: "misspelt key",
             bytes: edited("listenPort:", "listenPrt:"),
             needle: Some("listenPort"),
@@ -283,6 +292,9 @@ fn rejects_bad_inputs(kind: DaemonKind) -> Result<()> {
             .arg(&file);
         cmd.env_remove("HYBRIDNET_CONFIG");
         let out = run_with_timeout(&mut cmd, CLI);
+        if std::env::var_os("HYBRIDNET_TEST_VERBOSE").is_some() {
+            eprintln!("[{}] {}", bad.name, out.describe());
+        }
         let stderr = out.stderr.to_lowercase();
         let problem = if out.code() != Some(EX_CONFIG) {
             Some(format!("want exit {EX_CONFIG}"))

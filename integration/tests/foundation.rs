@@ -42,21 +42,27 @@ impl Single {
         let dir = TestDir::new(kind.name());
         let doc = ConfigDoc::new(dir.path());
         let config = dir.join("config.yaml");
+        let netns = Netns::new();
+        netns.add_lab_link(); // the document's upstreams (192.0.2.x) are routable, so dnslocal can be ready
         Single {
             daemon: None,
-            netns: Netns::new(),
+            netns,
             doc,
             config,
             dir,
         }
     }
 
-    /// Writes the current document (atomically), starts the daemon, waits for `/readyz`.
+    /// Writes the current document (atomically), starts the daemon, waits for `/readyz` and for its
+    /// status record to show the config applied.
     fn started_ready(kind: DaemonKind) -> Result<Single> {
         let mut s = Single::new(kind);
         s.write_config();
         s.start(kind);
         s.d().wait_ready(SOON)?;
+        s.wait_status("status.json with the config applied", |st| {
+            st.ready && st.config_generation >= 1
+        })?;
         Ok(s)
     }
 
@@ -256,7 +262,8 @@ fn rejects_a_bad_new_version(kind: DaemonKind) -> Result<()> {
         "the admin endpoint moved to {moved}, from a rejected version"
     );
     d.set_admin(admin);
-    // A good version clears the error.
+    // A good (and different) version clears the error.
+    s.doc.meshd_location = "fixed".into();
     s.write_config();
     let fixed = s.wait_status("a fixed version to clear configError", |st| {
         st.config_error.is_none()
@@ -467,8 +474,10 @@ fn three_nodes_run_all_daemons() -> Result<()> {
     let mut running = Vec::new();
     for node in &lab.nodes {
         let root = dir.join(format!("node{}", node.index));
+        std::fs::create_dir_all(&root)?;
         let mut doc = ConfigDoc::new(&root);
         doc.preamble = Some(TALOS_PREAMBLE.to_owned());
+        doc.apiprism_listen = vec!["127.0.0.1:7455".into()]; // Talos's KubePrism has 7445
         doc.meshd_location = format!("site{}", node.index);
         let config = root.join("config.yaml");
         write_atomic(&config, doc.render());
