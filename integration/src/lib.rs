@@ -29,6 +29,7 @@ mod daemon;
 pub mod dnslocal;
 mod fs;
 mod http;
+pub mod meshd;
 mod netns;
 mod process;
 mod root;

@@ -123,8 +123,8 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
             () = tokio::time::sleep_until(wake.into()) => {}
         }
         let Some(m) = mesh.as_mut() else { continue };
-        m.poll(Instant::now()).await;
-        if Instant::now() >= next_report {
+        let changed = m.poll(Instant::now()).await;
+        if changed || Instant::now() >= next_report {
             next_report = Instant::now() + REPORT_EVERY;
             report(&ctx, m, &mut members_written, &mut underlay).await;
         }

@@ -313,8 +313,10 @@ impl Mesh {
             .min(self.next_resync)
     }
 
-    /// Runs the peer machines and applies what they decide.
-    pub async fn poll(&mut self, now: Instant) {
+    /// Runs the peer machines and applies what they decide. Returns whether a peer changed its state or
+    /// endpoint (worth reporting at once).
+    pub async fn poll(&mut self, now: Instant) -> bool {
+        let mut changed = false;
         let mut probes = Vec::new();
         let mut counter = self.nonce;
         for peer in self.peers.values_mut() {
@@ -328,10 +330,12 @@ impl Mesh {
                 match action {
                     Action::Probe { endpoint, nonce } => probes.push((peer.key, endpoint, nonce)),
                     Action::SetEndpoint(ep) => {
+                        changed = true;
                         tracing::info!(peer = %peer.name, endpoint = %ep, failovers = peer.machine.failovers, "active endpoint");
                         self.dirty = true;
                     }
                     Action::State(state) => {
+                        changed = true;
                         tracing::info!(peer = %peer.name, state = state.as_str(), "peer state");
                         if self.cfg.meshd.allow_down_peer_bypass {
                             self.dirty = true;
@@ -360,6 +364,7 @@ impl Mesh {
                 }
             }
         }
+        changed
     }
 
     async fn send_probe(&mut self, key: PublicKey, endpoint: SocketAddr, nonce: u64) {

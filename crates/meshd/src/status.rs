@@ -106,9 +106,9 @@ pub fn render(details: &Value) -> String {
             p["rttMs"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.1}")),
-            p["failovers"],
-            p["rxBytes"],
-            p["txBytes"],
+            p["failovers"].to_string(),
+            p["rxBytes"].to_string(),
+            p["txBytes"].to_string(),
             paths.join(" "),
         );
     }

@@ -57,32 +57,43 @@ fn add_lines(out: &mut String, key: &PublicKey, config: &PeerConfig) {
     }
 }
 
-/// The `set=1` request for `update` (ends with the blank line).
-pub fn render_set(update: &Update) -> String {
-    let mut out = String::from("set=1\n");
+/// The `set=1` requests for `update` (each ends with the blank line), in order.
+///
+/// One request per peer: boringtun 0.7.1 carries a peer section's `remove`, `endpoint`, keepalive and
+/// preshared key over into the next section of the same request, so sections are never batched.
+pub fn render_set(update: &Update) -> Vec<String> {
+    let mut requests = Vec::new();
+    let mut device = String::new();
     if let Some(key) = &update.private_key {
-        let _ = writeln!(out, "private_key={}", hex(key));
+        let _ = writeln!(device, "private_key={}", hex(key));
     }
     if let Some(port) = update.listen_port {
-        let _ = writeln!(out, "listen_port={port}");
+        let _ = writeln!(device, "listen_port={port}");
     }
     if let Some(mark) = update.fwmark {
-        let _ = writeln!(out, "fwmark={mark}");
+        let _ = writeln!(device, "fwmark={mark}");
     }
+    if !device.is_empty() {
+        requests.push(format!("set=1\n{device}\n"));
+    }
+    let remove = |key: &PublicKey| format!("set=1\npublic_key={}\nremove=true\n\n", hex(&key.0));
+    let add = |key: &PublicKey, config: &PeerConfig| {
+        let mut out = String::from("set=1\n");
+        add_lines(&mut out, key, config);
+        out.push('\n');
+        out
+    };
     for op in &update.peers {
         match op {
-            PeerOp::Add(key, config) => add_lines(&mut out, key, config),
-            PeerOp::Remove(key) => {
-                let _ = writeln!(out, "public_key={}\nremove=true", hex(&key.0));
-            }
+            PeerOp::Add(key, config) => requests.push(add(key, config)),
+            PeerOp::Remove(key) => requests.push(remove(key)),
             PeerOp::Update { key, config, .. } => {
-                let _ = writeln!(out, "public_key={}\nremove=true", hex(&key.0));
-                add_lines(&mut out, key, config);
+                requests.push(remove(key));
+                requests.push(add(key, config));
             }
         }
     }
-    out.push('\n');
-    out
+    requests
 }
 
 /// Parses a `get=1` answer (without the final `errno=` line check, done by the caller).
@@ -207,13 +218,16 @@ pub fn request(path: &Path, body: &str) -> Result<String, Error> {
 
 /// `get=1` on a socket file.
 pub fn get(path: &Path) -> Result<Actual, Error> {
-    let text = request(path, GET)?;
+    let text = request(path, "get=1\n\n")?;
     parse_get(&text).map_err(|e| Error::Backend(format!("{}: {e}", path.display())))
 }
 
 /// `set=1` with `update` on a socket file.
 pub fn set(path: &Path, update: &Update) -> Result<(), Error> {
-    request(path, &render_set(update)).map(|_| ())
+    for body in render_set(update) {
+        request(path, &body)?;
+    }
+    Ok(())
 }
 
 /// The `get=1` request. No blank line after it: boringtun reads one line per command, and a blank line
@@ -249,15 +263,23 @@ mod tests {
                 },
             ],
         };
-        let text = render_set(&update);
-        assert!(text.starts_with("set=1\nprivate_key=0101"));
-        assert!(text.contains("listen_port=51821\nfwmark=4096\n"));
-        assert!(text.contains(&format!(
-            "public_key={}\nremove=true\npublic_key={}\nendpoint=192.0.2.1:51821\n",
-            hex(&[4; 32]),
+        let requests = render_set(&update);
+        assert_eq!(
+            requests.len(),
+            5,
+            "device, add, remove, update as remove + add"
+        );
+        assert!(requests[0].starts_with("set=1\nprivate_key=0101"));
+        assert!(requests[0].ends_with("listen_port=51821\nfwmark=4096\n\n"));
+        let remove = |k: [u8; 32]| format!("set=1\npublic_key={}\nremove=true\n\n", hex(&k));
+        assert_eq!(requests[2], remove([3; 32]));
+        assert_eq!(requests[3], remove([4; 32]));
+        let add = format!(
+            "set=1\npublic_key={}\nendpoint=192.0.2.1:51821\n",
             hex(&[4; 32])
-        )));
-        assert!(text.ends_with("allowed_ip=10.0.0.1/32\n\n"));
+        );
+        assert!(requests[4].starts_with(&add));
+        assert!(requests[4].ends_with("allowed_ip=10.0.0.1/32\n\n"));
     }
 
     #[test]

@@ -65,8 +65,10 @@ impl Userspace {
     }
 
     pub fn apply(&mut self, update: &Update) -> Result<(), Error> {
-        uapi::exchange(&mut self.api, &uapi::render_set(update))
-            .map(|_| ())
-            .map_err(|e| Error::Backend(format!("{} set: {e}", self.name)))
+        for body in uapi::render_set(update) {
+            uapi::exchange(&mut self.api, &body)
+                .map_err(|e| Error::Backend(format!("{} set: {e}", self.name)))?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,197 @@
+//! meshd in network namespaces, userspace backend: 4 nodes on a private and a public network.
+//! Needs root; fails (never skips) without it.
+
+use std::time::{Duration, Instant};
+
+use hybridnet_integration::meshd::{MeshLab, TcpFlow};
+use hybridnet_integration::{Daemon, wait_until};
+use nix::sys::signal::Signal;
+
+fn wait_all_up(lab: &MeshLab, timeout: Duration) {
+    let n = lab.nodes.len() - 1;
+    for node in &lab.nodes {
+        wait_until(
+            timeout,
+            format!("{} to see all peers up", node.name()),
+            || node.all_up(n),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+fn ping_all(lab: &MeshLab) {
+    for a in &lab.nodes {
+        for b in lab.nodes.iter().filter(|b| b.index != a.index) {
+            wait_until(Duration::from_secs(5), "ping over the mesh", || {
+                a.ping(&b.mesh_ip().to_string())
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+            let v6 = a.peer(&b.name()).unwrap_or_default()["meshAddress"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            wait_until(Duration::from_secs(5), "ping6 over the mesh", || {
+                a.ping(&v6)
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+#[test]
+fn four_nodes_mesh_fail_over_in_seconds_and_rejoin() {
+    let mut lab = MeshLab::new(4, "meshd-4");
+    let mut daemons: Vec<Daemon> = lab.start_all();
+    let t0 = Instant::now();
+    wait_all_up(&lab, Duration::from_secs(10));
+    eprintln!(
+        "full mesh up {:?} after the peer configs were written",
+        t0.elapsed()
+    );
+    ping_all(&lab);
+
+    // Every peer on the private path (listed first, near-equal RTT).
+    for b in 1..4 {
+        lab.wait_endpoint(0, b, lab.nodes[b].private_ip(), Duration::from_secs(5));
+    }
+    // members.json: every node and its mesh address.
+    let members: hybridnet_state::Members = hybridnet_state::StateDir::new(&lab.nodes[0].state_dir)
+        .read("meshd", "members")
+        .unwrap_or_else(|e| panic!("members.json: {e}"));
+    assert_eq!(members.members.len(), 4, "{members:?}");
+    assert!(members.members.iter().all(|m| m.mesh_address.is_some()));
+
+    // Cut node1 <-> node2's private path while a TCP stream runs between them.
+    let flow = TcpFlow::start(
+        &lab.nodes[1].netns,
+        &lab.nodes[0].netns,
+        lab.nodes[1].mesh_ip(),
+        7001,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    lab.cut_private(0, 1, true);
+    let failover = lab.wait_endpoint(0, 1, lab.nodes[1].public_ip(), Duration::from_secs(5));
+    let other_side = lab.wait_endpoint(1, 0, lab.nodes[0].public_ip(), Duration::from_secs(5));
+    eprintln!("failover node1->node2 {failover:?}, node2->node1 within {other_side:?} more");
+    assert!(
+        failover <= Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
+    lab.nodes[0]
+        .ping(&lab.nodes[1].mesh_ip().to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Other pairs keep their private path.
+    assert_eq!(
+        lab.nodes[0].peer("node3").unwrap_or_default()["endpoint"],
+        format!("{}:51821", lab.nodes[2].private_ip())
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Restore: back to the private path.
+    lab.cut_private(0, 1, false);
+    let back = lab.wait_endpoint(0, 1, lab.nodes[1].private_ip(), Duration::from_secs(10));
+    eprintln!("moved back to the private path {back:?} after the repair");
+    let (gap, echoes) = flow
+        .finish()
+        .unwrap_or_else(|e| panic!("the TCP stream broke: {e}"));
+    eprintln!("TCP stream survived: {echoes} echoes, longest gap {gap:?}");
+    assert!(
+        gap < Duration::from_secs(5),
+        "TCP stream stalled for {gap:?}"
+    );
+
+    // Clean stop removes the interface and the rules.
+    let node4 = &lab.nodes[3];
+    daemons[3]
+        .signal(Signal::SIGTERM)
+        .unwrap_or_else(|e| panic!("{e}"));
+    daemons[3]
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let links = node4.netns.exec(&["ip", "link", "show", "hybridnet0"]);
+    assert!(!links.status.success(), "hybridnet0 left behind");
+    let rules = String::from_utf8_lossy(&node4.netns.exec(&["ip", "rule"]).stdout).into_owned();
+    assert!(!rules.contains("51821"), "rules left behind: {rules}");
+
+    // Restart: the node rejoins all peers within 3 s of start (same key from dataDir).
+    let start = Instant::now();
+    daemons[3] = lab.start(3);
+    let pid = Some(daemons[3].pid());
+    wait_until(Duration::from_secs(10), "node4 to rejoin", || {
+        lab.nodes[3].all_up_in(3, pid)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rejoin = start.elapsed();
+    eprintln!("node4 rejoined all peers {rejoin:?} after its start");
+    assert!(rejoin <= Duration::from_secs(3), "rejoin took {rejoin:?}");
+    for b in 0..3 {
+        let dst = lab.nodes[b].mesh_ip().to_string();
+        wait_until(
+            Duration::from_secs(3),
+            "node4 to ping over the mesh",
+            || lab.nodes[3].ping(&dst),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    // SIGKILL and restart: the stale rules are adopted, the mesh comes back.
+    daemons[2]
+        .signal(Signal::SIGKILL)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = daemons[2].wait_exit(Duration::from_secs(5));
+    daemons[2] = lab.start(2);
+    let pid = Some(daemons[2].pid());
+    wait_until(
+        Duration::from_secs(10),
+        "node3 to rejoin after SIGKILL",
+        || lab.nodes[2].all_up_in(3, pid),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rules =
+        String::from_utf8_lossy(&lab.nodes[2].netns.exec(&["ip", "rule"]).stdout).into_owned();
+    assert_eq!(
+        rules.matches("lookup 51821").count(),
+        1,
+        "one IPv4 rule: {rules}"
+    );
+    wait_all_up(&lab, Duration::from_secs(10));
+}
+
+#[test]
+fn endpoint_filter_keeps_the_mesh_off_the_excluded_network() {
+    let mut lab = MeshLab::new(2, "meshd-filter");
+    for node in &mut lab.nodes {
+        node.extra = "  filters:\n    endpoints: [\"0.0.0.0/0\", \"!192.0.2.0/24\"]\n".into();
+    }
+    let _daemons = lab.start_all();
+    wait_all_up(&lab, Duration::from_secs(10));
+    for (a, b) in [(0, 1), (1, 0)] {
+        let row = lab.nodes[a]
+            .peer(&lab.nodes[b].name())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            row["endpoint"],
+            format!("{}:51821", lab.nodes[b].public_ip())
+        );
+        let paths = row["paths"].as_array().cloned().unwrap_or_default();
+        assert_eq!(paths.len(), 1, "only the public candidate is left: {row}");
+    }
+    lab.nodes[0]
+        .ping(&lab.nodes[1].mesh_ip().to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Cutting the public path leaves the peer down: the private network is never used.
+    lab.nodes[0].netns.ip(&[
+        "route",
+        "add",
+        "blackhole",
+        &format!("{}/32", lab.nodes[1].public_ip()),
+    ]);
+    wait_until(Duration::from_secs(5), "node2 to go down for node1", || {
+        let row = lab.nodes[0].peer("node2")?;
+        if row["state"] == "down" {
+            Ok(())
+        } else {
+            Err(row.to_string())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
