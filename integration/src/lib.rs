@@ -32,6 +32,7 @@ mod http;
 pub mod meshd;
 mod netns;
 mod process;
+pub mod qemu;
 mod root;
 mod wait;
 

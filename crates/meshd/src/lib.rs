@@ -68,6 +68,9 @@ impl Daemon for Meshd {
 
 /// How often status, metrics, members and the cache are refreshed.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// The peer machines run at most this often (probe datagrams in between are only recorded), so the work
+/// per second stays O(peers × 50), not O(peers²) with many peers answering.
+const POLL_GRANULARITY: Duration = Duration::from_millis(20);
 /// How long to wait before retrying a mesh that failed to start.
 const RETRY_START: Duration = Duration::from_secs(2);
 
@@ -78,6 +81,9 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
     let mut underlay: (Vec<std::net::IpAddr>, Option<Instant>) = (Vec::new(), None);
     let mut next_report = Instant::now();
     let mut next_start = Instant::now();
+    let mut last_poll = Instant::now()
+        .checked_sub(POLL_GRANULARITY)
+        .unwrap_or_else(Instant::now);
     loop {
         let now = Instant::now();
         if mesh.is_none() && now >= next_start {
@@ -97,7 +103,8 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
         let wake = mesh
             .as_ref()
             .map_or(next_start, Mesh::next_wakeup)
-            .min(next_report);
+            .min(next_report)
+            .max(last_poll + POLL_GRANULARITY);
         tokio::select! {
             () = ctx.shutdown.cancelled() => break,
             changed = ctx.config.changed() => {
@@ -123,7 +130,11 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
             () = tokio::time::sleep_until(wake.into()) => {}
         }
         let Some(m) = mesh.as_mut() else { continue };
-        let changed = m.poll(Instant::now()).await;
+        if last_poll.elapsed() < POLL_GRANULARITY {
+            continue;
+        }
+        last_poll = Instant::now();
+        let changed = m.poll(last_poll).await;
         if changed || Instant::now() >= next_report {
             next_report = Instant::now() + REPORT_EVERY;
             report(&ctx, m, &mut members_written, &mut underlay).await;

@@ -480,6 +480,7 @@ impl Mesh {
     /// Brings device and routes in line with the peers, incrementally.
     pub async fn reconcile(&mut self) -> Result<(), Error> {
         self.metrics.reconciles.inc();
+        let started = Instant::now();
         let desired = self.desired();
         let actual = self.backend.get().await?;
         let update = wg::diff(&desired, &actual);
@@ -496,6 +497,9 @@ impl Mesh {
             .sync_routes(self.index, &self.desired_routes())
             .await?;
         self.metrics.route_changes.inc_by(changes as u64);
+        self.metrics
+            .reconcile_seconds
+            .set(started.elapsed().as_secs_f64());
         Ok(())
     }
 

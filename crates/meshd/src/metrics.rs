@@ -24,6 +24,8 @@ pub struct Metrics {
     pub peers: Gauge,
     pub peers_up: Gauge,
     pub reconciles: Counter,
+    /// Duration of the last reconcile pass.
+    pub reconcile_seconds: Gauge<f64, AtomicU64>,
     pub reconcile_errors: Counter,
     pub wireguard_peer_ops: Counter,
     pub route_changes: Counter,
