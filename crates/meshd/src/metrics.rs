@@ -77,6 +77,11 @@ impl Metrics {
             r.register("peers_up", "Peers up", m.peers_up.clone());
             r.register("reconciles", "Reconcile passes", m.reconciles.clone());
             r.register(
+                "reconcile_seconds",
+                "Duration of the last reconcile pass (device diff and apply, route sync)",
+                m.reconcile_seconds.clone(),
+            );
+            r.register(
                 "reconcile_errors",
                 "Failed reconcile passes",
                 m.reconcile_errors.clone(),
