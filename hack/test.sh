@@ -27,6 +27,14 @@ need() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
 need ip iproute2
 need readelf binutils
 need musl-gcc musl-tools
+# meshd: ping across the mesh, wg for the QEMU VMs' keys, and the QEMU node test (kernel WireGuard backend)
+need ping iputils-ping
+need wg wireguard-tools
+need qemu-system-x86_64 qemu-system-x86
+need busybox busybox-static
+need modprobe kmod
+need cpio cpio
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need_pkgs+=(linux-image-amd64)
 need nsd nsd             # dnslocal tests: the upstream and cluster DNS (a real zone server)
 need dig bind9-dnsutils  # dnslocal tests: a real client (glibc getent is the other)
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -21,6 +21,9 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/bin" "$work/proc" "$work/sys" "$work/dev" "$work/run" "$work/tmp" "$work/etc" \
   "$work/var/lib" "$work/var/run" "$work/lib/modules"
 bb=$(command -v busybox)
+if command -v readelf >/dev/null 2>&1 && readelf -l "$bb" | grep -q INTERP; then
+  echo "build-initramfs: $bb is dynamically linked; install busybox-static" >&2; exit 1
+fi
 cp "$bb" "$work/bin/busybox"
 for applet in $("$work/bin/busybox" --list); do
   [ "$applet" = busybox ] || ln -sf busybox "$work/bin/$applet"

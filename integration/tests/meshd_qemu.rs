@@ -69,9 +69,10 @@ chmod 600 /var/lib/hybridnet/meshd.key
 MESHD_LOG=info /bin/meshd run --config /etc/hybridnet/node$node.yaml > /run/meshd.log 2>&1 &
 ok=no
 i=0
-while [ $i -lt 90 ]; do
+while [ $i -lt 120 ]; do
   if ping -c 1 -W 1 10.99.0.$other > /dev/null 2>&1; then ok=yes; break; fi
   i=$((i + 1))
+  sleep 0.5
 done
 kind=$(grep DEVTYPE /sys/class/net/hybridnet0/uevent 2>/dev/null)
 echo "HN-RESULT node=$node ping=$ok tries=$i $kind"

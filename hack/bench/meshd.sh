@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# meshd against KubeSpan's constants, on this machine, in network namespaces (userspace backend: this
+# kernel has no WireGuard). Runs the `#[ignore]`d benchmarks in integration/tests/meshd_bench.rs against the
+# release binary and prints a table:
+#   1. join: N nodes (4, 8, 16) restarted at once with known peers; time until every node sees every peer up;
+#   2. failover: 20 cuts of the active (private) path of a peer; time until the peer is up on the public path
+#      (p50, p99, max), against KubeSpan's 130-305 s (275 s down threshold, 30 s tick, one candidate at a time);
+#   3. throughput: iperf3 through the userspace mesh vs the raw veth path, meshd CPU seconds per Gbit;
+#   4. reconcile: 1,000 simulated peers; the first pass, then one peer changing (WireGuard and route operations).
+#
+#   hack/bench/meshd.sh            (root; installs iperf3, iputils-ping)
+#   MESHD_BENCH_FAILOVERS=5 hack/bench/meshd.sh   fewer failovers
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# shellcheck source=../lib/common.sh
+. hack/lib/common.sh
+
+require_root "network namespaces"
+ensure_pkgs iperf3:iperf3 ping:iputils-ping
+
+say "building meshd (release) and the benchmarks"
+cargo build --release -q -p hybridnet-meshd
+out=$(mktemp /tmp/meshd-bench.XXXXXX)
+trap 'rm -f "$out"' EXIT
+say "running (about 3 minutes)"
+HYBRIDNET_BIN_DIR=$PWD/target/release cargo test --release -q -p hybridnet-integration --test meshd_bench -- \
+  --ignored --nocapture --test-threads 1 2>&1 | tee "$out" | grep -E '^BENCH|panicked|FAILED' || true
+grep -q 'test result: ok' "$out" || die "a benchmark failed (output above)"
+v() { awk -v k="$1" '$1 == "BENCH" && $2 == k { print $3 }' "$out"; }
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%.0fx", b / a; else print "-" }'; }
+printf '\n%-44s %12s %22s %8s\n' "meshd ($(nproc) cores, $(uname -r))" "meshd" "KubeSpan" "ratio"
+printf '%-44s %10s s %22s %8s\n' "join, 4 nodes (all peers up)" "$(awk -v x="$(v join_4_ms)" 'BEGIN{printf "%.2f", x/1000}')" "up to 30 s per bad candidate" ""
+printf '%-44s %10s s %22s\n' "join, 8 nodes" "$(awk -v x="$(v join_8_ms)" 'BEGIN{printf "%.2f", x/1000}')" ""
+printf '%-44s %10s s %22s\n' "join, 16 nodes" "$(awk -v x="$(v join_16_ms)" 'BEGIN{printf "%.2f", x/1000}')" ""
+printf '%-44s %10s s %20s s %8s\n' "failover p50 ($(v failover_n) cuts)" "$(v failover_p50_s)" "130-305" "$(ratio "$(v failover_p50_s)" 130)"
+printf '%-44s %10s s %20s s %8s\n' "failover p99" "$(v failover_p99_s)" "305" "$(ratio "$(v failover_p99_s)" 305)"
+printf '%-44s %10s s %20s s %8s\n' "failover max" "$(v failover_max_s)" "305" "$(ratio "$(v failover_max_s)" 305)"
+printf '%-44s %8s Gb/s\n' "raw veth (iperf3, 1 stream)" "$(v raw_veth_gbps)"
+printf '%-44s %8s Gb/s %21s\n' "userspace mesh (boringtun, 2 threads)" "$(v mesh_userspace_gbps)" "ratio $(v mesh_ratio)"
+printf '%-44s %10s s\n' "meshd CPU per Gbit (both nodes)" "$(v mesh_cpu_s_per_gbit)"
+printf '%-44s %10s ms\n' "reconcile, $(v reconcile_peers) peers: first pass" "$(v reconcile_first_pass_ms)"
+printf '%-44s %12s %22s\n' "  one peer changes: WireGuard / route ops" "$(v reconcile_one_change_wg_ops) / $(v reconcile_one_change_route_ops)" "all peers every 30 s"
+printf '%-44s %10s ms\n' "  one peer changes: pass" "$(v reconcile_one_change_pass_ms)"
