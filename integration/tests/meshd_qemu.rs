@@ -1,6 +1,8 @@
 //! meshd on bare kernels in QEMU, kernel WireGuard backend: two VMs (Debian's kernel, an initramfs with
-//! busybox, the WireGuard and virtio modules and our static meshd) on one QEMU socket network. Asserts that
-//! each VM's mesh interface is a kernel WireGuard link and that traffic crosses the mesh both ways.
+//! busybox, the WireGuard and virtio modules and our static meshd) on two QEMU socket networks ("private" and
+//! "public"). Asserts that each VM's mesh interface is a kernel WireGuard link and that traffic crosses the
+//! mesh both ways; that cutting the private path moves each side to the public one (in-place endpoint update);
+//! and that after SIGKILL the link keeps passing traffic without meshd and a new meshd adopts it.
 //! Fails (never skips) when QEMU, the kernel, busybox-static, kmod, cpio, wireguard-tools or the static
 //! meshd binary is missing.
 
@@ -61,24 +63,50 @@ mkdir -p /run/hybridnet /var/lib/hybridnet
 for m in $(cat /lib/modules/load.list); do insmod /lib/modules/$m.ko 2>/dev/null || echo "HN-WARN insmod $m failed"; done
 node=$(sed -n 's/.*hn\.node=\([0-9]*\).*/\1/p' /proc/cmdline)
 other=$((3 - node))
+cfg=/etc/hybridnet/node$node.yaml
 ip link set lo up
 ip link set eth0 up
+ip link set eth1 up
 ip addr add 192.0.2.1$node/24 dev eth0
+ip addr add 198.51.100.1$node/24 dev eth1
 cp /etc/hybridnet/node$node.key /var/lib/hybridnet/meshd.key
 chmod 600 /var/lib/hybridnet/meshd.key
-MESHD_LOG=info /bin/meshd run --config /etc/hybridnet/node$node.yaml > /run/meshd.log 2>&1 &
-ok=no
-i=0
-while [ $i -lt 120 ]; do
-  if ping -c 1 -W 1 10.99.0.$other > /dev/null 2>&1; then ok=yes; break; fi
-  i=$((i + 1))
-  sleep 0.5
-done
+MESHD_LOG=info /bin/meshd run --config $cfg > /run/meshd.log 2>&1 &
+pid=$!
+centis() { sed 's/^\([0-9]*\)\.\([0-9]*\).*/\1\2/' /proc/uptime; }
+pings() { # N: up to N tries, 0.5 s apart
+  i=0
+  while [ $i -lt $1 ]; do
+    if ping -c 1 -W 1 10.99.0.$other > /dev/null 2>&1; then echo yes; return; fi
+    i=$((i + 1)); sleep 0.5
+  done
+  echo no
+}
+uses() { /bin/meshd status --config $cfg | grep -q "up  *$1:51821"; }
+ok=$(pings 120)
 kind=$(grep DEVTYPE /sys/class/net/hybridnet0/uevent 2>/dev/null)
-echo "HN-RESULT node=$node ping=$ok tries=$i $kind"
-/bin/meshd status --config /etc/hybridnet/node$node.yaml
-cat /run/meshd.log | tail -20
-sleep 20
+echo "HN-RESULT node=$node ping=$ok $kind"
+# Kernel backend failover: cut the private path from this side; wait for the public one.
+t0=$(centis)
+ip route add blackhole 192.0.2.1$other/32
+i=0
+while [ $i -lt 100 ] && ! uses 198.51.100.1$other; do i=$((i + 1)); sleep 0.1; done
+t1=$(centis)
+uses 198.51.100.1$other && moved=yes || moved=no
+echo "HN-FAILOVER node=$node moved=$moved ms=$(( (t1 - t0) * 10 )) ping=$(pings 10)"
+if [ "$node" = 1 ]; then
+  # SIGKILL: the kernel link and its peers stay, traffic goes on without meshd; a new meshd adopts them.
+  kill -9 $pid
+  sleep 1
+  without=$(pings 4)
+  MESHD_LOG=info /bin/meshd run --config $cfg >> /run/meshd.log 2>&1 &
+  i=0
+  while [ $i -lt 100 ] && ! uses 198.51.100.1$other; do i=$((i + 1)); sleep 0.1; done
+  echo "HN-ADOPT node=$node link=$(grep -c DEVTYPE=wireguard /sys/class/net/hybridnet0/uevent) ping_without_meshd=$without ping=$(pings 10)"
+fi
+/bin/meshd status --config $cfg
+tail -20 /run/meshd.log
+sleep 40
 echo "HN-DONE node=$node"
 poweroff -f
 "#;
@@ -87,7 +115,7 @@ fn config(node: u8, other: u8, other_key: &str) -> String {
     format!(
         "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: /run/hybridnet\ndataDir: /var/lib/hybridnet\n\
          meshd:\n  interface: hybridnet0\n  backend: kernel\n  listenPort: 51821\n  addresses: [\"10.99.0.{node}/32\"]\n  \
-         peers:\n    - {{name: vm{other}, publicKey: \"{other_key}\", endpoints: [\"192.0.2.1{other}:51821\"], allowedIPs: [\"10.99.0.{other}/32\"]}}\n"
+         peers:\n    - {{name: vm{other}, publicKey: \"{other_key}\", endpoints: [\"192.0.2.1{other}:51821\", \"198.51.100.1{other}:51821\"], allowedIPs: [\"10.99.0.{other}/32\"]}}\n"
     )
 }
 
@@ -128,15 +156,17 @@ fn two_vms_mesh_over_kernel_wireguard() {
     );
 
     let start = Instant::now();
-    let port = free_port();
+    let (private, public) = (free_port(), free_port());
     let mut vm1 = Vm::builder(&kernel, &initrd, dir.join("vm1.console"))
         .append("hn.node=1")
-        .listen(port, 1)
+        .listen(private, 1)
+        .listen(public, 3)
         .start();
     std::thread::sleep(Duration::from_millis(300));
     let mut vm2 = Vm::builder(&kernel, &initrd, dir.join("vm2.console"))
         .append("hn.node=2")
-        .connect(port, 2)
+        .connect(private, 2)
+        .connect(public, 4)
         .start();
     let timeout = Duration::from_secs(240);
     let r1 = vm1
@@ -153,6 +183,28 @@ fn two_vms_mesh_over_kernel_wireguard() {
             vm.console()
         );
     }
-    let status = vm1.wait_for("peers up on hybridnet0 (kernel", Duration::from_secs(30));
-    assert!(status.is_ok(), "meshd status in vm1: {}", vm1.console());
+    // Failover on the kernel backend (endpoint updated in place), both sides.
+    for vm in [&mut vm1, &mut vm2] {
+        let line = vm
+            .wait_for("HN-FAILOVER", Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{line}");
+        assert!(
+            line.contains("moved=yes") && line.contains("ping=yes"),
+            "{line}\n{}",
+            vm.console()
+        );
+    }
+    // SIGKILL: the link stays and passes traffic without meshd; a new meshd adopts it.
+    let line = vm1
+        .wait_for("HN-ADOPT", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{line}");
+    assert!(
+        line.contains("link=1")
+            && line.contains("ping_without_meshd=yes")
+            && line.ends_with("ping=yes"),
+        "{line}\n{}",
+        vm1.console()
+    );
 }
