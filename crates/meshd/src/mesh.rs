@@ -461,20 +461,13 @@ impl Mesh {
 
     /// The routes meshd wants in its table.
     pub fn desired_routes(&self) -> BTreeSet<IpNet> {
-        let mut routes = BTreeSet::new();
-        routes.insert(IpNet::V6(self.prefix));
-        for p in self.peers.values() {
-            if self.cfg.meshd.allow_down_peer_bypass && p.machine.state == PeerState::Down {
-                continue;
-            }
-            for net in &p.allowed_ips {
-                let inside = matches!(net, IpNet::V6(n) if self.prefix.contains(n));
-                if !inside {
-                    routes.insert(*net);
-                }
-            }
-        }
-        routes
+        routes_for(
+            self.prefix,
+            self.peers
+                .values()
+                .map(|p| (p.machine.state, &p.allowed_ips)),
+            self.cfg.meshd.allow_down_peer_bypass,
+        )
     }
 
     /// Brings device and routes in line with the peers, incrementally.
@@ -644,6 +637,28 @@ impl Mesh {
     }
 }
 
+/// The routes for the mesh: its prefix, and every peer's allowed IPs outside it, except (with `bypass`,
+/// KubeSpan's `allowDownPeerBypass`) those of down peers, whose traffic then takes the underlay. Pure.
+pub fn routes_for<'a>(
+    prefix: Ipv6Net,
+    peers: impl Iterator<Item = (PeerState, &'a BTreeSet<IpNet>)>,
+    bypass: bool,
+) -> BTreeSet<IpNet> {
+    let mut routes = BTreeSet::new();
+    routes.insert(IpNet::V6(prefix));
+    for (state, allowed) in peers {
+        if bypass && state == PeerState::Down {
+            continue;
+        }
+        for net in allowed {
+            if !matches!(net, IpNet::V6(n) if prefix.contains(n)) {
+                routes.insert(*net);
+            }
+        }
+    }
+    routes
+}
+
 fn v6_mapped(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
@@ -752,4 +767,66 @@ pub fn filter_candidates(
         }
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> BTreeSet<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn routes_cover_the_prefix_and_peers_and_bypass_drops_down_peers() {
+        let prefix: Ipv6Net = "fd00:1:2:3::/64".parse().unwrap();
+        let up = nets(&["10.99.0.2/32", "fd00:1:2:3::2/128", "10.244.2.0/24"]);
+        let down = nets(&["10.99.0.3/32", "fd00:1:2:3::3/128"]);
+        let peers = || [(PeerState::Up, &up), (PeerState::Down, &down)].into_iter();
+        let forced = routes_for(prefix, peers(), false);
+        assert_eq!(
+            forced,
+            nets(&[
+                "fd00:1:2:3::/64",
+                "10.99.0.2/32",
+                "10.244.2.0/24",
+                "10.99.0.3/32"
+            ]),
+            "mesh /128s ride on the /64; a down peer stays routed (secure default)"
+        );
+        let bypass = routes_for(prefix, peers(), true);
+        assert!(!bypass.contains(&"10.99.0.3/32".parse().unwrap()));
+        assert!(bypass.contains(&"10.99.0.2/32".parse().unwrap()));
+    }
+
+    #[test]
+    fn candidates_follow_the_endpoint_filter_in_peer_order() {
+        use hybridnet_config::{EndpointFilter, FilterRule};
+        let addrs: Vec<SocketAddr> = [
+            "192.0.2.12:51821",
+            "198.51.100.12:51821",
+            "[2001:db8::12]:51821",
+            "198.51.100.12:51821",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let rules = |r: &[&str]| {
+            EndpointFilter::new(r.iter().map(|x| FilterRule::parse(x).unwrap()).collect()).unwrap()
+        };
+        // No filter: everything, deduplicated, in order.
+        assert_eq!(
+            filter_candidates(&EndpointFilter::default(), &addrs),
+            addrs[..3].to_vec()
+        );
+        // Talos semantics: ordered, `!` removes what an earlier rule added.
+        let f = rules(&["0.0.0.0/0", "!192.0.2.0/24"]);
+        assert_eq!(filter_candidates(&f, &addrs), vec![addrs[1]]);
+        let f = rules(&["::/0", "192.0.2.0/24"]);
+        assert_eq!(filter_candidates(&f, &addrs), vec![addrs[0], addrs[2]]);
+        // A negation before the positive removes nothing.
+        let f = rules(&["!192.0.2.0/24", "0.0.0.0/0"]);
+        assert_eq!(filter_candidates(&f, &addrs), addrs[..2].to_vec());
+    }
 }
