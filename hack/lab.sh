@@ -13,6 +13,11 @@
 #   hack/lab.sh --down          tear down a lab left running
 #   hack/lab.sh --no-build      use the binaries already in target/release (or $HYBRIDNET_BIN_DIR)
 #   hack/lab.sh --nodes N       N nodes (1-9), default 3
+#   hack/lab.sh --no-features   skip the data-plane checks (stand-in API servers and DNS, lookups)
+#
+# Data-plane checks come from hack/lib/lab-<daemon>.sh (sourced when present; each defines lab_<daemon>):
+# apiprism in front of three stand-in API servers (192.0.2.1-3:6443 in the switch namespace), dnslocal
+# answering from a stand-in NSD (192.0.2.53). A new one needs a file there and a feature_<daemon> below.
 #
 # Environment: HNLAB_LOG (the daemons' log filter, default info), HNLAB_READY_TIMEOUT (seconds, default 30),
 # HYBRIDNET_BIN_DIR (where the binaries are).
@@ -23,6 +28,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$REPO/hack/lib/common.sh"
 # shellcheck source=hack/lib/netlab.sh
 . "$REPO/hack/lib/netlab.sh"
+for hook in "$REPO"/hack/lib/lab-*.sh; do
+  # shellcheck source=/dev/null
+  if [ -e "$hook" ]; then . "$hook"; fi
+done
 
 readonly LAB_DIR=/run/hybridnet-lab
 readonly PREFIX=hnlab-
@@ -36,9 +45,10 @@ readonly LOG_FILTER=${HNLAB_LOG:-info}
 nodes=3
 keep=0
 build=1
+features=1
 lab_up=0
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 
 admin_port() {
   case $1 in
@@ -60,8 +70,13 @@ build_daemons() {
   if [ "$build" -eq 1 ]; then
     command -v cargo >/dev/null 2>&1 ||
       die "cargo is not on PATH (under sudo, try: sudo -E env PATH=\"\$PATH\" hack/lab.sh), or build first and use --no-build"
+    local extra=()
+    # The stand-in API servers of the apiprism check are built in the same cargo run.
+    if [ "$features" -eq 1 ] && declare -F lab_apiprism >/dev/null; then
+      extra=(-p hybridnet-integration --bin apiprism-standin)
+    fi
     say "building the daemons (cargo build --release)"
-    (cd "$REPO" && cargo build --release -p hybridnet-apiprism -p hybridnet-meshd -p hybridnet-dnslocal)
+    (cd "$REPO" && cargo build --release -p hybridnet-apiprism -p hybridnet-meshd -p hybridnet-dnslocal "${extra[@]}")
   fi
   local d
   for d in "${DAEMONS[@]}"; do
@@ -147,9 +162,9 @@ apiVersion: v1alpha1
 kind: HybridNetConfig
 stateDir: $dir/state
 dataDir: $dir/data
-apiprism: {listen: ["127.0.0.1:7445"], endpoints: ["192.0.2.1:6443"], admin: "127.0.0.1:$(admin_port apiprism)"}
+apiprism: {listen: ["127.0.0.1:7445"], endpoints: ["192.0.2.1:6443", "192.0.2.2:6443", "192.0.2.3:6443"], admin: "127.0.0.1:$(admin_port apiprism)"}
 meshd: {interface: hybridnet0, listenPort: 51821, location: lab, admin: "127.0.0.1:$(admin_port meshd)"}
-dnslocal: {listen: ["169.254.20.10:53"], clusterDomain: cluster.local, clusterDNS: ["192.0.2.53:53"], upstreams: ["192.0.2.1:53"], admin: "127.0.0.1:$(admin_port dnslocal)"}
+dnslocal: {listen: ["169.254.20.10:53"], clusterDomain: cluster.local, clusterDNS: ["192.0.2.53:53"], upstreams: ["192.0.2.53:53"], admin: "127.0.0.1:$(admin_port dnslocal)"}
 EOF
 }
 
@@ -236,6 +251,40 @@ report_not_ready() {
   done
 }
 
+# --- data-plane checks: one feature_<daemon> per hack/lib/lab-<daemon>.sh ---------------------------------
+
+node_list() {
+  local i
+  for i in $(seq 1 "$nodes"); do node_ns "$i"; done
+}
+
+# apiprism: stand-in API servers on 192.0.2.1-3:6443 (the nodes' endpoints), a request through each node.
+feature_apiprism() {
+  local i pairs=()
+  for i in $(seq 1 "$nodes"); do pairs+=("$(node_ns "$i"):$(node_dir "$i")/config.yaml"); done
+  lab_apiprism "$SWITCH_NS" "$BRIDGE" "${pairs[@]}"
+}
+
+# dnslocal: a stand-in NSD on 192.0.2.53 (the nodes' clusterDNS and upstream), lookups on every node.
+feature_dnslocal() {
+  # shellcheck disable=SC2046 # one namespace name per word
+  lab_dnslocal "$SWITCH_NS" "$BRIDGE" 192.0.2.53 169.254.20.10 $(node_list)
+}
+
+run_features() {
+  [ "$features" -eq 1 ] || return 0
+  local d failed=()
+  for d in "${DAEMONS[@]}"; do
+    declare -F "lab_$d" >/dev/null || continue
+    if ! declare -F "feature_$d" >/dev/null; then
+      warn "hack/lib/lab-$d.sh defines lab_$d, but hack/lab.sh has no feature_$d to call it"
+      continue
+    fi
+    "feature_$d" || failed+=("$d")
+  done
+  [ "${#failed[@]}" -eq 0 ] || die "data-plane checks failed: ${failed[*]} (logs in $LAB_DIR)"
+}
+
 show_status() {
   say "status (<daemon> status --config $LAB_DIR/nodeN/config.yaml --json)"
   local fmt='%-6s %-9s %-8s %-6s %-4s %-7s %-30s %s\n' i d json
@@ -297,6 +346,7 @@ main() {
       --keep) keep=1 ;;
       --down) down=1 ;;
       --no-build) build=0 ;;
+      --no-features) features=0 ;;
       --nodes)
         [ $# -ge 2 ] || die "--nodes needs a number"
         nodes=$2
@@ -328,6 +378,7 @@ main() {
   write_configs
   start_daemons
   wait_ready
+  run_features
   show_status
   show_check_config
   if [ "$keep" -eq 1 ]; then print_keep_help; fi
