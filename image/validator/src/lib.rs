@@ -28,6 +28,7 @@ use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+pub mod esc;
 pub mod semver;
 mod spec;
 pub mod stage;
