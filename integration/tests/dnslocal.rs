@@ -328,7 +328,7 @@ fn restart_under_load_loses_nothing() {
     .map(|n| (*n).to_owned())
     .collect();
     let server: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
-    let load = Load::start(s.ns.name(), server, names, 4, Duration::from_millis(2));
+    let load = Load::start(s.ns.name(), server, names, 16, Duration::from_micros(200));
     std::thread::sleep(Duration::from_millis(800));
 
     // The new instance starts beside the old one (SO_REUSEPORT on DNS and admin ports)...

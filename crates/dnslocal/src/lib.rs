@@ -299,6 +299,7 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                             if let Some(old) = instance.replace(i) {
                                 old.drain().await;
                             }
+                            ctx.set_ready(true);
                             tracing::info!("applied the new configuration");
                         }
                         Err(error) => tracing::error!(%error, "cannot apply the new configuration; the old one keeps serving"),

@@ -7,13 +7,16 @@
 //! new instance's sockets) but keeps what is queued; the thread answers the queue until it stays empty,
 //! and only then closes the socket.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -110,14 +113,32 @@ impl Listeners {
     }
 }
 
+/// Datagrams read (and answers sent) per system call.
+const BATCH: usize = 32;
+const MAX_UDP_QUERY: usize = 4096;
+
+fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// One reading thread: `recvmmsg` up to [`BATCH`] queries, answer the hits, `sendmmsg` the answers.
 fn udp_loop(
     socket: &Arc<UdpSocket>,
     addr: SocketAddr,
     engine: &Arc<Engine>,
     draining: &AtomicBool,
 ) {
-    let mut buf = vec![0u8; 4096];
-    let mut out = Vec::with_capacity(4096);
+    let fd = socket.as_raw_fd();
+    let mut bufs = vec![[0u8; MAX_UDP_QUERY]; BATCH];
+    let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(1232)).collect();
+    let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut received: Vec<(usize, Option<SockaddrStorage>)> = Vec::with_capacity(BATCH);
+    let mut replies: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
     let mut detached = false;
     loop {
         if !detached && draining.load(Ordering::Relaxed) {
@@ -130,31 +151,72 @@ fn udp_loop(
             let _ = socket.set_read_timeout(Some(QUIET));
             detached = true;
         }
-        match socket.recv_from(&mut buf) {
-            Ok((n, peer)) => {
-                let action = engine.handle(&buf[..n], false, &mut out, || {
-                    Reply::Udp(socket.clone(), peer)
-                });
-                if action == Action::Send {
-                    let _ = socket.send_to(&out, peer);
+        received.clear();
+        {
+            let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
+                .iter_mut()
+                .map(|b| [IoSliceMut::new(&mut b[..])])
+                .collect();
+            match recvmmsg(
+                fd,
+                &mut recv_headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(msgs) => received.extend(msgs.map(|m| (m.bytes, m.address))),
+                Err(Errno::EAGAIN | Errno::EINTR) => {
+                    if detached {
+                        return;
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, %addr, "udp receive failed");
+                    if detached {
+                        return;
+                    }
+                    continue;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if detached {
-                    return;
-                }
+        }
+        replies.clear();
+        let mut answered = 0;
+        for (i, &(len, peer)) in received.iter().enumerate() {
+            let Some(peer_std) = peer.as_ref().and_then(to_std) else {
+                continue;
+            };
+            let query = &bufs[i][..len.min(MAX_UDP_QUERY)];
+            let action = engine.handle(query, false, &mut outs[answered], || {
+                Reply::Udp(socket.clone(), peer_std)
+            });
+            if action == Action::Send {
+                replies.push(peer);
+                answered += 1;
             }
-            Err(error) => {
-                tracing::debug!(%error, %addr, "udp receive failed");
-                if detached {
-                    return;
-                }
-            }
+        }
+        if answered > 0 {
+            send_all(fd, socket, &mut send_headers, &outs[..answered], &replies);
+        }
+    }
+}
+
+/// `sendmmsg` the answers; whatever it did not take goes out one by one.
+fn send_all(
+    fd: std::os::fd::RawFd,
+    socket: &UdpSocket,
+    headers: &mut MultiHeaders<SockaddrStorage>,
+    outs: &[Vec<u8>],
+    peers: &[Option<SockaddrStorage>],
+) {
+    let slices: Vec<[IoSlice<'_>; 1]> = outs.iter().map(|o| [IoSlice::new(o)]).collect();
+    let sent = match sendmmsg(fd, headers, slices.iter(), peers, [], MsgFlags::empty()) {
+        Ok(results) => results.count(),
+        Err(_) => 0,
+    };
+    for (out, peer) in outs.iter().zip(peers).skip(sent) {
+        if let Some(p) = peer.as_ref().and_then(to_std) {
+            let _ = socket.send_to(out, p);
         }
     }
 }
