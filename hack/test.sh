@@ -88,11 +88,17 @@ for bin in apiprism meshd dnslocal; do
 done
 done_step
 
+# The Talos extension from those binaries (validated inside); the QEMU extension test runs this very tar.
+step "extension image (hack/build-image.sh --arch amd64 --no-build)"
+hack/build-image.sh --arch amd64 --no-build
+done_step
+
 if [ "$(id -u)" -ne 0 ]; then
   echo "hack/test.sh: the integration tests need root (network namespaces); run as root or use --quick" >&2
   exit 1
 fi
 
 step "unit and integration tests"
-HYBRIDNET_BIN_DIR="$PWD/target/$musl/release" "${runner[@]}" --workspace --locked
+HYBRIDNET_BIN_DIR="$PWD/target/$musl/release" HYBRIDNET_EXTENSION_TAR="$PWD/dist/hybridnet-amd64.tar" \
+  "${runner[@]}" --workspace --locked
 done_step
