@@ -3,8 +3,9 @@
 # kernel has no WireGuard). Runs the `#[ignore]`d benchmarks in integration/tests/meshd_bench.rs against the
 # release binary and prints a table:
 #   1. join: N nodes (4, 8, 16) restarted at once with known peers; time until every node sees every peer up;
-#   2. failover: 20 cuts of the active (private) path of a peer; time until the peer is up on the public path
-#      (p50, p99, max), against KubeSpan's 130-305 s (275 s down threshold, 30 s tick, one candidate at a time);
+#   2. failover: 20 cuts of the active (private) path of a busy peer (5 pings/s); time until the peer is up on
+#      the public path (p50, p99, max), against KubeSpan's 130-305 s (275 s down threshold, 30 s tick, one
+#      candidate at a time);
 #   3. throughput: iperf3 through the userspace mesh vs the raw veth path, meshd CPU seconds per Gbit;
 #   4. reconcile: 1,000 simulated peers; the first pass, then one peer changing (WireGuard and route operations).
 #
@@ -26,7 +27,7 @@ say "running (about 3 minutes)"
 HYBRIDNET_BIN_DIR=$PWD/target/release cargo test --release -q -p hybridnet-integration --test meshd_bench -- \
   --ignored --nocapture --test-threads 1 2>&1 | tee "$out" | grep -E '^BENCH|panicked|FAILED' || true
 grep -q 'test result: ok' "$out" || die "a benchmark failed (output above)"
-v() { awk -v k="$1" '$1 == "BENCH" && $2 == k { print $3 }' "$out"; }
+v() { grep -o 'BENCH .*' "$out" | awk -v k="$1" '$2 == k { print $3 }'; }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%.0fx", b / a; else print "-" }'; }
 printf '\n%-44s %12s %22s %8s\n' "meshd ($(nproc) cores, $(uname -r))" "meshd" "KubeSpan" "ratio"

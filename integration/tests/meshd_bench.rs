@@ -77,6 +77,7 @@ fn join(n: u8) -> Duration {
 fn bench_join() {
     for n in [4u8, 8, 16] {
         let t = join(n);
+        println!();
         println!("BENCH join_{n}_ms {:.0}", t.as_secs_f64() * 1e3);
     }
 }
@@ -92,6 +93,23 @@ fn bench_failover() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20usize);
+    // Traffic between the two (5 pings/s) keeps the peer busy: its active path is probed 4/s. An idle peer
+    // (no traffic for 30 s) is probed 1/s and fails over within about 3 × 1 s + 0.75 s.
+    let mut traffic = lab.nodes[0]
+        .netns
+        .command("ping")
+        .args([
+            "-q",
+            "-i",
+            "0.2",
+            "-w",
+            "600",
+            &lab.nodes[1].mesh_ip().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("ping: {e}"));
     let mut times = Vec::new();
     for _ in 0..rounds {
         lab.wait_endpoint(0, 1, lab.nodes[1].private_ip(), Duration::from_secs(15));
@@ -100,7 +118,10 @@ fn bench_failover() {
         times.push(t.as_secs_f64());
         lab.cut_private(0, 1, false);
     }
+    let _ = traffic.kill();
+    let _ = traffic.wait();
     times.sort_by(f64::total_cmp);
+    println!();
     println!("BENCH failover_n {}", times.len());
     println!("BENCH failover_p50_s {:.2}", percentile(&times, 50.0));
     println!("BENCH failover_p99_s {:.2}", percentile(&times, 99.0));
@@ -163,6 +184,7 @@ fn bench_throughput() {
     let _ = server.kill();
     let _ = server.wait();
     let gbit = mesh * f64::from(secs);
+    println!();
     println!("BENCH raw_veth_gbps {raw:.2}");
     println!("BENCH mesh_userspace_gbps {mesh:.2}");
     println!("BENCH mesh_ratio {:.3}", mesh / raw);
@@ -238,7 +260,7 @@ fn bench_reconcile_1000_peers() {
     let ops = metric(&d, "meshd_wireguard_peer_ops_total") - ops0;
     let routes = metric(&d, "meshd_route_changes_total") - routes0;
     let reconcile = metric(&d, "meshd_reconcile_seconds");
-    let mut out = String::new();
+    let mut out = String::from("\n");
     let _ = writeln!(out, "BENCH reconcile_peers {n}");
     let _ = writeln!(
         out,

@@ -222,7 +222,7 @@ impl PeerMachine {
     pub fn poll(&mut self, now: Instant, nonce: &mut impl FnMut() -> u64) -> Vec<Action> {
         let mut actions = Vec::new();
         self.expire(now);
-        self.choose(&mut actions);
+        self.choose(now, &mut actions);
         self.update_state(&mut actions);
         self.schedule(now, nonce, &mut actions);
         actions
@@ -260,7 +260,7 @@ impl PeerMachine {
             .position(|p| p.state == PathState::Alive && p.rtt.is_some_and(|r| r <= near))
     }
 
-    fn choose(&mut self, actions: &mut Vec<Action>) {
+    fn choose(&mut self, now: Instant, actions: &mut Vec<Action>) {
         let Some(pref) = self.preferred() else {
             return;
         };
@@ -284,7 +284,11 @@ impl PeerMachine {
         };
         if switch {
             self.active = Some(pref);
-            actions.push(Action::SetEndpoint(self.paths[pref].endpoint));
+            // An active path is probed at the active rate from now on, not on the schedule it had as a
+            // standby or dead path (up to `dead_interval_max` away).
+            let path = &mut self.paths[pref];
+            path.next_probe = path.next_probe.min(now + self.timing.active_interval);
+            actions.push(Action::SetEndpoint(path.endpoint));
         }
     }
 

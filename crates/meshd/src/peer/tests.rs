@@ -175,6 +175,20 @@ fn failover_to_the_live_standby_within_two_seconds_then_back() {
     let back = back.expect("moved back");
     assert!(back <= ms(5000), "moving back took {back:?}");
     assert_eq!(s.endpoints.len(), 3);
+    // Cut again right after moving back: the path just made active is probed at the active rate at once,
+    // not on its old dead-path backoff, so the failover is as fast as the first.
+    s.set(PRIV, None);
+    let cut = s.now;
+    let mut again = None;
+    for _ in 0..100 {
+        s.run(ms(50));
+        if s.active().as_deref() == Some(PUB) {
+            again = Some(s.since(cut));
+            break;
+        }
+    }
+    let again = again.expect("failed over again");
+    assert!(again <= ms(2000), "second failover took {again:?}");
 }
 
 #[test]
