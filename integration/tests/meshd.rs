@@ -160,7 +160,7 @@ fn four_nodes_mesh_fail_over_in_seconds_and_rejoin() {
 fn endpoint_filter_keeps_the_mesh_off_the_excluded_network() {
     let mut lab = MeshLab::new(2, "meshd-filter");
     for node in &mut lab.nodes {
-        node.extra = "  filters:\n    endpoints: [\"0.0.0.0/0\", \"!192.0.2.0/24\"]\n".into();
+        node.extra = "  filters:\n    endpoints: [\"0.0.0.0/0\", \"!192.0.2.0/24\"]\n  allowDownPeerBypass: true\n".into();
     }
     let _daemons = lab.start_all();
     wait_all_up(&lab, Duration::from_secs(10));
@@ -193,5 +193,57 @@ fn endpoint_filter_keeps_the_mesh_off_the_excluded_network() {
             Err(row.to_string())
         }
     })
+    .unwrap_or_else(|e| panic!("{e}"));
+    // allowDownPeerBypass: the down peer's routes leave meshd's table (traffic takes the underlay), and
+    // come back when it is up again.
+    let peer_route = format!("{} dev hybridnet0", lab.nodes[1].mesh_ip());
+    let table = |node: &hybridnet_integration::meshd::MeshNode| {
+        String::from_utf8_lossy(
+            &node
+                .netns
+                .exec(&["ip", "route", "show", "table", "51821"])
+                .stdout,
+        )
+        .into_owned()
+    };
+    wait_until(
+        Duration::from_secs(3),
+        "the down peer's route withdrawn",
+        || {
+            let t = table(&lab.nodes[0]);
+            if t.contains(&peer_route) {
+                Err(t)
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    lab.nodes[0].netns.ip(&[
+        "route",
+        "del",
+        "blackhole",
+        &format!("{}/32", lab.nodes[1].public_ip()),
+    ]);
+    wait_until(
+        Duration::from_secs(10),
+        "the route back once the peer is up",
+        || {
+            let t = table(&lab.nodes[0]);
+            if t.contains(&peer_route) {
+                Ok(())
+            } else {
+                Err(t)
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // The other side needs its own probes to see the path back (rise 2, backoff up to 2 s).
+    let dst = lab.nodes[1].mesh_ip().to_string();
+    wait_until(
+        Duration::from_secs(6),
+        "ping once both sides are up",
+        || lab.nodes[0].ping(&dst),
+    )
     .unwrap_or_else(|e| panic!("{e}"));
 }
