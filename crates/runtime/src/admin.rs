@@ -8,7 +8,6 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -20,13 +19,14 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::context::Readiness;
 use crate::metrics::SharedRegistry;
 
 /// What the handlers read.
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub registry: SharedRegistry,
-    pub ready: Arc<AtomicBool>,
+    pub ready: Arc<Readiness>,
 }
 
 /// Binds a TCP listener with `SO_REUSEADDR` and `SO_REUSEPORT`.
@@ -117,7 +117,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         }
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if state.ready.load(Ordering::SeqCst) {
+            if state.ready.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -176,7 +176,7 @@ mod tests {
         }
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
-        state.ready.store(true, Ordering::SeqCst);
+        state.ready.set_both();
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/metrics").await.contains("# EOF"));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));

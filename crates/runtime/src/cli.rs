@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use hybridnet_config::DEFAULT_CONFIG_PATH;
 
 use crate::Daemon;
@@ -28,7 +28,7 @@ impl From<ExitStatus> for ExitCode {
 }
 
 #[derive(Debug, Parser)]
-#[command(version, propagate_version = true, about, long_about = None)]
+#[command(version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,7 +66,15 @@ enum Command {
 
 /// The whole `main` of a daemon binary.
 pub fn main<D: Daemon>() -> ExitCode {
-    let cli = Cli::parse_from(std::env::args_os());
+    let name = D::KIND.name();
+    let command = Cli::command()
+        .name(name)
+        .bin_name(name)
+        .about(about(D::KIND));
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     let status = match cli.command {
         Command::Run { config } => run::<D>(config),
         Command::CheckConfig { config, json } => check_config::<D>(&config, json),
@@ -77,6 +85,19 @@ pub fn main<D: Daemon>() -> ExitCode {
         } => crate::status::print::<D>(&config, state_dir, json),
     };
     status.into()
+}
+
+/// The one-line description `--help` starts with.
+fn about(kind: hybridnet_config::Daemon) -> &'static str {
+    match kind {
+        hybridnet_config::Daemon::Apiprism => {
+            "apiprism: a per-node loopback TCP load balancer in front of all Kubernetes API servers"
+        }
+        hybridnet_config::Daemon::Meshd => {
+            "meshd: a WireGuard mesh between Kubernetes nodes, with endpoint filters and fast failover"
+        }
+        hybridnet_config::Daemon::Dnslocal => "dnslocal: a node-local DNS cache and forwarder",
+    }
 }
 
 fn run<D: Daemon>(config: PathBuf) -> ExitStatus {
@@ -114,7 +135,9 @@ fn check_config<D: Daemon>(path: &std::path::Path, json: bool) -> ExitStatus {
             ExitStatus::Ok
         }
         Err(error) => {
-            eprintln!("{}: config error: {error}", D::KIND.name());
+            // Each issue on its own line, starting with `file:line:column:` where known.
+            eprintln!("{error}");
+            eprintln!("{}: the config is invalid", D::KIND.name());
             ExitStatus::Config
         }
     }

@@ -20,21 +20,47 @@ pub struct Context {
     pub metrics: SharedRegistry,
     /// The daemon's one-line summary and details for `status.json`.
     pub status: StatusHandle,
-    pub(crate) ready: Arc<AtomicBool>,
+    pub(crate) ready: Arc<Readiness>,
 }
 
 impl Context {
-    /// Marks the daemon ready (`/readyz` 200) or not. Call it after the first successful apply of a config.
+    /// Marks the daemon ready or not. Call it after the first successful apply of a config.
+    /// `/readyz` says 200 only while the daemon says ready *and* a config file has been applied: a daemon
+    /// running on the built-in defaults while it waits for its file is alive (`/healthz`) but not ready.
     pub fn set_ready(&self, ready: bool) {
-        if self.ready.swap(ready, Ordering::SeqCst) != ready {
+        if self.ready.daemon.swap(ready, Ordering::SeqCst) != ready {
             tracing::info!(ready, "readiness changed");
             self.status.touch();
         }
     }
 
-    /// Whether the daemon said it is ready.
+    /// Whether the daemon is ready (it said so, and a config file has been applied).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.is_ready()
+    }
+}
+
+/// The two halves of readiness: the daemon's own word, and the runtime's (a config file was applied).
+#[derive(Debug, Default)]
+pub struct Readiness {
+    daemon: AtomicBool,
+    config_applied: AtomicBool,
+}
+
+impl Readiness {
+    /// Both halves hold.
+    pub fn is_ready(&self) -> bool {
+        self.daemon.load(Ordering::SeqCst) && self.config_applied.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_config_applied(&self) {
+        self.config_applied.store(true, Ordering::SeqCst);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_both(&self) {
+        self.daemon.store(true, Ordering::SeqCst);
+        self.config_applied.store(true, Ordering::SeqCst);
     }
 }
 

@@ -7,7 +7,6 @@
 //! running config stays. An invalid file at start is fatal (exit 78): there is no good version to keep.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::cli::ExitStatus;
+use crate::context::Readiness;
 use crate::metrics::{RuntimeMetrics, SharedRegistry};
 use crate::status::{RECORD, STOPPED, WRITE_INTERVAL, unix_now};
 use crate::{Context, Daemon, StatusHandle};
@@ -57,7 +57,10 @@ pub async fn run<D: Daemon>(path: PathBuf) -> ExitStatus {
     let registry = SharedRegistry::default();
     let metrics = RuntimeMetrics::register(&registry, name);
     metrics.config_generation.set(generation as i64);
-    let ready = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Readiness::default());
+    if generation > 0 {
+        ready.set_config_applied();
+    }
     let shutdown = CancellationToken::new();
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let admin_addr = config_rx.borrow().admin_addr(D::KIND);
@@ -216,7 +219,9 @@ fn reload(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             generation.1 = None;
-            if **config_tx.borrow() == new {
+            ctx.ready.set_config_applied();
+            // Generation 0 is the built-in defaults: a first file equal to them still counts as applied.
+            if generation.0 > 0 && **config_tx.borrow() == new {
                 tracing::info!(reason, "config unchanged");
             } else {
                 generation.0 += 1;
