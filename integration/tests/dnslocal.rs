@@ -369,3 +369,49 @@ fn restart_under_load_loses_nothing() {
     eprintln!("restart under load: {report:?}");
     drop((new, daemon, nsd, dir, ns));
 }
+
+#[test]
+fn reload_under_load_loses_nothing() {
+    let s = setup("dl-reload", "1h");
+    let names = vec![
+        "www.example.test".to_owned(),
+        "nope.example.test".to_owned(),
+    ];
+    let server: SocketAddr = format!("{LISTEN}:53").parse().unwrap();
+    let load = Load::start(s.ns.name(), server, names, 8, Duration::from_micros(500));
+    std::thread::sleep(Duration::from_millis(500));
+    // A new version of the file (another cache size): a new engine binds beside the old one, which drains.
+    let config = s.dir.join("dnslocal.yaml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("size: 10000", "size: 20000");
+    hybridnet_integration::write_atomic(&config, text);
+    wait_until(Duration::from_secs(10), "the new config applied", || {
+        let log = s.daemon.log();
+        if log.contains("applied the new configuration") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.stop();
+    assert!(report.sent > 1000, "too little load: {report:?}");
+    assert_eq!(report.lost, 0, "lost queries across the reload: {report:?}");
+    let status = wait_until(
+        Duration::from_secs(10),
+        "status shows the new capacity",
+        || {
+            let st = DaemonKind::Dnslocal.read_status(&s.dir.join("dnslocal-state"))?;
+            let capacity = st.details["cache"]["capacity"].as_u64().unwrap_or(0);
+            if capacity >= 20000 {
+                Ok(capacity)
+            } else {
+                Err(format!("capacity {capacity}"))
+            }
+        },
+    )
+    .unwrap();
+    assert!(status >= 20000);
+}
