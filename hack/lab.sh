@@ -271,6 +271,13 @@ feature_dnslocal() {
   lab_dnslocal "$SWITCH_NS" "$BRIDGE" 192.0.2.53 169.254.20.10 $(node_list)
 }
 
+# meshd: every node's key and underlay address become the others' static peers; a full mesh, then pings.
+feature_meshd() {
+  local i pairs=()
+  for i in $(seq 1 "$nodes"); do pairs+=("$(node_ns "$i"):$(node_dir "$i")/config.yaml"); done
+  lab_meshd "$BIN_DIR" "${pairs[@]}"
+}
+
 run_features() {
   [ "$features" -eq 1 ] || return 0
   local d failed=()
