@@ -18,8 +18,12 @@
 # (image/validator, Talos's and extensions-validator's rules plus ours), from the tar itself.
 #
 # arm64 cross build: rustup target aarch64-unknown-linux-musl; ring (rustls) compiles C, so the script uses
-# Debian's gcc-aarch64-linux-gnu as the C compiler and as the linker (Rust's musl target is self-contained: it
-# brings its own crt objects and libc.a). Installs what is missing when run as root.
+# Debian's gcc-aarch64-linux-gnu as the C compiler and as the linker:
+#   CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_musl=aarch64-linux-gnu-ar
+#   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc
+# (Rust's musl target is self-contained: it brings its own crt objects and musl libc.a, so no musl
+# cross-toolchain is needed; the result is a static, non-PIE aarch64 ELF). With qemu-user installed the arm64
+# binaries are smoke-tested (`--version`) too. Installs what is missing when run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -30,7 +34,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --arch) arches+=("$2"); shift 2 ;;
     --no-build) build=0; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "build-image: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -121,6 +125,11 @@ for arch in "${arches[@]}"; do
     [ -x "$f" ] || { echo "build-image: $f is missing (run without --no-build)" >&2; exit 1; }
     if readelf -l "$f" | grep -q INTERP; then echo "build-image: $f is not static" >&2; exit 1; fi
     install -m 0755 "$f" "$dist/bin/$arch/$b"
+    # smoke test: it runs (arm64 under qemu-user when installed)
+    case "$arch" in
+      amd64) "$dist/bin/$arch/$b" --version >/dev/null ;;
+      arm64) if command -v qemu-aarch64 >/dev/null 2>&1; then qemu-aarch64 "$dist/bin/$arch/$b" --version >/dev/null; fi ;;
+    esac
     # the release profile strips (strip = "symbols"); strip again only if a symbol table is left
     if readelf -S "$dist/bin/$arch/$b" | grep -q '\.symtab'; then
       if [ "$arch" = arm64 ]; then aarch64-linux-gnu-strip "$dist/bin/$arch/$b"; else strip "$dist/bin/$arch/$b"; fi
