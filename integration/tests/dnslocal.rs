@@ -307,12 +307,16 @@ fn concurrent_identical_misses_are_one_upstream_query() {
         "upstream queries for 100 identical misses"
     );
     let m = daemon.metrics().unwrap();
-    let coalesced: f64 = m
-        .series("dnslocal_queries_total")
-        .filter(|(l, _)| l.contains("result=\"coalesced\""))
-        .map(|(_, v)| v)
-        .sum();
-    assert_eq!(coalesced, 99.0, "{}", m.0);
+    let count = |result: &str| -> f64 {
+        m.series("dnslocal_queries_total")
+            .filter(|(l, _)| l.contains(&format!("result=\"{result}\"")))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    // One miss; the others joined it (or, if they came late on a busy machine, hit the cache it filled).
+    assert_eq!(count("miss"), 1.0, "{}", m.0);
+    assert!(count("coalesced") >= 1.0, "{}", m.0);
+    assert_eq!(count("coalesced") + count("hit"), 99.0, "{}", m.0);
 }
 
 #[test]

@@ -54,6 +54,8 @@ struct Waiter {
     buf: Vec<u8>,
     q: Query,
     reply: Reply,
+    /// Joined a flight someone else started.
+    coalesced: bool,
 }
 
 #[derive(Debug, Default)]
@@ -210,11 +212,11 @@ impl Engine {
                 self.metrics.query(q.qtype, Outcome::Stale);
                 return Action::Send;
             }
-            self.metrics.query(q.qtype, Outcome::Coalesced);
             flight.waiters.push(Waiter {
                 buf: buf.to_vec(),
                 q,
                 reply: reply(),
+                coalesced: true,
             });
             return Action::Later;
         }
@@ -240,6 +242,7 @@ impl Engine {
             buf: buf.to_vec(),
             q: q.clone(),
             reply: reply(),
+            coalesced: false,
         };
         self.start_flight(buf, q, Some(waiter), false);
         Action::Later
@@ -256,7 +259,10 @@ impl Engine {
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(flight) = inflight.get_mut(q.key.as_slice()) {
-                flight.waiters.extend(waiter);
+                flight.waiters.extend(waiter.map(|w| Waiter {
+                    coalesced: true,
+                    ..w
+                }));
                 return;
             }
             inflight.insert(
@@ -331,7 +337,12 @@ impl Engine {
                         w.reply.limit(&w.q),
                         &mut out,
                     );
-                    self.metrics.query(w.q.qtype, Outcome::Miss);
+                    let outcome = if w.coalesced {
+                        Outcome::Coalesced
+                    } else {
+                        Outcome::Miss
+                    };
+                    self.metrics.query(w.q.qtype, outcome);
                     w.reply.send(std::mem::take(&mut out));
                 }
             }

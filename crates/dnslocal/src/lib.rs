@@ -5,7 +5,7 @@
 //! - [`engine`]: hits on the hot path; misses coalesced, bounded, routed, served stale when upstreams fail;
 //! - [`upstream`]: UDP (TCP on truncation) and persistent pipelined TCP upstreams, health and failover;
 //! - [`server`]: `SO_REUSEPORT` UDP sockets (one thread each) and TCP listeners, drained without loss;
-//! - [`link`]: the dummy link holding the listen addresses.
+//! - [`link`]: the dummy link holding the listen addresses (rtnetlink).
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
@@ -313,7 +313,7 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
         let listen = i.config.listen.clone();
         i.drain().await;
         if let Some(l) = link {
-            l.teardown(&listen);
+            l.teardown(&listen).await;
         }
     }
     Ok(())
@@ -328,7 +328,7 @@ async fn start(
 ) -> Result<Instance, Error> {
     let c = &config.dnslocal;
     if c.interface.create && link.is_none() {
-        *link = Some(Link::setup(&c.interface.name, &c.listen)?);
+        *link = Some(Link::setup(&c.interface.name, &c.listen).await?);
     }
     Instance::start(config, metrics).await
 }

@@ -1,113 +1,168 @@
-//! The dummy link that holds the listen addresses (`interface.create`), through `ip` (iproute2).
+//! The link that holds the listen addresses (`interface.create`), over rtnetlink.
 //!
-//! Only what this instance created is removed on exit, and nothing while another instance still serves the
-//! addresses (a restart overlaps the old and the new instance).
+//! A dummy link, or an empty bridge on kernels built without dummy links (`CONFIG_DUMMY` unset): both hold
+//! local addresses just as well. A dummy or bridge link of the configured name is dnslocal's (an earlier
+//! instance made it) and is adopted. Only what dnslocal made is removed on exit, and nothing while another
+//! instance still serves the addresses (a restart overlaps the old and the new instance).
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::process::Command;
+
+use futures_util::TryStreamExt as _;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec};
 
 use crate::Error;
 
-/// What [`Link::setup`] created.
-#[derive(Debug, Default)]
-pub struct Link {
-    name: String,
-    created_link: bool,
-    added: Vec<IpAddr>,
+fn nl(what: &'static str) -> impl Fn(rtnetlink::Error) -> Error {
+    move |e| Error::Link(format!("{what}: {e}"))
 }
 
-fn ip(args: &[&str]) -> Result<String, Error> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| Error::Link(format!("cannot run ip {}: {e}", args.join(" "))))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(Error::Link(format!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
+fn errno(e: &rtnetlink::Error) -> i32 {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => -m.raw_code(),
+        _ => 0,
     }
 }
 
-/// Whether `addr` is assigned to any link in this namespace.
-fn assigned(addr: IpAddr) -> Result<bool, Error> {
-    let family = if addr.is_ipv4() { "-4" } else { "-6" };
-    let out = ip(&[family, "-o", "addr", "show"])?;
-    let needle = format!(" {addr}/");
-    Ok(out.lines().any(|l| l.contains(&needle)))
+/// What [`Link::setup`] owns.
+#[derive(Debug)]
+pub struct Link {
+    handle: Handle,
+    name: String,
+    index: u32,
+    owned_link: bool,
+    added: Vec<IpAddr>,
 }
 
-/// Creates `name` as a dummy link; on kernels without dummy links (`CONFIG_DUMMY` unset), as an empty
-/// bridge, which holds addresses just as well.
-fn create(name: &str) -> Result<&'static str, Error> {
-    match ip(&["link", "add", name, "type", "dummy"]) {
-        Ok(_) => Ok("dummy"),
-        Err(Error::Link(e)) if e.contains("Unknown device type") => {
+fn kind(link: &LinkMessage) -> Option<&InfoKind> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
+    msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    })
+}
+
+async fn get_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, Error> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(link) => Ok(link),
+        Err(e) if errno(&e) == libc::ENODEV => Ok(None),
+        Err(e) => Err(nl("get link")(e)),
+    }
+}
+
+/// Creates `name` as a dummy link, or as an empty bridge where the kernel has no dummy links.
+async fn create(handle: &Handle, name: &str) -> Result<&'static str, Error> {
+    match handle
+        .link()
+        .add(LinkDummy::new(name).build())
+        .execute()
+        .await
+    {
+        Ok(()) => Ok("dummy"),
+        Err(e) if errno(&e) == libc::EOPNOTSUPP => {
             tracing::warn!(
                 link = name,
                 "this kernel has no dummy links: using an empty bridge instead"
             );
-            ip(&["link", "add", name, "type", "bridge"])?;
+            handle
+                .link()
+                .add(LinkBridge::new(name).build())
+                .execute()
+                .await
+                .map_err(nl("add bridge link"))?;
             Ok("bridge")
         }
-        Err(e) => Err(e),
+        Err(e) => Err(nl("add dummy link")(e)),
     }
 }
 
+async fn assigned(handle: &Handle) -> Result<Vec<IpAddr>, Error> {
+    let mut out = Vec::new();
+    let mut stream = handle.address().get().execute();
+    while let Some(msg) = stream.try_next().await.map_err(nl("get addresses"))? {
+        out.extend(address_of(&msg));
+    }
+    Ok(out)
+}
+
 impl Link {
-    /// Creates link `name` (type dummy) unless it exists, brings it up, and adds each listen address that
-    /// is not assigned anywhere yet (as a host route: /32 or /128).
-    pub fn setup(name: &str, listen: &[SocketAddr]) -> Result<Link, Error> {
-        let mut link = Link {
-            name: name.to_owned(),
-            ..Link::default()
-        };
-        match ip(&["-d", "link", "show", "dev", name]) {
-            // A dummy link of our configured name is dnslocal's (an earlier instance made it): adopt it.
-            Ok(details) => {
-                link.created_link = details.contains("dummy") || details.contains("bridge_id")
-            }
-            Err(_) => {
-                let kind = create(name)?;
-                link.created_link = true;
+    /// Creates (or adopts) link `name`, brings it up, and adds each listen address that is not assigned
+    /// anywhere yet, as a host address (/32, /128 without duplicate address detection).
+    pub async fn setup(name: &str, listen: &[SocketAddr]) -> Result<Link, Error> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| Error::Link(format!("netlink: {e}")))?;
+        tokio::spawn(conn);
+        let owned_link = match get_link(&handle, name).await? {
+            Some(link) => matches!(kind(&link), Some(InfoKind::Dummy | InfoKind::Bridge)),
+            None => {
+                let kind = create(&handle, name).await?;
                 tracing::info!(
                     link = name,
                     kind,
                     "created the link for the listen addresses"
                 );
+                true
             }
-        }
-        ip(&["link", "set", name, "up"])?;
+        };
+        let index = get_link(&handle, name)
+            .await?
+            .map(|l| l.header.index)
+            .ok_or_else(|| Error::Link(format!("link {name} vanished")))?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl("set link up"))?;
+        let mut link = Link {
+            handle,
+            name: name.to_owned(),
+            index,
+            owned_link,
+            added: Vec::new(),
+        };
+        let have = assigned(&link.handle).await?;
         let mut ips: Vec<IpAddr> = listen
             .iter()
             .map(SocketAddr::ip)
-            .filter(|a| !a.is_unspecified() && !a.is_loopback())
+            .filter(|a| !a.is_unspecified() && !a.is_loopback() && !have.contains(a))
             .collect();
         ips.dedup();
         for addr in ips {
-            if assigned(addr)? {
-                continue;
-            }
             let prefix = if addr.is_ipv4() { 32 } else { 128 };
-            let cidr = format!("{addr}/{prefix}");
-            let mut args = vec!["addr", "add", &cidr, "dev", name];
+            let mut req = link.handle.address().add(index, addr, prefix);
             if addr.is_ipv6() {
-                args.push("nodad");
+                req.message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
             }
-            ip(&args)?;
-            tracing::info!(link = name, %addr, "added listen address");
-            link.added.push(addr);
+            match req.execute().await {
+                Ok(()) => {
+                    tracing::info!(link = name, %addr, "added listen address");
+                    link.added.push(addr);
+                }
+                Err(e) if errno(&e) == libc::EEXIST => {}
+                Err(e) => return Err(nl("add address")(e)),
+            }
         }
         Ok(link)
     }
 
-    /// Removes what [`Link::setup`] created, unless another process still serves one of `listen` (then
-    /// the addresses stay for it).
-    pub fn teardown(self, listen: &[SocketAddr]) {
-        if self.added.is_empty() && !self.created_link {
+    /// Removes what [`Link::setup`] made, unless another process still serves one of `listen` (then it all
+    /// stays for that process).
+    pub async fn teardown(self, listen: &[SocketAddr]) {
+        if self.added.is_empty() && !self.owned_link {
             return;
         }
         // A plain bind (no SO_REUSEPORT) fails while another instance holds the port.
@@ -115,23 +170,28 @@ impl Link {
             tracing::info!(%busy, "another instance serves the listen addresses: leaving the link as it is");
             return;
         }
-        for addr in &self.added {
-            let prefix = if addr.is_ipv4() { 32 } else { 128 };
-            if let Err(error) = ip(&[
-                "addr",
-                "del",
-                &format!("{addr}/{prefix}"),
-                "dev",
-                &self.name,
-            ]) {
-                tracing::warn!(%error, "cannot remove a listen address");
+        if self.owned_link {
+            match self.handle.link().del(self.index).execute().await {
+                Ok(()) => tracing::info!(link = %self.name, "removed the link"),
+                Err(error) => tracing::warn!(%error, "cannot remove the link"),
+            }
+            return;
+        }
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(self.index)
+            .execute();
+        let mut ours = Vec::new();
+        while let Ok(Some(msg)) = stream.try_next().await {
+            if address_of(&msg).is_some_and(|a| self.added.contains(&a)) {
+                ours.push(msg);
             }
         }
-        if self.created_link {
-            if let Err(error) = ip(&["link", "del", &self.name]) {
-                tracing::warn!(%error, "cannot remove the dummy link");
-            } else {
-                tracing::info!(link = %self.name, "removed the dummy link");
+        for msg in ours {
+            if let Err(error) = self.handle.address().del(msg).execute().await {
+                tracing::warn!(%error, "cannot remove a listen address");
             }
         }
     }

@@ -29,7 +29,7 @@ pub enum Outcome {
     Stale,
     /// Forwarded upstream and answered.
     Miss,
-    /// Joined an identical query already in flight.
+    /// Joined an identical query already in flight, and answered by it.
     Coalesced,
     /// SERVFAIL from us (upstreams failed, or shed).
     Servfail,
