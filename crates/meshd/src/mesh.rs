@@ -149,40 +149,21 @@ impl Mesh {
         let prefix = device.prefix;
         let mesh_addr = identity::mesh_address(prefix, &public);
         let net = Net::new()?;
-        let use_kernel = match m.backend {
-            BackendChoice::Kernel => true,
-            BackendChoice::Userspace => false,
-            BackendChoice::Auto => wg::kernel::available(),
-        };
         let existing = net.link_index(&m.interface).await?;
-        let (backend, index) = if use_kernel {
-            let index = match existing {
-                Some(i) => {
-                    tracing::info!(interface = %m.interface, "adopting the existing WireGuard link");
-                    i
+        let (backend, index) = match m.backend {
+            BackendChoice::Kernel => open_kernel(&net, &m.interface, existing).await?,
+            BackendChoice::Userspace => open_userspace(&net, &m.interface, existing).await?,
+            BackendChoice::Auto if wg::kernel::available() || existing.is_some() => {
+                match open_kernel(&net, &m.interface, existing).await {
+                    Ok(opened) => opened,
+                    Err(error) if existing.is_none() => {
+                        tracing::warn!(%error, "kernel WireGuard unusable; using the userspace backend");
+                        open_userspace(&net, &m.interface, None).await?
+                    }
+                    Err(error) => return Err(error),
                 }
-                None => {
-                    net.add_wireguard(&m.interface).await?;
-                    net.link_index(&m.interface)
-                        .await?
-                        .ok_or_else(|| Error::Netlink("the new WireGuard link vanished".into()))?
-                }
-            };
-            (Backend::Kernel(Kernel::connect(&m.interface)?), index)
-        } else {
-            if existing.is_some() {
-                return Err(Error::Backend(format!(
-                    "interface {} already exists; the userspace backend creates its own TUN device \
-                     (remove the link, or choose another `meshd.interface`)",
-                    m.interface
-                )));
             }
-            let u = Userspace::create(&m.interface, 2)?;
-            let index = net
-                .link_index(&m.interface)
-                .await?
-                .ok_or_else(|| Error::Netlink("the TUN device vanished".into()))?;
-            (Backend::Userspace(Box::new(u)), index)
+            BackendChoice::Auto => open_userspace(&net, &m.interface, existing).await?,
         };
         let specs = peer_specs(&cfg).await;
         let any_v6 = specs
@@ -657,6 +638,47 @@ pub fn routes_for<'a>(
         }
     }
     routes
+}
+
+/// Creates (or adopts) the kernel WireGuard link `name`.
+async fn open_kernel(
+    net: &Net,
+    name: &str,
+    existing: Option<u32>,
+) -> Result<(Backend, u32), Error> {
+    let index = match existing {
+        Some(i) => {
+            tracing::info!(interface = %name, "adopting the existing WireGuard link");
+            i
+        }
+        None => {
+            net.add_wireguard(name).await?;
+            net.link_index(name)
+                .await?
+                .ok_or_else(|| Error::Netlink("the new WireGuard link vanished".into()))?
+        }
+    };
+    Ok((Backend::Kernel(Kernel::connect(name)?), index))
+}
+
+/// Starts the embedded userspace device on a new TUN device `name`.
+async fn open_userspace(
+    net: &Net,
+    name: &str,
+    existing: Option<u32>,
+) -> Result<(Backend, u32), Error> {
+    if existing.is_some() {
+        return Err(Error::Backend(format!(
+            "interface {name} already exists; the userspace backend creates its own TUN device \
+             (remove the link, or choose another `meshd.interface`)"
+        )));
+    }
+    let u = Userspace::create(name, 2)?;
+    let index = net
+        .link_index(name)
+        .await?
+        .ok_or_else(|| Error::Netlink("the TUN device vanished".into()))?;
+    Ok((Backend::Userspace(Box::new(u)), index))
 }
 
 fn v6_mapped(addr: SocketAddr) -> SocketAddr {
