@@ -12,12 +12,20 @@ use tokio::net::UdpSocket;
 use crate::identity::{self, PrivateKey};
 use crate::metrics::{self, Metrics};
 use crate::net::{self, Net};
-use crate::peer::{Action, PeerMachine, PeerState, Timing};
+use crate::peer::{Action, PeerMachine, Timing};
 use crate::probe::{self, Kind, Probe};
 use crate::wg::kernel::Kernel;
 use crate::wg::userspace::Userspace;
 use crate::wg::{self, Actual, Desired, PeerConfig, PeerStats};
 use crate::{Error, cache};
+
+mod backend;
+mod publish;
+mod specs;
+
+pub use backend::Backend;
+use backend::{open_kernel, open_userspace};
+pub use specs::{PeerSpec, filter_candidates, peer_specs, routes_for};
 
 /// WireGuard persistent keepalive on every peer (keeps NAT mappings; KubeSpan uses 25 s too).
 pub const KEEPALIVE: u16 = 25;
@@ -25,36 +33,6 @@ pub const KEEPALIVE: u16 = 25;
 pub const IDLE_AFTER: Duration = Duration::from_secs(30);
 /// Full resync of device and routes even without a change (drift from outside is repaired).
 pub const RESYNC: Duration = Duration::from_secs(10);
-
-/// One of the two backends.
-#[derive(Debug)]
-pub enum Backend {
-    Userspace(Box<Userspace>),
-    Kernel(Kernel),
-}
-
-impl Backend {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Backend::Userspace(_) => "userspace",
-            Backend::Kernel(_) => "kernel",
-        }
-    }
-
-    async fn get(&mut self) -> Result<Actual, Error> {
-        match self {
-            Backend::Userspace(u) => u.get(),
-            Backend::Kernel(k) => k.get().await,
-        }
-    }
-
-    async fn apply(&mut self, update: &wg::Update) -> Result<(), Error> {
-        match self {
-            Backend::Userspace(u) => u.apply(update),
-            Backend::Kernel(k) => k.apply(update).await,
-        }
-    }
-}
 
 /// One peer.
 #[derive(Debug)]
@@ -71,17 +49,6 @@ pub struct Peer {
     last_rx_change: Instant,
     pub last_seen_unix: u64,
     reported_failovers: u64,
-}
-
-/// A peer as the config (or the cache) describes it.
-#[derive(Clone, Debug)]
-pub struct PeerSpec {
-    pub name: String,
-    pub key: PublicKey,
-    pub candidates: Vec<SocketAddr>,
-    pub allowed_ips: Vec<IpNet>,
-    pub location: Option<String>,
-    pub source: String,
 }
 
 /// The settings that, when changed, need the device to be rebuilt.
@@ -496,105 +463,6 @@ impl Mesh {
         }
     }
 
-    /// Publishes per-peer metrics.
-    pub fn update_metrics(&mut self) {
-        let mut up = 0;
-        for p in self.peers.values_mut() {
-            let l = metrics::peer(&p.name);
-            let state = p.machine.state;
-            if state == PeerState::Up {
-                up += 1;
-            }
-            self.metrics.peer_state.get_or_create(&l).set(match state {
-                PeerState::Unknown => 0,
-                PeerState::Up => 1,
-                PeerState::Down => 2,
-            });
-            let rtt = p
-                .machine
-                .active
-                .and_then(|a| p.machine.paths[a].rtt)
-                .map_or(f64::NAN, |r| r.as_secs_f64());
-            self.metrics.peer_rtt_seconds.get_or_create(&l).set(rtt);
-            let hs = p.stats.last_handshake.map_or(f64::NAN, |d| d.as_secs_f64());
-            self.metrics
-                .peer_handshake_age_seconds
-                .get_or_create(&l)
-                .set(hs);
-            self.metrics
-                .peer_rx_bytes
-                .get_or_create(&l)
-                .set(p.stats.rx_bytes as i64);
-            self.metrics
-                .peer_tx_bytes
-                .get_or_create(&l)
-                .set(p.stats.tx_bytes as i64);
-            let delta = p.machine.failovers.saturating_sub(p.reported_failovers);
-            if delta > 0 {
-                self.metrics.peer_failovers.get_or_create(&l).inc_by(delta);
-                p.reported_failovers = p.machine.failovers;
-            }
-            for path in &p.machine.paths {
-                let labels = vec![
-                    ("peer".to_owned(), p.name.clone()),
-                    ("endpoint".to_owned(), path.endpoint.to_string()),
-                ];
-                let active = p.machine.active_endpoint() == Some(path.endpoint);
-                self.metrics
-                    .peer_active_endpoint
-                    .get_or_create(&labels)
-                    .set(i64::from(active));
-            }
-        }
-        self.metrics.peers_up.set(up);
-    }
-
-    /// Writes the peer cache when it changed.
-    pub fn store_cache(&mut self) {
-        let mut peers: Vec<cache::CachedPeer> = self
-            .peers
-            .values()
-            .map(|p| {
-                let mut endpoints: Vec<String> = Vec::new();
-                if let Some(a) = p.machine.active_endpoint() {
-                    endpoints.push(a.to_string());
-                }
-                for path in &p.machine.paths {
-                    let s = path.endpoint.to_string();
-                    if !endpoints.contains(&s) {
-                        endpoints.push(s);
-                    }
-                }
-                cache::CachedPeer {
-                    name: p.name.clone(),
-                    public_key: p.key.to_string(),
-                    endpoints,
-                    allowed_ips: p
-                        .allowed_ips
-                        .iter()
-                        .filter(|n| !matches!(n, IpNet::V6(v) if self.prefix.contains(v)))
-                        .map(ToString::to_string)
-                        .collect(),
-                    location: p.location.clone(),
-                    source: p.source.clone(),
-                    last_seen: 0,
-                }
-            })
-            .collect();
-        peers.sort_by(|a, b| a.public_key.cmp(&b.public_key));
-        let c = cache::Cache { version: 1, peers };
-        if self.cache_written.as_ref() == Some(&c) {
-            return;
-        }
-        let path = cache::path(&self.cfg.data_dir);
-        match cache::store(&path, &c) {
-            Ok(()) => self.cache_written = Some(c),
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "cannot write the peer cache")
-            }
-        }
-    }
-
     /// This node's underlay addresses.
     pub async fn underlay_addresses(&self) -> Result<Vec<IpAddr>, Error> {
         self.net.underlay_addresses(self.index).await
@@ -616,69 +484,6 @@ impl Mesh {
         }
         tracing::info!("mesh removed");
     }
-}
-
-/// The routes for the mesh: its prefix, and every peer's allowed IPs outside it, except (with `bypass`,
-/// KubeSpan's `allowDownPeerBypass`) those of down peers, whose traffic then takes the underlay. Pure.
-pub fn routes_for<'a>(
-    prefix: Ipv6Net,
-    peers: impl Iterator<Item = (PeerState, &'a BTreeSet<IpNet>)>,
-    bypass: bool,
-) -> BTreeSet<IpNet> {
-    let mut routes = BTreeSet::new();
-    routes.insert(IpNet::V6(prefix));
-    for (state, allowed) in peers {
-        if bypass && state == PeerState::Down {
-            continue;
-        }
-        for net in allowed {
-            if !matches!(net, IpNet::V6(n) if prefix.contains(n)) {
-                routes.insert(*net);
-            }
-        }
-    }
-    routes
-}
-
-/// Creates (or adopts) the kernel WireGuard link `name`.
-async fn open_kernel(
-    net: &Net,
-    name: &str,
-    existing: Option<u32>,
-) -> Result<(Backend, u32), Error> {
-    let index = match existing {
-        Some(i) => {
-            tracing::info!(interface = %name, "adopting the existing WireGuard link");
-            i
-        }
-        None => {
-            net.add_wireguard(name).await?;
-            net.link_index(name)
-                .await?
-                .ok_or_else(|| Error::Netlink("the new WireGuard link vanished".into()))?
-        }
-    };
-    Ok((Backend::Kernel(Kernel::connect(name)?), index))
-}
-
-/// Starts the embedded userspace device on a new TUN device `name`.
-async fn open_userspace(
-    net: &Net,
-    name: &str,
-    existing: Option<u32>,
-) -> Result<(Backend, u32), Error> {
-    if existing.is_some() {
-        return Err(Error::Backend(format!(
-            "interface {name} already exists; the userspace backend creates its own TUN device \
-             (remove the link, or choose another `meshd.interface`)"
-        )));
-    }
-    let u = Userspace::create(name, 2)?;
-    let index = net
-        .link_index(name)
-        .await?
-        .ok_or_else(|| Error::Netlink("the TUN device vanished".into()))?;
-    Ok((Backend::Userspace(Box::new(u)), index))
 }
 
 fn v6_mapped(addr: SocketAddr) -> SocketAddr {
@@ -706,149 +511,4 @@ fn own_addresses(cfg: &Config, mesh_addr: Ipv6Addr) -> BTreeSet<IpNet> {
     let mut set: BTreeSet<IpNet> = cfg.meshd.addresses.iter().copied().collect();
     set.insert(IpNet::V6(Ipv6Net::from(mesh_addr)));
     set
-}
-
-/// The peers from the config and the cache, with candidates filtered by the endpoint filter.
-pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
-    let m = &cfg.meshd;
-    let mut specs = Vec::new();
-    for p in &m.peers {
-        let mut addrs = Vec::new();
-        for hp in &p.endpoints {
-            match hp.socket_addr() {
-                Some(a) => addrs.push(a),
-                None => {
-                    let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
-                    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
-                        Ok(Ok(found)) => addrs.extend(found),
-                        _ => {
-                            tracing::warn!(peer = %p.name, endpoint = %hp, "cannot resolve endpoint")
-                        }
-                    }
-                }
-            }
-        }
-        specs.push(PeerSpec {
-            name: p.name.clone(),
-            key: p.public_key,
-            candidates: filter_candidates(&m.endpoint_filter, &addrs),
-            allowed_ips: p.allowed_ips.clone(),
-            location: p.location.clone(),
-            source: "static".into(),
-        });
-    }
-    // Cached peers from other sources.
-    let cached = cache::load(&cache::path(&cfg.data_dir));
-    for c in cached.peers {
-        if c.source == "static" {
-            continue;
-        }
-        let Some(key) = parse_key(&c.public_key) else {
-            continue;
-        };
-        if specs.iter().any(|s| s.key == key) {
-            continue;
-        }
-        let addrs: Vec<SocketAddr> = c.endpoints.iter().filter_map(|e| e.parse().ok()).collect();
-        specs.push(PeerSpec {
-            name: c.name,
-            key,
-            candidates: filter_candidates(&m.endpoint_filter, &addrs),
-            allowed_ips: c
-                .allowed_ips
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .collect(),
-            location: c.location,
-            source: c.source,
-        });
-    }
-    specs
-}
-
-fn parse_key(text: &str) -> Option<PublicKey> {
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .ok()?;
-    Some(PublicKey(bytes.try_into().ok()?))
-}
-
-/// A peer's candidates after our endpoint filter (Talos semantics, applied to the candidates' IPs), in the
-/// peer's order, without duplicates.
-pub fn filter_candidates(
-    filter: &hybridnet_config::EndpointFilter,
-    addrs: &[SocketAddr],
-) -> Vec<SocketAddr> {
-    let ips: Vec<IpAddr> = addrs.iter().map(SocketAddr::ip).collect();
-    let kept = filter.apply(&ips);
-    let mut out = Vec::new();
-    for a in addrs {
-        if kept.contains(&a.ip()) && !out.contains(a) {
-            out.push(*a);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn nets(list: &[&str]) -> BTreeSet<IpNet> {
-        list.iter().map(|n| n.parse().unwrap()).collect()
-    }
-
-    #[test]
-    fn routes_cover_the_prefix_and_peers_and_bypass_drops_down_peers() {
-        let prefix: Ipv6Net = "fd00:1:2:3::/64".parse().unwrap();
-        let up = nets(&["10.99.0.2/32", "fd00:1:2:3::2/128", "10.244.2.0/24"]);
-        let down = nets(&["10.99.0.3/32", "fd00:1:2:3::3/128"]);
-        let peers = || [(PeerState::Up, &up), (PeerState::Down, &down)].into_iter();
-        let forced = routes_for(prefix, peers(), false);
-        assert_eq!(
-            forced,
-            nets(&[
-                "fd00:1:2:3::/64",
-                "10.99.0.2/32",
-                "10.244.2.0/24",
-                "10.99.0.3/32"
-            ]),
-            "mesh /128s ride on the /64; a down peer stays routed (secure default)"
-        );
-        let bypass = routes_for(prefix, peers(), true);
-        assert!(!bypass.contains(&"10.99.0.3/32".parse().unwrap()));
-        assert!(bypass.contains(&"10.99.0.2/32".parse().unwrap()));
-    }
-
-    #[test]
-    fn candidates_follow_the_endpoint_filter_in_peer_order() {
-        use hybridnet_config::{EndpointFilter, FilterRule};
-        let addrs: Vec<SocketAddr> = [
-            "192.0.2.12:51821",
-            "198.51.100.12:51821",
-            "[2001:db8::12]:51821",
-            "198.51.100.12:51821",
-        ]
-        .iter()
-        .map(|a| a.parse().unwrap())
-        .collect();
-        let rules = |r: &[&str]| {
-            EndpointFilter::new(r.iter().map(|x| FilterRule::parse(x).unwrap()).collect()).unwrap()
-        };
-        // No filter: everything, deduplicated, in order.
-        assert_eq!(
-            filter_candidates(&EndpointFilter::default(), &addrs),
-            addrs[..3].to_vec()
-        );
-        // Talos semantics: ordered, `!` removes what an earlier rule added.
-        let f = rules(&["0.0.0.0/0", "!192.0.2.0/24"]);
-        assert_eq!(filter_candidates(&f, &addrs), vec![addrs[1]]);
-        let f = rules(&["::/0", "192.0.2.0/24"]);
-        assert_eq!(filter_candidates(&f, &addrs), vec![addrs[0], addrs[2]]);
-        // A negation before the positive removes nothing.
-        let f = rules(&["!192.0.2.0/24", "0.0.0.0/0"]);
-        assert_eq!(filter_candidates(&f, &addrs), addrs[..2].to_vec());
-    }
 }

@@ -1,0 +1,109 @@
+//! What the mesh publishes besides `status.json`: per-peer metrics and the peer cache.
+
+use ipnet::IpNet;
+
+use super::Mesh;
+use crate::cache;
+use crate::metrics;
+use crate::peer::PeerState;
+
+impl Mesh {
+    /// Publishes per-peer metrics.
+    pub fn update_metrics(&mut self) {
+        let mut up = 0;
+        for p in self.peers.values_mut() {
+            let l = metrics::peer(&p.name);
+            let state = p.machine.state;
+            if state == PeerState::Up {
+                up += 1;
+            }
+            self.metrics.peer_state.get_or_create(&l).set(match state {
+                PeerState::Unknown => 0,
+                PeerState::Up => 1,
+                PeerState::Down => 2,
+            });
+            let rtt = p
+                .machine
+                .active
+                .and_then(|a| p.machine.paths[a].rtt)
+                .map_or(f64::NAN, |r| r.as_secs_f64());
+            self.metrics.peer_rtt_seconds.get_or_create(&l).set(rtt);
+            let hs = p.stats.last_handshake.map_or(f64::NAN, |d| d.as_secs_f64());
+            self.metrics
+                .peer_handshake_age_seconds
+                .get_or_create(&l)
+                .set(hs);
+            self.metrics
+                .peer_rx_bytes
+                .get_or_create(&l)
+                .set(p.stats.rx_bytes as i64);
+            self.metrics
+                .peer_tx_bytes
+                .get_or_create(&l)
+                .set(p.stats.tx_bytes as i64);
+            let delta = p.machine.failovers.saturating_sub(p.reported_failovers);
+            if delta > 0 {
+                self.metrics.peer_failovers.get_or_create(&l).inc_by(delta);
+                p.reported_failovers = p.machine.failovers;
+            }
+            for path in &p.machine.paths {
+                let labels = vec![
+                    ("peer".to_owned(), p.name.clone()),
+                    ("endpoint".to_owned(), path.endpoint.to_string()),
+                ];
+                let active = p.machine.active_endpoint() == Some(path.endpoint);
+                self.metrics
+                    .peer_active_endpoint
+                    .get_or_create(&labels)
+                    .set(i64::from(active));
+            }
+        }
+        self.metrics.peers_up.set(up);
+    }
+
+    /// Writes the peer cache when it changed.
+    pub fn store_cache(&mut self) {
+        let mut peers: Vec<cache::CachedPeer> = self
+            .peers
+            .values()
+            .map(|p| {
+                let mut endpoints: Vec<String> = Vec::new();
+                if let Some(a) = p.machine.active_endpoint() {
+                    endpoints.push(a.to_string());
+                }
+                for path in &p.machine.paths {
+                    let s = path.endpoint.to_string();
+                    if !endpoints.contains(&s) {
+                        endpoints.push(s);
+                    }
+                }
+                cache::CachedPeer {
+                    name: p.name.clone(),
+                    public_key: p.key.to_string(),
+                    endpoints,
+                    allowed_ips: p
+                        .allowed_ips
+                        .iter()
+                        .filter(|n| !matches!(n, IpNet::V6(v) if self.prefix.contains(v)))
+                        .map(ToString::to_string)
+                        .collect(),
+                    location: p.location.clone(),
+                    source: p.source.clone(),
+                    last_seen: 0,
+                }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.public_key.cmp(&b.public_key));
+        let c = cache::Cache { version: 1, peers };
+        if self.cache_written.as_ref() == Some(&c) {
+            return;
+        }
+        let path = cache::path(&self.cfg.data_dir);
+        match cache::store(&path, &c) {
+            Ok(()) => self.cache_written = Some(c),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot write the peer cache")
+            }
+        }
+    }
+}
