@@ -80,11 +80,8 @@ fn four_nodes_mesh_fail_over_in_seconds_and_rejoin() {
     lab.nodes[0]
         .ping(&lab.nodes[1].mesh_ip().to_string())
         .unwrap_or_else(|e| panic!("{e}"));
-    // Other pairs keep their private path.
-    assert_eq!(
-        lab.nodes[0].peer("node3").unwrap_or_default()["endpoint"],
-        format!("{}:51821", lab.nodes[2].private_ip())
-    );
+    // Other pairs keep (or, after a hiccup on a loaded machine, return to) their private path.
+    lab.wait_endpoint(0, 2, lab.nodes[2].private_ip(), Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
     // Restore: back to the private path.
     lab.cut_private(0, 1, false);
