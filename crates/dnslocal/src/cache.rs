@@ -2,7 +2,7 @@
 //! serve-stale and prefetch signals. Time is passed in (milliseconds on any monotonic clock).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::wire::Answer;
 
@@ -20,7 +20,8 @@ pub enum Hit {
 
 #[derive(Debug)]
 struct Slot {
-    key: Box<[u8]>,
+    /// Shared with the map (one allocation per key).
+    key: Arc<[u8]>,
     answer: Answer,
     stored_ms: u64,
     referenced: bool,
@@ -30,7 +31,7 @@ struct Slot {
 
 #[derive(Debug, Default)]
 struct Shard {
-    map: HashMap<Box<[u8]>, usize>,
+    map: HashMap<Arc<[u8]>, usize>,
     slots: Vec<Slot>,
     hand: usize,
 }
@@ -110,16 +111,19 @@ impl Cache {
         }
         let cap = self.per_shard;
         let mut shard = self.shard(key);
+        let shared: Arc<[u8]> = key.into();
         let slot = Slot {
-            key: key.into(),
+            key: shared.clone(),
             answer,
             stored_ms: now_ms,
             referenced: false,
             hits: 0,
             refreshing: false,
         };
-        if let Some(&i) = shard.map.get(key) {
-            shard.slots[i] = slot;
+        if let Some((k, &i)) = shard.map.get_key_value(key) {
+            // Keep the map's key: one allocation per key.
+            let key = k.clone();
+            shard.slots[i] = Slot { key, ..slot };
             return;
         }
         let i = if shard.slots.len() < cap {
@@ -131,7 +135,7 @@ impl Cache {
             shard.map.remove(&old.key);
             i
         };
-        shard.map.insert(key.into(), i);
+        shard.map.insert(shared, i);
     }
 
     /// Drops the prefetch mark of `key` (a refresh that failed may be retried later).

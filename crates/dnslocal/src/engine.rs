@@ -383,3 +383,42 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_zones_go_to_the_cluster_pool() {
+        let cluster = Arc::new(Pool {
+            upstreams: Vec::new(),
+        });
+        let default = Arc::new(Pool {
+            upstreams: Vec::new(),
+        });
+        let routes = Routes {
+            cluster_zones: ["cluster.local", "in-addr.arpa", "ip6.arpa"]
+                .iter()
+                .map(|z| wire::name_to_wire(z))
+                .collect(),
+            cluster: Some(cluster.clone()),
+            default: default.clone(),
+        };
+        let to_cluster =
+            |name: &str| Arc::ptr_eq(routes.pool_for(&wire::name_to_wire(name)), &cluster);
+        assert!(to_cluster("kubernetes.default.svc.cluster.local"));
+        assert!(to_cluster("10.0.96.10.in-addr.arpa"));
+        assert!(to_cluster("1.0.0.0.ip6.arpa"));
+        assert!(!to_cluster("example.com"));
+        assert!(!to_cluster("cluster.local.example.com"));
+        assert!(!to_cluster("mycluster.local"));
+        let without = Routes {
+            cluster: None,
+            ..routes
+        };
+        assert!(Arc::ptr_eq(
+            without.pool_for(&wire::name_to_wire("a.cluster.local")),
+            &default
+        ));
+    }
+}
