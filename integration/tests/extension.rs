@@ -325,11 +325,13 @@ fn extension_services_start_on_a_bare_kernel() {
         wg.contains("DEVTYPE=wireguard"),
         "{wg}\nconsole:\n{console}"
     );
+    // what each service reported and the tail of its log (see them with --nocapture)
     eprintln!(
         "{}",
         console
             .lines()
-            .filter(|l| l.starts_with("HN-"))
+            .skip_while(|l| !l.contains("HN-BOOTED"))
+            .take_while(|l| !l.contains("HN-DONE"))
             .collect::<Vec<_>>()
             .join("\n")
     );
