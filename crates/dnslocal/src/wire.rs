@@ -328,7 +328,11 @@ pub fn analyse_answer(
     let mut min_answer_ttl = u32::MAX;
     let mut soa_ttl: Option<u32> = None;
     let mut opt: Option<Rr> = None;
+    let (mut answer_end, mut answer_ttls) = (off, 0);
     for i in 0..an + ns + ar {
+        if i == an {
+            (answer_end, answer_ttls) = (off, ttl_offsets.len());
+        }
         let rr = read_rr(buf, off).ok_or(Malformed)?;
         off = rr.end;
         if rr.rtype == TYPE_OPT {
@@ -353,15 +357,29 @@ pub fn analyse_answer(
         }
         ttl_offsets.push(u16::try_from(rr.ttl_off).map_err(|_| Malformed)?);
     }
-    let mut bytes = buf[..off].to_vec();
+    if ns + ar == 0 {
+        (answer_end, answer_ttls) = (off, ttl_offsets.len());
+    }
+    // Minimal responses: a positive answer keeps only its answer section (authority and additional records
+    // are not needed by stub resolvers); with DO set everything stays (DNSSEC proofs).
+    let minimal = rcode == 0 && an > 0 && !q.edns.is_some_and(|e| e.dnssec_ok);
+    let mut bytes;
     let mut cacheable = true;
-    if let Some(o) = opt {
+    if minimal {
+        bytes = buf[..answer_end].to_vec();
+        put_u16(&mut bytes, 8, 0);
+        put_u16(&mut bytes, 10, 0);
+        ttl_offsets.truncate(answer_ttls);
+    } else if let Some(o) = opt {
+        bytes = buf[..off].to_vec();
         if o.end == off {
             bytes.truncate(o.start);
             put_u16(&mut bytes, 10, (ar - 1) as u16);
         } else {
             cacheable = false; // OPT in the middle: serve as is, but don't keep it
         }
+    } else {
+        bytes = buf[..off].to_vec();
     }
     let truncated = buf[2] & 0x02 != 0;
     let ttl = match rcode {

@@ -311,3 +311,32 @@ fn zones_match_on_label_boundaries() {
     assert!(in_zone(&name_to_wire("anything"), &name_to_wire(".")));
     assert_eq!(wire_to_name(&name_to_wire("A.b")), "a.b.");
 }
+
+#[test]
+fn positive_answers_are_kept_minimal_unless_dnssec_ok() {
+    // An answer with the zone's SOA in authority and OPT in additional.
+    let upstream = response(
+        "www.example.",
+        ResponseCode::NoError,
+        vec![a("www.example.", 60, [192, 0, 2, 1])],
+        Some((60, 60)),
+    );
+    let plain = query("www.example.", RecordType::A, Some((1232, false)));
+    let q = parse_query(&plain).unwrap();
+    let answer = analyse_answer(&upstream, &plain, &q, &POLICY).unwrap();
+    assert_eq!(
+        (u16_at(&answer.bytes, 8), u16_at(&answer.bytes, 10)),
+        (Some(0), Some(0))
+    );
+    assert_eq!(answer.ttl_offsets.len(), 1);
+    let mut out = Vec::new();
+    render(&answer, &plain, &q, Aging::By(1), 1232, &mut out);
+    let m = Message::from_vec(&out).unwrap();
+    assert_eq!((m.answers.len(), m.authorities.len()), (1, 0));
+    assert_eq!(m.answers[0].ttl, 59);
+
+    let dnssec = query("www.example.", RecordType::A, Some((1232, true)));
+    let dq = parse_query(&dnssec).unwrap();
+    let full = analyse_answer(&upstream, &dnssec, &dq, &POLICY).unwrap();
+    assert_eq!(u16_at(&full.bytes, 8), Some(1), "authority kept with DO");
+}
