@@ -14,6 +14,7 @@
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
 pub mod cache;
+pub mod discovery;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
