@@ -37,6 +37,13 @@ pub struct CachedPeer {
     pub source: String,
     /// Unix seconds of the last answered probe.
     pub last_seen: u64,
+    /// Discovered peers: node ID, underlay addresses, API server port (so members.json keeps them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_server_port: Option<u16>,
 }
 
 /// Reads the cache; a missing or unreadable file is an empty cache (logged).

@@ -31,6 +31,7 @@ use hybridnet_config::Config;
 use hybridnet_runtime::{Context, Daemon};
 use hybridnet_state::{MEMBERS, Members, StateDir};
 
+use crate::discovery::{Discovery, DiscoveryKey};
 use crate::mesh::Mesh;
 
 /// meshd's errors.
@@ -78,6 +79,7 @@ const RETRY_START: Duration = Duration::from_secs(2);
 async fn run(mut ctx: Context) -> Result<(), Error> {
     let metrics = metrics::Metrics::register(&ctx.metrics);
     let mut mesh: Option<Mesh> = None;
+    let mut discovery: Option<Discovery> = None;
     let mut members_written: Option<(Members, Instant)> = None;
     let mut underlay: (Vec<std::net::IpAddr>, Option<Instant>) = (Vec::new(), None);
     let mut next_report = Instant::now();
@@ -101,6 +103,9 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                 }
             }
         }
+        if let Some(m) = mesh.as_mut() {
+            sync_discovery(&mut discovery, m, &metrics).await;
+        }
         let wake = mesh
             .as_ref()
             .map_or(next_start, Mesh::next_wakeup)
@@ -123,6 +128,14 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                     }
                 }
             }
+            changed = async { match discovery.as_mut() { Some(d) => d.snapshot.changed().await, None => std::future::pending().await } } => {
+                if changed.is_ok()
+                    && let (Some(d), Some(m)) = (discovery.as_mut(), mesh.as_mut())
+                {
+                    let snap = d.snapshot.borrow_and_update().clone();
+                    apply_discovered(m, &snap);
+                }
+            }
             result = async { match mesh.as_mut() { Some(m) => m.recv().await, None => std::future::pending().await } } => {
                 if let Err(error) = result {
                     tracing::warn!(%error, "probe socket");
@@ -138,8 +151,18 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
         let changed = m.poll(last_poll).await;
         if changed || Instant::now() >= next_report {
             next_report = Instant::now() + REPORT_EVERY;
-            report(&ctx, m, &mut members_written, &mut underlay).await;
+            report(
+                &ctx,
+                m,
+                discovery.as_ref(),
+                &mut members_written,
+                &mut underlay,
+            )
+            .await;
         }
+    }
+    if let Some(d) = discovery.take() {
+        d.stop().await;
     }
     if let Some(m) = mesh {
         m.shutdown().await;
@@ -147,9 +170,49 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
     Ok(())
 }
 
+/// Starts, restarts or stops discovery to match the config and the mesh's key.
+async fn sync_discovery(
+    discovery: &mut Option<Discovery>,
+    mesh: &mut Mesh,
+    metrics: &metrics::Metrics,
+) {
+    let want = DiscoveryKey::of(&mesh.cfg);
+    let our_id = discovery::node_id(&mesh.public);
+    let same = match (discovery.as_ref(), want.as_ref()) {
+        (Some(d), Some(k)) => d.key == *k && d.our_id == our_id,
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
+        return;
+    }
+    if let Some(old) = discovery.take() {
+        tracing::info!("discovery settings changed: restarting discovery");
+        old.stop().await;
+    }
+    if let Some(key) = want {
+        tracing::info!(endpoints = ?key.endpoints(), node_id = %our_id, "discovery starting");
+        *discovery = Some(Discovery::start(key, our_id, metrics.clone()));
+    } else if mesh.cfg.cluster.discovery.enabled {
+        tracing::warn!(
+            "discovery is enabled but the cluster ID or secret is missing: discovery stays off"
+        );
+    }
+}
+
+fn apply_discovered(mesh: &mut Mesh, snap: &discovery::Snapshot) {
+    let specs: Vec<mesh::PeerSpec> = snap
+        .affiliates
+        .iter()
+        .filter_map(|a| discovery::peer_spec(a, &mesh.cfg))
+        .collect();
+    mesh.set_discovered(specs, snap.synced);
+}
+
 async fn report(
     ctx: &Context,
     mesh: &mut Mesh,
+    discovery: Option<&Discovery>,
     written: &mut Option<(Members, Instant)>,
     underlay: &mut (Vec<std::net::IpAddr>, Option<Instant>),
 ) {
@@ -157,7 +220,13 @@ async fn report(
         tracing::debug!(%error, "cannot read the device counters");
     }
     mesh.update_metrics();
-    let (summary, details) = status::report(mesh);
+    let (summary, mut details) = status::report(mesh);
+    if let Some(d) = discovery {
+        details["discovery"] = serde_json::json!({
+            "synced": d.snapshot.borrow().synced,
+            "registries": d.snapshot.borrow().registries,
+        });
+    }
     ctx.status.set(summary, details);
     if mesh.last_error.is_none() && !ctx.is_ready() {
         ctx.set_ready(true);
@@ -176,6 +245,14 @@ async fn report(
             }
         }
         *underlay = (kept, Some(Instant::now()));
+    }
+    if let Some(d) = discovery {
+        d.set_local(discovery::local(
+            &mesh.cfg,
+            &mesh.public,
+            std::net::IpAddr::V6(mesh.mesh_addr),
+            &underlay.0,
+        ));
     }
     let members = status::members(mesh, underlay.0.clone());
     let same = written.as_ref().is_some_and(|(w, at)| {

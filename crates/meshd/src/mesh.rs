@@ -43,6 +43,9 @@ pub struct Peer {
     pub allowed_ips: BTreeSet<IpNet>,
     pub location: Option<String>,
     pub source: String,
+    pub node_id: Option<String>,
+    pub addresses: Vec<IpAddr>,
+    pub api_server_port: Option<u16>,
     pub machine: PeerMachine,
     pub probe_key: [u8; 32],
     pub stats: PeerStats,
@@ -102,6 +105,12 @@ pub struct Mesh {
     timing: Timing,
     nonce: u64,
     cache_written: Option<cache::Cache>,
+    /// Peers from the config and the cache (re-read on a config change).
+    base: Vec<PeerSpec>,
+    /// Peers from discovery, and whether a registry has synced since start (then cached discovered
+    /// peers are no longer used).
+    discovered: Vec<PeerSpec>,
+    discovery_synced: bool,
     pub last_error: Option<String>,
     pub started: Instant,
 }
@@ -169,6 +178,9 @@ impl Mesh {
             timing: Timing::default(),
             nonce: fastrand::u64(..),
             cache_written: None,
+            base: specs.clone(),
+            discovered: Vec::new(),
+            discovery_synced: false,
             last_error: None,
             started: Instant::now(),
             cfg,
@@ -184,7 +196,8 @@ impl Mesh {
 
     /// Applies a new config with the same device settings: peers, addresses, MTU.
     pub async fn update_config(&mut self, cfg: Arc<Config>) -> Result<(), Error> {
-        let specs = peer_specs(&cfg).await;
+        self.base = peer_specs(&cfg).await;
+        let specs = self.combined();
         self.cfg = cfg;
         let any_v6 = specs
             .iter()
@@ -204,6 +217,37 @@ impl Mesh {
         Ok(())
     }
 
+    /// Replaces the discovered peers (`synced`: a registry delivered a full snapshot).
+    pub fn set_discovered(&mut self, specs: Vec<PeerSpec>, synced: bool) {
+        self.discovered = specs;
+        self.discovery_synced = synced;
+        let all = self.combined();
+        self.set_peers(all, Instant::now());
+    }
+
+    /// Static peers first, then discovered ones, then (until discovery has synced) cached ones.
+    fn combined(&self) -> Vec<PeerSpec> {
+        let mut out: Vec<PeerSpec> = self
+            .base
+            .iter()
+            .filter(|s| s.source == "static")
+            .cloned()
+            .collect();
+        for d in &self.discovered {
+            if !out.iter().any(|s| s.key == d.key) {
+                out.push(d.clone());
+            }
+        }
+        if !self.discovery_synced {
+            for c in self.base.iter().filter(|s| s.source != "static") {
+                if !out.iter().any(|s| s.key == c.key) {
+                    out.push(c.clone());
+                }
+            }
+        }
+        out
+    }
+
     fn set_peers(&mut self, specs: Vec<PeerSpec>, now: Instant) {
         let mut next = HashMap::new();
         for spec in specs {
@@ -220,6 +264,9 @@ impl Mesh {
                     p.allowed_ips = allowed;
                     p.location = spec.location;
                     p.source = spec.source;
+                    p.node_id = spec.node_id;
+                    p.addresses = spec.addresses;
+                    p.api_server_port = spec.api_server_port;
                     p
                 }
                 None => Peer {
@@ -231,6 +278,9 @@ impl Mesh {
                     allowed_ips: allowed,
                     location: spec.location,
                     source: spec.source,
+                    node_id: spec.node_id,
+                    addresses: spec.addresses,
+                    api_server_port: spec.api_server_port,
                     stats: PeerStats::default(),
                     last_rx_change: now,
                     last_seen_unix: 0,
@@ -247,6 +297,13 @@ impl Mesh {
         }
         self.peers = next;
         self.metrics.peers.set(self.peers.len() as i64);
+        for source in ["static", crate::discovery::SOURCE] {
+            let n = self.peers.values().filter(|p| p.source == source).count();
+            self.metrics
+                .peers_by_source
+                .get_or_create(&vec![("source".to_owned(), source.to_owned())])
+                .set(n as i64);
+        }
         self.dirty = true;
     }
 

@@ -32,6 +32,17 @@ pub struct Metrics {
     pub probes_sent: Counter,
     pub probes_answered: Counter,
     pub probes_rejected: Counter,
+    /// Peers by source (`static`, `discovery`, `cache`).
+    pub peers_by_source: Family<Labels, Gauge>,
+    /// Per discovery registry: 1 while its watch is live.
+    pub discovery_registry_up: Family<Labels, Gauge>,
+    pub discovery_affiliates: Family<Labels, Gauge>,
+    /// Unix time of the last snapshot or delta.
+    pub discovery_last_update_seconds: Family<Labels, Gauge>,
+    pub discovery_updates: Family<Labels, Counter>,
+    pub discovery_errors: Family<Labels, Counter>,
+    /// Records dropped, by registry and reason (decrypt, oversized, protobuf, short, endpoint).
+    pub discovery_rejected: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -106,6 +117,41 @@ impl Metrics {
                 "probes_rejected",
                 "Probe datagrams dropped (unknown sender, bad MAC, malformed)",
                 m.probes_rejected.clone(),
+            );
+            r.register(
+                "peers_by_source",
+                "Peers by where they came from (static, discovery, cache)",
+                m.peers_by_source.clone(),
+            );
+            r.register(
+                "discovery_registry_up",
+                "1 while the discovery registry's watch is live",
+                m.discovery_registry_up.clone(),
+            );
+            r.register(
+                "discovery_affiliates",
+                "Affiliates the registry reports (ours excluded)",
+                m.discovery_affiliates.clone(),
+            );
+            r.register(
+                "discovery_last_update_seconds",
+                "Unix time of the registry's last snapshot or delta",
+                m.discovery_last_update_seconds.clone(),
+            );
+            r.register(
+                "discovery_updates",
+                "Our affiliate published to the registry",
+                m.discovery_updates.clone(),
+            );
+            r.register(
+                "discovery_errors",
+                "Registry sessions that failed (then reconnected with backoff)",
+                m.discovery_errors.clone(),
+            );
+            r.register(
+                "discovery_rejected",
+                "Affiliate records dropped (other cluster, tampered, oversized, malformed)",
+                m.discovery_rejected.clone(),
             );
         });
         m

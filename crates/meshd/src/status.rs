@@ -39,6 +39,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "txBytes": p.stats.tx_bytes,
                 "handshakeAgeS": p.stats.last_handshake.map(|d| d.as_secs()),
                 "lastSeen": p.last_seen_unix,
+                "source": p.source,
                 "paths": m.paths.iter().map(|path| json!({
                     "endpoint": path.endpoint.to_string(),
                     "state": match path.state { PathState::Unknown => "unknown", PathState::Alive => "alive", PathState::Dead => "dead" },
@@ -141,7 +142,7 @@ pub fn members(mesh: &Mesh, own_addresses: Vec<IpAddr>) -> Members {
     let mut peers: Vec<&crate::mesh::Peer> = mesh.peers.values().collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     for p in peers {
-        let mut addresses: Vec<IpAddr> = Vec::new();
+        let mut addresses: Vec<IpAddr> = p.addresses.clone();
         for path in &p.machine.paths {
             if !addresses.contains(&path.endpoint.ip()) {
                 addresses.push(path.endpoint.ip());
@@ -149,12 +150,12 @@ pub fn members(mesh: &Mesh, own_addresses: Vec<IpAddr>) -> Members {
         }
         members.push(Member {
             name: p.name.clone(),
-            node_id: None,
+            node_id: p.node_id.clone(),
             addresses,
             mesh_address: Some(IpAddr::V6(p.mesh_addr)),
             location: p.location.clone(),
-            control_plane: false,
-            api_server_port: None,
+            control_plane: p.api_server_port.is_some(),
+            api_server_port: p.api_server_port,
             last_seen: p.last_seen_unix,
         });
     }

@@ -90,6 +90,9 @@ impl Mesh {
                     location: p.location.clone(),
                     source: p.source.clone(),
                     last_seen: 0,
+                    node_id: p.node_id.clone(),
+                    addresses: p.addresses.iter().map(ToString::to_string).collect(),
+                    api_server_port: p.api_server_port,
                 }
             })
             .collect();

@@ -20,6 +20,10 @@ pub struct PeerSpec {
     pub allowed_ips: Vec<IpNet>,
     pub location: Option<String>,
     pub source: String,
+    /// From discovery: the node ID, its underlay addresses, its API server port (control planes).
+    pub node_id: Option<String>,
+    pub addresses: Vec<IpAddr>,
+    pub api_server_port: Option<u16>,
 }
 
 /// The routes for the mesh: its prefix, and every peer's allowed IPs outside it, except (with `bypass`,
@@ -71,6 +75,9 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
             allowed_ips: p.allowed_ips.clone(),
             location: p.location.clone(),
             source: "static".into(),
+            node_id: None,
+            addresses: Vec::new(),
+            api_server_port: None,
         });
     }
     // Cached peers from other sources.
@@ -97,6 +104,9 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
                 .collect(),
             location: c.location,
             source: c.source,
+            node_id: c.node_id,
+            addresses: c.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+            api_server_port: c.api_server_port,
         });
     }
     specs
