@@ -224,12 +224,14 @@ async fn failover(
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let fault_at = start + Duration::from_millis(fault_at_ms);
-    // The long-lived connection: a 1 KiB ping every 100 ms; when is it cut (EOF, error, or no answer in 2 s)?
+    // The long-lived connection: a 1 KiB ping every 100 ms. Cut: the proxy closed or reset it (EOF or error).
+    // Stalled: no answer within 2 s, not closed (then it waits for a close until the end of the run).
     let long = tokio::spawn(async move {
         let Ok(mut s) = connect(addr).await else {
-            return None;
+            return (None, None);
         };
         let mut buf = [0u8; 1024];
+        let mut stalled = None;
         while Instant::now() < end {
             let ping = async {
                 s.write_all(&[2u8; 1024]).await?;
@@ -238,10 +240,18 @@ async fn failover(
             };
             match tokio::time::timeout(Duration::from_secs(2), ping).await {
                 Ok(Ok(())) => tokio::time::sleep(Duration::from_millis(100)).await,
-                _ => return Some(Instant::now()),
+                Ok(Err(_)) => return (Some(Instant::now()), stalled),
+                Err(_) => {
+                    stalled = Some(Instant::now() - Duration::from_secs(2));
+                    let left = end.saturating_duration_since(Instant::now());
+                    return match tokio::time::timeout(left, s.read(&mut buf)).await {
+                        Ok(_) => (Some(Instant::now()), stalled),
+                        Err(_) => (None, stalled),
+                    };
+                }
             }
         }
-        None
+        (None, stalled)
     });
     let fault = tokio::spawn(async move {
         tokio::time::sleep_until(fault_at.into()).await;
@@ -281,15 +291,18 @@ async fn failover(
     let full_success_ms = last_failure.map_or(0.0, |l| {
         l.saturating_duration_since(fault_t).as_secs_f64() * 1e3 + every_ms as f64
     });
-    let cut = match long.await? {
-        Some(t) => format!(
+    let ms = |t: Instant| {
+        format!(
             "{:.0}",
             t.saturating_duration_since(fault_t).as_secs_f64() * 1e3
-        ),
-        None => "never".to_owned(),
+        )
     };
+    let (cut, stalled) = long.await?;
+    let cut = cut.map_or_else(|| "never".to_owned(), ms);
+    let stalled = stalled.map_or_else(|| "no".to_owned(), ms);
     println!(
-        "total {total} failed {failed} full_success_ms {full_success_ms:.0} long_lived_cut_ms {cut} fault_ok {fault_ok}"
+        "total {total} failed {failed} full_success_ms {full_success_ms:.0} long_lived_cut_ms {cut} \
+         long_lived_stalled_ms {stalled} fault_ok {fault_ok}"
     );
     Ok(())
 }

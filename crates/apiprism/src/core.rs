@@ -146,11 +146,18 @@ impl Upstream {
         }
     }
 
+    /// Feeds the smoothed RTT. A sample is measured by our own task, so it includes our scheduling delay; on a
+    /// busy node that adds milliseconds at random. Samples above `2 × srtt + NEAR_SLACK` are clipped to it:
+    /// one noisy sample cannot push an upstream out of the near-best set, and a real rise still shows within
+    /// about ten samples (the smoothed value grows by a quarter per sample).
     fn sample_rtt(&mut self, rtt: Duration) {
         self.last_rtt = Some(rtt);
         self.srtt = Some(match self.srtt {
             None => rtt,
-            Some(s) => s.mul_f64(1.0 - EWMA_ALPHA) + rtt.mul_f64(EWMA_ALPHA),
+            Some(s) => {
+                let rtt = rtt.min(s * 2 + NEAR_SLACK);
+                s.mul_f64(1.0 - EWMA_ALPHA) + rtt.mul_f64(EWMA_ALPHA)
+            }
         });
     }
 }

@@ -209,7 +209,7 @@ impl Control {
         for addr in &changes.removed {
             tracing::info!(upstream = %addr, "upstream removed: its connections closed");
             self.prober.remove(*addr, &self.shared);
-            self.shared.metrics.forget(*addr);
+            self.shared.forget_metrics(*addr);
         }
         for addr in &changes.added {
             tracing::info!(upstream = %addr, "upstream added");

@@ -75,7 +75,41 @@ pub fn bytes_labels(addr: SocketAddr, direction: Direction) -> BytesLabels {
     }
 }
 
+/// One upstream's hot-path metrics, looked up once per upstream instead of once per connection.
+#[derive(Debug)]
+pub struct UpstreamHandles {
+    pub connections: Counter,
+    pub active: Gauge,
+    pub dial_errors: Counter,
+    pub failovers: Counter,
+    pub to_upstream: Counter,
+    pub to_client: Counter,
+}
+
 impl Metrics {
+    /// The hot-path handles of `addr`'s series.
+    pub fn handles(&self, addr: SocketAddr) -> UpstreamHandles {
+        // One statement each: `get_or_create` returns a read guard on the family, and a second call on the
+        // same family while the first guard lives (temporaries of one statement) would deadlock.
+        let l = labels(addr);
+        let connections = self.upstream_connections.get_or_create(&l).clone();
+        let active = self.upstream_active.get_or_create(&l).clone();
+        let dial_errors = self.upstream_dial_errors.get_or_create(&l).clone();
+        let failovers = self.upstream_failovers.get_or_create(&l).clone();
+        let up = bytes_labels(addr, Direction::to_upstream);
+        let to_upstream = self.upstream_bytes.get_or_create(&up).clone();
+        let down = bytes_labels(addr, Direction::to_client);
+        let to_client = self.upstream_bytes.get_or_create(&down).clone();
+        UpstreamHandles {
+            connections,
+            active,
+            dial_errors,
+            failovers,
+            to_upstream,
+            to_client,
+        }
+    }
+
     /// Registers under `apiprism_` in `registry` (the runtime's sub-registry).
     pub fn register(registry: &mut Registry) -> Metrics {
         let m = Metrics::default();
@@ -197,5 +231,25 @@ impl Metrics {
         for d in DIRECTIONS {
             self.upstream_bytes.remove(&bytes_labels(addr, d));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_of_a_new_upstream_do_not_deadlock_and_count() {
+        let m = Metrics::default();
+        let addr: SocketAddr = "192.0.2.11:6443".parse().expect("addr");
+        let h = m.handles(addr);
+        h.to_client.inc_by(5);
+        assert_eq!(
+            m.upstream_bytes
+                .get_or_create(&bytes_labels(addr, Direction::to_client))
+                .get(),
+            5
+        );
+        m.forget(addr);
     }
 }

@@ -11,7 +11,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::Signal;
-use crate::metrics::{Direction, bytes_labels, labels};
 use crate::relay::relay;
 use crate::shared::Shared;
 use crate::sockopt;
@@ -115,19 +114,12 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
         return; // removed while we dialled
     };
     let m = &shared.metrics;
+    let h = shared.handles(addr);
     m.active.inc();
-    m.upstream_connections.get_or_create(&labels(addr)).inc();
-    m.upstream_active.get_or_create(&labels(addr)).inc();
-    let to_upstream = m
-        .upstream_bytes
-        .get_or_create(&bytes_labels(addr, Direction::to_upstream))
-        .clone();
-    let to_client = m
-        .upstream_bytes
-        .get_or_create(&bytes_labels(addr, Direction::to_client))
-        .clone();
+    h.connections.inc();
+    h.active.inc();
     tokio::select! {
-        result = relay(&client, &upstream, &to_upstream, &to_client) => {
+        result = relay(&client, &upstream, &h.to_upstream, &h.to_client) => {
             if let Err(error) = result {
                 tracing::debug!(upstream = %addr, %error, "connection ended with an error");
                 sockopt::reset_on_close(&client);
@@ -141,7 +133,7 @@ async fn handle(client: TcpStream, shared: Arc<Shared>) {
     }
     shared.table().close(addr);
     m.active.dec();
-    m.upstream_active.get_or_create(&labels(addr)).dec();
+    h.active.dec();
 }
 
 /// Dials the plan's upstreams in order until one answers. Each failure is a passive health signal.
@@ -152,11 +144,7 @@ async fn dial(shared: &Shared) -> Option<(TcpStream, SocketAddr)> {
         if let Some(prev) = failed.take() {
             shared.table().failover(prev);
             shared.metrics.failovers.inc();
-            shared
-                .metrics
-                .upstream_failovers
-                .get_or_create(&labels(prev))
-                .inc();
+            shared.handles(prev).failovers.inc();
         }
         let start = Instant::now();
         let result = tokio::time::timeout(attempt.timeout, sockopt::connect(attempt.addr)).await;

@@ -1,6 +1,8 @@
 //! The data path: bytes between a client and its upstream with splice(2), socket → pipe → socket, so they never
-//! enter user space. Each direction gets its own pipe, created on its first readable event: an idle connection
-//! holds no buffer at all, and an active one at most one pipe (64 KiB of kernel pages) per direction.
+//! enter user space. A direction borrows a pipe from a shared pool only while it moves a chunk (the pipe is
+//! empty again when the chunk has been written out), so an idle connection holds no buffer and no pipe at
+//! all, an active one at most one pipe (64 KiB of kernel pages) per direction, and new connections don't pay
+//! for creating pipes.
 //!
 //! Half-close is kept: when one side sends FIN, the other side's write half is shut down once the pipe is
 //! drained, and the opposite direction goes on until it ends too. An error on either side ends both.
@@ -8,6 +10,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
+use std::sync::{Mutex, PoisonError};
 
 use nix::fcntl::{SpliceFFlags, splice};
 use nix::unistd::pipe2;
@@ -15,8 +18,9 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Bytes moved per splice call (the default pipe capacity).
-const CHUNK: usize = 64 * 1024;
+/// Bytes moved per splice call, and the capacity of the pool's pipes (the kernel's default is 64 KiB; pages
+/// are only held while bytes are in the pipe).
+const CHUNK: usize = 256 * 1024;
 
 /// Counts bytes of one direction.
 pub type ByteCounter = Counter;
@@ -40,10 +44,28 @@ struct Pipe {
     write: OwnedFd,
 }
 
+/// Empty pipes ready for use; at most [`POOL_MAX`] are kept.
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+const POOL_MAX: usize = 64;
+
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    fn take() -> io::Result<Pipe> {
+        if let Some(p) = POOL.lock().unwrap_or_else(PoisonError::into_inner).pop() {
+            return Ok(p);
+        }
         let (read, write) = pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
+        // Best effort: a smaller pipe (pipe-max-size, memory accounting) only means more splice calls.
+        let size = i32::try_from(CHUNK).unwrap_or(i32::MAX);
+        let _ = nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size));
         Ok(Pipe { read, write })
+    }
+
+    /// Back to the pool: only an empty pipe (a pipe with bytes left in it is dropped with them).
+    fn give_back(self) {
+        let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < POOL_MAX {
+            pool.push(self);
+        }
     }
 }
 
@@ -51,34 +73,26 @@ const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::
 
 /// One direction: `src` → pipe → `dst`, then shut down `dst`'s write half at EOF.
 async fn pump(src: &TcpStream, dst: &TcpStream, counter: &ByteCounter) -> io::Result<u64> {
-    let mut pipe: Option<Pipe> = None;
     let mut total = 0u64;
     loop {
         src.readable().await?;
-        let p = match &pipe {
-            Some(p) => p,
-            None => pipe.insert(Pipe::new()?),
-        };
+        let pipe = Pipe::take()?;
         let n = match src.try_io(Interest::READABLE, || {
-            splice(src, None, &p.write, None, CHUNK, FLAGS).map_err(io::Error::from)
+            splice(src, None, &pipe.write, None, CHUNK, FLAGS).map_err(io::Error::from)
         }) {
-            Ok(0) => break,
+            Ok(0) => {
+                pipe.give_back();
+                break;
+            }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipe.give_back();
+                continue;
+            }
             Err(e) => return Err(e),
         };
-        let mut left = n;
-        while left > 0 {
-            dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(&p.read, None, dst, None, left, FLAGS).map_err(io::Error::from)
-            }) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        drain(&pipe, dst, n).await?;
+        pipe.give_back();
         total += n as u64;
         counter.inc_by(n as u64);
     }
@@ -86,6 +100,23 @@ async fn pump(src: &TcpStream, dst: &TcpStream, counter: &ByteCounter) -> io::Re
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
         _ => Ok(total),
     }
+}
+
+/// Writes the `n` bytes in `pipe` to `dst`. On error the pipe is dropped by the caller, bytes and all.
+async fn drain(pipe: &Pipe, dst: &TcpStream, n: usize) -> io::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        dst.writable().await?;
+        match dst.try_io(Interest::WRITABLE, || {
+            splice(&pipe.read, None, dst, None, left, FLAGS).map_err(io::Error::from)
+        }) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(m) => left -= m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

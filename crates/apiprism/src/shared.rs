@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::core::{Attempt, Signal, State, Table, Transition};
-use crate::metrics::{Metrics, labels};
+use crate::metrics::{Metrics, UpstreamHandles};
 
 #[derive(Debug)]
 pub struct Shared {
@@ -17,6 +17,7 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Wakes an upstream's probe task for an immediate check (after a failed dial).
     kicks: Mutex<HashMap<SocketAddr, Arc<Notify>>>,
+    handles: Mutex<HashMap<SocketAddr, Arc<UpstreamHandles>>>,
     /// Something the status shows changed.
     pub changed: Notify,
 }
@@ -27,6 +28,7 @@ impl Shared {
             table: Mutex::new(table),
             metrics,
             kicks: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         }
     }
@@ -47,6 +49,25 @@ impl Shared {
         self.kicks().remove(&addr);
     }
 
+    /// `addr`'s hot-path metric handles.
+    pub fn handles(&self, addr: SocketAddr) -> Arc<UpstreamHandles> {
+        let mut handles = self.handles.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            handles
+                .entry(addr)
+                .or_insert_with(|| Arc::new(self.metrics.handles(addr))),
+        )
+    }
+
+    /// Drops a removed upstream's metrics.
+    pub fn forget_metrics(&self, addr: SocketAddr) {
+        self.handles
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&addr);
+        self.metrics.forget(addr);
+    }
+
     fn kick(&self, addr: SocketAddr) {
         if let Some(k) = self.kicks().get(&addr) {
             k.notify_one();
@@ -65,20 +86,20 @@ impl Shared {
             let mut table = self.table();
             let transition = table.observe(addr, result, signal, Instant::now());
             let u = table.get(addr)?;
-            self.metrics.sync(u);
-            self.metrics
-                .upstreams_usable
-                .set(i64::try_from(table.usable()).unwrap_or(0));
+            // A successful dial changes only the RTT; the next probe syncs it (keeps the dial path cheap).
+            if signal == Signal::Probe || failed || transition.is_some() {
+                self.metrics.sync(u);
+                self.metrics
+                    .upstreams_usable
+                    .set(i64::try_from(table.usable()).unwrap_or(0));
+            }
             if let Some(t) = &transition {
                 log_transition(t, u.active, u.last_error.as_deref());
             }
             (transition, u.state)
         };
         if signal == Signal::Dial && failed {
-            self.metrics
-                .upstream_dial_errors
-                .get_or_create(&labels(addr))
-                .inc();
+            self.handles(addr).dial_errors.inc();
             self.kick(addr);
         }
         if transition.is_some() {

@@ -224,3 +224,23 @@ fn counters_follow_connections() {
     assert_eq!((u.active, u.total, u.failovers), (1, 2, 1));
     t.close(addr("192.0.2.99:1"));
 }
+
+#[test]
+fn one_noisy_sample_does_not_push_an_upstream_out_of_the_near_set() {
+    let (mut t, now) = table(&[A, B]);
+    for _ in 0..4 {
+        t.observe(addr(A), Ok(us(150)), Signal::Probe, now);
+        t.observe(addr(B), Ok(us(150)), Signal::Probe, now);
+    }
+    // B's next connect was measured while the node was busy.
+    t.observe(addr(B), Ok(ms(5)), Signal::Probe, now);
+    let b = t.get(addr(B)).expect("known").srtt.expect("measured");
+    assert!(b <= us(250), "{b:?}");
+    let firsts: std::collections::HashSet<_> = (0..4).map(|_| t.plan()[0].addr).collect();
+    assert_eq!(firsts.len(), 2, "both still share the load");
+    // A real rise shows within about ten samples (each may be up to 2 × srtt).
+    for _ in 0..12 {
+        t.observe(addr(B), Ok(ms(5)), Signal::Probe, now);
+    }
+    assert!(t.get(addr(B)).and_then(|u| u.srtt).expect("measured") > ms(2));
+}
