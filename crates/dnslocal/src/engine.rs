@@ -385,8 +385,65 @@ impl Engine {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::upstream::Upstream;
+
+    fn query(name: &str, id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        q.extend_from_slice(&wire::name_to_wire(name));
+        q.extend_from_slice(&[0, 1, 0, 1]);
+        q
+    }
+
+    /// An upstream that never answers; at most two misses in flight: the third is shed at once, and
+    /// an identical query joins its flight instead of counting against the bound.
+    #[tokio::test]
+    async fn misses_beyond_the_bound_are_shed_with_servfail() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let upstream = Upstream::new(silent.local_addr().unwrap(), false)
+            .await
+            .unwrap();
+        let routes = Routes {
+            cluster_zones: Vec::new(),
+            cluster: None,
+            default: Arc::new(Pool {
+                upstreams: vec![Arc::new(upstream)],
+            }),
+        };
+        let policy = TtlPolicy {
+            max_ttl: 60,
+            negative_ttl: 5,
+            servfail_ttl: 1,
+        };
+        let engine = Arc::new(Engine::new(
+            Cache::new(100, 0, false),
+            routes,
+            policy,
+            Metrics::default(),
+            2,
+            tokio::runtime::Handle::current(),
+        ));
+        let client = Arc::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let peer = client.local_addr().unwrap();
+        let reply = || Reply::Udp(client.clone(), peer);
+        let mut out = Vec::new();
+        for (name, id) in [("a.example", 1), ("b.example", 2), ("a.example", 3)] {
+            assert_eq!(
+                engine.handle(&query(name, id), false, &mut out, reply),
+                Action::Later
+            );
+        }
+        assert_eq!(engine.inflight(), 2);
+        assert_eq!(
+            engine.handle(&query("c.example", 4), false, &mut out, reply),
+            Action::Send
+        );
+        assert_eq!(wire::rcode_of(&out), Rcode::ServFail as u8);
+        assert_eq!(engine.metrics.shed.get(), 1);
+    }
 
     #[test]
     fn cluster_zones_go_to_the_cluster_pool() {
