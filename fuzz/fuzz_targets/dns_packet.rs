@@ -10,7 +10,10 @@ const FIXED: &[u8] = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01\x03www\x
 
 fuzz_target!(|data: &[u8]| {
     let split = usize::from(data.first().copied().unwrap_or(0)).min(data.len().saturating_sub(1));
-    let (query, answer) = data.get(1..).unwrap_or_default().split_at(split.min(data.len().saturating_sub(1)));
+    let (query, answer) = data
+        .get(1..)
+        .unwrap_or_default()
+        .split_at(split.min(data.len().saturating_sub(1)));
     let mut out = Vec::new();
     for (q_buf, a_buf) in [(query, answer), (FIXED, data), (data, data)] {
         let q = match wire::parse_query(q_buf) {
@@ -24,12 +27,28 @@ fuzz_target!(|data: &[u8]| {
         wire::error_response(q_buf, Some(&q), wire::Rcode::ServFail, false, &mut out);
         let mut upstream = Vec::new();
         wire::upstream_query(q_buf, &q, 7, &mut upstream);
-        assert!(wire::parse_query(&upstream).is_ok(), "our upstream query must parse");
-        let policy = TtlPolicy { max_ttl: 3600, negative_ttl: 5, servfail_ttl: 1 };
-        let Ok(a) = wire::analyse_answer(a_buf, &upstream, &q, &policy) else { continue };
-        for (aging, limit) in [(Aging::By(3), 512), (Aging::Stale(30), 65535), (Aging::By(u32::MAX), 1232)] {
+        assert!(
+            wire::parse_query(&upstream).is_ok(),
+            "our upstream query must parse"
+        );
+        let policy = TtlPolicy {
+            max_ttl: 3600,
+            negative_ttl: 5,
+            servfail_ttl: 1,
+        };
+        let Ok(a) = wire::analyse_answer(a_buf, &upstream, &q, &policy) else {
+            continue;
+        };
+        for (aging, limit) in [
+            (Aging::By(3), 512),
+            (Aging::Stale(30), 65535),
+            (Aging::By(u32::MAX), 1232),
+        ] {
             wire::render(&a, q_buf, &q, aging, limit, &mut out);
-            assert!(out.len() <= limit.max(q.question_end + 11), "answer over the limit");
+            assert!(
+                out.len() <= limit.max(q.question_end + 11),
+                "answer over the limit"
+            );
         }
     }
 });
