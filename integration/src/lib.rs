@@ -26,6 +26,7 @@
 pub mod apiprism;
 mod config;
 mod daemon;
+pub mod discovery;
 pub mod dnslocal;
 mod fs;
 mod http;

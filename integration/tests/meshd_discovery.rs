@@ -1,0 +1,240 @@
+//! meshd discovery in network namespaces: nodes with no static peers find each other through a Talos
+//! discovery service. The real service (siderolabs/discovery-service) is BSL-licensed and cannot run
+//! here, so `hybridnet_integration::discovery::DiscoveryServer` stands in for it: the same gRPC API,
+//! snapshot-then-deltas watch, TTL expiry and limits, state in memory. Needs root; fails (never skips)
+//! without it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hybridnet_integration::discovery::DiscoveryServer;
+use hybridnet_integration::meshd::{MeshLab, PORT};
+use hybridnet_integration::{Daemon, DaemonKind, wait_until, write_atomic};
+use nix::sys::signal::Signal;
+
+/// A Talos fixture's identity (`DiscoveryIdentityConfig`).
+const CLUSTER_ID: &str = "0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w=";
+const CLUSTER_SECRET: &str = "pofHbABZq7VXuObsdLdy/bHmz6hlMHZ3p8+6WKrv1ic=";
+
+fn server_addr() -> SocketAddr {
+    "198.51.100.1:3000"
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Node `i`: our document without peers, plus Talos's discovery documents. Node 1 is a control plane
+/// (a Talos machine document with `machine.type: controlplane`).
+fn write_config(lab: &MeshLab, i: usize, url: &str) {
+    let node = &lab.nodes[i];
+    let mut doc = format!(
+        "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: {state}\ndataDir: {data}\nmeshd:\n  \
+         interface: hybridnet0\n  backend: userspace\n  listenPort: {PORT}\n  privateKeyFile: {data}/meshd.key\n  \
+         addresses: [\"{mesh}/32\"]\n---\napiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: lab\n\
+         endpoint: {url}\n---\napiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\nclusterID: {CLUSTER_ID}\n\
+         clusterSecret: {CLUSTER_SECRET}\n",
+        state = node.state_dir.display(),
+        data = node.data_dir.display(),
+        mesh = node.mesh_ip(),
+    );
+    if i == 0 {
+        doc.push_str("---\nversion: v1alpha1\nmachine:\n  type: controlplane\n");
+    }
+    write_atomic(&node.config, doc);
+}
+
+fn start(lab: &MeshLab, i: usize) -> Daemon {
+    let node = &lab.nodes[i];
+    Daemon::builder(DaemonKind::Meshd, &node.netns, &node.config)
+        .log_file(node.config.with_file_name("meshd.log"))
+        .env("MESHD_NODENAME", node.name())
+        .start()
+}
+
+/// Node `i` sees exactly `names` as peers, all up (from the status written by `pid` when given).
+fn wait_peers(lab: &MeshLab, i: usize, names: &[&str], pid: Option<u32>, timeout: Duration) {
+    let node = &lab.nodes[i];
+    wait_until(
+        timeout,
+        format!("{} to see {names:?} up", node.name()),
+        || {
+            let status = DaemonKind::Meshd.read_status(&node.state_dir)?;
+            if pid.is_some_and(|p| p != status.pid) {
+                return Err(format!("status from pid {}", status.pid));
+            }
+            let rows = status.details["peers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mut got: Vec<String> = rows
+                .iter()
+                .filter(|p| p["state"] == "up")
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect();
+            got.sort();
+            if got == names && rows.len() == names.len() {
+                Ok(())
+            } else {
+                Err(format!("{got:?} up of {}: {}", rows.len(), status.details))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn registry_state(lab: &MeshLab, i: usize) -> String {
+    DaemonKind::Meshd
+        .read_status(&lab.nodes[i].state_dir)
+        .map(|s| {
+            s.details["discovery"]["registries"][0]["state"]
+                .as_str()
+                .unwrap_or("-")
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn nodes_find_each_other_through_discovery_and_survive_its_outage() {
+    let lab = MeshLab::new(3, "meshd-discovery");
+    lab.switch
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    let mut server = Some(DiscoveryServer::start(&lab.switch, server_addr()));
+    let url = server
+        .as_ref()
+        .map(DiscoveryServer::url)
+        .unwrap_or_default();
+    for i in 0..3 {
+        write_config(&lab, i, &url);
+    }
+    let t0 = Instant::now();
+    let mut daemons: Vec<Daemon> = (0..3).map(|i| start(&lab, i)).collect();
+    wait_peers(&lab, 0, &["node2", "node3"], None, Duration::from_secs(20));
+    wait_peers(&lab, 1, &["node1", "node3"], None, Duration::from_secs(10));
+    wait_peers(&lab, 2, &["node1", "node2"], None, Duration::from_secs(10));
+    eprintln!(
+        "3 nodes found each other and are up {:?} after start",
+        t0.elapsed()
+    );
+    for a in 0..3 {
+        for b in (0..3).filter(|b| *b != a) {
+            let dst = lab.nodes[b].mesh_ip().to_string();
+            wait_until(Duration::from_secs(5), "ping over the mesh", || {
+                lab.nodes[a].ping(&dst)
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let stored = server
+        .as_ref()
+        .map(|s| s.affiliates(CLUSTER_ID))
+        .unwrap_or_default();
+    assert_eq!(stored.len(), 3, "one record per node: {stored:?}");
+    assert!(
+        stored.iter().all(|(_, data, eps)| *data && *eps >= 2),
+        "{stored:?}"
+    );
+
+    // members.json on node2: node1 is a control plane with its API server port (apiprism's upstream).
+    wait_until(
+        Duration::from_secs(5),
+        "node1 as a control plane in node2's members.json",
+        || {
+            let members: hybridnet_state::Members =
+                hybridnet_state::StateDir::new(&lab.nodes[1].state_dir)
+                    .read("meshd", "members")
+                    .map_err(|e| e.to_string())?;
+            let m = members.get("node1").ok_or("no node1")?;
+            if m.control_plane
+                && m.api_server_port == Some(6443)
+                && m.node_id.is_some()
+                && !m.addresses.is_empty()
+            {
+                Ok(())
+            } else {
+                Err(format!("{m:?}"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // A node leaving cleanly deletes its record: it disappears from the others at once.
+    daemons[2]
+        .signal(Signal::SIGTERM)
+        .unwrap_or_else(|e| panic!("{e}"));
+    daemons[2]
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let left = Instant::now();
+    wait_peers(&lab, 0, &["node2"], None, Duration::from_secs(5));
+    wait_peers(&lab, 1, &["node1"], None, Duration::from_secs(5));
+    eprintln!(
+        "node3's departure seen by the others in {:?}",
+        left.elapsed()
+    );
+
+    // The service stops: the mesh stays, the registries back off.
+    drop(server.take());
+    wait_until(
+        Duration::from_secs(10),
+        "node1's registry to notice the outage",
+        || {
+            let s = registry_state(&lab, 0);
+            if s == "backoff" || s == "connecting" {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(2));
+    wait_peers(&lab, 0, &["node2"], None, Duration::from_secs(5));
+    lab.nodes[0]
+        .ping(&lab.nodes[1].mesh_ip().to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // It comes back empty: the nodes reconnect, publish again, and a node that joins now is seen.
+    let back = Instant::now();
+    server = Some(DiscoveryServer::start(&lab.switch, server_addr()));
+    daemons[2] = start(&lab, 2);
+    let pid = Some(daemons[2].pid());
+    wait_peers(&lab, 2, &["node1", "node2"], pid, Duration::from_secs(30));
+    wait_peers(&lab, 0, &["node2", "node3"], None, Duration::from_secs(10));
+    eprintln!("service back: full mesh again {:?} later", back.elapsed());
+    wait_until(
+        Duration::from_secs(20),
+        "all three records republished",
+        || {
+            let n = server
+                .as_ref()
+                .map(|s| s.affiliates(CLUSTER_ID).len())
+                .unwrap_or(0);
+            if n == 3 {
+                Ok(())
+            } else {
+                Err(format!("{n} records"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // The service goes away for good; node3 restarts and rejoins from its peer cache alone.
+    drop(server.take());
+    daemons[2]
+        .signal(Signal::SIGTERM)
+        .unwrap_or_else(|e| panic!("{e}"));
+    daemons[2]
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let restart = Instant::now();
+    daemons[2] = start(&lab, 2);
+    let pid = Some(daemons[2].pid());
+    wait_peers(&lab, 2, &["node1", "node2"], pid, Duration::from_secs(15));
+    eprintln!(
+        "node3 rejoined from the cache with the service down in {:?}",
+        restart.elapsed()
+    );
+    lab.nodes[2]
+        .ping(&lab.nodes[0].mesh_ip().to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+}
