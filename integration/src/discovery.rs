@@ -236,6 +236,16 @@ impl DiscoveryServer {
             .unwrap_or_default()
     }
 
+    /// Cuts every watch off with "lost update", as a subscriber whose buffer overflowed is: the
+    /// clients must watch again and resync from a new snapshot.
+    pub fn lose_updates(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            for c in s.clusters.values_mut() {
+                c.watchers.clear();
+            }
+        }
+    }
+
     /// Calls served, by method.
     pub fn calls(&self, method: &str) -> u64 {
         self.state

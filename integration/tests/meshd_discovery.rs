@@ -16,6 +16,10 @@ use nix::sys::signal::Signal;
 const CLUSTER_ID: &str = "0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w=";
 const CLUSTER_SECRET: &str = "pofHbABZq7VXuObsdLdy/bHmz6hlMHZ3p8+6WKrv1ic=";
 
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([198, 51, 100, 1], port))
+}
+
 fn server_addr() -> SocketAddr {
     "198.51.100.1:3000"
         .parse()
@@ -25,17 +29,26 @@ fn server_addr() -> SocketAddr {
 /// Node `i`: our document without peers, plus Talos's discovery documents. Node 1 is a control plane
 /// (a Talos machine document with `machine.type: controlplane`).
 fn write_config(lab: &MeshLab, i: usize, url: &str) {
+    write_config_with(lab, i, &[url]);
+}
+
+/// [`write_config`] with one `DiscoveryServiceConfig` per URL.
+fn write_config_with(lab: &MeshLab, i: usize, urls: &[&str]) {
     let node = &lab.nodes[i];
     let mut doc = format!(
         "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: {state}\ndataDir: {data}\nmeshd:\n  \
          interface: hybridnet0\n  backend: userspace\n  listenPort: {PORT}\n  privateKeyFile: {data}/meshd.key\n  \
-         addresses: [\"{mesh}/32\"]\n---\napiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: lab\n\
-         endpoint: {url}\n---\napiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\nclusterID: {CLUSTER_ID}\n\
-         clusterSecret: {CLUSTER_SECRET}\n",
+         addresses: [\"{mesh}/32\"]\n---\napiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\n\
+         clusterID: {CLUSTER_ID}\nclusterSecret: {CLUSTER_SECRET}\n",
         state = node.state_dir.display(),
         data = node.data_dir.display(),
         mesh = node.mesh_ip(),
     );
+    for (n, url) in urls.iter().enumerate() {
+        doc.push_str(&format!(
+            "---\napiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: lab{n}\nendpoint: {url}\n"
+        ));
+    }
     if i == 0 {
         doc.push_str("---\nversion: v1alpha1\nmachine:\n  type: controlplane\n");
     }
@@ -157,7 +170,25 @@ fn nodes_find_each_other_through_discovery_and_survive_its_outage() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
 
-    // A node leaving cleanly deletes its record: it disappears from the others at once.
+    // Every watch is cut off ("lost update"): the clients watch again and resync; then a node leaving
+    // cleanly deletes its record and disappears from the others at once.
+    let watches = server.as_ref().map_or(0, |s| s.calls("Watch"));
+    if let Some(s) = server.as_ref() {
+        s.lose_updates();
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the clients to watch again",
+        || {
+            let n = server.as_ref().map_or(0, |s| s.calls("Watch"));
+            if n >= watches + 3 {
+                Ok(())
+            } else {
+                Err(format!("{n} watches"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     daemons[2]
         .signal(Signal::SIGTERM)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -236,5 +267,48 @@ fn nodes_find_each_other_through_discovery_and_survive_its_outage() {
     );
     lab.nodes[2]
         .ping(&lab.nodes[0].mesh_ip().to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Several services at once, merged by node ID; a redirecting service is followed.
+/// node1 uses services A and B, node2 only A, node3 only C, which redirects to B: node1 meets both,
+/// node2 and node3 meet only node1.
+#[test]
+fn several_services_are_merged_and_redirects_followed() {
+    let lab = MeshLab::new(3, "meshd-discovery-multi");
+    lab.switch
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    let a = DiscoveryServer::start(&lab.switch, addr(3000));
+    let b = DiscoveryServer::start(&lab.switch, addr(3001));
+    let c = DiscoveryServer::start(&lab.switch, addr(3002));
+    c.set_redirect(Some(format!("http://{}", b.addr)));
+    write_config_with(&lab, 0, &[&a.url(), &b.url()]);
+    write_config_with(&lab, 1, &[&a.url()]);
+    write_config_with(&lab, 2, &[&c.url()]);
+    let _daemons: Vec<Daemon> = (0..3).map(|i| start(&lab, i)).collect();
+    wait_peers(&lab, 0, &["node2", "node3"], None, Duration::from_secs(20));
+    wait_peers(&lab, 1, &["node1"], None, Duration::from_secs(10));
+    wait_peers(&lab, 2, &["node1"], None, Duration::from_secs(10));
+    assert_eq!(a.affiliates(CLUSTER_ID).len(), 2, "node1 and node2 on A");
+    assert_eq!(
+        b.affiliates(CLUSTER_ID).len(),
+        2,
+        "node1 and node3 (redirected) on B"
+    );
+    assert!(c.affiliates(CLUSTER_ID).is_empty(), "C only redirects");
+    assert!(c.calls("Hello") >= 1);
+    let details = lab.nodes[0].details().unwrap_or_else(|e| panic!("{e}"));
+    let regs = details["discovery"]["registries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(regs.len(), 2, "{details}");
+    assert!(
+        regs.iter()
+            .all(|r| r["state"] == "watching" && r["affiliates"] == 1),
+        "{details}"
+    );
+    lab.nodes[0]
+        .ping(&lab.nodes[2].mesh_ip().to_string())
         .unwrap_or_else(|e| panic!("{e}"));
 }
