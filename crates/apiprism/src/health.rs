@@ -148,3 +148,57 @@ async fn probe(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::net::TcpListener;
+
+    fn tls_server_config() -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&key)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?;
+        Ok(Arc::new(config))
+    }
+
+    /// A TCP-only probe passes a server that accepts and hangs up; the TLS probe needs a TLS server.
+    #[tokio::test]
+    async fn tls_probe_needs_a_tls_handshake() -> anyhow::Result<()> {
+        let plain = TcpListener::bind("127.0.0.1:0").await?;
+        let plain_addr = plain.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((s, _)) = plain.accept().await {
+                drop(s);
+            }
+        });
+        let tls = TcpListener::bind("127.0.0.1:0").await?;
+        let tls_addr = tls.local_addr()?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls_server_config()?);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = tls.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut s) = acceptor.accept(s).await {
+                        let mut buf = [0u8; 16];
+                        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+                    }
+                });
+            }
+        });
+        let t = Duration::from_secs(2);
+        assert!(probe(plain_addr, t, None).await.is_ok());
+        let err = probe(plain_addr, t, Some("localhost")).await;
+        assert!(err.is_err(), "{err:?}");
+        assert!(probe(tls_addr, t, Some("localhost")).await.is_ok());
+        Ok(())
+    }
+}
