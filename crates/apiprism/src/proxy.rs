@@ -102,7 +102,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: Cancella
 /// One client connection.
 async fn handle(client: TcpStream, shared: Arc<Shared>) {
     shared.metrics.connections.inc();
-    if let Err(error) = sockopt::tune(&client) {
+    if let Err(error) = sockopt::tune_accepted(&client) {
         tracing::debug!(%error, "client socket options");
     }
     let Some((upstream, addr)) = dial(&shared).await else {

@@ -18,9 +18,8 @@ pub const USER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Listen backlog: kubelet and friends reconnect in bursts after a failover.
 pub const BACKLOG: i32 = 4096;
 
-/// TCP_NODELAY (no Nagle delay on small HTTP/2 frames), keepalive and TCP_USER_TIMEOUT.
+/// Keepalive and TCP_USER_TIMEOUT (TCP_NODELAY is set by [`connect`] and [`tune_accepted`]).
 pub fn tune(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
     let sock = SockRef::from(stream);
     sock.set_tcp_keepalive(
         &TcpKeepalive::new()
@@ -29,6 +28,12 @@ pub fn tune(stream: &TcpStream) -> io::Result<()> {
             .with_retries(KEEPALIVE_RETRIES),
     )?;
     sock.set_tcp_user_timeout(Some(USER_TIMEOUT))
+}
+
+/// An accepted client socket: TCP_NODELAY (no Nagle delay on small HTTP/2 frames), then [`tune`].
+pub fn tune_accepted(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    tune(stream)
 }
 
 /// Closes with RST instead of FIN when dropped: for connections cut on purpose (their upstream went down),
