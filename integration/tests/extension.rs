@@ -13,7 +13,8 @@
 //! document's environment, then `chroot <rootfs> <entrypoint> <args...>`. meshd and dnslocal get the
 //! documents of `extension/examples/hybrid-cluster.yaml`; apiprism gets none and runs on its built-in default
 //! (127.0.0.1:7455, beside Talos's KubePrism). Each must serve `/healthz` with 200 on its admin port and still be
-//! running; meshd's kernel WireGuard link must exist (dnslocal's dummy link is reported, not asserted).
+//! running; meshd's kernel WireGuard link must exist, and dnslocal must listen on 169.254.20.10:53 on its own
+//! dummy link (both made over netlink: the container has no `ip` binary).
 //!
 //! Run alone: `sudo -E cargo test -p hybridnet-integration --test extension` (about a minute: TCG, no KVM).
 
@@ -201,6 +202,9 @@ mount -t tmpfs run /run
 mount -t tmpfs tmp /tmp
 for m in $(cat /lib/modules/load.list); do insmod /lib/modules/$m.ko 2>/dev/null || echo "HN-WARN insmod $m failed"; done
 ip link set lo up
+# an uplink (a dummy link: no NIC here) so the node has a route to its resolver, as a real node has
+ip link add uplink type dummy && ip addr add 192.0.2.10/24 dev uplink && ip link set uplink up
+ip route add default via 192.0.2.1 dev uplink
 hostname talos-node
 echo "127.0.0.1 localhost talos-node" > /etc/hosts
 echo "nameserver 192.0.2.53" > /etc/resolv.conf
@@ -324,6 +328,15 @@ fn extension_services_start_on_a_bare_kernel() {
     assert!(
         wg.contains("DEVTYPE=wireguard"),
         "{wg}\nconsole:\n{console}"
+    );
+    // dnslocal's listen address on its own dummy link, made over netlink (the container has no `ip`)
+    let dummy = line("HN-LINK dnslocal0");
+    assert!(dummy.contains(" yes"), "{dummy}\nconsole:\n{console}");
+    assert!(
+        console
+            .lines()
+            .any(|l| l.contains("HN-LISTEN") && l.contains("169.254.20.10:53 ")),
+        "dnslocal does not listen on 169.254.20.10:53:\n{console}"
     );
     // what each service reported and the tail of its log (see them with --nocapture)
     eprintln!(
