@@ -146,14 +146,16 @@ impl Upstream {
         }
     }
 
-    /// Feeds the smoothed RTT. A sample is measured by our own task, so it includes our scheduling delay; on a
-    /// busy node that adds milliseconds at random. Samples above `2 × srtt + NEAR_SLACK` are clipped to it:
-    /// one noisy sample cannot push an upstream out of the near-best set, and a real rise still shows within
-    /// about ten samples (the smoothed value grows by a quarter per sample).
+    /// Feeds the smoothed RTT. A sample is measured by our own task, so it includes our scheduling delay (and
+    /// the first connect to a new address a neighbour lookup): noise only ever adds time. So a sample below
+    /// half the smoothed value replaces it at once, and a sample above `2 × srtt + NEAR_SLACK` is clipped to
+    /// that: one noisy sample cannot push an upstream out of the near-best set, and a real rise still shows
+    /// within about ten samples (the smoothed value grows by a quarter per sample).
     fn sample_rtt(&mut self, rtt: Duration) {
         self.last_rtt = Some(rtt);
         self.srtt = Some(match self.srtt {
             None => rtt,
+            Some(s) if rtt * 2 < s => rtt,
             Some(s) => {
                 let rtt = rtt.min(s * 2 + NEAR_SLACK);
                 s.mul_f64(1.0 - EWMA_ALPHA) + rtt.mul_f64(EWMA_ALPHA)

@@ -243,4 +243,7 @@ fn one_noisy_sample_does_not_push_an_upstream_out_of_the_near_set() {
         t.observe(addr(B), Ok(ms(5)), Signal::Probe, now);
     }
     assert!(t.get(addr(B)).and_then(|u| u.srtt).expect("measured") > ms(2));
+    // A first connect slowed by a neighbour lookup: the next real sample replaces it.
+    t.observe(addr(B), Ok(us(150)), Signal::Probe, now);
+    assert_eq!(t.get(addr(B)).and_then(|u| u.srtt), Some(us(150)));
 }
