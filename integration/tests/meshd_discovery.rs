@@ -312,3 +312,67 @@ fn several_services_are_merged_and_redirects_followed() {
         .ping(&lab.nodes[2].mesh_ip().to_string())
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// End to end: a control plane found through discovery becomes an apiprism upstream. node1 (a control
+/// plane) listens on its API server port 6443; node2 runs meshd and apiprism with no upstream configured:
+/// apiprism adds node1's two addresses from meshd's members.json and finds them up (`apiprism status`).
+#[test]
+fn a_discovered_control_plane_becomes_an_apiprism_upstream() {
+    let lab = MeshLab::new(2, "meshd-discovery-apiprism");
+    lab.switch
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    let server = DiscoveryServer::start(&lab.switch, server_addr());
+    write_config(&lab, 0, &server.url());
+    write_config(&lab, 1, &server.url());
+    let node2 = &lab.nodes[1];
+    let text = std::fs::read_to_string(&node2.config).unwrap_or_else(|e| panic!("{e}"));
+    write_atomic(
+        &node2.config,
+        text.replacen(
+            "meshd:\n",
+            "apiprism:\n  listen: [\"127.0.0.1:7445\"]\nmeshd:\n",
+            1,
+        ),
+    );
+    let _listener = lab.nodes[0]
+        .netns
+        .enter(|| std::net::TcpListener::bind("0.0.0.0:6443"))
+        .and_then(|r| r)
+        .unwrap_or_else(|e| panic!("API server stand-in: {e}"));
+    let _meshd: Vec<Daemon> = (0..2).map(|i| start(&lab, i)).collect();
+    let _apiprism = Daemon::builder(DaemonKind::Apiprism, &node2.netns, &node2.config)
+        .log_file(node2.config.with_file_name("apiprism.log"))
+        .start();
+    let t0 = Instant::now();
+    let want = [
+        format!("{}:6443", lab.nodes[0].private_ip()),
+        format!("{}:6443", lab.nodes[0].public_ip()),
+    ];
+    wait_until(
+        Duration::from_secs(30),
+        "apiprism on node2 to have node1's API server addresses up",
+        || {
+            let out = node2
+                .netns
+                .command(DaemonKind::Apiprism.bin())
+                .args(["status", "--config"])
+                .arg(&node2.config)
+                .output()
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success()
+                && text.contains("2/2 upstreams up")
+                && want.iter().all(|a| text.contains(a.as_str()))
+            {
+                Ok(())
+            } else {
+                Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "apiprism on node2 has the discovered control plane's API server up {:?} after start",
+        t0.elapsed()
+    );
+}
