@@ -419,3 +419,35 @@ fn reload_under_load_loses_nothing() {
     .unwrap();
     assert!(status >= 20000);
 }
+
+/// An upstream the node has no route to yet (ENETUNREACH on connect) must not stop dnslocal: it serves the
+/// cluster zone from the cluster DNS and answers SERVFAIL promptly for the rest (found in the extension's
+/// QEMU test, where dnslocal started before the VM had a route).
+#[test]
+fn unroutable_upstream_does_not_stop_serving() {
+    require_tools(&["nsd", "dig"]);
+    let ns = Netns::new(); // loopback only: 198.51.100.0/24 has no route here
+    let dir = TestDir::new("dl-noroute");
+    let _nsd = Nsd::start(&ns, &dir, 0);
+    let config = write_config(
+        &dir,
+        "dnslocal",
+        "127.0.0.1:7448",
+        &["198.51.100.53:53"],
+        "1h",
+    );
+    let mut daemon = Daemon::builder(DaemonKind::Dnslocal, &ns, config).start();
+    daemon
+        .wait_ready(READY)
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let k8s = dig_in(ns.name(), LISTEN, &["kubernetes.default.svc.cluster.local"]);
+    assert_eq!(k8s.data(), vec!["10.96.0.1"], "{}", k8s.text);
+    let started = Instant::now();
+    let outside = dig_in(ns.name(), LISTEN, &["www.example.test"]);
+    assert_eq!(outside.status, "SERVFAIL", "{}", outside.text);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "SERVFAIL took {:?}",
+        started.elapsed()
+    );
+}

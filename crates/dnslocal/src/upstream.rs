@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -98,7 +98,11 @@ async fn wait(rx: oneshot::Receiver<Result<Vec<u8>, Failure>>) -> Result<Vec<u8>
 /// A connected UDP socket to one upstream and the task reading its answers.
 #[derive(Debug)]
 struct UdpClient {
+    addr: SocketAddr,
     socket: Arc<UdpSocket>,
+    /// Whether `connect` succeeded: it fails (ENETUNREACH) while the node has no route to the upstream,
+    /// which must not stop dnslocal from serving the cache and the other zones; it is retried per query.
+    connected: AtomicBool,
     pending: Pending,
     reader: JoinHandle<()>,
 }
@@ -117,17 +121,32 @@ impl UdpClient {
             ([0u16; 8], 0).into()
         };
         let socket = Arc::new(UdpSocket::bind(local).await?);
-        socket.connect(addr).await?;
+        let connected = match socket.connect(addr).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(upstream = %addr, %error, "cannot reach the upstream yet; retrying per query");
+                false
+            }
+        };
         let pending: Pending = Arc::default();
         let reader = tokio::spawn(udp_reader(socket.clone(), pending.clone()));
         Ok(UdpClient {
+            addr,
             socket,
+            connected: AtomicBool::new(connected),
             pending,
             reader,
         })
     }
 
     async fn exchange(&self, msg: &mut [u8]) -> Result<Vec<u8>, Failure> {
+        if !self.connected.load(Ordering::Relaxed) {
+            self.socket
+                .connect(self.addr)
+                .await
+                .map_err(|e| io_failure(&e))?;
+            self.connected.store(true, Ordering::Relaxed);
+        }
         let (slot, rx) = Slot::new(&self.pending)?;
         msg[..2].copy_from_slice(&slot.id.to_be_bytes());
         self.socket.send(msg).await.map_err(|e| io_failure(&e))?;
