@@ -302,7 +302,17 @@ async fn write_status(
             details,
         };
         let dir = StateDir::new(ctx.config.borrow().state_dir.clone());
-        match dir.write(shared.daemon, RECORD, &record) {
+        let daemon = shared.daemon;
+        // The write fsyncs a file and its directory: keep it off the async workers (the data paths).
+        let written = tokio::task::spawn_blocking(move || dir.write(daemon, RECORD, &record))
+            .await
+            .unwrap_or_else(|join| {
+                Err(hybridnet_state::Error::Io {
+                    path: PathBuf::from(RECORD),
+                    source: std::io::Error::other(join.to_string()),
+                })
+            });
+        match written {
             Ok(()) => last_error = None,
             Err(error) => {
                 let text = error.to_string();
