@@ -41,83 +41,9 @@ pub const AFFILIATES_MAX: usize = 1024;
 /// Per-subscriber buffer before "lost update".
 pub const WATCH_BUFFER: usize = 32;
 
-/// The API messages (package `sidero.discovery.server`).
-pub mod pb {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Affiliate {
-        #[prost(string, tag = "1")]
-        pub id: String,
-        #[prost(bytes = "vec", tag = "2")]
-        pub data: Vec<u8>,
-        #[prost(bytes = "vec", repeated, tag = "3")]
-        pub endpoints: Vec<Vec<u8>>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HelloRequest {
-        #[prost(string, tag = "1")]
-        pub cluster_id: String,
-        #[prost(string, tag = "2")]
-        pub client_version: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RedirectMessage {
-        #[prost(string, tag = "1")]
-        pub endpoint: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct HelloResponse {
-        #[prost(message, optional, tag = "1")]
-        pub redirect: Option<RedirectMessage>,
-        #[prost(bytes = "vec", tag = "2")]
-        pub client_ip: Vec<u8>,
-    }
-    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
-    pub struct Duration {
-        #[prost(int64, tag = "1")]
-        pub seconds: i64,
-        #[prost(int32, tag = "2")]
-        pub nanos: i32,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AffiliateUpdateRequest {
-        #[prost(string, tag = "1")]
-        pub cluster_id: String,
-        #[prost(string, tag = "2")]
-        pub affiliate_id: String,
-        #[prost(bytes = "vec", optional, tag = "3")]
-        pub affiliate_data: Option<Vec<u8>>,
-        #[prost(bytes = "vec", repeated, tag = "4")]
-        pub affiliate_endpoints: Vec<Vec<u8>>,
-        #[prost(message, optional, tag = "5")]
-        pub ttl: Option<Duration>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Empty {}
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AffiliateDeleteRequest {
-        #[prost(string, tag = "1")]
-        pub cluster_id: String,
-        #[prost(string, tag = "2")]
-        pub affiliate_id: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ClusterRequest {
-        #[prost(string, tag = "1")]
-        pub cluster_id: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ListResponse {
-        #[prost(message, repeated, tag = "1")]
-        pub affiliates: Vec<Affiliate>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct WatchResponse {
-        #[prost(message, repeated, tag = "1")]
-        pub affiliates: Vec<Affiliate>,
-        #[prost(bool, tag = "2")]
-        pub deleted: bool,
-    }
-}
+/// The API messages (package `sidero.discovery.server`): the same definitions meshd speaks; their wire
+/// compatibility with Talos is checked against vectors from an independent implementation (meshd's tests).
+pub use hybridnet_meshd::discovery::proto::server as pb;
 
 #[derive(Debug)]
 struct Entry {
@@ -517,7 +443,7 @@ async fn handle(
             ok(&pb::Empty {})
         }
         "List" => {
-            let r = parse!(pb::ClusterRequest);
+            let r = parse!(pb::ListRequest);
             let affiliates = s
                 .clusters
                 .get(&r.cluster_id)
@@ -526,7 +452,7 @@ async fn handle(
             ok(&pb::ListResponse { affiliates })
         }
         "Watch" => {
-            let r = parse!(pb::ClusterRequest);
+            let r = parse!(pb::WatchRequest);
             let cluster = s.clusters.entry(r.cluster_id).or_default();
             let (sub_tx, mut sub_rx) = mpsc::channel(WATCH_BUFFER);
             let snapshot = pb::WatchResponse {
