@@ -106,11 +106,17 @@ fn registry_state(lab: &MeshLab, i: usize) -> String {
         .unwrap_or_default()
 }
 
-#[test]
-fn nodes_find_each_other_through_discovery_and_survive_its_outage() {
-    let lab = MeshLab::new(3, "meshd-discovery");
+/// A mesh lab whose switch also holds 198.51.100.1 on the public bridge, where the discovery stand-ins listen.
+fn discovery_lab(n: u8, label: &str) -> MeshLab {
+    let lab = MeshLab::new(n, label);
     lab.switch
         .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    lab
+}
+
+#[test]
+fn nodes_find_each_other_through_discovery_and_survive_its_outage() {
+    let lab = discovery_lab(3, "meshd-discovery");
     let mut server = Some(DiscoveryServer::start(&lab.switch, server_addr()));
     let url = server
         .as_ref()
@@ -275,9 +281,7 @@ fn nodes_find_each_other_through_discovery_and_survive_its_outage() {
 /// node2 and node3 meet only node1.
 #[test]
 fn several_services_are_merged_and_redirects_followed() {
-    let lab = MeshLab::new(3, "meshd-discovery-multi");
-    lab.switch
-        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    let lab = discovery_lab(3, "meshd-discovery-multi");
     let a = DiscoveryServer::start(&lab.switch, addr(3000));
     let b = DiscoveryServer::start(&lab.switch, addr(3001));
     let c = DiscoveryServer::start(&lab.switch, addr(3002));
@@ -318,9 +322,7 @@ fn several_services_are_merged_and_redirects_followed() {
 /// apiprism adds node1's two addresses from meshd's members.json and finds them up (`apiprism status`).
 #[test]
 fn a_discovered_control_plane_becomes_an_apiprism_upstream() {
-    let lab = MeshLab::new(2, "meshd-discovery-apiprism");
-    lab.switch
-        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    let lab = discovery_lab(2, "meshd-discovery-apiprism");
     let server = DiscoveryServer::start(&lab.switch, server_addr());
     write_config(&lab, 0, &server.url());
     write_config(&lab, 1, &server.url());
