@@ -15,7 +15,6 @@
 pub mod admin;
 pub mod cli;
 mod context;
-pub mod idle;
 pub mod logging;
 pub mod metrics;
 pub mod status;
