@@ -356,15 +356,16 @@ fn used_again(log: &Mutex<Log>, t0: Instant, name: &str) -> Result<Duration> {
     Ok(start - t0)
 }
 
-/// Fails on any failed new connection that started after `t0` (the fault): connections in flight through the
-/// dead or removed upstream at that moment are cut, by design. Returns (connections since `t0`, in flight and
-/// cut at `t0`).
-fn no_failures(log: &Log, t0: Instant) -> Result<(usize, usize)> {
+/// Fails on any failed connection that ended before `fault` (nothing may fail while all is well) and on any
+/// failed new connection that started after `t0` (by then apiprism has taken the upstream out). Connections
+/// in flight through the dead or removed upstream between `fault` and `t0` are cut, by design. Returns
+/// (connections since `t0`, cut between `fault` and `t0`).
+fn no_failures(log: &Log, fault: Instant, t0: Instant) -> Result<(usize, usize)> {
     let after: Vec<_> = log.requests.iter().filter(|r| r.0 >= t0).collect();
-    let in_flight_cut = log
+    let cut_by_design = log
         .requests
         .iter()
-        .filter(|r| r.0 < t0 && r.1 >= t0 && r.2.is_err())
+        .filter(|r| r.0 < t0 && r.1 >= fault && r.2.is_err())
         .count();
     let failed: Vec<_> = after.iter().filter(|r| r.2.is_err()).collect();
     if let Some((start, end, Err(e))) = failed.first() {
@@ -379,13 +380,13 @@ fn no_failures(log: &Log, t0: Instant) -> Result<(usize, usize)> {
     let before_failed = log
         .requests
         .iter()
-        .filter(|r| r.1 < t0 && r.2.is_err())
+        .filter(|r| r.1 < fault && r.2.is_err())
         .count();
     ensure!(
         before_failed == 0,
         "{before_failed} connections failed before the fault"
     );
-    Ok((after.len(), in_flight_cut))
+    Ok((after.len(), cut_by_design))
 }
 
 fn settle() {
@@ -420,7 +421,7 @@ fn fail_one(
             back,
         ))
     })?;
-    let (total, cut_in_flight) = no_failures(&log, t0)?;
+    let (total, cut_in_flight) = no_failures(&log, t0, t0)?;
     eprintln!(
         "apiprism {what}: {out}; out of rotation after {down:?}, watch cut after {cut:?}, used again {back:?} \
          after its return; {total} new connections after the fault, none failed ({cut_in_flight} in flight \
@@ -459,7 +460,7 @@ fn blackholed_upstream_fails_over_without_a_failed_connection() -> Result<()> {
 fn upstream_removed_from_config_is_cut_and_readded_is_used() -> Result<()> {
     let mut lab = Lab::new()?;
     let all: Vec<String> = (0..3).map(|i| lab.upstream(i).to_string()).collect();
-    let ((t0, removed, cut, to, back), log) = lab.with_kubelet(|lab, log| {
+    let ((written, t0, removed, cut, to, back), log) = lab.with_kubelet(|lab, log| {
         let server = watch_server(log)?;
         let victim = index_of(&server)?;
         settle();
@@ -480,15 +481,30 @@ fn upstream_removed_from_config_is_cut_and_readded_is_used() -> Result<()> {
         let t1 = Instant::now();
         lab.rewrite_config(all.clone());
         let back = used_again(log, t1, &server)?;
-        Ok((t0, removed, cut, to, back))
+        Ok((written, t0, removed, cut, to, back))
     })?;
-    let (total, cut_in_flight) = no_failures(&log, t0)?;
+    let (total, cut_in_flight) = no_failures(&log, written, t0)?;
     eprintln!(
         "apiprism removal: removed after {removed:?}, watch cut after {cut:?} (moved to {to}), re-added and used \
          after {back:?}; {total} new connections after the removal, none failed ({cut_in_flight} in flight \
          through it were cut)"
     );
-    ensure!(removed <= BOUND && cut <= BOUND && back <= BOUND);
+    if removed > BOUND || cut > BOUND || back > BOUND {
+        eprintln!("--- apiprism log ---\n{}", lab.apiprism.log());
+        if let Ok(m) = lab.apiprism.metrics() {
+            for name in [
+                "apiprism_upstream_rtt_seconds",
+                "apiprism_upstream_active_connections",
+            ] {
+                for (labels, v) in m.series(name) {
+                    eprintln!("{name}{labels} {v}");
+                }
+            }
+        }
+    }
+    ensure!(removed <= BOUND, "removed after {removed:?}");
+    ensure!(cut <= BOUND, "watch cut after {cut:?}");
+    ensure!(back <= BOUND, "re-added and used after {back:?}");
     Ok(())
 }
 

@@ -23,8 +23,12 @@ pub const EWMA_ALPHA: f64 = 0.25;
 /// Upstreams whose smoothed RTT is within this factor of the best one are "near-equal": connections spread
 /// over them by active connection count.
 pub const NEAR_FACTOR: f64 = 1.2;
-/// ... or within this much of the best one (loopback RTTs are tens of microseconds and noisy).
-pub const NEAR_SLACK: Duration = Duration::from_micros(100);
+/// ... or within this much of the best one. Connect times on a LAN are tens to hundreds of microseconds, and
+/// our own scheduling delay on a busy node adds up to a millisecond of noise to each sample: differences
+/// below this say nothing about the upstreams, and a request to an API server takes longer anyway.
+pub const NEAR_SLACK: Duration = Duration::from_millis(1);
+/// A sample above `2 × srtt` plus this is clipped (see [`Upstream::sample_rtt`]).
+const CLIP_SLACK: Duration = Duration::from_micros(100);
 
 /// Health of one upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -148,7 +152,7 @@ impl Upstream {
 
     /// Feeds the smoothed RTT. A sample is measured by our own task, so it includes our scheduling delay (and
     /// the first connect to a new address a neighbour lookup): noise only ever adds time. So a sample below
-    /// half the smoothed value replaces it at once, and a sample above `2 × srtt + NEAR_SLACK` is clipped to
+    /// half the smoothed value replaces it at once, and a sample above `2 × srtt + CLIP_SLACK` is clipped to
     /// that: one noisy sample cannot push an upstream out of the near-best set, and a real rise still shows
     /// within about ten samples (the smoothed value grows by a quarter per sample).
     fn sample_rtt(&mut self, rtt: Duration) {
@@ -157,7 +161,7 @@ impl Upstream {
             None => rtt,
             Some(s) if rtt * 2 < s => rtt,
             Some(s) => {
-                let rtt = rtt.min(s * 2 + NEAR_SLACK);
+                let rtt = rtt.min(s * 2 + CLIP_SLACK);
                 s.mul_f64(1.0 - EWMA_ALPHA) + rtt.mul_f64(EWMA_ALPHA)
             }
         });

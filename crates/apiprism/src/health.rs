@@ -89,12 +89,20 @@ impl Prober {
     }
 }
 
+/// Quick checks of a newly added upstream, once it answers (see [`probe_loop`]).
+const WARM_UP_CHECKS: u32 = 3;
+const WARM_UP_INTERVAL: Duration = Duration::from_millis(50);
+
 async fn probe_loop(
     addr: SocketAddr,
     shared: Arc<Shared>,
     settings: watch::Receiver<ProbeSettings>,
     kick: Arc<tokio::sync::Notify>,
 ) {
+    // A new upstream's first connect often pays for a neighbour lookup, so its first RTT sample can keep it
+    // out of the near-best set. A few quick checks after it is added settle its smoothed RTT in a fraction
+    // of a second instead of several intervals.
+    let mut warm_up = WARM_UP_CHECKS;
     loop {
         let s = settings.borrow().clone();
         let timeout = shared
@@ -109,6 +117,10 @@ async fn probe_loop(
         };
         let wait = match (ok, state) {
             (false, State::Unknown | State::Up) => Duration::from_millis(20),
+            (true, State::Up) if warm_up > 0 => {
+                warm_up -= 1;
+                WARM_UP_INTERVAL.min(s.interval)
+            }
             (true, State::Down) => s.interval / 4,
             _ => s.interval.saturating_sub(started.elapsed()),
         };
