@@ -173,6 +173,25 @@ fn near_equal_upstreams_share_the_load() {
 }
 
 #[test]
+fn lan_differences_below_a_millisecond_are_noise_and_regions_are_not() {
+    let (mut t, now) = table(&[A, B, C]);
+    // Same LAN: 60 us and 900 us differ by scheduling noise only.
+    t.observe(addr(A), Ok(us(60)), Signal::Probe, now);
+    t.observe(addr(B), Ok(us(900)), Signal::Probe, now);
+    // Another region: 15 ms.
+    t.observe(addr(C), Ok(ms(15)), Signal::Probe, now);
+    let firsts: std::collections::HashSet<_> = (0..6).map(|_| t.plan()[0].addr).collect();
+    assert_eq!(firsts, [addr(A), addr(B)].into_iter().collect());
+    // Between regions the factor decides: 15 ms and 17 ms are near-equal, 15 ms and 30 ms are not.
+    let (mut t, now) = table(&[A, B, C]);
+    t.observe(addr(A), Ok(ms(15)), Signal::Probe, now);
+    t.observe(addr(B), Ok(ms(17)), Signal::Probe, now);
+    t.observe(addr(C), Ok(ms(30)), Signal::Probe, now);
+    let firsts: std::collections::HashSet<_> = (0..6).map(|_| t.plan()[0].addr).collect();
+    assert_eq!(firsts, [addr(A), addr(B)].into_iter().collect());
+}
+
+#[test]
 fn smoothed_rtt_and_adaptive_timeout() {
     let (mut t, now) = table(&[A]);
     t.observe(addr(A), Ok(ms(100)), Signal::Probe, now);
