@@ -34,6 +34,7 @@ need qemu-system-x86_64 qemu-system-x86
 need busybox busybox-static
 need modprobe kmod
 need cpio cpio
+need nft nftables        # meshd MSS clamping test: lists the ruleset meshd writes over netlink
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_pkgs+=(linux-image-amd64)
 need nsd nsd             # dnslocal tests: the upstream and cluster DNS (a real zone server)
 need dig bind9-dnsutils  # dnslocal tests: a real client (glibc getent is the other)

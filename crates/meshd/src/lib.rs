@@ -19,6 +19,7 @@ pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
+pub mod nft;
 pub mod peer;
 pub mod probe;
 pub mod status;

@@ -113,6 +113,9 @@ pub struct Mesh {
     discovery_synced: bool,
     pub last_error: Option<String>,
     pub started: Instant,
+    /// TCP MSS clamping (nftables): when to check it next, and the last failure.
+    clamp_next: Instant,
+    pub clamp_error: Option<String>,
 }
 
 impl Mesh {
@@ -183,8 +186,11 @@ impl Mesh {
             discovery_synced: false,
             last_error: None,
             started: Instant::now(),
+            clamp_next: Instant::now(),
+            clamp_error: None,
             cfg,
         };
+        mesh.sync_clamp().await;
         mesh.set_peers(specs, Instant::now());
         Ok(mesh)
     }
@@ -214,6 +220,7 @@ impl Mesh {
             .await?;
         self.set_peers(specs, Instant::now());
         self.dirty = true;
+        self.clamp_next = Instant::now();
         Ok(())
     }
 
@@ -352,6 +359,9 @@ impl Mesh {
         self.nonce = counter;
         for (key, endpoint, nonce) in probes {
             self.send_probe(key, endpoint, nonce).await;
+        }
+        if now >= self.clamp_next {
+            self.sync_clamp().await;
         }
         if self.dirty || now >= self.next_resync {
             match self.reconcile().await {
@@ -501,6 +511,44 @@ impl Mesh {
         Ok(())
     }
 
+    /// TCP MSS clamping: checks meshd's nftables table and rewrites it when it is missing or different
+    /// (flushed by someone, left by an older version), or removes it when `clampMSS` is off. A failure
+    /// (e.g. a kernel without nf_tables) is logged and shown in the status; the mesh works without it.
+    async fn sync_clamp(&mut self) {
+        self.clamp_next = Instant::now() + RESYNC;
+        let enabled = self.cfg.meshd.clamp_mss;
+        let interface = self.cfg.meshd.interface.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            if enabled {
+                crate::nft::check(&interface).map(Some)
+            } else {
+                crate::nft::remove().map(|()| None)
+            }
+        })
+        .await;
+        let result = match result {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(join) => Err(format!("MSS clamping task: {join}")),
+        };
+        match result {
+            Ok(outcome) => {
+                if outcome == Some(crate::nft::Outcome::Installed) {
+                    self.metrics.mss_clamp_installs.inc();
+                    tracing::info!(table = crate::nft::TABLE, interface = %self.cfg.meshd.interface, "MSS clamping rule installed");
+                }
+                self.metrics.mss_clamp_ok.set(i64::from(enabled));
+                self.clamp_error = None;
+            }
+            Err(error) => {
+                self.metrics.mss_clamp_ok.set(0);
+                if self.clamp_error.as_ref() != Some(&error) {
+                    tracing::warn!(%error, "MSS clamping (nftables) failed; retrying every 10 s");
+                }
+                self.clamp_error = Some(error);
+            }
+        }
+    }
+
     /// Reads counters from the device (for status and metrics).
     pub async fn refresh_stats(&mut self) -> Result<(), Error> {
         let actual = self.backend.get().await?;
@@ -525,9 +573,14 @@ impl Mesh {
         self.net.underlay_addresses(self.index).await
     }
 
-    /// Removes what meshd created: its rules, and its link (the kernel link is deleted; the userspace
-    /// TUN device goes when the device stops).
+    /// Removes what meshd created: its MSS clamping table, its rules, and its link (the kernel link is
+    /// deleted; the userspace TUN device goes when the device stops).
     pub async fn shutdown(self) {
+        match tokio::task::spawn_blocking(crate::nft::remove).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot remove the MSS clamping table"),
+            Err(error) => tracing::warn!(%error, "cannot remove the MSS clamping table"),
+        }
         if let Err(error) = self.net.remove_rules().await {
             tracing::warn!(%error, "cannot remove meshd's rules");
         }

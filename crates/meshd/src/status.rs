@@ -64,6 +64,10 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         "listenPort": mesh.cfg.meshd.listen_port,
         "mtu": mesh.mtu,
         "error": mesh.last_error,
+        "mssClamp": {
+            "enabled": mesh.cfg.meshd.clamp_mss,
+            "error": mesh.clamp_error,
+        },
         "peers": rows,
     });
     (summary, details)

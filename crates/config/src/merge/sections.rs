@@ -245,6 +245,7 @@ pub fn meshd(
             Vec::new(),
         ),
         kubespan_compat: m.first("meshd.kubespanCompat", [o.m_kubespan_compat.clone()], false),
+        clamp_mss: m.first("meshd.clampMSS", [o.m_clamp_mss.clone()], d.clamp_mss),
         ula_prefix: m.first("meshd.ulaPrefix", [ula], None),
         admin: m.first("meshd.admin", [o.m_admin.clone()], d.admin),
     }
