@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod discovery;
 pub mod identity;
+pub mod kubespan;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
