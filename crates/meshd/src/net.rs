@@ -66,6 +66,37 @@ impl Net {
         }
     }
 
+    /// Every link's name, type, kind and MAC (for the KubeSpan-compatible node address).
+    pub async fn links(&self) -> Result<Vec<crate::kubespan::Link>, Error> {
+        use netlink_packet_route::link::{LinkAttribute, LinkInfo, LinkLayerType};
+        let mut out = Vec::new();
+        let mut stream = self.handle.link().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("dump links"))? {
+            let mut link = crate::kubespan::Link {
+                name: String::new(),
+                ether: msg.header.link_layer_type == LinkLayerType::Ether,
+                kind: None,
+                mac: Vec::new(),
+            };
+            for a in &msg.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => link.name = n.clone(),
+                    LinkAttribute::Address(m) => link.mac = m.clone(),
+                    LinkAttribute::LinkInfo(infos) => {
+                        for i in infos {
+                            if let LinkInfo::Kind(k) = i {
+                                link.kind = Some(k.to_string());
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            out.push(link);
+        }
+        Ok(out)
+    }
+
     /// Creates a kernel WireGuard link.
     pub async fn add_wireguard(&self, name: &str) -> Result<(), Error> {
         self.handle

@@ -21,7 +21,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     let up = peers
         .iter()
-        .filter(|p| p.machine.state == crate::peer::PeerState::Up)
+        .filter(|p| p.state() == crate::peer::PeerState::Up)
         .count();
     let rows: Vec<Value> = peers
         .iter()
@@ -31,8 +31,9 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "name": p.name,
                 "publicKey": p.key.to_string(),
                 "meshAddress": p.mesh_addr.to_string(),
-                "state": m.state.as_str(),
-                "endpoint": m.active_endpoint().map(|e| e.to_string()),
+                "state": p.state().as_str(),
+                "endpoint": p.endpoint().map(|e| e.to_string()),
+                "handshakeMode": p.handshake_mode(),
                 "rttMs": ms(m.active.and_then(|a| m.paths[a].rtt)),
                 "failovers": m.failovers,
                 "rxBytes": p.stats.rx_bytes,
