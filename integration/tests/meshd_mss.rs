@@ -358,4 +358,22 @@ fn pod_traffic_over_the_mesh_gets_a_clamped_mss() {
         ruleset.contains("table inet lab"),
         "only meshd's table goes: {ruleset}"
     );
+
+    // `clampMSS: false`: meshd removes a table left behind and writes none.
+    sh(node2, &["nft", "add", "table", "inet", "hybridnet-meshd"]);
+    drop(daemons.pop());
+    lab.nodes[1].extra = "  clampMSS: false\n".into();
+    lab.write_config(1);
+    daemons.push(lab.start(1));
+    let node2 = &lab.nodes[1].netns;
+    wait_until(Duration::from_secs(10), "meshd up without clamping", || {
+        lab.nodes[1].all_up(1)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_until(Duration::from_secs(5), "the stale table removed", || {
+        our_table(node2).map_or(Ok(()), Err)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let status = lab.nodes[1].details().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status["mssClamp"]["enabled"], false, "{status}");
 }

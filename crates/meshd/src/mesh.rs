@@ -601,6 +601,10 @@ impl Mesh {
         };
         match result {
             Ok(outcome) => {
+                if !enabled {
+                    // Removed once; again only after a config change (not a table churn every 10 s).
+                    self.clamp_next = Instant::now() + Duration::from_secs(24 * 3600);
+                }
                 if outcome == Some(crate::nft::Outcome::Installed) {
                     self.metrics.mss_clamp_installs.inc();
                     tracing::info!(table = crate::nft::TABLE, interface = %self.cfg.meshd.interface, "MSS clamping rule installed");
