@@ -91,6 +91,11 @@ pub fn render(details: &Value) -> String {
     if let Some(e) = details["error"].as_str() {
         let _ = writeln!(out, "last error: {e}");
     }
+    if let Some(e) = details["mssClamp"]["error"].as_str() {
+        let _ = writeln!(out, "MSS clamping failed: {e}");
+    } else if details["mssClamp"]["enabled"] == false {
+        let _ = writeln!(out, "MSS clamping off (clampMSS: false)");
+    }
     let _ = writeln!(
         out,
         "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  paths",
@@ -107,7 +112,11 @@ pub fn render(details: &Value) -> String {
             out,
             "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  {}",
             s(&p["name"]),
-            s(&p["state"]),
+            if p["handshakeMode"] == true {
+                format!("{}(hs)", s(&p["state"]))
+            } else {
+                s(&p["state"])
+            },
             p["endpoint"].as_str().unwrap_or("-"),
             p["rttMs"]
                 .as_f64()
