@@ -34,9 +34,12 @@ need qemu-system-x86_64 qemu-system-x86
 need busybox busybox-static
 need modprobe kmod
 need cpio cpio
+need nft nftables        # meshd MSS clamping test: lists the ruleset meshd writes over netlink
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_pkgs+=(linux-image-amd64)
 need nsd nsd             # dnslocal tests: the upstream and cluster DNS (a real zone server)
 need dig bind9-dnsutils  # dnslocal tests: a real client (glibc getent is the other)
+# meshd discovery: Python opens the records meshd seals (a venv from Debian's python3, not a pyenv one)
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3 python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   step "installing ${need_pkgs[*]}"
   if [ "$(id -u)" -ne 0 ]; then
@@ -75,6 +78,26 @@ fi
 step "cargo deny (licences, bans, sources)"
 command -v cargo-deny >/dev/null 2>&1 || cargo install cargo-deny --locked --quiet
 cargo deny --log-level error check licenses bans sources
+done_step
+
+# Wire compatibility the other way round: records meshd seals, opened by an independent implementation
+# (Python protobuf + cryptography, crates/meshd/testdata/discovery/make_vectors.py; pinned packages).
+step "meshd discovery records opened by Python (make_vectors.py --check)"
+venv=target/py-discovery
+reqs=crates/meshd/testdata/discovery/requirements.txt
+if ! cmp -s "$reqs" "$venv/requirements.txt" 2>/dev/null; then
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv" || { echo "hack/test.sh: cannot create a Python venv (python3-venv)" >&2; exit 1; }
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --require-virtualenv -r "$reqs" \
+    || { echo "hack/test.sh: cannot install $reqs from PyPI" >&2; exit 1; }
+  cp "$reqs" "$venv/requirements.txt"
+fi
+records="$(mktemp)"
+rm -f "$records"
+MESHD_DISCOVERY_VECTORS_OUT="$records" cargo test --quiet --locked -p hybridnet-meshd --lib write_records
+[ -s "$records" ] || { echo "hack/test.sh: the Rust test wrote no records to $records" >&2; exit 1; }
+"$venv/bin/python" crates/meshd/testdata/discovery/make_vectors.py --check "$records"
+rm -f "$records"
 done_step
 
 # The static musl binaries are what we ship, and what the integration tests run.

@@ -39,6 +39,9 @@ pub struct MeshNode {
     pub public_key: String,
     /// Extra YAML lines inside `meshd:` (e.g. a filter).
     pub extra: String,
+    /// Prefixes routed to this node besides its mesh address (e.g. its pod CIDR): the other nodes list
+    /// them in its `allowedIPs`.
+    pub routed: Vec<String>,
 }
 
 impl MeshNode {
@@ -166,6 +169,7 @@ impl MeshLab {
                 data_dir: root.join("data"),
                 public_key: String::new(),
                 extra: String::new(),
+                routed: Vec::new(),
             });
         }
         MeshLab { nodes, switch, dir }
@@ -181,12 +185,17 @@ impl MeshLab {
             .filter(|o| o.index != node.index && !o.public_key.is_empty())
         {
             peers.push_str(&format!(
-                "    - {{name: {}, publicKey: \"{}\", endpoints: [\"{}:{PORT}\", \"{}:{PORT}\"], allowedIPs: [\"{}/32\"]}}\n",
+                "    - {{name: {}, publicKey: \"{}\", endpoints: [\"{}:{PORT}\", \"{}:{PORT}\"], allowedIPs: [\"{}/32\"{}]}}\n",
                 other.name(),
                 other.public_key,
                 other.private_ip(),
                 other.public_ip(),
-                other.mesh_ip()
+                other.mesh_ip(),
+                other
+                    .routed
+                    .iter()
+                    .map(|r| format!(", \"{r}\""))
+                    .collect::<String>()
             ));
         }
         let peers = if peers.is_empty() {

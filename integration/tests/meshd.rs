@@ -244,3 +244,90 @@ fn endpoint_filter_keeps_the_mesh_off_the_excluded_network() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// `mtu: auto` on 1400-byte underlay links: the mesh interface gets 1400 - 60 = 1340, which a
+/// don't-fragment ping of exactly that size crosses; an IPv6 peer endpoint makes it 1400 - 80 = 1320.
+#[test]
+fn mtu_auto_follows_the_underlay() {
+    let mut lab = MeshLab::new(2, "meshd-mtu");
+    for node in &mut lab.nodes {
+        for link in ["priv", "pub"] {
+            node.netns.ip(&["link", "set", link, "mtu", "1400"]);
+        }
+        node.extra = "  mtu: auto\n".into();
+    }
+    let _daemons = lab.start_all();
+    wait_all_up(&lab, Duration::from_secs(10));
+    let link_mtu = |node: &hybridnet_integration::meshd::MeshNode| {
+        let out = node.netns.exec(&["ip", "-o", "link", "show", "hybridnet0"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .skip_while(|w| *w != "mtu")
+            .nth(1)
+            .and_then(|m| m.parse::<u32>().ok())
+            .ok_or(text)
+    };
+    for node in &lab.nodes {
+        assert_eq!(link_mtu(node), Ok(1340), "{}", node.name());
+        let status = node.details().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status["mtu"], 1340, "{status}");
+    }
+    let dst = lab.nodes[1].mesh_ip().to_string();
+    let ping = |size: u32| {
+        lab.nodes[0].netns.exec(&[
+            "ping",
+            "-c1",
+            "-W2",
+            "-M",
+            "do",
+            "-s",
+            &size.to_string(),
+            &dst,
+        ])
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "a 1340-byte DF ping over the mesh",
+        || {
+            let out = ping(1340 - 28);
+            out.status
+                .success()
+                .then_some(())
+                .ok_or_else(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !ping(1340 - 28 + 1).status.success(),
+        "a 1341-byte DF packet must not fit the mesh interface"
+    );
+
+    // An IPv6 endpoint for node2 in node1's config (applied in place): 80 bytes of overhead.
+    for node in &lab.nodes {
+        node.netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("2001:db8::{}/64", 10 + node.index),
+            "dev",
+            "priv",
+            "nodad",
+        ]);
+    }
+    let text = lab.render(0).replace(
+        &format!("\"{}:51821\"", lab.nodes[1].private_ip()),
+        "\"[2001:db8::12]:51821\"",
+    );
+    assert!(text.contains("[2001:db8::12]:51821"), "{text}");
+    hybridnet_integration::write_atomic(&lab.nodes[0].config, text);
+    wait_until(
+        Duration::from_secs(10),
+        "node1's mesh MTU for an IPv6 endpoint",
+        || match link_mtu(&lab.nodes[0]) {
+            Ok(1320) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_all_up(&lab, Duration::from_secs(10));
+}

@@ -378,3 +378,150 @@ fn a_discovered_control_plane_becomes_an_apiprism_upstream() {
         t0.elapsed()
     );
 }
+
+/// Node `i` in KubeSpan-compatible mode: no listen port, no extra addresses (KubeSpan has neither).
+fn write_compat_config(lab: &MeshLab, i: usize, url: &str) {
+    let node = &lab.nodes[i];
+    let doc = format!(
+        "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: {state}\ndataDir: {data}\nmeshd:\n  \
+         interface: hybridnet0\n  backend: userspace\n  privateKeyFile: {data}/meshd.key\n  kubespanCompat: true\n\
+         ---\napiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\nclusterID: {CLUSTER_ID}\nclusterSecret: {CLUSTER_SECRET}\n\
+         ---\napiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: lab\nendpoint: {url}\n",
+        state = node.state_dir.display(),
+        data = node.data_dir.display(),
+    );
+    write_atomic(&node.config, doc);
+}
+
+/// The MAC of `link` in node `i`'s namespace.
+fn mac_of(lab: &MeshLab, i: usize, link: &str) -> Vec<u8> {
+    let out = lab.nodes[i].netns.exec(&["ip", "-o", "link", "show", link]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(|m| {
+            m.split(':')
+                .filter_map(|b| u8::from_str_radix(b, 16).ok())
+                .collect()
+        })
+        .unwrap_or_else(|| panic!("no MAC for {link}: {text}"))
+}
+
+#[test]
+fn kubespan_compatible_nodes_mesh_and_run_on_handshakes_without_probes() {
+    let lab = discovery_lab(2, "meshd-compat");
+    let _server = DiscoveryServer::start(&lab.switch, server_addr());
+    let url = format!("http://{}", server_addr());
+    for i in 0..2 {
+        write_compat_config(&lab, i, &url);
+    }
+    let mut daemons: Vec<Daemon> = (0..2).map(|i| start(&lab, i)).collect();
+    wait_peers(&lab, 0, &["node2"], None, Duration::from_secs(15));
+    wait_peers(&lab, 1, &["node1"], None, Duration::from_secs(15));
+    let details: Vec<serde_json::Value> = lab
+        .nodes
+        .iter()
+        .map(|n| n.details().unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    for (i, d) in details.iter().enumerate() {
+        assert_eq!(d["listenPort"], 51820, "KubeSpan's port: {d}");
+        // No physical NIC in a namespace of veths: the first ether link by name (`priv`) gives the MAC.
+        let prefix: ipnet::Ipv6Net = d["meshPrefix"]
+            .as_str()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{d}"));
+        let want = hybridnet_meshd::kubespan::eui64(prefix, &mac_of(&lab, i, "priv"))
+            .unwrap_or_else(|| panic!("no EUI-64"));
+        assert_eq!(d["meshAddress"], want.to_string(), "EUI-64 address: {d}");
+        // The peer's mesh address is the one it announced.
+        let other = &details[1 - i];
+        let row = &d["peers"][0];
+        assert_eq!(row["meshAddress"], other["meshAddress"], "{row}");
+        assert_eq!(row["handshakeMode"], false, "probes answered: {row}");
+        assert!(
+            row["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(":51820")),
+            "{row}"
+        );
+    }
+    // Talos's AllowedIPs: the peer's node addresses are routed through the mesh too.
+    let table = String::from_utf8_lossy(
+        &lab.nodes[0]
+            .netns
+            .exec(&["ip", "route", "show", "table", "51821"])
+            .stdout,
+    )
+    .into_owned();
+    for ip in [lab.nodes[1].private_ip(), lab.nodes[1].public_ip()] {
+        assert!(
+            table.contains(&format!("{ip} dev hybridnet0")),
+            "{ip} through the mesh: {table}"
+        );
+    }
+    let peer_mesh = details[1]["meshAddress"].as_str().unwrap_or_default();
+    for dst in [peer_mesh.to_owned(), lab.nodes[1].private_ip().to_string()] {
+        wait_until(Duration::from_secs(5), format!("ping {dst}"), || {
+            lab.nodes[0].ping(&dst)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    // A peer that never answers probes (as a Talos node): node2 drops meshd's probe port, both restart.
+    for d in &mut daemons {
+        d.signal(Signal::SIGTERM).unwrap_or_else(|e| panic!("{e}"));
+        d.wait_exit(Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let node2 = &lab.nodes[1].netns;
+    for cmd in [
+        &["nft", "add", "table", "inet", "lab"][..],
+        &[
+            "nft",
+            "add chain inet lab in { type filter hook input priority 0; }",
+        ],
+        &["nft", "add rule inet lab in udp dport 51821 drop"],
+    ] {
+        let out = node2.exec(cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let start_at = Instant::now();
+    let daemons: Vec<Daemon> = (0..2).map(|i| start(&lab, i)).collect();
+    let pids: Vec<u32> = daemons.iter().map(Daemon::pid).collect();
+    // Traffic makes WireGuard handshake; the handshake makes the peer up.
+    wait_until(
+        Duration::from_secs(20),
+        "both peers up on handshakes alone",
+        || {
+            let _ = lab.nodes[0].ping(peer_mesh);
+            for (i, pid) in pids.iter().enumerate() {
+                let status = DaemonKind::Meshd.read_status(&lab.nodes[i].state_dir)?;
+                let row = &status.details["peers"][0];
+                if status.pid != *pid || row["state"] != "up" || row["handshakeMode"] != true {
+                    return Err(format!("node{}: {row}", i + 1));
+                }
+            }
+            Ok(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "up on handshakes {:?} after the restart",
+        start_at.elapsed()
+    );
+    lab.nodes[0]
+        .ping(peer_mesh)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let row = &lab.nodes[0].details().unwrap_or_default()["peers"][0];
+    assert!(
+        row["paths"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().all(|p| p["state"] != "alive")),
+        "no probe was ever answered: {row}"
+    );
+}

@@ -61,6 +61,7 @@ pub struct Ours {
     pub m_harvest: Sourced<bool>,
     pub m_extra_endpoints: Sourced<Vec<SocketAddr>>,
     pub m_kubespan_compat: Sourced<bool>,
+    pub m_clamp_mss: Sourced<bool>,
     pub m_admin: Sourced<SocketAddr>,
     // dnslocal
     pub d_listen: Sourced<Vec<SocketAddr>>,

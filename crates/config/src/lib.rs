@@ -160,6 +160,7 @@ impl Config {
                 harvest_extra_endpoints: false,
                 extra_announced_endpoints: Vec::new(),
                 kubespan_compat: false,
+                clamp_mss: true,
                 ula_prefix: None,
                 admin: admin(7447),
             },

@@ -205,6 +205,8 @@ pub struct MeshdConfig {
     pub extra_announced_endpoints: Vec<SocketAddr>,
     /// Behave like KubeSpan on the wire (ULA addressing, cluster secret as preshared key).
     pub kubespan_compat: bool,
+    /// Clamp the TCP MSS of SYNs leaving through the mesh interface to the route MTU (nftables).
+    pub clamp_mss: bool,
     /// The KubeSpan ULA /64 derived from the cluster ID, when there is one.
     pub ula_prefix: Option<Ipv6Net>,
     pub admin: SocketAddr,

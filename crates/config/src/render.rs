@@ -178,6 +178,7 @@ fn meshd(c: &Config) -> Vec<(String, Value)> {
             strings(&m.extra_announced_endpoints),
         ),
         ("meshd.kubespanCompat".into(), json!(m.kubespan_compat)),
+        ("meshd.clampMSS".into(), json!(m.clamp_mss)),
         ("meshd.ulaPrefix".into(), opt(m.ula_prefix.as_ref())),
         ("meshd.admin".into(), json!(m.admin.to_string())),
     ]

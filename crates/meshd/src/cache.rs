@@ -44,6 +44,9 @@ pub struct CachedPeer {
     pub addresses: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_server_port: Option<u16>,
+    /// The mesh address the peer announced (KubeSpan-compatible mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_address: Option<String>,
 }
 
 /// Reads the cache; a missing or unreadable file is an empty cache (logged).

@@ -51,6 +51,8 @@ pub struct Affiliate {
     pub public_key: Option<PublicKey>,
     pub mesh_address: Option<IpAddr>,
     pub additional: Vec<IpNet>,
+    /// KubeSpan `ExcludeAdvertisedNetworks`: prefixes the node asks peers not to route to it.
+    pub exclude: Vec<IpNet>,
     pub api_server_port: Option<u16>,
     pub endpoints: Vec<SocketAddr>,
 }
@@ -113,6 +115,14 @@ fn from_proto(id: &str, a: &client::Affiliate, endpoints: Vec<SocketAddr>) -> Af
                     .collect()
             })
             .unwrap_or_default(),
+        exclude: ks
+            .map(|k| {
+                k.exclude_advertised_addresses
+                    .iter()
+                    .filter_map(prefix_from)
+                    .collect()
+            })
+            .unwrap_or_default(),
         api_server_port: a
             .control_plane
             .as_ref()
@@ -168,6 +178,11 @@ pub fn merge<'a>(all: impl IntoIterator<Item = &'a Affiliate>) -> Vec<Affiliate>
                 m.additional.push(*x);
             }
         }
+        for x in &a.exclude {
+            if !m.exclude.contains(x) {
+                m.exclude.push(*x);
+            }
+        }
         for x in &a.endpoints {
             if !m.endpoints.contains(x) {
                 m.endpoints.push(*x);
@@ -190,6 +205,10 @@ pub fn peer_spec(a: &Affiliate, cfg: &Config) -> Option<PeerSpec> {
         key,
         candidates: crate::mesh::filter_candidates(&cfg.meshd.endpoint_filter, &a.endpoints),
         allowed_ips: allowed,
+        mesh_address: match a.mesh_address {
+            Some(IpAddr::V6(v6)) => Some(v6),
+            _ => None,
+        },
         location: None,
         source: SOURCE.into(),
         node_id: Some(a.node_id.clone()).filter(|s| !s.is_empty()),
@@ -198,13 +217,71 @@ pub fn peer_spec(a: &Affiliate, cfg: &Config) -> Option<PeerSpec> {
     })
 }
 
+/// The peers for a snapshot. In KubeSpan-compatible mode their AllowedIPs are Talos's: additional and
+/// node addresses minus the excluded networks plus the KubeSpan address, overlaps going to the peer
+/// with the smaller node ID (Talos lists affiliates by ID).
+pub fn peer_specs(affiliates: &[Affiliate], cfg: &Config, own: &PublicKey) -> Vec<PeerSpec> {
+    let mut peers: Vec<(&Affiliate, PeerSpec)> = affiliates
+        .iter()
+        .filter(|a| a.public_key.as_ref() != Some(own))
+        .filter_map(|a| peer_spec(a, cfg).map(|s| (a, s)))
+        .collect();
+    if !cfg.meshd.kubespan_compat {
+        return peers.into_iter().map(|(_, s)| s).collect();
+    }
+    peers.sort_by(|x, y| x.0.merge_key().cmp(y.0.merge_key()));
+    let sets = crate::kubespan::resolve_overlaps(
+        peers
+            .iter()
+            .map(|(a, _)| {
+                crate::kubespan::allowed_ips(
+                    &a.additional,
+                    &a.addresses,
+                    &a.exclude,
+                    a.mesh_address,
+                )
+            })
+            .collect(),
+    );
+    peers
+        .into_iter()
+        .zip(sets)
+        .map(|((_, mut spec), set)| {
+            spec.allowed_ips = set.prefixes();
+            spec
+        })
+        .collect()
+}
+
 /// What this node publishes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Local {
     pub affiliate: client::Affiliate,
-    /// Endpoint candidates; each registry adds the public IP its Hello learnt.
+    /// Endpoint candidates from this node's addresses; each registry adds the public IP its Hello learnt.
     pub endpoints: Vec<SocketAddr>,
+    /// `extraAnnouncedEndpoints`, always last.
+    pub extra: Vec<SocketAddr>,
+    /// The endpoint filter, applied to the Hello address too.
+    pub filter: hybridnet_config::EndpointFilter,
     pub port: u16,
+}
+
+impl Local {
+    /// The endpoints to publish in Talos's order: this node's addresses, then the public IP the service
+    /// saw (if the endpoint filter keeps it), all on `port`, then `extraAnnouncedEndpoints`; no
+    /// duplicates.
+    pub fn endpoints_with(&self, public_ip: Option<IpAddr>) -> Vec<SocketAddr> {
+        let mut out = self.endpoints.clone();
+        let hello = public_ip
+            .filter(|ip| !self.filter.apply(&[*ip]).is_empty())
+            .map(|ip| SocketAddr::new(ip, self.port));
+        for e in hello.iter().chain(&self.extra) {
+            if !out.contains(e) {
+                out.push(*e);
+            }
+        }
+        out
+    }
 }
 
 /// One registry's state, for `status` and metrics.
@@ -404,15 +481,12 @@ pub fn nodename() -> String {
 pub fn local(cfg: &Config, public: &PublicKey, mesh_addr: IpAddr, addresses: &[IpAddr]) -> Local {
     let name = nodename();
     let cp = cfg.cluster.machine_type.is_control_plane();
-    let mut endpoints: Vec<SocketAddr> = addresses
+    let extra = &cfg.meshd.extra_announced_endpoints;
+    let endpoints: Vec<SocketAddr> = addresses
         .iter()
         .map(|ip| SocketAddr::new(*ip, cfg.meshd.listen_port))
+        .filter(|e| !extra.contains(e))
         .collect();
-    for e in &cfg.meshd.extra_announced_endpoints {
-        if !endpoints.contains(e) {
-            endpoints.push(*e);
-        }
-    }
     let additional: Vec<IpNet> = cfg.meshd.addresses.clone();
     Local {
         affiliate: client::Affiliate {
@@ -431,12 +505,20 @@ pub fn local(cfg: &Config, public: &PublicKey, mesh_addr: IpAddr, addresses: &[I
                 public_key: public.to_string(),
                 address: codec::ip_bytes(mesh_addr),
                 additional_addresses: additional.iter().map(codec::prefix_to).collect(),
+                exclude_advertised_addresses: cfg
+                    .meshd
+                    .exclude_advertised_networks
+                    .iter()
+                    .map(codec::prefix_to)
+                    .collect(),
             }),
             control_plane: cp.then(|| client::ControlPlane {
                 api_server_port: u32::from(cfg.cluster.local_api_server_port),
             }),
         },
         endpoints,
+        extra: extra.clone(),
+        filter: cfg.meshd.endpoint_filter.clone(),
         port: cfg.meshd.listen_port,
     }
 }

@@ -16,9 +16,11 @@
 pub mod cache;
 pub mod discovery;
 pub mod identity;
+pub mod kubespan;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
+pub mod nft;
 pub mod peer;
 pub mod probe;
 pub mod status;
@@ -201,11 +203,7 @@ async fn sync_discovery(
 }
 
 fn apply_discovered(mesh: &mut Mesh, snap: &discovery::Snapshot) {
-    let specs: Vec<mesh::PeerSpec> = snap
-        .affiliates
-        .iter()
-        .filter_map(|a| discovery::peer_spec(a, &mesh.cfg))
-        .collect();
+    let specs = discovery::peer_specs(&snap.affiliates, &mesh.cfg, &mesh.public);
     mesh.set_discovered(specs, snap.synced);
 }
 

@@ -10,9 +10,10 @@ use ipnet::{IpNet, Ipv6Net};
 use tokio::net::UdpSocket;
 
 use crate::identity::{self, PrivateKey};
+use crate::kubespan;
 use crate::metrics::{self, Metrics};
 use crate::net::{self, Net};
-use crate::peer::{Action, PeerMachine, Timing};
+use crate::peer::{Action, PeerMachine, PeerState, Timing};
 use crate::probe::{self, Kind, Probe};
 use crate::wg::kernel::Kernel;
 use crate::wg::userspace::Userspace;
@@ -52,6 +53,38 @@ pub struct Peer {
     last_rx_change: Instant,
     pub last_seen_unix: u64,
     reported_failovers: u64,
+    /// KubeSpan-compatible mode: the handshake-driven fallback for a peer that does not answer probes.
+    pub handshake: Option<kubespan::Handshake>,
+    /// When the peer's machine appeared (the fallback starts after [`PROBE_GRACE`] without a pong).
+    since: Instant,
+    /// The last WireGuard handshake, from the device's age at the last stats read.
+    last_handshake_at: Option<Instant>,
+}
+
+/// KubeSpan-compatible mode: a peer that has not answered any probe this long after it appeared is run
+/// as KubeSpan runs peers (first endpoint, handshakes, round robin).
+pub const PROBE_GRACE: Duration = Duration::from_secs(3);
+
+impl Peer {
+    /// Whether the peer runs on WireGuard handshakes instead of probes (never answered one).
+    pub fn handshake_mode(&self) -> bool {
+        self.handshake.is_some() && !self.machine.paths.iter().any(|p| p.last_pong.is_some())
+    }
+
+    /// The endpoint WireGuard should use.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        match &self.handshake {
+            Some(h) if self.handshake_mode() => h.endpoint(),
+            _ => self.machine.active_endpoint(),
+        }
+    }
+
+    pub fn state(&self) -> PeerState {
+        match &self.handshake {
+            Some(h) if self.handshake_mode() => h.state,
+            _ => self.machine.state,
+        }
+    }
 }
 
 /// The settings that, when changed, need the device to be rebuilt.
@@ -113,6 +146,9 @@ pub struct Mesh {
     discovery_synced: bool,
     pub last_error: Option<String>,
     pub started: Instant,
+    /// TCP MSS clamping (nftables): when to check it next, and the last failure.
+    clamp_next: Instant,
+    pub clamp_error: Option<String>,
 }
 
 impl Mesh {
@@ -123,8 +159,12 @@ impl Mesh {
         let key = identity::load_or_create(&m.private_key_file)?;
         let public = key.public();
         let prefix = device.prefix;
-        let mesh_addr = identity::mesh_address(prefix, &public);
         let net = Net::new()?;
+        let mesh_addr = if m.kubespan_compat {
+            compat_address(&net, prefix, &public).await
+        } else {
+            identity::mesh_address(prefix, &public)
+        };
         let existing = net.link_index(&m.interface).await?;
         let (backend, index) = match m.backend {
             BackendChoice::Kernel => open_kernel(&net, &m.interface, existing).await?,
@@ -183,8 +223,11 @@ impl Mesh {
             discovery_synced: false,
             last_error: None,
             started: Instant::now(),
+            clamp_next: Instant::now(),
+            clamp_error: None,
             cfg,
         };
+        mesh.sync_clamp().await;
         mesh.set_peers(specs, Instant::now());
         Ok(mesh)
     }
@@ -214,6 +257,7 @@ impl Mesh {
             .await?;
         self.set_peers(specs, Instant::now());
         self.dirty = true;
+        self.clamp_next = Instant::now();
         Ok(())
     }
 
@@ -254,12 +298,16 @@ impl Mesh {
             if spec.key == self.public {
                 continue;
             }
-            let mesh_addr = identity::mesh_address(self.prefix, &spec.key);
+            let mesh_addr = self.peer_address(&spec);
             let mut allowed: BTreeSet<IpNet> = spec.allowed_ips.iter().copied().collect();
             allowed.insert(IpNet::from(ipnet::Ipv6Net::from(mesh_addr)));
             let peer = match self.peers.remove(&spec.key) {
                 Some(mut p) => {
                     p.machine.set_candidates(&spec.candidates, now);
+                    if let Some(h) = p.handshake.as_mut() {
+                        h.set_endpoints(&spec.candidates);
+                    }
+                    p.mesh_addr = mesh_addr;
                     p.name = spec.name;
                     p.allowed_ips = allowed;
                     p.location = spec.location;
@@ -270,6 +318,13 @@ impl Mesh {
                     p
                 }
                 None => Peer {
+                    handshake: self
+                        .cfg
+                        .meshd
+                        .kubespan_compat
+                        .then(|| kubespan::Handshake::new(&spec.candidates, now)),
+                    since: now,
+                    last_handshake_at: None,
                     probe_key: probe::key(&self.key.shared(&spec.key)),
                     machine: PeerMachine::new(&spec.candidates, self.timing, now),
                     name: spec.name,
@@ -350,8 +405,34 @@ impl Mesh {
             }
         }
         self.nonce = counter;
+        // KubeSpan-compatible mode: peers that never answered a probe run on handshakes.
+        for peer in self.peers.values_mut() {
+            if now.saturating_duration_since(peer.since) < PROBE_GRACE || !peer.handshake_mode() {
+                continue;
+            }
+            let last = peer.last_handshake_at;
+            let Some(h) = peer.handshake.as_mut() else {
+                continue;
+            };
+            let before = h.state;
+            if let Some(ep) = h.poll(now, last) {
+                tracing::info!(peer = %peer.name, endpoint = %ep, "active endpoint (no probe answers: WireGuard handshakes decide, as in KubeSpan)");
+                changed = true;
+                self.dirty = true;
+            }
+            if h.state != before {
+                tracing::info!(peer = %peer.name, state = h.state.as_str(), "peer state (handshakes)");
+                changed = true;
+                if self.cfg.meshd.allow_down_peer_bypass {
+                    self.dirty = true;
+                }
+            }
+        }
         for (key, endpoint, nonce) in probes {
             self.send_probe(key, endpoint, nonce).await;
+        }
+        if now >= self.clamp_next {
+            self.sync_clamp().await;
         }
         if self.dirty || now >= self.next_resync {
             match self.reconcile().await {
@@ -453,7 +534,7 @@ impl Mesh {
                     (
                         p.key,
                         PeerConfig {
-                            endpoint: p.machine.active_endpoint(),
+                            endpoint: p.endpoint(),
                             allowed_ips: p.allowed_ips.clone(),
                             keepalive: Some(KEEPALIVE),
                             preshared_key: psk,
@@ -468,9 +549,7 @@ impl Mesh {
     pub fn desired_routes(&self) -> BTreeSet<IpNet> {
         routes_for(
             self.prefix,
-            self.peers
-                .values()
-                .map(|p| (p.machine.state, &p.allowed_ips)),
+            self.peers.values().map(|p| (p.state(), &p.allowed_ips)),
             self.cfg.meshd.allow_down_peer_bypass,
         )
     }
@@ -501,6 +580,48 @@ impl Mesh {
         Ok(())
     }
 
+    /// TCP MSS clamping: checks meshd's nftables table and rewrites it when it is missing or different
+    /// (flushed by someone, left by an older version), or removes it when `clampMSS` is off. A failure
+    /// (e.g. a kernel without nf_tables) is logged and shown in the status; the mesh works without it.
+    async fn sync_clamp(&mut self) {
+        self.clamp_next = Instant::now() + RESYNC;
+        let enabled = self.cfg.meshd.clamp_mss;
+        let interface = self.cfg.meshd.interface.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            if enabled {
+                crate::nft::check(&interface).map(Some)
+            } else {
+                crate::nft::remove().map(|()| None)
+            }
+        })
+        .await;
+        let result = match result {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(join) => Err(format!("MSS clamping task: {join}")),
+        };
+        match result {
+            Ok(outcome) => {
+                if !enabled {
+                    // Removed once; again only after a config change (not a table churn every 10 s).
+                    self.clamp_next = Instant::now() + Duration::from_secs(24 * 3600);
+                }
+                if outcome == Some(crate::nft::Outcome::Installed) {
+                    self.metrics.mss_clamp_installs.inc();
+                    tracing::info!(table = crate::nft::TABLE, interface = %self.cfg.meshd.interface, "MSS clamping rule installed");
+                }
+                self.metrics.mss_clamp_ok.set(i64::from(enabled));
+                self.clamp_error = None;
+            }
+            Err(error) => {
+                self.metrics.mss_clamp_ok.set(0);
+                if self.clamp_error.as_ref() != Some(&error) {
+                    tracing::warn!(%error, "MSS clamping (nftables) failed; retrying every 10 s");
+                }
+                self.clamp_error = Some(error);
+            }
+        }
+    }
+
     /// Reads counters from the device (for status and metrics).
     pub async fn refresh_stats(&mut self) -> Result<(), Error> {
         let actual = self.backend.get().await?;
@@ -515,6 +636,7 @@ impl Mesh {
                 if stats.rx_bytes != peer.stats.rx_bytes {
                     peer.last_rx_change = now;
                 }
+                peer.last_handshake_at = stats.last_handshake.and_then(|age| now.checked_sub(age));
                 peer.stats = *stats;
             }
         }
@@ -525,9 +647,14 @@ impl Mesh {
         self.net.underlay_addresses(self.index).await
     }
 
-    /// Removes what meshd created: its rules, and its link (the kernel link is deleted; the userspace
-    /// TUN device goes when the device stops).
+    /// Removes what meshd created: its MSS clamping table, its rules, and its link (the kernel link is
+    /// deleted; the userspace TUN device goes when the device stops).
     pub async fn shutdown(self) {
+        match tokio::task::spawn_blocking(crate::nft::remove).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot remove the MSS clamping table"),
+            Err(error) => tracing::warn!(%error, "cannot remove the MSS clamping table"),
+        }
         if let Err(error) = self.net.remove_rules().await {
             tracing::warn!(%error, "cannot remove meshd's rules");
         }
@@ -540,6 +667,54 @@ impl Mesh {
             Backend::Userspace(u) => drop(u),
         }
         tracing::info!("mesh removed");
+    }
+}
+
+impl Mesh {
+    /// A peer's mesh address: derived from its key, or in KubeSpan-compatible mode the address it
+    /// announced (else the first /128 of its allowed IPs inside the mesh prefix, else derived).
+    fn peer_address(&self, spec: &PeerSpec) -> Ipv6Addr {
+        if self.cfg.meshd.kubespan_compat {
+            let listed = spec.allowed_ips.iter().find_map(|n| match n {
+                IpNet::V6(v) if v.prefix_len() == 128 && self.prefix.contains(v) => Some(v.addr()),
+                _ => None,
+            });
+            if let Some(a) = spec.mesh_address.or(listed) {
+                return a;
+            }
+        }
+        identity::mesh_address(self.prefix, &spec.key)
+    }
+}
+
+/// This node's KubeSpan-compatible address: the EUI-64 of the first physical NIC's MAC in the prefix, as
+/// Talos computes it; without a physical NIC (a container, a network namespace of veths), the first ether
+/// link's MAC, and failing that the key-derived address (Talos peers take it from our affiliate either
+/// way).
+async fn compat_address(net: &Net, prefix: Ipv6Net, public: &PublicKey) -> Ipv6Addr {
+    let links = match net.links().await {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list links for the KubeSpan address; using the key-derived one");
+            return identity::mesh_address(prefix, public);
+        }
+    };
+    let chosen = kubespan::first_physical_mac(&links).or_else(|| {
+        let l = kubespan::first_any_mac(&links);
+        if let Some(l) = l {
+            tracing::warn!(link = %l.name, "no physical NIC: the KubeSpan address comes from a virtual link's MAC (Talos would have none)");
+        }
+        l
+    });
+    match chosen.and_then(|l| kubespan::eui64(prefix, &l.mac).map(|a| (l, a))) {
+        Some((l, addr)) => {
+            tracing::info!(link = %l.name, %addr, "KubeSpan-compatible address (EUI-64 of the first MAC)");
+            addr
+        }
+        None => {
+            tracing::warn!("no MAC for the KubeSpan address; using the key-derived one");
+            identity::mesh_address(prefix, public)
+        }
     }
 }
 

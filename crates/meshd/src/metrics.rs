@@ -43,6 +43,10 @@ pub struct Metrics {
     pub discovery_errors: Family<Labels, Counter>,
     /// Records dropped, by registry and reason (decrypt, oversized, protobuf, short, endpoint).
     pub discovery_rejected: Family<Labels, Counter>,
+    /// 1 while the MSS clamping table holds exactly meshd's rule.
+    pub mss_clamp_ok: Gauge,
+    /// Times the MSS clamping table was (re)written (start, repair after a flush, upgrade).
+    pub mss_clamp_installs: Counter,
 }
 
 impl Metrics {
@@ -152,6 +156,16 @@ impl Metrics {
                 "discovery_rejected",
                 "Affiliate records dropped (other cluster, tampered, oversized, malformed)",
                 m.discovery_rejected.clone(),
+            );
+            r.register(
+                "mss_clamp_ok",
+                "1 while the nftables MSS clamping rule is in place",
+                m.mss_clamp_ok.clone(),
+            );
+            r.register(
+                "mss_clamp_installs",
+                "Times the nftables MSS clamping table was written (start, repair, upgrade)",
+                m.mss_clamp_installs.clone(),
             );
         });
         m

@@ -66,6 +66,37 @@ impl Net {
         }
     }
 
+    /// Every link's name, type, kind and MAC (for the KubeSpan-compatible node address).
+    pub async fn links(&self) -> Result<Vec<crate::kubespan::Link>, Error> {
+        use netlink_packet_route::link::{LinkAttribute, LinkInfo, LinkLayerType};
+        let mut out = Vec::new();
+        let mut stream = self.handle.link().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("dump links"))? {
+            let mut link = crate::kubespan::Link {
+                name: String::new(),
+                ether: msg.header.link_layer_type == LinkLayerType::Ether,
+                kind: None,
+                mac: Vec::new(),
+            };
+            for a in &msg.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => link.name = n.clone(),
+                    LinkAttribute::Address(m) => link.mac = m.clone(),
+                    LinkAttribute::LinkInfo(infos) => {
+                        for i in infos {
+                            if let LinkInfo::Kind(k) = i {
+                                link.kind = Some(k.to_string());
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            out.push(link);
+        }
+        Ok(out)
+    }
+
     /// Creates a kernel WireGuard link.
     pub async fn add_wireguard(&self, name: &str) -> Result<(), Error> {
         self.handle
@@ -348,25 +379,61 @@ impl Net {
 /// The mesh MTU for `auto`: the smallest MTU of the up, non-loopback, non-mesh links (from
 /// `/sys/class/net`), minus the WireGuard overhead: 80 when any endpoint is IPv6, else 60. At least 1280.
 pub fn auto_mtu(own: &str, any_v6: bool) -> u32 {
-    let overhead = if any_v6 { 80 } else { 60 };
-    let mut min: Option<u32> = None;
+    let mut links = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name == "lo" || name == own {
-                continue;
-            }
             let path = entry.path();
-            let up = std::fs::read_to_string(path.join("operstate"))
-                .map(|s| s.trim() == "up" || s.trim() == "unknown")
-                .unwrap_or(false);
+            let operstate = std::fs::read_to_string(path.join("operstate")).unwrap_or_default();
             let mtu = std::fs::read_to_string(path.join("mtu"))
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok());
-            if let (true, Some(mtu)) = (up, mtu) {
-                min = Some(min.map_or(mtu, |m: u32| m.min(mtu)));
-            }
+            links.push((name, operstate.trim().to_owned(), mtu));
         }
     }
+    auto_mtu_of(&links, own, any_v6)
+}
+
+/// [`auto_mtu`] over `(name, operstate, mtu)` of every link. Pure. Links that are down (or without an
+/// MTU), `lo` and `own` do not count; with none left the underlay is taken as 1500.
+pub fn auto_mtu_of(links: &[(String, String, Option<u32>)], own: &str, any_v6: bool) -> u32 {
+    let overhead = if any_v6 { 80 } else { 60 };
+    let min = links
+        .iter()
+        .filter(|(name, state, _)| {
+            name != "lo" && name != own && (state == "up" || state == "unknown")
+        })
+        .filter_map(|(_, _, mtu)| *mtu)
+        .min();
     min.unwrap_or(1500).saturating_sub(overhead).max(1280)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auto_mtu_of;
+
+    fn link(name: &str, state: &str, mtu: u32) -> (String, String, Option<u32>) {
+        (name.to_owned(), state.to_owned(), Some(mtu))
+    }
+
+    #[test]
+    fn auto_mtu_is_the_smallest_up_underlay_less_the_overhead() {
+        let links = [
+            link("lo", "unknown", 65536),
+            link("eth0", "up", 1400),
+            link("eth1", "up", 9000),
+            link("eth2", "down", 1280),
+            link("hybridnet0", "unknown", 1300),
+            link("tun0", "unknown", 1450),
+            ("eth3".to_owned(), "up".to_owned(), None),
+        ];
+        assert_eq!(auto_mtu_of(&links, "hybridnet0", false), 1340);
+        assert_eq!(auto_mtu_of(&links, "hybridnet0", true), 1320, "IPv6: 80");
+        // KubeSpan's documented default: 1500 - 80 = 1420.
+        assert_eq!(auto_mtu_of(&[link("eth0", "up", 1500)], "x", true), 1420);
+        // Never below the IPv6 minimum; no usable link counts as 1500.
+        assert_eq!(auto_mtu_of(&[link("eth0", "up", 1300)], "x", false), 1280);
+        assert_eq!(auto_mtu_of(&[], "x", false), 1440);
+        assert_eq!(auto_mtu_of(&[link("eth0", "down", 1000)], "x", true), 1420);
+    }
 }

@@ -21,7 +21,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     let up = peers
         .iter()
-        .filter(|p| p.machine.state == crate::peer::PeerState::Up)
+        .filter(|p| p.state() == crate::peer::PeerState::Up)
         .count();
     let rows: Vec<Value> = peers
         .iter()
@@ -31,8 +31,9 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "name": p.name,
                 "publicKey": p.key.to_string(),
                 "meshAddress": p.mesh_addr.to_string(),
-                "state": m.state.as_str(),
-                "endpoint": m.active_endpoint().map(|e| e.to_string()),
+                "state": p.state().as_str(),
+                "endpoint": p.endpoint().map(|e| e.to_string()),
+                "handshakeMode": p.handshake_mode(),
                 "rttMs": ms(m.active.and_then(|a| m.paths[a].rtt)),
                 "failovers": m.failovers,
                 "rxBytes": p.stats.rx_bytes,
@@ -64,6 +65,10 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         "listenPort": mesh.cfg.meshd.listen_port,
         "mtu": mesh.mtu,
         "error": mesh.last_error,
+        "mssClamp": {
+            "enabled": mesh.cfg.meshd.clamp_mss,
+            "error": mesh.clamp_error,
+        },
         "peers": rows,
     });
     (summary, details)
@@ -86,6 +91,11 @@ pub fn render(details: &Value) -> String {
     if let Some(e) = details["error"].as_str() {
         let _ = writeln!(out, "last error: {e}");
     }
+    if let Some(e) = details["mssClamp"]["error"].as_str() {
+        let _ = writeln!(out, "MSS clamping failed: {e}");
+    } else if details["mssClamp"]["enabled"] == false {
+        let _ = writeln!(out, "MSS clamping off (clampMSS: false)");
+    }
     let _ = writeln!(
         out,
         "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  paths",
@@ -102,7 +112,11 @@ pub fn render(details: &Value) -> String {
             out,
             "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  {}",
             s(&p["name"]),
-            s(&p["state"]),
+            if p["handshakeMode"] == true {
+                format!("{}(hs)", s(&p["state"]))
+            } else {
+                s(&p["state"])
+            },
             p["endpoint"].as_str().unwrap_or("-"),
             p["rttMs"]
                 .as_f64()

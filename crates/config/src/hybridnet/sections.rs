@@ -35,6 +35,7 @@ const MESHD_KEYS: &[&str] = &[
     "harvestExtraEndpoints",
     "extraAnnouncedEndpoints",
     "kubespanCompat",
+    "clampMSS",
     "admin",
 ];
 const FILTER_KEYS: &[&str] = &["endpoints", "excludeAdvertisedNetworks"];
@@ -168,6 +169,7 @@ fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
         c.socket_addrs(n, k)
     });
     o.m_kubespan_compat = get(ctx, s, P, "kubespanCompat", |c, n, k| c.boolean(n, k));
+    o.m_clamp_mss = get(ctx, s, P, "clampMSS", |c, n, k| c.boolean(n, k));
     o.m_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
     let filters = section(ctx, s, "filters", "meshd.filters", FILTER_KEYS);
     o.m_filters = get(ctx, filters, "meshd.filters", "endpoints", |c, n, k| {

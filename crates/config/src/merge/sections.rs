@@ -200,13 +200,20 @@ pub fn meshd(
         let from = field_of(m.sources.get("cluster.id"));
         (Some(ula_prefix(id, ULA_KUBESPAN)), Source::derived(from))
     });
+    let kubespan_compat = m.first("meshd.kubespanCompat", [o.m_kubespan_compat.clone()], false);
+    // KubeSpan-compatible mode listens where KubeSpan does, unless the port is set.
+    let compat_port = kubespan_compat.then(|| (51820, Source::derived("meshd.kubespanCompat")));
     MeshdConfig {
         interface: m.first(
             "meshd.interface",
             [o.m_interface.clone()],
             d.interface.clone(),
         ),
-        listen_port: m.first("meshd.listenPort", [o.m_listen_port.clone()], d.listen_port),
+        listen_port: m.first(
+            "meshd.listenPort",
+            [o.m_listen_port.clone(), compat_port],
+            d.listen_port,
+        ),
         mtu,
         backend: m.first("meshd.backend", [o.m_backend.clone()], d.backend),
         private_key_file: m.first(
@@ -244,7 +251,8 @@ pub fn meshd(
             [o.m_extra_endpoints.clone(), t.extra_endpoints.clone()],
             Vec::new(),
         ),
-        kubespan_compat: m.first("meshd.kubespanCompat", [o.m_kubespan_compat.clone()], false),
+        kubespan_compat,
+        clamp_mss: m.first("meshd.clampMSS", [o.m_clamp_mss.clone()], d.clamp_mss),
         ula_prefix: m.first("meshd.ulaPrefix", [ula], None),
         admin: m.first("meshd.admin", [o.m_admin.clone()], d.admin),
     }

@@ -112,6 +112,20 @@ fn full_hybridnet_document() {
         "derived from dataDir"
     );
     assert_eq!(c.meshd.mtu, hybridnet_config::Mtu::Auto);
+    // kubespanCompat listens on KubeSpan's port unless one is set; MSS clamping is on by default.
+    assert_eq!(c.meshd.listen_port, 51820);
+    assert_eq!(
+        c.sources.get("meshd.listenPort").to_string(),
+        "derived from meshd.kubespanCompat"
+    );
+    assert!(c.meshd.clamp_mss);
+    let set = ok(&text.replace(
+        "kubespanCompat: true",
+        "kubespanCompat: true\n  listenPort: 51900\n  clampMSS: false",
+    ));
+    assert_eq!((set.meshd.listen_port, set.meshd.clamp_mss), (51900, false));
+    let plain = ok(&text.replace("kubespanCompat: true", "kubespanCompat: false"));
+    assert_eq!(plain.meshd.listen_port, 51821);
     assert_eq!(c.meshd.peers.len(), 1);
     assert_eq!(c.meshd.endpoint_filter.rules.len(), 2);
     assert_eq!(c.apiprism.upstreams.len(), 2);

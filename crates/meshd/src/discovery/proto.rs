@@ -32,6 +32,10 @@ pub mod client {
         pub address: Vec<u8>,
         #[prost(message, repeated, tag = "3")]
         pub additional_addresses: Vec<IpPrefix>,
+        /// `exclude_advertised_addresses` (discovery-api v0.1.8, which Talos pins; the tag number is
+        /// assumed, not read: see the README).
+        #[prost(message, repeated, tag = "4")]
+        pub exclude_advertised_addresses: Vec<IpPrefix>,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]

@@ -4,7 +4,6 @@
 //! (which is also how a "lost update" is resynced).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -304,13 +303,7 @@ impl Registry {
         let Some(local) = self.local.borrow().clone() else {
             return Ok(());
         };
-        let mut endpoints = local.endpoints.clone();
-        if let Some(ip) = public_ip {
-            let ep = SocketAddr::new(ip, local.port);
-            if !endpoints.contains(&ep) {
-                endpoints.push(ep);
-            }
-        }
+        let endpoints = local.endpoints_with(public_ip);
         let req = server::AffiliateUpdateRequest {
             cluster_id: self.cluster_id.clone(),
             affiliate_id: self.our_id.clone(),

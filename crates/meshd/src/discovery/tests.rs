@@ -72,6 +72,7 @@ fn local_for_test() -> Local {
                 public_key: key(5).to_string(),
                 address: codec::ip_bytes("fd00::5".parse().unwrap()),
                 additional_addresses: vec![codec::prefix_to(&"10.99.0.1/32".parse().unwrap())],
+                exclude_advertised_addresses: Vec::new(),
             }),
             control_plane: Some(client::ControlPlane {
                 api_server_port: 6443,
@@ -79,8 +80,50 @@ fn local_for_test() -> Local {
             ..client::Affiliate::default()
         },
         endpoints: Vec::new(),
+        extra: Vec::new(),
+        filter: hybridnet_config::EndpointFilter::default(),
         port: 51821,
     }
+}
+
+#[test]
+fn endpoints_are_published_in_talos_order() {
+    use hybridnet_config::{EndpointFilter, FilterRule};
+    let ep = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let mut l = local_for_test();
+    l.port = 51820;
+    l.endpoints = vec![ep("192.168.1.5:51820"), ep("[2001:db8::5]:51820")];
+    l.extra = vec![ep("203.0.113.9:40000")];
+    // Node addresses, the Hello address on the port, then the extra endpoints.
+    assert_eq!(
+        l.endpoints_with(Some("198.51.100.7".parse().unwrap())),
+        vec![
+            ep("192.168.1.5:51820"),
+            ep("[2001:db8::5]:51820"),
+            ep("198.51.100.7:51820"),
+            ep("203.0.113.9:40000")
+        ]
+    );
+    // The Hello address goes through the endpoint filter (extras never do); no duplicates.
+    l.filter = EndpointFilter::new(
+        ["0.0.0.0/0", "!198.51.100.0/24"]
+            .iter()
+            .map(|r| FilterRule::parse(r).unwrap())
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(
+        l.endpoints_with(Some("198.51.100.7".parse().unwrap())),
+        vec![
+            ep("192.168.1.5:51820"),
+            ep("[2001:db8::5]:51820"),
+            ep("203.0.113.9:40000")
+        ]
+    );
+    assert_eq!(
+        l.endpoints_with(Some("192.168.1.5".parse().unwrap())).len(),
+        3
+    );
 }
 
 #[test]
@@ -88,4 +131,66 @@ fn node_ids_are_stable_and_distinct() {
     assert_eq!(node_id(&key(1)), node_id(&key(1)));
     assert_ne!(node_id(&key(1)), node_id(&key(2)));
     assert_eq!(node_id(&key(1)).len(), 43);
+}
+
+#[test]
+fn compat_peer_specs_use_talos_allowed_ips_and_announced_addresses() {
+    let nets = |l: &[&str]| -> Vec<IpNet> { l.iter().map(|n| n.parse().unwrap()).collect() };
+    let mut cfg = hybridnet_config::Config::defaults();
+    // Node "b" sorts before "c": it keeps the overlapping pod CIDR.
+    let mut c = affiliate("c", "node-c", Some(3));
+    c.addresses = vec!["192.168.3.7".parse().unwrap()];
+    c.additional = nets(&["10.244.0.0/16"]);
+    c.mesh_address = Some("fd7f:175a:b97c:5602:2c1a:b6ff:fe53:8169".parse().unwrap());
+    let mut b = affiliate("b", "node-b", Some(2));
+    b.addresses = vec![
+        "192.168.3.5".parse().unwrap(),
+        "203.0.113.5".parse().unwrap(),
+    ];
+    b.additional = nets(&["10.244.4.0/24"]);
+    b.exclude = nets(&["203.0.113.0/24"]);
+    b.mesh_address = Some("fd7f:175a:b97c:5602::b".parse().unwrap());
+    let own = affiliate("a", "self", Some(1));
+    let all = [c.clone(), own, b.clone()];
+    // Default mode: KubeSpan address and additional addresses only, no overlap rule.
+    let plain = peer_specs(&all, &cfg, &key(1));
+    assert_eq!(plain.len(), 2, "our own record is not a peer");
+    assert!(plain.iter().all(|s| s.allowed_ips.len() == 2));
+    cfg.meshd.kubespan_compat = true;
+    let specs = peer_specs(&all, &cfg, &key(1));
+    assert_eq!(
+        specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["node-b", "node-c"],
+        "node ID order"
+    );
+    assert_eq!(
+        specs[0].allowed_ips,
+        nets(&[
+            "10.244.4.0/24",
+            "192.168.3.5/32",
+            "fd7f:175a:b97c:5602::b/128"
+        ]),
+        "node addresses as hosts, excluded network gone"
+    );
+    assert_eq!(
+        specs[1].allowed_ips,
+        nets(&[
+            "10.244.0.0/22",
+            "10.244.5.0/24",
+            "10.244.6.0/23",
+            "10.244.8.0/21",
+            "10.244.16.0/20",
+            "10.244.32.0/19",
+            "10.244.64.0/18",
+            "10.244.128.0/17",
+            "192.168.3.7/32",
+            "fd7f:175a:b97c:5602:2c1a:b6ff:fe53:8169/128"
+        ]),
+        "node-b's /24 cut out of node-c's /16"
+    );
+    assert_eq!(
+        specs[1].mesh_address,
+        Some("fd7f:175a:b97c:5602:2c1a:b6ff:fe53:8169".parse().unwrap()),
+        "the announced address, not one derived from the key"
+    );
 }

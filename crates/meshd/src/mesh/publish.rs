@@ -13,7 +13,7 @@ impl Mesh {
         let mut up = 0;
         for p in self.peers.values_mut() {
             let l = metrics::peer(&p.name);
-            let state = p.machine.state;
+            let state = p.state();
             if state == PeerState::Up {
                 up += 1;
             }
@@ -51,7 +51,7 @@ impl Mesh {
                     ("peer".to_owned(), p.name.clone()),
                     ("endpoint".to_owned(), path.endpoint.to_string()),
                 ];
-                let active = p.machine.active_endpoint() == Some(path.endpoint);
+                let active = p.endpoint() == Some(path.endpoint);
                 self.metrics
                     .peer_active_endpoint
                     .get_or_create(&labels)
@@ -68,7 +68,7 @@ impl Mesh {
             .values()
             .map(|p| {
                 let mut endpoints: Vec<String> = Vec::new();
-                if let Some(a) = p.machine.active_endpoint() {
+                if let Some(a) = p.endpoint() {
                     endpoints.push(a.to_string());
                 }
                 for path in &p.machine.paths {
@@ -93,6 +93,11 @@ impl Mesh {
                     node_id: p.node_id.clone(),
                     addresses: p.addresses.iter().map(ToString::to_string).collect(),
                     api_server_port: p.api_server_port,
+                    mesh_address: self
+                        .cfg
+                        .meshd
+                        .kubespan_compat
+                        .then(|| p.mesh_addr.to_string()),
                 }
             })
             .collect();

@@ -18,6 +18,9 @@ pub struct PeerSpec {
     pub key: PublicKey,
     pub candidates: Vec<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
+    /// The peer's mesh address as it announced it (its affiliate's KubeSpan address); used in
+    /// KubeSpan-compatible mode, where addresses are not derived from keys.
+    pub mesh_address: Option<std::net::Ipv6Addr>,
     pub location: Option<String>,
     pub source: String,
     /// From discovery: the node ID, its underlay addresses, its API server port (control planes).
@@ -73,6 +76,7 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
             key: p.public_key,
             candidates: filter_candidates(&m.endpoint_filter, &addrs),
             allowed_ips: p.allowed_ips.clone(),
+            mesh_address: None,
             location: p.location.clone(),
             source: "static".into(),
             node_id: None,
@@ -102,6 +106,7 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
                 .iter()
                 .filter_map(|a| a.parse().ok())
                 .collect(),
+            mesh_address: c.mesh_address.as_deref().and_then(|a| a.parse().ok()),
             location: c.location,
             source: c.source,
             node_id: c.node_id,

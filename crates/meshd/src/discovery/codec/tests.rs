@@ -19,6 +19,7 @@ fn sample() -> client::Affiliate {
             public_key: "PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=".into(),
             address: ip_bytes("fd7f:175a:b97c:5602::1".parse().unwrap()),
             additional_addresses: vec![prefix_to(&"10.244.1.0/24".parse().unwrap())],
+            exclude_advertised_addresses: Vec::new(),
         }),
         control_plane: Some(client::ControlPlane {
             api_server_port: 6443,
