@@ -4,7 +4,9 @@
 //! - [`codec`]: Talos-compatible encryption of affiliate data and endpoints, keyed by the cluster secret;
 //! - [`grpc`]: a small gRPC client over HTTP/2;
 //! - [`registry`]: one task per service endpoint (Hello, AffiliateUpdate, Watch, AffiliateDelete,
-//!   reconnects), all feeding one merged [`Snapshot`].
+//!   reconnects), all feeding one merged [`Snapshot`];
+//! - [`kubernetes`]: the Kubernetes registry (Talos's Node annotations, list + watch of the Nodes), which
+//!   also reads this node's pod CIDRs for `advertiseKubernetesNetworks`.
 //!
 //! The mesh merges the snapshot with the static peers ([`crate::mesh::Mesh::set_discovered`]); until some
 //! registry has delivered its first snapshot, peers that discovery brought before a restart come from
@@ -12,6 +14,7 @@
 
 pub mod codec;
 pub mod grpc;
+pub mod kubernetes;
 pub mod proto;
 pub mod registry;
 
@@ -53,6 +56,12 @@ pub struct Affiliate {
     pub additional: Vec<IpNet>,
     pub api_server_port: Option<u16>,
     pub endpoints: Vec<SocketAddr>,
+    /// Topology location (Kubernetes registry: the node's zone label, else its region label).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Prefixes this node asks peers not to route to it (`kubespan-exclude-advertised-networks`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<IpNet>,
 }
 
 impl Affiliate {
@@ -119,6 +128,8 @@ fn from_proto(id: &str, a: &client::Affiliate, endpoints: Vec<SocketAddr>) -> Af
             .and_then(|cp| u16::try_from(cp.api_server_port).ok())
             .filter(|p| *p != 0),
         endpoints,
+        location: None,
+        excluded: Vec::new(),
     }
 }
 
@@ -158,6 +169,14 @@ pub fn merge<'a>(all: impl IntoIterator<Item = &'a Affiliate>) -> Vec<Affiliate>
         if a.api_server_port.is_some() {
             m.api_server_port = a.api_server_port;
         }
+        if a.location.is_some() {
+            m.location.clone_from(&a.location);
+        }
+        for x in &a.excluded {
+            if !m.excluded.contains(x) {
+                m.excluded.push(*x);
+            }
+        }
         for x in &a.addresses {
             if !m.addresses.contains(x) {
                 m.addresses.push(*x);
@@ -178,10 +197,11 @@ pub fn merge<'a>(all: impl IntoIterator<Item = &'a Affiliate>) -> Vec<Affiliate>
 }
 
 /// The mesh peer for an affiliate (`None` without a WireGuard key). AllowedIPs: its mesh address and
-/// its additional addresses (KubeSpan also routes the node addresses; meshd does not, see the README).
+/// its additional addresses (pod CIDRs when it advertises them) minus the networks it excludes
+/// (KubeSpan also routes the node addresses; meshd does not, see the README).
 pub fn peer_spec(a: &Affiliate, cfg: &Config) -> Option<PeerSpec> {
     let key = a.public_key?;
-    let mut allowed: Vec<IpNet> = a.additional.clone();
+    let mut allowed: Vec<IpNet> = subtract_all(&a.additional, &a.excluded);
     if let Some(m) = a.mesh_address {
         allowed.push(IpNet::from(m));
     }
@@ -190,12 +210,42 @@ pub fn peer_spec(a: &Affiliate, cfg: &Config) -> Option<PeerSpec> {
         key,
         candidates: crate::mesh::filter_candidates(&cfg.meshd.endpoint_filter, &a.endpoints),
         allowed_ips: allowed,
-        location: None,
+        location: a.location.clone(),
         source: SOURCE.into(),
         node_id: Some(a.node_id.clone()).filter(|s| !s.is_empty()),
         addresses: a.addresses.clone(),
         api_server_port: a.api_server_port,
     })
+}
+
+/// `nets` minus every prefix in `excluded` (a prefix partly covered is split into the parts left).
+/// Pure; at most 128 pieces per (prefix, exclusion) pair.
+pub fn subtract_all(nets: &[IpNet], excluded: &[IpNet]) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+    for e in excluded {
+        out = out.iter().flat_map(|n| subtract(*n, e.trunc())).collect();
+    }
+    let mut dedup = Vec::new();
+    for n in out {
+        if !dedup.contains(&n) {
+            dedup.push(n);
+        }
+    }
+    dedup
+}
+
+fn subtract(net: IpNet, excluded: IpNet) -> Vec<IpNet> {
+    if excluded.contains(&net) {
+        return Vec::new();
+    }
+    if !net.contains(&excluded) {
+        return vec![net];
+    }
+    // `excluded` is strictly inside `net`: keep the half without it, split the other one.
+    let Ok(halves) = net.subnets(net.prefix_len() + 1) else {
+        return vec![net];
+    };
+    halves.flat_map(|h| subtract(h, excluded)).collect()
 }
 
 /// What this node publishes.
@@ -205,6 +255,9 @@ pub struct Local {
     /// Endpoint candidates; each registry adds the public IP its Hello learnt.
     pub endpoints: Vec<SocketAddr>,
     pub port: u16,
+    /// `filters.excludeAdvertisedNetworks` (published by the Kubernetes registry; the service's
+    /// published `Affiliate` message has no field for it).
+    pub excluded: Vec<IpNet>,
 }
 
 /// One registry's state, for `status` and metrics.
@@ -221,6 +274,12 @@ pub struct RegistryStatus {
     pub error: Option<String>,
     pub rejected: u64,
     pub reconnects: u64,
+    /// Kubernetes registry: full relists after the API answered 410 Gone (history compacted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relists: Option<u64>,
+    /// Kubernetes registry: watches the server ended, resumed from the last resourceVersion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch_restarts: Option<u64>,
 }
 
 /// The merged view of every registry.
@@ -230,6 +289,8 @@ pub struct Snapshot {
     /// Some registry has delivered a full snapshot since start (the cache is no longer needed).
     pub synced: bool,
     pub registries: Vec<RegistryStatus>,
+    /// This node's pod CIDRs (`spec.podCIDRs` of our Node), when the Kubernetes registry runs.
+    pub own_pod_cidrs: Vec<IpNet>,
 }
 
 #[derive(Debug, Default)]
@@ -237,6 +298,7 @@ struct Shared {
     per_registry: Vec<BTreeMap<String, Affiliate>>,
     status: Vec<RegistryStatus>,
     synced: bool,
+    own_pod_cidrs: Vec<IpNet>,
 }
 
 /// The running discovery: one task per endpoint.
@@ -253,9 +315,11 @@ pub struct Discovery {
 /// The settings that, when changed, restart discovery.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DiscoveryKey {
+    /// Discovery service endpoints (empty without a cluster ID and secret).
     endpoints: Vec<String>,
     cluster_id: String,
-    secret: hybridnet_config::Secret,
+    secret: Option<hybridnet_config::Secret>,
+    kubernetes: Option<kubernetes::Settings>,
 }
 
 impl DiscoveryKey {
@@ -263,18 +327,43 @@ impl DiscoveryKey {
         &self.endpoints
     }
 
+    pub fn kubernetes(&self) -> Option<&kubernetes::Settings> {
+        self.kubernetes.as_ref()
+    }
+
+    /// `None` when no registry would run. The service registries need the cluster ID and secret;
+    /// the Kubernetes registry (plaintext annotations, as Talos) does not. With
+    /// `advertiseKubernetesNetworks` and only the service registry on, the Kubernetes client still
+    /// runs, read-only, to learn our pod CIDRs.
     pub fn of(cfg: &Config) -> Option<DiscoveryKey> {
         let c = &cfg.cluster;
-        if !c.discovery.enabled || c.discovery.endpoints.is_empty() {
+        if !c.discovery.enabled {
             return None;
         }
-        let (Some(id), Some(secret)) = (&c.id, &c.secret) else {
-            return None;
+        let (endpoints, cluster_id, secret) = match (&c.id, &c.secret) {
+            (Some(id), Some(secret)) if !c.discovery.endpoints.is_empty() => (
+                c.discovery.endpoints.clone(),
+                id.clone(),
+                Some(secret.clone()),
+            ),
+            _ => (Vec::new(), String::new(), None),
         };
+        let registry = c.discovery.kubernetes_registry;
+        let pod_cidrs = cfg.meshd.advertise_kubernetes_networks;
+        let kubernetes =
+            (registry || (pod_cidrs && !endpoints.is_empty())).then(|| kubernetes::Settings {
+                registry,
+                pod_cidrs,
+                nodename: nodename(),
+            });
+        if endpoints.is_empty() && kubernetes.is_none() {
+            return None;
+        }
         Some(DiscoveryKey {
-            endpoints: c.discovery.endpoints.clone(),
-            cluster_id: id.clone(),
-            secret: secret.clone(),
+            endpoints,
+            cluster_id,
+            secret,
+            kubernetes,
         })
     }
 }
@@ -286,11 +375,13 @@ impl Discovery {
         let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
         let snap_tx = Arc::new(snap_tx);
         let stop = CancellationToken::new();
-        let n = key.endpoints.len();
+        let mut names: Vec<String> = key.endpoints.clone();
+        if key.kubernetes.is_some() {
+            names.push(kubernetes::REGISTRY.to_owned());
+        }
         let shared = Arc::new(Mutex::new(Shared {
-            per_registry: vec![BTreeMap::new(); n],
-            status: key
-                .endpoints
+            per_registry: vec![BTreeMap::new(); names.len()],
+            status: names
                 .iter()
                 .map(|e| RegistryStatus {
                     endpoint: e.clone(),
@@ -299,13 +390,16 @@ impl Discovery {
                 })
                 .collect(),
             synced: false,
+            own_pod_cidrs: Vec::new(),
         }));
-        let codec = Codec::new(&key.secret.0);
-        let tasks = key
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(index, endpoint)| {
+        let publisher = Publisher {
+            shared: shared.clone(),
+            tx: snap_tx.clone(),
+        };
+        let mut tasks = Vec::new();
+        if let Some(secret) = &key.secret {
+            let codec = Codec::new(&secret.0);
+            for (index, endpoint) in key.endpoints.iter().enumerate() {
                 let r = registry::Registry {
                     index,
                     endpoint: endpoint.clone(),
@@ -313,16 +407,24 @@ impl Discovery {
                     our_id: our_id.clone(),
                     codec: codec.clone(),
                     local: local_rx.clone(),
-                    shared: Publisher {
-                        shared: shared.clone(),
-                        tx: snap_tx.clone(),
-                    },
+                    shared: publisher.clone(),
                     stop: stop.clone(),
                     metrics: metrics.clone(),
                 };
-                tokio::spawn(r.run())
-            })
-            .collect();
+                tasks.push(tokio::spawn(r.run()));
+            }
+        }
+        if let Some(settings) = &key.kubernetes {
+            let r = kubernetes::Registry {
+                index: names.len() - 1,
+                settings: settings.clone(),
+                local: local_rx.clone(),
+                shared: publisher,
+                stop: stop.clone(),
+                metrics: metrics.clone(),
+            };
+            tasks.push(tokio::spawn(r.run()));
+        }
         Discovery {
             key,
             our_id,
@@ -376,6 +478,7 @@ impl Publisher {
                 affiliates: merge(s.per_registry.iter().flat_map(|m| m.values())),
                 synced: s.synced,
                 registries: s.status.clone(),
+                own_pod_cidrs: s.own_pod_cidrs.clone(),
             }
         };
         self.tx.send_replace(snap);
@@ -400,8 +503,15 @@ pub fn nodename() -> String {
         .unwrap_or_else(crate::status::hostname)
 }
 
-/// Builds our affiliate.
-pub fn local(cfg: &Config, public: &PublicKey, mesh_addr: IpAddr, addresses: &[IpAddr]) -> Local {
+/// Builds our affiliate; `pod_cidrs` (this node's `spec.podCIDRs`) join the KubeSpan additional
+/// addresses when `advertiseKubernetesNetworks` is on.
+pub fn local(
+    cfg: &Config,
+    public: &PublicKey,
+    mesh_addr: IpAddr,
+    addresses: &[IpAddr],
+    pod_cidrs: &[IpNet],
+) -> Local {
     let name = nodename();
     let cp = cfg.cluster.machine_type.is_control_plane();
     let mut endpoints: Vec<SocketAddr> = addresses
@@ -413,7 +523,14 @@ pub fn local(cfg: &Config, public: &PublicKey, mesh_addr: IpAddr, addresses: &[I
             endpoints.push(*e);
         }
     }
-    let additional: Vec<IpNet> = cfg.meshd.addresses.clone();
+    let mut additional: Vec<IpNet> = cfg.meshd.addresses.clone();
+    if cfg.meshd.advertise_kubernetes_networks {
+        for p in pod_cidrs {
+            if !additional.contains(p) {
+                additional.push(*p);
+            }
+        }
+    }
     Local {
         affiliate: client::Affiliate {
             node_id: node_id(public),
@@ -438,6 +555,7 @@ pub fn local(cfg: &Config, public: &PublicKey, mesh_addr: IpAddr, addresses: &[I
         },
         endpoints,
         port: cfg.meshd.listen_port,
+        excluded: cfg.meshd.exclude_advertised_networks.clone(),
     }
 }
 

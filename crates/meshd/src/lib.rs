@@ -191,7 +191,12 @@ async fn sync_discovery(
         old.stop().await;
     }
     if let Some(key) = want {
-        tracing::info!(endpoints = ?key.endpoints(), node_id = %our_id, "discovery starting");
+        if key.endpoints().is_empty() && !mesh.cfg.cluster.discovery.endpoints.is_empty() {
+            tracing::warn!(
+                "the discovery service needs the cluster ID and secret: only the Kubernetes registry runs"
+            );
+        }
+        tracing::info!(endpoints = ?key.endpoints(), kubernetes = ?key.kubernetes(), node_id = %our_id, "discovery starting");
         *discovery = Some(Discovery::start(key, our_id, metrics.clone()));
     } else if mesh.cfg.cluster.discovery.enabled {
         tracing::warn!(
@@ -247,11 +252,13 @@ async fn report(
         *underlay = (kept, Some(Instant::now()));
     }
     if let Some(d) = discovery {
+        let pod_cidrs = d.snapshot.borrow().own_pod_cidrs.clone();
         d.set_local(discovery::local(
             &mesh.cfg,
             &mesh.public,
             std::net::IpAddr::V6(mesh.mesh_addr),
             &underlay.0,
+            &pod_cidrs,
         ));
     }
     let members = status::members(mesh, underlay.0.clone());

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub discovery_errors: Family<Labels, Counter>,
     /// Records dropped, by registry and reason (decrypt, oversized, protobuf, short, endpoint).
     pub discovery_rejected: Family<Labels, Counter>,
+    /// Kubernetes registry: watches resumed after the server closed them (`closed`) and relists after
+    /// 410 Gone (`gone`).
+    pub discovery_resyncs: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -152,6 +155,11 @@ impl Metrics {
                 "discovery_rejected",
                 "Affiliate records dropped (other cluster, tampered, oversized, malformed)",
                 m.discovery_rejected.clone(),
+            );
+            r.register(
+                "discovery_resyncs",
+                "Kubernetes registry: watches resumed after the server closed them (reason closed) and relists after 410 Gone (reason gone)",
+                m.discovery_resyncs.clone(),
             );
         });
         m

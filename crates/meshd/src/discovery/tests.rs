@@ -80,6 +80,7 @@ fn local_for_test() -> Local {
         },
         endpoints: Vec::new(),
         port: 51821,
+        excluded: Vec::new(),
     }
 }
 
