@@ -44,7 +44,7 @@ fn write_config(lab: &MeshLab, i: usize, server: &KubeApiServer) {
     );
     write_atomic(&node.config, doc);
     write_atomic(
-        node.config.with_file_name("kubeconfig"),
+        &node.config.with_file_name("kubeconfig"),
         server.kubeconfig(&node.name()),
     );
 }
