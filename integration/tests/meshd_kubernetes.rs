@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use hybridnet_integration::discovery::DiscoveryServer;
 use hybridnet_integration::kubernetes::{Gone, KubeApiServer};
 use hybridnet_integration::meshd::{MeshLab, PORT};
 use hybridnet_integration::{Daemon, DaemonKind, wait_until, write_atomic};
@@ -26,22 +27,53 @@ fn pod_ip(index: u8) -> String {
     format!("10.244.{index}.1")
 }
 
+/// A Talos fixture's identity (`DiscoveryIdentityConfig`): every node shares the mesh prefix.
+const IDENTITY: &str = "apiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\n\
+    clusterID: 0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w=\n\
+    clusterSecret: pofHbABZq7VXuObsdLdy/bHmz6hlMHZ3p8+6WKrv1ic=\n";
+
 /// Node `i`: our document (mesh address, `advertiseKubernetesNetworks`) plus a Talos machine document
 /// with discovery on, the service registry off and the Kubernetes registry on; a kubeconfig for the
 /// stand-in. Node 1 is a control plane.
 fn write_config(lab: &MeshLab, i: usize, server: &KubeApiServer) {
+    write_config_with(lab, i, server, true, None);
+}
+
+/// [`write_config`] choosing the registries: the Kubernetes one (`kubernetes`) and a discovery service
+/// at `service` (with the cluster identity).
+fn write_config_with(
+    lab: &MeshLab,
+    i: usize,
+    server: &KubeApiServer,
+    kubernetes: bool,
+    service: Option<&str>,
+) {
     let node = &lab.nodes[i];
     let kind = if i == 0 { "controlplane" } else { "worker" };
-    let doc = format!(
+    let mut doc = format!(
         "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: {state}\ndataDir: {data}\nmeshd:\n  \
          interface: hybridnet0\n  backend: userspace\n  listenPort: {PORT}\n  privateKeyFile: {data}/meshd.key\n  \
          addresses: [\"{mesh}/32\"]\n  advertiseKubernetesNetworks: true\n---\nversion: v1alpha1\nmachine:\n  \
-         type: {kind}\ncluster:\n  discovery:\n    enabled: true\n    registries:\n      kubernetes:\n        \
-         disabled: false\n      service:\n        disabled: true\n",
+         type: {kind}\n",
         state = node.state_dir.display(),
         data = node.data_dir.display(),
         mesh = node.mesh_ip(),
     );
+    if kubernetes {
+        // The legacy switches (Talos has no newer document for this registry); a
+        // `DiscoveryServiceConfig` below then adds the service (meshd warns that Talos refuses the mix).
+        doc.push_str(
+            "cluster:\n  discovery:\n    enabled: true\n    registries:\n      kubernetes:\n        \
+             disabled: false\n      service:\n        disabled: true\n",
+        );
+    }
+    doc.push_str("---\n");
+    doc.push_str(IDENTITY);
+    if let Some(url) = service {
+        doc.push_str(&format!(
+            "---\napiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: lab\nendpoint: {url}\n"
+        ));
+    }
     write_atomic(&node.config, doc);
     write_atomic(
         &node.config.with_file_name("kubeconfig"),
@@ -435,4 +467,91 @@ fn nodes_find_each_other_through_node_annotations_and_survive_watch_loss_and_out
     ping_pods(&lab, 3, 0).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("API server down: mesh and pod routes unchanged");
     drop(daemons);
+}
+
+/// Both registries at once, merged by node ID. node1 and node4 use the discovery service and the
+/// Kubernetes registry, node2 only the service (its Kubernetes client only reads its own pod CIDRs for
+/// `advertiseKubernetesNetworks`), node3 only the Kubernetes registry. node1 meets node4 through both
+/// registries as one peer, node2 through the service and node3 through annotations; node2's pod CIDR
+/// reaches node1 through the service record.
+#[test]
+fn both_registries_merge_by_node_id_and_pod_cidrs_travel_through_the_service() {
+    let lab = MeshLab::new(4, "meshd-kubernetes-merge");
+    lab.switch
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    let server = KubeApiServer::start(&lab.switch, server_addr());
+    let service = DiscoveryServer::start(&lab.switch, SocketAddr::from(([198, 51, 100, 1], 3000)));
+    let url = service.url();
+    write_config_with(&lab, 0, &server, true, Some(&url));
+    write_config_with(&lab, 1, &server, false, Some(&url));
+    write_config_with(&lab, 2, &server, true, None);
+    write_config_with(&lab, 3, &server, true, Some(&url));
+    for i in 0..4 {
+        register(&lab, i, &server);
+        let n = &lab.nodes[i];
+        n.netns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/32", pod_ip(n.index)),
+            "dev",
+            "lo",
+        ]);
+    }
+    let t0 = Instant::now();
+    let _daemons: Vec<Daemon> = (0..4).map(|i| start(&lab, i)).collect();
+    wait_peers(
+        &lab,
+        0,
+        &["node2", "node3", "node4"],
+        Duration::from_secs(30),
+    );
+    wait_peers(
+        &lab,
+        3,
+        &["node1", "node2", "node3"],
+        Duration::from_secs(10),
+    );
+    wait_peers(&lab, 1, &["node1", "node4"], Duration::from_secs(10));
+    wait_peers(&lab, 2, &["node1", "node4"], Duration::from_secs(10));
+    eprintln!(
+        "4 nodes over two registries meshed {:?} after start",
+        t0.elapsed()
+    );
+
+    // node1: the service saw node2 and node4, the Kubernetes registry node3 and node4; node4 is one peer.
+    wait_until(Duration::from_secs(10), "node1's two registries", || {
+        let d = lab.nodes[0].details()?;
+        let regs = d["discovery"]["registries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let find = |name: &str| regs.iter().find(|r| r["endpoint"] == name).cloned();
+        let (Some(svc), Some(k8s)) = (find(&url), find("k8s")) else {
+            return Err(format!("{regs:?}"));
+        };
+        if svc["affiliates"] == 2
+            && k8s["affiliates"] == 2
+            && svc["state"] == "watching"
+            && k8s["state"] == "watching"
+        {
+            Ok(())
+        } else {
+            Err(format!("{regs:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    // node2 only reads: its Node carries no annotations.
+    assert!(
+        server.annotations("node2").is_empty(),
+        "{:?}",
+        server.annotations("node2")
+    );
+    assert!(!server.annotations("node4").is_empty());
+    // node2's pod CIDR came to node1 in the service record (additional addresses), and back.
+    for (a, b) in [(0, 1), (1, 0), (2, 0), (3, 1)] {
+        wait_until(Duration::from_secs(10), "pod to pod ping", || {
+            ping_pods(&lab, a, b)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
