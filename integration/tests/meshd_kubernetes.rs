@@ -180,13 +180,21 @@ fn ping_pods(lab: &MeshLab, a: usize, b: usize) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
+        let routes = |n: &hybridnet_integration::meshd::MeshNode| {
+            let out = n.netns.exec(&["ip", "route", "show", "table", "51821"]);
+            String::from_utf8_lossy(&out.stdout).replace('\n', "; ")
+        };
         Err(format!(
-            "{} pod {} cannot ping {} pod {}: {}",
+            "{} pod {} cannot ping {} pod {}: {}\nroutes {}: {}\nroutes {}: {}",
             na.name(),
             pod_ip(na.index),
             nb.name(),
             pod_ip(nb.index),
-            String::from_utf8_lossy(&out.stdout).trim()
+            String::from_utf8_lossy(&out.stdout).trim(),
+            na.name(),
+            routes(na),
+            nb.name(),
+            routes(nb),
         ))
     }
 }
@@ -290,6 +298,11 @@ fn nodes_find_each_other_through_node_annotations_and_survive_watch_loss_and_out
             get("networking.talos.dev/kubespan-endpoints")
                 .contains(&format!("{}:{PORT}", n.private_ip())),
             "{ann:?}"
+        );
+        assert!(
+            !get("networking.talos.dev/kubespan-endpoints").contains("10.244.")
+                && !get("networking.talos.dev/self-ips").contains("10.244."),
+            "the pod address on lo is no endpoint: {ann:?}"
         );
         let prefixes = get("networking.talos.dev/assigned-prefixes");
         assert!(
@@ -440,6 +453,17 @@ fn nodes_find_each_other_through_node_annotations_and_survive_watch_loss_and_out
     );
     ping_all(&lab, &[0, 1, 2, 3]);
 
+    // node4's Node is deleted: the others drop it (node4 itself still sees them).
+    let deleted = Instant::now();
+    srv().delete_node("node4");
+    wait_peers(&lab, 0, &["node2", "node3"], Duration::from_secs(10));
+    wait_peers(&lab, 1, &["node1", "node3"], Duration::from_secs(10));
+    wait_peers(&lab, 2, &["node1", "node2"], Duration::from_secs(10));
+    eprintln!(
+        "node4's Node deleted: dropped by the others {:?} later",
+        deleted.elapsed()
+    );
+
     // The API server goes away: the registries back off, the mesh (and pod routes) stay.
     drop(server.take());
     for i in 0..4 {
@@ -458,13 +482,19 @@ fn nodes_find_each_other_through_node_annotations_and_survive_watch_loss_and_out
         .unwrap_or_else(|e| panic!("{e}"));
     }
     std::thread::sleep(Duration::from_secs(3));
-    for i in 0..4 {
+    for i in 0..3 {
         lab.nodes[i]
-            .all_up(3)
+            .all_up(2)
             .unwrap_or_else(|e| panic!("mesh changed with the API down: {e}"));
     }
-    ping_all(&lab, &[0, 1, 2, 3]);
-    ping_pods(&lab, 3, 0).unwrap_or_else(|e| panic!("{e}"));
+    // node4 keeps its last view (3 peers), though they dropped it when its Node went.
+    let rows = lab.nodes[3]
+        .details()
+        .map(|d| d["peers"].as_array().map_or(0, Vec::len))
+        .unwrap_or(0);
+    assert_eq!(rows, 3, "node4's last view is kept with the API down");
+    ping_all(&lab, &[0, 1, 2]);
+    ping_pods(&lab, 2, 0).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("API server down: mesh and pod routes unchanged");
     drop(daemons);
 }
@@ -554,4 +584,38 @@ fn both_registries_merge_by_node_id_and_pod_cidrs_travel_through_the_service() {
         })
         .unwrap_or_else(|e| panic!("{e}"));
     }
+}
+
+/// A kubeconfig that cannot be read is the registry's error, naming the file; the mesh runs anyway.
+#[test]
+fn a_bad_kubeconfig_is_a_clear_registry_error() {
+    let lab = MeshLab::new(1, "meshd-kubernetes-badconfig");
+    lab.switch
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    let server = KubeApiServer::start(&lab.switch, server_addr());
+    write_config(&lab, 0, &server);
+    let node = &lab.nodes[0];
+    let missing = node.config.with_file_name("no-such-kubeconfig");
+    let _d = Daemon::builder(DaemonKind::Meshd, &node.netns, &node.config)
+        .log_file(node.config.with_file_name("meshd.log"))
+        .env("MESHD_NODENAME", node.name())
+        .env("KUBECONFIG", missing.display().to_string())
+        .start();
+    let want = missing.display().to_string();
+    wait_until(
+        Duration::from_secs(15),
+        "the registry to report the unreadable kubeconfig",
+        || {
+            let r = registry(&lab, 0);
+            let err = r["error"].as_str().unwrap_or("");
+            if r["state"] == "backoff" && err.contains(&want) && err.contains("KUBECONFIG") {
+                Ok(())
+            } else {
+                Err(r.to_string())
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let d = node.details().unwrap_or_else(|e| panic!("{e}"));
+    assert!(d["error"].is_null(), "the mesh itself is fine: {d}");
 }

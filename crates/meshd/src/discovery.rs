@@ -38,6 +38,8 @@ use proto::{client, server};
 pub const TTL: Duration = Duration::from_secs(30 * 60);
 /// The `source` of discovered peers (cache and status).
 pub const SOURCE: &str = "discovery";
+/// How long publishing waits for our pod CIDRs (see [`Discovery::waits_for_pod_cidrs`]).
+pub const POD_CIDR_WAIT: Duration = Duration::from_secs(10);
 
 /// An affiliate as decoded from a registry.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -291,6 +293,8 @@ pub struct Snapshot {
     pub registries: Vec<RegistryStatus>,
     /// This node's pod CIDRs (`spec.podCIDRs` of our Node), when the Kubernetes registry runs.
     pub own_pod_cidrs: Vec<IpNet>,
+    /// The Kubernetes client has listed our Node once (its pod CIDRs are known, maybe none).
+    pub own_node_read: bool,
 }
 
 #[derive(Debug, Default)]
@@ -299,6 +303,7 @@ struct Shared {
     status: Vec<RegistryStatus>,
     synced: bool,
     own_pod_cidrs: Vec<IpNet>,
+    own_node_read: bool,
 }
 
 /// The running discovery: one task per endpoint.
@@ -308,6 +313,7 @@ pub struct Discovery {
     pub our_id: String,
     local: watch::Sender<Option<Local>>,
     pub snapshot: watch::Receiver<Snapshot>,
+    pub started: std::time::Instant,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -391,6 +397,7 @@ impl Discovery {
                 .collect(),
             synced: false,
             own_pod_cidrs: Vec::new(),
+            own_node_read: false,
         }));
         let publisher = Publisher {
             shared: shared.clone(),
@@ -430,9 +437,21 @@ impl Discovery {
             our_id,
             local: local_tx,
             snapshot: snap_rx,
+            started: std::time::Instant::now(),
             stop,
             tasks,
         }
+    }
+
+    /// Whether publishing waits for our pod CIDRs: with `advertiseKubernetesNetworks`, until the
+    /// Kubernetes client has read our Node, at most [`POD_CIDR_WAIT`]. Peers then meet us with our pod
+    /// CIDRs in their first record of us; a later change of AllowedIPs restarts the session on the
+    /// userspace backend (remove + add), which can leave the other side's traffic unanswered for up to
+    /// WireGuard's 15 s rekey timeout.
+    pub fn waits_for_pod_cidrs(&self) -> bool {
+        self.key.kubernetes.as_ref().is_some_and(|k| k.pod_cidrs)
+            && !self.snapshot.borrow().own_node_read
+            && self.started.elapsed() < POD_CIDR_WAIT
     }
 
     /// Sets what this node publishes (a change is pushed at once).
@@ -479,6 +498,7 @@ impl Publisher {
                 synced: s.synced,
                 registries: s.status.clone(),
                 own_pod_cidrs: s.own_pod_cidrs.clone(),
+                own_node_read: s.own_node_read,
             }
         };
         self.tx.send_replace(snap);
@@ -504,7 +524,8 @@ pub fn nodename() -> String {
 }
 
 /// Builds our affiliate; `pod_cidrs` (this node's `spec.podCIDRs`) join the KubeSpan additional
-/// addresses when `advertiseKubernetesNetworks` is on.
+/// addresses when `advertiseKubernetesNetworks` is on. Addresses inside the pod CIDRs (a CNI bridge's
+/// gateway address, say) are neither node addresses nor endpoints: peers route those through the mesh.
 pub fn local(
     cfg: &Config,
     public: &PublicKey,
@@ -514,6 +535,11 @@ pub fn local(
 ) -> Local {
     let name = nodename();
     let cp = cfg.cluster.machine_type.is_control_plane();
+    let addresses: Vec<IpAddr> = addresses
+        .iter()
+        .filter(|ip| !pod_cidrs.iter().any(|p| p.contains(*ip)))
+        .copied()
+        .collect();
     let mut endpoints: Vec<SocketAddr> = addresses
         .iter()
         .map(|ip| SocketAddr::new(*ip, cfg.meshd.listen_port))

@@ -134,6 +134,8 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                 {
                     let snap = d.snapshot.borrow_and_update().clone();
                     apply_discovered(m, &snap);
+                    // Publish at once what the registries just learnt about us (our pod CIDRs).
+                    next_report = Instant::now();
                 }
             }
             result = async { match mesh.as_mut() { Some(m) => m.recv().await, None => std::future::pending().await } } => {
@@ -251,7 +253,7 @@ async fn report(
         }
         *underlay = (kept, Some(Instant::now()));
     }
-    if let Some(d) = discovery {
+    if let Some(d) = discovery.filter(|d| !d.waits_for_pod_cidrs()) {
         let pod_cidrs = d.snapshot.borrow().own_pod_cidrs.clone();
         d.set_local(discovery::local(
             &mesh.cfg,

@@ -94,7 +94,7 @@ struct View {
     missing_warned: bool,
     /// What was last handed to the merge (affiliates, our pod CIDRs): an event that changes neither
     /// (a kubelet status update) publishes nothing.
-    published: Option<(BTreeMap<String, Affiliate>, Vec<IpNet>)>,
+    published: Option<(BTreeMap<String, Affiliate>, Vec<IpNet>, bool)>,
 }
 
 fn labels() -> Vec<(String, String)> {
@@ -387,12 +387,13 @@ impl Registry {
             .discovery_last_update_seconds
             .get_or_create(&labels())
             .set(now as i64);
-        let next = (affiliates, own_pod_cidrs);
+        let have_own = view.nodes.contains_key(&self.settings.nodename);
+        let next = (affiliates, own_pod_cidrs, have_own);
         if !list && view.published.as_ref() == Some(&next) {
             return;
         }
         view.published = Some(next.clone());
-        let (affiliates, own_pod_cidrs) = next;
+        let (affiliates, own_pod_cidrs, have_own) = next;
         let count = affiliates.len();
         self.metrics
             .discovery_affiliates
@@ -410,6 +411,9 @@ impl Registry {
                 *m = affiliates;
             }
             s.own_pod_cidrs = own_pod_cidrs;
+            if have_own {
+                s.own_node_read = true;
+            }
             if list && registry {
                 s.synced = true;
             }

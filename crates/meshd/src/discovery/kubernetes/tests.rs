@@ -338,5 +338,11 @@ fn pod_cidrs_join_our_additional_addresses_only_when_advertised() {
         additional(&cfg),
         vec![net("10.99.0.1/32"), net("10.244.1.0/24")]
     );
+    // An address inside our pod CIDR (a CNI bridge's) is no node address and no endpoint.
+    let ips: Vec<std::net::IpAddr> =
+        vec!["192.0.2.1".parse().unwrap(), "10.244.1.1".parse().unwrap()];
+    let l = crate::discovery::local(&cfg, &key, "fd00::1".parse().unwrap(), &ips, &pods);
+    assert_eq!(l.endpoints, vec!["192.0.2.1:51821".parse().unwrap()]);
+    assert_eq!(l.affiliate.addresses.len(), 1);
     let _ = node::ALL;
 }
