@@ -236,7 +236,7 @@ impl Registry {
             view.nodes = list
                 .items
                 .into_iter()
-                .filter_map(|n| n.metadata.name.clone().map(|name| (name, n)))
+                .filter_map(|n| n.metadata.name.clone().map(|name| (name, node::slim(n))))
                 .collect();
             tracing::info!(registry = REGISTRY, %server, nodes = view.nodes.len(), %version, "Kubernetes nodes listed");
             self.absorb(view, true);
@@ -282,7 +282,7 @@ impl Registry {
                         Ok(Some(WatchEvent::Added(n) | WatchEvent::Modified(n))) => {
                             bump(&mut version, &n);
                             let name = n.metadata.name.clone().unwrap_or_default();
-                            view.nodes.insert(name.clone(), n);
+                            view.nodes.insert(name.clone(), node::slim(n));
                             name == self.settings.nodename
                         }
                         Ok(Some(WatchEvent::Deleted(n))) => {
@@ -448,7 +448,7 @@ impl Registry {
         {
             Ok(updated) => {
                 view.missing_warned = false;
-                view.nodes.insert(name.clone(), updated);
+                view.nodes.insert(name.clone(), node::slim(updated));
                 self.metrics
                     .discovery_updates
                     .get_or_create(&labels())

@@ -65,6 +65,32 @@ impl std::fmt::Display for Bad {
     }
 }
 
+/// The parts of a Node the registry reads (name, version, labels, annotations, pod CIDRs, addresses):
+/// what is kept of every Node, so a large cluster's images lists and conditions are not held in memory.
+pub fn slim(node: Node) -> Node {
+    use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let m = node.metadata;
+    Node {
+        metadata: ObjectMeta {
+            name: m.name,
+            resource_version: m.resource_version,
+            labels: m.labels,
+            annotations: m.annotations,
+            ..ObjectMeta::default()
+        },
+        spec: node.spec.map(|s| NodeSpec {
+            pod_cidr: s.pod_cidr,
+            pod_cidrs: s.pod_cidrs,
+            ..NodeSpec::default()
+        }),
+        status: node.status.map(|s| NodeStatus {
+            addresses: s.addresses,
+            ..NodeStatus::default()
+        }),
+    }
+}
+
 /// The annotations this node publishes (an empty value: remove it).
 pub fn annotations(local: &Local) -> BTreeMap<&'static str, String> {
     let a = &local.affiliate;

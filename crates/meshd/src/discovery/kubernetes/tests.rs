@@ -117,6 +117,24 @@ fn a_talos_node_becomes_an_affiliate() {
 }
 
 #[test]
+fn slim_nodes_keep_what_the_registry_reads() {
+    let full = node_from(json!({
+        "metadata": {"name": "n", "resourceVersion": "7", "uid": "u",
+                     "labels": {LABEL_ZONE: "z"}, "annotations": {NODE_ID: "id", PUBLIC_KEY: KEY},
+                     "managedFields": [{"manager": "kubelet"}]},
+        "spec": {"podCIDRs": ["10.244.1.0/24"], "providerID": "p"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+                   "images": [{"names": ["a"], "sizeBytes": 1}]}
+    }));
+    let slim = node::slim(full.clone());
+    assert_eq!(affiliate(&slim), affiliate(&full));
+    assert_eq!(pod_cidrs(&slim), pod_cidrs(&full));
+    assert_eq!(slim.metadata.resource_version.as_deref(), Some("7"));
+    assert!(slim.metadata.managed_fields.is_none());
+    assert!(slim.status.unwrap().images.is_none());
+}
+
+#[test]
 fn what_we_publish_reads_back_the_same() {
     let l = local();
     let ann: BTreeMap<String, String> = annotations(&l)
