@@ -14,8 +14,10 @@
 //!   404 `Status` for an unknown node;
 //! - controls: add, change and delete nodes (what kubelets and controllers do), close every watch
 //!   ([`KubeApiServer::close_watches`]), compact the history ([`KubeApiServer::compact`]), count requests;
-//! - no authentication or authorization (the token in the kubeconfig is ignored); state is in memory and a
-//!   stopped server (drop) closes every connection.
+//! - plain HTTP ([`KubeApiServer::start`], the token in the kubeconfig is ignored) or HTTPS with client
+//!   certificates as kubelets use them ([`KubeApiServer::start_tls`]: a test CA, a server certificate for
+//!   the listen address, one client certificate; a client without one is refused in the handshake); no
+//!   authorization; state is in memory and a stopped server (drop) closes every connection.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -88,18 +90,100 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(s)
 }
 
+/// The PEM material a kubeconfig embeds for [`KubeApiServer::start_tls`].
+#[derive(Clone, Debug)]
+struct ClientTls {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+/// A test CA, a server certificate for `ip` and a client certificate (CN `system:node:lab`, group
+/// `system:nodes`, as a kubelet's).
+fn pki(ip: std::net::IpAddr) -> Result<(Arc<rustls::ServerConfig>, ClientTls), String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let e = |e: rcgen::Error| e.to_string();
+    let ca_key = rcgen::KeyPair::generate().map_err(e)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kubernetes stand-in CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).map_err(e)?;
+    let server_key = rcgen::KeyPair::generate().map_err(e)?;
+    let mut server_params = rcgen::CertificateParams::new(vec![ip.to_string()]).map_err(e)?;
+    server_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params.signed_by(&server_key, &ca).map_err(e)?;
+    let client_key = rcgen::KeyPair::generate().map_err(e)?;
+    let mut client_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    client_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "system:node:lab");
+    client_params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &ca).map_err(e)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).map_err(|e| e.to_string())?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(server.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+        )
+        .map_err(|e| e.to_string())?;
+    Ok((
+        Arc::new(config),
+        ClientTls {
+            ca: ca.pem(),
+            cert: client.pem(),
+            key: client_key.serialize_pem(),
+        },
+    ))
+}
+
 /// A running stand-in; stopped (every connection closed) on drop.
 #[derive(Debug)]
 pub struct KubeApiServer {
     pub addr: SocketAddr,
+    tls: Option<ClientTls>,
     state: Arc<Mutex<State>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl KubeApiServer {
-    /// Starts the server on `addr` inside `netns`.
+    /// Starts the server on `addr` inside `netns`, plain HTTP.
     pub fn start(netns: &Netns, addr: SocketAddr) -> KubeApiServer {
+        Self::start_with(netns, addr, None)
+    }
+
+    /// Starts the server on `addr` inside `netns`, HTTPS with client certificates (see the module docs).
+    pub fn start_tls(netns: &Netns, addr: SocketAddr) -> KubeApiServer {
+        let (config, client) =
+            pki(addr.ip()).unwrap_or_else(|e| panic!("Kubernetes API stand-in PKI: {e}"));
+        Self::start_with(netns, addr, Some((config, client)))
+    }
+
+    fn start_with(
+        netns: &Netns,
+        addr: SocketAddr,
+        tls: Option<(Arc<rustls::ServerConfig>, ClientTls)>,
+    ) -> KubeApiServer {
+        let (acceptor, client_tls) = match tls {
+            Some((config, client)) => (Some(tokio_rustls::TlsAcceptor::from(config)), Some(client)),
+            None => (None, None),
+        };
         let listener = netns
             .enter(|| {
                 let s = socket2::Socket::new(
@@ -131,10 +215,11 @@ impl KubeApiServer {
                 .enable_all()
                 .build()
                 .unwrap_or_else(|e| panic!("runtime: {e}"));
-            rt.block_on(serve(listener, st, stop_rx));
+            rt.block_on(serve(listener, st, acceptor, stop_rx));
         });
         KubeApiServer {
             addr,
+            tls: client_tls,
             state,
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -149,16 +234,31 @@ impl KubeApiServer {
         f(&mut s)
     }
 
-    /// `http://addr`.
+    /// `http://addr` or `https://addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
-    /// A kubeconfig for `user` pointing at this server (a token the server ignores).
+    /// A kubeconfig for `user` pointing at this server: a token the server ignores, or over HTTPS the
+    /// CA and the client certificate embedded (`*-data`, base64 PEM, as kubeadm writes them).
     pub fn kubeconfig(&self, user: &str) -> String {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let (ca, creds) = match &self.tls {
+            None => (String::new(), format!("    token: token-{user}\n")),
+            Some(t) => (
+                format!("    certificate-authority-data: {}\n", b64(&t.ca)),
+                format!(
+                    "    client-certificate-data: {}\n    client-key-data: {}\n",
+                    b64(&t.cert),
+                    b64(&t.key)
+                ),
+            ),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {url}\n\
-             users:\n- name: {user}\n  user:\n    token: token-{user}\ncontexts:\n- name: lab\n  context:\n    \
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {url}\n{ca}\
+             users:\n- name: {user}\n  user:\n{creds}contexts:\n- name: lab\n  context:\n    \
              cluster: lab\n    user: {user}\ncurrent-context: lab\n",
             url = self.url()
         )
@@ -281,6 +381,7 @@ impl Drop for KubeApiServer {
 async fn serve(
     listener: std::net::TcpListener,
     state: Arc<Mutex<State>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -293,14 +394,23 @@ async fn serve(
             accepted = listener.accept() => {
                 let Ok((tcp, _)) = accepted else { continue };
                 let st = state.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let st = st.clone();
                         async move { Ok::<_, Infallible>(handle(&st, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
+                        }
+                        Some(acceptor) => {
+                            // A client without a certificate from the CA fails here.
+                            let Ok(stream) = acceptor.accept(tcp).await else { return };
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         }

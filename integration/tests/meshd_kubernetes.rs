@@ -619,3 +619,32 @@ fn a_bad_kubeconfig_is_a_clear_registry_error() {
     let d = node.details().unwrap_or_else(|e| panic!("{e}"));
     assert!(d["error"].is_null(), "the mesh itself is fine: {d}");
 }
+
+/// Over HTTPS with a kubelet-style kubeconfig (CA and client certificate embedded): kube's rustls (ring)
+/// client verifies the server by its IP and authenticates with the certificate; two nodes meet.
+#[test]
+fn the_registry_works_over_tls_with_client_certificates() {
+    let lab = MeshLab::new(2, "meshd-kubernetes-tls");
+    lab.switch
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    let server = KubeApiServer::start_tls(&lab.switch, server_addr());
+    assert!(server.url().starts_with("https://"));
+    for i in 0..2 {
+        write_config(&lab, i, &server);
+        register(&lab, i, &server);
+    }
+    let t0 = Instant::now();
+    let _daemons: Vec<Daemon> = (0..2).map(|i| start(&lab, i)).collect();
+    wait_peers(&lab, 0, &["node2"], Duration::from_secs(30));
+    wait_peers(&lab, 1, &["node1"], Duration::from_secs(10));
+    eprintln!("2 nodes met over HTTPS {:?} after start", t0.elapsed());
+    ping_all(&lab, &[0, 1]);
+    assert!(
+        server
+            .annotations("node2")
+            .contains_key("networking.talos.dev/kubespan-public-key"),
+        "{:?}",
+        server.annotations("node2")
+    );
+    assert!(server.requests("patch") >= 2 && server.requests("watch") >= 2);
+}
