@@ -359,6 +359,7 @@ impl DiscoveryKey {
         let kubernetes =
             (registry || (pod_cidrs && !endpoints.is_empty())).then(|| kubernetes::Settings {
                 registry,
+                publish: !c.kubespan_enabled,
                 pod_cidrs,
                 nodename: nodename(),
             });

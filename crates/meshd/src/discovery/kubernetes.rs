@@ -54,8 +54,11 @@ const QUICK_END: Duration = Duration::from_secs(1);
 /// What the Kubernetes client is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// The registry proper: publish our annotations and read the other Nodes.
+    /// The registry proper: read the other Nodes (and publish, see `publish`).
     pub registry: bool,
+    /// Write our annotations. Off when Talos's own KubeSpan runs on this node: its Kubernetes registry
+    /// writes the same annotations on the same Node, and two writers would undo each other.
+    pub publish: bool,
     /// Read our Node's pod CIDRs (`advertiseKubernetesNetworks`).
     pub pod_cidrs: bool,
     /// Our Node's name.
@@ -155,6 +158,12 @@ impl Registry {
     pub async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
         let mut view = View::default();
+        if self.settings.registry && !self.settings.publish {
+            tracing::info!(
+                registry = REGISTRY,
+                "Talos's own KubeSpan runs on this node and writes these annotations: reading only"
+            );
+        }
         self.count(|st| {
             st.relists = Some(0);
             st.watch_restarts = Some(0);
@@ -424,7 +433,7 @@ impl Registry {
     /// differ). A missing Node is waited for (its ADDED event retries); another failure ends the
     /// session (reconnect, relist, retry).
     async fn sync_own(&self, api: &Api<Node>, view: &mut View) -> Result<(), Ended> {
-        if !self.settings.registry {
+        if !self.settings.registry || !self.settings.publish {
             return Ok(());
         }
         let Some(local) = self.local.borrow().clone() else {

@@ -364,3 +364,37 @@ fn pod_cidrs_join_our_additional_addresses_only_when_advertised() {
     assert_eq!(l.affiliate.addresses.len(), 1);
     let _ = node::ALL;
 }
+
+#[test]
+fn which_registries_run() {
+    use crate::discovery::DiscoveryKey;
+    let mut cfg = hybridnet_config::Config::defaults();
+    assert!(DiscoveryKey::of(&cfg).is_none(), "discovery off");
+    cfg.cluster.discovery.enabled = true;
+    cfg.cluster.discovery.kubernetes_registry = true;
+    let k = DiscoveryKey::of(&cfg).unwrap();
+    assert!(k.endpoints().is_empty(), "no cluster secret: no service");
+    let s = k.kubernetes().unwrap();
+    assert!(s.registry && s.publish && !s.pod_cidrs);
+    // Talos's own KubeSpan on this node owns the annotations: read only.
+    cfg.cluster.kubespan_enabled = true;
+    assert!(
+        !DiscoveryKey::of(&cfg)
+            .unwrap()
+            .kubernetes()
+            .unwrap()
+            .publish
+    );
+    // Only the service, with advertiseKubernetesNetworks: a read-only client for our pod CIDRs.
+    cfg.cluster.kubespan_enabled = false;
+    cfg.cluster.discovery.kubernetes_registry = false;
+    cfg.cluster.discovery.endpoints = vec!["http://192.0.2.1:3000/".into()];
+    cfg.cluster.id = Some("0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w=".into());
+    cfg.cluster.secret = Some(hybridnet_config::Secret([7; 32]));
+    assert!(DiscoveryKey::of(&cfg).unwrap().kubernetes().is_none());
+    cfg.meshd.advertise_kubernetes_networks = true;
+    let k = DiscoveryKey::of(&cfg).unwrap();
+    assert_eq!(k.endpoints().len(), 1);
+    let s = k.kubernetes().unwrap();
+    assert!(!s.registry && s.pod_cidrs);
+}
