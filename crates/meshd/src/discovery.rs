@@ -361,7 +361,8 @@ impl DiscoveryKey {
                 registry,
                 publish: !c.kubespan_enabled,
                 pod_cidrs,
-                nodename: nodename(),
+                // The kubelet registers its Node under the lowercased hostname.
+                nodename: nodename().to_lowercase(),
             });
         if endpoints.is_empty() && kubernetes.is_none() {
             return None;
