@@ -30,6 +30,7 @@ pub mod discovery;
 pub mod dnslocal;
 mod fs;
 mod http;
+pub mod kubernetes;
 pub mod meshd;
 mod netns;
 mod process;

@@ -4,7 +4,9 @@
 //! - [`codec`]: Talos-compatible encryption of affiliate data and endpoints, keyed by the cluster secret;
 //! - [`grpc`]: a small gRPC client over HTTP/2;
 //! - [`registry`]: one task per service endpoint (Hello, AffiliateUpdate, Watch, AffiliateDelete,
-//!   reconnects), all feeding one merged [`Snapshot`].
+//!   reconnects), all feeding one merged [`Snapshot`];
+//! - [`kubernetes`]: the Kubernetes registry (Talos's Node annotations, list + watch of the Nodes), which
+//!   also reads this node's pod CIDRs for `advertiseKubernetesNetworks`.
 //!
 //! The mesh merges the snapshot with the static peers ([`crate::mesh::Mesh::set_discovered`]); until some
 //! registry has delivered its first snapshot, peers that discovery brought before a restart come from
@@ -12,6 +14,7 @@
 
 pub mod codec;
 pub mod grpc;
+pub mod kubernetes;
 pub mod proto;
 pub mod registry;
 
@@ -35,6 +38,8 @@ use proto::{client, server};
 pub const TTL: Duration = Duration::from_secs(30 * 60);
 /// The `source` of discovered peers (cache and status).
 pub const SOURCE: &str = "discovery";
+/// How long publishing waits for our pod CIDRs (see [`Discovery::waits_for_pod_cidrs`]).
+pub const POD_CIDR_WAIT: Duration = Duration::from_secs(10);
 
 /// An affiliate as decoded from a registry.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -51,10 +56,15 @@ pub struct Affiliate {
     pub public_key: Option<PublicKey>,
     pub mesh_address: Option<IpAddr>,
     pub additional: Vec<IpNet>,
-    /// KubeSpan `ExcludeAdvertisedNetworks`: prefixes the node asks peers not to route to it.
-    pub exclude: Vec<IpNet>,
     pub api_server_port: Option<u16>,
     pub endpoints: Vec<SocketAddr>,
+    /// Topology location (Kubernetes registry: the node's zone label, else its region label).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// KubeSpan `ExcludeAdvertisedNetworks`: prefixes the node asks peers not to route to it (the
+    /// service's `exclude_advertised_addresses`, the `kubespan-exclude-advertised-networks` annotation).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<IpNet>,
 }
 
 impl Affiliate {
@@ -115,7 +125,7 @@ fn from_proto(id: &str, a: &client::Affiliate, endpoints: Vec<SocketAddr>) -> Af
                     .collect()
             })
             .unwrap_or_default(),
-        exclude: ks
+        excluded: ks
             .map(|k| {
                 k.exclude_advertised_addresses
                     .iter()
@@ -129,6 +139,7 @@ fn from_proto(id: &str, a: &client::Affiliate, endpoints: Vec<SocketAddr>) -> Af
             .and_then(|cp| u16::try_from(cp.api_server_port).ok())
             .filter(|p| *p != 0),
         endpoints,
+        location: None,
     }
 }
 
@@ -168,6 +179,14 @@ pub fn merge<'a>(all: impl IntoIterator<Item = &'a Affiliate>) -> Vec<Affiliate>
         if a.api_server_port.is_some() {
             m.api_server_port = a.api_server_port;
         }
+        if a.location.is_some() {
+            m.location.clone_from(&a.location);
+        }
+        for x in &a.excluded {
+            if !m.excluded.contains(x) {
+                m.excluded.push(*x);
+            }
+        }
         for x in &a.addresses {
             if !m.addresses.contains(x) {
                 m.addresses.push(*x);
@@ -176,11 +195,6 @@ pub fn merge<'a>(all: impl IntoIterator<Item = &'a Affiliate>) -> Vec<Affiliate>
         for x in &a.additional {
             if !m.additional.contains(x) {
                 m.additional.push(*x);
-            }
-        }
-        for x in &a.exclude {
-            if !m.exclude.contains(x) {
-                m.exclude.push(*x);
             }
         }
         for x in &a.endpoints {
@@ -193,10 +207,11 @@ pub fn merge<'a>(all: impl IntoIterator<Item = &'a Affiliate>) -> Vec<Affiliate>
 }
 
 /// The mesh peer for an affiliate (`None` without a WireGuard key). AllowedIPs: its mesh address and
-/// its additional addresses (KubeSpan also routes the node addresses; meshd does not, see the README).
+/// its additional addresses (pod CIDRs when it advertises them) minus the networks it excludes
+/// (KubeSpan also routes the node addresses; meshd does not, see the README).
 pub fn peer_spec(a: &Affiliate, cfg: &Config) -> Option<PeerSpec> {
     let key = a.public_key?;
-    let mut allowed: Vec<IpNet> = a.additional.clone();
+    let mut allowed: Vec<IpNet> = subtract_all(&a.additional, &a.excluded);
     if let Some(m) = a.mesh_address {
         allowed.push(IpNet::from(m));
     }
@@ -209,7 +224,7 @@ pub fn peer_spec(a: &Affiliate, cfg: &Config) -> Option<PeerSpec> {
             Some(IpAddr::V6(v6)) => Some(v6),
             _ => None,
         },
-        location: None,
+        location: a.location.clone(),
         source: SOURCE.into(),
         node_id: Some(a.node_id.clone()).filter(|s| !s.is_empty()),
         addresses: a.addresses.clone(),
@@ -237,7 +252,7 @@ pub fn peer_specs(affiliates: &[Affiliate], cfg: &Config, own: &PublicKey) -> Ve
                 crate::kubespan::allowed_ips(
                     &a.additional,
                     &a.addresses,
-                    &a.exclude,
+                    &a.excluded,
                     a.mesh_address,
                 )
             })
@@ -253,6 +268,36 @@ pub fn peer_specs(affiliates: &[Affiliate], cfg: &Config, own: &PublicKey) -> Ve
         .collect()
 }
 
+/// `nets` minus every prefix in `excluded` (a prefix partly covered is split into the parts left).
+/// Pure; at most 128 pieces per (prefix, exclusion) pair.
+pub fn subtract_all(nets: &[IpNet], excluded: &[IpNet]) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+    for e in excluded {
+        out = out.iter().flat_map(|n| subtract(*n, e.trunc())).collect();
+    }
+    let mut dedup = Vec::new();
+    for n in out {
+        if !dedup.contains(&n) {
+            dedup.push(n);
+        }
+    }
+    dedup
+}
+
+fn subtract(net: IpNet, excluded: IpNet) -> Vec<IpNet> {
+    if excluded.contains(&net) {
+        return Vec::new();
+    }
+    if !net.contains(&excluded) {
+        return vec![net];
+    }
+    // `excluded` is strictly inside `net`: keep the half without it, split the other one.
+    let Ok(halves) = net.subnets(net.prefix_len() + 1) else {
+        return vec![net];
+    };
+    halves.flat_map(|h| subtract(h, excluded)).collect()
+}
+
 /// What this node publishes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Local {
@@ -264,6 +309,9 @@ pub struct Local {
     /// The endpoint filter, applied to the Hello address too.
     pub filter: hybridnet_config::EndpointFilter,
     pub port: u16,
+    /// `filters.excludeAdvertisedNetworks`, for the Kubernetes registry's annotation (the service's
+    /// record carries it in `affiliate.kubespan`).
+    pub excluded: Vec<IpNet>,
 }
 
 impl Local {
@@ -298,6 +346,12 @@ pub struct RegistryStatus {
     pub error: Option<String>,
     pub rejected: u64,
     pub reconnects: u64,
+    /// Kubernetes registry: full relists after the API answered 410 Gone (history compacted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relists: Option<u64>,
+    /// Kubernetes registry: watches the server ended, resumed from the last resourceVersion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch_restarts: Option<u64>,
 }
 
 /// The merged view of every registry.
@@ -307,6 +361,10 @@ pub struct Snapshot {
     /// Some registry has delivered a full snapshot since start (the cache is no longer needed).
     pub synced: bool,
     pub registries: Vec<RegistryStatus>,
+    /// This node's pod CIDRs (`spec.podCIDRs` of our Node), when the Kubernetes registry runs.
+    pub own_pod_cidrs: Vec<IpNet>,
+    /// The Kubernetes client has listed our Node once (its pod CIDRs are known, maybe none).
+    pub own_node_read: bool,
 }
 
 #[derive(Debug, Default)]
@@ -314,6 +372,8 @@ struct Shared {
     per_registry: Vec<BTreeMap<String, Affiliate>>,
     status: Vec<RegistryStatus>,
     synced: bool,
+    own_pod_cidrs: Vec<IpNet>,
+    own_node_read: bool,
 }
 
 /// The running discovery: one task per endpoint.
@@ -323,6 +383,7 @@ pub struct Discovery {
     pub our_id: String,
     local: watch::Sender<Option<Local>>,
     pub snapshot: watch::Receiver<Snapshot>,
+    pub started: std::time::Instant,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -330,9 +391,11 @@ pub struct Discovery {
 /// The settings that, when changed, restart discovery.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DiscoveryKey {
+    /// Discovery service endpoints (empty without a cluster ID and secret).
     endpoints: Vec<String>,
     cluster_id: String,
-    secret: hybridnet_config::Secret,
+    secret: Option<hybridnet_config::Secret>,
+    kubernetes: Option<kubernetes::Settings>,
 }
 
 impl DiscoveryKey {
@@ -340,18 +403,45 @@ impl DiscoveryKey {
         &self.endpoints
     }
 
+    pub fn kubernetes(&self) -> Option<&kubernetes::Settings> {
+        self.kubernetes.as_ref()
+    }
+
+    /// `None` when no registry would run. The service registries need the cluster ID and secret;
+    /// the Kubernetes registry (plaintext annotations, as Talos) does not. With
+    /// `advertiseKubernetesNetworks` and only the service registry on, the Kubernetes client still
+    /// runs, read-only, to learn our pod CIDRs.
     pub fn of(cfg: &Config) -> Option<DiscoveryKey> {
         let c = &cfg.cluster;
-        if !c.discovery.enabled || c.discovery.endpoints.is_empty() {
+        if !c.discovery.enabled {
             return None;
         }
-        let (Some(id), Some(secret)) = (&c.id, &c.secret) else {
-            return None;
+        let (endpoints, cluster_id, secret) = match (&c.id, &c.secret) {
+            (Some(id), Some(secret)) if !c.discovery.endpoints.is_empty() => (
+                c.discovery.endpoints.clone(),
+                id.clone(),
+                Some(secret.clone()),
+            ),
+            _ => (Vec::new(), String::new(), None),
         };
+        let registry = c.discovery.kubernetes_registry;
+        let pod_cidrs = cfg.meshd.advertise_kubernetes_networks;
+        let kubernetes =
+            (registry || (pod_cidrs && !endpoints.is_empty())).then(|| kubernetes::Settings {
+                registry,
+                publish: !c.kubespan_enabled,
+                pod_cidrs,
+                // The kubelet registers its Node under the lowercased hostname.
+                nodename: nodename().to_lowercase(),
+            });
+        if endpoints.is_empty() && kubernetes.is_none() {
+            return None;
+        }
         Some(DiscoveryKey {
-            endpoints: c.discovery.endpoints.clone(),
-            cluster_id: id.clone(),
-            secret: secret.clone(),
+            endpoints,
+            cluster_id,
+            secret,
+            kubernetes,
         })
     }
 }
@@ -363,11 +453,13 @@ impl Discovery {
         let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
         let snap_tx = Arc::new(snap_tx);
         let stop = CancellationToken::new();
-        let n = key.endpoints.len();
+        let mut names: Vec<String> = key.endpoints.clone();
+        if key.kubernetes.is_some() {
+            names.push(kubernetes::REGISTRY.to_owned());
+        }
         let shared = Arc::new(Mutex::new(Shared {
-            per_registry: vec![BTreeMap::new(); n],
-            status: key
-                .endpoints
+            per_registry: vec![BTreeMap::new(); names.len()],
+            status: names
                 .iter()
                 .map(|e| RegistryStatus {
                     endpoint: e.clone(),
@@ -376,13 +468,17 @@ impl Discovery {
                 })
                 .collect(),
             synced: false,
+            own_pod_cidrs: Vec::new(),
+            own_node_read: false,
         }));
-        let codec = Codec::new(&key.secret.0);
-        let tasks = key
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(index, endpoint)| {
+        let publisher = Publisher {
+            shared: shared.clone(),
+            tx: snap_tx.clone(),
+        };
+        let mut tasks = Vec::new();
+        if let Some(secret) = &key.secret {
+            let codec = Codec::new(&secret.0);
+            for (index, endpoint) in key.endpoints.iter().enumerate() {
                 let r = registry::Registry {
                     index,
                     endpoint: endpoint.clone(),
@@ -390,24 +486,44 @@ impl Discovery {
                     our_id: our_id.clone(),
                     codec: codec.clone(),
                     local: local_rx.clone(),
-                    shared: Publisher {
-                        shared: shared.clone(),
-                        tx: snap_tx.clone(),
-                    },
+                    shared: publisher.clone(),
                     stop: stop.clone(),
                     metrics: metrics.clone(),
                 };
-                tokio::spawn(r.run())
-            })
-            .collect();
+                tasks.push(tokio::spawn(r.run()));
+            }
+        }
+        if let Some(settings) = &key.kubernetes {
+            let r = kubernetes::Registry {
+                index: names.len() - 1,
+                settings: settings.clone(),
+                local: local_rx.clone(),
+                shared: publisher,
+                stop: stop.clone(),
+                metrics: metrics.clone(),
+            };
+            tasks.push(tokio::spawn(r.run()));
+        }
         Discovery {
             key,
             our_id,
             local: local_tx,
             snapshot: snap_rx,
+            started: std::time::Instant::now(),
             stop,
             tasks,
         }
+    }
+
+    /// Whether publishing waits for our pod CIDRs: with `advertiseKubernetesNetworks`, until the
+    /// Kubernetes client has read our Node, at most [`POD_CIDR_WAIT`]. Peers then meet us with our pod
+    /// CIDRs in their first record of us; a later change of AllowedIPs restarts the session on the
+    /// userspace backend (remove + add), which can leave the other side's traffic unanswered for up to
+    /// WireGuard's 15 s rekey timeout.
+    pub fn waits_for_pod_cidrs(&self) -> bool {
+        self.key.kubernetes.as_ref().is_some_and(|k| k.pod_cidrs)
+            && !self.snapshot.borrow().own_node_read
+            && self.started.elapsed() < POD_CIDR_WAIT
     }
 
     /// Sets what this node publishes (a change is pushed at once).
@@ -453,6 +569,8 @@ impl Publisher {
                 affiliates: merge(s.per_registry.iter().flat_map(|m| m.values())),
                 synced: s.synced,
                 registries: s.status.clone(),
+                own_pod_cidrs: s.own_pod_cidrs.clone(),
+                own_node_read: s.own_node_read,
             }
         };
         self.tx.send_replace(snap);
@@ -477,17 +595,37 @@ pub fn nodename() -> String {
         .unwrap_or_else(crate::status::hostname)
 }
 
-/// Builds our affiliate.
-pub fn local(cfg: &Config, public: &PublicKey, mesh_addr: IpAddr, addresses: &[IpAddr]) -> Local {
+/// Builds our affiliate; `pod_cidrs` (this node's `spec.podCIDRs`) join the KubeSpan additional
+/// addresses when `advertiseKubernetesNetworks` is on. Addresses inside the pod CIDRs (a CNI bridge's
+/// gateway address, say) are neither node addresses nor endpoints: peers route those through the mesh.
+pub fn local(
+    cfg: &Config,
+    public: &PublicKey,
+    mesh_addr: IpAddr,
+    addresses: &[IpAddr],
+    pod_cidrs: &[IpNet],
+) -> Local {
     let name = nodename();
     let cp = cfg.cluster.machine_type.is_control_plane();
     let extra = &cfg.meshd.extra_announced_endpoints;
+    let addresses: Vec<IpAddr> = addresses
+        .iter()
+        .filter(|ip| !pod_cidrs.iter().any(|p| p.contains(*ip)))
+        .copied()
+        .collect();
     let endpoints: Vec<SocketAddr> = addresses
         .iter()
         .map(|ip| SocketAddr::new(*ip, cfg.meshd.listen_port))
         .filter(|e| !extra.contains(e))
         .collect();
-    let additional: Vec<IpNet> = cfg.meshd.addresses.clone();
+    let mut additional: Vec<IpNet> = cfg.meshd.addresses.clone();
+    if cfg.meshd.advertise_kubernetes_networks {
+        for p in pod_cidrs {
+            if !additional.contains(p) {
+                additional.push(*p);
+            }
+        }
+    }
     Local {
         affiliate: client::Affiliate {
             node_id: node_id(public),
@@ -520,6 +658,7 @@ pub fn local(cfg: &Config, public: &PublicKey, mesh_addr: IpAddr, addresses: &[I
         extra: extra.clone(),
         filter: cfg.meshd.endpoint_filter.clone(),
         port: cfg.meshd.listen_port,
+        excluded: cfg.meshd.exclude_advertised_networks.clone(),
     }
 }
 

@@ -136,6 +136,8 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                 {
                     let snap = d.snapshot.borrow_and_update().clone();
                     apply_discovered(m, &snap);
+                    // Publish at once what the registries just learnt about us (our pod CIDRs).
+                    next_report = Instant::now();
                 }
             }
             result = async { match mesh.as_mut() { Some(m) => m.recv().await, None => std::future::pending().await } } => {
@@ -193,7 +195,12 @@ async fn sync_discovery(
         old.stop().await;
     }
     if let Some(key) = want {
-        tracing::info!(endpoints = ?key.endpoints(), node_id = %our_id, "discovery starting");
+        if key.endpoints().is_empty() && !mesh.cfg.cluster.discovery.endpoints.is_empty() {
+            tracing::warn!(
+                "the discovery service needs the cluster ID and secret: only the Kubernetes registry runs"
+            );
+        }
+        tracing::info!(endpoints = ?key.endpoints(), kubernetes = ?key.kubernetes(), node_id = %our_id, "discovery starting");
         *discovery = Some(Discovery::start(key, our_id, metrics.clone()));
     } else if mesh.cfg.cluster.discovery.enabled {
         tracing::warn!(
@@ -244,12 +251,14 @@ async fn report(
         }
         *underlay = (kept, Some(Instant::now()));
     }
-    if let Some(d) = discovery {
+    if let Some(d) = discovery.filter(|d| !d.waits_for_pod_cidrs()) {
+        let pod_cidrs = d.snapshot.borrow().own_pod_cidrs.clone();
         d.set_local(discovery::local(
             &mesh.cfg,
             &mesh.public,
             std::net::IpAddr::V6(mesh.mesh_addr),
             &underlay.0,
+            &pod_cidrs,
         ));
     }
     let members = status::members(mesh, underlay.0.clone());

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub mss_clamp_ok: Gauge,
     /// Times the MSS clamping table was (re)written (start, repair after a flush, upgrade).
     pub mss_clamp_installs: Counter,
+    /// Kubernetes registry: watches resumed after the server closed them (`closed`) and relists after
+    /// 410 Gone (`gone`).
+    pub discovery_resyncs: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -166,6 +169,11 @@ impl Metrics {
                 "mss_clamp_installs",
                 "Times the nftables MSS clamping table was written (start, repair, upgrade)",
                 m.mss_clamp_installs.clone(),
+            );
+            r.register(
+                "discovery_resyncs",
+                "Kubernetes registry: watches resumed after the server closed them (reason closed) and relists after 410 Gone (reason gone)",
+                m.discovery_resyncs.clone(),
             );
         });
         m

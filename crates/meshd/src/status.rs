@@ -127,6 +127,28 @@ pub fn render(details: &Value) -> String {
             paths.join(" "),
         );
     }
+    for r in details["discovery"]["registries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let mut line = format!(
+            "registry {}: {}, {} affiliates, {} reconnects",
+            s(&r["endpoint"]),
+            s(&r["state"]),
+            r["affiliates"],
+            r["reconnects"],
+        );
+        for (key, label) in [("relists", "relists"), ("watchRestarts", "watch restarts")] {
+            if let Some(n) = r[key].as_u64() {
+                let _ = write!(line, ", {n} {label}");
+            }
+        }
+        if let Some(e) = r["error"].as_str() {
+            let _ = write!(line, "; last error: {e}");
+        }
+        let _ = writeln!(out, "{line}");
+    }
     out
 }
 

@@ -189,9 +189,10 @@ impl Registry {
             )
             .await
             .map_err(fail)?;
+        // Marked before publishing: a change while the update is in flight is published again.
+        self.local.mark_unchanged();
         self.publish(&mut ch, public_ip).await.map_err(fail)?;
         *published_once = true;
-        self.local.mark_unchanged();
         let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + TTL / 2, TTL / 2);
         let mut first = true;
         let mut known: BTreeMap<String, super::Affiliate> = BTreeMap::new();

@@ -83,6 +83,7 @@ fn local_for_test() -> Local {
         extra: Vec::new(),
         filter: hybridnet_config::EndpointFilter::default(),
         port: 51821,
+        excluded: Vec::new(),
     }
 }
 
@@ -148,7 +149,7 @@ fn compat_peer_specs_use_talos_allowed_ips_and_announced_addresses() {
         "203.0.113.5".parse().unwrap(),
     ];
     b.additional = nets(&["10.244.4.0/24"]);
-    b.exclude = nets(&["203.0.113.0/24"]);
+    b.excluded = nets(&["203.0.113.0/24"]);
     b.mesh_address = Some("fd7f:175a:b97c:5602::b".parse().unwrap());
     let own = affiliate("a", "self", Some(1));
     let all = [c.clone(), own, b.clone()];
