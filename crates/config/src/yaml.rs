@@ -188,8 +188,11 @@ fn convert(raw: Spanned<Raw>) -> Node {
     Node { value, pos }
 }
 
-/// Nesting deeper than this is refused (a config never needs it; it bounds recursion).
-pub const MAX_DEPTH: usize = 48;
+/// Nesting deeper than this is refused (a Talos config nests about 10 deep; it bounds recursion). The
+/// deserializer recurses per level: at 48, a debug build with serde-saphyr's `comments` feature (which
+/// kube enables in meshd) overflowed a 2 MiB thread stack; at 32 it fits, and a release build needs
+/// under 256 KiB for the refusal.
+pub const MAX_DEPTH: usize = 32;
 
 fn options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
