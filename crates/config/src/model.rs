@@ -52,7 +52,7 @@ impl fmt::Debug for Secret {
 }
 
 /// A WireGuard public key (32 bytes, written in base64).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PublicKey(pub [u8; 32]);
 
 impl fmt::Debug for PublicKey {

@@ -22,6 +22,7 @@ pub mod net;
 pub mod peer;
 pub mod probe;
 pub mod status;
+pub mod topology;
 pub mod wg;
 
 use std::sync::Arc;

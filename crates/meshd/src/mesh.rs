@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hybridnet_config::{Backend as BackendChoice, Config, Mtu, PublicKey};
+use hybridnet_config::{Backend as BackendChoice, Config, Mtu, PublicKey, Topology};
 use ipnet::{IpNet, Ipv6Net};
 use tokio::net::UdpSocket;
 
@@ -14,6 +14,7 @@ use crate::metrics::{self, Metrics};
 use crate::net::{self, Net};
 use crate::peer::{Action, PeerMachine, Timing};
 use crate::probe::{self, Kind, Probe};
+use crate::topology::{self, Layout, PathKind, Plan, Route};
 use crate::wg::kernel::Kernel;
 use crate::wg::userspace::Userspace;
 use crate::wg::{self, Actual, Desired, PeerConfig, PeerStats};
@@ -113,6 +114,10 @@ pub struct Mesh {
     discovery_synced: bool,
     pub last_error: Option<String>,
     pub started: Instant,
+    /// `topology: location`: the plan (from the config) and this node's announced endpoints.
+    pub plan: Option<Plan>,
+    own_endpoints: Vec<SocketAddr>,
+    forwarding_set: bool,
 }
 
 impl Mesh {
@@ -183,8 +188,12 @@ impl Mesh {
             discovery_synced: false,
             last_error: None,
             started: Instant::now(),
+            plan: None,
+            own_endpoints: Vec::new(),
+            forwarding_set: false,
             cfg,
         };
+        mesh.own_endpoints = mesh.announced().await;
         mesh.set_peers(specs, Instant::now());
         Ok(mesh)
     }
@@ -212,6 +221,7 @@ impl Mesh {
         self.net
             .sync_addresses(self.index, &own_addresses(&self.cfg, self.mesh_addr))
             .await?;
+        self.own_endpoints = self.announced().await;
         self.set_peers(specs, Instant::now());
         self.dirty = true;
         Ok(())
@@ -248,7 +258,62 @@ impl Mesh {
         out
     }
 
-    fn set_peers(&mut self, specs: Vec<PeerSpec>, now: Instant) {
+    /// This node's endpoints as peers see them: underlay addresses after the filter, plus the announced
+    /// extras (what discovery publishes), on the listen port.
+    async fn announced(&self) -> Vec<SocketAddr> {
+        let m = &self.cfg.meshd;
+        let addrs = self
+            .net
+            .underlay_addresses(self.index)
+            .await
+            .unwrap_or_default();
+        let mut out: Vec<SocketAddr> = m
+            .endpoint_filter
+            .apply(&addrs)
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, m.listen_port))
+            .collect();
+        out.extend(m.extra_announced_endpoints.iter().copied());
+        out
+    }
+
+    /// The topology plan for `specs` (`topology: location`), else `None`.
+    fn plan_for(&self, specs: &[PeerSpec]) -> Option<Plan> {
+        if self.cfg.meshd.topology != Topology::Location {
+            return None;
+        }
+        let me = topology::Node {
+            key: self.public,
+            location: self.cfg.meshd.location.clone(),
+            pin: topology::Pin::Auto,
+            endpoints: self.own_endpoints.clone(),
+        };
+        let peers: Vec<topology::Node> = specs
+            .iter()
+            .map(|s| topology::Node {
+                key: s.key,
+                location: s.location.clone(),
+                pin: topology::Pin::Auto,
+                endpoints: s.candidates.clone(),
+            })
+            .collect();
+        Some(topology::plan(&me, &peers))
+    }
+
+    fn set_peers(&mut self, mut specs: Vec<PeerSpec>, now: Instant) {
+        self.plan = self.plan_for(&specs);
+        if let Some(plan) = &self.plan {
+            // Each machine probes what the plan says (native peers: private endpoints; routed: none).
+            for spec in &mut specs {
+                if let Some(p) = plan.peers.get(&spec.key) {
+                    spec.candidates = p.probe.clone();
+                }
+            }
+            if plan.candidate && !self.forwarding_set {
+                enable_forwarding();
+                self.forwarding_set = true;
+            }
+        }
         let mut next = HashMap::new();
         for spec in specs {
             if spec.key == self.public {
@@ -325,8 +390,15 @@ impl Mesh {
         let mut probes = Vec::new();
         let mut counter = self.nonce;
         for peer in self.peers.values_mut() {
+            // Native peers and gateway candidates carry others' traffic (and the WireGuard counters do not
+            // see native traffic): their active path is always probed at the active rate.
+            let carrier = self
+                .plan
+                .as_ref()
+                .and_then(|p| p.peers.get(&peer.key))
+                .is_some_and(|p| p.candidate || p.role == topology::Role::Native);
             let idle = now.saturating_duration_since(peer.last_rx_change) > IDLE_AFTER;
-            peer.machine.set_idle(idle);
+            peer.machine.set_idle(idle && !carrier);
             let actions = peer.machine.poll(now, &mut || {
                 counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
                 counter ^ fastrand::u64(..)
@@ -342,7 +414,7 @@ impl Mesh {
                     Action::State(state) => {
                         changed = true;
                         tracing::info!(peer = %peer.name, state = state.as_str(), "peer state");
-                        if self.cfg.meshd.allow_down_peer_bypass {
+                        if self.cfg.meshd.allow_down_peer_bypass || self.plan.is_some() {
                             self.dirty = true;
                         }
                     }
@@ -442,6 +514,29 @@ impl Mesh {
         } else {
             None
         };
+        if let Some(layout) = self.layout() {
+            return Desired {
+                private_key: self.key.clone(),
+                listen_port: self.cfg.meshd.listen_port,
+                fwmark: net::FWMARK,
+                peers: layout
+                    .wireguard
+                    .into_iter()
+                    .filter_map(|(key, allowed_ips)| {
+                        let p = self.peers.get(&key)?;
+                        Some((
+                            key,
+                            PeerConfig {
+                                endpoint: p.machine.active_endpoint(),
+                                allowed_ips,
+                                keepalive: Some(KEEPALIVE),
+                                preshared_key: psk,
+                            },
+                        ))
+                    })
+                    .collect(),
+            };
+        }
         Desired {
             private_key: self.key.clone(),
             listen_port: self.cfg.meshd.listen_port,
@@ -465,7 +560,10 @@ impl Mesh {
     }
 
     /// The routes meshd wants in its table.
-    pub fn desired_routes(&self) -> BTreeSet<IpNet> {
+    pub fn desired_routes(&self) -> std::collections::BTreeMap<IpNet, Route> {
+        if let Some(layout) = self.layout() {
+            return layout.routes;
+        }
         routes_for(
             self.prefix,
             self.peers
@@ -473,6 +571,54 @@ impl Mesh {
                 .map(|p| (p.machine.state, &p.allowed_ips)),
             self.cfg.meshd.allow_down_peer_bypass,
         )
+        .into_iter()
+        .map(|n| (n, Route::Mesh))
+        .collect()
+    }
+
+    /// `topology: location`: the layout for the current liveness.
+    pub fn layout(&self) -> Option<Layout> {
+        let plan = self.plan.as_ref()?;
+        let live = self
+            .peers
+            .values()
+            .map(|p| {
+                (
+                    p.key,
+                    topology::Live {
+                        state: p.machine.state,
+                        active: p.machine.active_endpoint(),
+                        allowed: &p.allowed_ips,
+                    },
+                )
+            })
+            .collect();
+        let v4 = self
+            .cfg
+            .meshd
+            .addresses
+            .iter()
+            .map(IpNet::addr)
+            .find(IpAddr::is_ipv4);
+        Some(topology::layout(
+            &self.public,
+            plan,
+            &live,
+            self.prefix,
+            topology::Sources {
+                v4,
+                v6: Some(IpAddr::V6(self.mesh_addr)),
+            },
+            self.cfg.meshd.allow_down_peer_bypass,
+        ))
+    }
+
+    /// Each peer's path (`direct` for every peer in `topology: full`).
+    pub fn paths(&self) -> HashMap<PublicKey, PathKind> {
+        match self.layout() {
+            Some(l) => l.paths.into_iter().collect(),
+            None => self.peers.keys().map(|k| (*k, PathKind::Direct)).collect(),
+        }
     }
 
     /// Brings device and routes in line with the peers, incrementally.
@@ -488,6 +634,9 @@ impl Mesh {
             self.metrics
                 .wireguard_peer_ops
                 .inc_by(update.peers.len() as u64);
+            if matches!(self.backend, Backend::Userspace(_)) {
+                self.kick(&update);
+            }
         }
         self.absorb_stats(&actual);
         let changes = self
@@ -499,6 +648,38 @@ impl Mesh {
             .reconcile_seconds
             .set(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// boringtun updates a peer by removing and re-adding it, which drops the session on this side only:
+    /// the other side keeps sending on the old session, which nobody can decrypt, until its own
+    /// keepalive-plus-rekey timeout (15 s). One datagram through the tunnel to each re-added (or newly
+    /// added) peer makes this side initiate a handshake at once, which replaces the stale session on the
+    /// other side too. The datagram goes to the discard port of the peer's mesh address.
+    fn kick(&self, update: &wg::Update) {
+        let keys: Vec<&PublicKey> = update
+            .peers
+            .iter()
+            .filter_map(|op| match op {
+                wg::PeerOp::Update { key, config, .. } | wg::PeerOp::Add(key, config)
+                    if config.endpoint.is_some() =>
+                {
+                    Some(key)
+                }
+                _ => None,
+            })
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let Ok(socket) = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)) else {
+            return;
+        };
+        let _ = socket.set_nonblocking(true);
+        for key in keys {
+            if let Some(peer) = self.peers.get(key) {
+                let _ = socket.send_to(b"hybridnet-meshd-kick", (peer.mesh_addr, 9));
+            }
+        }
     }
 
     /// Reads counters from the device (for status and metrics).
@@ -561,6 +742,19 @@ fn bind_prober(port: u16) -> Result<UdpSocket, Error> {
     s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())
         .map_err(fail)?;
     UdpSocket::from_std(s.into()).map_err(fail)
+}
+
+/// Turns on IPv4 and IPv6 forwarding (a gateway candidate forwards between its location and the mesh).
+fn enable_forwarding() {
+    for path in [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ] {
+        if let Err(error) = std::fs::write(path, "1") {
+            tracing::warn!(%path, %error, "cannot enable forwarding: this gateway will not forward");
+        }
+    }
+    tracing::info!("forwarding enabled (gateway candidate)");
 }
 
 /// This node's addresses on the mesh interface: the mesh /128 and the configured ones.

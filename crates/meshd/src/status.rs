@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::mesh::{Mesh, unix_now};
 use crate::peer::PathState;
+use crate::topology::PathKind;
 
 fn ms(d: Option<std::time::Duration>) -> Value {
     d.map_or(Value::Null, |d| {
@@ -19,19 +20,42 @@ fn ms(d: Option<std::time::Duration>) -> Value {
 pub fn report(mesh: &Mesh) -> (String, Value) {
     let mut peers: Vec<&crate::mesh::Peer> = mesh.peers.values().collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name));
-    let up = peers
-        .iter()
-        .filter(|p| p.machine.state == crate::peer::PeerState::Up)
-        .count();
+    let paths = mesh.paths();
+    let name_of = |k: &hybridnet_config::PublicKey| {
+        if *k == mesh.public {
+            "(this node)".to_owned()
+        } else {
+            mesh.peers
+                .get(k)
+                .map_or_else(|| k.to_string(), |p| p.name.clone())
+        }
+    };
     let rows: Vec<Value> = peers
         .iter()
         .map(|p| {
             let m = &p.machine;
+            // A peer behind a gateway is as up as its gateway (its own machine probes nothing).
+            let state = match paths.get(&p.key) {
+                Some(PathKind::Gateway { via: Some(g) }) if *g == mesh.public => "up",
+                Some(PathKind::Gateway { via: Some(g) }) => mesh
+                    .peers
+                    .get(g)
+                    .map_or("down", |g| g.machine.state.as_str()),
+                Some(PathKind::Gateway { via: None }) => "down",
+                _ => m.state.as_str(),
+            };
+            let (path, via) = match paths.get(&p.key) {
+                Some(PathKind::Native { via }) => ("native", json!(via.to_string())),
+                Some(PathKind::Gateway { via }) => ("gateway", json!(via.as_ref().map(name_of))),
+                Some(PathKind::Direct) | None => ("direct", Value::Null),
+            };
             json!({
+                "path": path,
+                "via": via,
                 "name": p.name,
                 "publicKey": p.key.to_string(),
                 "meshAddress": p.mesh_addr.to_string(),
-                "state": m.state.as_str(),
+                "state": state,
                 "endpoint": m.active_endpoint().map(|e| e.to_string()),
                 "rttMs": ms(m.active.and_then(|a| m.paths[a].rtt)),
                 "failovers": m.failovers,
@@ -48,6 +72,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
             })
         })
         .collect();
+    let up = rows.iter().filter(|r| r["state"] == "up").count();
     let summary = format!(
         "{up}/{} peers up on {} ({}, {})",
         peers.len(),
@@ -66,6 +91,14 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         "error": mesh.last_error,
         "peers": rows,
     });
+    let mut details = details;
+    if let (Some(plan), Some(layout)) = (&mesh.plan, mesh.layout()) {
+        details["topology"] = json!({
+            "location": plan.location,
+            "gatewayCandidate": plan.candidate,
+            "gateways": layout.gateways.iter().map(|(loc, g)| (loc.clone(), json!(g.as_ref().map(name_of)))).collect::<serde_json::Map<String, Value>>(),
+        });
+    }
     (summary, details)
 }
 
@@ -83,13 +116,32 @@ pub fn render(details: &Value) -> String {
         details["mtu"],
         s(&details["publicKey"]),
     );
+    if let Some(t) = details["topology"].as_object() {
+        let gateways: Vec<String> = t["gateways"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(loc, g)| format!("{loc}={}", g.as_str().unwrap_or("-")))
+            .collect();
+        let _ = writeln!(
+            out,
+            "location {}{}  gateways {}",
+            t["location"].as_str().unwrap_or("-"),
+            if t["gatewayCandidate"] == true {
+                " (gateway candidate)"
+            } else {
+                ""
+            },
+            gateways.join(" ")
+        );
+    }
     if let Some(e) = details["error"].as_str() {
         let _ = writeln!(out, "last error: {e}");
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  paths",
-        "PEER", "STATE", "ENDPOINT", "RTT ms", "FAIL", "RX", "TX"
+        "{:<16} {:<8} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  paths",
+        "PEER", "STATE", "PATH", "ENDPOINT", "RTT ms", "FAIL", "RX", "TX"
     );
     for p in details["peers"].as_array().into_iter().flatten() {
         let paths: Vec<String> = p["paths"]
@@ -100,10 +152,14 @@ pub fn render(details: &Value) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  {}",
+            "{:<16} {:<8} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  {}",
             s(&p["name"]),
             s(&p["state"]),
-            p["endpoint"].as_str().unwrap_or("-"),
+            s(&p["path"]),
+            match (p["path"].as_str(), p["via"].as_str()) {
+                (Some("gateway" | "relayed"), Some(via)) => format!("via {via}"),
+                _ => p["endpoint"].as_str().unwrap_or("-").to_owned(),
+            },
             p["rttMs"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.1}")),
