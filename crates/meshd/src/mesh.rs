@@ -47,6 +47,8 @@ pub struct Peer {
     pub node_id: Option<String>,
     pub addresses: Vec<IpAddr>,
     pub api_server_port: Option<u16>,
+    /// It has a public address of its own (a relay candidate).
+    pub public: bool,
     pub machine: PeerMachine,
     pub probe_key: [u8; 32],
     pub stats: PeerStats,
@@ -315,10 +317,22 @@ impl Mesh {
             }
         }
         let mut next = HashMap::new();
+        if self.plan.is_none() && self.own_public() && !self.forwarding_set {
+            // A public node may relay between NATed peers.
+            enable_forwarding();
+            self.forwarding_set = true;
+        }
         for spec in specs {
             if spec.key == self.public {
                 continue;
             }
+            // Its own addresses (discovery) tell whether it is public; a static peer's endpoints are
+            // taken as its own.
+            let public = if spec.addresses.is_empty() {
+                spec.candidates.iter().any(|c| topology::is_public(c.ip()))
+            } else {
+                spec.addresses.iter().any(|a| topology::is_public(*a))
+            };
             let mesh_addr = identity::mesh_address(self.prefix, &spec.key);
             let mut allowed: BTreeSet<IpNet> = spec.allowed_ips.iter().copied().collect();
             allowed.insert(IpNet::from(ipnet::Ipv6Net::from(mesh_addr)));
@@ -332,6 +346,7 @@ impl Mesh {
                     p.node_id = spec.node_id;
                     p.addresses = spec.addresses;
                     p.api_server_port = spec.api_server_port;
+                    p.public = public;
                     p
                 }
                 None => Peer {
@@ -346,6 +361,7 @@ impl Mesh {
                     node_id: spec.node_id,
                     addresses: spec.addresses,
                     api_server_port: spec.api_server_port,
+                    public,
                     stats: PeerStats::default(),
                     last_rx_change: now,
                     last_seen_unix: 0,
@@ -414,9 +430,8 @@ impl Mesh {
                     Action::State(state) => {
                         changed = true;
                         tracing::info!(peer = %peer.name, state = state.as_str(), "peer state");
-                        if self.cfg.meshd.allow_down_peer_bypass || self.plan.is_some() {
-                            self.dirty = true;
-                        }
+                        // Routes (bypass), gateways and relays follow peer states.
+                        self.dirty = true;
                     }
                 }
             }
@@ -537,6 +552,16 @@ impl Mesh {
                     .collect(),
             };
         }
+        let relays = self.relays();
+        let mut allowed: HashMap<PublicKey, BTreeSet<IpNet>> = self
+            .peers
+            .values()
+            .map(|p| (p.key, p.allowed_ips.clone()))
+            .collect();
+        for (peer, relay) in &relays {
+            let moved = allowed.insert(*peer, BTreeSet::new()).unwrap_or_default();
+            allowed.entry(*relay).or_default().extend(moved);
+        }
         Desired {
             private_key: self.key.clone(),
             listen_port: self.cfg.meshd.listen_port,
@@ -549,7 +574,7 @@ impl Mesh {
                         p.key,
                         PeerConfig {
                             endpoint: p.machine.active_endpoint(),
-                            allowed_ips: p.allowed_ips.clone(),
+                            allowed_ips: allowed.remove(&p.key).unwrap_or_default(),
                             keepalive: Some(KEEPALIVE),
                             preshared_key: psk,
                         },
@@ -564,11 +589,18 @@ impl Mesh {
         if let Some(layout) = self.layout() {
             return layout.routes;
         }
+        let relays = self.relays();
         routes_for(
             self.prefix,
-            self.peers
-                .values()
-                .map(|p| (p.machine.state, &p.allowed_ips)),
+            self.peers.values().map(|p| {
+                // A relayed peer is reachable (through its relay): its routes stay.
+                let state = if relays.contains_key(&p.key) {
+                    crate::peer::PeerState::Up
+                } else {
+                    p.machine.state
+                };
+                (state, &p.allowed_ips)
+            }),
             self.cfg.meshd.allow_down_peer_bypass,
         )
         .into_iter()
@@ -613,12 +645,44 @@ impl Mesh {
         ))
     }
 
-    /// Each peer's path (`direct` for every peer in `topology: full`).
+    /// Each peer's path (`direct` or `relayed` in `topology: full`).
     pub fn paths(&self) -> HashMap<PublicKey, PathKind> {
         match self.layout() {
             Some(l) => l.paths.into_iter().collect(),
-            None => self.peers.keys().map(|k| (*k, PathKind::Direct)).collect(),
+            None => {
+                let relays = self.relays();
+                self.peers
+                    .keys()
+                    .map(|k| {
+                        let path = relays
+                            .get(k)
+                            .map_or(PathKind::Direct, |r| PathKind::Relayed { via: *r });
+                        (*k, path)
+                    })
+                    .collect()
+            }
         }
+    }
+
+    /// Whether this node has a public address of its own (then it relays and is never relayed).
+    fn own_public(&self) -> bool {
+        self.own_endpoints
+            .iter()
+            .any(|e| topology::is_public(e.ip()))
+    }
+
+    /// `topology: full`: the peers relayed now, and their relays.
+    pub fn relays(&self) -> std::collections::BTreeMap<PublicKey, PublicKey> {
+        let views: Vec<topology::RelayView> = self
+            .peers
+            .values()
+            .map(|p| topology::RelayView {
+                key: p.key,
+                public: p.public,
+                state: p.machine.state,
+            })
+            .collect();
+        topology::relays(self.own_public(), &views)
     }
 
     /// Brings device and routes in line with the peers, incrementally.

@@ -42,11 +42,16 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                     .get(g)
                     .map_or("down", |g| g.machine.state.as_str()),
                 Some(PathKind::Gateway { via: None }) => "down",
+                Some(PathKind::Relayed { via }) => mesh
+                    .peers
+                    .get(via)
+                    .map_or("down", |g| g.machine.state.as_str()),
                 _ => m.state.as_str(),
             };
             let (path, via) = match paths.get(&p.key) {
                 Some(PathKind::Native { via }) => ("native", json!(via.to_string())),
                 Some(PathKind::Gateway { via }) => ("gateway", json!(via.as_ref().map(name_of))),
+                Some(PathKind::Relayed { via }) => ("relayed", json!(name_of(via))),
                 Some(PathKind::Direct) | None => ("direct", Value::Null),
             };
             json!({

@@ -214,6 +214,8 @@ pub enum PathKind {
     Direct,
     /// Through a gateway (`None`: its location has no gateway alive).
     Gateway { via: Option<PublicKey> },
+    /// Through a public relay node, while no direct path works.
+    Relayed { via: PublicKey },
 }
 
 impl PathKind {
@@ -222,6 +224,7 @@ impl PathKind {
             PathKind::Native { .. } => "native",
             PathKind::Direct => "direct",
             PathKind::Gateway { .. } => "gateway",
+            PathKind::Relayed { .. } => "relayed",
         }
     }
 }
@@ -361,6 +364,41 @@ pub fn layout(
                     out.paths.insert(*key, PathKind::Gateway { via: g });
                 }
             }
+        }
+    }
+    out
+}
+
+/// One peer as the relay decision sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct RelayView {
+    pub key: PublicKey,
+    /// It has a public address of its own (not only one its NAT shows), so it can relay.
+    pub public: bool,
+    pub state: PeerState,
+}
+
+/// `topology: full`: which peers are relayed, and through whom. A node with a public address of its own
+/// never relays (peers behind NATs reach it). Otherwise every peer that is `Down` (all its direct
+/// candidates probed, none answering: a symmetric NAT on both sides, a firewall) goes through the relay:
+/// the first peer, by key, that is public and `Up`; every node computes the same from the same liveness.
+/// The direct candidates keep being probed: once one answers, the peer is `Up` and leaves the relay.
+pub fn relays(me_public: bool, peers: &[RelayView]) -> BTreeMap<PublicKey, PublicKey> {
+    let mut out = BTreeMap::new();
+    if me_public {
+        return out;
+    }
+    let Some(relay) = peers
+        .iter()
+        .filter(|p| p.public && p.state == PeerState::Up)
+        .map(|p| p.key)
+        .min()
+    else {
+        return out;
+    };
+    for p in peers {
+        if p.key != relay && p.state == PeerState::Down {
+            out.insert(p.key, relay);
         }
     }
     out

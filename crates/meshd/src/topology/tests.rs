@@ -117,6 +117,47 @@ fn via(gw: &str, me: u8) -> Route {
 }
 
 #[test]
+fn relays_only_down_peers_of_a_natted_node_through_the_first_live_public_peer() {
+    let v = |i: u8, public: bool, state: PeerState| RelayView {
+        key: key(i),
+        public,
+        state,
+    };
+    let peers = [
+        v(1, true, PeerState::Down),
+        v(2, true, PeerState::Up),
+        v(3, true, PeerState::Up),
+        v(4, false, PeerState::Down),
+        v(5, false, PeerState::Up),
+        v(6, false, PeerState::Unknown),
+    ];
+    let r = relays(false, &peers);
+    // 1 is down (a public node can be unreachable too), 4 is down; 6 is still being probed.
+    assert_eq!(
+        r,
+        [(key(1), key(2)), (key(4), key(2))].into_iter().collect()
+    );
+    // A public node never relays: NATed peers reach it.
+    assert!(relays(true, &peers).is_empty());
+    // No live public peer: nothing to relay through.
+    let lone = [v(2, true, PeerState::Down), v(4, false, PeerState::Down)];
+    assert!(relays(false, &lone).is_empty());
+    // The direct path comes back: the peer leaves the relay.
+    let back = [v(2, true, PeerState::Up), v(4, false, PeerState::Up)];
+    assert!(relays(false, &back).is_empty());
+    // The relay itself dies: the next public peer takes over.
+    let next = [
+        v(2, true, PeerState::Down),
+        v(3, true, PeerState::Up),
+        v(4, false, PeerState::Down),
+    ];
+    assert_eq!(
+        relays(false, &next),
+        [(key(2), key(3)), (key(4), key(3))].into_iter().collect()
+    );
+}
+
+#[test]
 fn public_addresses() {
     for ip in ["198.51.100.1", "203.0.113.7", "2001:db8::1", "8.8.8.8"] {
         assert!(is_public(ip.parse().unwrap()), "{ip}");
