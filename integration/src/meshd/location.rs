@@ -3,7 +3,8 @@
 //! location `l` has index `10 l + j`, the LAN address 192.168.l.(10 l + j), the public address
 //! 198.51.100.(10 l + j) when it is public, and the IPv4 mesh address 10.99.0.(10 l + j). Every node runs
 //! meshd (userspace backend) with `topology: location`, `location: loc<l>`, and every other node as a
-//! static peer (LAN endpoint first, then the public one) with its location.
+//! static peer (LAN endpoint first, then the public one) with its location. Nodes filter reverse paths
+//! strictly (`rp_filter=1`).
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -69,6 +70,17 @@ impl LocationLab {
         for (j, &is_public) in public.iter().enumerate() {
             let index = 10 * l + j as u8 + 1;
             let netns = Netns::new();
+            // Strict reverse-path filtering (the strictest a distribution sets): the topology must pass it.
+            for key in [
+                "net.ipv4.conf.all.rp_filter=1",
+                "net.ipv4.conf.default.rp_filter=1",
+            ] {
+                let out = netns.exec(&["sysctl", "-qw", key]);
+                assert!(
+                    out.status.success(),
+                    "sysctl {key} failed in the node namespace"
+                );
+            }
             let mut links = vec![("lan", br.clone(), Ipv4Addr::new(192, 168, l, index))];
             if is_public {
                 links.push(("pub", "brpub".into(), Ipv4Addr::new(198, 51, 100, index)));
