@@ -287,7 +287,7 @@ impl Mesh {
         let me = topology::Node {
             key: self.public,
             location: self.cfg.meshd.location.clone(),
-            pin: topology::Pin::Auto,
+            pin: self.cfg.meshd.gateway,
             endpoints: self.own_endpoints.clone(),
         };
         let peers: Vec<topology::Node> = specs
@@ -295,7 +295,14 @@ impl Mesh {
             .map(|s| topology::Node {
                 key: s.key,
                 location: s.location.clone(),
-                pin: topology::Pin::Auto,
+                // Pins come from static peers (discovery has no field for them: `auto`).
+                pin: self
+                    .cfg
+                    .meshd
+                    .peers
+                    .iter()
+                    .find(|p| p.public_key == s.key)
+                    .map_or(topology::Pin::Auto, |p| p.gateway),
                 endpoints: s.candidates.clone(),
             })
             .collect();

@@ -37,14 +37,8 @@ use ipnet::{IpNet, Ipv6Net};
 
 use crate::peer::PeerState;
 
-/// A node's stance on being a gateway (`meshd.gateway` for this node).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Pin {
-    Always,
-    #[default]
-    Auto,
-    Never,
-}
+/// A node's stance on being a gateway (`meshd.gateway` for this node, a static peer's `gateway`).
+pub use hybridnet_config::GatewayPin as Pin;
 
 /// Whether `ip` is an address peers in other locations can reach (not private, CGNAT, ULA or link-local).
 pub fn is_public(ip: IpAddr) -> bool {
