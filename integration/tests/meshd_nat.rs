@@ -55,14 +55,16 @@ fn wait_known(lab: &NatLab, i: usize, j: usize) -> Instant {
 
 #[test]
 fn cone_nats_punch_through_and_symmetric_ones_are_relayed_until_direct_works() {
-    // node1 public; node2, node3 behind cone NATs; node4, node5 behind symmetric NATs.
-    let lab = NatLab::new(
+    // node1, node2 public; node3, node4 behind cone NATs; node5, node6 behind symmetric NATs.
+    let lab = NatLab::with_publics(
         "meshd-nat",
+        2,
         &[Nat::Cone, Nat::Cone, Nat::Symmetric, Nat::Symmetric],
     );
     let start = Instant::now();
     let _daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
-    let (p, a, b, c, d) = (0, 1, 2, 3, 4);
+    let (p, q, a, b, c, d) = (0, 1, 2, 3, 4, 5);
+    let publics = [lab.nodes[p].name(), lab.nodes[q].name()];
 
     // Cone to cone: both sides probe each other's public address at once, the mappings open, WireGuard
     // follows: a direct path through both NATs.
@@ -85,14 +87,14 @@ fn cone_nats_punch_through_and_symmetric_ones_are_relayed_until_direct_works() {
 
     // Symmetric to symmetric: no direct path; within 5 s both sides go through the public node.
     let known = wait_known(&lab, c, d);
-    let (via, _) = wait_path(&lab, c, d, "relayed", Duration::from_secs(10));
-    assert_eq!(via, lab.nodes[p].name());
+    let (relay, _) = wait_path(&lab, c, d, "relayed", Duration::from_secs(10));
+    assert!(publics.contains(&relay), "relayed via {relay}");
     let (via, _) = wait_path(&lab, d, c, "relayed", Duration::from_secs(10));
-    assert_eq!(via, lab.nodes[p].name());
+    assert!(publics.contains(&via), "relayed via {via}");
     ping(&lab, c, d, Duration::from_secs(10));
     let relayed = start.elapsed();
     eprintln!(
-        "symmetric <-> symmetric: relayed through node1, ping through {relayed:?} after the daemons started \
+        "symmetric <-> symmetric: relayed through {relay}, ping through {relayed:?} after the daemons started \
          (peer listed after {:?}); measured from the start, so it includes joining discovery",
         known.duration_since(start)
     );
@@ -100,11 +102,50 @@ fn cone_nats_punch_through_and_symmetric_ones_are_relayed_until_direct_works() {
         relayed <= Duration::from_secs(5),
         "relayed pair connected after {relayed:?}"
     );
-    // The relay itself never relays: it reaches everyone directly.
-    for j in [a, b, c, d] {
-        let (path, ..) = lab.path(p, j).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(path, "direct", "node1 -> {}", lab.nodes[j].name());
+    // The public nodes never relay: they reach everyone directly.
+    for i in [p, q] {
+        for j in [a, b, c, d] {
+            let (path, ..) = lab.path(i, j).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                path,
+                "direct",
+                "{} -> {}",
+                lab.nodes[i].name(),
+                lab.nodes[j].name()
+            );
+        }
     }
+    // What the pongs of the two public nodes told each node about its NAT.
+    let nat_of = |i: usize| -> Result<(String, String), String> {
+        let d = lab.nodes[i].details()?;
+        Ok((
+            d["nat"]["type"].as_str().unwrap_or("-").to_owned(),
+            d["nat"]["reflexive"].to_string(),
+        ))
+    };
+    for (i, want) in [
+        (p, "none"),
+        (a, "port-preserving"),
+        (b, "port-preserving"),
+        (c, "symmetric"),
+        (d, "symmetric"),
+    ] {
+        wait_until(Duration::from_secs(5), "the NAT classification", || {
+            let (kind, reflexive) = nat_of(i)?;
+            let want_ip = lab.wan_ip(i).to_string();
+            if kind == want && (want == "none" || reflexive.contains(&want_ip)) {
+                Ok(())
+            } else {
+                Err(format!("{}: {kind} {reflexive}", lab.nodes[i].name()))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let announced = lab.nodes[a].details().unwrap_or_default()["nat"]["announced"].to_string();
+    assert!(
+        announced.contains(&format!("{}:{PORT}", lab.wan_ip(a))),
+        "a port-preserving node announces its reflexive address on the WireGuard port: {announced}"
+    );
 
     // A direct path becomes possible (both routers forward the WireGuard and probe ports): the pair
     // leaves the relay.

@@ -248,12 +248,20 @@ async fn report(
         *underlay = (kept, Some(Instant::now()));
     }
     if let Some(d) = discovery {
-        d.set_local(discovery::local(
+        let mut local = discovery::local(
             &mesh.cfg,
             &mesh.public,
             std::net::IpAddr::V6(mesh.mesh_addr),
             &underlay.0,
-        ));
+        );
+        // Our reflexive address (from peers' pongs) when the NAT keeps ports: each node publishes only
+        // its own endpoints.
+        for e in mesh.reflexive_endpoints() {
+            if !local.endpoints.contains(&e) {
+                local.endpoints.push(e);
+            }
+        }
+        d.set_local(local);
     }
     let members = status::members(mesh, underlay.0.clone());
     let same = written.as_ref().is_some_and(|(w, at)| {

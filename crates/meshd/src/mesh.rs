@@ -120,6 +120,8 @@ pub struct Mesh {
     pub plan: Option<Plan>,
     own_endpoints: Vec<SocketAddr>,
     forwarding_set: bool,
+    /// Where each peer saw our probes come from (version-2 pongs): our reflexive addresses.
+    observed: HashMap<PublicKey, SocketAddr>,
 }
 
 impl Mesh {
@@ -193,6 +195,7 @@ impl Mesh {
             plan: None,
             own_endpoints: Vec::new(),
             forwarding_set: false,
+            observed: HashMap::new(),
             cfg,
         };
         mesh.own_endpoints = mesh.announced().await;
@@ -475,6 +478,8 @@ impl Mesh {
             sender: self.public,
             nonce,
             timestamp_us: self.started.elapsed().as_micros() as u64,
+            observed: None,
+            version: 2,
         };
         let bytes = probe::encode(&ping, &peer.probe_key);
         let to = v6_mapped(probe::probe_addr(endpoint));
@@ -511,9 +516,11 @@ impl Mesh {
         }
         match probe.kind {
             Kind::Ping => {
+                // Answered in the ping's version; version 2 tells the pinger where its ping came from.
                 let pong = Probe {
                     kind: Kind::Pong,
                     sender: self.public,
+                    observed: Some(unmapped(from)),
                     ..probe
                 };
                 let reply = probe::encode(&pong, &peer.probe_key);
@@ -525,6 +532,9 @@ impl Mesh {
                 if peer.machine.on_pong(probe.nonce, Instant::now()) {
                     peer.last_seen_unix = unix_now();
                     self.metrics.probes_answered.inc();
+                    if let Some(observed) = probe.observed {
+                        self.observed.insert(peer.key, observed);
+                    }
                 }
             }
         }
@@ -671,6 +681,31 @@ impl Mesh {
         }
     }
 
+    /// What the pongs of public peers say about our NAT (see [`topology::nat`]).
+    pub fn nat(&self) -> topology::NatView {
+        let own: Vec<IpAddr> = self.own_endpoints.iter().map(SocketAddr::ip).collect();
+        let seen: Vec<SocketAddr> = self
+            .observed
+            .iter()
+            .filter(|(k, _)| self.peers.get(k).is_some_and(|p| p.public))
+            .map(|(_, a)| *a)
+            .collect();
+        topology::nat(&own, probe::probe_port(self.cfg.meshd.listen_port), &seen)
+    }
+
+    /// Endpoints to announce besides our own addresses: the reflexive address on the WireGuard port, when
+    /// the NAT keeps source ports (then the WireGuard port is mapped to itself too).
+    pub fn reflexive_endpoints(&self) -> Vec<SocketAddr> {
+        let nat = self.nat();
+        if nat.kind != topology::NatKind::Preserving {
+            return Vec::new();
+        }
+        nat.reflexive
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, self.cfg.meshd.listen_port))
+            .collect()
+    }
+
     /// Whether this node has a public address of its own (then it relays and is never relayed).
     fn own_public(&self) -> bool {
         self.own_endpoints
@@ -792,6 +827,16 @@ impl Mesh {
             Backend::Userspace(u) => drop(u),
         }
         tracing::info!("mesh removed");
+    }
+}
+
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
     }
 }
 

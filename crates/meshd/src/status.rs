@@ -97,6 +97,12 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         "peers": rows,
     });
     let mut details = details;
+    let nat = mesh.nat();
+    details["nat"] = json!({
+        "type": nat.kind.as_str(),
+        "reflexive": nat.reflexive.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "announced": mesh.reflexive_endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
+    });
     if let (Some(plan), Some(layout)) = (&mesh.plan, mesh.layout()) {
         details["topology"] = json!({
             "location": plan.location,

@@ -363,6 +363,69 @@ pub fn layout(
     out
 }
 
+/// What this node's NAT does, from where public peers saw its probes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatKind {
+    /// No public peer has answered yet.
+    Unknown,
+    /// A public peer saw one of our own addresses: no NAT.
+    None,
+    /// Seen at a public address with our probe port: the NAT keeps source ports (endpoint-independent
+    /// in practice); our WireGuard port is then reachable at the same address, after hole punching.
+    Preserving,
+    /// One mapping, another port: the WireGuard port's mapping is unknown (not announced).
+    Changing,
+    /// Different ports for different peers: a new mapping per destination (port-randomising).
+    Symmetric,
+}
+
+impl NatKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NatKind::Unknown => "unknown",
+            NatKind::None => "none",
+            NatKind::Preserving => "port-preserving",
+            NatKind::Changing => "port-changing",
+            NatKind::Symmetric => "symmetric",
+        }
+    }
+}
+
+/// [`nat`]'s answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatView {
+    pub kind: NatKind,
+    /// Our public (reflexive) addresses as seen by public peers (not our own addresses).
+    pub reflexive: Vec<IpAddr>,
+}
+
+/// Classifies our NAT from `seen` (where public peers saw our probes come from), our own addresses and
+/// our probe port (pure).
+pub fn nat(own: &[IpAddr], probe_port: u16, seen: &[SocketAddr]) -> NatView {
+    let seen: Vec<&SocketAddr> = seen.iter().filter(|a| is_public(a.ip())).collect();
+    let mut reflexive: Vec<IpAddr> = Vec::new();
+    for a in &seen {
+        if !own.contains(&a.ip()) && !reflexive.contains(&a.ip()) {
+            reflexive.push(a.ip());
+        }
+    }
+    let kind = if seen.is_empty() {
+        NatKind::Unknown
+    } else if seen.iter().any(|a| own.contains(&a.ip())) {
+        NatKind::None
+    } else if seen.iter().all(|a| a.port() == probe_port) {
+        NatKind::Preserving
+    } else if seen.iter().all(|a| *a == seen[0]) {
+        NatKind::Changing
+    } else {
+        NatKind::Symmetric
+    };
+    if kind == NatKind::None {
+        reflexive.clear();
+    }
+    NatView { kind, reflexive }
+}
+
 /// One peer as the relay decision sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct RelayView {

@@ -1,4 +1,5 @@
-//! A NAT lab: node1 is public (198.51.100.11 on the public bridge); every other node `i` sits alone on a
+//! A NAT lab: node1 (and more with [`NatLab::with_publics`]) is public (198.51.100.11 on the public
+//! bridge); every other node `i` sits alone on a
 //! LAN (10.0.i.2/24) behind its own router namespace, whose WAN address 198.51.100.(10+i) masquerades
 //! the LAN: `Cone` (Linux's default masquerade: the source port is kept when it is free, one mapping
 //! whatever the destination) or `Symmetric` (`fully-random`: a new random port per destination). Both
@@ -37,6 +38,11 @@ pub struct NatLab {
 impl NatLab {
     /// node1 public, then one NATed node per entry of `nats`.
     pub fn new(label: &str, nats: &[Nat]) -> NatLab {
+        NatLab::with_publics(label, 1, nats)
+    }
+
+    /// `publics` public nodes (node1...), then one NATed node per entry of `nats`.
+    pub fn with_publics(label: &str, publics: usize, nats: &[Nat]) -> NatLab {
         let switch = Netns::new();
         switch.ip(&["link", "add", "brpub", "type", "bridge"]);
         switch.ip(&["link", "set", "brpub", "up"]);
@@ -51,7 +57,7 @@ impl NatLab {
             switch,
             dir,
         };
-        let kinds: Vec<Option<Nat>> = std::iter::once(None)
+        let kinds: Vec<Option<Nat>> = std::iter::repeat_n(None, publics)
             .chain(nats.iter().copied().map(Some))
             .collect();
         for (k, nat) in kinds.into_iter().enumerate() {

@@ -158,6 +158,40 @@ fn relays_only_down_peers_of_a_natted_node_through_the_first_live_public_peer() 
 }
 
 #[test]
+fn nat_kinds_from_observed_addresses() {
+    let own: Vec<IpAddr> = vec!["10.0.1.2".parse().unwrap()];
+    let seen = |list: &[&str]| list.iter().map(|a| ep(a)).collect::<Vec<_>>();
+    let k = |list: &[&str]| nat(&own, 51822, &seen(list));
+    assert_eq!(k(&[]).kind, NatKind::Unknown);
+    // Observations at private addresses (a LAN neighbour) say nothing.
+    assert_eq!(k(&["10.0.1.3:51822"]).kind, NatKind::Unknown);
+    let p = k(&["198.51.100.21:51822", "198.51.100.21:51822"]);
+    assert_eq!(p.kind, NatKind::Preserving);
+    assert_eq!(
+        p.reflexive,
+        vec!["198.51.100.21".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(k(&["198.51.100.21:40000"]).kind, NatKind::Changing);
+    assert_eq!(
+        k(&["198.51.100.21:40000", "198.51.100.21:40000"]).kind,
+        NatKind::Changing
+    );
+    assert_eq!(
+        k(&["198.51.100.21:40000", "198.51.100.21:40001"]).kind,
+        NatKind::Symmetric
+    );
+    assert_eq!(
+        k(&["198.51.100.21:51822", "198.51.100.21:40001"]).kind,
+        NatKind::Symmetric
+    );
+    // A public node sees itself: no NAT, nothing reflexive.
+    let own: Vec<IpAddr> = vec!["198.51.100.11".parse().unwrap()];
+    let n = nat(&own, 51822, &seen(&["198.51.100.11:51822"]));
+    assert_eq!(n.kind, NatKind::None);
+    assert!(n.reflexive.is_empty());
+}
+
+#[test]
 fn public_addresses() {
     for ip in ["198.51.100.1", "203.0.113.7", "2001:db8::1", "8.8.8.8"] {
         assert!(is_public(ip.parse().unwrap()), "{ip}");
