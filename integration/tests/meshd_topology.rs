@@ -90,6 +90,32 @@ fn locations_native_inside_wireguard_across_gateway_failover_and_a_third_locatio
         (n12, n11)
     };
     wait_path(&lab, n13, n23, "gateway", Some(&gw));
+    // The path gauge: 1 for the current path of each peer, 0 for the others.
+    let paths = |i: usize, peer: &str| -> Vec<(String, f64)> {
+        let d = &daemons[all.iter().position(|&k| k == i).unwrap_or(0)];
+        let m = d.metrics().unwrap_or_else(|e| panic!("metrics: {e}"));
+        let needle = format!("peer=\"{peer}\"");
+        m.series("meshd_peer_path")
+            .filter(|(l, _)| l.contains(&needle))
+            .map(|(l, v)| (l.to_owned(), v))
+            .collect()
+    };
+    for (i, peer, path) in [
+        (n13, "node23", "gateway"),
+        (n13, "node12", "native"),
+        (n21, &*gw, "direct"),
+    ] {
+        wait_until(Duration::from_secs(3), "meshd_peer_path", || {
+            let series = paths(i, peer);
+            let on: Vec<&(String, f64)> = series.iter().filter(|(_, v)| *v == 1.0).collect();
+            if series.len() == 4 && on.len() == 1 && on[0].0.contains(&format!("path=\"{path}\"")) {
+                Ok(())
+            } else {
+                Err(format!("{}: {series:?}", lab.nodes[i].name()))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
     // Every node that needs to know settles on the same gateway for loc1 (loc1's nodes and the other
     // locations' candidates; start-up may briefly differ: a candidate counts itself up before it has
     // heard from the candidates ordered before it). loc2's private nodes do not probe loc1 at all.
