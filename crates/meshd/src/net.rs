@@ -328,10 +328,15 @@ impl Net {
     ) -> Result<usize, Error> {
         let have = self.routes(index).await?;
         let mut changes = 0;
+        // One bad route (e.g. a next hop that is not on a connected network) must not keep the others
+        // from being applied: every difference is tried, the first failure is reported.
+        let mut failed: Vec<String> = Vec::new();
         for (net, (_, oif)) in &have {
             if !want.contains_key(net) {
-                self.del_route(*oif, net).await?;
-                changes += 1;
+                match self.del_route(*oif, net).await {
+                    Ok(()) => changes += 1,
+                    Err(e) => failed.push(format!("{net}: {e}")),
+                }
             }
         }
         for (net, route) in want {
@@ -339,11 +344,19 @@ impl Net {
                 r == route && (*route != Route::Mesh || *oif == Some(index))
             });
             if !same {
-                self.add_route(index, net, *route).await?;
-                changes += 1;
+                match self.add_route(index, net, *route).await {
+                    Ok(()) => changes += 1,
+                    Err(e) => failed.push(format!("{net}: {e}")),
+                }
             }
         }
-        Ok(changes)
+        match failed.first() {
+            None => Ok(changes),
+            Some(first) => Err(Error::Netlink(format!(
+                "{} route change(s) failed, first: {first}",
+                failed.len()
+            ))),
+        }
     }
 
     async fn our_rules(&self) -> Result<Vec<netlink_packet_route::rule::RuleMessage>, Error> {
