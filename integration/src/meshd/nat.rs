@@ -95,7 +95,7 @@ impl NatLab {
                     netns.ip(&["addr", "add", &format!("10.0.{index}.2/24"), "dev", "lan"]);
                     netns.ip(&["link", "set", "lan", "up"]);
                     netns.ip(&["route", "add", "default", "via", &format!("10.0.{index}.1")]);
-                    let out = r.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+                    let out = r.exec(&["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]);
                     assert!(
                         out.status.success(),
                         "cannot enable forwarding in the router"
