@@ -228,3 +228,40 @@ pub fn members(mesh: &Mesh, own_addresses: Vec<IpAddr>) -> Members {
     }
     Members { members }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_shows_paths_gateways_and_relays() {
+        let details = json!({
+            "interface": "hybridnet0", "backend": "userspace", "meshAddress": "fd00::1", "listenPort": 51821,
+            "mtu": 1420, "publicKey": "k",
+            "topology": {"location": "loc1", "gatewayCandidate": false, "gateways": {"loc1": "node11", "loc2": null}},
+            "peers": [
+                {"name": "node11", "state": "up", "path": "native", "via": "192.168.1.11", "endpoint": "192.168.1.11:51821", "rttMs": 0.2, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
+                {"name": "node23", "state": "up", "path": "gateway", "via": "node11", "endpoint": null, "rttMs": null, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
+                {"name": "node5", "state": "up", "path": "relayed", "via": "node1", "endpoint": null, "rttMs": null, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
+            ],
+        });
+        let out = render(&details);
+        assert!(
+            out.contains("location loc1  gateways loc1=node11 loc2=-"),
+            "{out}"
+        );
+        assert!(out.contains("PATH"), "{out}");
+        let line = |name: &str| {
+            out.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(
+            line("node11").contains("native   192.168.1.11:51821"),
+            "{out}"
+        );
+        assert!(line("node23").contains("gateway  via node11"), "{out}");
+        assert!(line("node5").contains("relayed  via node1"), "{out}");
+    }
+}
