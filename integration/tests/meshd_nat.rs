@@ -115,6 +115,24 @@ fn cone_nats_punch_through_and_symmetric_ones_are_relayed_until_direct_works() {
             );
         }
     }
+    // The symmetric nodes cannot be probed from outside (each destination gets its own port), but their
+    // WireGuard sessions with the relay are up: the relay shows them up by traffic.
+    let relay_pos = if relay == lab.nodes[p].name() { p } else { q };
+    for j in [c, d] {
+        wait_until(
+            Duration::from_secs(5),
+            "the relay to show the symmetric node up",
+            || {
+                let row = lab.nodes[relay_pos].peer(&lab.nodes[j].name())?;
+                if row["state"] == "up" && row["liveness"] == "traffic" {
+                    Ok(())
+                } else {
+                    Err(format!("{row}"))
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
     // What the pongs of the two public nodes told each node about its NAT.
     let nat_of = |i: usize| -> Result<(String, String), String> {
         let d = lab.nodes[i].details()?;

@@ -57,6 +57,34 @@ pub struct Peer {
     reported_failovers: u64,
 }
 
+/// WireGuard traffic from a peer this recent means it is reachable even when it has never answered a probe
+/// (a NATed peer that reaches a public node through a mapping the node cannot probe: WireGuard roams to
+/// it). Persistent keepalives (25 s) keep a live session's counter moving.
+pub const TRAFFIC_ALIVE: Duration = Duration::from_secs(35);
+
+impl Peer {
+    /// The peer's state for status and `allowDownPeerBypass`: up when its probes say so, or when WireGuard
+    /// has received from it lately (see [`TRAFFIC_ALIVE`]). Gateways and relays follow the probes only.
+    pub fn reachable(&self) -> crate::peer::PeerState {
+        use crate::peer::PeerState;
+        if self.machine.state != PeerState::Up && self.by_traffic() {
+            PeerState::Up
+        } else {
+            self.machine.state
+        }
+    }
+
+    /// Up by WireGuard traffic alone: none of its paths has ever answered a probe (a peer behind a NAT
+    /// that maps each destination to its own port), yet WireGuard receives from it. A peer whose probed
+    /// path died is down at once, as before.
+    pub fn by_traffic(&self) -> bool {
+        self.machine.state != crate::peer::PeerState::Up
+            && self.machine.paths.iter().all(|p| p.last_pong.is_none())
+            && self.stats.rx_bytes > 0
+            && self.last_rx_change.elapsed() < TRAFFIC_ALIVE
+    }
+}
+
 /// The settings that, when changed, need the device to be rebuilt.
 #[derive(Clone, Debug, PartialEq)]
 struct DeviceKey {
@@ -610,11 +638,12 @@ impl Mesh {
         routes_for(
             self.prefix,
             self.peers.values().map(|p| {
-                // A relayed peer is reachable (through its relay): its routes stay.
+                // A relayed peer is reachable (through its relay): its routes stay; so is a peer that
+                // only WireGuard traffic shows alive.
                 let state = if relays.contains_key(&p.key) {
                     crate::peer::PeerState::Up
                 } else {
-                    p.machine.state
+                    p.reachable()
                 };
                 (state, &p.allowed_ips)
             }),

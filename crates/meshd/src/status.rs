@@ -46,7 +46,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                     .peers
                     .get(via)
                     .map_or("down", |g| g.machine.state.as_str()),
-                _ => m.state.as_str(),
+                _ => p.reachable().as_str(),
             };
             let (path, via) = match paths.get(&p.key) {
                 Some(PathKind::Native { via }) => ("native", json!(via.to_string())),
@@ -57,6 +57,8 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
             json!({
                 "path": path,
                 "via": via,
+                // `probes` normally; `traffic` when only WireGuard traffic shows the peer alive.
+                "liveness": if p.by_traffic() { "traffic" } else { "probes" },
                 "name": p.name,
                 "publicKey": p.key.to_string(),
                 "meshAddress": p.mesh_addr.to_string(),
