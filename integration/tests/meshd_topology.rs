@@ -225,6 +225,67 @@ fn locations_native_inside_wireguard_across_gateway_failover_and_a_third_locatio
         wg_rx()
     );
 
+    // The active gateway loses its WAN link only (its LAN side and meshd stay up: Kilo's leader would
+    // black-hole its location): its pongs say it has no uplink, so node13 moves to the standby, as does
+    // node21 (its probes to the gateway fail); a TCP stream survives. The WAN comes back: everyone returns.
+    let standby_name = lab.nodes[standby].name();
+    let via_lan = |i: usize| format!("via {} dev lan", lab.lan_ip(i));
+    let flow = TcpFlow::start(
+        &lab.nodes[n23].netns,
+        &lab.nodes[n13].netns,
+        lab.nodes[n23].mesh_ip(),
+        7100,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let cut = Instant::now();
+    lab.nodes[gw_pos].netns.ip(&["link", "set", "pub", "down"]);
+    wait_until(
+        Duration::from_secs(10),
+        "node13 to leave the gateway without uplink",
+        || {
+            let r = lab.route_get(n13, lab.nodes[n23].mesh_ip());
+            let remote = lab.gateway_seen_by(n21, 1)?;
+            if r.contains(&via_lan(standby)) && remote == standby_name {
+                Ok(())
+            } else {
+                Err(format!("{r}; node21 sees {remote}"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let moved = cut.elapsed();
+    ping(&lab, n13, n23, Duration::from_secs(5));
+    lab.nodes[gw_pos].netns.ip(&["link", "set", "pub", "up"]);
+    let back = Instant::now();
+    wait_until(
+        Duration::from_secs(15),
+        "everyone back on the first gateway",
+        || {
+            let r = lab.route_get(n13, lab.nodes[n23].mesh_ip());
+            let remote = lab.gateway_seen_by(n21, 1)?;
+            if r.contains(&via_lan(gw_pos)) && remote == gw {
+                Ok(())
+            } else {
+                Err(format!("{r}; node21 sees {remote}"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let returned = back.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let (gap, echoes) = flow
+        .finish()
+        .unwrap_or_else(|e| panic!("the TCP stream broke when the gateway lost its WAN: {e}"));
+    eprintln!(
+        "{gw} lost its WAN link: loc1 moved to {standby_name} after {moved:?}; WAN back: returned after \
+         {returned:?}; TCP stream {echoes} echoes, longest gap {gap:?}"
+    );
+    assert!(moved <= Duration::from_secs(5), "moved after {moved:?}");
+    assert!(
+        gap <= Duration::from_secs(5),
+        "TCP stream stalled for {gap:?}"
+    );
+
     // Kill the active gateway of loc1 (meshd SIGKILLed, links down) while a TCP stream runs from node13
     // to node23: loc1's traffic moves to the standby gateway within 5 s and the stream survives.
     let flow = TcpFlow::start(
@@ -243,8 +304,7 @@ fn locations_native_inside_wireguard_across_gateway_failover_and_a_third_locatio
         .signal(Signal::SIGKILL)
         .unwrap_or_else(|e| panic!("{e}"));
     lab.unplug(gw_pos);
-    let standby_name = lab.nodes[standby].name();
-    let want = format!("via {} dev lan", lab.lan_ip(standby));
+    let want = via_lan(standby);
     wait_until(
         Duration::from_secs(10),
         "node13 to route loc2 via the standby gateway",

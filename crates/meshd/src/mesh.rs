@@ -49,6 +49,8 @@ pub struct Peer {
     pub api_server_port: Option<u16>,
     /// It has a public address of its own (a relay candidate).
     pub public: bool,
+    /// Its last pong said it is a gateway candidate without a path to other locations.
+    pub no_uplink: bool,
     pub machine: PeerMachine,
     pub probe_key: [u8; 32],
     pub stats: PeerStats,
@@ -400,6 +402,7 @@ impl Mesh {
                     addresses: spec.addresses,
                     api_server_port: spec.api_server_port,
                     public,
+                    no_uplink: false,
                     stats: PeerStats::default(),
                     last_rx_change: now,
                     last_seen_unix: 0,
@@ -508,6 +511,7 @@ impl Mesh {
             timestamp_us: self.started.elapsed().as_micros() as u64,
             observed: None,
             version: 2,
+            flags: 0,
         };
         let bytes = probe::encode(&ping, &peer.probe_key);
         let to = v6_mapped(probe::probe_addr(endpoint));
@@ -529,7 +533,36 @@ impl Mesh {
         Ok(())
     }
 
+    /// A gateway candidate that reaches none of the other locations' candidates (while there are some):
+    /// its pongs say so, and its location's private nodes pick another gateway (a gateway that is up on
+    /// its LAN but cut from the WAN must not hold its location: Kilo's leader does).
+    fn no_uplink(&self) -> bool {
+        let Some(plan) = &self.plan else {
+            return false;
+        };
+        if !plan.candidate {
+            return false;
+        }
+        let mut remote = plan
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.candidate && p.role == topology::Role::Direct && p.location != plan.location
+            })
+            .peekable();
+        if remote.peek().is_none() {
+            return false;
+        }
+        // Down (every path tried), not merely untested: a gateway that is starting is not flagged.
+        remote.all(|(k, _)| {
+            self.peers
+                .get(k)
+                .is_none_or(|p| p.machine.state == crate::peer::PeerState::Down)
+        })
+    }
+
     async fn handle_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
+        let no_uplink = self.no_uplink();
         let Some(probe) = probe::decode(bytes) else {
             self.metrics.probes_rejected.inc();
             return;
@@ -549,6 +582,7 @@ impl Mesh {
                     kind: Kind::Pong,
                     sender: self.public,
                     observed: Some(unmapped(from)),
+                    flags: if no_uplink { probe::NO_UPLINK } else { 0 },
                     ..probe
                 };
                 let reply = probe::encode(&pong, &peer.probe_key);
@@ -562,6 +596,12 @@ impl Mesh {
                     self.metrics.probes_answered.inc();
                     if let Some(observed) = probe.observed {
                         self.observed.insert(peer.key, observed);
+                    }
+                    let no_uplink = probe.flags & probe::NO_UPLINK != 0;
+                    if peer.no_uplink != no_uplink {
+                        peer.no_uplink = no_uplink;
+                        tracing::info!(peer = %peer.name, no_uplink, "gateway uplink");
+                        self.dirty = true;
                     }
                 }
             }
@@ -667,6 +707,7 @@ impl Mesh {
                         state: p.machine.state,
                         active: p.machine.active_endpoint(),
                         allowed: &p.allowed_ips,
+                        no_uplink: p.no_uplink,
                     },
                 )
             })

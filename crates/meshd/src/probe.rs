@@ -11,7 +11,8 @@
 //! | 0..4 | magic `HNMP` |
 //! | 4 | version, 2 |
 //! | 5 | kind: 1 ping, 2 pong |
-//! | 6..8 | zero |
+//! | 6 | flags (version 2): bit 0 `NO_UPLINK` in a pong: the responder is a gateway candidate that reaches none of the other locations' candidates; other bits zero |
+//! | 7 | zero |
 //! | 8..40 | the sender's WireGuard public key |
 //! | 40..48 | nonce (random per ping; a pong echoes it) |
 //! | 48..56 | the pinger's timestamp in microseconds (echoed; informational) |
@@ -39,6 +40,9 @@ use sha2::{Digest, Sha256};
 
 /// Size of a version-2 probe datagram.
 pub const LEN: usize = 90;
+/// Pong flag: the responder is a gateway candidate without a live path to any other location.
+pub const NO_UPLINK: u8 = 1;
+
 /// Size of a version-1 probe datagram.
 pub const LEN_V1: usize = 72;
 const MAGIC: &[u8; 4] = b"HNMP";
@@ -78,6 +82,8 @@ pub struct Probe {
     pub observed: Option<SocketAddr>,
     /// The wire version (1 or 2).
     pub version: u8,
+    /// Version 2 flags ([`NO_UPLINK`]).
+    pub flags: u8,
 }
 
 fn mac(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
@@ -101,6 +107,9 @@ pub fn encode(probe: &Probe, key: &[u8; 32]) -> Vec<u8> {
         Kind::Ping => 1,
         Kind::Pong => 2,
     };
+    if v2 {
+        out[6] = probe.flags & NO_UPLINK;
+    }
     out[8..40].copy_from_slice(&probe.sender.0);
     out[40..48].copy_from_slice(&probe.nonce.to_be_bytes());
     out[48..56].copy_from_slice(&probe.timestamp_us.to_be_bytes());
@@ -124,7 +133,12 @@ pub fn decode(bytes: &[u8]) -> Option<Probe> {
         (LEN, Some(2)) => 2,
         _ => return None,
     };
-    if &bytes[..4] != MAGIC || bytes[6..8] != [0, 0] {
+    let flags = bytes[6];
+    if &bytes[..4] != MAGIC
+        || bytes[7] != 0
+        || (version == 1 && flags != 0)
+        || flags & !NO_UPLINK != 0
+    {
         return None;
     }
     let kind = match bytes[5] {
@@ -155,6 +169,7 @@ pub fn decode(bytes: &[u8]) -> Option<Probe> {
         timestamp_us: u64::from_be_bytes(ts),
         observed,
         version,
+        flags,
     })
 }
 
@@ -195,6 +210,7 @@ mod tests {
             timestamp_us: 7,
             observed: None,
             version: 2,
+            flags: 0,
         };
         let bytes = encode(&ping, &kab);
         assert_eq!(bytes.len(), LEN);
@@ -242,6 +258,17 @@ mod tests {
             })
         );
         assert!(verify(&bytes, &kba));
+        // Flags: NO_UPLINK round-trips under the MAC in version 2; unknown bits are refused.
+        let flagged = Probe {
+            flags: NO_UPLINK,
+            kind: Kind::Pong,
+            ..ping
+        };
+        let bytes2 = encode(&flagged, &kab);
+        assert_eq!(decode(&bytes2).map(|p| p.flags), Some(NO_UPLINK));
+        let mut unknown = bytes2.clone();
+        unknown[6] = 2;
+        assert!(decode(&unknown).is_none());
         // A version byte that does not match the length is refused.
         let mut mixed = bytes.clone();
         mixed[4] = 2;

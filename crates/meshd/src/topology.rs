@@ -20,7 +20,8 @@
 //!
 //! **Layout** (from the plan and liveness): the *active gateway* of a location is its first candidate
 //! that is up (this node counts as up in its own location); failing that the first one not known to be
-//! down (start-up). A candidate's WireGuard peer for a remote active gateway carries, besides that
+//! down (start-up); a candidate that says (in its pongs) it reaches no other location is passed over
+//! while another one does. A candidate's WireGuard peer for a remote active gateway carries, besides that
 //! gateway's own addresses, the addresses of that location's routed (non-candidate) nodes; a non-candidate
 //! routes every other location's addresses via its own location's active gateway. A gateway dying moves
 //! those AllowedIPs to the next candidate in place (one peer update each) and each route by one netlink
@@ -194,6 +195,8 @@ pub struct Live<'a> {
     pub active: Option<SocketAddr>,
     /// Its mesh /128 and allowed IPs.
     pub allowed: &'a BTreeSet<IpNet>,
+    /// A candidate of our location that says it reaches no other location (its pongs' `NO_UPLINK`).
+    pub no_uplink: bool,
 }
 
 /// Every path kind, for the `meshd_peer_path` gauge.
@@ -274,10 +277,12 @@ pub fn layout(
     for (loc, cands) in &plan.candidates {
         // A remote location's liveness is known only to candidates (non-candidates do not probe it).
         let known = *loc == plan.location || plan.candidate;
+        let no_uplink = |k: &PublicKey| k != me && live.get(k).is_some_and(|l| l.no_uplink);
         let active = if known {
             cands
                 .iter()
-                .find(|k| state(k) == PeerState::Up)
+                .find(|k| state(k) == PeerState::Up && !no_uplink(k))
+                .or_else(|| cands.iter().find(|k| state(k) == PeerState::Up))
                 .or_else(|| cands.iter().find(|k| state(k) != PeerState::Down))
                 .copied()
         } else {

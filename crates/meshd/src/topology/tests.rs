@@ -64,6 +64,7 @@ fn addrs(i: u8) -> BTreeSet<IpNet> {
 struct World {
     addrs: BTreeMap<PublicKey, BTreeSet<IpNet>>,
     states: BTreeMap<PublicKey, PeerState>,
+    no_uplink: BTreeSet<PublicKey>,
 }
 
 impl World {
@@ -71,6 +72,7 @@ impl World {
         World {
             addrs: nodes.iter().map(|n| (n.key, addrs(n.key.0[0]))).collect(),
             states: nodes.iter().map(|n| (n.key, PeerState::Up)).collect(),
+            no_uplink: BTreeSet::new(),
         }
     }
 
@@ -91,6 +93,7 @@ impl World {
                         state,
                         active: p.probe.first().copied(),
                         allowed: &self.addrs[k],
+                        no_uplink: self.no_uplink.contains(k),
                     },
                 )
             })
@@ -377,6 +380,32 @@ fn gateway_failover_moves_only_what_it_must() {
     assert_eq!(l.gateways["a"], None);
     assert!(!l.routes.contains_key(&"10.99.0.12/32".parse().unwrap()));
     assert_eq!(l.paths[&key(12)], PathKind::Gateway { via: None });
+}
+
+#[test]
+fn a_gateway_without_uplink_is_passed_over_while_another_has_one() {
+    let nodes = lab();
+    let mut w = World::new(&nodes);
+    let before = w.layout(&nodes, 3);
+    // Node 1 is up on the LAN but reaches no other location: private node 3 moves to node 2.
+    w.no_uplink.insert(key(1));
+    let l = w.layout(&nodes, 3);
+    assert_eq!(l.gateways["a"], Some(key(2)));
+    assert_eq!(
+        l.routes[&"10.99.0.12/32".parse().unwrap()],
+        via("192.168.1.2", 3)
+    );
+    // Node 1 stays a native neighbour.
+    assert_eq!(
+        l.routes[&"10.99.0.1/32".parse().unwrap()],
+        via("192.168.1.1", 3)
+    );
+    // Both without uplink: the first one up after all (nothing better).
+    w.no_uplink.insert(key(2));
+    assert_eq!(w.layout(&nodes, 3).gateways["a"], Some(key(1)));
+    // The uplink comes back: back to node 1.
+    w.no_uplink.clear();
+    assert_eq!(w.layout(&nodes, 3), before);
 }
 
 #[test]
