@@ -481,6 +481,17 @@ impl Mesh {
         for (key, endpoint, nonce) in probes {
             self.send_probe(key, endpoint, nonce).await;
         }
+        if now >= self.next_resync {
+            // Our own addresses decide whether we are public (relays) or a gateway candidate: re-read
+            // them with every resync, re-plan when they changed.
+            let endpoints = self.announced().await;
+            if endpoints != self.own_endpoints {
+                tracing::info!(?endpoints, "own endpoints changed");
+                self.own_endpoints = endpoints;
+                let specs = self.combined();
+                self.set_peers(specs, now);
+            }
+        }
         if self.dirty || now >= self.next_resync {
             match self.reconcile().await {
                 Ok(()) => {
