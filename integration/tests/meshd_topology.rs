@@ -407,3 +407,70 @@ fn locations_native_inside_wireguard_across_gateway_failover_and_a_third_locatio
     );
     wait_path(&lab, n21, n32, "gateway", Some("node31"));
 }
+
+/// `gateway: always` on the candidate that sorts second (its own `meshd.gateway` and its entry in every
+/// other config): after the reload every node that needs to know uses it; `never` on the pinned one's
+/// rival leaves it the only candidate; both pins removed, the key order decides again.
+#[test]
+fn gateway_pins_override_the_key_order() {
+    let mut lab = LocationLab::new("meshd-topology-pins");
+    let mut all = lab.add_location(1, &[true, true, false]);
+    all.extend(lab.add_location(2, &[true, false]));
+    let _daemons = lab.start_nodes(&all);
+    let (n11, n12, n13, n21) = (lab.pos(11), lab.pos(12), lab.pos(13), lab.pos(21));
+    ping(&lab, n13, lab.pos(22), Duration::from_secs(15));
+    let first = wait_until(Duration::from_secs(5), "loc1's gateway", || {
+        let a = lab.gateway_seen_by(n13, 1)?;
+        let b = lab.gateway_seen_by(n21, 1)?;
+        if a == b {
+            Ok(a)
+        } else {
+            Err(format!("{a} vs {b}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (first_pos, second) = if first == lab.nodes[n11].name() {
+        (n11, n12)
+    } else {
+        (n12, n11)
+    };
+    let everyone_uses = |lab: &LocationLab, pos: usize| {
+        let name = lab.nodes[pos].name();
+        let want = format!("via {} dev lan", lab.lan_ip(pos));
+        wait_until(
+            Duration::from_secs(10),
+            format!("loc1 to use {name}"),
+            || {
+                let r = lab.route_get(n13, lab.nodes[lab.pos(22)].mesh_ip());
+                let remote = lab.gateway_seen_by(n21, 1)?;
+                let own = lab.gateway_seen_by(first_pos, 1)?;
+                if r.contains(&want) && remote == name && own == name {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{r}; node21 sees {remote}; {} sees {own}",
+                        lab.nodes[first_pos].name()
+                    ))
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    };
+    let rewrite = |lab: &LocationLab| {
+        for i in 0..lab.nodes.len() {
+            lab.write_config(i);
+        }
+    };
+    lab.places[second].gateway = Some("always");
+    rewrite(&lab);
+    everyone_uses(&lab, second);
+    ping(&lab, n13, lab.pos(22), Duration::from_secs(5));
+    lab.places[second].gateway = None;
+    lab.places[first_pos].gateway = Some("never");
+    rewrite(&lab);
+    everyone_uses(&lab, second);
+    lab.places[first_pos].gateway = None;
+    rewrite(&lab);
+    everyone_uses(&lab, first_pos);
+    ping(&lab, n13, lab.pos(22), Duration::from_secs(5));
+}

@@ -17,6 +17,8 @@ use crate::{Daemon, DaemonKind, Netns, TestDir, write_atomic};
 pub struct Place {
     pub location: u8,
     pub public: bool,
+    /// `meshd.gateway` (and the `gateway` of this node's entry in the others' configs), when set.
+    pub gateway: Option<&'static str>,
 }
 
 /// Locations of nodes, the switch holding their bridges.
@@ -117,6 +119,7 @@ impl LocationLab {
             self.places.push(Place {
                 location: l,
                 public: is_public,
+                gateway: None,
             });
             added.push(self.nodes.len() - 1);
         }
@@ -135,8 +138,12 @@ impl LocationLab {
             if let Some(p) = self.public_ip(k) {
                 endpoints.push_str(&format!(", \"{p}:{PORT}\""));
             }
+            let pin = self.places[k]
+                .gateway
+                .map(|g| format!(", gateway: {g}"))
+                .unwrap_or_default();
             peers.push_str(&format!(
-                "    - {{name: {}, publicKey: \"{}\", endpoints: [{endpoints}], allowedIPs: [\"{}/32\"], location: loc{}}}\n",
+                "    - {{name: {}, publicKey: \"{}\", endpoints: [{endpoints}], allowedIPs: [\"{}/32\"], location: loc{}{pin}}}\n",
                 other.name(),
                 other.public_key,
                 other.mesh_ip(),
@@ -151,11 +158,15 @@ impl LocationLab {
         format!(
             "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: {state}\ndataDir: {data}\nmeshd:\n  interface: hybridnet0\n  \
              backend: userspace\n  listenPort: {PORT}\n  privateKeyFile: {data}/meshd.key\n  addresses: [\"{mesh}/32\"]\n  \
-             topology: location\n  location: loc{loc}\n{peers}{extra}",
+             topology: location\n  location: loc{loc}\n{pin}{peers}{extra}",
             state = node.state_dir.display(),
             data = node.data_dir.display(),
             mesh = node.mesh_ip(),
             loc = self.places[i].location,
+            pin = self.places[i]
+                .gateway
+                .map(|g| format!("  gateway: {g}\n"))
+                .unwrap_or_default(),
             extra = node.extra,
         )
     }
