@@ -152,6 +152,8 @@ pub struct Mesh {
     forwarding_set: bool,
     /// Where each peer saw our probes come from (version-2 pongs): our reflexive addresses.
     observed: HashMap<PublicKey, SocketAddr>,
+    /// [`Mesh::no_uplink`] as of the last poll (pongs carry it; not recomputed per datagram).
+    uplink_lost: bool,
 }
 
 impl Mesh {
@@ -226,6 +228,7 @@ impl Mesh {
             own_endpoints: Vec::new(),
             forwarding_set: false,
             observed: HashMap::new(),
+            uplink_lost: false,
             cfg,
         };
         mesh.own_endpoints = mesh.announced().await;
@@ -478,6 +481,14 @@ impl Mesh {
             }
         }
         self.nonce = counter;
+        let lost = self.no_uplink();
+        if lost != self.uplink_lost {
+            tracing::warn!(
+                lost,
+                "uplink to the other locations (pongs tell this location's nodes)"
+            );
+            self.uplink_lost = lost;
+        }
         for (key, endpoint, nonce) in probes {
             self.send_probe(key, endpoint, nonce).await;
         }
@@ -573,7 +584,7 @@ impl Mesh {
     }
 
     async fn handle_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
-        let no_uplink = self.no_uplink();
+        let no_uplink = self.uplink_lost;
         let Some(probe) = probe::decode(bytes) else {
             self.metrics.probes_rejected.inc();
             return;
