@@ -30,6 +30,7 @@ need musl-gcc musl-tools
 # meshd: ping across the mesh, wg for the QEMU VMs' keys, and the QEMU node test (kernel WireGuard backend)
 need ping iputils-ping
 need wg wireguard-tools
+need nft nftables        # meshd topology/NAT tests: ICMP counters, the routers' masquerading
 need qemu-system-x86_64 qemu-system-x86
 need busybox busybox-static
 need modprobe kmod

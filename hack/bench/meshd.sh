@@ -7,10 +7,16 @@
 #      the public path (p50, p99, max), against KubeSpan's 130-305 s (275 s down threshold, 30 s tick, one
 #      candidate at a time);
 #   3. throughput: iperf3 through the userspace mesh vs the raw veth path, meshd CPU seconds per Gbit;
-#   4. reconcile: 1,000 simulated peers; the first pass, then one peer changing (WireGuard and route operations).
+#   4. reconcile: 1,000 simulated peers; the first pass, then one peer changing (WireGuard and route operations);
+#   5. topology location (integration/tests/meshd_topology_bench.rs): 20 kills (links down) of a location's active
+#      gateway; time until the private node routes through the standby and the remote gateway has moved too
+#      (p50, p99, max), against Kilo's 60-90 s re-election (or never, for a leader that is up but not forwarding);
+#   6. NAT: 5 fresh labs; time from the daemons' start (discovery included) until a cone<->cone pair pings
+#      directly and a symmetric<->symmetric pair pings through the relay (KubeSpan and Kilo: never).
 #
 #   hack/bench/meshd.sh            (root; installs iperf3, iputils-ping)
-#   MESHD_BENCH_FAILOVERS=5 hack/bench/meshd.sh   fewer failovers
+#   MESHD_BENCH_FAILOVERS=5 hack/bench/meshd.sh   fewer failovers (also fewer gateway kills)
+#   MESHD_BENCH_NAT_TRIALS=2 hack/bench/meshd.sh  fewer NAT labs
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../lib/common.sh
@@ -27,6 +33,12 @@ say "running (about 3 minutes)"
 HYBRIDNET_BIN_DIR=$PWD/target/release cargo test --release -q -p hybridnet-integration --test meshd_bench -- \
   --ignored --nocapture --test-threads 1 2>&1 | tee "$out" | grep -E '^BENCH|panicked|FAILED' || true
 grep -q 'test result: ok' "$out" || die "a benchmark failed (output above)"
+out2=$(mktemp /tmp/meshd-bench-topology.XXXXXX)
+trap 'rm -f "$out" "$out2"' EXIT
+HYBRIDNET_BIN_DIR=$PWD/target/release cargo test --release -q -p hybridnet-integration --test meshd_topology_bench -- \
+  --ignored --nocapture --test-threads 1 2>&1 | tee "$out2" | grep -E '^BENCH|panicked|FAILED' || true
+grep -q 'test result: ok' "$out2" || die "a topology benchmark failed (output above)"
+cat "$out2" >> "$out"
 v() { grep -o 'BENCH .*' "$out" | awk -v k="$1" '$2 == k { print $3 }'; }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%.0fx", b / a; else print "-" }'; }
@@ -43,3 +55,10 @@ printf '%-44s %10s s\n' "meshd CPU per Gbit (both nodes)" "$(v mesh_cpu_s_per_gb
 printf '%-44s %10s ms\n' "reconcile, $(v reconcile_peers) peers: first pass" "$(v reconcile_first_pass_ms)"
 printf '%-44s %12s %22s\n' "  one peer changes: WireGuard / route ops" "$(v reconcile_one_change_wg_ops) / $(v reconcile_one_change_route_ops)" "all peers every 30 s"
 printf '%-44s %10s ms\n' "  one peer changes: pass" "$(v reconcile_one_change_pass_ms)"
+printf '%-44s %10s s %20s s %8s\n' "gateway failover p50 ($(v gateway_failover_n) kills)" "$(v gateway_failover_p50_s)" "Kilo 60-90" "$(ratio "$(v gateway_failover_p50_s)" 60)"
+printf '%-44s %10s s %20s s\n' "gateway failover p99" "$(v gateway_failover_p99_s)" "Kilo 90"
+printf '%-44s %10s s %20s s\n' "gateway failover max" "$(v gateway_failover_max_s)" "Kilo 90"
+printf '%-44s %10s s %22s\n' "NAT cone<->cone direct, p50 ($(v nat_relayed_n) labs)" "$(v nat_direct_p50_s)" "never (no punching)"
+printf '%-44s %10s s\n' "NAT cone<->cone direct, max" "$(v nat_direct_max_s)"
+printf '%-44s %10s s %22s\n' "NAT symmetric<->symmetric relayed, p50" "$(v nat_relayed_p50_s)" "never (no relay)"
+printf '%-44s %10s s\n' "NAT symmetric<->symmetric relayed, max" "$(v nat_relayed_max_s)"

@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod location;
+pub mod nat;
+
 use crate::netns::enter_named;
 use crate::{Daemon, DaemonKind, Netns, TestDir, wait_until, write_atomic};
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::filter::FilterRule;
-use crate::model::{Backend, Mtu, Peer, Topology};
+use crate::model::{Backend, GatewayPin, Mtu, Peer, Topology};
 use crate::parse::HostPort;
 use crate::read::Ctx;
 use crate::source::Sourced;
@@ -53,6 +53,7 @@ pub struct Ours {
     pub m_addresses: Sourced<Vec<IpNet>>,
     pub m_location: Sourced<String>,
     pub m_topology: Sourced<Topology>,
+    pub m_gateway: Sourced<GatewayPin>,
     pub m_peers: Sourced<Vec<Peer>>,
     pub m_filters: Sourced<Vec<FilterRule>>,
     pub m_exclude: Sourced<Vec<IpNet>>,

@@ -152,6 +152,7 @@ impl Config {
                 addresses: Vec::new(),
                 location: None,
                 topology: Topology::Full,
+                gateway: GatewayPin::Auto,
                 peers: Vec::new(),
                 endpoint_filter: EndpointFilter::default(),
                 exclude_advertised_networks: Vec::new(),

@@ -52,7 +52,7 @@ impl fmt::Debug for Secret {
 }
 
 /// A WireGuard public key (32 bytes, written in base64).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PublicKey(pub [u8; 32]);
 
 impl fmt::Debug for PublicKey {
@@ -172,6 +172,26 @@ pub enum Topology {
     Location,
 }
 
+/// Whether a node may be its location's gateway (`topology: location`): `auto` when it has a public
+/// address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GatewayPin {
+    Always,
+    #[default]
+    Auto,
+    Never,
+}
+
+impl GatewayPin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GatewayPin::Always => "always",
+            GatewayPin::Auto => "auto",
+            GatewayPin::Never => "never",
+        }
+    }
+}
+
 /// A static peer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Peer {
@@ -180,6 +200,7 @@ pub struct Peer {
     pub endpoints: Vec<HostPort>,
     pub allowed_ips: Vec<IpNet>,
     pub location: Option<String>,
+    pub gateway: GatewayPin,
 }
 
 /// meshd: the WireGuard mesh.
@@ -193,6 +214,8 @@ pub struct MeshdConfig {
     pub addresses: Vec<IpNet>,
     pub location: Option<String>,
     pub topology: Topology,
+    /// This node's stance on being its location's gateway.
+    pub gateway: GatewayPin,
     pub peers: Vec<Peer>,
     /// Which of this node's addresses are advertised as endpoints (KubeSpan `filters.endpoints`).
     pub endpoint_filter: EndpointFilter,

@@ -137,7 +137,7 @@ fn meshd(c: &Config) -> Vec<(String, Value)> {
         .iter()
         .map(|p| {
             json!({"name": p.name, "publicKey": p.public_key.to_string(), "endpoints": strings(&p.endpoints),
-                   "allowedIPs": strings(&p.allowed_ips), "location": p.location})
+                   "allowedIPs": strings(&p.allowed_ips), "location": p.location, "gateway": p.gateway.as_str()})
         })
         .collect();
     vec![
@@ -152,6 +152,7 @@ fn meshd(c: &Config) -> Vec<(String, Value)> {
         ("meshd.addresses".into(), strings(&m.addresses)),
         ("meshd.location".into(), opt(m.location.as_ref())),
         ("meshd.topology".into(), json!(topology)),
+        ("meshd.gateway".into(), json!(m.gateway.as_str())),
         ("meshd.peers".into(), Value::Array(peers)),
         (
             "meshd.filters.endpoints".into(),

@@ -24,6 +24,7 @@ pub mod nft;
 pub mod peer;
 pub mod probe;
 pub mod status;
+pub mod topology;
 pub mod wg;
 
 use std::sync::Arc;
@@ -253,13 +254,21 @@ async fn report(
     }
     if let Some(d) = discovery.filter(|d| !d.waits_for_pod_cidrs()) {
         let pod_cidrs = d.snapshot.borrow().own_pod_cidrs.clone();
-        d.set_local(discovery::local(
+        let mut local = discovery::local(
             &mesh.cfg,
             &mesh.public,
             std::net::IpAddr::V6(mesh.mesh_addr),
             &underlay.0,
             &pod_cidrs,
-        ));
+        );
+        // Our reflexive address (from peers' pongs) when the NAT keeps ports: each node publishes only
+        // its own endpoints.
+        for e in mesh.reflexive_endpoints() {
+            if !local.endpoints.contains(&e) {
+                local.endpoints.push(e);
+            }
+        }
+        d.set_local(local);
     }
     let members = status::members(mesh, underlay.0.clone());
     let same = written.as_ref().is_some_and(|(w, at)| {

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hybridnet_config::{Backend as BackendChoice, Config, Mtu, PublicKey};
+use hybridnet_config::{Backend as BackendChoice, Config, Mtu, PublicKey, Topology};
 use ipnet::{IpNet, Ipv6Net};
 use tokio::net::UdpSocket;
 
@@ -15,6 +15,7 @@ use crate::metrics::{self, Metrics};
 use crate::net::{self, Net};
 use crate::peer::{Action, PeerMachine, PeerState, Timing};
 use crate::probe::{self, Kind, Probe};
+use crate::topology::{self, Layout, PathKind, Plan, Route};
 use crate::wg::kernel::Kernel;
 use crate::wg::userspace::Userspace;
 use crate::wg::{self, Actual, Desired, PeerConfig, PeerStats};
@@ -47,6 +48,10 @@ pub struct Peer {
     pub node_id: Option<String>,
     pub addresses: Vec<IpAddr>,
     pub api_server_port: Option<u16>,
+    /// It has a public address of its own (a relay candidate).
+    pub public: bool,
+    /// Its last pong said it is a gateway candidate without a path to other locations.
+    pub no_uplink: bool,
     pub machine: PeerMachine,
     pub probe_key: [u8; 32],
     pub stats: PeerStats,
@@ -79,11 +84,32 @@ impl Peer {
         }
     }
 
+    /// The peer's state for status and `allowDownPeerBypass`: KubeSpan's handshake rule for a peer in
+    /// handshake mode; else up when its probes say so, or when WireGuard has received from it lately
+    /// (see [`TRAFFIC_ALIVE`]). Gateways and relays follow the probes only.
     pub fn state(&self) -> PeerState {
         match &self.handshake {
             Some(h) if self.handshake_mode() => h.state,
+            _ if self.by_traffic() => PeerState::Up,
             _ => self.machine.state,
         }
+    }
+}
+
+/// WireGuard traffic from a peer this recent means it is reachable even when it has never answered a probe
+/// (a NATed peer that reaches a public node through a mapping the node cannot probe: WireGuard roams to
+/// it). Persistent keepalives (25 s) keep a live session's counter moving.
+pub const TRAFFIC_ALIVE: Duration = Duration::from_secs(35);
+
+impl Peer {
+    /// Up by WireGuard traffic alone: none of its paths has ever answered a probe (a peer behind a NAT
+    /// that maps each destination to its own port), yet WireGuard receives from it. A peer whose probed
+    /// path died is down at once, as before.
+    pub fn by_traffic(&self) -> bool {
+        self.machine.state != crate::peer::PeerState::Up
+            && self.machine.paths.iter().all(|p| p.last_pong.is_none())
+            && self.stats.rx_bytes > 0
+            && self.last_rx_change.elapsed() < TRAFFIC_ALIVE
     }
 }
 
@@ -149,6 +175,14 @@ pub struct Mesh {
     /// TCP MSS clamping (nftables): when to check it next, and the last failure.
     clamp_next: Instant,
     pub clamp_error: Option<String>,
+    /// `topology: location`: the plan (from the config) and this node's announced endpoints.
+    pub plan: Option<Plan>,
+    own_endpoints: Vec<SocketAddr>,
+    forwarding_set: bool,
+    /// Where each peer saw our probes come from (version-2 pongs): our reflexive addresses.
+    observed: HashMap<PublicKey, SocketAddr>,
+    /// [`Mesh::no_uplink`] as of the last poll (pongs carry it; not recomputed per datagram).
+    uplink_lost: bool,
 }
 
 impl Mesh {
@@ -225,8 +259,14 @@ impl Mesh {
             started: Instant::now(),
             clamp_next: Instant::now(),
             clamp_error: None,
+            plan: None,
+            own_endpoints: Vec::new(),
+            forwarding_set: false,
+            observed: HashMap::new(),
+            uplink_lost: false,
             cfg,
         };
+        mesh.own_endpoints = mesh.announced().await;
         mesh.sync_clamp().await;
         mesh.set_peers(specs, Instant::now());
         Ok(mesh)
@@ -255,6 +295,7 @@ impl Mesh {
         self.net
             .sync_addresses(self.index, &own_addresses(&self.cfg, self.mesh_addr))
             .await?;
+        self.own_endpoints = self.announced().await;
         self.set_peers(specs, Instant::now());
         self.dirty = true;
         self.clamp_next = Instant::now();
@@ -292,12 +333,86 @@ impl Mesh {
         out
     }
 
-    fn set_peers(&mut self, specs: Vec<PeerSpec>, now: Instant) {
+    /// This node's endpoints as peers see them: underlay addresses after the filter, plus the announced
+    /// extras (what discovery publishes), on the listen port.
+    async fn announced(&self) -> Vec<SocketAddr> {
+        let m = &self.cfg.meshd;
+        let addrs = self
+            .net
+            .underlay_addresses(self.index)
+            .await
+            .unwrap_or_default();
+        let mut out: Vec<SocketAddr> = m
+            .endpoint_filter
+            .apply(&addrs)
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, m.listen_port))
+            .collect();
+        out.extend(m.extra_announced_endpoints.iter().copied());
+        out
+    }
+
+    /// The topology plan for `specs` (`topology: location`), else `None`.
+    fn plan_for(&self, specs: &[PeerSpec]) -> Option<Plan> {
+        if self.cfg.meshd.topology != Topology::Location {
+            return None;
+        }
+        let me = topology::Node {
+            key: self.public,
+            location: self.cfg.meshd.location.clone(),
+            pin: self.cfg.meshd.gateway,
+            endpoints: self.own_endpoints.clone(),
+        };
+        let peers: Vec<topology::Node> = specs
+            .iter()
+            .map(|s| topology::Node {
+                key: s.key,
+                location: s.location.clone(),
+                // Pins come from static peers (discovery has no field for them: `auto`).
+                pin: self
+                    .cfg
+                    .meshd
+                    .peers
+                    .iter()
+                    .find(|p| p.public_key == s.key)
+                    .map_or(topology::Pin::Auto, |p| p.gateway),
+                endpoints: s.candidates.clone(),
+            })
+            .collect();
+        Some(topology::plan(&me, &peers))
+    }
+
+    fn set_peers(&mut self, mut specs: Vec<PeerSpec>, now: Instant) {
+        self.plan = self.plan_for(&specs);
+        if let Some(plan) = &self.plan {
+            // Each machine probes what the plan says (native peers: private endpoints; routed: none).
+            for spec in &mut specs {
+                if let Some(p) = plan.peers.get(&spec.key) {
+                    spec.candidates = p.probe.clone();
+                }
+            }
+            if plan.candidate && !self.forwarding_set {
+                enable_forwarding();
+                self.forwarding_set = true;
+            }
+        }
         let mut next = HashMap::new();
+        if self.plan.is_none() && self.own_public() && !self.forwarding_set {
+            // A public node may relay between NATed peers.
+            enable_forwarding();
+            self.forwarding_set = true;
+        }
         for spec in specs {
             if spec.key == self.public {
                 continue;
             }
+            // Its own addresses (discovery) tell whether it is public; a static peer's endpoints are
+            // taken as its own.
+            let public = if spec.addresses.is_empty() {
+                spec.candidates.iter().any(|c| topology::is_public(c.ip()))
+            } else {
+                spec.addresses.iter().any(|a| topology::is_public(*a))
+            };
             let mesh_addr = self.peer_address(&spec);
             let mut allowed: BTreeSet<IpNet> = spec.allowed_ips.iter().copied().collect();
             allowed.insert(IpNet::from(ipnet::Ipv6Net::from(mesh_addr)));
@@ -315,6 +430,7 @@ impl Mesh {
                     p.node_id = spec.node_id;
                     p.addresses = spec.addresses;
                     p.api_server_port = spec.api_server_port;
+                    p.public = public;
                     p
                 }
                 None => Peer {
@@ -336,6 +452,8 @@ impl Mesh {
                     node_id: spec.node_id,
                     addresses: spec.addresses,
                     api_server_port: spec.api_server_port,
+                    public,
+                    no_uplink: false,
                     stats: PeerStats::default(),
                     last_rx_change: now,
                     last_seen_unix: 0,
@@ -380,8 +498,15 @@ impl Mesh {
         let mut probes = Vec::new();
         let mut counter = self.nonce;
         for peer in self.peers.values_mut() {
+            // Native peers and gateway candidates carry others' traffic (and the WireGuard counters do not
+            // see native traffic): their active path is always probed at the active rate.
+            let carrier = self
+                .plan
+                .as_ref()
+                .and_then(|p| p.peers.get(&peer.key))
+                .is_some_and(|p| p.candidate || p.role == topology::Role::Native);
             let idle = now.saturating_duration_since(peer.last_rx_change) > IDLE_AFTER;
-            peer.machine.set_idle(idle);
+            peer.machine.set_idle(idle && !carrier);
             let actions = peer.machine.poll(now, &mut || {
                 counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
                 counter ^ fastrand::u64(..)
@@ -397,9 +522,8 @@ impl Mesh {
                     Action::State(state) => {
                         changed = true;
                         tracing::info!(peer = %peer.name, state = state.as_str(), "peer state");
-                        if self.cfg.meshd.allow_down_peer_bypass {
-                            self.dirty = true;
-                        }
+                        // Routes (bypass), gateways and relays follow peer states.
+                        self.dirty = true;
                     }
                 }
             }
@@ -428,11 +552,30 @@ impl Mesh {
                 }
             }
         }
+        let lost = self.no_uplink();
+        if lost != self.uplink_lost {
+            tracing::warn!(
+                lost,
+                "uplink to the other locations (pongs tell this location's nodes)"
+            );
+            self.uplink_lost = lost;
+        }
         for (key, endpoint, nonce) in probes {
             self.send_probe(key, endpoint, nonce).await;
         }
         if now >= self.clamp_next {
             self.sync_clamp().await;
+        }
+        if now >= self.next_resync {
+            // Our own addresses decide whether we are public (relays) or a gateway candidate: re-read
+            // them with every resync, re-plan when they changed.
+            let endpoints = self.announced().await;
+            if endpoints != self.own_endpoints {
+                tracing::info!(?endpoints, "own endpoints changed");
+                self.own_endpoints = endpoints;
+                let specs = self.combined();
+                self.set_peers(specs, now);
+            }
         }
         if self.dirty || now >= self.next_resync {
             match self.reconcile().await {
@@ -462,6 +605,9 @@ impl Mesh {
             sender: self.public,
             nonce,
             timestamp_us: self.started.elapsed().as_micros() as u64,
+            observed: None,
+            version: 2,
+            flags: 0,
         };
         let bytes = probe::encode(&ping, &peer.probe_key);
         let to = v6_mapped(probe::probe_addr(endpoint));
@@ -483,7 +629,36 @@ impl Mesh {
         Ok(())
     }
 
+    /// A gateway candidate that reaches none of the other locations' candidates (while there are some):
+    /// its pongs say so, and its location's private nodes pick another gateway (a gateway that is up on
+    /// its LAN but cut from the WAN must not hold its location: Kilo's leader does).
+    fn no_uplink(&self) -> bool {
+        let Some(plan) = &self.plan else {
+            return false;
+        };
+        if !plan.candidate {
+            return false;
+        }
+        let mut remote = plan
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.candidate && p.role == topology::Role::Direct && p.location != plan.location
+            })
+            .peekable();
+        if remote.peek().is_none() {
+            return false;
+        }
+        // Down (every path tried), not merely untested: a gateway that is starting is not flagged.
+        remote.all(|(k, _)| {
+            self.peers
+                .get(k)
+                .is_none_or(|p| p.machine.state == crate::peer::PeerState::Down)
+        })
+    }
+
     async fn handle_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
+        let no_uplink = self.uplink_lost;
         let Some(probe) = probe::decode(bytes) else {
             self.metrics.probes_rejected.inc();
             return;
@@ -498,9 +673,12 @@ impl Mesh {
         }
         match probe.kind {
             Kind::Ping => {
+                // Answered in the ping's version; version 2 tells the pinger where its ping came from.
                 let pong = Probe {
                     kind: Kind::Pong,
                     sender: self.public,
+                    observed: Some(unmapped(from)),
+                    flags: if no_uplink { probe::NO_UPLINK } else { 0 },
                     ..probe
                 };
                 let reply = probe::encode(&pong, &peer.probe_key);
@@ -512,6 +690,15 @@ impl Mesh {
                 if peer.machine.on_pong(probe.nonce, Instant::now()) {
                     peer.last_seen_unix = unix_now();
                     self.metrics.probes_answered.inc();
+                    if let Some(observed) = probe.observed {
+                        self.observed.insert(peer.key, observed);
+                    }
+                    let no_uplink = probe.flags & probe::NO_UPLINK != 0;
+                    if peer.no_uplink != no_uplink {
+                        peer.no_uplink = no_uplink;
+                        tracing::info!(peer = %peer.name, no_uplink, "gateway uplink");
+                        self.dirty = true;
+                    }
                 }
             }
         }
@@ -523,6 +710,39 @@ impl Mesh {
         } else {
             None
         };
+        if let Some(layout) = self.layout() {
+            return Desired {
+                private_key: self.key.clone(),
+                listen_port: self.cfg.meshd.listen_port,
+                fwmark: net::FWMARK,
+                peers: layout
+                    .wireguard
+                    .into_iter()
+                    .filter_map(|(key, allowed_ips)| {
+                        let p = self.peers.get(&key)?;
+                        Some((
+                            key,
+                            PeerConfig {
+                                endpoint: p.machine.active_endpoint(),
+                                allowed_ips,
+                                keepalive: Some(KEEPALIVE),
+                                preshared_key: psk,
+                            },
+                        ))
+                    })
+                    .collect(),
+            };
+        }
+        let relays = self.relays();
+        let mut allowed: HashMap<PublicKey, BTreeSet<IpNet>> = self
+            .peers
+            .values()
+            .map(|p| (p.key, p.allowed_ips.clone()))
+            .collect();
+        for (peer, relay) in &relays {
+            let moved = allowed.insert(*peer, BTreeSet::new()).unwrap_or_default();
+            allowed.entry(*relay).or_default().extend(moved);
+        }
         Desired {
             private_key: self.key.clone(),
             listen_port: self.cfg.meshd.listen_port,
@@ -535,7 +755,7 @@ impl Mesh {
                         p.key,
                         PeerConfig {
                             endpoint: p.endpoint(),
-                            allowed_ips: p.allowed_ips.clone(),
+                            allowed_ips: allowed.remove(&p.key).unwrap_or_default(),
                             keepalive: Some(KEEPALIVE),
                             preshared_key: psk,
                         },
@@ -546,12 +766,131 @@ impl Mesh {
     }
 
     /// The routes meshd wants in its table.
-    pub fn desired_routes(&self) -> BTreeSet<IpNet> {
+    pub fn desired_routes(&self) -> std::collections::BTreeMap<IpNet, Route> {
+        if let Some(layout) = self.layout() {
+            return layout.routes;
+        }
+        let relays = self.relays();
         routes_for(
             self.prefix,
-            self.peers.values().map(|p| (p.state(), &p.allowed_ips)),
+            self.peers.values().map(|p| {
+                // A relayed peer is reachable (through its relay): its routes stay; so is a peer that
+                // only WireGuard traffic shows alive.
+                let state = if relays.contains_key(&p.key) {
+                    crate::peer::PeerState::Up
+                } else {
+                    p.state()
+                };
+                (state, &p.allowed_ips)
+            }),
             self.cfg.meshd.allow_down_peer_bypass,
         )
+        .into_iter()
+        .map(|n| (n, Route::Mesh))
+        .collect()
+    }
+
+    /// `topology: location`: the layout for the current liveness.
+    pub fn layout(&self) -> Option<Layout> {
+        let plan = self.plan.as_ref()?;
+        let live = self
+            .peers
+            .values()
+            .map(|p| {
+                (
+                    p.key,
+                    topology::Live {
+                        state: p.machine.state,
+                        active: p.machine.active_endpoint(),
+                        allowed: &p.allowed_ips,
+                        no_uplink: p.no_uplink,
+                    },
+                )
+            })
+            .collect();
+        let v4 = self
+            .cfg
+            .meshd
+            .addresses
+            .iter()
+            .map(IpNet::addr)
+            .find(IpAddr::is_ipv4);
+        Some(topology::layout(
+            &self.public,
+            plan,
+            &live,
+            self.prefix,
+            topology::Sources {
+                v4,
+                v6: Some(IpAddr::V6(self.mesh_addr)),
+            },
+            self.cfg.meshd.allow_down_peer_bypass,
+        ))
+    }
+
+    /// Each peer's path (`direct` or `relayed` in `topology: full`).
+    pub fn paths(&self) -> HashMap<PublicKey, PathKind> {
+        match self.layout() {
+            Some(l) => l.paths.into_iter().collect(),
+            None => {
+                let relays = self.relays();
+                self.peers
+                    .keys()
+                    .map(|k| {
+                        let path = relays
+                            .get(k)
+                            .map_or(PathKind::Direct, |r| PathKind::Relayed { via: *r });
+                        (*k, path)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// What the pongs of public peers say about our NAT (see [`topology::nat`]).
+    pub fn nat(&self) -> topology::NatView {
+        let own: Vec<IpAddr> = self.own_endpoints.iter().map(SocketAddr::ip).collect();
+        let seen: Vec<SocketAddr> = self
+            .observed
+            .iter()
+            .filter(|(k, _)| self.peers.get(k).is_some_and(|p| p.public))
+            .map(|(_, a)| *a)
+            .collect();
+        topology::nat(&own, probe::probe_port(self.cfg.meshd.listen_port), &seen)
+    }
+
+    /// Endpoints to announce besides our own addresses: the reflexive address on the WireGuard port, when
+    /// the NAT keeps source ports (then the WireGuard port is mapped to itself too).
+    pub fn reflexive_endpoints(&self) -> Vec<SocketAddr> {
+        let nat = self.nat();
+        if nat.kind != topology::NatKind::Preserving {
+            return Vec::new();
+        }
+        nat.reflexive
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, self.cfg.meshd.listen_port))
+            .collect()
+    }
+
+    /// Whether this node has a public address of its own (then it relays and is never relayed).
+    fn own_public(&self) -> bool {
+        self.own_endpoints
+            .iter()
+            .any(|e| topology::is_public(e.ip()))
+    }
+
+    /// `topology: full`: the peers relayed now, and their relays.
+    pub fn relays(&self) -> std::collections::BTreeMap<PublicKey, PublicKey> {
+        let views: Vec<topology::RelayView> = self
+            .peers
+            .values()
+            .map(|p| topology::RelayView {
+                key: p.key,
+                public: p.public,
+                state: p.machine.state,
+            })
+            .collect();
+        topology::relays(self.own_public(), &views)
     }
 
     /// Brings device and routes in line with the peers, incrementally.
@@ -567,6 +906,9 @@ impl Mesh {
             self.metrics
                 .wireguard_peer_ops
                 .inc_by(update.peers.len() as u64);
+            if matches!(self.backend, Backend::Userspace(_)) {
+                self.kick(&update);
+            }
         }
         self.absorb_stats(&actual);
         let changes = self
@@ -618,6 +960,38 @@ impl Mesh {
                     tracing::warn!(%error, "MSS clamping (nftables) failed; retrying every 10 s");
                 }
                 self.clamp_error = Some(error);
+            }
+        }
+    }
+
+    /// boringtun updates a peer by removing and re-adding it, which drops the session on this side only:
+    /// the other side keeps sending on the old session, which nobody can decrypt, until its own
+    /// keepalive-plus-rekey timeout (15 s). One datagram through the tunnel to each re-added (or newly
+    /// added) peer makes this side initiate a handshake at once, which replaces the stale session on the
+    /// other side too. The datagram goes to the discard port of the peer's mesh address.
+    fn kick(&self, update: &wg::Update) {
+        let keys: Vec<&PublicKey> = update
+            .peers
+            .iter()
+            .filter_map(|op| match op {
+                wg::PeerOp::Update { key, config, .. } | wg::PeerOp::Add(key, config)
+                    if config.endpoint.is_some() =>
+                {
+                    Some(key)
+                }
+                _ => None,
+            })
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let Ok(socket) = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)) else {
+            return;
+        };
+        let _ = socket.set_nonblocking(true);
+        for key in keys {
+            if let Some(peer) = self.peers.get(key) {
+                let _ = socket.send_to(b"hybridnet-meshd-kick", (peer.mesh_addr, 9));
             }
         }
     }
@@ -718,6 +1092,16 @@ async fn compat_address(net: &Net, prefix: Ipv6Net, public: &PublicKey) -> Ipv6A
     }
 }
 
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
 fn v6_mapped(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
@@ -736,6 +1120,19 @@ fn bind_prober(port: u16) -> Result<UdpSocket, Error> {
     s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())
         .map_err(fail)?;
     UdpSocket::from_std(s.into()).map_err(fail)
+}
+
+/// Turns on IPv4 and IPv6 forwarding (a gateway candidate forwards between its location and the mesh).
+fn enable_forwarding() {
+    for path in [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ] {
+        if let Err(error) = std::fs::write(path, "1") {
+            tracing::warn!(%path, %error, "cannot enable forwarding: this gateway will not forward");
+        }
+    }
+    tracing::info!("forwarding enabled (gateway candidate)");
 }
 
 /// This node's addresses on the mesh interface: the mesh /128 and the configured ones.

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub probes_sent: Counter,
     pub probes_answered: Counter,
     pub probes_rejected: Counter,
+    /// 1 for the path a peer takes now (`native`, `direct`, `gateway`, `relayed`), 0 for the others.
+    pub peer_path: Family<Labels, Gauge>,
     /// Peers by source (`static`, `discovery`, `cache`).
     pub peers_by_source: Family<Labels, Gauge>,
     /// Per discovery registry: 1 while its watch is live.
@@ -124,6 +126,11 @@ impl Metrics {
                 "probes_rejected",
                 "Probe datagrams dropped (unknown sender, bad MAC, malformed)",
                 m.probes_rejected.clone(),
+            );
+            r.register(
+                "peer_path",
+                "1 for the path the peer takes now: native, direct, gateway or relayed",
+                m.peer_path.clone(),
             );
             r.register(
                 "peers_by_source",

@@ -12,7 +12,7 @@
 //! Cilium's (0x0f00, upper 16 bits for identities), Flannel's and kube-proxy's (0x4000, 0x8000) and Istio's
 //! (0x539): mark bit 0x1000, table 51821, priority 32450 (before `main` at 32766).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt as _;
@@ -22,6 +22,7 @@ use netlink_packet_route::rule::{RuleAttribute, RuleFlags};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 
 use crate::Error;
+pub use crate::topology::Route;
 
 /// meshd's routing table.
 pub const ROUTE_TABLE: u32 = 51821;
@@ -200,9 +201,10 @@ impl Net {
         Ok(out)
     }
 
-    /// The destinations of meshd's routes (table [`ROUTE_TABLE`], via link `index`).
-    pub async fn routes(&self, index: u32) -> Result<BTreeSet<IpNet>, Error> {
-        let mut out = BTreeSet::new();
+    /// meshd's routes: table [`ROUTE_TABLE`], through link `index` or added by meshd (protocol
+    /// [`ROUTE_PROTOCOL`], e.g. via a next hop on the underlay), by destination, with their output link.
+    pub async fn routes(&self, index: u32) -> Result<BTreeMap<IpNet, (Route, Option<u32>)>, Error> {
+        let mut out = BTreeMap::new();
         for v6 in [false, true] {
             let msg = if v6 {
                 RouteMessageBuilder::<Ipv6Addr>::new().build()
@@ -214,20 +216,26 @@ impl Net {
                 let mut table = u32::from(route.header.table);
                 let mut oif = None;
                 let mut dst = None;
+                let mut gateway = None;
+                let mut src = None;
+                let addr = |a: &RouteAddress| match a {
+                    RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+                    RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+                    _ => None,
+                };
                 for a in &route.attributes {
                     match a {
                         RouteAttribute::Table(t) => table = *t,
                         RouteAttribute::Oif(i) => oif = Some(*i),
-                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
-                            dst = Some(IpAddr::V4(*ip))
-                        }
-                        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
-                            dst = Some(IpAddr::V6(*ip))
-                        }
+                        RouteAttribute::Destination(a) => dst = addr(a),
+                        RouteAttribute::Gateway(a) => gateway = addr(a),
+                        RouteAttribute::PrefSource(a) => src = addr(a),
                         _ => {}
                     }
                 }
-                if table != ROUTE_TABLE || oif != Some(index) {
+                let ours = oif == Some(index)
+                    || route.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL);
+                if table != ROUTE_TABLE || !ours {
                     continue;
                 }
                 let len = route.header.destination_prefix_length;
@@ -236,71 +244,150 @@ impl Net {
                 } else {
                     IpAddr::V4(Ipv4Addr::UNSPECIFIED)
                 });
+                let kind = match gateway {
+                    Some(gateway) => Route::Via { gateway, src },
+                    None if oif == Some(index) => Route::Mesh,
+                    // Ours, but through another link without a next hop: not a shape meshd makes.
+                    None => Route::Via {
+                        gateway: dst,
+                        src: None,
+                    },
+                };
                 if let Ok(net) = IpNet::new(dst, len) {
-                    out.insert(net);
+                    out.insert(net, (kind, oif));
                 }
             }
         }
         Ok(out)
     }
 
-    fn route_message(index: u32, net: &IpNet) -> netlink_packet_route::route::RouteMessage {
+    fn route_message(
+        index: u32,
+        net: &IpNet,
+        route: Route,
+    ) -> netlink_packet_route::route::RouteMessage {
         let protocol = RouteProtocol::from(ROUTE_PROTOCOL);
-        match net {
-            IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+        match (net, route) {
+            (IpNet::V4(n), Route::Mesh) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(n.network(), n.prefix_len())
                 .output_interface(index)
                 .table_id(ROUTE_TABLE)
                 .protocol(protocol)
                 .build(),
-            IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            (IpNet::V6(n), Route::Mesh) => RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(n.network(), n.prefix_len())
                 .output_interface(index)
                 .table_id(ROUTE_TABLE)
                 .protocol(protocol)
                 .build(),
+            (IpNet::V4(n), Route::Via { gateway, src }) => {
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(n.network(), n.prefix_len())
+                    .table_id(ROUTE_TABLE)
+                    .protocol(protocol);
+                if let IpAddr::V4(g) = gateway {
+                    b = b.gateway(g);
+                }
+                if let Some(IpAddr::V4(s)) = src {
+                    b = b.pref_source(s);
+                }
+                b.build()
+            }
+            (IpNet::V6(n), Route::Via { gateway, src }) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(n.network(), n.prefix_len())
+                    .table_id(ROUTE_TABLE)
+                    .protocol(protocol);
+                if let IpAddr::V6(g) = gateway {
+                    b = b.gateway(g);
+                }
+                if let Some(IpAddr::V6(s)) = src {
+                    b = b.pref_source(s);
+                }
+                b.build()
+            }
         }
     }
 
-    /// Adds (or replaces) a route to `net` via link `index` in meshd's table.
-    pub async fn add_route(&self, index: u32, net: &IpNet) -> Result<(), Error> {
+    /// Adds (or replaces: one call when a route changes its next hop) a route in meshd's table.
+    pub async fn add_route(&self, index: u32, net: &IpNet, route: Route) -> Result<(), Error> {
+        if let Route::Via { gateway, .. } = route
+            && gateway.is_ipv4() != net.addr().is_ipv4()
+        {
+            return Err(Error::Netlink(format!(
+                "route to {net} via {gateway}: the next hop is of another family"
+            )));
+        }
         self.handle
             .route()
-            .add(Self::route_message(index, net))
+            .add(Self::route_message(index, net, route))
             .replace()
             .execute()
             .await
             .map_err(nl("add route"))
     }
 
-    pub async fn del_route(&self, index: u32, net: &IpNet) -> Result<(), Error> {
-        match self
-            .handle
-            .route()
-            .del(Self::route_message(index, net))
-            .execute()
-            .await
-        {
+    pub async fn del_route(&self, oif: Option<u32>, net: &IpNet) -> Result<(), Error> {
+        let protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+        let mut msg = match net {
+            IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .table_id(ROUTE_TABLE)
+                .build(),
+            IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .table_id(ROUTE_TABLE)
+                .build(),
+        };
+        msg.header.protocol = protocol;
+        if let Some(oif) = oif {
+            msg.attributes.push(RouteAttribute::Oif(oif));
+        }
+        match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
             Err(e) => Err(nl("delete route")(e)),
         }
     }
 
-    /// Routes: makes meshd's routes via `index` exactly `want`, with one netlink call per difference.
-    /// Returns the number of changes.
-    pub async fn sync_routes(&self, index: u32, want: &BTreeSet<IpNet>) -> Result<usize, Error> {
+    /// Routes: makes meshd's routes exactly `want`, with one netlink call per difference (a changed next
+    /// hop is one replace). Returns the number of changes.
+    pub async fn sync_routes(
+        &self,
+        index: u32,
+        want: &BTreeMap<IpNet, Route>,
+    ) -> Result<usize, Error> {
         let have = self.routes(index).await?;
         let mut changes = 0;
-        for net in have.difference(want) {
-            self.del_route(index, net).await?;
-            changes += 1;
+        // One bad route (e.g. a next hop that is not on a connected network) must not keep the others
+        // from being applied: every difference is tried, the first failure is reported.
+        let mut failed: Vec<String> = Vec::new();
+        for (net, (_, oif)) in &have {
+            if !want.contains_key(net) {
+                match self.del_route(*oif, net).await {
+                    Ok(()) => changes += 1,
+                    Err(e) => failed.push(format!("{net}: {e}")),
+                }
+            }
         }
-        for net in want.difference(&have) {
-            self.add_route(index, net).await?;
-            changes += 1;
+        for (net, route) in want {
+            let same = have.get(net).is_some_and(|(r, oif)| {
+                r == route && (*route != Route::Mesh || *oif == Some(index))
+            });
+            if !same {
+                match self.add_route(index, net, *route).await {
+                    Ok(()) => changes += 1,
+                    Err(e) => failed.push(format!("{net}: {e}")),
+                }
+            }
         }
-        Ok(changes)
+        match failed.first() {
+            None => Ok(changes),
+            Some(first) => Err(Error::Netlink(format!(
+                "{} route change(s) failed, first: {first}",
+                failed.len()
+            ))),
+        }
     }
 
     async fn our_rules(&self) -> Result<Vec<netlink_packet_route::rule::RuleMessage>, Error> {

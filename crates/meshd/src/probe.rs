@@ -4,18 +4,27 @@
 //! endpoint `ip:port` of a peer at `ip:port+1` (a NAT port-forward must forward both ports). The socket
 //! carries meshd's fwmark, so probes always take the underlay, never the tunnel.
 //!
-//! Wire format (72 bytes, big-endian):
+//! Wire format, version 2 (90 bytes, big-endian):
 //!
 //! | bytes | field |
 //! |---|---|
 //! | 0..4 | magic `HNMP` |
-//! | 4 | version, 1 |
+//! | 4 | version, 2 |
 //! | 5 | kind: 1 ping, 2 pong |
-//! | 6..8 | zero |
+//! | 6 | flags (version 2): bit 0 `NO_UPLINK` in a pong: the responder is a gateway candidate that reaches none of the other locations' candidates; other bits zero |
+//! | 7 | zero |
 //! | 8..40 | the sender's WireGuard public key |
 //! | 40..48 | nonce (random per ping; a pong echoes it) |
 //! | 48..56 | the pinger's timestamp in microseconds (echoed; informational) |
-//! | 56..72 | MAC: the first 16 bytes of HMAC-SHA256(K, bytes 0..56) |
+//! | 56..72 | observed address: in a pong, the IP the ping came from (IPv6, IPv4 as `::ffff:a.b.c.d`); zero in a ping |
+//! | 72..74 | observed port (the ping's source port) |
+//! | 74..90 | MAC: the first 16 bytes of HMAC-SHA256(K, bytes 0..74) |
+//!
+//! The observed address tells a node behind a NAT its public (reflexive) address and whether the NAT keeps
+//! the source port, STUN-like, authenticated like the rest. Version 1 (72 bytes: no observed address, MAC
+//! over 0..56 at 56..72) is still decoded and answered in kind, so a version-1 prober keeps working against
+//! this one; the other way (a version-1 meshd ignores version-2 pings) does not, which does not matter yet:
+//! meshd 0.1 is unreleased, and a cluster runs one build.
 //!
 //! `K = SHA-256("hybridnet-meshd-probe-v1" || X25519(our private key, their public key))`: both nodes compute
 //! the same K from their WireGuard keys and nothing else, so only the holder of the peer's private key can
@@ -23,14 +32,19 @@
 //! outstanding, once: a replayed pong is ignored; a replayed ping costs one pong of the same size (no
 //! amplification).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use hmac::{Hmac, Mac};
 use hybridnet_config::PublicKey;
 use sha2::{Digest, Sha256};
 
-/// Size of every probe datagram.
-pub const LEN: usize = 72;
+/// Size of a version-2 probe datagram.
+pub const LEN: usize = 90;
+/// Pong flag: the responder is a gateway candidate without a live path to any other location.
+pub const NO_UPLINK: u8 = 1;
+
+/// Size of a version-1 probe datagram.
+pub const LEN_V1: usize = 72;
 const MAGIC: &[u8; 4] = b"HNMP";
 
 /// The probe port of a WireGuard port.
@@ -64,6 +78,12 @@ pub struct Probe {
     pub sender: PublicKey,
     pub nonce: u64,
     pub timestamp_us: u64,
+    /// Version 2: in a pong, where the ping came from. `None` in a ping and in version 1.
+    pub observed: Option<SocketAddr>,
+    /// The wire version (1 or 2).
+    pub version: u8,
+    /// Version 2 flags ([`NO_UPLINK`]).
+    pub flags: u8,
 }
 
 fn mac(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
@@ -76,26 +96,49 @@ fn mac(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
     out
 }
 
-/// Encodes and authenticates a probe.
-pub fn encode(probe: &Probe, key: &[u8; 32]) -> [u8; LEN] {
-    let mut out = [0u8; LEN];
+/// Encodes and authenticates a probe in its `version` (2 carries `observed`).
+pub fn encode(probe: &Probe, key: &[u8; 32]) -> Vec<u8> {
+    let v2 = probe.version >= 2;
+    let body = if v2 { 74 } else { 56 };
+    let mut out = vec![0u8; body + 16];
     out[..4].copy_from_slice(MAGIC);
-    out[4] = 1;
+    out[4] = if v2 { 2 } else { 1 };
     out[5] = match probe.kind {
         Kind::Ping => 1,
         Kind::Pong => 2,
     };
+    if v2 {
+        out[6] = probe.flags & NO_UPLINK;
+    }
     out[8..40].copy_from_slice(&probe.sender.0);
     out[40..48].copy_from_slice(&probe.nonce.to_be_bytes());
     out[48..56].copy_from_slice(&probe.timestamp_us.to_be_bytes());
-    let tag = mac(key, &out[..56]);
-    out[56..].copy_from_slice(&tag);
+    if v2 && let Some(addr) = probe.observed {
+        let ip = match addr.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        out[56..72].copy_from_slice(&ip.octets());
+        out[72..74].copy_from_slice(&addr.port().to_be_bytes());
+    }
+    let tag = mac(key, &out[..body]);
+    out[body..].copy_from_slice(&tag);
     out
 }
 
-/// Decodes a datagram's header; `None` for anything that is not a version-1 probe.
+/// Decodes a datagram's header; `None` for anything that is not a version-1 or version-2 probe.
 pub fn decode(bytes: &[u8]) -> Option<Probe> {
-    if bytes.len() != LEN || &bytes[..4] != MAGIC || bytes[4] != 1 || bytes[6..8] != [0, 0] {
+    let version = match (bytes.len(), bytes.get(4)) {
+        (LEN_V1, Some(1)) => 1,
+        (LEN, Some(2)) => 2,
+        _ => return None,
+    };
+    let flags = bytes[6];
+    if &bytes[..4] != MAGIC
+        || bytes[7] != 0
+        || (version == 1 && flags != 0)
+        || flags & !NO_UPLINK != 0
+    {
         return None;
     }
     let kind = match bytes[5] {
@@ -109,24 +152,39 @@ pub fn decode(bytes: &[u8]) -> Option<Probe> {
     nonce.copy_from_slice(&bytes[40..48]);
     let mut ts = [0u8; 8];
     ts.copy_from_slice(&bytes[48..56]);
+    let observed = if version == 2 && kind == Kind::Pong {
+        let mut ip = [0u8; 16];
+        ip.copy_from_slice(&bytes[56..72]);
+        let ip = Ipv6Addr::from(ip);
+        let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+        let port = u16::from_be_bytes([bytes[72], bytes[73]]);
+        (!ip.is_unspecified() && port != 0).then_some(SocketAddr::new(ip, port))
+    } else {
+        None
+    };
     Some(Probe {
         kind,
         sender: PublicKey(sender),
         nonce: u64::from_be_bytes(nonce),
         timestamp_us: u64::from_be_bytes(ts),
+        observed,
+        version,
+        flags,
     })
 }
 
-/// Checks a datagram's MAC with the key shared with its sender (constant time).
+/// Checks a datagram's MAC with the key shared with its sender (constant time), for either version.
 pub fn verify(bytes: &[u8], key: &[u8; 32]) -> bool {
-    if bytes.len() != LEN {
-        return false;
-    }
+    let body = match bytes.len() {
+        LEN_V1 => 56,
+        LEN => 74,
+        _ => return false,
+    };
     let Ok(mut m) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
         return false;
     };
-    m.update(&bytes[..56]);
-    m.verify_truncated_left(&bytes[56..]).is_ok()
+    m.update(&bytes[..body]);
+    m.verify_truncated_left(&bytes[body..]).is_ok()
 }
 
 #[cfg(test)]
@@ -150,20 +208,71 @@ mod tests {
             sender: a.public(),
             nonce: 42,
             timestamp_us: 7,
+            observed: None,
+            version: 2,
+            flags: 0,
         };
         let bytes = encode(&ping, &kab);
+        assert_eq!(bytes.len(), LEN);
         assert_eq!(decode(&bytes), Some(ping));
         assert!(verify(&bytes, &kba));
         // A third node (or anyone without a's or b's key) cannot produce a valid MAC.
         let forged = encode(&ping, &key(&c.shared(&b.public())));
         assert!(!verify(&forged, &kba));
-        let mut tampered = bytes;
+        let mut tampered = bytes.clone();
         tampered[40] ^= 1;
         assert!(!verify(&tampered, &kba));
-        assert!(decode(&bytes[..71]).is_none());
-        let mut wrong = bytes;
+        assert!(decode(&bytes[..89]).is_none());
+        let mut wrong = bytes.clone();
         wrong[5] = 9;
         assert!(decode(&wrong).is_none());
+        // A pong carries the observed address, authenticated: changing it breaks the MAC.
+        for observed in ["203.0.113.9:40001", "[2001:db8::9]:51822"] {
+            let pong = Probe {
+                kind: Kind::Pong,
+                sender: b.public(),
+                observed: Some(observed.parse().unwrap()),
+                ..ping
+            };
+            let bytes = encode(&pong, &kba);
+            assert_eq!(decode(&bytes), Some(pong));
+            assert!(verify(&bytes, &kab));
+            let mut moved = bytes.clone();
+            moved[73] ^= 1;
+            assert!(!verify(&moved, &kab), "the observed port is under the MAC");
+        }
+        // Version 1 (72 bytes) is still decoded and verified; it carries no observed address.
+        let v1 = Probe {
+            version: 1,
+            kind: Kind::Pong,
+            observed: Some("203.0.113.9:1".parse().unwrap()),
+            ..ping
+        };
+        let bytes = encode(&v1, &kab);
+        assert_eq!(bytes.len(), LEN_V1);
+        assert_eq!(
+            decode(&bytes),
+            Some(Probe {
+                observed: None,
+                ..v1
+            })
+        );
+        assert!(verify(&bytes, &kba));
+        // Flags: NO_UPLINK round-trips under the MAC in version 2; unknown bits are refused.
+        let flagged = Probe {
+            flags: NO_UPLINK,
+            kind: Kind::Pong,
+            ..ping
+        };
+        let bytes2 = encode(&flagged, &kab);
+        assert_eq!(decode(&bytes2).map(|p| p.flags), Some(NO_UPLINK));
+        let mut unknown = bytes2.clone();
+        unknown[6] = 2;
+        assert!(decode(&unknown).is_none());
+        // A version byte that does not match the length is refused.
+        let mut mixed = bytes.clone();
+        mixed[4] = 2;
+        assert!(decode(&mixed).is_none());
         assert_eq!(probe_addr("192.0.2.1:51821".parse().unwrap()).port(), 51822);
     }
 }

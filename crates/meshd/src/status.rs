@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::mesh::{Mesh, unix_now};
 use crate::peer::PathState;
+use crate::topology::PathKind;
 
 fn ms(d: Option<std::time::Duration>) -> Value {
     d.map_or(Value::Null, |d| {
@@ -19,19 +20,49 @@ fn ms(d: Option<std::time::Duration>) -> Value {
 pub fn report(mesh: &Mesh) -> (String, Value) {
     let mut peers: Vec<&crate::mesh::Peer> = mesh.peers.values().collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name));
-    let up = peers
-        .iter()
-        .filter(|p| p.state() == crate::peer::PeerState::Up)
-        .count();
+    let paths = mesh.paths();
+    let name_of = |k: &hybridnet_config::PublicKey| {
+        if *k == mesh.public {
+            "(this node)".to_owned()
+        } else {
+            mesh.peers
+                .get(k)
+                .map_or_else(|| k.to_string(), |p| p.name.clone())
+        }
+    };
     let rows: Vec<Value> = peers
         .iter()
         .map(|p| {
             let m = &p.machine;
+            // A peer behind a gateway is as up as its gateway (its own machine probes nothing).
+            let state = match paths.get(&p.key) {
+                Some(PathKind::Gateway { via: Some(g) }) if *g == mesh.public => "up",
+                Some(PathKind::Gateway { via: Some(g) }) => mesh
+                    .peers
+                    .get(g)
+                    .map_or("down", |g| g.machine.state.as_str()),
+                Some(PathKind::Gateway { via: None }) => "down",
+                Some(PathKind::Relayed { via }) => mesh
+                    .peers
+                    .get(via)
+                    .map_or("down", |g| g.machine.state.as_str()),
+                _ => p.state().as_str(),
+            };
+            let (path, via) = match paths.get(&p.key) {
+                Some(PathKind::Native { via }) => ("native", json!(via.to_string())),
+                Some(PathKind::Gateway { via }) => ("gateway", json!(via.as_ref().map(name_of))),
+                Some(PathKind::Relayed { via }) => ("relayed", json!(name_of(via))),
+                Some(PathKind::Direct) | None => ("direct", Value::Null),
+            };
             json!({
+                "path": path,
+                "via": via,
+                // `probes` normally; `traffic` when only WireGuard traffic shows the peer alive.
+                "liveness": if p.by_traffic() { "traffic" } else { "probes" },
                 "name": p.name,
                 "publicKey": p.key.to_string(),
                 "meshAddress": p.mesh_addr.to_string(),
-                "state": p.state().as_str(),
+                "state": state,
                 "endpoint": p.endpoint().map(|e| e.to_string()),
                 "handshakeMode": p.handshake_mode(),
                 "rttMs": ms(m.active.and_then(|a| m.paths[a].rtt)),
@@ -49,6 +80,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
             })
         })
         .collect();
+    let up = rows.iter().filter(|r| r["state"] == "up").count();
     let summary = format!(
         "{up}/{} peers up on {} ({}, {})",
         peers.len(),
@@ -71,6 +103,20 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         },
         "peers": rows,
     });
+    let mut details = details;
+    let nat = mesh.nat();
+    details["nat"] = json!({
+        "type": nat.kind.as_str(),
+        "reflexive": nat.reflexive.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "announced": mesh.reflexive_endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
+    });
+    if let (Some(plan), Some(layout)) = (&mesh.plan, mesh.layout()) {
+        details["topology"] = json!({
+            "location": plan.location,
+            "gatewayCandidate": plan.candidate,
+            "gateways": layout.gateways.iter().map(|(loc, g)| (loc.clone(), json!(g.as_ref().map(name_of)))).collect::<serde_json::Map<String, Value>>(),
+        });
+    }
     (summary, details)
 }
 
@@ -88,6 +134,25 @@ pub fn render(details: &Value) -> String {
         details["mtu"],
         s(&details["publicKey"]),
     );
+    if let Some(t) = details["topology"].as_object() {
+        let gateways: Vec<String> = t["gateways"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(loc, g)| format!("{loc}={}", g.as_str().unwrap_or("-")))
+            .collect();
+        let _ = writeln!(
+            out,
+            "location {}{}  gateways {}",
+            t["location"].as_str().unwrap_or("-"),
+            if t["gatewayCandidate"] == true {
+                " (gateway candidate)"
+            } else {
+                ""
+            },
+            gateways.join(" ")
+        );
+    }
     if let Some(e) = details["error"].as_str() {
         let _ = writeln!(out, "last error: {e}");
     }
@@ -98,8 +163,8 @@ pub fn render(details: &Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  paths",
-        "PEER", "STATE", "ENDPOINT", "RTT ms", "FAIL", "RX", "TX"
+        "{:<16} {:<8} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  paths",
+        "PEER", "STATE", "PATH", "ENDPOINT", "RTT ms", "FAIL", "RX", "TX"
     );
     for p in details["peers"].as_array().into_iter().flatten() {
         let paths: Vec<String> = p["paths"]
@@ -110,14 +175,18 @@ pub fn render(details: &Value) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:<16} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  {}",
+            "{:<16} {:<8} {:<8} {:<28} {:>8} {:>5} {:>12} {:>12}  {}",
             s(&p["name"]),
             if p["handshakeMode"] == true {
                 format!("{}(hs)", s(&p["state"]))
             } else {
                 s(&p["state"])
             },
-            p["endpoint"].as_str().unwrap_or("-"),
+            s(&p["path"]),
+            match (p["path"].as_str(), p["via"].as_str()) {
+                (Some("gateway" | "relayed"), Some(via)) => format!("via {via}"),
+                _ => p["endpoint"].as_str().unwrap_or("-").to_owned(),
+            },
             p["rttMs"]
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.1}")),
@@ -196,4 +265,41 @@ pub fn members(mesh: &Mesh, own_addresses: Vec<IpAddr>) -> Members {
         });
     }
     Members { members }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_shows_paths_gateways_and_relays() {
+        let details = json!({
+            "interface": "hybridnet0", "backend": "userspace", "meshAddress": "fd00::1", "listenPort": 51821,
+            "mtu": 1420, "publicKey": "k",
+            "topology": {"location": "loc1", "gatewayCandidate": false, "gateways": {"loc1": "node11", "loc2": null}},
+            "peers": [
+                {"name": "node11", "state": "up", "path": "native", "via": "192.168.1.11", "endpoint": "192.168.1.11:51821", "rttMs": 0.2, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
+                {"name": "node23", "state": "up", "path": "gateway", "via": "node11", "endpoint": null, "rttMs": null, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
+                {"name": "node5", "state": "up", "path": "relayed", "via": "node1", "endpoint": null, "rttMs": null, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
+            ],
+        });
+        let out = render(&details);
+        assert!(
+            out.contains("location loc1  gateways loc1=node11 loc2=-"),
+            "{out}"
+        );
+        assert!(out.contains("PATH"), "{out}");
+        let line = |name: &str| {
+            out.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(
+            line("node11").contains("native   192.168.1.11:51821"),
+            "{out}"
+        );
+        assert!(line("node23").contains("gateway  via node11"), "{out}");
+        assert!(line("node5").contains("relayed  via node1"), "{out}");
+    }
 }

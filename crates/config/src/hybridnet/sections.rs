@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use super::{Ours, TOP_KEYS, get};
 use crate::error::IssueKind;
 use crate::filter::FilterRule;
-use crate::model::{Backend, Mtu, Peer, PublicKey, Topology};
+use crate::model::{Backend, GatewayPin, Mtu, Peer, PublicKey, Topology};
 use crate::parse;
 use crate::read::Ctx;
 use crate::yaml::{Node, Value};
@@ -28,6 +28,7 @@ const MESHD_KEYS: &[&str] = &[
     "addresses",
     "location",
     "topology",
+    "gateway",
     "peers",
     "filters",
     "allowDownPeerBypass",
@@ -39,7 +40,25 @@ const MESHD_KEYS: &[&str] = &[
     "admin",
 ];
 const FILTER_KEYS: &[&str] = &["endpoints", "excludeAdvertisedNetworks"];
-const PEER_KEYS: &[&str] = &["name", "publicKey", "endpoints", "allowedIPs", "location"];
+const PEER_KEYS: &[&str] = &[
+    "name",
+    "publicKey",
+    "endpoints",
+    "allowedIPs",
+    "location",
+    "gateway",
+];
+
+fn gateway_pin(v: &str) -> Result<GatewayPin, String> {
+    match v {
+        "auto" => Ok(GatewayPin::Auto),
+        "always" => Ok(GatewayPin::Always),
+        "never" => Ok(GatewayPin::Never),
+        _ => Err(format!(
+            "unknown gateway `{v}`: expected auto, always or never"
+        )),
+    }
+}
 const DNSLOCAL_KEYS: &[&str] = &[
     "listen",
     "interface",
@@ -157,6 +176,7 @@ fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
             _ => Err(format!("unknown topology `{v}`: expected full or location")),
         })
     });
+    o.m_gateway = get(ctx, s, P, "gateway", |c, n, k| c.parsed(n, k, gateway_pin));
     o.m_peers = get(ctx, s, P, "peers", |c, n, k| c.list(n, k, read_peer));
     o.m_bypass = get(ctx, s, P, "allowDownPeerBypass", |c, n, k| c.boolean(n, k));
     o.m_advertise = get(ctx, s, P, "advertiseKubernetesNetworks", |c, n, k| {
@@ -266,12 +286,17 @@ fn read_peer(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Peer> {
         Some((v, k)) => name(ctx, v, &k).map(Some),
         None => Some(None),
     };
+    let gateway = match opt("gateway") {
+        Some((v, k)) => ctx.parsed(v, &k, gateway_pin),
+        None => Some(GatewayPin::Auto),
+    };
     Some(Peer {
         name: peer_name?,
         public_key: public_key?,
         endpoints: endpoints?,
         allowed_ips: allowed_ips?,
         location: location?,
+        gateway: gateway?,
     })
 }
 

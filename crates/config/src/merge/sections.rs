@@ -224,6 +224,7 @@ pub fn meshd(
         addresses: m.first("meshd.addresses", [o.m_addresses.clone()], Vec::new()),
         location: m.optional("meshd.location", [o.m_location.clone()]),
         topology: m.first("meshd.topology", [o.m_topology.clone()], d.topology),
+        gateway: m.first("meshd.gateway", [o.m_gateway.clone()], d.gateway),
         peers: m.first("meshd.peers", [o.m_peers.clone()], Vec::new()),
         endpoint_filter,
         exclude_advertised_networks: m.first::<Vec<IpNet>>(

@@ -253,3 +253,22 @@ fn deep_nesting_is_refused() {
     let e = fast(|| load(&deep));
     assert!(!e.issues().is_empty());
 }
+
+#[test]
+fn gateway_pins() {
+    let c = ok(&ours(
+        "meshd:\n  topology: location\n  location: home\n  gateway: always\n  peers:\n    - {name: b, publicKey: MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=, location: home, gateway: never}\n    - {name: c, publicKey: MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI=}\n",
+    ));
+    use hybridnet_config::GatewayPin;
+    assert_eq!(c.meshd.gateway, GatewayPin::Always);
+    assert_eq!(c.meshd.peers[0].gateway, GatewayPin::Never);
+    assert_eq!(c.meshd.peers[1].gateway, GatewayPin::Auto);
+    assert_eq!(ok("").meshd.gateway, GatewayPin::Auto);
+    let e = err(&ours("meshd:\n  gateway: sometimes\n"));
+    assert_issue(
+        &e,
+        IssueKind::Value,
+        "4:12",
+        "unknown gateway `sometimes`: expected auto, always or never",
+    );
+}

@@ -11,7 +11,19 @@ impl Mesh {
     /// Publishes per-peer metrics.
     pub fn update_metrics(&mut self) {
         let mut up = 0;
+        let paths = self.paths();
         for p in self.peers.values_mut() {
+            let now = paths.get(&p.key).map_or("direct", |k| k.as_str());
+            for kind in crate::topology::PATH_KINDS {
+                let labels = vec![
+                    ("peer".to_owned(), p.name.clone()),
+                    ("path".to_owned(), kind.to_owned()),
+                ];
+                self.metrics
+                    .peer_path
+                    .get_or_create(&labels)
+                    .set(i64::from(kind == now));
+            }
             let l = metrics::peer(&p.name);
             let state = p.state();
             if state == PeerState::Up {
