@@ -48,6 +48,25 @@ pub struct MeshNode {
 }
 
 impl MeshNode {
+    /// Node `index` in `netns`, its files under `<dir>/node<index>` (created), its key not known yet.
+    pub fn new(index: u8, netns: Netns, dir: &std::path::Path) -> MeshNode {
+        let root = dir.join(format!("node{index}"));
+        std::fs::create_dir_all(&root)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
+        MeshNode {
+            index,
+            netns,
+            config: root.join("config.yaml"),
+            state_dir: root.join("state"),
+            data_dir: root.join("data"),
+            public_key: String::new(),
+            extra: String::new(),
+            routed: Vec::new(),
+        }
+    }
+}
+
+impl MeshNode {
     pub fn name(&self) -> String {
         format!("node{}", self.index)
     }
@@ -161,19 +180,7 @@ impl MeshLab {
                 netns.ip(&["addr", "add", &addr, "dev", net]);
                 netns.ip(&["link", "set", net, "up"]);
             }
-            let root = dir.join(format!("node{index}"));
-            std::fs::create_dir_all(&root)
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
-            nodes.push(MeshNode {
-                index,
-                netns,
-                config: root.join("config.yaml"),
-                state_dir: root.join("state"),
-                data_dir: root.join("data"),
-                public_key: String::new(),
-                extra: String::new(),
-                routed: Vec::new(),
-            });
+            nodes.push(MeshNode::new(index, netns, dir.path()));
         }
         MeshLab { nodes, switch, dir }
     }
@@ -236,22 +243,7 @@ impl MeshLab {
         }
         let mut daemons: Vec<Daemon> = (0..self.nodes.len()).map(|i| self.start(i)).collect();
         for (i, d) in daemons.iter_mut().enumerate() {
-            let state = self.nodes[i].state_dir.clone();
-            let key = d
-                .wait_alive(
-                    Duration::from_secs(20),
-                    "meshd to publish its public key",
-                    |d| {
-                        d.status_in(&state).and_then(|s| {
-                            s.details["publicKey"]
-                                .as_str()
-                                .map(str::to_owned)
-                                .ok_or_else(|| format!("no key yet: {}", s.summary))
-                        })
-                    },
-                )
-                .unwrap_or_else(|e| panic!("{e}"));
-            self.nodes[i].public_key = key;
+            self.nodes[i].public_key = public_key_of(d, &self.nodes[i].state_dir);
         }
         for i in 0..self.nodes.len() {
             self.write_config(i);
@@ -388,4 +380,22 @@ impl TcpFlow {
         }
         result
     }
+}
+
+/// Waits until the meshd `d` (state directory `state`) publishes its public key in `status.json`; panics
+/// after 20 s.
+pub fn public_key_of(d: &mut Daemon, state: &std::path::Path) -> String {
+    d.wait_alive(
+        Duration::from_secs(20),
+        "meshd to publish its public key",
+        |d| {
+            d.status_in(state).and_then(|s| {
+                s.details["publicKey"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| format!("no key yet: {}", s.summary))
+            })
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -7,7 +7,6 @@
 //! strictly (`rp_filter=1`).
 
 use std::net::Ipv4Addr;
-use std::time::Duration;
 
 use super::{MeshNode, PORT};
 use crate::{Daemon, DaemonKind, Netns, TestDir, write_atomic};
@@ -104,19 +103,8 @@ impl LocationLab {
                 netns.ip(&["addr", "add", &format!("{addr}/24"), "dev", net]);
                 netns.ip(&["link", "set", net, "up"]);
             }
-            let root = self.dir.join(format!("node{index}"));
-            std::fs::create_dir_all(&root)
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
-            self.nodes.push(MeshNode {
-                index,
-                netns,
-                config: root.join("config.yaml"),
-                state_dir: root.join("state"),
-                data_dir: root.join("data"),
-                public_key: String::new(),
-                extra: String::new(),
-                routed: Vec::new(),
-            });
+            self.nodes
+                .push(super::MeshNode::new(index, netns, self.dir.path()));
             self.places.push(Place {
                 location: l,
                 public: is_public,
@@ -191,22 +179,7 @@ impl LocationLab {
         }
         let mut daemons: Vec<Daemon> = which.iter().map(|&i| self.start(i)).collect();
         for (d, &i) in daemons.iter_mut().zip(which) {
-            let state = self.nodes[i].state_dir.clone();
-            let key = d
-                .wait_alive(
-                    Duration::from_secs(20),
-                    "meshd to publish its public key",
-                    |d| {
-                        d.status_in(&state).and_then(|s| {
-                            s.details["publicKey"]
-                                .as_str()
-                                .map(str::to_owned)
-                                .ok_or_else(|| format!("no key yet: {}", s.summary))
-                        })
-                    },
-                )
-                .unwrap_or_else(|e| panic!("{e}"));
-            self.nodes[i].public_key = key;
+            self.nodes[i].public_key = super::public_key_of(d, &self.nodes[i].state_dir);
         }
         for i in 0..self.nodes.len() {
             self.write_config(i);

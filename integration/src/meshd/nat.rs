@@ -118,19 +118,8 @@ impl NatLab {
                     Some(r)
                 }
             };
-            let root = lab.dir.join(format!("node{index}"));
-            std::fs::create_dir_all(&root)
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
-            lab.nodes.push(MeshNode {
-                index,
-                netns,
-                config: root.join("config.yaml"),
-                state_dir: root.join("state"),
-                data_dir: root.join("data"),
-                public_key: String::new(),
-                extra: String::new(),
-                routed: Vec::new(),
-            });
+            lab.nodes
+                .push(super::MeshNode::new(index, netns, lab.dir.path()));
             lab.routers.push(router);
             lab.nats.push(nat);
         }
