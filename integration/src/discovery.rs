@@ -102,19 +102,7 @@ impl DiscoveryServer {
     /// Starts the service on `addr` inside `netns` (plain HTTP/2: Talos's `insecure` mode).
     pub fn start(netns: &Netns, addr: SocketAddr) -> DiscoveryServer {
         let listener = netns
-            .enter(|| {
-                let s = socket2::Socket::new(
-                    socket2::Domain::for_address(addr),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                s.set_reuse_address(true)?;
-                s.bind(&addr.into())?;
-                s.listen(128)?;
-                s.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
-            })
-            .and_then(|r| r)
+            .tcp_listener(addr)
             .unwrap_or_else(|e| panic!("discovery stand-in cannot listen on {addr}: {e}"));
         let state = Arc::new(Mutex::new(State::default()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();

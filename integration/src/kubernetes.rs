@@ -185,19 +185,7 @@ impl KubeApiServer {
             None => (None, None),
         };
         let listener = netns
-            .enter(|| {
-                let s = socket2::Socket::new(
-                    socket2::Domain::for_address(addr),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                s.set_reuse_address(true)?;
-                s.bind(&addr.into())?;
-                s.listen(128)?;
-                s.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
-            })
-            .and_then(|r| r)
+            .tcp_listener(addr)
             .unwrap_or_else(|e| panic!("Kubernetes API stand-in cannot listen on {addr}: {e}"));
         let state = Arc::new(Mutex::new(State {
             rv: 100,

@@ -108,6 +108,26 @@ impl Netns {
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
         enter_named(&self.name, f)
     }
+
+    /// A non-blocking TCP listener on `addr` inside the namespace (SO_REUSEADDR, backlog 128), for the
+    /// stand-in servers.
+    pub fn tcp_listener(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> std::io::Result<std::net::TcpListener> {
+        self.enter(|| {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(128)?;
+            s.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
+        })?
+    }
 }
 
 /// [`Netns::enter`] by namespace name.
