@@ -82,10 +82,13 @@ pings() { # N: up to N tries, 0.5 s apart
   done
   echo no
 }
-uses() { /bin/meshd status --config $cfg | grep -q "up  *$1:51821"; }
+uses() { /bin/meshd status --config $cfg | grep -Eq " up +direct +$1:51821 "; } # STATE PATH ENDPOINT
 ok=$(pings 120)
 kind=$(grep DEVTYPE /sys/class/net/hybridnet0/uevent 2>/dev/null)
 echo "HN-RESULT node=$node ping=$ok $kind"
+# MSS clamping: meshd's nftables table over netlink on a real distribution kernel (status reports a failure).
+/bin/meshd status --config $cfg | grep -q "MSS clamping" && clamp=failed || clamp=ok
+echo "HN-MSS node=$node clamp=$clamp"
 # Kernel backend failover: cut the private path from this side; wait for the public one.
 t0=$(centis)
 ip route add blackhole 192.0.2.1$other/32
@@ -152,7 +155,7 @@ fn two_vms_mesh_over_kernel_wireguard() {
     let initrd = kernel.initramfs(
         &dir.join("initrd.gz"),
         &overlay,
-        &["wireguard", "virtio_net", "virtio_pci"],
+        &["wireguard", "virtio_net", "virtio_pci", "nf_tables"],
     );
 
     let start = Instant::now();
@@ -182,6 +185,13 @@ fn two_vms_mesh_over_kernel_wireguard() {
             "{r}\nconsole:\n{}",
             vm.console()
         );
+    }
+    // MSS clamping: the nftables table meshd writes over netlink is accepted by Debian's kernel.
+    for vm in [&mut vm1, &mut vm2] {
+        let line = vm
+            .wait_for("HN-MSS", Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(line.contains("clamp=ok"), "{line}\n{}", vm.console());
     }
     // Failover on the kernel backend (endpoint updated in place), both sides.
     for vm in [&mut vm1, &mut vm2] {
