@@ -183,6 +183,8 @@ pub struct Mesh {
     observed: HashMap<PublicKey, SocketAddr>,
     /// [`Mesh::no_uplink`] as of the last poll (pongs carry it; not recomputed per datagram).
     uplink_lost: bool,
+    /// Peers in handshake mode that just moved to an endpoint: kicked after the reconcile.
+    handshake_kicks: Vec<PublicKey>,
 }
 
 impl Mesh {
@@ -264,6 +266,7 @@ impl Mesh {
             forwarding_set: false,
             observed: HashMap::new(),
             uplink_lost: false,
+            handshake_kicks: Vec::new(),
             cfg,
         };
         mesh.own_endpoints = mesh.announced().await;
@@ -534,7 +537,10 @@ impl Mesh {
             if now.saturating_duration_since(peer.since) < PROBE_GRACE || !peer.handshake_mode() {
                 continue;
             }
-            let last = peer.last_handshake_at;
+            // Data received from the peer is as good as a handshake: it arrives only on a working session
+            // (a responder's boringtun shows no handshake time until the initiator's first data).
+            let received = (peer.stats.rx_bytes > 0).then_some(peer.last_rx_change);
+            let last = peer.last_handshake_at.max(received);
             let Some(h) = peer.handshake.as_mut() else {
                 continue;
             };
@@ -543,6 +549,9 @@ impl Mesh {
                 tracing::info!(peer = %peer.name, endpoint = %ep, "active endpoint (no probe answers: WireGuard handshakes decide, as in KubeSpan)");
                 changed = true;
                 self.dirty = true;
+                // Traffic now, so the session at the new endpoint is proven (or a handshake starts) after
+                // the change, even when WireGuard had already roamed there and nothing is reconfigured.
+                self.handshake_kicks.push(peer.key);
             }
             if h.state != before {
                 tracing::info!(peer = %peer.name, state = h.state.as_str(), "peer state (handshakes)");
@@ -592,6 +601,10 @@ impl Mesh {
                     self.dirty = false;
                 }
             }
+        }
+        if !self.handshake_kicks.is_empty() {
+            let keys = std::mem::take(&mut self.handshake_kicks);
+            self.kick_peers(&keys);
         }
         changed
     }
@@ -982,6 +995,13 @@ impl Mesh {
                 _ => None,
             })
             .collect();
+        let keys: Vec<PublicKey> = keys.into_iter().copied().collect();
+        self.kick_peers(&keys);
+    }
+
+    /// One datagram through the tunnel to each of `keys` (the discard port of its mesh address): WireGuard
+    /// starts a handshake if there is no session, or sends it on the current one.
+    fn kick_peers(&self, keys: &[PublicKey]) {
         if keys.is_empty() {
             return;
         }
