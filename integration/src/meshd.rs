@@ -64,6 +64,13 @@ impl MeshNode {
             routed: Vec::new(),
         }
     }
+
+    /// Starts meshd on this node with its config, logging to `meshd.log` beside it.
+    pub fn start(&self) -> Daemon {
+        Daemon::builder(DaemonKind::Meshd, &self.netns, &self.config)
+            .log_file(self.config.with_file_name("meshd.log"))
+            .start()
+    }
 }
 
 impl MeshNode {
@@ -156,20 +163,6 @@ impl MeshLab {
         for index in 1..=n {
             let netns = Netns::new();
             for (net, br, prefix) in [("priv", "brpriv", PRIVATE), ("pub", "brpub", PUBLIC)] {
-                let port = format!("{net}{index}");
-                switch.ip(&[
-                    "link",
-                    "add",
-                    &port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    net,
-                    "netns",
-                    netns.name(),
-                ]);
-                switch.ip(&["link", "set", &port, "master", br, "up"]);
                 let addr = format!(
                     "{}.{}.{}.{}/24",
                     prefix[0],
@@ -177,8 +170,7 @@ impl MeshLab {
                     prefix[2],
                     10 + index
                 );
-                netns.ip(&["addr", "add", &addr, "dev", net]);
-                netns.ip(&["link", "set", net, "up"]);
+                switch.plug(br, &format!("{net}{index}"), &netns, net, &addr);
             }
             nodes.push(MeshNode::new(index, netns, dir.path()));
         }
@@ -229,10 +221,7 @@ impl MeshLab {
     }
 
     pub fn start(&self, i: usize) -> Daemon {
-        let node = &self.nodes[i];
-        Daemon::builder(DaemonKind::Meshd, &node.netns, &node.config)
-            .log_file(node.config.with_file_name("meshd.log"))
-            .start()
+        self.nodes[i].start()
     }
 
     /// Starts every node without peers (each creates its key), learns the public keys from `status.json`,

@@ -109,6 +109,26 @@ impl Netns {
         enter_named(&self.name, f)
     }
 
+    /// Plugs `node` into `bridge` (a bridge in this namespace): a veth pair, `port` here as a bridge port,
+    /// `name` in `node` holding `cidr` (IPv4), both ends up.
+    pub fn plug(&self, bridge: &str, port: &str, node: &Netns, name: &str, cidr: &str) {
+        self.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name,
+            "netns",
+            node.name(),
+        ]);
+        self.ip(&["link", "set", port, "master", bridge, "up"]);
+        node.ip(&["addr", "add", cidr, "dev", name]);
+        node.ip(&["link", "set", name, "up"]);
+    }
+
     /// A non-blocking TCP listener on `addr` inside the namespace (SO_REUSEADDR, backlog 128), for the
     /// stand-in servers.
     pub fn tcp_listener(

@@ -9,7 +9,7 @@
 use std::net::Ipv4Addr;
 
 use super::{MeshNode, PORT};
-use crate::{Daemon, DaemonKind, Netns, TestDir, write_atomic};
+use crate::{Daemon, Netns, TestDir, write_atomic};
 
 /// One node's place in the lab.
 #[derive(Debug, Clone, Copy)]
@@ -85,23 +85,13 @@ impl LocationLab {
                 links.push(("pub", "brpub".into(), Ipv4Addr::new(198, 51, 100, index)));
             }
             for (net, bridge, addr) in links {
-                let port = format!("{net}{index}");
-                self.switch.ip(&[
-                    "link",
-                    "add",
-                    &port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
+                self.switch.plug(
+                    &bridge,
+                    &format!("{net}{index}"),
+                    &netns,
                     net,
-                    "netns",
-                    netns.name(),
-                ]);
-                self.switch
-                    .ip(&["link", "set", &port, "master", &bridge, "up"]);
-                netns.ip(&["addr", "add", &format!("{addr}/24"), "dev", net]);
-                netns.ip(&["link", "set", net, "up"]);
+                    &format!("{addr}/24"),
+                );
             }
             self.nodes
                 .push(super::MeshNode::new(index, netns, self.dir.path()));
@@ -165,10 +155,7 @@ impl LocationLab {
     }
 
     pub fn start(&self, i: usize) -> Daemon {
-        let node = &self.nodes[i];
-        Daemon::builder(DaemonKind::Meshd, &node.netns, &node.config)
-            .log_file(node.config.with_file_name("meshd.log"))
-            .start()
+        self.nodes[i].start()
     }
 
     /// Starts the nodes at `which` (each creates its key), learns their keys, then rewrites every node's

@@ -127,23 +127,13 @@ impl NatLab {
     }
 
     fn plug(&self, ns: &Netns, index: u8, name: &str, addr: Ipv4Addr) {
-        let port = format!("{name}{index}");
-        self.switch.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
+        self.switch.plug(
+            "brpub",
+            &format!("{name}{index}"),
+            ns,
             name,
-            "netns",
-            ns.name(),
-        ]);
-        self.switch
-            .ip(&["link", "set", &port, "master", "brpub", "up"]);
-        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", name]);
-        ns.ip(&["link", "set", name, "up"]);
+            &format!("{addr}/24"),
+        );
     }
 
     fn nft(&self, ns: &Netns, name: &str, script: &str) {
