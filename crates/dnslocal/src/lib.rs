@@ -275,6 +275,7 @@ impl Instance {
             "cache": { "entries": entries, "capacity": e.cache.capacity() },
             "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail },
             "inflight": e.inflight(),
+            "cluster_loop": e.loops.cluster_refused(),
         });
         (summary, details)
     }
@@ -385,9 +386,14 @@ pub fn render_details(d: &serde_json::Value) -> String {
     };
     out.push_str(&format!("listen       {}\n", d["listen"]));
     out.push_str(&format!(
-        "cluster      {} -> {}\n",
+        "cluster      {} -> {}{}\n",
         d["cluster_domain"],
-        list(&d["cluster_dns"])
+        list(&d["cluster_dns"]),
+        if d["cluster_loop"].as_bool().unwrap_or(false) {
+            "  LOOP: the cluster DNS leads back to us, cluster-zone questions get SERVFAIL"
+        } else {
+            ""
+        }
     ));
     out.push_str(&format!("upstreams    {}\n", list(&d["upstreams"])));
     out.push_str(&format!(
