@@ -762,6 +762,17 @@ mod tests {
         assert_eq!(parse_version("v1"), "unknown");
         assert_eq!(parse_version("v1234.1.0"), "unknown");
         assert_eq!(parse_version(""), "unknown");
+        // What meshd sends is labelled with its own version, not `unknown`.
+        let ours = hybridnet_meshd::discovery::registry::CLIENT_VERSION;
+        assert_eq!(
+            parse_version(ours),
+            format!(
+                "v{}",
+                env!("CARGO_PKG_VERSION")
+                    .rsplit_once('.')
+                    .map_or("", |p| p.0)
+            )
+        );
     }
 
     #[test]

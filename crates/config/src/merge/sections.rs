@@ -261,8 +261,8 @@ pub fn meshd(
     }
 }
 
-/// `meshd.discovery.endpoints`: each must name a discovery endpoint in use (a typo would otherwise
-/// leave that endpoint on the system bundle, silently).
+/// `meshd.discovery.endpoints`: with discovery on, each must name a discovery endpoint in use (a typo
+/// would otherwise leave that endpoint on the system bundle, silently).
 fn endpoint_cas(
     ctx: &mut Ctx,
     m: &mut Merger,
@@ -275,7 +275,13 @@ fn endpoint_cas(
         Vec::new(),
     );
     let known = &cluster.discovery.endpoints;
-    for e in &list {
+    // With discovery off there is nothing to check against (the file may be shared by nodes).
+    let checked = if cluster.discovery.enabled {
+        list.as_slice()
+    } else {
+        &[]
+    };
+    for e in checked {
         if !known
             .iter()
             .any(|k| crate::model::same_endpoint(k, &e.endpoint))

@@ -143,6 +143,11 @@ fn a_ca_file_for_an_unknown_endpoint_or_an_unknown_key_is_an_error() {
         e.to_string().contains("not a discovery endpoint in use"),
         "{e}"
     );
+    // With discovery off the entry is kept, unchecked.
+    let c = ok(
+        "version: v1alpha1\ncluster:\n  discovery:\n    enabled: false\n---\napiVersion: v1alpha1\nkind: HybridNetConfig\nmeshd:\n  discovery:\n    endpoints:\n      - endpoint: https://discovery.example.com:3001/\n        caFile: /x.pem\n",
+    );
+    assert_eq!(c.meshd.discovery_endpoint_cas.len(), 1);
     let e = err(&format!(
         "{IDENTITY}---\napiVersion: v1alpha1\nkind: HybridNetConfig\nmeshd:\n  discovery:\n    caFiel: /x.pem\n"
     ));
