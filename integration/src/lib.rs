@@ -33,6 +33,7 @@ mod http;
 pub mod kubernetes;
 pub mod meshd;
 mod netns;
+pub mod pki;
 mod process;
 pub mod qemu;
 mod root;
