@@ -36,6 +36,7 @@ mod netns;
 mod process;
 pub mod qemu;
 mod root;
+pub mod stale;
 mod wait;
 
 pub use config::ConfigDoc;
