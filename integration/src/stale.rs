@@ -1,11 +1,12 @@
 //! Refuses daemon binaries older than the sources they are built from (a forgotten rebuild would make a root
 //! test pass or fail against yesterday's code).
 //!
-//! A binary is stale when a file under `crates/` (`.rs`, `.toml`) or `Cargo.lock` changed after it was built.
-//! Modification times alone would fail a fresh `git clone` run against binaries built before the clone
-//! (every checked-out file gets the time of the checkout), so a file newer than the binary only counts when
-//! git says its content changed since: it is modified against `HEAD`, or a commit after the build touched
-//! `crates/` or `Cargo.lock`. Without git, the modification times decide.
+//! The sources are the workspace files cargo's dep-info lists for the binary (`<binary>.d` beside it: exactly
+//! what a rebuild would look at, so a rebuild always clears the failure); without one, every `.rs` and `.toml`
+//! under `crates/` and `Cargo.lock`. Modification times alone would fail a fresh `git clone` run against
+//! binaries built before the clone (every checked-out file gets the time of the checkout), so a file newer
+//! than the binary only counts when git says its content changed since: it is modified against `HEAD`, or a
+//! commit after the build touched it. Without git, the modification times decide.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,14 +44,21 @@ pub fn require_fresh(bin: &Path) {
 /// Why `bin` is stale against the sources in `workspace`, or `None` when it is not.
 pub fn stale_reason(bin: &Path, workspace: &Path) -> Option<String> {
     let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok()?;
+    let is_newer = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t > built)
+    };
     let mut newer = Vec::new();
-    newer_sources(&workspace.join("crates"), built, &mut newer);
-    let lock = workspace.join("Cargo.lock");
-    if std::fs::metadata(&lock)
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| t > built)
-    {
-        newer.push(lock);
+    match dep_info(bin, workspace) {
+        Some(sources) => newer.extend(sources.into_iter().filter(|p| is_newer(p))),
+        None => {
+            newer_sources(&workspace.join("crates"), built, &mut newer);
+            let lock = workspace.join("Cargo.lock");
+            if is_newer(&lock) {
+                newer.push(lock);
+            }
+        }
     }
     if newer.is_empty() {
         return None;
@@ -93,14 +101,13 @@ fn git_changed_since(
             line.get(3..).unwrap_or(line)
         )));
     }
-    let last = git(&[
-        "log",
-        "-1",
-        "--format=%ct %h %s",
-        "--",
-        "crates",
-        "Cargo.lock",
-    ])?;
+    let mut log = vec!["log", "-1", "--format=%ct %h %s", "--"];
+    log.extend(paths.iter().map(String::as_str));
+    let last = git(&log)?;
+    if last.trim().is_empty() {
+        // none of them is tracked: their content is as new as their modification time says
+        return Some(Some(format!("{} was modified after it", paths.join(", "))));
+    }
     let (secs, rest) = last.trim().split_once(' ')?;
     let committed = UNIX_EPOCH + std::time::Duration::from_secs(secs.parse().ok()?);
     if committed > built {
@@ -109,6 +116,37 @@ fn git_changed_since(
         )));
     }
     Some(None)
+}
+
+/// The workspace files cargo's dep-info (`<bin>.d`) lists for `bin`, or `None` when there is no such file.
+fn dep_info(bin: &Path, workspace: &Path) -> Option<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(bin.with_extension("d")).ok()?;
+    let root = workspace.canonicalize().ok()?;
+    let line = text.lines().find(|l| !l.trim().is_empty())?;
+    let (_, deps) = line.split_once(": ")?;
+    // paths are separated by spaces; a space inside a path is written `\ `
+    let mut paths = Vec::new();
+    let mut current = String::new();
+    let mut chars = deps.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&' ') => {
+                current.push(' ');
+                chars.next();
+            }
+            ' ' => paths.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    paths.push(current);
+    Some(
+        paths
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .filter(|p| p.starts_with(&root))
+            .collect(),
+    )
 }
 
 fn newer_sources(dir: &Path, built: SystemTime, out: &mut Vec<PathBuf>) {

@@ -89,3 +89,26 @@ fn without_git_the_modification_times_decide() {
     sh(dir.path(), "touch meshd");
     assert_eq!(stale_reason(&bin, &ws), None);
 }
+
+#[test]
+fn only_the_files_cargo_built_the_binary_from_count() {
+    let dir = TestDir::new("stale-depinfo");
+    let (ws, bin) = repo(&dir);
+    // cargo's dep-info beside the binary: it was built from main.rs only
+    let main = ws.join("crates/x/src/main.rs");
+    std::fs::write(
+        bin.with_extension("d"),
+        format!("{}: {}\n", bin.display(), main.display()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // a test-only file edited after the build: a rebuild would not touch the binary, so it must not count
+    sh(
+        &ws,
+        "echo '#[test] fn t() {}' > crates/x/src/tests.rs && echo '# v2' > Cargo.lock",
+    );
+    assert_eq!(stale_reason(&bin, &ws), None);
+    // the file it was built from
+    sh(&ws, "echo '// edit' >> crates/x/src/main.rs");
+    let why = stale_reason(&bin, &ws).expect("stale");
+    assert!(why.contains("crates/x/src/main.rs"), "{why}");
+}
