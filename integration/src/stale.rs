@@ -2,8 +2,8 @@
 //! test pass or fail against yesterday's code).
 //!
 //! The sources are the workspace files cargo's dep-info lists for the binary (`<binary>.d` beside it: exactly
-//! what a rebuild would look at, so a rebuild always clears the failure); without one, every `.rs` and `.toml`
-//! under `crates/` and `Cargo.lock`. Modification times alone would fail a fresh `git clone` run against
+//! what a rebuild would look at, so a rebuild always clears the failure); without one (or when it names files
+//! of another checkout), every `.rs` and `.toml` under `crates/` and `Cargo.lock`. Modification times alone would fail a fresh `git clone` run against
 //! binaries built before the clone (every checked-out file gets the time of the checkout), so a file newer
 //! than the binary only counts when git says its content changed since: it is modified against `HEAD`, or a
 //! commit after the build touched it. Without git, the modification times decide.
@@ -51,8 +51,10 @@ pub fn stale_reason(bin: &Path, workspace: &Path) -> Option<String> {
     };
     let mut newer = Vec::new();
     match dep_info(bin, workspace) {
-        Some(sources) => newer.extend(sources.into_iter().filter(|p| is_newer(p))),
-        None => {
+        Some(sources) if !sources.is_empty() => {
+            newer.extend(sources.into_iter().filter(|p| is_newer(p)))
+        }
+        _ => {
             newer_sources(&workspace.join("crates"), built, &mut newer);
             let lock = workspace.join("Cargo.lock");
             if is_newer(&lock) {
