@@ -38,7 +38,7 @@ for arg in "$@"; do
   case "$arg" in
     --no-build) build=0 ;;
     --destroy) talosctl cluster destroy --name "$CLUSTER"; exit 0 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "talos-qemu: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
