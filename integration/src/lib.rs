@@ -37,6 +37,7 @@ pub mod pki;
 mod process;
 pub mod qemu;
 mod root;
+pub mod stale;
 mod wait;
 
 pub use config::ConfigDoc;
