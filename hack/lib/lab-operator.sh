@@ -105,11 +105,11 @@ EOF
 
 lab_operator_break() {
   local ns=$1 dir=$2
-  say "operator: breaking $ns (kubelet clusterDNS 10.96.0.10, nftables drops UDP 51821)"
+  say "operator: breaking $ns (kubelet clusterDNS 10.96.0.10, nftables drops UDP 51821-51822)"
   lab_operator_kubelet "$dir" 10.96.0.10
   ip netns exec "$ns" nft -f - <<'EOF'
 table inet hnlab_broken {
-  chain input { type filter hook input priority 0; udp dport 51821 drop; }
+  chain input { type filter hook input priority 0; udp dport { 51821, 51822 } drop; }
 }
 EOF
 }

@@ -49,6 +49,7 @@ def exported(text):
     samples = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
     names = {}
     for family, kind in families.items():
+        names.setdefault(family, any(n.startswith(family) for n in samples))  # the family's own name
         for suffix in SUFFIXES.get(kind, [""]):
             name = family + suffix
             names[name] = name in samples

@@ -332,14 +332,15 @@ fn mesh_port(f: &Facts) -> Finding {
     if down == 0 && uptime < 30 {
         return Finding::ok(C, format!("no peer up yet (meshd up {uptime}s)"));
     }
+    let probes = port + 1;
     Finding::fail(
         C,
         format!(
-            "none of {} peers answers: the mesh port (UDP {port}) is not reachable from any peer",
+            "none of {} peers answers: the mesh ports (UDP {port} WireGuard, {probes} probes) are not reachable from any peer",
             peers.len()
         ),
         format!(
-            "allow UDP {port} in from the other nodes (host firewall: e.g. `nft add rule inet filter input udp dport {port} accept`; cloud security group / NAT port forward); then `meshd status` shows the peers up"
+            "allow UDP {port} and {probes} in from the other nodes (host firewall: e.g. `nft add rule inet filter input udp dport {{ {port}, {probes} }} accept`; cloud security group or NAT port forward of both); then `meshd status` shows the peers up"
         ),
     )
 }

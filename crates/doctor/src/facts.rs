@@ -10,9 +10,6 @@ use serde_json::Value;
 
 use crate::kubelet::{self, Found};
 
-/// Status records larger than this are not read.
-const MAX_RECORD: u64 = 4 << 20;
-
 /// A daemon's status record, as the doctor sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
@@ -121,23 +118,10 @@ fn kubelet_server(src: &Sources) -> Result<Option<Found<String>>, String> {
 }
 
 fn read_record(state_dir: &Path, daemon: &str, live: Liveness, now: u64) -> Record {
-    let path = state_dir.join(daemon).join("status.json");
-    let text = match std::fs::metadata(&path) {
-        Ok(m) if m.len() > MAX_RECORD => {
-            return Record::Missing(format!(
-                "{}: larger than {MAX_RECORD} bytes",
-                path.display()
-            ));
-        }
-        Ok(_) => match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => return Record::Missing(format!("{}: {e}", path.display())),
-        },
-        Err(e) => return Record::Missing(format!("{}: {e}", path.display())),
-    };
-    let status: hybridnet_state::DaemonStatus = match serde_json::from_str(&text) {
-        Ok(s) => s,
-        Err(e) => return Record::Missing(format!("{}: {e}", path.display())),
+    // The state crate's reader bounds the size and checks the envelope and schema.
+    let status = match hybridnet_state::StateDir::new(state_dir).read_status(daemon) {
+        Ok(record) => record.data,
+        Err(e) => return Record::Missing(e.to_string()),
     };
     if !live(&status, now) {
         return Record::Stale {

@@ -171,7 +171,12 @@ fn mesh_port_unreachable_from_every_peer() {
     let k = find(&all(&f), "mesh-port").clone();
     assert_eq!(k.verdict, Verdict::Fail, "{k:?}");
     assert!(k.message.contains("UDP 51821"), "{k:?}");
-    assert!(k.fix.unwrap_or_default().contains("udp dport 51821 accept"));
+    assert!(k.message.contains("51822 probes"), "{k:?}");
+    assert!(
+        k.fix
+            .unwrap_or_default()
+            .contains("udp dport { 51821, 51822 } accept")
+    );
     f.records.insert(
         "meshd",
         meshd(
