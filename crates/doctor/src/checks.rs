@@ -323,8 +323,9 @@ fn mesh_port(f: &Facts) -> Finding {
         return Finding::ok(
             C,
             format!(
-                "{up} of {} peers reach this node's mesh port (UDP {port})",
-                peers.len()
+                "{up} of {} peers reach this node's mesh ports (UDP {port} and {})",
+                peers.len(),
+                port + 1
             ),
         );
     }
