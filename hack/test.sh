@@ -42,6 +42,8 @@ need nft nftables        # meshd MSS clamping test: lists the ruleset meshd writ
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_pkgs+=(linux-image-amd64)
 need nsd nsd             # dnslocal tests: the upstream and cluster DNS (a real zone server)
 need dig bind9-dnsutils  # dnslocal tests: a real client (glibc getent is the other)
+need promtool prometheus         # operator kit: promtool check/test rules (hack/operator/check.sh)
+need kubectl kubernetes-client   # operator kit: kubectl kustomize of deploy/kubernetes
 # meshd discovery: Python opens the records meshd seals (a venv from Debian's python3, not a pyenv one)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3 python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -126,6 +128,11 @@ done_step
 # The Talos extension from those binaries (validated inside); the QEMU extension test runs this very tar.
 step "extension image (hack/build-image.sh --arch amd64 --no-build)"
 hack/build-image.sh --arch amd64 --no-build
+done_step
+
+# Alerts, dashboards and Kubernetes manifests (promtool, kubectl kustomize, schemas; check-config of the ConfigMap).
+step "operator kit (hack/operator/check.sh)"
+hack/operator/check.sh "target/$musl/release"
 done_step
 
 if [ "$(id -u)" -ne 0 ]; then

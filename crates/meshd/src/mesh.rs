@@ -470,6 +470,7 @@ impl Mesh {
             let labels = metrics::peer(&gone.name);
             self.metrics.peer_state.remove(&labels);
             self.metrics.peer_rtt_seconds.remove(&labels);
+            self.metrics.peer_failovers.remove(&labels);
         }
         self.peers = next;
         self.metrics.peers.set(self.peers.len() as i64);
