@@ -211,7 +211,9 @@ fn dnslocal(c: &Config) -> Vec<(String, Value)> {
             json!(format_duration(d.cache.serve_stale)),
         ),
         ("dnslocal.cache.prefetch".into(), json!(d.cache.prefetch)),
+        ("dnslocal.cache.maxMemory".into(), json!(d.cache.max_memory)),
         ("dnslocal.admin".into(), json!(d.admin.to_string())),
+        ("dnslocal.clientRate".into(), json!(d.client_rate)),
     ]
 }
 
