@@ -2,13 +2,15 @@
 //! routing to an upstream pool, serve-stale and prefetch.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::cache::{Cache, Hit};
+use crate::limit::{ClientBudget, Verdict};
 use crate::metrics::{Metrics, Outcome};
 use crate::upstream::Pool;
 use crate::wire::{self, Aging, Query, QueryError, Rcode, TtlPolicy};
@@ -21,6 +23,10 @@ pub const STALE_WAIT: Duration = Duration::from_millis(400);
 pub const STALE_TTL: u32 = 30;
 /// Default bound on distinct questions resolved upstream at once.
 pub const MAX_INFLIGHT: usize = 2048;
+/// Clients waiting on one question in flight; more get a stale answer or SERVFAIL at once.
+pub const MAX_WAITERS_PER_QUESTION: usize = 256;
+/// Clients waiting on any question in flight (each holds its query, at most 4 KiB over UDP).
+pub const MAX_WAITERS: usize = 16_384;
 
 /// Where an answer goes.
 #[derive(Debug)]
@@ -86,14 +92,18 @@ impl Routes {
 /// The engine shared by all listeners of one instance.
 #[derive(Debug)]
 pub struct Engine {
-    pub cache: Cache,
+    /// Shared with the next engine across a reload that does not change what it caches.
+    pub cache: Arc<Cache>,
     pub routes: Routes,
     pub metrics: Metrics,
     policy: TtlPolicy,
     inflight: Mutex<HashMap<Box<[u8]>, Flight>>,
     max_inflight: usize,
-    epoch: Instant,
+    /// Waiters over all flights (changed under the `inflight` lock).
+    waiters: AtomicUsize,
     runtime: tokio::runtime::Handle,
+    /// Per-client budgets on the UDP path (`None`: unlimited).
+    pub budget: Option<ClientBudget>,
 }
 
 /// What a listener does after [`Engine::handle`].
@@ -109,7 +119,7 @@ pub enum Action {
 
 impl Engine {
     pub fn new(
-        cache: Cache,
+        cache: Arc<Cache>,
         routes: Routes,
         policy: TtlPolicy,
         metrics: Metrics,
@@ -123,13 +133,14 @@ impl Engine {
             policy,
             inflight: Mutex::default(),
             max_inflight,
-            epoch: Instant::now(),
+            waiters: AtomicUsize::new(0),
             runtime,
+            budget: None,
         }
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.cache.now_ms()
     }
 
     /// Distinct questions in flight.
@@ -138,6 +149,29 @@ impl Engine {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+
+    /// Charges a UDP query from `client` to its budget: `Send` (an empty TC answer in `out`) or `Drop` when it
+    /// is over budget, `Later` when the query may go on to [`Engine::handle`].
+    pub fn over_budget(&self, client: IpAddr, buf: &[u8], out: &mut Vec<u8>) -> Action {
+        let Some(budget) = &self.budget else {
+            return Action::Later;
+        };
+        match budget.check(client) {
+            Verdict::Allow => Action::Later,
+            Verdict::Drop => {
+                self.metrics.ratelimited(false);
+                Action::Drop
+            }
+            Verdict::Truncate => {
+                self.metrics.ratelimited(true);
+                match wire::parse_query(buf) {
+                    Ok(q) => wire::error_response(buf, Some(&q), Rcode::NoError, true, out),
+                    Err(_) => return Action::Drop,
+                }
+                Action::Send
+            }
+        }
     }
 
     /// Handles one client message `buf`. Cache hits and errors are rendered into `out` (send it);
@@ -161,6 +195,25 @@ impl Engine {
                 return Action::Send;
             }
         };
+        if q.edns.is_some_and(|e| e.version > 0) {
+            wire::badvers_response(buf, &q, out);
+            self.metrics.query(q.qtype, Outcome::Error);
+            return Action::Send;
+        }
+        match q.qtype {
+            wire::TYPE_ANY => {
+                wire::any_response(buf, &q, out);
+                self.metrics.query(q.qtype, Outcome::Hit);
+                return Action::Send;
+            }
+            // Zone transfers: not ours to serve (and never over UDP).
+            wire::TYPE_AXFR | wire::TYPE_IXFR => {
+                wire::error_response(buf, Some(&q), Rcode::Refused, false, out);
+                self.metrics.query(q.qtype, Outcome::Error);
+                return Action::Send;
+            }
+            _ => {}
+        }
         let limit = if tcp {
             usize::from(u16::MAX)
         } else {
@@ -207,11 +260,17 @@ impl Engine {
         reply: impl FnOnce() -> Reply,
     ) -> Action {
         let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        let waiters_full = self.waiters.load(Ordering::Relaxed) >= MAX_WAITERS;
         if let Some(flight) = inflight.get_mut(q.key.as_slice()) {
             if flight.stale_mode && has_stale && self.render_stale(buf, &q, limit, out) {
                 self.metrics.query(q.qtype, Outcome::Stale);
                 return Action::Send;
             }
+            if waiters_full || flight.waiters.len() >= MAX_WAITERS_PER_QUESTION {
+                drop(inflight);
+                return self.shed(buf, &q, has_stale, limit, out);
+            }
+            self.waiters.fetch_add(1, Ordering::Relaxed);
             flight.waiters.push(Waiter {
                 buf: buf.to_vec(),
                 q,
@@ -220,16 +279,9 @@ impl Engine {
             });
             return Action::Later;
         }
-        if inflight.len() >= self.max_inflight {
+        if waiters_full || inflight.len() >= self.max_inflight {
             drop(inflight);
-            self.metrics.shed.inc();
-            if has_stale && self.render_stale(buf, &q, limit, out) {
-                self.metrics.query(q.qtype, Outcome::Stale);
-            } else {
-                wire::error_response(buf, Some(&q), Rcode::ServFail, false, out);
-                self.metrics.query(q.qtype, Outcome::Servfail);
-            }
-            return Action::Send;
+            return self.shed(buf, &q, has_stale, limit, out);
         }
         let answer_stale_now = has_stale && self.routes.pool_for(q.qname()).all_down();
         drop(inflight);
@@ -248,6 +300,25 @@ impl Engine {
         Action::Later
     }
 
+    /// Too much in flight: a stale answer, or SERVFAIL, now.
+    fn shed(
+        &self,
+        buf: &[u8],
+        q: &Query,
+        has_stale: bool,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        self.metrics.shed.inc();
+        if has_stale && self.render_stale(buf, q, limit, out) {
+            self.metrics.query(q.qtype, Outcome::Stale);
+        } else {
+            wire::error_response(buf, Some(q), Rcode::ServFail, false, out);
+            self.metrics.query(q.qtype, Outcome::Servfail);
+        }
+        Action::Send
+    }
+
     /// Registers a flight for `q` (unless one exists) and resolves it in the background.
     fn start_flight(
         self: &Arc<Self>,
@@ -258,6 +329,8 @@ impl Engine {
     ) {
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            self.waiters
+                .fetch_add(usize::from(waiter.is_some()), Ordering::Relaxed);
             if let Some(flight) = inflight.get_mut(q.key.as_slice()) {
                 flight.waiters.extend(waiter.map(|w| Waiter {
                     coalesced: true,
@@ -294,6 +367,7 @@ impl Engine {
                 })
                 .unwrap_or_default()
         };
+        self.waiters.fetch_sub(waiters.len(), Ordering::Relaxed);
         self.metrics.inflight.set(inflight.len() as i64);
         waiters
     }
@@ -320,7 +394,14 @@ impl Engine {
             exchange.await
         };
         let answer = result.ok().and_then(|bytes| {
-            hickory_proto::op::Message::from_vec(&bytes).ok()?;
+            let mut parsed = hickory_proto::op::Message::from_vec(&bytes).ok()?;
+            let bytes = match crate::chain::prune(&mut parsed) {
+                None => bytes,
+                Some(foreign) => {
+                    self.metrics.pruned.inc_by(foreign as u64);
+                    parsed.to_vec().ok()?
+                }
+            };
             wire::analyse_answer(&bytes, &msg, &q, &self.policy).ok()
         });
         match answer {
@@ -403,9 +484,7 @@ mod tests {
     #[tokio::test]
     async fn misses_beyond_the_bound_are_shed_with_servfail() {
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let upstream = Upstream::new(silent.local_addr().unwrap(), false)
-            .await
-            .unwrap();
+        let upstream = Upstream::new(silent.local_addr().unwrap(), false, &Metrics::default());
         let routes = Routes {
             cluster_zones: Vec::new(),
             cluster: None,
@@ -419,7 +498,7 @@ mod tests {
             servfail_ttl: 1,
         };
         let engine = Arc::new(Engine::new(
-            Cache::new(100, 0, false),
+            Arc::new(Cache::new(100, 1 << 20, 0, false)),
             routes,
             policy,
             Metrics::default(),
