@@ -1,6 +1,7 @@
 //! dnslocal's hardening, as root, each test in its own network namespace with NSD as the real upstream:
 //! spoofed upstream answers, random source ports and 0x20, the cache bounded in bytes, per-client budgets
-//! and TCP caps, and the answers to abusive queries (ANY, AXFR over UDP, EDNS versions, oversized UDP).
+//! and TCP caps, the answers to abusive queries (ANY, AXFR over UDP, EDNS versions, oversized UDP), reloads
+//! that move the listen address, and conditional forwarding.
 //!
 //! Run: build dnslocal (see `hack/test.sh`), then
 //! `sudo -E cargo nextest run -p hybridnet-integration --test dnslocal_guard`.
@@ -16,7 +17,8 @@ use hybridnet_integration::dnslocal::guard::{
     SpoofingRelay, bulk_zone, raw_query, rss_bytes, udp_exchange,
 };
 use hybridnet_integration::dnslocal::{
-    LISTEN, NSD_ADDR, Nsd, dig_in, query_bytes, require_tools, spawn_in, write_config,
+    CountingUpstream, LISTEN, NSD_ADDR, Nsd, dig_in, query_bytes, require_tools, spawn_in,
+    write_config,
 };
 use hybridnet_integration::{Daemon, DaemonKind, Netns, TestDir, wait_until};
 
@@ -418,4 +420,34 @@ fn reload_moves_the_listen_address() {
     assert_eq!(d.data(), vec!["192.0.2.80"], "{}", d.text);
     assert_ne!(d.ttls(), vec![30], "a stale answer: {}", d.text);
     assert!(daemon.log().contains("cache_kept=true"), "{}", daemon.log());
+}
+
+/// Conditional forwarding (`forward`, the kube-dns ConfigMap's stub domains): names in a forward zone go to
+/// its server, the longest zone wins, everything else still goes to the default upstream (NSD).
+#[test]
+fn forward_zones_go_to_their_servers() {
+    require_tools(&["nsd", "dig"]);
+    let ns = Netns::new();
+    let dir = TestDir::new("dlg-forward");
+    let _nsd = Nsd::start(&ns, &dir, 0);
+    // The stub domain's server: answers every A question with 192.0.2.1 and counts them.
+    let corp = CountingUpstream::start(ns.name(), "127.0.0.14:53".parse().unwrap(), Duration::ZERO);
+    let path = config(&dir, &format!("{NSD_ADDR}:53"), |t| {
+        t + "  forward:\n    - {zone: corp.test, to: [\"127.0.0.14\"]}\n    - {zone: stub.example.test, to: [\"127.0.0.14:53\"]}\n"
+    });
+    let _daemon = start(&ns, path);
+    for name in ["www.corp.test", "CORP.test", "x.stub.example.test"] {
+        let d = dig_in(ns.name(), LISTEN, &[name]);
+        assert_eq!(d.data(), vec!["192.0.2.1"], "{name}: {}", d.text);
+    }
+    assert_eq!(corp.count(), 3);
+    let d = dig_in(ns.name(), LISTEN, &["www.example.test"]);
+    assert_eq!(d.data(), vec!["192.0.2.80"], "{}", d.text);
+    let d = dig_in(ns.name(), LISTEN, &["kubernetes.default.svc.cluster.local"]);
+    assert_eq!(d.data(), vec!["10.96.0.1"], "{}", d.text);
+    assert_eq!(
+        corp.count(),
+        3,
+        "other names went to the stub domain's server"
+    );
 }

@@ -184,6 +184,7 @@ impl Config {
                 },
                 admin: admin(7448),
                 client_rate: 2000,
+                forward: Vec::new(),
             },
             warnings: Vec::new(),
             sources: Sources::default(),

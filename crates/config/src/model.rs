@@ -269,4 +269,14 @@ pub struct DnslocalConfig {
     pub admin: SocketAddr,
     /// UDP queries a second each client address may ask (0: no limit).
     pub client_rate: u32,
+    /// Conditional forwarding (stub domains): names in a zone go to its servers; the longest zone wins.
+    pub forward: Vec<DnsForward>,
+}
+
+/// One `dnslocal.forward` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsForward {
+    /// Lower-cased, without the trailing dot.
+    pub zone: String,
+    pub to: Vec<SocketAddr>,
 }

@@ -77,15 +77,26 @@ pub struct Routes {
     /// Lower-cased wire-format zones that go to `cluster` (cluster domain, reverse zones).
     pub cluster_zones: Vec<Vec<u8>>,
     pub cluster: Option<Arc<Pool>>,
+    /// Conditional forwarding (`forward`): lower-cased wire-format zones and their pools.
+    pub forward: Vec<(Vec<u8>, Arc<Pool>)>,
     pub default: Arc<Pool>,
 }
 
 impl Routes {
+    /// The pool of the longest zone `qname` is in (a `forward` zone before a cluster zone of the same
+    /// name), else the default pool.
     pub fn pool_for(&self, qname: &[u8]) -> &Arc<Pool> {
-        match &self.cluster {
-            Some(pool) if self.cluster_zones.iter().any(|z| wire::in_zone(qname, z)) => pool,
-            _ => &self.default,
+        let cluster = self
+            .cluster
+            .iter()
+            .flat_map(|pool| self.cluster_zones.iter().map(move |zone| (zone, pool)));
+        let mut best: Option<(usize, &Arc<Pool>)> = None;
+        for (zone, pool) in self.forward.iter().map(|(z, p)| (z, p)).chain(cluster) {
+            if wire::in_zone(qname, zone) && best.is_none_or(|(len, _)| zone.len() > len) {
+                best = Some((zone.len(), pool));
+            }
         }
+        best.map_or(&self.default, |(_, pool)| pool)
     }
 }
 
@@ -488,6 +499,7 @@ mod tests {
         let routes = Routes {
             cluster_zones: Vec::new(),
             cluster: None,
+            forward: Vec::new(),
             default: Arc::new(Pool {
                 upstreams: vec![Arc::new(upstream)],
             }),
@@ -538,6 +550,7 @@ mod tests {
                 .map(|z| wire::name_to_wire(z))
                 .collect(),
             cluster: Some(cluster.clone()),
+            forward: Vec::new(),
             default: default.clone(),
         };
         let to_cluster =
@@ -556,5 +569,37 @@ mod tests {
             without.pool_for(&wire::name_to_wire("a.cluster.local")),
             &default
         ));
+    }
+
+    /// Conditional forwarding: the longest zone wins, a forward zone overrides the cluster zone it equals.
+    #[test]
+    fn the_longest_forward_zone_wins() {
+        let pool = || {
+            Arc::new(Pool {
+                upstreams: Vec::new(),
+            })
+        };
+        let (corp, deep, cluster, default, local) = (pool(), pool(), pool(), pool(), pool());
+        let routes = Routes {
+            cluster_zones: vec![wire::name_to_wire("cluster.local")],
+            cluster: Some(cluster.clone()),
+            forward: vec![
+                (wire::name_to_wire("corp.example"), corp.clone()),
+                (wire::name_to_wire("deep.a.corp.example"), deep.clone()),
+                (wire::name_to_wire("svc.cluster.local"), local.clone()),
+            ],
+            default: default.clone(),
+        };
+        let to = |name: &str, pool: &Arc<Pool>| {
+            Arc::ptr_eq(routes.pool_for(&wire::name_to_wire(name)), pool)
+        };
+        assert!(to("www.corp.example", &corp));
+        assert!(to("corp.example", &corp));
+        assert!(to("x.deep.a.corp.example", &deep));
+        assert!(to("a.corp.example", &corp));
+        assert!(to("x.svc.cluster.local", &local));
+        assert!(to("x.pod.cluster.local", &cluster));
+        assert!(to("example.com", &default));
+        assert!(to("notcorp.example", &default));
     }
 }

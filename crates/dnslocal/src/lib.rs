@@ -105,6 +105,14 @@ pub fn default_upstreams(config: &Config, resolv_conf: &str) -> Vec<SocketAddr> 
             .map(|ip| SocketAddr::new(ip, 53))
             .collect()
     };
+    not_ours(c, candidates)
+}
+
+/// `candidates` without duplicates and without our own listen addresses (a loop).
+fn not_ours(
+    c: &DnslocalConfig,
+    candidates: impl IntoIterator<Item = SocketAddr>,
+) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::new();
     for addr in candidates {
         let ours = c
@@ -145,6 +153,7 @@ fn same_cache(old: &Config, new: &Config) -> bool {
         && a.cluster_domain == b.cluster_domain
         && a.cluster_dns == b.cluster_dns
         && a.upstreams == b.upstreams
+        && a.forward == b.forward
         && old.cluster.nameservers == new.cluster.nameservers
 }
 
@@ -172,6 +181,17 @@ impl Instance {
                 .map(|z| wire::name_to_wire(z))
                 .collect(),
             cluster,
+            forward: c
+                .forward
+                .iter()
+                .map(|f| {
+                    let to = not_ours(c, f.to.iter().copied());
+                    (
+                        wire::name_to_wire(&f.zone),
+                        Arc::new(pool(&to, false, metrics)),
+                    )
+                })
+                .collect(),
             default: Arc::new(pool(&upstreams, false, metrics)),
         };
         let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
@@ -273,6 +293,9 @@ impl Instance {
             "cluster_domain": self.config.cluster_domain,
             "cluster_dns": e.routes.cluster.as_deref().map(pools).unwrap_or_default(),
             "upstreams": pools(&e.routes.default),
+            "forward": e.routes.forward.iter().map(|(zone, p)| serde_json::json!({
+                "zone": wire::wire_to_name(zone), "upstreams": pools(p),
+            })).collect::<Vec<_>>(),
             "cache": { "entries": entries, "capacity": e.cache.capacity(), "bytes": bytes, "max_bytes": e.cache.max_bytes() },
             "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail },
             "inflight": e.inflight(),
@@ -441,6 +464,13 @@ pub fn render_details(d: &serde_json::Value) -> String {
         list(&d["cluster_dns"])
     ));
     out.push_str(&format!("upstreams    {}\n", list(&d["upstreams"])));
+    for f in d["forward"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "forward      {} -> {}\n",
+            f["zone"].as_str().unwrap_or("?"),
+            list(&f["upstreams"])
+        ));
+    }
     out.push_str(&format!(
         "cache        {} / {} entries, {} / {} bytes\n",
         d["cache"]["entries"], d["cache"]["capacity"], d["cache"]["bytes"], d["cache"]["max_bytes"]

@@ -68,7 +68,9 @@ const DNSLOCAL_KEYS: &[&str] = &[
     "cache",
     "admin",
     "clientRate",
+    "forward",
 ];
+const FORWARD_KEYS: &[&str] = &["zone", "to"];
 const INTERFACE_KEYS: &[&str] = &["name", "create"];
 const CACHE_KEYS: &[&str] = &[
     "size",
@@ -327,6 +329,7 @@ fn read_dnslocal(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
         c.uint(n, k, 0, 100_000_000)
             .and_then(|v| u32::try_from(v).ok())
     });
+    o.d_forward = get(ctx, s, P, "forward", |c, n, k| c.list(n, k, read_forward));
     let iface = section(ctx, s, "interface", "dnslocal.interface", INTERFACE_KEYS);
     o.d_if_name = get(ctx, iface, "dnslocal.interface", "name", |c, n, k| {
         c.parsed(n, k, parse_ifname)
@@ -385,6 +388,42 @@ fn parse_memory(text: &str) -> Result<u64, String> {
         .filter(|b| (MIN_CACHE_MEMORY..=MAX_CACHE_MEMORY).contains(b))
         .ok_or_else(|| format!("`{t}` out of range: expected 1MiB-64GiB"))?;
     Ok(bytes)
+}
+
+/// One `dnslocal.forward` entry: `{zone: corp.example, to: ["10.0.0.53", "10.0.0.54:5353"]}`.
+fn read_forward(ctx: &mut Ctx, n: &Node, key: &str) -> Option<crate::model::DnsForward> {
+    if !ctx.check_keys(n, key, FORWARD_KEYS) {
+        return None;
+    }
+    let zone_node = n.get("zone").filter(|v| !v.is_null());
+    let to_node = n.get("to").filter(|v| !v.is_null());
+    let (Some(zone_node), Some(to_node)) = (zone_node, to_node) else {
+        ctx.issue(
+            n,
+            IssueKind::Value,
+            format!(
+                "`{key}`: expected `zone` and `to` (e.g. {{zone: corp.example, to: [10.0.0.53]}})"
+            ),
+        );
+        return None;
+    };
+    let zone = ctx.parsed(zone_node, &format!("{key}.zone"), |s| {
+        let z = s.trim_end_matches('.').to_ascii_lowercase();
+        if parse::is_hostname(&z) {
+            Ok(z)
+        } else {
+            Err(format!("`{s}` is not a DNS zone name"))
+        }
+    });
+    let to = dns_servers(ctx, to_node, &format!("{key}.to"));
+    if to.as_ref().is_some_and(Vec::is_empty) {
+        ctx.issue(to_node, IssueKind::Value, format!("`{key}.to`: no server"));
+        return None;
+    }
+    Some(crate::model::DnsForward {
+        zone: zone?,
+        to: to?,
+    })
 }
 
 #[cfg(test)]

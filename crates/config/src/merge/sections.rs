@@ -377,5 +377,6 @@ pub fn dnslocal(
             [o.d_client_rate.clone()],
             d.client_rate,
         ),
+        forward: m.first("dnslocal.forward", [o.d_forward.clone()], d.forward.clone()),
     }
 }
