@@ -262,7 +262,7 @@ node_list() {
 feature_apiprism() {
   local i pairs=()
   for i in $(seq 1 "$nodes"); do pairs+=("$(node_ns "$i"):$(node_dir "$i")/config.yaml"); done
-  lab_apiprism "$SWITCH_NS" "$BRIDGE" "${pairs[@]}"
+  lab_apiprism "$BIN_DIR" "$SWITCH_NS" "$BRIDGE" "${pairs[@]}"
 }
 
 # dnslocal: a stand-in NSD on 192.0.2.53 (the nodes' clusterDNS and upstream), lookups on every node.

@@ -26,7 +26,7 @@ need_pkgs=()
 need() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
 need ip iproute2
 need readelf binutils
-need musl-gcc musl-tools
+need musl-gcc musl-tools  # the static build; the QEMU extension test builds hack/qemu/talos-exec.c with it
 # meshd: ping across the mesh, wg for the QEMU VMs' keys, and the QEMU node test (kernel WireGuard backend)
 need ping iputils-ping
 need wg wireguard-tools
@@ -35,6 +35,9 @@ need qemu-system-x86_64 qemu-system-x86
 need busybox busybox-static
 need modprobe kmod
 need cpio cpio
+# the arm64 extension image: cross C compiler and the target's libc headers for ring
+need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+[ -e /usr/aarch64-linux-gnu/include/bits/libc-header-start.h ] || need_pkgs+=(libc6-dev-arm64-cross)
 need nft nftables        # meshd MSS clamping test: lists the ruleset meshd writes over netlink
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_pkgs+=(linux-image-amd64)
 need nsd nsd             # dnslocal tests: the upstream and cluster DNS (a real zone server)
@@ -111,6 +114,13 @@ for bin in apiprism meshd dnslocal; do
   if readelf -l "$f" | grep -q INTERP; then echo "$f is not static" >&2; exit 1; fi
   printf '    %-9s %s bytes, static\n' "$bin" "$(stat -c %s "$f")"
 done
+done_step
+
+# The arm64 extension (the README's default builds both): a cross build of the three daemons (Debian's
+# gcc-aarch64-linux-gnu and libc6-dev-arm64-cross for ring, installed by the script), checked static and
+# validated inside. First, because every build-image.sh run starts from an empty dist/.
+step "extension image, arm64 (hack/build-image.sh --arch arm64)"
+hack/build-image.sh --arch arm64
 done_step
 
 # The Talos extension from those binaries (validated inside); the QEMU extension test runs this very tar.

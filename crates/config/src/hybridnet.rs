@@ -64,6 +64,8 @@ pub struct Ours {
     pub m_kubespan_compat: Sourced<bool>,
     pub m_clamp_mss: Sourced<bool>,
     pub m_admin: Sourced<SocketAddr>,
+    pub m_discovery_ca_file: Sourced<PathBuf>,
+    pub m_discovery_endpoint_cas: Sourced<Vec<crate::model::EndpointCa>>,
     // dnslocal
     pub d_listen: Sourced<Vec<SocketAddr>>,
     pub d_if_name: Sourced<String>,

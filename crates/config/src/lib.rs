@@ -164,6 +164,8 @@ impl Config {
                 clamp_mss: true,
                 ula_prefix: None,
                 admin: admin(7447),
+                discovery_ca_file: None,
+                discovery_endpoint_cas: Vec::new(),
             },
             dnslocal: DnslocalConfig {
                 listen: vec![SocketAddr::from(([169, 254, 20, 10], 53))],

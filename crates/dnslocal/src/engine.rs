@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::cache::{Cache, Hit};
 use crate::limit::{ClientBudget, Verdict};
+use crate::loops::LoopGuard;
 use crate::metrics::{Metrics, Outcome};
 use crate::upstream::Pool;
 use crate::wire::{self, Aging, Query, QueryError, Rcode, TtlPolicy};
@@ -83,6 +84,11 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// Whether `qname` is in one of the cluster zones (whatever serves them).
+    pub fn in_cluster_zone(&self, qname: &[u8]) -> bool {
+        self.cluster_zones.iter().any(|z| wire::in_zone(qname, z))
+    }
+
     /// The pool of the longest zone `qname` is in (a `forward` zone before a cluster zone of the same
     /// name), else the default pool.
     pub fn pool_for(&self, qname: &[u8]) -> &Arc<Pool> {
@@ -107,6 +113,8 @@ pub struct Engine {
     pub cache: Arc<Cache>,
     pub routes: Routes,
     pub metrics: Metrics,
+    /// Forwarding-loop state ([`crate::loops`]).
+    pub loops: LoopGuard,
     policy: TtlPolicy,
     inflight: Mutex<HashMap<Box<[u8]>, Flight>>,
     max_inflight: usize,
@@ -141,6 +149,7 @@ impl Engine {
             cache,
             routes,
             metrics,
+            loops: LoopGuard::new(false),
             policy,
             inflight: Mutex::default(),
             max_inflight,
@@ -148,6 +157,15 @@ impl Engine {
             runtime,
             budget: None,
         }
+    }
+
+    /// The engine with loop state `loops` (by default: no loop known).
+    pub fn with_loops(mut self, loops: LoopGuard) -> Engine {
+        self.metrics
+            .cluster_loop
+            .set(i64::from(loops.cluster_refused()));
+        self.loops = loops;
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -206,6 +224,13 @@ impl Engine {
                 return Action::Send;
             }
         };
+        if self.loops.is_probe(q.qname()) {
+            // Our own loop probe came back: answer at once, never forward it again.
+            self.metrics.forward_loop("returned");
+            wire::error_response(buf, Some(&q), Rcode::ServFail, false, out);
+            self.metrics.query(q.qtype, Outcome::Servfail);
+            return Action::Send;
+        }
         if q.edns.is_some_and(|e| e.version > 0) {
             wire::badvers_response(buf, &q, out);
             self.metrics.query(q.qtype, Outcome::Error);
@@ -270,6 +295,16 @@ impl Engine {
         limit: usize,
         reply: impl FnOnce() -> Reply,
     ) -> Action {
+        if self.loops.cluster_refused() && self.routes.in_cluster_zone(q.qname()) {
+            // The cluster forwarders loop back to us: fail fast rather than recurse.
+            if has_stale && self.render_stale(buf, &q, limit, out) {
+                self.metrics.query(q.qtype, Outcome::Stale);
+            } else {
+                wire::error_response(buf, Some(&q), Rcode::ServFail, false, out);
+                self.metrics.query(q.qtype, Outcome::Servfail);
+            }
+            return Action::Send;
+        }
         let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
         let waiters_full = self.waiters.load(Ordering::Relaxed) >= MAX_WAITERS;
         if let Some(flight) = inflight.get_mut(q.key.as_slice()) {

@@ -7,7 +7,8 @@
 //! - [`upstream`]: UDP (TCP on truncation) and persistent pipelined TCP upstreams, health and failover;
 //! - [`server`]: `SO_REUSEPORT` UDP sockets (one thread each) and TCP listeners, drained without loss;
 //! - [`limit`]: per-client budgets on the UDP path (answers beyond them truncated or dropped);
-//! - [`link`]: the dummy link holding the listen addresses (rtnetlink).
+//! - [`link`]: the dummy link holding the listen addresses (rtnetlink);
+//! - [`loops`]: forwarding-loop checks (own addresses, a probe that must not come back to us).
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
@@ -16,6 +17,7 @@ pub mod chain;
 pub mod engine;
 pub mod limit;
 pub mod link;
+pub mod loops;
 pub mod metrics;
 pub mod server;
 pub mod upstream;
@@ -115,11 +117,7 @@ fn not_ours(
 ) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::new();
     for addr in candidates {
-        let ours = c
-            .listen
-            .iter()
-            .any(|l| l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified()));
-        if ours {
+        if loops::is_own(&c.listen, addr) {
             tracing::warn!(%addr, "skipping an upstream that is one of our own listen addresses (a loop)");
         } else if !out.contains(&addr) {
             out.push(addr);
@@ -133,6 +131,8 @@ struct Instance {
     engine: Arc<Engine>,
     listeners: Listeners,
     config: DnslocalConfig,
+    /// The loop probe ([`loops::probe_loop`]), stopped when the instance drains.
+    probe: tokio::task::JoinHandle<()>,
 }
 
 fn pool(addrs: &[SocketAddr], tcp_only: bool, metrics: &Metrics) -> Pool {
@@ -170,10 +170,26 @@ impl Instance {
         if upstreams.is_empty() {
             tracing::error!("no upstream for names outside the cluster: they will get SERVFAIL");
         }
-        let cluster = if c.cluster_dns.is_empty() {
+        for addr in c.upstreams.iter().filter(|a| loops::is_own(&c.listen, **a)) {
+            tracing::error!(%addr, "dnslocal.upstreams holds one of our own listen addresses (a loop): refused");
+            metrics.forward_loop("own_address");
+        }
+        let (own, cluster_dns): (Vec<SocketAddr>, Vec<SocketAddr>) = c
+            .cluster_dns
+            .iter()
+            .partition(|a| loops::is_own(&c.listen, **a));
+        for addr in &own {
+            tracing::error!(%addr, "dnslocal.clusterDNS is one of our own listen addresses: forwarding the cluster zone there would loop; refused (point it at kube-dns's ClusterIP)");
+            metrics.forward_loop("own_address");
+        }
+        let refused = cluster_dns.is_empty() && !own.is_empty();
+        if refused {
+            tracing::error!("no cluster DNS left: cluster-zone questions get SERVFAIL at once");
+        }
+        let cluster = if cluster_dns.is_empty() {
             None
         } else {
-            Some(Arc::new(pool(&c.cluster_dns, true, metrics)))
+            Some(Arc::new(pool(&cluster_dns, true, metrics)))
         };
         let routes = Routes {
             cluster_zones: [c.cluster_domain.as_str(), "in-addr.arpa", "ip6.arpa"]
@@ -217,7 +233,7 @@ impl Instance {
             tokio::runtime::Handle::current(),
         );
         engine.budget = ClientBudget::new(c.client_rate);
-        let engine = Arc::new(engine);
+        let engine = Arc::new(engine.with_loops(loops::LoopGuard::new(refused)));
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let listeners =
             Listeners::bind(&c.listen, threads, &engine).map_err(|source| Error::Bind {
@@ -230,15 +246,21 @@ impl Instance {
                 source,
             })?;
         tracing::info!(listen = ?c.listen, ?upstreams, cluster_dns = ?c.cluster_dns, threads, "serving DNS");
+        let probe = tokio::spawn(loops::probe_loop(
+            Arc::downgrade(&engine),
+            c.cluster_domain.clone(),
+        ));
         Ok(Instance {
             engine,
             listeners,
             config: c.clone(),
+            probe,
         })
     }
 
     /// Stops taking queries, answers what is queued and in flight (bounded), and returns.
     async fn drain(self) {
+        self.probe.abort();
         self.listeners.drain().await;
         let deadline = tokio::time::Instant::now() + engine::MISS_DEADLINE * 2;
         while self.engine.inflight() > 0 && tokio::time::Instant::now() < deadline {
@@ -299,6 +321,7 @@ impl Instance {
             "cache": { "entries": entries, "capacity": e.cache.capacity(), "bytes": bytes, "max_bytes": e.cache.max_bytes() },
             "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail },
             "inflight": e.inflight(),
+            "cluster_loop": e.loops.cluster_refused(),
         });
         (summary, details)
     }
@@ -459,9 +482,14 @@ pub fn render_details(d: &serde_json::Value) -> String {
     };
     out.push_str(&format!("listen       {}\n", d["listen"]));
     out.push_str(&format!(
-        "cluster      {} -> {}\n",
+        "cluster      {} -> {}{}\n",
         d["cluster_domain"],
-        list(&d["cluster_dns"])
+        list(&d["cluster_dns"]),
+        if d["cluster_loop"].as_bool().unwrap_or(false) {
+            "  LOOP: the cluster DNS leads back to us, cluster-zone questions get SERVFAIL"
+        } else {
+            ""
+        }
     ));
     out.push_str(&format!("upstreams    {}\n", list(&d["upstreams"])));
     for f in d["forward"].as_array().into_iter().flatten() {

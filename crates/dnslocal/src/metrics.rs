@@ -56,6 +56,8 @@ pub struct Metrics {
     upstream_errors: Family<Labels, Counter>,
     upstream_up: Family<Labels, Gauge>,
     upstream_mismatched: Family<Labels, Counter>,
+    forward_loops: Family<Labels, Counter>,
+    pub cluster_loop: Gauge,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,8 @@ impl Default for Metrics {
             upstream_errors: Family::default(),
             upstream_up: Family::default(),
             upstream_mismatched: Family::default(),
+            forward_loops: Family::default(),
+            cluster_loop: Gauge::default(),
         }
     }
 }
@@ -186,7 +190,31 @@ impl Metrics {
             "Upstream datagrams dropped because their ID or question (case included) did not match a query",
             m.upstream_mismatched.clone(),
         );
+        registry.register(
+            "forward_loops",
+            "Forwarding loops found: a forwarder that is one of our own listen addresses (own_address), or our loop probe coming back to us (returned)",
+            m.forward_loops.clone(),
+        );
+        registry.register(
+            "cluster_loop",
+            "1 while cluster-zone questions get SERVFAIL at once because their forwarders loop back to us",
+            m.cluster_loop.clone(),
+        );
         m
+    }
+
+    /// Counts one forwarding loop of `kind` (`own_address`, `returned`).
+    pub fn forward_loop(&self, kind: &str) {
+        self.forward_loops
+            .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+            .inc();
+    }
+
+    /// Loops of `kind` counted so far.
+    pub fn forward_loops(&self, kind: &str) -> u64 {
+        self.forward_loops
+            .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+            .get()
     }
 
     /// Counts one query of `qtype` answered with `outcome`.

@@ -1142,17 +1142,31 @@ fn bind_prober(port: u16) -> Result<UdpSocket, Error> {
     UdpSocket::from_std(s.into()).map_err(fail)
 }
 
-/// Turns on IPv4 and IPv6 forwarding (a gateway candidate forwards between its location and the mesh).
+/// Turns on IPv4 and IPv6 forwarding (a gateway candidate forwards between its location and the mesh). A
+/// switch that is already on is left alone: in a Talos extension service `/proc/sys` is read-only, and Talos
+/// turns IPv4 forwarding on itself (IPv6 forwarding comes from `machine.sysctls`).
 fn enable_forwarding() {
+    let mut on = true;
     for path in [
         "/proc/sys/net/ipv4/ip_forward",
         "/proc/sys/net/ipv6/conf/all/forwarding",
     ] {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
         if let Err(error) = std::fs::write(path, "1") {
-            tracing::warn!(%path, %error, "cannot enable forwarding: this gateway will not forward");
+            tracing::warn!(
+                %path,
+                %error,
+                "cannot enable forwarding: this gateway will not forward (on Talos, where /proc/sys is \
+                 read-only for extensions, set it in machine.sysctls)"
+            );
+            on = false;
         }
     }
-    tracing::info!("forwarding enabled (gateway candidate)");
+    if on {
+        tracing::info!("forwarding on (gateway candidate)");
+    }
 }
 
 /// This node's addresses on the mesh interface: the mesh /128 and the configured ones.

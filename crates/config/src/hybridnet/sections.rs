@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use super::{Ours, TOP_KEYS, get};
 use crate::error::IssueKind;
 use crate::filter::FilterRule;
-use crate::model::{Backend, GatewayPin, Mtu, Peer, PublicKey, Topology};
+use crate::model::{Backend, EndpointCa, GatewayPin, Mtu, Peer, PublicKey, Topology};
 use crate::parse;
 use crate::read::Ctx;
 use crate::yaml::{Node, Value};
@@ -38,7 +38,10 @@ const MESHD_KEYS: &[&str] = &[
     "kubespanCompat",
     "clampMSS",
     "admin",
+    "discovery",
 ];
+const DISCOVERY_KEYS: &[&str] = &["caFile", "endpoints"];
+const ENDPOINT_CA_KEYS: &[&str] = &["endpoint", "caFile"];
 const FILTER_KEYS: &[&str] = &["endpoints", "excludeAdvertisedNetworks"];
 const PEER_KEYS: &[&str] = &[
     "name",
@@ -201,6 +204,11 @@ fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.m_kubespan_compat = get(ctx, s, P, "kubespanCompat", |c, n, k| c.boolean(n, k));
     o.m_clamp_mss = get(ctx, s, P, "clampMSS", |c, n, k| c.boolean(n, k));
     o.m_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
+    let disc = section(ctx, s, "discovery", "meshd.discovery", DISCOVERY_KEYS);
+    o.m_discovery_ca_file = get(ctx, disc, "meshd.discovery", "caFile", path);
+    o.m_discovery_endpoint_cas = get(ctx, disc, "meshd.discovery", "endpoints", |c, n, k| {
+        c.list(n, k, read_endpoint_ca)
+    });
     let filters = section(ctx, s, "filters", "meshd.filters", FILTER_KEYS);
     o.m_filters = get(ctx, filters, "meshd.filters", "endpoints", |c, n, k| {
         c.list(n, k, |c, item, k| c.parsed(item, k, FilterRule::parse))
@@ -245,6 +253,37 @@ fn read_mtu(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Mtu> {
             None
         }
     }
+}
+
+/// `{endpoint, caFile}`: both required.
+fn read_endpoint_ca(ctx: &mut Ctx, n: &Node, key: &str) -> Option<EndpointCa> {
+    if !ctx.check_keys(n, key, ENDPOINT_CA_KEYS) {
+        if n.is_null() {
+            ctx.issue(
+                n,
+                IssueKind::Type,
+                format!("`{key}`: expected a mapping with endpoint and caFile"),
+            );
+        }
+        return None;
+    }
+    let field = |ctx: &mut Ctx, name: &str| {
+        let node = n.get(name).filter(|v| !v.is_null());
+        if node.is_none() {
+            ctx.issue(
+                n,
+                IssueKind::Value,
+                format!("`{key}`: `{name}` is required"),
+            );
+        }
+        node
+    };
+    let endpoint = field(ctx, "endpoint").and_then(|v| ctx.string(v, &format!("{key}.endpoint")));
+    let ca_file = field(ctx, "caFile").and_then(|v| path(ctx, v, &format!("{key}.caFile")));
+    Some(EndpointCa {
+        endpoint: endpoint?,
+        ca_file: ca_file?,
+    })
 }
 
 fn read_peer(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Peer> {
