@@ -78,6 +78,9 @@ pub struct Ours {
     pub d_cache_negative_ttl: Sourced<Duration>,
     pub d_cache_serve_stale: Sourced<Duration>,
     pub d_cache_prefetch: Sourced<bool>,
+    pub d_cache_max_memory: Sourced<u64>,
+    pub d_client_rate: Sourced<u32>,
+    pub d_forward: Sourced<Vec<crate::model::DnsForward>>,
     pub d_admin: Sourced<SocketAddr>,
 }
 

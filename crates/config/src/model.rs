@@ -279,6 +279,8 @@ pub struct DnsCache {
     /// How long an expired answer may still be served when upstreams fail (zero: never).
     pub serve_stale: Duration,
     pub prefetch: bool,
+    /// Bytes the cached answers may hold at most (their wire bytes and bookkeeping).
+    pub max_memory: u64,
 }
 
 /// dnslocal: the node-local DNS cache and forwarder.
@@ -293,4 +295,16 @@ pub struct DnslocalConfig {
     pub upstreams: Vec<SocketAddr>,
     pub cache: DnsCache,
     pub admin: SocketAddr,
+    /// UDP queries a second each client address may ask (0: no limit).
+    pub client_rate: u32,
+    /// Conditional forwarding (stub domains): names in a zone go to its servers; the longest zone wins.
+    pub forward: Vec<DnsForward>,
+}
+
+/// One `dnslocal.forward` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsForward {
+    /// Lower-cased, without the trailing dot.
+    pub zone: String,
+    pub to: Vec<SocketAddr>,
 }

@@ -224,7 +224,18 @@ fn dnslocal(c: &Config) -> Vec<(String, Value)> {
             json!(format_duration(d.cache.serve_stale)),
         ),
         ("dnslocal.cache.prefetch".into(), json!(d.cache.prefetch)),
+        ("dnslocal.cache.maxMemory".into(), json!(d.cache.max_memory)),
         ("dnslocal.admin".into(), json!(d.admin.to_string())),
+        ("dnslocal.clientRate".into(), json!(d.client_rate)),
+        (
+            "dnslocal.forward".into(),
+            json!(
+                d.forward
+                    .iter()
+                    .map(|f| json!({"zone": f.zone, "to": strings(&f.to)}))
+                    .collect::<Vec<_>>()
+            ),
+        ),
     ]
 }
 

@@ -474,7 +474,18 @@ pub fn dnslocal(
                 [o.d_cache_prefetch.clone()],
                 d.cache.prefetch,
             ),
+            max_memory: m.first(
+                "dnslocal.cache.maxMemory",
+                [o.d_cache_max_memory.clone()],
+                d.cache.max_memory,
+            ),
         },
         admin: m.first("dnslocal.admin", [o.d_admin.clone()], d.admin),
+        client_rate: m.first(
+            "dnslocal.clientRate",
+            [o.d_client_rate.clone()],
+            d.client_rate,
+        ),
+        forward: m.first("dnslocal.forward", [o.d_forward.clone()], d.forward.clone()),
     }
 }
