@@ -88,12 +88,9 @@ impl Lab {
         // kube-dns-upstream's ClusterIP, routable from the node (dnslocal's own queries take the output hook).
         node.ip(&["addr", "add", "10.96.0.11/32", "dev", "lo"]);
         for key in ["all", "vpod"] {
-            let out = node.exec(&[
-                "sysctl",
-                "-w",
-                &format!("net.ipv4.conf.{key}.route_localnet=1"),
-            ]);
-            assert!(out.status.success(), "sysctl: {out:?}");
+            let set = format!("echo 1 > /proc/sys/net/ipv4/conf/{key}/route_localnet");
+            let out = node.exec(&["sh", "-c", &set]);
+            assert!(out.status.success(), "route_localnet: {out:?}");
         }
         // The kube-proxy stand-in (see the module comment).
         let dnat = |ip: &str| {
