@@ -152,8 +152,8 @@ impl Lab {
 
 /// With `interceptClusterDNS`, a pod asking the kube-dns ClusterIP is answered by dnslocal (its metrics
 /// count the query; without it, by NSD through the DNAT); the table is repaired when flushed; after a
-/// crash the ClusterIP is silent until dnslocal is back (measured); after a clean stop kube-dns answers
-/// again.
+/// crash kube-dns answers at once, and dnslocal again once it is restarted (measured); after a clean stop
+/// the table and the address are gone and kube-dns answers.
 #[test]
 fn intercepted_cluster_ip_is_answered_by_dnslocal_and_by_kube_dns_after_it_stops() {
     let lab = Lab::new("dl-intercept");
@@ -184,11 +184,12 @@ fn intercepted_cluster_ip_is_answered_by_dnslocal_and_by_kube_dns_after_it_stops
     .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
     assert_eq!(table.matches(" notrack comment").count(), 4, "{table}");
     assert!(
-        table.contains("ip daddr 10.96.0.10 udp dport 53 notrack"),
+        table.contains("ip daddr 10.96.0.10 udp dport 53 socket wildcard 0 notrack"),
         "{table}"
     );
     assert!(
-        table.contains("ip saddr 10.96.0.10 tcp sport 53 notrack"),
+        table.contains("ip saddr 10.96.0.10 tcp sport 53 notrack")
+            && table.contains("ip daddr 10.96.0.10 tcp dport 53 socket transparent 0 notrack"),
         "{table}"
     );
     assert!(
@@ -234,21 +235,51 @@ fn intercepted_cluster_ip_is_answered_by_dnslocal_and_by_kube_dns_after_it_stops
         started.elapsed()
     );
 
-    // A crash (SIGKILL): the address and the rules stay, so the ClusterIP goes unanswered (no DNAT for
-    // untracked packets) until dnslocal is back.
+    // A crash (SIGKILL): the address and the rules stay, but with no socket bound to the ClusterIP the rules
+    // do not match (`socket wildcard 0`): queries are tracked again and the DNAT sends them to kube-dns.
     daemon.signal(Signal::SIGKILL).unwrap();
     daemon.wait_exit(Duration::from_secs(5)).unwrap();
     assert!(our_table(&lab.node).is_some(), "the rules outlive a crash");
-    let silent = lab.pod_dig(&["www.example.test"]);
-    assert_eq!(silent.status, "NO ANSWER", "{}", silent.text);
+    assert!(
+        has_address(&lab.node, CLUSTER_IP),
+        "the address outlives a crash"
+    );
     let started = Instant::now();
-    let mut daemon = Daemon::builder(DaemonKind::Dnslocal, &lab.node, &config).start();
+    let during = lab.pod_dig(&["kubernetes.default.svc.cluster.local"]);
+    eprintln!(
+        "after a crash: kube-dns answers the ClusterIP in {:?} (status {})",
+        during.elapsed, during.status
+    );
+    assert_eq!(during.data(), vec!["10.96.0.1"], "{}", during.text);
+    assert!(
+        during.flags.contains(&"aa".to_owned()),
+        "kube-dns answers: {}",
+        during.text
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let tcp = lab.pod_dig(&["+tcp", "kubernetes.default.svc.cluster.local"]);
+    assert_eq!(tcp.data(), vec!["10.96.0.1"], "{}", tcp.text);
+    // Started again, dnslocal takes the ClusterIP back (its metrics count the pod's query).
+    let started = Instant::now();
+    let daemon = Daemon::builder(DaemonKind::Dnslocal, &lab.node, &config).start();
     wait_until(
         Duration::from_secs(10),
-        "the ClusterIP to answer again",
+        "dnslocal to answer the ClusterIP again",
         || {
+            let n = daemon
+                .metrics()
+                .map(|m| m.value("dnslocal_queries_total"))
+                .map_err(|e| e.to_string())?;
             let d = dig_in(lab.pod.name(), CLUSTER_IP, &["+time=1", "www.example.test"]);
-            if d.status == "NOERROR" {
+            let m = daemon
+                .metrics()
+                .map(|m| m.value("dnslocal_queries_total"))
+                .map_err(|e| e.to_string())?;
+            if d.status == "NOERROR" && m > n {
                 Ok(())
             } else {
                 Err(d.text)
@@ -257,9 +288,10 @@ fn intercepted_cluster_ip_is_answered_by_dnslocal_and_by_kube_dns_after_it_stops
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
     eprintln!(
-        "after a crash: the ClusterIP answers {:?} after dnslocal is started again",
+        "after a crash: dnslocal answers the ClusterIP again {:?} after it is started",
         started.elapsed()
     );
+    let mut daemon = daemon;
     daemon
         .wait_ready(READY)
         .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));

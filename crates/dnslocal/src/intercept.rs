@@ -8,8 +8,8 @@
 //! table inet hybridnet-dnslocal {
 //!     chain prerouting {
 //!         type filter hook prerouting priority raw; policy accept;
-//!         ip daddr 10.96.0.10 udp dport 53 notrack comment "hybridnet-dnslocal v1: ..."
-//!         ip daddr 10.96.0.10 tcp dport 53 notrack comment "..."
+//!         ip daddr 10.96.0.10 udp dport 53 socket wildcard 0 notrack comment "hybridnet-dnslocal v1: ..."
+//!         ip daddr 10.96.0.10 tcp dport 53 socket transparent 0 notrack comment "..."
 //!     }
 //!     chain output {
 //!         type filter hook output priority raw; policy accept;
@@ -21,7 +21,11 @@
 //!
 //! These are NodeLocal DNSCache's `-t raw -j NOTRACK` rules (PREROUTING: to the IP, dport 53; OUTPUT: from
 //! it, sport 53). An untracked packet skips the nat hooks, so kube-proxy's DNAT never sees it, and the
-//! address being local, it is delivered to our socket. Each rule's comment is its fingerprint:
+//! address being local, it is delivered to our socket. Unlike NodeLocal DNSCache, a query is untracked
+//! only while a socket takes it (`socket wildcard 0` for UDP: bound to the ClusterIP itself; `socket
+//! transparent 0` for TCP, any socket of the connection; the kernel's socket lookup fails when there is none): after a crash (SIGKILL, OOM) the rules and the address stay, but
+//! queries are tracked again and kube-proxy's DNAT sends them to kube-dns; DNS never goes dark.
+//! Each rule's comment is its fingerprint:
 //! [`check`] dumps the table and rewrites it (one atomic batch) unless it holds exactly these rules.
 
 use std::net::IpAddr;
@@ -29,7 +33,7 @@ use std::net::IpAddr;
 use hybridnet_nft::{
     Chain, IPPROTO_TCP, IPPROTO_UDP, NF_INET_LOCAL_OUT, NF_INET_PRE_ROUTING, NF_IP_PRI_RAW,
     NFPROTO_IPV4, NFPROTO_IPV6, NFT_CMP_EQ, NFT_META_L4PROTO, NFT_META_NFPROTO,
-    NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER, NftError, Outcome,
+    NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER, NFT_REG_1, NftError, Outcome,
 };
 
 /// The table (family `inet`).
@@ -37,6 +41,8 @@ pub const TABLE: &str = "hybridnet-dnslocal";
 /// Changes when the rules change, so an upgraded dnslocal replaces older ones.
 const RULE_VERSION: &str = "v1";
 const DNS_PORT: u16 = 53;
+const NFT_SOCKET_TRANSPARENT: u32 = 0;
+const NFT_SOCKET_WILDCARD: u32 = 2;
 
 const CHAINS: [Chain<'static>; 2] = [
     Chain {
@@ -112,6 +118,24 @@ fn rule_attrs(ip: IpAddr, r: &Notrack, comment: &str) -> Vec<u8> {
         e.cmp(NFT_CMP_EQ, &[r.proto]);
         e.payload(NFT_PAYLOAD_TRANSPORT_HEADER, if r.to { 2 } else { 0 }, 2);
         e.cmp(NFT_CMP_EQ, &DNS_PORT.to_be_bytes());
+        if r.to {
+            // A socket takes the packet; without one (dnslocal is not running) the lookup fails, the rule
+            // does not match, and kube-proxy's DNAT sends the query to kube-dns. UDP: `socket wildcard 0`,
+            // a socket bound to this very address. TCP: `socket transparent 0`, which also reads the
+            // handshake's request and time-wait sockets (`wildcard` reads only full sockets, so the
+            // handshake's ACK would be tracked and DNATed away).
+            let key = if r.proto == IPPROTO_UDP {
+                NFT_SOCKET_WILDCARD
+            } else {
+                NFT_SOCKET_TRANSPARENT
+            };
+            e.expr("socket", |d| {
+                d.be32(1, key); // NFTA_SOCKET_KEY
+                d.be32(2, NFT_REG_1); // NFTA_SOCKET_DREG
+                d.be32(3, 0); // NFTA_SOCKET_LEVEL
+            });
+            e.cmp(NFT_CMP_EQ, &[0]);
+        }
         e.bare_expr("notrack");
     })
 }
@@ -169,14 +193,14 @@ mod tests {
     // What nftables 1.0.6 sends (`nft --debug=mnl -f`, nfgenmsg and attributes after the 16-byte header) for
     //   table inet hybridnet-dnslocal {
     //     chain prerouting { type filter hook prerouting priority raw; policy accept;
-    //       ip daddr 10.96.0.10 udp dport 53 notrack comment "x" }
+    //       ip daddr 10.96.0.10 udp dport 53 socket wildcard 0 notrack comment "x" }
     //     chain output { type filter hook output priority raw; policy accept;
     //       ip6 saddr fd00::a tcp sport 53 notrack comment "x" } }
     const NFT_TABLE: &str =
         "01000000170001006879627269646e65742d646e736c6f63616c00000800020000000000";
     const NFT_PREROUTING: &str = "01000000170001006879627269646e65742d646e736c6f63616c00000f000300707265726f7574696e6700000b00070066696c7465720000080005000000000114000480080001000000000008000200fffffed4";
     const NFT_OUTPUT: &str = "01000000170001006879627269646e65742d646e736c6f63616c00000b0003006f757470757400000b00070066696c7465720000080005000000000114000480080001000000000308000200fffffed4";
-    const NFT_RULE_V4: &str = "01000000170001006879627269646e65742d646e736c6f63616c00000f000200707265726f7574696e6700007401048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001008000400000000042c00018008000100636d700020000280080001000000000108000200000000000c000380080001000a60000a24000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010011000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000208000400000000022c00018008000100636d700020000280080001000000000108000200000000000c0003800600010000350000100001800c0001006e6f747261636b000800070000027800";
+    const NFT_RULE_V4: &str = "01000000170001006879627269646e65742d646e736c6f63616c00000f000200707265726f7574696e670000cc01048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001008000400000000042c00018008000100636d700020000280080001000000000108000200000000000c000380080001000a60000a24000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010011000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000208000400000000022c00018008000100636d700020000280080001000000000108000200000000000c00038006000100003500002c0001800b000100736f636b657400001c0002800800010000000002080002000000000108000300000000002c00018008000100636d700020000280080001000000000108000200000000000c0003800500010000000000100001800c0001006e6f747261636b000800070000027800";
     const NFT_RULE_V6: &str = "01000000170001006879627269646e65742d646e736c6f63616c00000b0002006f757470757400008001048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c000380050001000a000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000808000400000000103800018008000100636d70002c000280080001000000000108000200000000001800038014000100fd00000000000000000000000000000a24000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010006000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000008000400000000022c00018008000100636d700020000280080001000000000108000200000000000c0003800600010000350000100001800c0001006e6f747261636b000800070000027800";
 
     #[test]
