@@ -386,3 +386,153 @@ fn decode_key(b64: &str) -> hybridnet_config::PublicKey {
         .unwrap_or_else(|_| panic!("public key {b64}: not 32 bytes"));
     hybridnet_config::PublicKey(array)
 }
+
+/// A router advertisement for 2001:db8:99::/64 (autonomous: SLAAC) with a router lifetime of 1800 s, sent
+/// from `iface` in `ns` to all nodes. The kernel fills in the ICMPv6 checksum; the hop limit must be 255.
+fn send_router_advertisement(ns: &Netns, iface: &str) {
+    let index: u32 = sh(ns, &["ip", "-o", "link", "show", iface])
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no link {iface}"));
+    let mut ra = vec![134u8, 0, 0, 0, 64, 0];
+    ra.extend_from_slice(&1800u16.to_be_bytes()); // router lifetime
+    ra.extend_from_slice(&[0; 8]); // reachable time, retrans timer
+    ra.extend_from_slice(&[3, 4, 64, 0xc0]); // prefix information: on-link, autonomous
+    ra.extend_from_slice(&86400u32.to_be_bytes());
+    ra.extend_from_slice(&14400u32.to_be_bytes());
+    ra.extend_from_slice(&[0; 4]);
+    let prefix: std::net::Ipv6Addr = "2001:db8:99::".parse().unwrap_or_else(|e| panic!("{e}"));
+    ra.extend_from_slice(&prefix.octets());
+    ns.enter(|| {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+        s.set_multicast_hops_v6(255)?;
+        s.set_multicast_if_v6(index)?;
+        let to = std::net::SocketAddrV6::new("ff02::1".parse().unwrap_or(prefix), 0, 0, index);
+        s.send_to(&ra, &SockAddr::from(to))
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("router advertisement: {e}"));
+}
+
+fn sysctl(ns: &Netns, key: &str) -> String {
+    sh(ns, &["sysctl", "-n", key]).trim().to_owned()
+}
+
+/// A node that forwards (here: a public node, which may relay) turns IPv6 forwarding on. With
+/// `accept_ra=1` the kernel would then ignore router advertisements and a SLAAC node would lose its
+/// default route; meshd sets `accept_ra=2` where it was 1, and puts everything back on a clean stop. The
+/// router is the test itself (a raw ICMPv6 socket on the public bridge; radvd is not needed for one RA).
+#[test]
+fn a_forwarding_node_keeps_its_slaac_default_route() {
+    let lab = MeshLab::new(1, "meshd-slaac");
+    let ns = &lab.nodes[0].netns;
+    assert_eq!(sysctl(ns, "net.ipv6.conf.all.forwarding"), "0");
+    assert_eq!(sysctl(ns, "net.ipv6.conf.pub.accept_ra"), "1");
+    lab.write_config(0);
+    let mut d = lab.start(0);
+    wait_until(
+        Duration::from_secs(10),
+        "meshd to turn forwarding on",
+        || match (
+            sysctl(ns, "net.ipv6.conf.all.forwarding").as_str(),
+            sysctl(ns, "net.ipv6.conf.pub.accept_ra").as_str(),
+        ) {
+            ("1", "2") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sysctl(ns, "net.ipv4.ip_forward"), "1");
+    // The router's link-local address must be usable (DAD done) before it can advertise.
+    wait_until(
+        Duration::from_secs(10),
+        "the router's link-local address",
+        || {
+            let a = sh(
+                &lab.switch,
+                &["ip", "-6", "addr", "show", "dev", "brpub", "scope", "link"],
+            );
+            (a.contains("fe80") && !a.contains("tentative"))
+                .then_some(())
+                .ok_or(a)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_until(Duration::from_secs(10), "a SLAAC default route", || {
+        send_router_advertisement(&lab.switch, "brpub");
+        std::thread::sleep(Duration::from_millis(300));
+        let r = sh(ns, &["ip", "-6", "route", "show", "default"]);
+        let a = sh(ns, &["ip", "-6", "addr", "show", "dev", "pub"]);
+        (r.contains("via fe80") && r.contains("dev pub") && a.contains("2001:db8:99:"))
+            .then_some(())
+            .ok_or(format!("routes: {r}; addresses: {a}"))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    d.signal(Signal::SIGTERM).unwrap_or_else(|e| panic!("{e}"));
+    d.wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (key, was) in [
+        ("net.ipv6.conf.all.forwarding", "0"),
+        ("net.ipv4.ip_forward", "0"),
+        ("net.ipv6.conf.pub.accept_ra", "1"),
+        ("net.ipv6.conf.default.accept_ra", "1"),
+    ] {
+        assert_eq!(sysctl(ns, key), was, "{key} restored on a clean stop");
+    }
+}
+
+/// Two peers claim the same prefix (a reinstalled node's old record, a reused pod CIDR): one holds it,
+/// the status and the metrics say so, and nothing moves back and forth (on the userspace backend every
+/// move is a remove and an add that resets the session). WireGuard operations are counted over 60 s.
+#[test]
+fn identical_prefixes_from_two_peers_do_not_flap() {
+    let mut lab = MeshLab::new(3, "meshd-identical");
+    lab.nodes[1].routed = vec!["10.244.7.0/24".to_owned()];
+    lab.nodes[2].routed = vec!["10.244.7.0/24".to_owned()];
+    let daemons: Vec<Daemon> = lab.start_all();
+    wait_all_up(&lab, Duration::from_secs(15));
+    let status = lab.nodes[0].details().unwrap_or_else(|e| panic!("{e}"));
+    let conflicts = status["prefixConflicts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(conflicts.len(), 1, "{status}");
+    assert_eq!(conflicts[0]["prefix"], "10.244.7.0/24");
+    let holder = conflicts[0]["holder"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(holder == "node2" || holder == "node3", "{conflicts:?}");
+    // Let the start settle (endpoints chosen), then count.
+    std::thread::sleep(Duration::from_secs(3));
+    let ops = |d: &Daemon| {
+        let m = d.metrics().unwrap_or_else(|e| panic!("{e}"));
+        (
+            m.value("meshd_wireguard_peer_ops_total"),
+            m.value("meshd_prefix_conflicts"),
+        )
+    };
+    let (before, gauge) = ops(&daemons[0]);
+    assert_eq!(gauge, 1.0, "meshd_prefix_conflicts");
+    std::thread::sleep(Duration::from_secs(60));
+    let (after, _) = ops(&daemons[0]);
+    eprintln!(
+        "WireGuard peer operations over 60 s with a contested prefix: {}",
+        after - before
+    );
+    assert_eq!(after - before, 0.0, "the contested prefix moved");
+    let status = lab.nodes[0].details().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        status["prefixConflicts"][0]["holder"],
+        holder.as_str(),
+        "same holder"
+    );
+    // Traffic to the prefix goes to the holder (its WireGuard peer carries it).
+    let routes = sh(
+        &lab.nodes[0].netns,
+        &["ip", "route", "show", "table", "51821"],
+    );
+    assert!(routes.contains("10.244.7.0/24"), "{routes}");
+}

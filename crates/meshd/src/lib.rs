@@ -196,11 +196,13 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
             .await;
         }
     }
-    if let Some(d) = discovery.take() {
-        d.stop().await;
-    }
+    // What meshd owns goes first: a drain cut short (the supervisor's timeout) must not leave it behind
+    // while the discovery client unpublishes us (up to 4 s).
     if let Some(m) = mesh {
         m.shutdown().await;
+    }
+    if let Some(d) = discovery.take() {
+        d.stop().await;
     }
     fatal.map_or(Ok(()), Err)
 }
