@@ -8,8 +8,12 @@
 //! - [`probe`] and [`peer`]: the authenticated probe protocol and the pure per-peer state machine (parallel
 //!   probing of every candidate, RTT ranking, failover in about 1.5 s);
 //! - [`net`]: addresses, routes, rules over rtnetlink (own table, rule priority and fwmark bit);
-//! - [`mesh`]: the running mesh that ties them together; [`status`]: `status.json` details and
-//!   `members.json`; [`cache`]: the last known peers in `dataDir`.
+//! - [`mesh`]: the running mesh that ties them together: sources (static, cached and discovered peers,
+//!   liveness, NAT) -> [`plan`] (pure: the desired state of every resource) -> the appliers (one per
+//!   resource, drift repaired in every resync) -> report ([`status`]: `status.json` details and
+//!   `members.json`; [`cache`]: the last known peers in `dataDir`);
+//! - [`responder`]: the probe socket's thread (pings answered at once, whatever the mesh is doing);
+//!   [`sysctl`]: forwarding without breaking SLAAC, restored on stop.
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
