@@ -2,7 +2,8 @@
 //! busybox, the WireGuard and virtio modules and our static meshd) on two QEMU socket networks ("private" and
 //! "public"). Asserts that each VM's mesh interface is a kernel WireGuard link and that traffic crosses the
 //! mesh both ways; that cutting the private path moves each side to the public one (in-place endpoint update);
-//! and that after SIGKILL the link keeps passing traffic without meshd and a new meshd adopts it.
+//! that after SIGKILL the link keeps passing traffic without meshd and a new meshd adopts it (it carries
+//! meshd's mark); and that a link deleted from outside comes back within one resync.
 //! Fails (never skips) when QEMU, the kernel, busybox-static, kmod, cpio, wireguard-tools or the static
 //! meshd binary is missing.
 
@@ -106,10 +107,18 @@ if [ "$node" = 1 ]; then
   i=0
   while [ $i -lt 100 ] && ! uses 198.51.100.1$other; do i=$((i + 1)); sleep 0.1; done
   echo "HN-ADOPT node=$node link=$(grep -c DEVTYPE=wireguard /sys/class/net/hybridnet0/uevent) ping_without_meshd=$without ping=$(pings 10)"
+  # The link deleted from outside: meshd re-creates it (marked) within one resync (10 s) and traffic passes.
+  alias=$(cat /sys/class/net/hybridnet0/ifalias 2>/dev/null)
+  ip link delete hybridnet0
+  t0=$(centis)
+  i=0
+  while [ $i -lt 150 ] && ! grep -q DEVTYPE=wireguard /sys/class/net/hybridnet0/uevent 2>/dev/null; do i=$((i + 1)); sleep 0.1; done
+  t1=$(centis)
+  echo "HN-RECREATE node=$node alias=$alias link=$(grep -c DEVTYPE=wireguard /sys/class/net/hybridnet0/uevent 2>/dev/null) ms=$(( (t1 - t0) * 10 )) ping=$(pings 20)"
 fi
 /bin/meshd status --config $cfg
 tail -20 /run/meshd.log
-sleep 40
+sleep 60
 echo "HN-DONE node=$node"
 poweroff -f
 "#;
@@ -213,6 +222,18 @@ fn two_vms_mesh_over_kernel_wireguard() {
     assert!(
         line.contains("link=1")
             && line.contains("ping_without_meshd=yes")
+            && line.ends_with("ping=yes"),
+        "{line}\n{}",
+        vm1.console()
+    );
+    // The link deleted: re-created (a kernel WireGuard link with meshd's mark) and passing traffic again.
+    let line = vm1
+        .wait_for("HN-RECREATE", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{line}");
+    assert!(
+        line.contains("alias=hybridnet-meshd")
+            && line.contains("link=1")
             && line.ends_with("ping=yes"),
         "{line}\n{}",
         vm1.console()
