@@ -95,6 +95,16 @@ fn rules_addresses_and_the_interface_come_back_within_one_resync() {
     });
     ping_both(&lab, Duration::from_secs(5));
 
+    // The interface set down and given another MTU.
+    ns.ip(&["link", "set", "hybridnet0", "down", "mtu", "1300"]);
+    repaired("the interface up with its MTU", || {
+        let l = sh(ns, &["ip", "link", "show", "hybridnet0"]);
+        (l.contains(",UP") && l.contains("mtu 1420"))
+            .then_some(())
+            .ok_or(l)
+    });
+    ping_both(&lab, Duration::from_secs(5));
+
     // The interface deleted: re-created, marked, configured, traffic passes again.
     ns.ip(&["link", "del", "hybridnet0"]);
     repaired("the interface", || {
@@ -280,7 +290,6 @@ fn pongs_stay_fast_while_meshd_does_slow_work() {
             nonce,
             timestamp_us: 0,
             observed: None,
-            version: 2,
             flags: 0,
         };
         let start = Instant::now();

@@ -624,7 +624,6 @@ impl Mesh {
             nonce,
             timestamp_us: self.started.elapsed().as_micros() as u64,
             observed: None,
-            version: 2,
             flags: 0,
         };
         let bytes = probe::encode(&ping, &peer.probe_key);

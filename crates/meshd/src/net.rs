@@ -43,6 +43,9 @@ pub struct LinkState {
     pub alias: Option<String>,
     /// `wireguard`, `tun`, `dummy`... (`None`: the kernel reports no kind).
     pub kind: Option<String>,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    pub mtu: Option<u32>,
 }
 
 impl LinkState {
@@ -107,9 +110,15 @@ impl Net {
             index: msg.header.index,
             alias: None,
             kind: None,
+            up: msg
+                .header
+                .flags
+                .contains(netlink_packet_route::link::LinkFlags::Up),
+            mtu: None,
         };
         for a in &msg.attributes {
             match a {
+                LinkAttribute::Mtu(mtu) => state.mtu = Some(*mtu),
                 LinkAttribute::IfAlias(alias) => state.alias = Some(alias.clone()),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {

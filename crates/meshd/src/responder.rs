@@ -139,7 +139,7 @@ fn serve(
         };
         match probe.kind {
             Kind::Ping => {
-                // Answered in the ping's version; version 2 tells the pinger where its ping came from.
+                // The pong tells the pinger where its ping came from (its reflexive address).
                 let no_uplink = shared.no_uplink.load(Ordering::Relaxed);
                 let pong = Probe {
                     kind: Kind::Pong,

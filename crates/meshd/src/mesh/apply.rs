@@ -52,12 +52,17 @@ impl Mesh {
         }
     }
 
-    /// The link: re-created when it was deleted (a new kernel link or userspace device; the other
-    /// appliers then fill it). A link of our name that is not ours is an error naming it.
+    /// The link: up with the planned MTU; re-created when it was deleted (a new kernel link or userspace
+    /// device; the other appliers then fill it). A link of our name that is not ours is an error naming it.
     async fn apply_link(&mut self, planned: &Desired) -> Result<(), Error> {
         let name = planned.interface.clone();
         match self.net.link(&name).await? {
-            Some(link) if link.index == self.index => return Ok(()),
+            Some(link) if link.index == self.index => {
+                if link.up && link.mtu == Some(planned.mtu) {
+                    return Ok(());
+                }
+                // Set down, or another MTU, from outside.
+            }
             Some(link) if !link.ours() => return Err(backend::foreign(&name, &link)),
             Some(link) if matches!(self.backend, Backend::Kernel(_)) => {
                 // Ours under a new index (re-created by an earlier pass that failed half-way).
