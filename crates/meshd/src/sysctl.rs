@@ -8,7 +8,7 @@
 //! meshd changes is recorded with what it was, and put back when forwarding is no longer wanted or meshd
 //! stops cleanly. Values someone else set (forwarding already on) are left alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// A sysctl by its path under `/proc/sys`, e.g. `net/ipv4/ip_forward`.
@@ -51,6 +51,8 @@ pub fn forwarding_changes(current: &BTreeMap<Key, String>, skip: &str) -> Vec<(K
 pub struct Sysctls {
     root: PathBuf,
     saved: BTreeMap<Key, String>,
+    /// Writes that failed (warned about once: in a Talos extension service `/proc/sys` is read-only).
+    failed: BTreeSet<Key>,
 }
 
 impl Default for Sysctls {
@@ -64,6 +66,7 @@ impl Sysctls {
         Sysctls {
             root: root.to_owned(),
             saved: BTreeMap::new(),
+            failed: BTreeSet::new(),
         }
     }
 
@@ -120,15 +123,22 @@ impl Sysctls {
             }
             match std::fs::write(self.root.join(&key), &value) {
                 Ok(()) => {
+                    self.failed.remove(&key);
                     tracing::info!(sysctl = %key, from = old.trim(), to = %value, "sysctl set (forwarding)");
                     self.saved
                         .entry(key)
                         .or_insert_with(|| old.trim().to_owned());
                     writes += 1;
                 }
-                Err(error) => {
-                    tracing::warn!(sysctl = %key, %error, "cannot set sysctl: this node will not forward");
+                Err(error) if self.failed.insert(key.clone()) => {
+                    tracing::warn!(
+                        sysctl = %key,
+                        %error,
+                        "cannot set sysctl: this node will not forward (on Talos, where /proc/sys is \
+                         read-only for extensions, set it in machine.sysctls)"
+                    );
                 }
+                Err(error) => tracing::debug!(sysctl = %key, %error, "cannot set sysctl"),
             }
         }
         writes
