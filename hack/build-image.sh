@@ -18,7 +18,8 @@
 # (image/validator, Talos's and extensions-validator's rules plus ours), from the tar itself.
 #
 # arm64 cross build: rustup target aarch64-unknown-linux-musl; ring (rustls) compiles C, so the script uses
-# Debian's gcc-aarch64-linux-gnu as the C compiler and as the linker:
+# Debian's gcc-aarch64-linux-gnu as the C compiler and as the linker, with libc6-dev-arm64-cross for the target's
+# libc headers (gcc-aarch64-linux-gnu only recommends it; --no-install-recommends would leave it out):
 #   CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_musl=aarch64-linux-gnu-ar
 #   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc
 # (Rust's musl target is self-contained: it brings its own crt objects and musl libc.a, so no musl
@@ -59,7 +60,12 @@ need git git
 for arch in "${arches[@]}"; do
   case "$arch" in
     amd64) need musl-gcc musl-tools ;;
-    arm64) need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu ;;
+    arm64)
+      need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+      # ring's C and assembly include the target's libc headers (bits/libc-header-start.h);
+      # gcc-aarch64-linux-gnu only recommends them, and --no-install-recommends leaves them out
+      [ -e /usr/aarch64-linux-gnu/include/bits/libc-header-start.h ] || need_pkgs+=(libc6-dev-arm64-cross)
+      ;;
   esac
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

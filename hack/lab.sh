@@ -14,6 +14,14 @@
 #   hack/lab.sh --no-build      use the binaries already in target/release (or $HYBRIDNET_BIN_DIR)
 #   hack/lab.sh --nodes N       N nodes (1-9), default 3
 #   hack/lab.sh --no-features   skip the data-plane checks (stand-in API servers and DNS, lookups)
+#   hack/lab.sh --broken        after the healthy doctor run, break node1 (kubelet DNS elsewhere, mesh port
+#                               dropped) and show that doctor reports both with the fix
+#   hack/lab.sh --screenshots   render every Grafana dashboard from node1's metrics into docs/operator/
+#                               (a Prometheus scrapes it for 90 s of traffic and outages; hack/lib/lab-operator.sh)
+#
+# The lab ends with the operator kit (hack/lib/lab-operator.sh): every metric the alerts and dashboards name
+# checked in the daemons' real /metrics, then `meshd doctor` on each node (kubeadm-style kubelet files in
+# nodeN/kubelet/).
 #
 # Data-plane checks come from hack/lib/lab-<daemon>.sh (sourced when present; each defines lab_<daemon>):
 # apiprism in front of three stand-in API servers (192.0.2.1-3:6443 in the switch namespace), dnslocal
@@ -46,6 +54,8 @@ nodes=3
 keep=0
 build=1
 features=1
+broken=0
+screenshots=""
 lab_up=0
 
 usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
@@ -262,7 +272,7 @@ node_list() {
 feature_apiprism() {
   local i pairs=()
   for i in $(seq 1 "$nodes"); do pairs+=("$(node_ns "$i"):$(node_dir "$i")/config.yaml"); done
-  lab_apiprism "$SWITCH_NS" "$BRIDGE" "${pairs[@]}"
+  lab_apiprism "$BIN_DIR" "$SWITCH_NS" "$BRIDGE" "${pairs[@]}"
 }
 
 # dnslocal: a stand-in NSD on 192.0.2.53 (the nodes' clusterDNS and upstream), lookups on every node.
@@ -314,6 +324,14 @@ show_status() {
   done
 }
 
+# The operator kit: metric names of the alerts and dashboards, doctor on every node (and --broken, --screenshots).
+run_operator() {
+  declare -F lab_operator >/dev/null || return 0
+  local i pairs=()
+  for i in $(seq 1 "$nodes"); do pairs+=("$(node_ns "$i"):$(node_dir "$i")"); done
+  lab_operator "$BIN_DIR" "$broken" "$screenshots" "${pairs[@]}" || die "operator checks failed (see above)"
+}
+
 show_check_config() {
   say "check-config of node1 (meshd's view: every value and where it came from)"
   "$BIN_DIR/meshd" check-config --config "$(node_dir 1)/config.yaml" | sed 's/^/    /'
@@ -354,6 +372,8 @@ main() {
       --down) down=1 ;;
       --no-build) build=0 ;;
       --no-features) features=0 ;;
+      --broken) broken=1 ;;
+      --screenshots) screenshots="$REPO/docs/operator" ;;
       --nodes)
         [ $# -ge 2 ] || die "--nodes needs a number"
         nodes=$2
@@ -388,6 +408,7 @@ main() {
   run_features
   show_status
   show_check_config
+  run_operator
   if [ "$keep" -eq 1 ]; then print_keep_help; fi
 }
 

@@ -26,7 +26,7 @@ need_pkgs=()
 need() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
 need ip iproute2
 need readelf binutils
-need musl-gcc musl-tools
+need musl-gcc musl-tools  # the static build; the QEMU extension test builds hack/qemu/talos-exec.c with it
 # meshd: ping across the mesh, wg for the QEMU VMs' keys, and the QEMU node test (kernel WireGuard backend)
 need ping iputils-ping
 need wg wireguard-tools
@@ -35,10 +35,15 @@ need qemu-system-x86_64 qemu-system-x86
 need busybox busybox-static
 need modprobe kmod
 need cpio cpio
+# the arm64 extension image: cross C compiler and the target's libc headers for ring
+need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+[ -e /usr/aarch64-linux-gnu/include/bits/libc-header-start.h ] || need_pkgs+=(libc6-dev-arm64-cross)
 need nft nftables        # meshd MSS clamping test: lists the ruleset meshd writes over netlink
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need_pkgs+=(linux-image-amd64)
 need nsd nsd             # dnslocal tests: the upstream and cluster DNS (a real zone server)
 need dig bind9-dnsutils  # dnslocal tests: a real client (glibc getent is the other)
+need promtool prometheus         # operator kit: promtool check/test rules (hack/operator/check.sh)
+need kubectl kubernetes-client   # operator kit: kubectl kustomize of deploy/kubernetes
 # meshd discovery: Python opens the records meshd seals (a venv from Debian's python3, not a pyenv one)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3 python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -113,9 +118,21 @@ for bin in apiprism meshd dnslocal; do
 done
 done_step
 
+# The arm64 extension (the README's default builds both): a cross build of the three daemons (Debian's
+# gcc-aarch64-linux-gnu and libc6-dev-arm64-cross for ring, installed by the script), checked static and
+# validated inside. First, because every build-image.sh run starts from an empty dist/.
+step "extension image, arm64 (hack/build-image.sh --arch arm64)"
+hack/build-image.sh --arch arm64
+done_step
+
 # The Talos extension from those binaries (validated inside); the QEMU extension test runs this very tar.
 step "extension image (hack/build-image.sh --arch amd64 --no-build)"
 hack/build-image.sh --arch amd64 --no-build
+done_step
+
+# Alerts, dashboards and Kubernetes manifests (promtool, kubectl kustomize, schemas; check-config of the ConfigMap).
+step "operator kit (hack/operator/check.sh)"
+hack/operator/check.sh "target/$musl/release"
 done_step
 
 if [ "$(id -u)" -ne 0 ]; then

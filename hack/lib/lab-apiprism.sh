@@ -3,8 +3,10 @@
 # integration crate: no real kube-apiserver runs here) and, for every node, apiprism's upstream table and one
 # request through its 127.0.0.1:7445. Source it (after common.sh); it defines functions only.
 #
-#   lab_apiprism STANDIN_NS STANDIN_DEV NODE_NS:CONFIG...
+#   lab_apiprism BIN_DIR STANDIN_NS STANDIN_DEV NODE_NS:CONFIG...
 #
+# BIN_DIR holds apiprism (the lab's $HYBRIDNET_BIN_DIR or target/release); the stand-in is taken from BIN_DIR,
+# else target/release, else built there with cargo.
 # The stand-ins listen on 192.0.2.1:6443 (the lab's control-plane endpoint), 192.0.2.2:6443 and
 # 192.0.2.3:6443 in STANDIN_NS (the lab's switch namespace; .2 and .3 are added to STANDIN_DEV as /32s). For
 # apiprism to use all three, give the nodes
@@ -15,10 +17,13 @@
 LAB_API_DIR=${LAB_API_DIR:-/run/hybridnet-lab/api}
 
 lab_apiprism_standin_bin() {
-  local repo bin
+  local bin_dir=$1 repo bin
+  if [ -x "$bin_dir/apiprism-standin" ]; then echo "$bin_dir/apiprism-standin"; return; fi
   repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
   bin=$repo/target/release/apiprism-standin
   if [ ! -x "$bin" ]; then
+    command -v cargo >/dev/null 2>&1 ||
+      die "apiprism-standin is neither in $bin_dir nor in $repo/target/release, and cargo is not on PATH to build it"
     (cd "$repo" && cargo build --release -q -p hybridnet-integration --bin apiprism-standin) ||
       die "cannot build apiprism-standin"
   fi
@@ -26,8 +31,8 @@ lab_apiprism_standin_bin() {
 }
 
 lab_apiprism_start_standins() {
-  local ns=$1 dev=$2 bin i ip
-  bin=$(lab_apiprism_standin_bin)
+  local bin_dir=$1 ns=$2 dev=$3 bin i ip
+  bin=$(lab_apiprism_standin_bin "$bin_dir")
   mkdir -p "$LAB_API_DIR"
   [ -f "$LAB_API_DIR/pki/ca.der" ] || "$bin" --gen-pki "$LAB_API_DIR/pki"
   for i in 1 2 3; do
@@ -62,17 +67,16 @@ lab_apiprism_stop() {
 }
 
 lab_apiprism() {
-  [ "$#" -ge 3 ] || die "usage: lab_apiprism STANDIN_NS STANDIN_DEV NODE_NS:CONFIG..."
-  local standin_ns=$1 dev=$2 pair ns config answer failed=0 repo
-  shift 2
-  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-  lab_apiprism_start_standins "$standin_ns" "$dev"
+  [ "$#" -ge 4 ] || die "usage: lab_apiprism BIN_DIR STANDIN_NS STANDIN_DEV NODE_NS:CONFIG..."
+  local bin_dir=$1 standin_ns=$2 dev=$3 pair ns config answer failed=0
+  shift 3
+  lab_apiprism_start_standins "$bin_dir" "$standin_ns" "$dev"
   sleep 1.5 # a health check round (and rise) in every node's apiprism
   say "apiprism: each node's upstream table, and a request through its 127.0.0.1:7445"
   for pair in "$@"; do
     ns=${pair%%:*} config=${pair#*:}
     note "$ns:"
-    "$repo/target/release/apiprism" status --config "$config" 2>&1 | sed 's/^/      /' || failed=1
+    "$bin_dir/apiprism" status --config "$config" 2>&1 | sed 's/^/      /' || failed=1
     answer=$(ip netns exec "$ns" curl -sk --http2 --max-time 3 https://127.0.0.1:7445/name 2>&1) || failed=1
     note "  GET https://127.0.0.1:7445/name -> ${answer:-no answer}"
   done

@@ -4,8 +4,7 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use hybridnet_state::{DaemonStatus, STATUS, StateDir};
 use nix::sys::signal::{Signal, kill};
@@ -105,8 +104,8 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
-/// The built binary of `kind`; panics, saying how to build it, when it is missing. Warns once when it is
-/// older than the sources (a forgotten rebuild).
+/// The built binary of `kind`; panics, saying how to build it, when it is missing or older than the sources
+/// (a forgotten rebuild: [`crate::stale`]).
 pub fn bin_path(kind: DaemonKind) -> PathBuf {
     let dirs = bin_dirs();
     let found = dirs
@@ -123,48 +122,8 @@ pub fn bin_path(kind: DaemonKind) -> PathBuf {
             tried = tried.join(", "),
         );
     };
-    warn_if_stale(&path);
+    crate::stale::require_fresh(&path);
     path
-}
-
-fn warn_if_stale(bin: &Path) {
-    static WARNED: OnceLock<()> = OnceLock::new();
-    let built = std::fs::metadata(bin)
-        .and_then(|m| m.modified())
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
-    if let Some(newer) = newest_source(&crates).filter(|(t, _)| *t > built) {
-        WARNED.get_or_init(|| {
-            eprintln!(
-                "warning: {} is older than {}: rebuild with `cargo build --release -p hybridnet-apiprism \
-                 -p hybridnet-meshd -p hybridnet-dnslocal`",
-                bin.display(),
-                newer.1.display()
-            );
-        });
-    }
-}
-
-fn newest_source(dir: &Path) -> Option<(SystemTime, PathBuf)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let candidate = if path.is_dir() {
-            newest_source(&path)
-        } else if path.extension().is_some_and(|e| e == "rs" || e == "toml") {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .map(|t| (t, path))
-        } else {
-            None
-        };
-        if let Some(c) = candidate.filter(|c| newest.as_ref().is_none_or(|n| c.0 > n.0)) {
-            newest = Some(c);
-        }
-    }
-    newest
 }
 
 /// Gives the daemon private, empty `/run/hybridnet` and `/var/lib/hybridnet` (tmpfs in the mount

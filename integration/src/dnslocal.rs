@@ -18,6 +18,8 @@ use nix::unistd::Pid;
 
 use crate::{Netns, TestDir, wait_until};
 
+pub mod guard;
+
 /// dnslocal's listen address in the tests (NodeLocal DNSCache's).
 pub const LISTEN: &str = "169.254.20.10";
 /// Where NSD listens inside the test namespace.
@@ -74,14 +76,27 @@ pub struct Nsd {
     netns: String,
     dir: PathBuf,
     child: Option<Child>,
+    /// Zones served beside [`zones`].
+    extra: Vec<(&'static str, String)>,
 }
 
 impl Nsd {
     pub fn start(netns: &Netns, dir: &TestDir, generation: u8) -> Nsd {
+        Nsd::start_with(netns, dir, generation, Vec::new())
+    }
+
+    /// [`Nsd::start`] with `extra` zones (name, zone file text) beside [`zones`].
+    pub fn start_with(
+        netns: &Netns,
+        dir: &TestDir,
+        generation: u8,
+        extra: Vec<(&'static str, String)>,
+    ) -> Nsd {
         let mut nsd = Nsd {
             netns: netns.name().to_owned(),
             dir: dir.join("nsd"),
             child: None,
+            extra,
         };
         nsd.restart(generation);
         nsd
@@ -98,7 +113,7 @@ impl Nsd {
              zonelistfile: \"{d}/zone.list\"\n  server-count: 1\n  logfile: \"{d}/nsd.log\"\n\
              remote-control:\n  control-enable: no\n"
         );
-        for (name, text) in zones(generation) {
+        for (name, text) in zones(generation).into_iter().chain(self.extra.clone()) {
             std::fs::write(self.dir.join(format!("{name}.zone")), text).expect("zone file");
             conf.push_str(&format!("zone:\n  name: {name}\n  zonefile: {name}.zone\n"));
         }
@@ -240,7 +255,7 @@ pub fn dig_in(netns: &str, server: &str, args: &[&str]) -> Dig {
     }
 }
 
-/// A dnslocal config for one test.
+/// A dnslocal config for one test (no per-client budget: the load tests send from one address).
 pub fn write_config(
     dir: &TestDir,
     name: &str,
@@ -258,7 +273,8 @@ pub fn write_config(
         "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: {state}\ndataDir: {data}\ndnslocal:\n  \
          listen: [\"{LISTEN}:53\"]\n  interface: {{name: dnslocal0, create: true}}\n  clusterDomain: cluster.local\n  \
          clusterDNS: [\"{NSD_ADDR}:53\"]\n  upstreams: [{ups}]\n  \
-         cache: {{size: 10000, maxTTL: {max_ttl}, negativeTTL: 5s, serveStale: 1h, prefetch: true}}\n  admin: {admin}\n",
+         cache: {{size: 10000, maxTTL: {max_ttl}, negativeTTL: 5s, serveStale: 1h, prefetch: true}}\n  admin: {admin}\n  \
+         clientRate: 0\n",
         state = dir.join(format!("{name}-state")).display(),
         data = dir.join(format!("{name}-data")).display(),
         ups = list(upstreams),

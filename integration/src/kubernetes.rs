@@ -102,31 +102,23 @@ struct ClientTls {
 /// `system:nodes`, as a kubelet's).
 fn pki(ip: std::net::IpAddr) -> Result<(Arc<rustls::ServerConfig>, ClientTls), String> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    let e = |e: rcgen::Error| e.to_string();
-    let ca_key = rcgen::KeyPair::generate().map_err(e)?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "kubernetes stand-in CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).map_err(e)?;
-    let server_key = rcgen::KeyPair::generate().map_err(e)?;
-    let mut server_params = rcgen::CertificateParams::new(vec![ip.to_string()]).map_err(e)?;
-    server_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let server = server_params.signed_by(&server_key, &ca).map_err(e)?;
-    let client_key = rcgen::KeyPair::generate().map_err(e)?;
-    let mut client_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    client_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "system:node:lab");
-    client_params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "system:nodes");
-    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let client = client_params.signed_by(&client_key, &ca).map_err(e)?;
+    let ca = crate::pki::TestCa::new("kubernetes stand-in CA")?;
+    let (server, server_key) = ca.issue(
+        &[ip.to_string()],
+        &[],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let (client, client_key) = ca.issue(
+        &[],
+        &[
+            (rcgen::DnType::CommonName, "system:node:lab"),
+            (rcgen::DnType::OrganizationName, "system:nodes"),
+        ],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone()).map_err(|e| e.to_string())?;
+    roots.add(ca.der()).map_err(|e| e.to_string())?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),

@@ -33,9 +33,11 @@ mod http;
 pub mod kubernetes;
 pub mod meshd;
 mod netns;
+pub mod pki;
 mod process;
 pub mod qemu;
 mod root;
+pub mod stale;
 mod wait;
 
 pub use config::ConfigDoc;

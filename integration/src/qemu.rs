@@ -137,6 +137,7 @@ pub struct VmBuilder {
     append: String,
     netdevs: Vec<String>,
     memory_mb: u32,
+    netns: Option<String>,
 }
 
 impl VmBuilder {
@@ -162,13 +163,35 @@ impl VmBuilder {
         self
     }
 
+    /// A NIC on QEMU's user-mode network (slirp): the guest is 10.0.2.15/24 by convention, and reaches the
+    /// loopback of the namespace QEMU runs in (see [`VmBuilder::netns`]) at 10.0.2.2 and its resolver at
+    /// 10.0.2.3.
+    pub fn user_net(mut self, mac_last: u8) -> Self {
+        self.netdevs.push(format!("user|{mac_last}"));
+        self
+    }
+
+    /// Runs QEMU inside this network namespace (`ip netns exec`), so a user-mode network's 10.0.2.2 is that
+    /// namespace's loopback, never the host's.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+
     pub fn memory(mut self, mb: u32) -> Self {
         self.memory_mb = mb;
         self
     }
 
     pub fn start(self) -> Vm {
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
         cmd.args([
             "-accel",
             "tcg",
@@ -229,6 +252,7 @@ impl Vm {
             append: String::new(),
             netdevs: Vec::new(),
             memory_mb: 512,
+            netns: None,
         }
     }
 

@@ -452,6 +452,138 @@ fn unroutable_upstream_does_not_stop_serving() {
     );
 }
 
+/// Runs `nft -f -` with `rules` inside `ns`.
+fn nft_in(ns: &Netns, rules: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name(), "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("nft: {e}"));
+    if let Some(stdin) = child.stdin.as_mut() {
+        stdin.write_all(rules.as_bytes()).unwrap();
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "nft -f failed on:\n{rules}");
+}
+
+/// A Service-like ClusterIP: `ip`:53 (UDP and TCP) DNATed to `to`:53, as kube-proxy does.
+fn cluster_ip(ns: &Netns, ip: &str, to: &str) {
+    nft_in(
+        ns,
+        &format!(
+            "table ip dltest {{\n chain out {{\n  type nat hook output priority -100;\n  \
+             ip daddr {ip} udp dport 53 dnat to {to}:53\n  ip daddr {ip} tcp dport 53 dnat to {to}:53\n }}\n}}\n"
+        ),
+    );
+}
+
+/// The set-up `docs/talos.md` recommends: the kubelet's `clusterDNS` is dnslocal. The config then
+/// derives kube-dns from the service subnet (its 10th address, 10.96.0.10: a ClusterIP in front of
+/// NSD here) instead of forwarding the cluster zone to dnslocal itself.
+#[test]
+fn a_kubelet_pointing_at_dnslocal_sends_the_cluster_zone_to_kube_dns() {
+    require_tools(&["nsd", "dig", "nft"]);
+    let ns = Netns::new();
+    let dir = TestDir::new("dl-kubelet-self");
+    let _nsd = Nsd::start(&ns, &dir, 0);
+    cluster_ip(&ns, "10.96.0.10", NSD_ADDR);
+    ns.ip(&["addr", "add", "10.96.0.10/32", "dev", "lo"]);
+    let text = format!(
+        "version: v1alpha1\nmachine:\n  type: worker\n  kubelet:\n    clusterDNS: [{LISTEN}]\ncluster:\n  \
+         network:\n    dnsDomain: cluster.local\n    serviceSubnets: [10.96.0.0/12]\n---\n\
+         apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: {state}\ndataDir: {data}\ndnslocal:\n  \
+         listen: [\"{LISTEN}:53\"]\n  upstreams: [\"{NSD_ADDR}:53\"]\n  admin: 127.0.0.1:7448\n",
+        state = dir.join("state").display(),
+        data = dir.join("data").display(),
+    );
+    let config = dir.join("dnslocal.yaml");
+    std::fs::write(&config, text).unwrap();
+    let check = DaemonKind::Dnslocal.cli(
+        &["check-config", "--config", config.to_str().unwrap()],
+        Duration::from_secs(10),
+    );
+    assert!(
+        check
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("dnslocal.clusterDNS")
+                && l.contains("10.96.0.10:53")
+                && l.contains("derived from cluster.network.serviceSubnets")),
+        "{}{}",
+        check.stdout,
+        check.stderr
+    );
+    assert!(
+        format!("{}{}", check.stdout, check.stderr).contains("warning:"),
+        "{}{}",
+        check.stdout,
+        check.stderr
+    );
+    let mut daemon = Daemon::builder(DaemonKind::Dnslocal, &ns, config).start();
+    daemon
+        .wait_ready(READY)
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let k8s = dig_in(ns.name(), LISTEN, &["kubernetes.default.svc.cluster.local"]);
+    assert_eq!(k8s.data(), vec!["10.96.0.1"], "{}", k8s.text);
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("dnslocal_forward_loops_total"), 0.0, "{}", m.0);
+    assert_eq!(m.value("dnslocal_cluster_loop"), 0.0, "{}", m.0);
+}
+
+/// A loop through another hop: the cluster DNS address is a ClusterIP that leads back to dnslocal
+/// (kube-dns's Service pointed at the node-local cache). dnslocal's probe comes back to it: the loop
+/// is logged and counted, cluster-zone questions get SERVFAIL at once instead of recursing until
+/// the deadline, and other names still resolve.
+#[test]
+fn a_cluster_dns_that_leads_back_to_dnslocal_is_refused_at_run_time() {
+    require_tools(&["nsd", "dig", "nft"]);
+    let ns = Netns::new();
+    let dir = TestDir::new("dl-loop");
+    let _nsd = Nsd::start(&ns, &dir, 0);
+    ns.ip(&["addr", "add", "10.96.0.10/32", "dev", "lo"]);
+    cluster_ip(&ns, "10.96.0.10", LISTEN);
+    let config = write_config(
+        &dir,
+        "dnslocal",
+        "127.0.0.1:7448",
+        &[&format!("{NSD_ADDR}:53")],
+        "1h",
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("clusterDNS: [\"{NSD_ADDR}:53\"]"),
+        "clusterDNS: [\"10.96.0.10:53\"]",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Daemon::builder(DaemonKind::Dnslocal, &ns, config).start();
+    daemon
+        .wait_ready(READY)
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let m = wait_until(Duration::from_secs(5), "the loop to be found", || {
+        let m = daemon.metrics().map_err(|e| e.to_string())?;
+        if m.value("dnslocal_cluster_loop") == 1.0 {
+            Ok(m)
+        } else {
+            Err(m.0)
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    let returned: f64 = m
+        .series("dnslocal_forward_loops_total")
+        .filter(|(l, _)| l.contains("kind=\"returned\""))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(returned >= 1.0, "{}", m.0);
+    assert!(daemon.log().contains("loop"), "{}", daemon.log());
+    let k8s = dig_in(ns.name(), LISTEN, &["kubernetes.default.svc.cluster.local"]);
+    let took = k8s.elapsed;
+    assert_eq!(k8s.status, "SERVFAIL", "{}", k8s.text);
+    eprintln!("cluster-zone question through the loop: SERVFAIL in {took:?}");
+    assert!(took < Duration::from_millis(300), "SERVFAIL took {took:?}");
+    let outside = dig_in(ns.name(), LISTEN, &["www.example.test"]);
+    assert_eq!(outside.data(), vec!["192.0.2.80"], "{}", outside.text);
+}
+
 /// A link of dnslocal's interface name that dnslocal did not create (a CNI's bridge, an administrator's
 /// link) is left alone: no addresses added, not deleted on exit, and the status names it.
 #[test]

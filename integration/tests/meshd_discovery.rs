@@ -34,11 +34,16 @@ fn write_config(lab: &MeshLab, i: usize, url: &str) {
 
 /// [`write_config`] with one `DiscoveryServiceConfig` per URL.
 fn write_config_with(lab: &MeshLab, i: usize, urls: &[&str]) {
+    write_config_meshd(lab, i, urls, "");
+}
+
+/// [`write_config_with`] plus `meshd_extra` (indented lines) in the `meshd` section.
+fn write_config_meshd(lab: &MeshLab, i: usize, urls: &[&str], meshd_extra: &str) {
     let node = &lab.nodes[i];
     let mut doc = format!(
         "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: {state}\ndataDir: {data}\nmeshd:\n  \
          interface: hybridnet0\n  backend: userspace\n  listenPort: {PORT}\n  privateKeyFile: {data}/meshd.key\n  \
-         addresses: [\"{mesh}/32\"]\n---\napiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\n\
+         addresses: [\"{mesh}/32\"]\n{meshd_extra}---\napiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\n\
          clusterID: {CLUSTER_ID}\nclusterSecret: {CLUSTER_SECRET}\n",
         state = node.state_dir.display(),
         data = node.data_dir.display(),
@@ -285,7 +290,9 @@ fn several_services_are_merged_and_redirects_followed() {
     let a = DiscoveryServer::start(&lab.switch, addr(3000));
     let b = DiscoveryServer::start(&lab.switch, addr(3001));
     let c = DiscoveryServer::start(&lab.switch, addr(3002));
-    c.set_redirect(Some(format!("http://{}", b.addr)));
+    // As the real service sends its `--redirect-endpoint`: a bare gRPC target, no scheme. The client
+    // keeps its transport (plain HTTP/2 here), as Talos's does.
+    c.set_redirect(Some(b.addr.to_string()));
     write_config_with(&lab, 0, &[&a.url(), &b.url()]);
     write_config_with(&lab, 1, &[&a.url()]);
     write_config_with(&lab, 2, &[&c.url()]);
@@ -301,6 +308,10 @@ fn several_services_are_merged_and_redirects_followed() {
     );
     assert!(c.affiliates(CLUSTER_ID).is_empty(), "C only redirects");
     assert!(c.calls("Hello") >= 1);
+    for (name, s) in [("A", &a), ("B", &b), ("C", &c)] {
+        assert_eq!(s.throttled(), 0, "{name}: a call hit the per-IP rate limit");
+        assert_known_version(s);
+    }
     let details = lab.nodes[0].details().unwrap_or_else(|e| panic!("{e}"));
     let regs = details["discovery"]["registries"]
         .as_array()
@@ -524,4 +535,185 @@ fn kubespan_compatible_nodes_mesh_and_run_on_handshakes_without_probes() {
             .is_some_and(|ps| ps.iter().all(|p| p["state"] != "alive")),
         "no probe was ever answered: {row}"
     );
+}
+
+/// Every `Hello` carried a client version the real service can label (`vX.Y`, not `unknown`).
+fn assert_known_version(s: &DiscoveryServer) {
+    let versions = s.hello_versions();
+    let want = {
+        let mut parts = hybridnet_integration::WORKSPACE_VERSION.split('.');
+        format!(
+            "v{}.{}",
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default()
+        )
+    };
+    assert!(
+        !versions.is_empty() && versions.keys().all(|v| *v == want),
+        "Hello versions as the service labels them: {versions:?} (want only {want})"
+    );
+}
+
+fn peer_names(lab: &MeshLab, i: usize) -> Vec<String> {
+    lab.nodes[i]
+        .details()
+        .map(|d| {
+            d["peers"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
+}
+
+/// A proxy in front of the service (or the service itself) ends the watch stream every 2 s. Each of
+/// those sessions had its snapshot, so the backoff starts over and meshd watches again within about
+/// 0.5 s, as Talos's client does (discovery-client `pkg/client/client.go`, `Run`: `backoff.Reset()`
+/// after each successful update). Before, only a clean end reset it: meshd climbed to its 15 s cap
+/// and missed about 60 % of the time. Then every stream ends at once, the worst case: meshd still
+/// stays under the service's per-IP rate limit (15 calls/s, burst 60, `pkg/limits/limits.go`).
+#[test]
+fn a_proxy_cutting_watch_streams_keeps_meshd_watching_and_under_the_rate_limit() {
+    let lab = discovery_lab(2, "meshd-discovery-cuts");
+    let server = DiscoveryServer::start(&lab.switch, server_addr());
+    server.cut_watches_every(Some(Duration::from_secs(2)));
+    let url = server.url();
+    write_config(&lab, 0, &url);
+    write_config(&lab, 1, &url);
+    let _node1 = start(&lab, 0);
+    let ip1 = std::net::IpAddr::V4(lab.nodes[0].public_ip());
+    wait_until(Duration::from_secs(15), "node1 to watch", || {
+        if server.watching_time(ip1) > Duration::ZERO {
+            Ok(())
+        } else {
+            Err(registry_state(&lab, 0))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    // A measurement window (not a wait for a condition): 8 cuts and what follows each.
+    let (w0, t0, watches0) = (
+        server.watching_time(ip1),
+        Instant::now(),
+        server.calls("Watch"),
+    );
+    std::thread::sleep(Duration::from_secs(20));
+    let watched = server.watching_time(ip1) - w0;
+    let window = t0.elapsed();
+    let not_watching = 1.0 - watched.as_secs_f64() / window.as_secs_f64();
+    let watches = server.calls("Watch") - watches0;
+    eprintln!(
+        "streams cut every 2 s: node1 not watching {:.1} % of {window:?} ({watches} watches)",
+        not_watching * 100.0
+    );
+    assert!(
+        not_watching < 0.35,
+        "node1 was not watching {:.1} % of the time",
+        not_watching * 100.0
+    );
+    assert!(watches >= 6, "{watches} watches in {window:?}");
+
+    // A node that joins now is seen within a bounded time (a watch is nearly always open).
+    let joined = Instant::now();
+    let _node2 = start(&lab, 1);
+    wait_until(Duration::from_secs(8), "node1 to learn node2", || {
+        let names = peer_names(&lab, 0);
+        if names.iter().any(|n| n == "node2") {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "node2 seen by node1 {:?} after node2 started",
+        joined.elapsed()
+    );
+    wait_peers(&lab, 0, &["node2"], None, Duration::from_secs(20));
+
+    // The worst case: every stream ends right after its snapshot.
+    server.cut_watches_every(Some(Duration::ZERO));
+    let calls = |s: &DiscoveryServer| {
+        ["Hello", "Watch", "AffiliateUpdate"]
+            .iter()
+            .map(|m| s.calls(m))
+            .sum::<u64>()
+    };
+    let (c0, t0) = (calls(&server), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let rate = (calls(&server) - c0) as f64 / t0.elapsed().as_secs_f64() / 2.0;
+    eprintln!("streams ended at once: {rate:.1} calls/s per node");
+    assert!(
+        rate < 15.0,
+        "{rate:.1} calls/s per node, over the service's limit"
+    );
+    assert_eq!(server.throttled(), 0, "a call hit the per-IP rate limit");
+    assert_known_version(&server);
+    // The mesh itself is untouched by all this.
+    wait_peers(&lab, 0, &["node2"], None, Duration::from_secs(5));
+}
+
+/// A self-hosted service with its own CA, over HTTPS: node1 trusts it through `meshd.discovery.caFile`
+/// (for every endpoint), node2 through a per-endpoint `caFile`; node3 has neither, so the TLS
+/// handshake fails on the system bundle and it never registers.
+#[test]
+fn a_self_hosted_service_with_its_own_ca_is_trusted_through_ca_file() {
+    let lab = discovery_lab(3, "meshd-discovery-ca");
+    let server = DiscoveryServer::start_tls(&lab.switch, addr(3443));
+    let url = server.url();
+    assert!(url.starts_with("https://"), "{url}");
+    let pem = server.ca_pem.clone().unwrap_or_default();
+    for i in 0..2 {
+        write_atomic(
+            &lab.nodes[i].config.with_file_name("discovery-ca.pem"),
+            &pem,
+        );
+    }
+    let ca = |i: usize| lab.nodes[i].config.with_file_name("discovery-ca.pem");
+    write_config_meshd(
+        &lab,
+        0,
+        &[&url],
+        &format!("  discovery:\n    caFile: {}\n", ca(0).display()),
+    );
+    write_config_meshd(
+        &lab,
+        1,
+        &[&url],
+        &format!(
+            "  discovery:\n    endpoints:\n      - endpoint: {url}\n        caFile: {}\n",
+            ca(1).display()
+        ),
+    );
+    write_config(&lab, 2, &url);
+    let _daemons: Vec<Daemon> = (0..3).map(|i| start(&lab, i)).collect();
+    wait_peers(&lab, 0, &["node2"], None, Duration::from_secs(20));
+    wait_peers(&lab, 1, &["node1"], None, Duration::from_secs(10));
+    wait_until(
+        Duration::from_secs(10),
+        "node3's TLS handshake to fail",
+        || {
+            let d = lab.nodes[2].details()?;
+            let r = &d["discovery"]["registries"][0];
+            let error = r["error"].as_str().unwrap_or_default();
+            if r["state"] != "watching" && error.contains("TLS") {
+                Ok(())
+            } else {
+                Err(d.to_string())
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        server.affiliates(CLUSTER_ID).len(),
+        2,
+        "node3, which does not trust the service's CA, never registered"
+    );
+    assert_eq!(server.throttled(), 0);
+    lab.nodes[0]
+        .ping(&lab.nodes[1].mesh_ip().to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
 }

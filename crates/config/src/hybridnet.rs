@@ -64,6 +64,8 @@ pub struct Ours {
     pub m_kubespan_compat: Sourced<bool>,
     pub m_clamp_mss: Sourced<bool>,
     pub m_admin: Sourced<SocketAddr>,
+    pub m_discovery_ca_file: Sourced<PathBuf>,
+    pub m_discovery_endpoint_cas: Sourced<Vec<crate::model::EndpointCa>>,
     // dnslocal
     pub d_listen: Sourced<Vec<SocketAddr>>,
     pub d_if_name: Sourced<String>,
@@ -76,6 +78,9 @@ pub struct Ours {
     pub d_cache_negative_ttl: Sourced<Duration>,
     pub d_cache_serve_stale: Sourced<Duration>,
     pub d_cache_prefetch: Sourced<bool>,
+    pub d_cache_max_memory: Sourced<u64>,
+    pub d_client_rate: Sourced<u32>,
+    pub d_forward: Sourced<Vec<crate::model::DnsForward>>,
     pub d_admin: Sourced<SocketAddr>,
 }
 

@@ -47,7 +47,7 @@ impl Merger {
 }
 
 /// Builds the config. Problems found while deriving values are added to `ctx`.
-pub fn merge(ctx: &mut Ctx, talos: TalosFacts, ours: Ours, warnings: Vec<String>) -> Config {
+pub fn merge(ctx: &mut Ctx, talos: TalosFacts, ours: Ours, mut warnings: Vec<String>) -> Config {
     let mut m = Merger {
         sources: Sources::default(),
     };
@@ -75,7 +75,14 @@ pub fn merge(ctx: &mut Ctx, talos: TalosFacts, ours: Ours, warnings: Vec<String>
         &data_dir_source,
         &defaults.meshd,
     );
-    let dnslocal = sections::dnslocal(ctx, &mut m, &talos, &ours, &defaults.dnslocal);
+    let dnslocal = sections::dnslocal(
+        ctx,
+        &mut m,
+        &talos,
+        &ours,
+        &defaults.dnslocal,
+        &mut warnings,
+    );
     Config {
         state_dir,
         data_dir,

@@ -233,6 +233,34 @@ pub struct MeshdConfig {
     /// The KubeSpan ULA /64 derived from the cluster ID, when there is one.
     pub ula_prefix: Option<Ipv6Net>,
     pub admin: SocketAddr,
+    /// `meshd.discovery.caFile`: CA certificates (PEM) trusted for every `https://` discovery
+    /// endpoint, besides the system bundle.
+    pub discovery_ca_file: Option<PathBuf>,
+    /// `meshd.discovery.endpoints`: a CA file for one endpoint (instead of `discovery_ca_file`).
+    pub discovery_endpoint_cas: Vec<EndpointCa>,
+}
+
+/// A CA file for one discovery endpoint (as written in its `DiscoveryServiceConfig`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointCa {
+    pub endpoint: String,
+    pub ca_file: PathBuf,
+}
+
+/// Two discovery endpoint URLs name the same service (a trailing `/` does not count).
+pub fn same_endpoint(a: &str, b: &str) -> bool {
+    a.trim().trim_end_matches('/') == b.trim().trim_end_matches('/')
+}
+
+impl MeshdConfig {
+    /// The extra CA file for discovery `endpoint`: its own, else the one for all.
+    pub fn discovery_ca_for(&self, endpoint: &str) -> Option<&std::path::Path> {
+        self.discovery_endpoint_cas
+            .iter()
+            .find(|e| same_endpoint(&e.endpoint, endpoint))
+            .map(|e| e.ca_file.as_path())
+            .or(self.discovery_ca_file.as_deref())
+    }
 }
 
 /// The dummy link that holds dnslocal's listen addresses.
@@ -251,6 +279,8 @@ pub struct DnsCache {
     /// How long an expired answer may still be served when upstreams fail (zero: never).
     pub serve_stale: Duration,
     pub prefetch: bool,
+    /// Bytes the cached answers may hold at most (their wire bytes and bookkeeping).
+    pub max_memory: u64,
 }
 
 /// dnslocal: the node-local DNS cache and forwarder.
@@ -265,4 +295,16 @@ pub struct DnslocalConfig {
     pub upstreams: Vec<SocketAddr>,
     pub cache: DnsCache,
     pub admin: SocketAddr,
+    /// UDP queries a second each client address may ask (0: no limit).
+    pub client_rate: u32,
+    /// Conditional forwarding (stub domains): names in a zone go to its servers; the longest zone wins.
+    pub forward: Vec<DnsForward>,
+}
+
+/// One `dnslocal.forward` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsForward {
+    /// Lower-cased, without the trailing dot.
+    pub zone: String,
+    pub to: Vec<SocketAddr>,
 }

@@ -182,6 +182,19 @@ fn meshd(c: &Config) -> Vec<(String, Value)> {
         ("meshd.clampMSS".into(), json!(m.clamp_mss)),
         ("meshd.ulaPrefix".into(), opt(m.ula_prefix.as_ref())),
         ("meshd.admin".into(), json!(m.admin.to_string())),
+        (
+            "meshd.discovery.caFile".into(),
+            opt(m.discovery_ca_file.as_ref().map(|p| p.display()).as_ref()),
+        ),
+        (
+            "meshd.discovery.endpoints".into(),
+            Value::Array(
+                m.discovery_endpoint_cas
+                    .iter()
+                    .map(|e| json!({"endpoint": e.endpoint, "caFile": e.ca_file.display().to_string()}))
+                    .collect(),
+            ),
+        ),
     ]
 }
 
@@ -211,7 +224,18 @@ fn dnslocal(c: &Config) -> Vec<(String, Value)> {
             json!(format_duration(d.cache.serve_stale)),
         ),
         ("dnslocal.cache.prefetch".into(), json!(d.cache.prefetch)),
+        ("dnslocal.cache.maxMemory".into(), json!(d.cache.max_memory)),
         ("dnslocal.admin".into(), json!(d.admin.to_string())),
+        ("dnslocal.clientRate".into(), json!(d.client_rate)),
+        (
+            "dnslocal.forward".into(),
+            json!(
+                d.forward
+                    .iter()
+                    .map(|f| json!({"zone": f.zone, "to": strings(&f.to)}))
+                    .collect::<Vec<_>>()
+            ),
+        ),
     ]
 }
 

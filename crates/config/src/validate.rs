@@ -58,6 +58,22 @@ pub fn validate(ctx: &mut Ctx, c: &Config) {
             "must be more than zero".into(),
         );
     }
+    check_dnslocal_forward(ctx, c);
+}
+
+fn check_dnslocal_forward(ctx: &mut Ctx, c: &Config) {
+    let zones: Vec<&str> = c.dnslocal.forward.iter().map(|f| f.zone.as_str()).collect();
+    for (i, zone) in zones.iter().enumerate() {
+        if zones[..i].contains(zone) {
+            push(
+                ctx,
+                c,
+                "dnslocal.forward",
+                IssueKind::Conflict,
+                format!("zone `{zone}` is listed twice"),
+            );
+        }
+    }
 }
 
 fn check_dnslocal_listen(ctx: &mut Ctx, c: &Config) {

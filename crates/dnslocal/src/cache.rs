@@ -1,12 +1,19 @@
-//! The wire-format answer cache, sans-IO: sharded, bounded by entries (CLOCK eviction), TTL-aware, with
-//! serve-stale and prefetch signals. Time is passed in (milliseconds on any monotonic clock).
+//! The wire-format answer cache, sans-IO: sharded, bounded by entries and by bytes (CLOCK eviction),
+//! TTL-aware, with serve-stale and prefetch signals. Time is passed in (milliseconds on any monotonic clock).
+//!
+//! An entry costs its answer bytes, its TTL offsets, its key and [`ENTRY_OVERHEAD`] for the slot and the
+//! map entry; the sum over all entries stays at or below `max_memory`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use crate::wire::Answer;
 
 const SHARDS: usize = 32;
+/// Bytes counted per entry beyond its answer and key: the slot, the map entry and its share of the map's
+/// spare capacity (measured: `size_of::<Slot>()` is 72, a map entry 24 plus control bytes, at most 7/8 full).
+pub const ENTRY_OVERHEAD: usize = 160;
 
 /// How fresh a cached answer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +34,12 @@ struct Slot {
     referenced: bool,
     hits: u32,
     refreshing: bool,
+    /// What this entry counts against the byte bound.
+    cost: usize,
+}
+
+fn cost(key: &[u8], answer: &Answer) -> usize {
+    answer.bytes.len() + answer.ttl_offsets.len() * 2 + key.len() + ENTRY_OVERHEAD
 }
 
 #[derive(Debug, Default)]
@@ -34,15 +47,19 @@ struct Shard {
     map: HashMap<Arc<[u8]>, usize>,
     slots: Vec<Slot>,
     hand: usize,
+    bytes: usize,
 }
 
-/// The cache. `size` entries at most (rounded up to a multiple of the shard count).
+/// The cache. `size` entries at most (rounded up to a multiple of the shard count), `max_memory` bytes at most.
 #[derive(Debug)]
 pub struct Cache {
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
+    bytes_per_shard: usize,
     stale_ms: u64,
     prefetch: bool,
+    /// The origin of [`Cache::now_ms`].
+    epoch: Instant,
 }
 
 fn shard_of(key: &[u8]) -> usize {
@@ -55,13 +72,21 @@ fn shard_of(key: &[u8]) -> usize {
 }
 
 impl Cache {
-    pub fn new(size: usize, serve_stale_secs: u64, prefetch: bool) -> Cache {
+    pub fn new(size: usize, max_memory: u64, serve_stale_secs: u64, prefetch: bool) -> Cache {
         Cache {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             per_shard: size.div_ceil(SHARDS).max(1),
+            bytes_per_shard: usize::try_from(max_memory / SHARDS as u64).unwrap_or(usize::MAX),
             stale_ms: serve_stale_secs.saturating_mul(1000),
             prefetch,
+            epoch: Instant::now(),
         }
+    }
+
+    /// Milliseconds since the cache was made: the clock its users pass in (an engine that takes the cache
+    /// over after a reload keeps it).
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn shard(&self, key: &[u8]) -> std::sync::MutexGuard<'_, Shard> {
@@ -104,38 +129,49 @@ impl Cache {
         Some(f(&slot.answer, hit))
     }
 
-    /// Stores `answer` under `key` (if its TTL allows caching), evicting with CLOCK when the shard is full.
+    /// Stores `answer` under `key` (if its TTL allows caching), evicting with CLOCK while the shard is
+    /// full (in entries or bytes). An answer larger than a shard's byte budget is not stored.
     pub fn insert(&self, key: &[u8], answer: Answer, now_ms: u64) {
-        if answer.ttl == 0 {
+        let cost = cost(key, &answer);
+        if answer.ttl == 0 || cost > self.bytes_per_shard {
             return;
         }
-        let cap = self.per_shard;
         let mut shard = self.shard(key);
+        if let Some(&i) = shard.map.get(key) {
+            shard.remove(i);
+        }
+        while !shard.slots.is_empty()
+            && (shard.slots.len() >= self.per_shard || shard.bytes + cost > self.bytes_per_shard)
+        {
+            let i = shard.victim();
+            shard.remove(i);
+        }
         let shared: Arc<[u8]> = key.into();
-        let slot = Slot {
+        shard.slots.push(Slot {
             key: shared.clone(),
             answer,
             stored_ms: now_ms,
             referenced: false,
             hits: 0,
             refreshing: false,
-        };
-        if let Some((k, &i)) = shard.map.get_key_value(key) {
-            // Keep the map's key: one allocation per key.
-            let key = k.clone();
-            shard.slots[i] = Slot { key, ..slot };
-            return;
-        }
-        let i = if shard.slots.len() < cap {
-            shard.slots.push(slot);
-            shard.slots.len() - 1
-        } else {
-            let i = shard.victim();
-            let old = std::mem::replace(&mut shard.slots[i], slot);
-            shard.map.remove(&old.key);
-            i
-        };
+            cost,
+        });
+        shard.bytes += cost;
+        let i = shard.slots.len() - 1;
         shard.map.insert(shared, i);
+    }
+
+    /// Bytes held (as counted against `max_memory`).
+    pub fn bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).bytes)
+            .sum()
+    }
+
+    /// The most bytes it will hold.
+    pub fn max_bytes(&self) -> usize {
+        self.bytes_per_shard.saturating_mul(SHARDS)
     }
 
     /// Drops the prefetch mark of `key` (a refresh that failed may be retried later).
@@ -165,6 +201,22 @@ impl Cache {
 }
 
 impl Shard {
+    /// Removes slot `i` (the last slot moves into its place) and its key; returns it.
+    fn remove(&mut self, i: usize) -> Slot {
+        let old = self.slots.swap_remove(i);
+        self.map.remove(&old.key);
+        self.bytes -= old.cost;
+        if let Some(moved) = self.slots.get(i)
+            && let Some(index) = self.map.get_mut(&moved.key)
+        {
+            *index = i;
+        }
+        if self.hand >= self.slots.len() {
+            self.hand = 0;
+        }
+        old
+    }
+
     /// CLOCK: the first slot from the hand that was not referenced since the last sweep.
     fn victim(&mut self) -> usize {
         let n = self.slots.len();
@@ -196,7 +248,7 @@ mod tests {
 
     #[test]
     fn fresh_then_stale_then_gone() {
-        let c = Cache::new(100, 10, false);
+        let c = Cache::new(100, 1 << 20, 10, false);
         c.insert(b"k", answer(5), 1000);
         assert_eq!(
             c.get(b"k", 3500, |_, h| h),
@@ -212,14 +264,14 @@ mod tests {
 
     #[test]
     fn zero_ttl_is_not_stored() {
-        let c = Cache::new(100, 10, false);
+        let c = Cache::new(100, 1 << 20, 10, false);
         c.insert(b"k", answer(0), 0);
         assert!(c.is_empty());
     }
 
     #[test]
     fn bounded_by_size() {
-        let c = Cache::new(64, 0, false);
+        let c = Cache::new(64, 1 << 20, 0, false);
         for i in 0..10_000u32 {
             c.insert(&i.to_be_bytes(), answer(60), 0);
         }
@@ -228,8 +280,31 @@ mod tests {
     }
 
     #[test]
+    fn bounded_by_bytes() {
+        let c = Cache::new(1_000_000, 4 << 20, 0, false);
+        let big = |ttl| Answer {
+            bytes: vec![0; 60 << 10].into(),
+            ..answer(ttl)
+        };
+        for i in 0..1000u32 {
+            c.insert(&i.to_be_bytes(), big(60), 0);
+            assert!(c.bytes() <= 4 << 20, "{} bytes after {i}", c.bytes());
+        }
+        assert!(c.len() >= 32, "{} entries", c.len());
+        // Replacing an entry counts only the new one.
+        c.insert(b"k", answer(60), 0);
+        let before = c.bytes();
+        c.insert(b"k", answer(60), 0);
+        assert_eq!(c.bytes(), before);
+        // An answer larger than a shard's budget is not kept.
+        let tiny = Cache::new(100, 1 << 20, 0, false);
+        tiny.insert(b"k", big(60), 0);
+        assert!(tiny.is_empty());
+    }
+
+    #[test]
     fn clock_keeps_referenced_entries() {
-        let c = Cache::new(SHARDS * 4, 0, false);
+        let c = Cache::new(SHARDS * 4, 1 << 20, 0, false);
         c.insert(b"hot", answer(60), 0);
         let mut evicted_hot = false;
         for i in 0..1000u32 {
@@ -242,7 +317,7 @@ mod tests {
 
     #[test]
     fn prefetch_once_for_popular_entries_near_expiry() {
-        let c = Cache::new(100, 0, true);
+        let c = Cache::new(100, 1 << 20, 0, true);
         c.insert(b"k", answer(100), 0);
         let hit = |t| c.get(b"k", t, |_, h| h);
         assert_eq!(

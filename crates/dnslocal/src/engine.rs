@@ -2,13 +2,16 @@
 //! routing to an upstream pool, serve-stale and prefetch.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::cache::{Cache, Hit};
+use crate::limit::{ClientBudget, Verdict};
+use crate::loops::LoopGuard;
 use crate::metrics::{Metrics, Outcome};
 use crate::upstream::Pool;
 use crate::wire::{self, Aging, Query, QueryError, Rcode, TtlPolicy};
@@ -21,6 +24,10 @@ pub const STALE_WAIT: Duration = Duration::from_millis(400);
 pub const STALE_TTL: u32 = 30;
 /// Default bound on distinct questions resolved upstream at once.
 pub const MAX_INFLIGHT: usize = 2048;
+/// Clients waiting on one question in flight; more get a stale answer or SERVFAIL at once.
+pub const MAX_WAITERS_PER_QUESTION: usize = 256;
+/// Clients waiting on any question in flight (each holds its query, at most 4 KiB over UDP).
+pub const MAX_WAITERS: usize = 16_384;
 
 /// Where an answer goes.
 #[derive(Debug)]
@@ -71,29 +78,51 @@ pub struct Routes {
     /// Lower-cased wire-format zones that go to `cluster` (cluster domain, reverse zones).
     pub cluster_zones: Vec<Vec<u8>>,
     pub cluster: Option<Arc<Pool>>,
+    /// Conditional forwarding (`forward`): lower-cased wire-format zones and their pools.
+    pub forward: Vec<(Vec<u8>, Arc<Pool>)>,
     pub default: Arc<Pool>,
 }
 
 impl Routes {
+    /// Whether `qname` is in one of the cluster zones (whatever serves them).
+    pub fn in_cluster_zone(&self, qname: &[u8]) -> bool {
+        self.cluster_zones.iter().any(|z| wire::in_zone(qname, z))
+    }
+
+    /// The pool of the longest zone `qname` is in (a `forward` zone before a cluster zone of the same
+    /// name), else the default pool.
     pub fn pool_for(&self, qname: &[u8]) -> &Arc<Pool> {
-        match &self.cluster {
-            Some(pool) if self.cluster_zones.iter().any(|z| wire::in_zone(qname, z)) => pool,
-            _ => &self.default,
+        let cluster = self
+            .cluster
+            .iter()
+            .flat_map(|pool| self.cluster_zones.iter().map(move |zone| (zone, pool)));
+        let mut best: Option<(usize, &Arc<Pool>)> = None;
+        for (zone, pool) in self.forward.iter().map(|(z, p)| (z, p)).chain(cluster) {
+            if wire::in_zone(qname, zone) && best.is_none_or(|(len, _)| zone.len() > len) {
+                best = Some((zone.len(), pool));
+            }
         }
+        best.map_or(&self.default, |(_, pool)| pool)
     }
 }
 
 /// The engine shared by all listeners of one instance.
 #[derive(Debug)]
 pub struct Engine {
-    pub cache: Cache,
+    /// Shared with the next engine across a reload that does not change what it caches.
+    pub cache: Arc<Cache>,
     pub routes: Routes,
     pub metrics: Metrics,
+    /// Forwarding-loop state ([`crate::loops`]).
+    pub loops: LoopGuard,
     policy: TtlPolicy,
     inflight: Mutex<HashMap<Box<[u8]>, Flight>>,
     max_inflight: usize,
-    epoch: Instant,
+    /// Waiters over all flights (changed under the `inflight` lock).
+    waiters: AtomicUsize,
     runtime: tokio::runtime::Handle,
+    /// Per-client budgets on the UDP path (`None`: unlimited).
+    pub budget: Option<ClientBudget>,
 }
 
 /// What a listener does after [`Engine::handle`].
@@ -109,7 +138,7 @@ pub enum Action {
 
 impl Engine {
     pub fn new(
-        cache: Cache,
+        cache: Arc<Cache>,
         routes: Routes,
         policy: TtlPolicy,
         metrics: Metrics,
@@ -120,16 +149,27 @@ impl Engine {
             cache,
             routes,
             metrics,
+            loops: LoopGuard::new(false),
             policy,
             inflight: Mutex::default(),
             max_inflight,
-            epoch: Instant::now(),
+            waiters: AtomicUsize::new(0),
             runtime,
+            budget: None,
         }
     }
 
+    /// The engine with loop state `loops` (by default: no loop known).
+    pub fn with_loops(mut self, loops: LoopGuard) -> Engine {
+        self.metrics
+            .cluster_loop
+            .set(i64::from(loops.cluster_refused()));
+        self.loops = loops;
+        self
+    }
+
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.cache.now_ms()
     }
 
     /// Distinct questions in flight.
@@ -138,6 +178,29 @@ impl Engine {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+
+    /// Charges a UDP query from `client` to its budget: `Send` (an empty TC answer in `out`) or `Drop` when it
+    /// is over budget, `Later` when the query may go on to [`Engine::handle`].
+    pub fn over_budget(&self, client: IpAddr, buf: &[u8], out: &mut Vec<u8>) -> Action {
+        let Some(budget) = &self.budget else {
+            return Action::Later;
+        };
+        match budget.check(client) {
+            Verdict::Allow => Action::Later,
+            Verdict::Drop => {
+                self.metrics.ratelimited(false);
+                Action::Drop
+            }
+            Verdict::Truncate => {
+                self.metrics.ratelimited(true);
+                match wire::parse_query(buf) {
+                    Ok(q) => wire::error_response(buf, Some(&q), Rcode::NoError, true, out),
+                    Err(_) => return Action::Drop,
+                }
+                Action::Send
+            }
+        }
     }
 
     /// Handles one client message `buf`. Cache hits and errors are rendered into `out` (send it);
@@ -161,6 +224,32 @@ impl Engine {
                 return Action::Send;
             }
         };
+        if self.loops.is_probe(q.qname()) {
+            // Our own loop probe came back: answer at once, never forward it again.
+            self.metrics.forward_loop("returned");
+            wire::error_response(buf, Some(&q), Rcode::ServFail, false, out);
+            self.metrics.query(q.qtype, Outcome::Servfail);
+            return Action::Send;
+        }
+        if q.edns.is_some_and(|e| e.version > 0) {
+            wire::badvers_response(buf, &q, out);
+            self.metrics.query(q.qtype, Outcome::Error);
+            return Action::Send;
+        }
+        match q.qtype {
+            wire::TYPE_ANY => {
+                wire::any_response(buf, &q, out);
+                self.metrics.query(q.qtype, Outcome::Hit);
+                return Action::Send;
+            }
+            // Zone transfers: not ours to serve (and never over UDP).
+            wire::TYPE_AXFR | wire::TYPE_IXFR => {
+                wire::error_response(buf, Some(&q), Rcode::Refused, false, out);
+                self.metrics.query(q.qtype, Outcome::Error);
+                return Action::Send;
+            }
+            _ => {}
+        }
         let limit = if tcp {
             usize::from(u16::MAX)
         } else {
@@ -206,12 +295,28 @@ impl Engine {
         limit: usize,
         reply: impl FnOnce() -> Reply,
     ) -> Action {
+        if self.loops.cluster_refused() && self.routes.in_cluster_zone(q.qname()) {
+            // The cluster forwarders loop back to us: fail fast rather than recurse.
+            if has_stale && self.render_stale(buf, &q, limit, out) {
+                self.metrics.query(q.qtype, Outcome::Stale);
+            } else {
+                wire::error_response(buf, Some(&q), Rcode::ServFail, false, out);
+                self.metrics.query(q.qtype, Outcome::Servfail);
+            }
+            return Action::Send;
+        }
         let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        let waiters_full = self.waiters.load(Ordering::Relaxed) >= MAX_WAITERS;
         if let Some(flight) = inflight.get_mut(q.key.as_slice()) {
             if flight.stale_mode && has_stale && self.render_stale(buf, &q, limit, out) {
                 self.metrics.query(q.qtype, Outcome::Stale);
                 return Action::Send;
             }
+            if waiters_full || flight.waiters.len() >= MAX_WAITERS_PER_QUESTION {
+                drop(inflight);
+                return self.shed(buf, &q, has_stale, limit, out);
+            }
+            self.waiters.fetch_add(1, Ordering::Relaxed);
             flight.waiters.push(Waiter {
                 buf: buf.to_vec(),
                 q,
@@ -220,16 +325,9 @@ impl Engine {
             });
             return Action::Later;
         }
-        if inflight.len() >= self.max_inflight {
+        if waiters_full || inflight.len() >= self.max_inflight {
             drop(inflight);
-            self.metrics.shed.inc();
-            if has_stale && self.render_stale(buf, &q, limit, out) {
-                self.metrics.query(q.qtype, Outcome::Stale);
-            } else {
-                wire::error_response(buf, Some(&q), Rcode::ServFail, false, out);
-                self.metrics.query(q.qtype, Outcome::Servfail);
-            }
-            return Action::Send;
+            return self.shed(buf, &q, has_stale, limit, out);
         }
         let answer_stale_now = has_stale && self.routes.pool_for(q.qname()).all_down();
         drop(inflight);
@@ -248,6 +346,25 @@ impl Engine {
         Action::Later
     }
 
+    /// Too much in flight: a stale answer, or SERVFAIL, now.
+    fn shed(
+        &self,
+        buf: &[u8],
+        q: &Query,
+        has_stale: bool,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        self.metrics.shed.inc();
+        if has_stale && self.render_stale(buf, q, limit, out) {
+            self.metrics.query(q.qtype, Outcome::Stale);
+        } else {
+            wire::error_response(buf, Some(q), Rcode::ServFail, false, out);
+            self.metrics.query(q.qtype, Outcome::Servfail);
+        }
+        Action::Send
+    }
+
     /// Registers a flight for `q` (unless one exists) and resolves it in the background.
     fn start_flight(
         self: &Arc<Self>,
@@ -258,6 +375,8 @@ impl Engine {
     ) {
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            self.waiters
+                .fetch_add(usize::from(waiter.is_some()), Ordering::Relaxed);
             if let Some(flight) = inflight.get_mut(q.key.as_slice()) {
                 flight.waiters.extend(waiter.map(|w| Waiter {
                     coalesced: true,
@@ -294,6 +413,7 @@ impl Engine {
                 })
                 .unwrap_or_default()
         };
+        self.waiters.fetch_sub(waiters.len(), Ordering::Relaxed);
         self.metrics.inflight.set(inflight.len() as i64);
         waiters
     }
@@ -320,7 +440,14 @@ impl Engine {
             exchange.await
         };
         let answer = result.ok().and_then(|bytes| {
-            hickory_proto::op::Message::from_vec(&bytes).ok()?;
+            let mut parsed = hickory_proto::op::Message::from_vec(&bytes).ok()?;
+            let bytes = match crate::chain::prune(&mut parsed) {
+                None => bytes,
+                Some(foreign) => {
+                    self.metrics.pruned.inc_by(foreign as u64);
+                    parsed.to_vec().ok()?
+                }
+            };
             wire::analyse_answer(&bytes, &msg, &q, &self.policy).ok()
         });
         match answer {
@@ -403,12 +530,11 @@ mod tests {
     #[tokio::test]
     async fn misses_beyond_the_bound_are_shed_with_servfail() {
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let upstream = Upstream::new(silent.local_addr().unwrap(), false)
-            .await
-            .unwrap();
+        let upstream = Upstream::new(silent.local_addr().unwrap(), false, &Metrics::default());
         let routes = Routes {
             cluster_zones: Vec::new(),
             cluster: None,
+            forward: Vec::new(),
             default: Arc::new(Pool {
                 upstreams: vec![Arc::new(upstream)],
             }),
@@ -419,7 +545,7 @@ mod tests {
             servfail_ttl: 1,
         };
         let engine = Arc::new(Engine::new(
-            Cache::new(100, 0, false),
+            Arc::new(Cache::new(100, 1 << 20, 0, false)),
             routes,
             policy,
             Metrics::default(),
@@ -459,6 +585,7 @@ mod tests {
                 .map(|z| wire::name_to_wire(z))
                 .collect(),
             cluster: Some(cluster.clone()),
+            forward: Vec::new(),
             default: default.clone(),
         };
         let to_cluster =
@@ -477,5 +604,37 @@ mod tests {
             without.pool_for(&wire::name_to_wire("a.cluster.local")),
             &default
         ));
+    }
+
+    /// Conditional forwarding: the longest zone wins, a forward zone overrides the cluster zone it equals.
+    #[test]
+    fn the_longest_forward_zone_wins() {
+        let pool = || {
+            Arc::new(Pool {
+                upstreams: Vec::new(),
+            })
+        };
+        let (corp, deep, cluster, default, local) = (pool(), pool(), pool(), pool(), pool());
+        let routes = Routes {
+            cluster_zones: vec![wire::name_to_wire("cluster.local")],
+            cluster: Some(cluster.clone()),
+            forward: vec![
+                (wire::name_to_wire("corp.example"), corp.clone()),
+                (wire::name_to_wire("deep.a.corp.example"), deep.clone()),
+                (wire::name_to_wire("svc.cluster.local"), local.clone()),
+            ],
+            default: default.clone(),
+        };
+        let to = |name: &str, pool: &Arc<Pool>| {
+            Arc::ptr_eq(routes.pool_for(&wire::name_to_wire(name)), pool)
+        };
+        assert!(to("www.corp.example", &corp));
+        assert!(to("corp.example", &corp));
+        assert!(to("x.deep.a.corp.example", &deep));
+        assert!(to("a.corp.example", &corp));
+        assert!(to("x.svc.cluster.local", &local));
+        assert!(to("x.pod.cluster.local", &cluster));
+        assert!(to("example.com", &default));
+        assert!(to("notcorp.example", &default));
     }
 }

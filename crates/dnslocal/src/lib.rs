@@ -1,17 +1,23 @@
 //! dnslocal: a node-local DNS cache and forwarder (DESIGN.md section 5).
 //!
 //! - [`wire`]: sans-IO DNS wire handling (query parsing, answer analysis, rendering with ID/case/TTL patching);
+//! - [`chain`]: only the records of the question's chain (bailiwick) are cached and passed on;
 //! - [`cache`]: the sharded, bounded, TTL-aware wire-format cache with serve-stale and prefetch signals;
 //! - [`engine`]: hits on the hot path; misses coalesced, bounded, routed, served stale when upstreams fail;
 //! - [`upstream`]: UDP (TCP on truncation) and persistent pipelined TCP upstreams, health and failover;
 //! - [`server`]: `SO_REUSEPORT` UDP sockets (one thread each) and TCP listeners, drained without loss;
-//! - [`link`]: the dummy link holding the listen addresses (rtnetlink).
+//! - [`limit`]: per-client budgets on the UDP path (answers beyond them truncated or dropped);
+//! - [`link`]: the dummy link holding the listen addresses (rtnetlink);
+//! - [`loops`]: forwarding-loop checks (own addresses, a probe that must not come back to us).
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
 pub mod cache;
+pub mod chain;
 pub mod engine;
+pub mod limit;
 pub mod link;
+pub mod loops;
 pub mod metrics;
 pub mod server;
 pub mod upstream;
@@ -26,6 +32,7 @@ use hybridnet_runtime::{Context, Daemon};
 
 use crate::cache::Cache;
 use crate::engine::{Engine, MAX_INFLIGHT, Routes};
+use crate::limit::ClientBudget;
 use crate::metrics::{Metrics, Outcome};
 use crate::server::Listeners;
 use crate::upstream::{Pool, Upstream};
@@ -100,13 +107,17 @@ pub fn default_upstreams(config: &Config, resolv_conf: &str) -> Vec<SocketAddr> 
             .map(|ip| SocketAddr::new(ip, 53))
             .collect()
     };
+    not_ours(c, candidates)
+}
+
+/// `candidates` without duplicates and without our own listen addresses (a loop).
+fn not_ours(
+    c: &DnslocalConfig,
+    candidates: impl IntoIterator<Item = SocketAddr>,
+) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::new();
     for addr in candidates {
-        let ours = c
-            .listen
-            .iter()
-            .any(|l| l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified()));
-        if ours {
+        if loops::is_own(&c.listen, addr) {
             tracing::warn!(%addr, "skipping an upstream that is one of our own listen addresses (a loop)");
         } else if !out.contains(&addr) {
             out.push(addr);
@@ -120,32 +131,65 @@ struct Instance {
     engine: Arc<Engine>,
     listeners: Listeners,
     config: DnslocalConfig,
+    /// The loop probe ([`loops::probe_loop`]), stopped when the instance drains.
+    probe: tokio::task::JoinHandle<()>,
 }
 
-async fn pool(addrs: &[SocketAddr], tcp_only: bool, metrics: &Metrics) -> Result<Pool, Error> {
-    let mut upstreams = Vec::new();
-    for &addr in addrs {
-        let u = Upstream::new(addr, tcp_only)
-            .await
-            .map_err(|source| Error::Upstream { addr, source })?;
-        metrics.upstream_up(&addr.to_string(), true);
-        upstreams.push(Arc::new(u));
-    }
-    Ok(Pool { upstreams })
+fn pool(addrs: &[SocketAddr], tcp_only: bool, metrics: &Metrics) -> Pool {
+    let upstreams = addrs
+        .iter()
+        .map(|&addr| {
+            metrics.upstream_up(&addr.to_string(), true);
+            Arc::new(Upstream::new(addr, tcp_only, metrics))
+        })
+        .collect();
+    Pool { upstreams }
+}
+
+/// Whether a new configuration keeps what the cache holds valid: same cache settings, same routing.
+fn same_cache(old: &Config, new: &Config) -> bool {
+    let (a, b) = (&old.dnslocal, &new.dnslocal);
+    a.cache == b.cache
+        && a.cluster_domain == b.cluster_domain
+        && a.cluster_dns == b.cluster_dns
+        && a.upstreams == b.upstreams
+        && a.forward == b.forward
+        && old.cluster.nameservers == new.cluster.nameservers
 }
 
 impl Instance {
-    async fn start(config: &Config, metrics: &Metrics) -> Result<Instance, Error> {
+    /// Starts serving `config`, with `cache` when one is handed over (a reload), else a new one.
+    async fn start(
+        config: &Config,
+        metrics: &Metrics,
+        cache: Option<Arc<Cache>>,
+    ) -> Result<Instance, Error> {
         let c = &config.dnslocal;
         let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let upstreams = default_upstreams(config, &resolv);
         if upstreams.is_empty() {
             tracing::error!("no upstream for names outside the cluster: they will get SERVFAIL");
         }
-        let cluster = if c.cluster_dns.is_empty() {
+        for addr in c.upstreams.iter().filter(|a| loops::is_own(&c.listen, **a)) {
+            tracing::error!(%addr, "dnslocal.upstreams holds one of our own listen addresses (a loop): refused");
+            metrics.forward_loop("own_address");
+        }
+        let (own, cluster_dns): (Vec<SocketAddr>, Vec<SocketAddr>) = c
+            .cluster_dns
+            .iter()
+            .partition(|a| loops::is_own(&c.listen, **a));
+        for addr in &own {
+            tracing::error!(%addr, "dnslocal.clusterDNS is one of our own listen addresses: forwarding the cluster zone there would loop; refused (point it at kube-dns's ClusterIP)");
+            metrics.forward_loop("own_address");
+        }
+        let refused = cluster_dns.is_empty() && !own.is_empty();
+        if refused {
+            tracing::error!("no cluster DNS left: cluster-zone questions get SERVFAIL at once");
+        }
+        let cluster = if cluster_dns.is_empty() {
             None
         } else {
-            Some(Arc::new(pool(&c.cluster_dns, true, metrics).await?))
+            Some(Arc::new(pool(&cluster_dns, true, metrics)))
         };
         let routes = Routes {
             cluster_zones: [c.cluster_domain.as_str(), "in-addr.arpa", "ip6.arpa"]
@@ -153,7 +197,18 @@ impl Instance {
                 .map(|z| wire::name_to_wire(z))
                 .collect(),
             cluster,
-            default: Arc::new(pool(&upstreams, false, metrics).await?),
+            forward: c
+                .forward
+                .iter()
+                .map(|f| {
+                    let to = not_ours(c, f.to.iter().copied());
+                    (
+                        wire::name_to_wire(&f.zone),
+                        Arc::new(pool(&to, false, metrics)),
+                    )
+                })
+                .collect(),
+            default: Arc::new(pool(&upstreams, false, metrics)),
         };
         let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
         let policy = TtlPolicy {
@@ -161,19 +216,24 @@ impl Instance {
             negative_ttl: secs(c.cache.negative_ttl),
             servfail_ttl: SERVFAIL_TTL,
         };
-        let cache = Cache::new(
-            c.cache.size,
-            c.cache.serve_stale.as_secs(),
-            c.cache.prefetch,
-        );
-        let engine = Arc::new(Engine::new(
+        let cache = cache.unwrap_or_else(|| {
+            Arc::new(Cache::new(
+                c.cache.size,
+                c.cache.max_memory,
+                c.cache.serve_stale.as_secs(),
+                c.cache.prefetch,
+            ))
+        });
+        let mut engine = Engine::new(
             cache,
             routes,
             policy,
             metrics.clone(),
             MAX_INFLIGHT,
             tokio::runtime::Handle::current(),
-        ));
+        );
+        engine.budget = ClientBudget::new(c.client_rate);
+        let engine = Arc::new(engine.with_loops(loops::LoopGuard::new(refused)));
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let listeners =
             Listeners::bind(&c.listen, threads, &engine).map_err(|source| Error::Bind {
@@ -186,15 +246,21 @@ impl Instance {
                 source,
             })?;
         tracing::info!(listen = ?c.listen, ?upstreams, cluster_dns = ?c.cluster_dns, threads, "serving DNS");
+        let probe = tokio::spawn(loops::probe_loop(
+            Arc::downgrade(&engine),
+            c.cluster_domain.clone(),
+        ));
         Ok(Instance {
             engine,
             listeners,
             config: c.clone(),
+            probe,
         })
     }
 
     /// Stops taking queries, answers what is queued and in flight (bounded), and returns.
     async fn drain(self) {
+        self.probe.abort();
         self.listeners.drain().await;
         let deadline = tokio::time::Instant::now() + engine::MISS_DEADLINE * 2;
         while self.engine.inflight() > 0 && tokio::time::Instant::now() < deadline {
@@ -207,6 +273,8 @@ impl Instance {
         let m = &e.metrics;
         let entries = e.cache.len();
         m.cache_entries.set(entries as i64);
+        let bytes = e.cache.bytes();
+        m.cache_bytes.set(bytes as i64);
         let (hits, stale, misses, coalesced, servfail) = (
             m.total(Outcome::Hit),
             m.total(Outcome::Stale),
@@ -247,9 +315,13 @@ impl Instance {
             "cluster_domain": self.config.cluster_domain,
             "cluster_dns": e.routes.cluster.as_deref().map(pools).unwrap_or_default(),
             "upstreams": pools(&e.routes.default),
-            "cache": { "entries": entries, "capacity": e.cache.capacity() },
+            "forward": e.routes.forward.iter().map(|(zone, p)| serde_json::json!({
+                "zone": wire::wire_to_name(zone), "upstreams": pools(p),
+            })).collect::<Vec<_>>(),
+            "cache": { "entries": entries, "capacity": e.cache.capacity(), "bytes": bytes, "max_bytes": e.cache.max_bytes() },
             "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail },
             "inflight": e.inflight(),
+            "cluster_loop": e.loops.cluster_refused(),
         });
         (summary, details)
     }
@@ -262,9 +334,12 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
     let mut instance: Option<Instance> = None;
     loop {
         if instance.is_none() {
-            match start(&config, &metrics, &mut link).await {
-                Ok(i) => {
+            match start(&config, &metrics, &mut link, None).await {
+                Ok((i, retired)) => {
                     instance = Some(i);
+                    if let Some(l) = retired {
+                        l.teardown(&[]).await;
+                    }
                     ctx.set_ready(true);
                 }
                 Err(error) => {
@@ -296,18 +371,9 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                 }
                 let new = ctx.config.borrow_and_update().clone();
                 if new.dnslocal != config.dnslocal || new.cluster.nameservers != config.cluster.nameservers {
-                    config = new;
-                    // The new instance binds beside the old one (SO_REUSEPORT), then the old one drains.
-                    match start(&config, &metrics, &mut link).await {
-                        Ok(i) => {
-                            if let Some(old) = instance.replace(i) {
-                                old.drain().await;
-                            }
-                            ctx.set_ready(true);
-                            tracing::info!("applied the new configuration");
-                        }
-                        Err(error) => tracing::error!(%error, "cannot apply the new configuration; the old one keeps serving"),
-                    }
+                    let old = std::mem::replace(&mut config, new);
+                    reload(&old, &config, &metrics, &mut link, &mut instance).await;
+                    ctx.set_ready(instance.is_some());
                 }
             }
         }
@@ -323,18 +389,74 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
     Ok(())
 }
 
+/// Applies a new configuration: the new instance binds beside the old one (`SO_REUSEPORT`), on the link
+/// with any new listen address added; then the old one drains, and the listen addresses no longer
+/// configured are removed. The cache is handed over when the new configuration keeps it valid.
+async fn reload(
+    old: &Config,
+    new: &Config,
+    metrics: &Metrics,
+    link: &mut Option<Link>,
+    instance: &mut Option<Instance>,
+) {
+    let cache = instance
+        .as_ref()
+        .filter(|_| same_cache(old, new))
+        .map(|i| i.engine.cache.clone());
+    let kept = cache.is_some();
+    match start(new, metrics, link, cache).await {
+        Ok((i, retired)) => {
+            let Some(previous) = instance.replace(i) else {
+                return;
+            };
+            let old_listen = previous.config.listen.clone();
+            previous.drain().await;
+            if let Some(l) = retired {
+                l.teardown(&old_listen).await;
+            }
+            let now: Vec<IpAddr> = new.dnslocal.listen.iter().map(SocketAddr::ip).collect();
+            let gone: Vec<IpAddr> = old_listen
+                .iter()
+                .map(SocketAddr::ip)
+                .filter(|ip| !now.contains(ip))
+                .collect();
+            if let Some(l) = link.as_mut()
+                && !gone.is_empty()
+            {
+                l.remove(&gone).await;
+            }
+            tracing::info!(cache_kept = kept, "applied the new configuration");
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot apply the new configuration; the old one keeps serving");
+        }
+    }
+}
+
 use crate::link::Link;
 
+/// Sets up the link for `config` (adding its listen addresses) and starts an instance. Returns the
+/// instance and a link to tear down once the old instance drained (one no longer configured).
 async fn start(
     config: &Config,
     metrics: &Metrics,
     link: &mut Option<Link>,
-) -> Result<Instance, Error> {
+    cache: Option<Arc<Cache>>,
+) -> Result<(Instance, Option<Link>), Error> {
     let c = &config.dnslocal;
-    if c.interface.create && link.is_none() {
-        *link = Some(Link::setup(&c.interface.name, &c.listen).await?);
+    let mut retired = None;
+    if c.interface.create {
+        match link.as_mut() {
+            Some(l) if l.name() == c.interface.name => l.add(&c.listen).await?,
+            _ => {
+                let new = Link::setup(&c.interface.name, &c.listen).await?;
+                retired = link.replace(new);
+            }
+        }
+    } else {
+        retired = link.take();
     }
-    Instance::start(config, metrics).await
+    Ok((Instance::start(config, metrics, cache).await?, retired))
 }
 
 /// `dnslocal status` details, as text.
@@ -364,14 +486,26 @@ pub fn render_details(d: &serde_json::Value) -> String {
     };
     out.push_str(&format!("listen       {}\n", d["listen"]));
     out.push_str(&format!(
-        "cluster      {} -> {}\n",
+        "cluster      {} -> {}{}\n",
         d["cluster_domain"],
-        list(&d["cluster_dns"])
+        list(&d["cluster_dns"]),
+        if d["cluster_loop"].as_bool().unwrap_or(false) {
+            "  LOOP: the cluster DNS leads back to us, cluster-zone questions get SERVFAIL"
+        } else {
+            ""
+        }
     ));
     out.push_str(&format!("upstreams    {}\n", list(&d["upstreams"])));
+    for f in d["forward"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "forward      {} -> {}\n",
+            f["zone"].as_str().unwrap_or("?"),
+            list(&f["upstreams"])
+        ));
+    }
     out.push_str(&format!(
-        "cache        {} / {} entries\n",
-        d["cache"]["entries"], d["cache"]["capacity"]
+        "cache        {} / {} entries, {} / {} bytes\n",
+        d["cache"]["entries"], d["cache"]["capacity"], d["cache"]["bytes"], d["cache"]["max_bytes"]
     ));
     let q = &d["queries"];
     out.push_str(&format!(

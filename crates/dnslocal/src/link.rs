@@ -159,16 +159,29 @@ impl Link {
             owned_link,
             added: Vec::new(),
         };
-        let have = assigned(&link.handle).await?;
+        link.add(listen).await?;
+        Ok(link)
+    }
+
+    /// The link's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Adds each listen address that is not assigned anywhere yet, as a host address (/32, /128 without
+    /// duplicate address detection).
+    pub async fn add(&mut self, listen: &[SocketAddr]) -> Result<(), Error> {
+        let have = assigned(&self.handle).await?;
         let mut ips: Vec<IpAddr> = listen
             .iter()
             .map(SocketAddr::ip)
             .filter(|a| !a.is_unspecified() && !a.is_loopback() && !have.contains(a))
             .collect();
+        ips.sort();
         ips.dedup();
         for addr in ips {
             let prefix = if addr.is_ipv4() { 32 } else { 128 };
-            let mut req = link.handle.address().add(index, addr, prefix);
+            let mut req = self.handle.address().add(self.index, addr, prefix);
             if addr.is_ipv6() {
                 req.message_mut()
                     .attributes
@@ -176,14 +189,43 @@ impl Link {
             }
             match req.execute().await {
                 Ok(()) => {
-                    tracing::info!(link = name, %addr, "added listen address");
-                    link.added.push(addr);
+                    tracing::info!(link = %self.name, %addr, "added listen address");
+                    self.added.push(addr);
                 }
                 Err(e) if errno(&e) == libc::EEXIST => {}
                 Err(e) => return Err(nl("add address")(e)),
             }
         }
-        Ok(link)
+        Ok(())
+    }
+
+    /// Removes the addresses of `gone` (listen addresses no longer configured) from the link: any of them on a
+    /// link of dnslocal's own, only those it added on another.
+    pub async fn remove(&mut self, gone: &[IpAddr]) {
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(self.index)
+            .execute();
+        let mut doomed = Vec::new();
+        while let Ok(Some(msg)) = stream.try_next().await {
+            if address_of(&msg)
+                .is_some_and(|a| gone.contains(&a) && (self.owned_link || self.added.contains(&a)))
+            {
+                doomed.push(msg);
+            }
+        }
+        for msg in doomed {
+            let addr = address_of(&msg);
+            match self.handle.address().del(msg).execute().await {
+                Ok(()) => {
+                    tracing::info!(link = %self.name, ?addr, "removed a listen address no longer configured")
+                }
+                Err(error) => tracing::warn!(%error, ?addr, "cannot remove a listen address"),
+            }
+        }
+        self.added.retain(|a| !gone.contains(a));
     }
 
     /// Removes what [`Link::setup`] made, unless another process still serves one of `listen` (then it all

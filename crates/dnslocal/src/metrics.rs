@@ -44,13 +44,20 @@ const OUTCOMES: [&str; 6] = ["hit", "stale", "miss", "coalesced", "servfail", "e
 pub struct Metrics {
     queries: Vec<Vec<Counter>>,
     pub cache_entries: Gauge,
+    pub cache_bytes: Gauge,
     pub inflight: Gauge,
     pub prefetches: Counter,
     pub shed: Counter,
     pub dropped: Counter,
+    pub pruned: Counter,
+    ratelimited_truncated: Counter,
+    ratelimited_dropped: Counter,
     upstream_latency: Family<Labels, Histogram>,
     upstream_errors: Family<Labels, Counter>,
     upstream_up: Family<Labels, Gauge>,
+    upstream_mismatched: Family<Labels, Counter>,
+    forward_loops: Family<Labels, Counter>,
+    pub cluster_loop: Gauge,
 }
 
 impl Default for Metrics {
@@ -58,13 +65,20 @@ impl Default for Metrics {
         Metrics {
             queries: Vec::new(),
             cache_entries: Gauge::default(),
+            cache_bytes: Gauge::default(),
             inflight: Gauge::default(),
             prefetches: Counter::default(),
             shed: Counter::default(),
             dropped: Counter::default(),
+            pruned: Counter::default(),
+            ratelimited_truncated: Counter::default(),
+            ratelimited_dropped: Counter::default(),
             upstream_latency: Family::new_with_constructor(new_histogram),
             upstream_errors: Family::default(),
             upstream_up: Family::default(),
+            upstream_mismatched: Family::default(),
+            forward_loops: Family::default(),
+            cluster_loop: Gauge::default(),
         }
     }
 }
@@ -99,8 +113,16 @@ impl Metrics {
                     .collect()
             })
             .collect();
+        let ratelimited: Family<Labels, Counter> = Family::default();
+        let action = |a: &str| {
+            ratelimited
+                .get_or_create(&vec![("action".to_owned(), a.to_owned())])
+                .clone()
+        };
         let m = Metrics {
             queries,
+            ratelimited_truncated: action("truncated"),
+            ratelimited_dropped: action("dropped"),
             ..Metrics::default()
         };
         registry.register(
@@ -112,6 +134,11 @@ impl Metrics {
             "cache_entries",
             "Answers in the cache",
             m.cache_entries.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Bytes the cached answers hold (bounded by cache.maxMemory)",
+            m.cache_bytes.clone(),
         );
         registry.register(
             "inflight",
@@ -134,6 +161,16 @@ impl Metrics {
             m.dropped.clone(),
         );
         registry.register(
+            "ratelimited",
+            "UDP queries over their client's budget, by action (truncated: empty TC answer; dropped)",
+            ratelimited,
+        );
+        registry.register(
+            "upstream_pruned",
+            "Records outside the question's chain dropped from upstream answers before caching",
+            m.pruned.clone(),
+        );
+        registry.register(
             "upstream_latency_seconds",
             "Upstream answer time",
             m.upstream_latency.clone(),
@@ -148,7 +185,36 @@ impl Metrics {
             "1 while an upstream answers",
             m.upstream_up.clone(),
         );
+        registry.register(
+            "upstream_mismatched",
+            "Upstream datagrams dropped because their ID or question (case included) did not match a query",
+            m.upstream_mismatched.clone(),
+        );
+        registry.register(
+            "forward_loops",
+            "Forwarding loops found: a forwarder that is one of our own listen addresses (own_address), or our loop probe coming back to us (returned)",
+            m.forward_loops.clone(),
+        );
+        registry.register(
+            "cluster_loop",
+            "1 while cluster-zone questions get SERVFAIL at once because their forwarders loop back to us",
+            m.cluster_loop.clone(),
+        );
         m
+    }
+
+    /// Counts one forwarding loop of `kind` (`own_address`, `returned`).
+    pub fn forward_loop(&self, kind: &str) {
+        self.forward_loops
+            .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+            .inc();
+    }
+
+    /// Loops of `kind` counted so far.
+    pub fn forward_loops(&self, kind: &str) -> u64 {
+        self.forward_loops
+            .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+            .get()
     }
 
     /// Counts one query of `qtype` answered with `outcome`.
@@ -185,6 +251,21 @@ impl Metrics {
         let mut l = upstream(label);
         l.push(("kind".to_owned(), kind.to_owned()));
         self.upstream_errors.get_or_create(&l).inc();
+    }
+
+    /// Counts a query over its client's budget.
+    pub fn ratelimited(&self, truncated: bool) {
+        if truncated {
+            self.ratelimited_truncated.inc();
+        } else {
+            self.ratelimited_dropped.inc();
+        }
+    }
+
+    pub fn upstream_mismatched(&self, label: &str) {
+        self.upstream_mismatched
+            .get_or_create(&upstream(label))
+            .inc();
     }
 
     pub fn upstream_up(&self, label: &str, up: bool) {

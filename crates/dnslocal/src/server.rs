@@ -7,13 +7,14 @@
 //! new instance's sockets) but keeps what is queued; the thread answers the queue until it stays empty,
 //! and only then closes the socket.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
@@ -30,7 +31,13 @@ const POLL: Duration = Duration::from_millis(100);
 /// A draining socket closes after its queue stayed empty this long.
 const QUIET: Duration = Duration::from_millis(50);
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// The idle timeout once the connection table is three quarters full.
+const TCP_IDLE_BUSY: Duration = Duration::from_secs(2);
 const MAX_TCP_CONNECTIONS: usize = 1024;
+/// TCP connections one client address may hold; its least recently active one is closed for a new one.
+pub const MAX_TCP_PER_CLIENT: usize = 32;
+/// Answers queued per TCP connection (each up to 64 KiB) before its reading pauses.
+const TCP_QUEUE: usize = 8;
 
 fn reuseport_socket(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
@@ -50,6 +57,105 @@ pub struct Listeners {
     draining: Arc<AtomicBool>,
     tcp_stop: CancellationToken,
     tcp_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// One open TCP connection in the [`TcpTable`].
+#[derive(Debug)]
+struct TcpConn {
+    client: IpAddr,
+    last_ms: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+/// The TCP connections of one instance, bounded per client and in all: when a bound is reached, the least
+/// recently active connection (of that client, or of all) is closed to make room, so one client holding
+/// idle connections cannot lock the others out.
+#[derive(Debug, Default)]
+pub struct TcpTable {
+    conns: Mutex<HashMap<u64, TcpConn>>,
+    next: AtomicU64,
+    epoch: OnceLock<Instant>,
+}
+
+impl TcpTable {
+    fn now_ms(&self) -> u64 {
+        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    /// Registers a connection from `client`, evicting to stay within the bounds; returns its id, its
+    /// activity clock and its stop token.
+    fn admit(
+        &self,
+        client: IpAddr,
+        parent: &CancellationToken,
+    ) -> (u64, Arc<AtomicU64>, CancellationToken) {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let oldest = |conns: &HashMap<u64, TcpConn>, only: Option<IpAddr>| {
+            conns
+                .iter()
+                .filter(|(_, c)| only.is_none_or(|ip| c.client == ip))
+                .min_by_key(|(_, c)| c.last_ms.load(Ordering::Relaxed))
+                .map(|(&id, _)| id)
+        };
+        let mine = conns.values().filter(|c| c.client == client).count();
+        if mine >= MAX_TCP_PER_CLIENT
+            && let Some(id) = oldest(&conns, Some(client))
+            && let Some(c) = conns.remove(&id)
+        {
+            c.stop.cancel();
+        }
+        if conns.len() >= MAX_TCP_CONNECTIONS
+            && let Some(id) = oldest(&conns, None)
+            && let Some(c) = conns.remove(&id)
+        {
+            c.stop.cancel();
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let last_ms = Arc::new(AtomicU64::new(self.now_ms()));
+        let stop = parent.child_token();
+        conns.insert(
+            id,
+            TcpConn {
+                client,
+                last_ms: last_ms.clone(),
+                stop: stop.clone(),
+            },
+        );
+        (id, last_ms, stop)
+    }
+
+    fn remove(&self, id: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// The idle timeout now: shorter under pressure.
+    fn idle_timeout(&self) -> Duration {
+        let n = self
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        if n * 4 >= MAX_TCP_CONNECTIONS * 3 {
+            TCP_IDLE_BUSY
+        } else {
+            TCP_IDLE
+        }
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Listeners {
@@ -89,8 +195,14 @@ impl Listeners {
                 .spawn(move || udp_loop(&Arc::new(socket), addr, &engine, &draining))?;
             listeners.threads.push(thread);
         }
+        let table = Arc::new(TcpTable::default());
         for listener in tcp {
-            let task = tokio::spawn(tcp_accept(listener, engine.clone(), tcp_stop.clone()));
+            let task = tokio::spawn(tcp_accept(
+                listener,
+                engine.clone(),
+                table.clone(),
+                tcp_stop.clone(),
+            ));
             listeners.tcp_tasks.push(task);
         }
         Ok(listeners)
@@ -187,9 +299,12 @@ fn udp_loop(
                 continue;
             };
             let query = &bufs[i][..len.min(MAX_UDP_QUERY)];
-            let action = engine.handle(query, false, &mut outs[answered], || {
-                Reply::Udp(socket.clone(), peer_std)
-            });
+            let mut action = engine.over_budget(peer_std.ip(), query, &mut outs[answered]);
+            if action == Action::Later {
+                action = engine.handle(query, false, &mut outs[answered], || {
+                    Reply::Udp(socket.clone(), peer_std)
+                });
+            }
             if action == Action::Send {
                 replies.push(peer);
                 answered += 1;
@@ -221,23 +336,31 @@ fn send_all(
     }
 }
 
-async fn tcp_accept(listener: TcpListener, engine: Arc<Engine>, stop: CancellationToken) {
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
+async fn tcp_accept(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    table: Arc<TcpTable>,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => {
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
-                    continue; // over the bound: the connection is closed
-                };
+            Ok((stream, peer)) => {
+                let (id, last_ms, conn_stop) = table.admit(peer.ip(), &stop);
                 let engine = engine.clone();
-                let stop = stop.clone();
+                let table = table.clone();
                 tokio::spawn(async move {
-                    tcp_connection(stream, engine, stop).await;
-                    drop(permit);
+                    let conn = TcpConnection {
+                        engine,
+                        table: table.clone(),
+                        last_ms,
+                        stop: conn_stop,
+                    };
+                    conn.serve(stream).await;
+                    table.remove(id);
                 });
             }
             Err(error) => {
@@ -248,44 +371,62 @@ async fn tcp_accept(listener: TcpListener, engine: Arc<Engine>, stop: Cancellati
     }
 }
 
-async fn tcp_connection(stream: TcpStream, engine: Arc<Engine>, stop: CancellationToken) {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
-    let writer = tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            let mut frame = Vec::with_capacity(msg.len() + 2);
-            frame.extend_from_slice(&(msg.len().min(65535) as u16).to_be_bytes());
-            frame.extend_from_slice(&msg);
-            if wr.write_all(&frame).await.is_err() {
+struct TcpConnection {
+    engine: Arc<Engine>,
+    table: Arc<TcpTable>,
+    last_ms: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl TcpConnection {
+    async fn serve(self, stream: TcpStream) {
+        let TcpConnection {
+            engine,
+            table,
+            last_ms,
+            stop,
+        } = self;
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+        let writer = tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                let mut frame = Vec::with_capacity(msg.len() + 2);
+                frame.extend_from_slice(&(msg.len().min(65535) as u16).to_be_bytes());
+                frame.extend_from_slice(&msg);
+                if wr.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut out = Vec::new();
+        loop {
+            let mut len = [0u8; 2];
+            let idle = table.idle_timeout();
+            let read = tokio::select! {
+                () = stop.cancelled() => break,
+                r = tokio::time::timeout(idle, rd.read_exact(&mut len)) => r,
+            };
+            if !matches!(read, Ok(Ok(_))) {
+                break;
+            }
+            let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            let read = tokio::select! {
+                () = stop.cancelled() => break,
+                r = tokio::time::timeout(idle, rd.read_exact(&mut msg)) => r,
+            };
+            if !matches!(read, Ok(Ok(_))) {
+                break;
+            }
+            last_ms.store(table.now_ms(), Ordering::Relaxed);
+            if engine.handle(&msg, true, &mut out, || Reply::Tcp(tx.clone())) == Action::Send
+                && tx.send(std::mem::take(&mut out)).await.is_err()
+            {
                 break;
             }
         }
-    });
-    let mut out = Vec::new();
-    loop {
-        let mut len = [0u8; 2];
-        let read = tokio::select! {
-            () = stop.cancelled() => break,
-            r = tokio::time::timeout(TCP_IDLE, rd.read_exact(&mut len)) => r,
-        };
-        if !matches!(read, Ok(Ok(_))) {
-            break;
-        }
-        let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        if !matches!(
-            tokio::time::timeout(TCP_IDLE, rd.read_exact(&mut msg)).await,
-            Ok(Ok(_))
-        ) {
-            break;
-        }
-        if engine.handle(&msg, true, &mut out, || Reply::Tcp(tx.clone())) == Action::Send
-            && tx.send(std::mem::take(&mut out)).await.is_err()
-        {
-            break;
-        }
+        drop(tx);
+        // Answers still in flight hold their own sender; the writer ends when the last one is sent.
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     }
-    drop(tx);
-    // Answers still in flight hold their own sender; the writer ends when the last one is sent.
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }

@@ -1,21 +1,25 @@
-//! Upstream servers: one connected UDP socket per upstream with ID demultiplexing (one conntrack entry, not
-//! one per query), persistent pipelined TCP (for the cluster DNS, and for answers truncated over UDP),
-//! health (consecutive failures, smoothed RTT) and failover across a pool.
+//! Upstream servers: UDP from random source ports with 0x20 ([`udp`]), persistent pipelined TCP (for the
+//! cluster DNS, and for answers truncated over UDP), health (consecutive failures, smoothed RTT) and failover
+//! across a pool. An answer is taken only when its ID and question match; anything else is counted
+//! (`dnslocal_upstream_mismatched_total`) and the exchange keeps waiting.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
 use crate::wire;
+
+pub mod udp;
+
+pub use udp::UdpPorts;
 
 /// Consecutive failures after which an upstream counts as down (it is still tried, last).
 pub const FALL: u32 = 2;
@@ -45,10 +49,16 @@ impl Failure {
 
 type AnswerTx = oneshot::Sender<Result<Vec<u8>, Failure>>;
 type AnswerRx = oneshot::Receiver<Result<Vec<u8>, Failure>>;
-type Pending = Arc<Mutex<HashMap<u16, AnswerTx>>>;
+/// Exchanges waiting on one TCP connection: by ID, the question they asked and where the answer goes.
+type Pending = Arc<Mutex<HashMap<u16, (Box<[u8]>, AnswerTx)>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The end of the question of a message we built (one question at offset 12).
+fn question_end(msg: &[u8]) -> usize {
+    wire::skip_name(msg, wire::HEADER).map_or(msg.len(), |end| (end + 4).min(msg.len()))
 }
 
 /// Registers a pending exchange under a fresh random ID; removes it again on drop.
@@ -58,7 +68,7 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(pending: &Pending) -> Result<(Slot, AnswerRx), Failure> {
+    fn new(pending: &Pending, question: &[u8]) -> Result<(Slot, AnswerRx), Failure> {
         let mut map = lock(pending);
         if map.len() >= MAX_PENDING {
             return Err(Failure::Busy);
@@ -68,7 +78,7 @@ impl Slot {
             id = fastrand::u16(..);
         }
         let (tx, rx) = oneshot::channel();
-        map.insert(id, tx);
+        map.insert(id, (question.into(), tx));
         Ok((
             Slot {
                 pending: pending.clone(),
@@ -86,72 +96,39 @@ impl Drop for Slot {
 }
 
 fn fail_all(pending: &Pending, failure: Failure) {
-    for (_, tx) in lock(pending).drain() {
+    for (_, (_, tx)) in lock(pending).drain() {
         let _ = tx.send(Err(failure));
     }
 }
 
-async fn wait(rx: oneshot::Receiver<Result<Vec<u8>, Failure>>) -> Result<Vec<u8>, Failure> {
-    rx.await.unwrap_or(Err(Failure::Io))
-}
-
-/// A connected UDP socket to one upstream and the task reading its answers.
-#[derive(Debug)]
-struct UdpClient {
-    addr: SocketAddr,
-    socket: Arc<UdpSocket>,
-    /// Whether `connect` succeeded: it fails (ENETUNREACH) while the node has no route to the upstream,
-    /// which must not stop dnslocal from serving the cache and the other zones; it is retried per query.
-    connected: AtomicBool,
-    pending: Pending,
-    reader: JoinHandle<()>,
-}
-
-impl Drop for UdpClient {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-impl UdpClient {
-    async fn connect(addr: SocketAddr) -> io::Result<UdpClient> {
-        let local: SocketAddr = if addr.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            ([0u16; 8], 0).into()
-        };
-        let socket = Arc::new(UdpSocket::bind(local).await?);
-        let connected = match socket.connect(addr).await {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(upstream = %addr, %error, "cannot reach the upstream yet; retrying per query");
-                false
-            }
-        };
-        let pending: Pending = Arc::default();
-        let reader = tokio::spawn(udp_reader(socket.clone(), pending.clone()));
-        Ok(UdpClient {
-            addr,
-            socket,
-            connected: AtomicBool::new(connected),
-            pending,
-            reader,
-        })
-    }
-
-    async fn exchange(&self, msg: &mut [u8]) -> Result<Vec<u8>, Failure> {
-        if !self.connected.load(Ordering::Relaxed) {
-            self.socket
-                .connect(self.addr)
-                .await
-                .map_err(|e| io_failure(&e))?;
-            self.connected.store(true, Ordering::Relaxed);
+/// Hands `msg` to the exchange waiting for it (same ID, same question ignoring case); whether one was.
+fn deliver(pending: &Pending, msg: Vec<u8>) -> Result<(), Vec<u8>> {
+    let Some(id) = wire::id_of(&msg) else {
+        return Err(msg);
+    };
+    let mut map = lock(pending);
+    let matches = map.get(&id).is_some_and(|(question, _)| {
+        msg.get(2).is_some_and(|b| b & 0x80 != 0)
+            && msg.get(4..6) == Some(&[0, 1])
+            && msg
+                .get(wire::HEADER..wire::HEADER + question.len())
+                .is_some_and(|q| q.eq_ignore_ascii_case(question))
+    });
+    match map.remove(&id) {
+        Some((_, tx)) if matches => {
+            let _ = tx.send(Ok(msg));
+            Ok(())
         }
-        let (slot, rx) = Slot::new(&self.pending)?;
-        msg[..2].copy_from_slice(&slot.id.to_be_bytes());
-        self.socket.send(msg).await.map_err(|e| io_failure(&e))?;
-        wait(rx).await
+        Some(entry) => {
+            map.insert(id, entry);
+            Err(msg)
+        }
+        None => Err(msg),
     }
+}
+
+async fn wait(rx: AnswerRx) -> Result<Vec<u8>, Failure> {
+    rx.await.unwrap_or(Err(Failure::Io))
 }
 
 fn io_failure(e: &io::Error) -> Failure {
@@ -162,40 +139,20 @@ fn io_failure(e: &io::Error) -> Failure {
     }
 }
 
-async fn udp_reader(socket: Arc<UdpSocket>, pending: Pending) {
-    let mut buf = vec![0u8; 65535];
-    loop {
-        match socket.recv(&mut buf).await {
-            Ok(n) => {
-                let msg = &buf[..n];
-                let Some(id) = wire::id_of(msg) else { continue };
-                if let Some(tx) = lock(&pending).remove(&id) {
-                    let _ = tx.send(Ok(msg.to_vec()));
-                }
-            }
-            // ICMP port unreachable: the upstream is not there; fail what waits on it at once.
-            Err(e) => {
-                fail_all(&pending, io_failure(&e));
-                if e.kind() != io::ErrorKind::ConnectionRefused {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
-}
-
 /// A persistent, pipelined TCP connection to one upstream, (re)opened on demand.
 #[derive(Debug)]
 struct TcpClient {
     addr: SocketAddr,
     tx: Mutex<Option<mpsc::Sender<TcpRequest>>>,
+    metrics: Metrics,
 }
 
 impl TcpClient {
-    fn new(addr: SocketAddr) -> TcpClient {
+    fn new(addr: SocketAddr, metrics: Metrics) -> TcpClient {
         TcpClient {
             addr,
             tx: Mutex::new(None),
+            metrics,
         }
     }
 
@@ -207,7 +164,7 @@ impl TcpClient {
                 Some(tx) => tx.clone(),
                 None => {
                     let (tx, rx) = mpsc::channel(1024);
-                    tokio::spawn(tcp_connection(self.addr, rx));
+                    tokio::spawn(tcp_connection(self.addr, rx, self.metrics.clone()));
                     *guard = Some(tx.clone());
                     tx
                 }
@@ -221,7 +178,8 @@ impl TcpClient {
 
 type TcpRequest = (Vec<u8>, AnswerTx);
 
-async fn tcp_connection(addr: SocketAddr, mut rx: mpsc::Receiver<TcpRequest>) {
+async fn tcp_connection(addr: SocketAddr, mut rx: mpsc::Receiver<TcpRequest>, metrics: Metrics) {
+    let label = addr.to_string();
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return refuse_all(&mut rx, io_failure(&e)),
@@ -242,11 +200,8 @@ async fn tcp_connection(addr: SocketAddr, mut rx: mpsc::Receiver<TcpRequest>) {
                 if rd.read_exact(&mut msg).await.is_err() {
                     break;
                 }
-                let Some(id) = wire::id_of(&msg) else {
-                    continue;
-                };
-                if let Some(tx) = lock(&pending).remove(&id) {
-                    let _ = tx.send(Ok(msg));
+                if deliver(&pending, msg).is_err() {
+                    metrics.upstream_mismatched(&label);
                 }
             }
             fail_all(&pending, Failure::Io);
@@ -261,11 +216,11 @@ async fn tcp_connection(addr: SocketAddr, mut rx: mpsc::Receiver<TcpRequest>) {
             },
         };
         let (mut msg, mut reply) = request;
-        if msg.len() < 2 || msg.len() > usize::from(u16::MAX) {
+        if msg.len() < wire::HEADER || msg.len() > usize::from(u16::MAX) {
             let _ = reply.send(Err(Failure::Io));
             continue;
         }
-        let Ok((slot, answer)) = Slot::new(&pending) else {
+        let Ok((slot, answer)) = Slot::new(&pending, &msg[wire::HEADER..question_end(&msg)]) else {
             let _ = reply.send(Err(Failure::Busy));
             continue;
         };
@@ -300,7 +255,7 @@ fn refuse_all(rx: &mut mpsc::Receiver<TcpRequest>, failure: Failure) {
 #[derive(Debug)]
 pub struct Upstream {
     pub addr: SocketAddr,
-    udp: Option<UdpClient>,
+    udp: Option<UdpPorts>,
     tcp: TcpClient,
     fails: AtomicU32,
     srtt_us: AtomicU32,
@@ -309,20 +264,15 @@ pub struct Upstream {
 
 impl Upstream {
     /// `tcp_only`: always TCP (the cluster DNS); otherwise UDP with TCP retry on truncation.
-    pub async fn new(addr: SocketAddr, tcp_only: bool) -> io::Result<Upstream> {
-        let udp = if tcp_only {
-            None
-        } else {
-            Some(UdpClient::connect(addr).await?)
-        };
-        Ok(Upstream {
+    pub fn new(addr: SocketAddr, tcp_only: bool, metrics: &Metrics) -> Upstream {
+        Upstream {
             addr,
-            udp,
-            tcp: TcpClient::new(addr),
+            udp: (!tcp_only).then(|| UdpPorts::new(addr)),
+            tcp: TcpClient::new(addr, metrics.clone()),
             fails: AtomicU32::new(0),
             srtt_us: AtomicU32::new(0),
             label: addr.to_string(),
-        })
+        }
     }
 
     pub fn is_up(&self) -> bool {
@@ -337,9 +287,14 @@ impl Upstream {
         if self.udp.is_some() { "udp" } else { "tcp" }
     }
 
-    async fn exchange(&self, msg: &mut [u8]) -> Result<Vec<u8>, Failure> {
+    /// Whether 0x20 case randomisation is used (UDP upstreams that echo case).
+    pub fn uses_0x20(&self) -> bool {
+        self.udp.as_ref().is_some_and(UdpPorts::uses_0x20)
+    }
+
+    async fn exchange(&self, msg: &[u8], metrics: &Metrics) -> Result<Vec<u8>, Failure> {
         let answer = match &self.udp {
-            Some(udp) => udp.exchange(msg).await?,
+            Some(udp) => udp.exchange(msg, question_end(msg), metrics).await?,
             None => return self.tcp.exchange(msg).await,
         };
         if answer.get(2).is_some_and(|b| b & 0x02 != 0) {
@@ -410,9 +365,8 @@ impl Pool {
             }
             let left = u32::try_from(order.len() - i).unwrap_or(1);
             let budget = (deadline - now) / left;
-            let mut m = msg.to_vec();
             let started = Instant::now();
-            let result = match tokio::time::timeout(budget, upstream.exchange(&mut m)).await {
+            let result = match tokio::time::timeout(budget, upstream.exchange(msg, metrics)).await {
                 Ok(r) => r,
                 Err(_) => Err(Failure::Timeout),
             };

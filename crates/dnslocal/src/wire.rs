@@ -13,7 +13,13 @@ pub const OUR_UDP_SIZE: u16 = 1232;
 pub const MAX_KEY: usize = 255 + 5;
 
 pub const TYPE_SOA: u16 = 6;
+pub const TYPE_HINFO: u16 = 13;
 pub const TYPE_OPT: u16 = 41;
+pub const TYPE_IXFR: u16 = 251;
+pub const TYPE_AXFR: u16 = 252;
+pub const TYPE_ANY: u16 = 255;
+/// The TTL of the RFC 8482 answer to ANY.
+pub const ANY_TTL: u32 = 3600;
 
 /// Response codes we use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +47,8 @@ pub enum QueryError {
 pub struct Edns {
     pub udp_size: u16,
     pub dnssec_ok: bool,
+    /// Above 0: answer BADVERS (RFC 6891), see [`badvers_response`].
+    pub version: u8,
 }
 
 /// A parsed client query. Offsets point into the query bytes it was parsed from.
@@ -60,11 +68,12 @@ pub struct Query {
 }
 
 impl Query {
-    /// The largest answer this client can take over UDP.
+    /// The largest answer this client gets over UDP: 512 without EDNS, else its size capped at ours
+    /// (1232: no fragments, and no amplification beyond it).
     pub fn udp_limit(&self) -> usize {
         match self.edns {
             None => CLASSIC_UDP,
-            Some(e) => usize::from(e.udp_size).max(CLASSIC_UDP),
+            Some(e) => usize::from(e.udp_size).clamp(CLASSIC_UDP, usize::from(OUR_UDP_SIZE)),
         }
     }
 
@@ -204,6 +213,7 @@ pub fn parse_query(buf: &[u8]) -> Result<Query, QueryError> {
             edns = Some(Edns {
                 udp_size: rr.class,
                 dnssec_ok: flags & 0x8000 != 0,
+                version: *buf.get(rr.ttl_off + 1).ok_or(formerr)?,
             });
         }
         off = rr.end;
@@ -223,6 +233,36 @@ pub fn parse_query(buf: &[u8]) -> Result<Query, QueryError> {
         edns,
         key,
     })
+}
+
+/// BADVERS (extended rcode 16) for `q`: header, question and our OPT (version 0), written to `out`.
+pub fn badvers_response(buf: &[u8], q: &Query, out: &mut Vec<u8>) {
+    error_response(buf, Some(q), Rcode::NoError, false, out);
+    // OPT is the last 11 bytes: name, type, size, then the extended rcode byte (rcode 16 = 1 << 4).
+    if let Some(ext) = out.len().checked_sub(6).and_then(|i| out.get_mut(i)) {
+        *ext = 1;
+    }
+}
+
+/// The RFC 8482 answer to ANY: one synthesised `HINFO "RFC8482" ""` record, written to `out`.
+pub fn any_response(buf: &[u8], q: &Query, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&buf[..HEADER]);
+    out[2] = (buf[2] & 0x79) | 0x80;
+    out[3] = 0x80 | (buf[3] & 0x10);
+    out[4..HEADER].copy_from_slice(&[0, 1, 0, 1, 0, 0, 0, 0]);
+    out.extend_from_slice(&buf[HEADER..q.question_end]);
+    out.extend_from_slice(&[0xC0, 0x0C]);
+    out.extend_from_slice(&TYPE_HINFO.to_be_bytes());
+    out.extend_from_slice(&buf[q.question_end - 2..q.question_end]);
+    out.extend_from_slice(&ANY_TTL.to_be_bytes());
+    out.extend_from_slice(&[0, 9, 7]);
+    out.extend_from_slice(b"RFC8482");
+    out.push(0);
+    if let Some(e) = q.edns {
+        push_opt(out, e.dnssec_ok);
+        out[11] = 1;
+    }
 }
 
 /// Appends an OPT record advertising our size, with the DO bit as given.

@@ -393,6 +393,8 @@ pub struct Discovery {
 pub struct DiscoveryKey {
     /// Discovery service endpoints (empty without a cluster ID and secret).
     endpoints: Vec<String>,
+    /// The extra CA file for each endpoint (`meshd.discovery`), by index.
+    ca_files: Vec<Option<std::path::PathBuf>>,
     cluster_id: String,
     secret: Option<hybridnet_config::Secret>,
     kubernetes: Option<kubernetes::Settings>,
@@ -437,7 +439,16 @@ impl DiscoveryKey {
         if endpoints.is_empty() && kubernetes.is_none() {
             return None;
         }
+        let ca_files = endpoints
+            .iter()
+            .map(|e| {
+                cfg.meshd
+                    .discovery_ca_for(e)
+                    .map(std::path::Path::to_path_buf)
+            })
+            .collect();
         Some(DiscoveryKey {
+            ca_files,
             endpoints,
             cluster_id,
             secret,
@@ -482,6 +493,7 @@ impl Discovery {
                 let r = registry::Registry {
                     index,
                     endpoint: endpoint.clone(),
+                    ca_file: key.ca_files.get(index).cloned().flatten(),
                     cluster_id: key.cluster_id.clone(),
                     our_id: our_id.clone(),
                     codec: codec.clone(),

@@ -466,6 +466,7 @@ impl Mesh {
             let labels = metrics::peer(&gone.name);
             self.metrics.peer_state.remove(&labels);
             self.metrics.peer_rtt_seconds.remove(&labels);
+            self.metrics.peer_failovers.remove(&labels);
         }
         self.peers = next;
         let keys = self.peers.values().map(|p| (p.key, p.probe_key)).collect();

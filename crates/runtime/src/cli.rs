@@ -62,6 +62,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check this node's set-up end to end (kubelet DNS and API path, mesh port, MTU, forwarding, clock) and
+    /// say what is wrong with the fix; exit 1 when a check fails.
+    Doctor(hybridnet_doctor::Args),
 }
 
 /// The whole `main` of a daemon binary.
@@ -83,6 +86,10 @@ pub fn main<D: Daemon>() -> ExitCode {
             state_dir,
             json,
         } => crate::status::print::<D>(&config, state_dir, json),
+        Command::Doctor(args) => match hybridnet_doctor::main(&args, crate::status::is_live) {
+            true => ExitStatus::Ok,
+            false => ExitStatus::Failure,
+        },
     };
     status.into()
 }

@@ -21,7 +21,12 @@
 //!    misspellings silently), spec file name = service name, no duplicate names, the entrypoint an executable
 //!    regular file in the container rootfs, absolute mount destinations, no `configuration: true` dependency
 //!    (it blocks boot when the document is missing: DESIGN.md section 3), a `service: cri` dependency for a
-//!    service that mounts something from `/var`, and author and description set.
+//!    service that mounts something from `/var`, and author and description set. And four mount sources that
+//!    Talos accepts but that break on a node: a relative source (machined's `os.MkdirAll` fails on its
+//!    read-only `/`), a plain `bind` of a directory Talos fills with nested mounts ([`NESTED_MOUNT_DIRS`]:
+//!    `/etc/ssl/certs` shows the empty placeholder CA bundle), a file that appears only after boot
+//!    ([`LATE_FILES`]: machined makes it a directory), and a directory Talos removes and recreates
+//!    ([`RECREATED_DIRS`]).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -486,6 +491,7 @@ fn strict(
                     m.destination
                 )));
             }
+            errors.extend(mount_source_problem(m).map(e));
         }
         if spec.depends.iter().any(|d| d.configuration) {
             errors.push(e(
@@ -508,6 +514,67 @@ fn strict(
     } else {
         Err(Error::Strict(errors))
     }
+}
+
+/// Host directories Talos fills with mounts of its own after boot, whose content a container only sees through
+/// a recursive bind (`rbind`): `/etc/ssl/certs/ca-certificates.crt` is an empty file in the image (Talos's
+/// `Dockerfile`: `touch .../ssl/certs/ca-certificates.crt`) with the real bundle bind-mounted over it
+/// (`internal/app/machined/pkg/controllers/files/etcfile.go`, `createBindMountFile`), and so are the other
+/// files under `/etc` that controller manages (`resolv.conf`, `hosts`, `machine-id`, ...).
+pub const NESTED_MOUNT_DIRS: &[&str] = &["/etc", "/etc/ssl", "/etc/ssl/certs"];
+
+/// Host files that appear only after boot (written by the kubelet once it has bootstrapped, or by Talos later):
+/// machined creates a missing mount source as a directory
+/// (`internal/app/machined/pkg/system/services/extension.go`, `Runner`: `os.MkdirAll(mount.Source, 0o700)`),
+/// which then stands where the file should be written. Mount their directory instead.
+pub const LATE_FILES: &[&str] = &[
+    "/etc/kubernetes/kubeconfig-kubelet",
+    "/etc/kubernetes/bootstrap-kubeconfig",
+    "/var/lib/kubelet/pki/kubelet-client-current.pem",
+    "/var/lib/kubelet/pki/kubelet.crt",
+    "/var/lib/kubelet/pki/kubelet.key",
+];
+
+/// Host directories Talos removes and creates again (`/var/lib/kubelet/pki` on a CA change:
+/// `internal/app/machined/pkg/controllers/k8s/kubelet_service.go`, `refreshKubeletCerts`: `os.RemoveAll`): a bind
+/// of the directory keeps showing the removed one. Mount the parent.
+pub const RECREATED_DIRS: &[&str] = &["/var/lib/kubelet/pki"];
+
+/// What is wrong with a mount's `source` on a real Talos node, if anything (strict mode).
+fn mount_source_problem(m: &Mount) -> Option<String> {
+    let source = m.source.trim_end_matches('/');
+    let source = if source.is_empty() { "/" } else { source };
+    if !m.source.starts_with('/') {
+        // every mount, whatever its type: a tmpfs's `source: tmpfs` too
+        return Some(format!(
+            "mount source {:?} is not absolute: machined runs os.MkdirAll(source) for every mount before it \
+             starts the service, relative to its working directory `/`, which is read-only, so the service never \
+             starts (for a tmpfs, use an absolute host directory as a bind mount, or no mount at all)",
+            m.source
+        ));
+    }
+    let is_bind = m.kind == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind");
+    let recursive = m.options.iter().any(|o| o == "rbind");
+    if is_bind && !recursive && NESTED_MOUNT_DIRS.contains(&source) {
+        return Some(format!(
+            "mount source {source} is bound without `rbind`: Talos bind-mounts the real files over empty \
+             placeholders in it (the CA bundle /etc/ssl/certs/ca-certificates.crt among them), which only a \
+             recursive bind carries into the container (options: [rbind, ro])"
+        ));
+    }
+    if LATE_FILES.contains(&source) {
+        return Some(format!(
+            "mount source {source} is a file that appears only after boot: while it is missing, machined creates \
+             a directory in its place (os.MkdirAll), in the way of the file; mount its directory"
+        ));
+    }
+    if RECREATED_DIRS.contains(&source) {
+        return Some(format!(
+            "mount source {source} is removed and created again by Talos (on a CA change): the container would \
+             keep the removed directory; mount its parent"
+        ));
+    }
+    None
 }
 
 #[cfg(test)]

@@ -428,6 +428,57 @@ fn each_rule_fails_our_tree() {
         e.message().contains("need a `service: cri` dependency"),
         "{e}"
     );
+    // strict: the four mount sources Talos accepts but that break on a node
+    let e = broken(|t| {
+        edit(
+            &spec_path(t, "meshd"),
+            "  mounts:\n",
+            "  mounts:\n    - {source: tmpfs, destination: /var/run/wireguard, type: tmpfs, options: [nosuid]}\n",
+        )
+    });
+    assert!(
+        e.message().contains(
+            "meshd.yaml: mount source \"tmpfs\" is not absolute: machined runs os.MkdirAll"
+        ),
+        "{e}"
+    );
+    let e = broken(|t| {
+        edit(
+            &spec_path(t, "meshd"),
+            "options: [rbind, ro]",
+            "options: [bind, ro]",
+        )
+    });
+    assert!(
+        e.message()
+            .contains("meshd.yaml: mount source /etc/ssl/certs is bound without `rbind`"),
+        "{e}"
+    );
+    let e = broken(|t| {
+        edit(
+            &spec_path(t, "meshd"),
+            "source: /etc/kubernetes\n",
+            "source: /etc/kubernetes/kubeconfig-kubelet\n",
+        )
+    });
+    assert!(
+        e.message().contains(
+            "meshd.yaml: mount source /etc/kubernetes/kubeconfig-kubelet is a file that appears only after boot"
+        ),
+        "{e}"
+    );
+    let e = broken(|t| {
+        edit(
+            &spec_path(t, "meshd"),
+            "source: /var/lib/kubelet\n",
+            "source: /var/lib/kubelet/pki/\n",
+        )
+    });
+    assert!(
+        e.message()
+            .contains("meshd.yaml: mount source /var/lib/kubelet/pki is removed and created again"),
+        "{e}"
+    );
     let e = broken(|t| {
         edit(
             &t.join("manifest.yaml"),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use super::{Ours, TOP_KEYS, get};
 use crate::error::IssueKind;
 use crate::filter::FilterRule;
-use crate::model::{Backend, GatewayPin, Mtu, Peer, PublicKey, Topology};
+use crate::model::{Backend, EndpointCa, GatewayPin, Mtu, Peer, PublicKey, Topology};
 use crate::parse;
 use crate::read::Ctx;
 use crate::yaml::{Node, Value};
@@ -38,7 +38,10 @@ const MESHD_KEYS: &[&str] = &[
     "kubespanCompat",
     "clampMSS",
     "admin",
+    "discovery",
 ];
+const DISCOVERY_KEYS: &[&str] = &["caFile", "endpoints"];
+const ENDPOINT_CA_KEYS: &[&str] = &["endpoint", "caFile"];
 const FILTER_KEYS: &[&str] = &["endpoints", "excludeAdvertisedNetworks"];
 const PEER_KEYS: &[&str] = &[
     "name",
@@ -67,9 +70,19 @@ const DNSLOCAL_KEYS: &[&str] = &[
     "upstreams",
     "cache",
     "admin",
+    "clientRate",
+    "forward",
 ];
+const FORWARD_KEYS: &[&str] = &["zone", "to"];
 const INTERFACE_KEYS: &[&str] = &["name", "create"];
-const CACHE_KEYS: &[&str] = &["size", "maxTTL", "negativeTTL", "serveStale", "prefetch"];
+const CACHE_KEYS: &[&str] = &[
+    "size",
+    "maxTTL",
+    "negativeTTL",
+    "serveStale",
+    "prefetch",
+    "maxMemory",
+];
 
 /// A section mapping, checked for unknown keys; `None` when absent, null or not a mapping.
 fn section<'a>(
@@ -191,6 +204,11 @@ fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.m_kubespan_compat = get(ctx, s, P, "kubespanCompat", |c, n, k| c.boolean(n, k));
     o.m_clamp_mss = get(ctx, s, P, "clampMSS", |c, n, k| c.boolean(n, k));
     o.m_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
+    let disc = section(ctx, s, "discovery", "meshd.discovery", DISCOVERY_KEYS);
+    o.m_discovery_ca_file = get(ctx, disc, "meshd.discovery", "caFile", path);
+    o.m_discovery_endpoint_cas = get(ctx, disc, "meshd.discovery", "endpoints", |c, n, k| {
+        c.list(n, k, read_endpoint_ca)
+    });
     let filters = section(ctx, s, "filters", "meshd.filters", FILTER_KEYS);
     o.m_filters = get(ctx, filters, "meshd.filters", "endpoints", |c, n, k| {
         c.list(n, k, |c, item, k| c.parsed(item, k, FilterRule::parse))
@@ -235,6 +253,37 @@ fn read_mtu(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Mtu> {
             None
         }
     }
+}
+
+/// `{endpoint, caFile}`: both required.
+fn read_endpoint_ca(ctx: &mut Ctx, n: &Node, key: &str) -> Option<EndpointCa> {
+    if !ctx.check_keys(n, key, ENDPOINT_CA_KEYS) {
+        if n.is_null() {
+            ctx.issue(
+                n,
+                IssueKind::Type,
+                format!("`{key}`: expected a mapping with endpoint and caFile"),
+            );
+        }
+        return None;
+    }
+    let field = |ctx: &mut Ctx, name: &str| {
+        let node = n.get(name).filter(|v| !v.is_null());
+        if node.is_none() {
+            ctx.issue(
+                n,
+                IssueKind::Value,
+                format!("`{key}`: `{name}` is required"),
+            );
+        }
+        node
+    };
+    let endpoint = field(ctx, "endpoint").and_then(|v| ctx.string(v, &format!("{key}.endpoint")));
+    let ca_file = field(ctx, "caFile").and_then(|v| path(ctx, v, &format!("{key}.caFile")));
+    Some(EndpointCa {
+        endpoint: endpoint?,
+        ca_file: ca_file?,
+    })
 }
 
 fn read_peer(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Peer> {
@@ -315,6 +364,11 @@ fn read_dnslocal(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.d_cluster_dns = get(ctx, s, P, "clusterDNS", dns_servers);
     o.d_upstreams = get(ctx, s, P, "upstreams", dns_servers);
     o.d_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
+    o.d_client_rate = get(ctx, s, P, "clientRate", |c, n, k| {
+        c.uint(n, k, 0, 100_000_000)
+            .and_then(|v| u32::try_from(v).ok())
+    });
+    o.d_forward = get(ctx, s, P, "forward", |c, n, k| c.list(n, k, read_forward));
     let iface = section(ctx, s, "interface", "dnslocal.interface", INTERFACE_KEYS);
     o.d_if_name = get(ctx, iface, "dnslocal.interface", "name", |c, n, k| {
         c.parsed(n, k, parse_ifname)
@@ -332,6 +386,10 @@ fn read_dnslocal(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.d_cache_negative_ttl = get(ctx, cache, C, "negativeTTL", |c, n, k| c.duration(n, k));
     o.d_cache_serve_stale = get(ctx, cache, C, "serveStale", |c, n, k| c.duration(n, k));
     o.d_cache_prefetch = get(ctx, cache, C, "prefetch", |c, n, k| c.boolean(n, k));
+    o.d_cache_max_memory = get(ctx, cache, C, "maxMemory", |c, n, k| match &n.value {
+        Value::Int(_) => c.uint(n, k, MIN_CACHE_MEMORY, MAX_CACHE_MEMORY),
+        _ => c.parsed(n, k, parse_memory),
+    });
 }
 
 /// DNS servers: `ip` (port 53) or `ip:port`.
@@ -339,4 +397,85 @@ fn dns_servers(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Vec<std::net::Socke
     ctx.list(n, key, |c, item, k| {
         c.parsed(item, k, |s| parse::parse_socket_addr_default(s, 53))
     })
+}
+
+/// `dnslocal.cache.maxMemory` bounds: 1 MiB to 64 GiB.
+const MIN_CACHE_MEMORY: u64 = 1 << 20;
+const MAX_CACHE_MEMORY: u64 = 64 << 30;
+
+/// A byte size: a number of bytes, or with a unit `KiB`, `MiB`, `GiB` (also `Ki`, `Mi`, `Gi`).
+fn parse_memory(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.trim() {
+        "" => 0,
+        "Ki" | "KiB" => 10,
+        "Mi" | "MiB" => 20,
+        "Gi" | "GiB" => 30,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}`: expected bytes, or `KiB`, `MiB`, `GiB` (e.g. `64MiB`)"
+            ));
+        }
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{t}` is not a size (e.g. `64MiB`)"))?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .filter(|b| (MIN_CACHE_MEMORY..=MAX_CACHE_MEMORY).contains(b))
+        .ok_or_else(|| format!("`{t}` out of range: expected 1MiB-64GiB"))?;
+    Ok(bytes)
+}
+
+/// One `dnslocal.forward` entry: `{zone: corp.example, to: ["10.0.0.53", "10.0.0.54:5353"]}`.
+fn read_forward(ctx: &mut Ctx, n: &Node, key: &str) -> Option<crate::model::DnsForward> {
+    if !ctx.check_keys(n, key, FORWARD_KEYS) {
+        return None;
+    }
+    let zone_node = n.get("zone").filter(|v| !v.is_null());
+    let to_node = n.get("to").filter(|v| !v.is_null());
+    let (Some(zone_node), Some(to_node)) = (zone_node, to_node) else {
+        ctx.issue(
+            n,
+            IssueKind::Value,
+            format!(
+                "`{key}`: expected `zone` and `to` (e.g. {{zone: corp.example, to: [10.0.0.53]}})"
+            ),
+        );
+        return None;
+    };
+    let zone = ctx.parsed(zone_node, &format!("{key}.zone"), |s| {
+        let z = s.trim_end_matches('.').to_ascii_lowercase();
+        if parse::is_hostname(&z) {
+            Ok(z)
+        } else {
+            Err(format!("`{s}` is not a DNS zone name"))
+        }
+    });
+    let to = dns_servers(ctx, to_node, &format!("{key}.to"));
+    if to.as_ref().is_some_and(Vec::is_empty) {
+        ctx.issue(to_node, IssueKind::Value, format!("`{key}.to`: no server"));
+        return None;
+    }
+    Some(crate::model::DnsForward {
+        zone: zone?,
+        to: to?,
+    })
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::parse_memory;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_memory("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_memory("2Gi"), Ok(2 << 30));
+        assert_eq!(parse_memory("1048576"), Ok(1 << 20));
+        assert!(parse_memory("64MB").is_err());
+        assert!(parse_memory("1KiB").is_err(), "below 1 MiB");
+        assert!(parse_memory("99999999999GiB").is_err());
+    }
 }

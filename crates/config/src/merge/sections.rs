@@ -256,7 +256,50 @@ pub fn meshd(
         clamp_mss: m.first("meshd.clampMSS", [o.m_clamp_mss.clone()], d.clamp_mss),
         ula_prefix: m.first("meshd.ulaPrefix", [ula], None),
         admin: m.first("meshd.admin", [o.m_admin.clone()], d.admin),
+        discovery_ca_file: m.optional("meshd.discovery.caFile", [o.m_discovery_ca_file.clone()]),
+        discovery_endpoint_cas: endpoint_cas(ctx, m, o, cluster),
     }
+}
+
+/// `meshd.discovery.endpoints`: with discovery on, each must name a discovery endpoint in use (a typo
+/// would otherwise leave that endpoint on the system bundle, silently).
+fn endpoint_cas(
+    ctx: &mut Ctx,
+    m: &mut Merger,
+    o: &Ours,
+    cluster: &ClusterConfig,
+) -> Vec<crate::model::EndpointCa> {
+    let list = m.first(
+        "meshd.discovery.endpoints",
+        [o.m_discovery_endpoint_cas.clone()],
+        Vec::new(),
+    );
+    let known = &cluster.discovery.endpoints;
+    // With discovery off there is nothing to check against (the file may be shared by nodes).
+    let checked = if cluster.discovery.enabled {
+        list.as_slice()
+    } else {
+        &[]
+    };
+    for e in checked {
+        if !known
+            .iter()
+            .any(|k| crate::model::same_endpoint(k, &e.endpoint))
+        {
+            let pos = pos_of(m.sources.get("meshd.discovery.endpoints"));
+            let message = format!(
+                "`meshd.discovery.endpoints`: `{}` is not a discovery endpoint in use (expected one of {known:?})",
+                e.endpoint
+            );
+            ctx.issues.push(crate::error::Issue::new(
+                &ctx.origin,
+                pos,
+                IssueKind::Value,
+                message,
+            ));
+        }
+    }
+    list
 }
 
 /// The 10th address of `net` (kube-dns's conventional ClusterIP), if the prefix holds it.
@@ -275,12 +318,64 @@ pub fn tenth_address(net: &IpNet) -> Option<IpAddr> {
     }
 }
 
+/// Where the cluster zone goes when nothing says it in HybridNetConfig: the kubelet's `clusterDNS`,
+/// minus dnslocal's own listen addresses (an own address is never a cluster-zone forwarder: on Talos
+/// set up as `docs/talos.md` says, `machine.kubelet.clusterDNS` *is* dnslocal), else kube-dns
+/// derived from the service subnet. Dropping an own address is reported in `warnings`.
+fn cluster_dns_from_talos(
+    t: &TalosFacts,
+    listen: &[SocketAddr],
+    derived: Sourced<Vec<SocketAddr>>,
+    warnings: &mut Vec<String>,
+) -> Sourced<Vec<SocketAddr>> {
+    let (dns, source) = t.cluster_dns.clone()?;
+    let own = |a: &SocketAddr| listen.contains(a);
+    if !dns.iter().any(own) {
+        return Some((dns, source));
+    }
+    let dropped: Vec<String> = dns
+        .iter()
+        .filter(|a| own(a))
+        .map(ToString::to_string)
+        .collect();
+    let kept: Vec<SocketAddr> = dns.iter().filter(|a| !own(a)).copied().collect();
+    let dropped = dropped.join(", ");
+    if !kept.is_empty() {
+        warnings.push(format!(
+            "{source} lists {dropped}, dnslocal's own listen address: the cluster zone goes to the others only"
+        ));
+        return Some((kept, source));
+    }
+    match derived {
+        Some((dns, from)) => {
+            let field = field_of(&from);
+            warnings.push(format!(
+                "{source} points at dnslocal itself ({dropped}): the cluster zone goes to kube-dns at the 10th address of {field} instead"
+            ));
+            Some((
+                dns,
+                Source::derived(format!(
+                    "{field} (the kubelet's clusterDNS, {}, is dnslocal itself)",
+                    field_of(&source)
+                )),
+            ))
+        }
+        None => {
+            warnings.push(format!(
+                "{source} points at dnslocal itself ({dropped}) and no service subnet is known: set dnslocal.clusterDNS to kube-dns's ClusterIP (using the default until then)"
+            ));
+            None
+        }
+    }
+}
+
 pub fn dnslocal(
     ctx: &mut Ctx,
     m: &mut Merger,
     t: &TalosFacts,
     o: &Ours,
     d: &DnslocalConfig,
+    warnings: &mut Vec<String>,
 ) -> DnslocalConfig {
     let derived_dns = match &t.service_subnets {
         Some((nets, source)) if !nets.is_empty() => match tenth_address(&nets[0]) {
@@ -310,8 +405,22 @@ pub fn dnslocal(
             s,
         )
     });
+    let listen = m.first("dnslocal.listen", [o.d_listen.clone()], d.listen.clone());
+    if let Some((dns, source)) = &o.d_cluster_dns
+        && let Some(own) = dns.iter().find(|a| listen.contains(a))
+    {
+        ctx.issues.push(crate::error::Issue::new(
+            &ctx.origin,
+            pos_of(source),
+            IssueKind::Value,
+            format!(
+                "`dnslocal.clusterDNS`: {own} is one of dnslocal's own listen addresses (the cluster zone would loop): expected kube-dns's ClusterIP"
+            ),
+        ));
+    }
+    let talos_dns = cluster_dns_from_talos(t, &listen, derived_dns.clone(), warnings);
     DnslocalConfig {
-        listen: m.first("dnslocal.listen", [o.d_listen.clone()], d.listen.clone()),
+        listen,
         interface: DnsInterface {
             name: m.first(
                 "dnslocal.interface.name",
@@ -331,7 +440,7 @@ pub fn dnslocal(
         ),
         cluster_dns: m.first(
             "dnslocal.clusterDNS",
-            [o.d_cluster_dns.clone(), t.cluster_dns.clone(), derived_dns],
+            [o.d_cluster_dns.clone(), talos_dns, derived_dns],
             d.cluster_dns.clone(),
         ),
         upstreams: m.first(
@@ -365,7 +474,18 @@ pub fn dnslocal(
                 [o.d_cache_prefetch.clone()],
                 d.cache.prefetch,
             ),
+            max_memory: m.first(
+                "dnslocal.cache.maxMemory",
+                [o.d_cache_max_memory.clone()],
+                d.cache.max_memory,
+            ),
         },
         admin: m.first("dnslocal.admin", [o.d_admin.clone()], d.admin),
+        client_rate: m.first(
+            "dnslocal.clientRate",
+            [o.d_client_rate.clone()],
+            d.client_rate,
+        ),
+        forward: m.first("dnslocal.forward", [o.d_forward.clone()], d.forward.clone()),
     }
 }

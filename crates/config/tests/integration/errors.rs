@@ -272,3 +272,34 @@ fn gateway_pins() {
         "unknown gateway `sometimes`: expected auto, always or never",
     );
 }
+
+#[test]
+fn dnslocal_hardening_keys() {
+    let c = ok(&ours(
+        "dnslocal:\n  clientRate: 0\n  cache: {maxMemory: 16MiB}\n  forward:\n    - {zone: Corp.Example., to: [10.0.0.53, \"10.0.0.54:5353\"]}\n    - {zone: a.corp.example, to: [10.0.1.53]}\n",
+    ));
+    assert_eq!(c.dnslocal.client_rate, 0);
+    assert_eq!(c.dnslocal.cache.max_memory, 16 << 20);
+    assert_eq!(c.dnslocal.forward.len(), 2);
+    assert_eq!(c.dnslocal.forward[0].zone, "corp.example");
+    assert_eq!(
+        c.dnslocal.forward[0].to,
+        vec![
+            "10.0.0.53:53".parse().unwrap_or_else(|_| unreachable!()),
+            "10.0.0.54:5353".parse().unwrap_or_else(|_| unreachable!())
+        ]
+    );
+    assert_eq!(ok("").dnslocal.cache.max_memory, 64 << 20);
+    let e = err(&ours("dnslocal:\n  cache: {maxMemory: 64MB}\n"));
+    assert!(e.to_string().contains("unknown unit"), "{e}");
+    let e = err(&ours(
+        "dnslocal:\n  forward:\n    - {zone: corp.example, to: [10.0.0.53]}\n    - {zone: corp.example., to: [10.0.0.54]}\n",
+    ));
+    assert!(e.to_string().contains("listed twice"), "{e}");
+    let e = err(&ours(
+        "dnslocal:\n  forward:\n    - {zone: \"bad zone\", to: [10.0.0.53]}\n",
+    ));
+    assert!(e.to_string().contains("not a DNS zone name"), "{e}");
+    let e = err(&ours("dnslocal:\n  forward:\n    - {zone: corp.example}\n"));
+    assert!(e.to_string().contains("expected `zone` and `to`"), "{e}");
+}

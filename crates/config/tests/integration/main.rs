@@ -3,4 +3,5 @@
 mod common;
 mod errors;
 mod fixtures;
+mod loops;
 mod precedence;

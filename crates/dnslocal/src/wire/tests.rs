@@ -80,10 +80,11 @@ fn parses_a_query_with_lowercased_key() {
         q.edns,
         Some(Edns {
             udp_size: 4096,
-            dnssec_ok: true
+            dnssec_ok: true,
+            version: 0,
         })
     );
-    assert_eq!(q.udp_limit(), 4096);
+    assert_eq!(q.udp_limit(), 1232, "capped at our advertised size");
     assert_eq!(*q.key.last().unwrap(), 0b10, "DO is part of the key");
     let plain = parse_query(&query("www.example.", RecordType::AAAA, None)).unwrap();
     assert_eq!(plain.udp_limit(), 512);
@@ -339,4 +340,33 @@ fn positive_answers_are_kept_minimal_unless_dnssec_ok() {
     let dq = parse_query(&dnssec).unwrap();
     let full = analyse_answer(&upstream, &dnssec, &dq, &POLICY).unwrap();
     assert_eq!(u16_at(&full.bytes, 8), Some(1), "authority kept with DO");
+}
+
+#[test]
+fn edns_version_above_zero_gets_badvers() {
+    let mut buf = query("www.example.", RecordType::A, Some((1232, false)));
+    // The OPT record is last: its TTL's second byte is the version.
+    let n = buf.len();
+    buf[n - 11 + 6] = 1;
+    let q = parse_query(&buf).unwrap();
+    assert_eq!(q.edns.unwrap().version, 1);
+    let mut out = Vec::new();
+    badvers_response(&buf, &q, &mut out);
+    let m = Message::from_vec(&out).unwrap();
+    assert_eq!(u16::from(m.metadata.response_code), 16, "BADVERS");
+    assert_eq!(m.edns.as_ref().unwrap().version(), 0);
+}
+
+#[test]
+fn any_gets_the_rfc8482_answer() {
+    let buf = query("www.example.", RecordType::ANY, Some((1232, false)));
+    let q = parse_query(&buf).unwrap();
+    let mut out = Vec::new();
+    any_response(&buf, &q, &mut out);
+    let m = Message::from_vec(&out).unwrap();
+    assert_eq!(m.metadata.id, 0xBEEF);
+    assert_eq!(m.answers.len(), 1);
+    assert_eq!(m.answers[0].record_type(), RecordType::HINFO);
+    assert_eq!(m.answers[0].name, Name::from_str("www.example.").unwrap());
+    assert!(m.edns.is_some());
 }

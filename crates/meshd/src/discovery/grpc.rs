@@ -1,9 +1,12 @@
 //! A small gRPC client over HTTP/2 (hyper), for the discovery service's unary calls and its server
 //! stream. gRPC framing: a 1-byte compression flag (always 0 here), a 4-byte big-endian length, the
 //! protobuf message; the status comes in the trailers (or in the headers of a trailers-only answer).
-//! `https://` endpoints use TLS (rustls, system roots from the usual CA bundle paths, ALPN `h2`);
-//! `http://` is plain HTTP/2 (self-hosted services, tests).
+//! `https://` endpoints use TLS (rustls, system roots from the usual CA bundle paths plus an optional
+//! CA file for a self-hosted service with its own CA, ALPN `h2`); `http://` is plain HTTP/2
+//! (self-hosted services, tests). Both are read at every connect, so a renewed bundle or CA file is
+//! picked up on the next reconnect.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +49,19 @@ impl std::fmt::Display for Target {
 
 impl Target {
     pub fn parse(text: &str) -> Result<Target, String> {
+        Self::parse_with(text, true)
+    }
+
+    /// Where a `Hello` redirect points, seen from this target. The service sends a gRPC target
+    /// (`--redirect-endpoint`, "e.g. 'example.com:443'", discovery-service
+    /// `cmd/discovery-service/main.go`), and Talos's client dials it with the transport it already
+    /// uses (discovery-client `pkg/client/client.go`, `Run`: only `options.Endpoint` changes, the
+    /// dial options stay): a redirect without a scheme keeps ours; one with a scheme says which.
+    pub fn redirect(&self, text: &str) -> Result<Target, String> {
+        Self::parse_with(text, self.tls)
+    }
+
+    fn parse_with(text: &str, bare_tls: bool) -> Result<Target, String> {
         let t = text.trim();
         let (tls, rest) = if let Some(r) = t.strip_prefix("https://") {
             (true, r)
@@ -54,7 +70,7 @@ impl Target {
         } else if let Some(r) = t.strip_prefix("grpc://") {
             (false, r)
         } else {
-            (true, t)
+            (bare_tls, t)
         };
         let hostport = rest.split('/').next().unwrap_or_default();
         let default_port = if tls { 443 } else { 80 };
@@ -107,7 +123,31 @@ impl Drop for Channel {
     }
 }
 
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+/// Adds the certificates of a CA file (PEM); an unreadable file, or one without a usable
+/// certificate, is an error (the operator named it).
+fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("caFile {}: {e}", path.display()))?;
+    let mut added = 0;
+    for cert in iter {
+        let cert = cert.map_err(|e| format!("caFile {}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("caFile {}: {e}", path.display()))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(format!(
+            "caFile {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -118,8 +158,14 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
             }
         }
     }
+    if let Some(path) = ca_file {
+        add_ca_file(&mut roots, path)?;
+    }
     if roots.is_empty() {
-        return Err("no CA certificates found for TLS".into());
+        return Err(format!(
+            "no CA certificates for TLS: the system bundle ({}) is empty or missing and no caFile is set",
+            CA_BUNDLES.join(", ")
+        ));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -132,20 +178,25 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
 }
 
 impl Channel {
-    /// Connects (TCP, TLS when asked, HTTP/2 handshake) within `timeout`.
-    pub async fn connect(target: &Target, timeout: Duration) -> Result<Channel, String> {
-        tokio::time::timeout(timeout, Self::connect_inner(target))
+    /// Connects (TCP, TLS when asked, trusting `ca_file` besides the system bundle, HTTP/2
+    /// handshake) within `timeout`.
+    pub async fn connect(
+        target: &Target,
+        ca_file: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Channel, String> {
+        tokio::time::timeout(timeout, Self::connect_inner(target, ca_file))
             .await
             .map_err(|_| format!("connecting to {target}: timed out"))?
     }
 
-    async fn connect_inner(target: &Target) -> Result<Channel, String> {
+    async fn connect_inner(target: &Target, ca_file: Option<&Path>) -> Result<Channel, String> {
         let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(|e| format!("connecting to {target}: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn Io> = if target.tls {
-            let connector = tokio_rustls::TlsConnector::from(tls_config()?);
+            let connector = tokio_rustls::TlsConnector::from(tls_config(ca_file)?);
             let name = rustls::pki_types::ServerName::try_from(target.host.clone())
                 .map_err(|e| format!("{target}: {e}"))?;
             Box::new(
@@ -340,6 +391,49 @@ mod tests {
         assert_eq!(t.to_string(), "http://[2001:db8::1]:3000");
         assert!(Target::parse("https://").is_err());
         assert!(Target::parse("http://h:x").is_err());
+    }
+
+    /// The real service redirects to a bare `host:port` (a gRPC target): the transport stays.
+    #[test]
+    fn a_redirect_without_a_scheme_keeps_the_transport() {
+        let plain = Target::parse("http://192.0.2.1:3000/").unwrap();
+        let to = plain.redirect("192.0.2.2:3001").unwrap();
+        assert_eq!(
+            (to.tls, to.host.as_str(), to.port),
+            (false, "192.0.2.2", 3001)
+        );
+        let to = plain.redirect("[2001:db8::2]:3001").unwrap();
+        assert_eq!((to.tls, to.host.as_str()), (false, "2001:db8::2"));
+        let to = plain.redirect("https://discovery.example.org").unwrap();
+        assert_eq!((to.tls, to.port), (true, 443));
+        let tls = Target::parse("https://discovery.talos.dev/").unwrap();
+        let to = tls.redirect("discovery2.example.org:443").unwrap();
+        assert_eq!((to.tls, to.port), (true, 443));
+        let to = tls.redirect("http://192.0.2.2:3001").unwrap();
+        assert!(!to.tls);
+        assert!(plain.redirect("h:x").is_err());
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        let missing = dir.path().join("missing.pem");
+        let e = add_ca_file(&mut roots, &missing).unwrap_err();
+        assert!(e.contains("missing.pem"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = add_ca_file(&mut roots, &empty).unwrap_err();
+        assert!(e.contains("no PEM certificate"), "{e}");
+        assert!(roots.is_empty());
+        // A PEM block whose content is no certificate is refused.
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(
+            &bad,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(add_ca_file(&mut roots, &bad).is_err(), "garbage DER");
     }
 
     #[test]

@@ -2,6 +2,13 @@
 //! deltas), AffiliateUpdate at TTL/2 and on every local change, AffiliateDelete on a clean stop;
 //! reconnects with capped exponential backoff, and a reconnect always starts from a new snapshot
 //! (which is also how a "lost update" is resynced).
+//!
+//! The backoff starts over once a session has received its snapshot: a service (or a proxy in front
+//! of it) that ends long-lived streams every few seconds is healthy, and must not push us to the
+//! 15 s cap. Talos's client does the same: it resets its backoff after every successful update and
+//! waits its first interval (500 ms, randomised by half) before it watches again (discovery-client
+//! `pkg/client/client.go`, `Run`: `client.backoff.Reset()` after `refreshData`, `NextBackOff()`
+//! before `sendHello`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,12 +25,24 @@ use crate::metrics::Metrics;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// The wait before watching again after a session that had its snapshot (Talos: its first backoff
+/// interval, 500 ms). A session costs three calls (Hello, Watch, AffiliateUpdate), so even a service
+/// that ends every stream at once sees at most about 7 calls a second from us, under the real
+/// service's per-IP limit of 15 a second (discovery-service `pkg/limits/limits.go`).
+const RESUME: Duration = Duration::from_millis(500);
 const MAX_REDIRECTS: u32 = 5;
+/// `HelloRequest.client_version`: `vX.Y.Z`, as Talos sends its own tag. The service labels its
+/// `discovery_server_hello_requests_total` by the `vX.Y` it parses out of it and counts anything
+/// else as `unknown` (discovery-service `pkg/server/version.go`, `parseVersion`).
+pub const CLIENT_VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug)]
 pub(super) struct Registry {
     pub index: usize,
     pub endpoint: String,
+    /// Extra CA certificates trusted for this endpoint (and where it redirects), besides the system
+    /// bundle; Talos's client keeps its TLS config across redirects too.
+    pub ca_file: Option<std::path::PathBuf>,
     pub cluster_id: String,
     pub our_id: String,
     pub codec: Codec,
@@ -73,7 +92,11 @@ impl Registry {
                 break;
             }
             self.set_state("connecting", None);
-            match self.session(&mut target, &mut published_once).await {
+            let mut watched = false;
+            let error = match self
+                .session(&mut target, &mut published_once, &mut watched)
+                .await
+            {
                 Ok(Some(next)) if redirects < MAX_REDIRECTS => {
                     tracing::info!(from = %target, to = %next, "discovery service redirects");
                     target = next;
@@ -81,41 +104,25 @@ impl Registry {
                     continue;
                 }
                 Ok(Some(_)) => {
-                    tracing::warn!(endpoint = %self.endpoint, "too many redirects; starting over");
                     target = Target::parse(&self.endpoint).unwrap_or(target);
                     redirects = 0;
+                    "too many redirects; starting over from the configured endpoint".to_owned()
                 }
-                Ok(None) => break,
-                Err(Ended::Stop) => break,
-                Err(Ended::Failed(error)) => {
-                    tracing::warn!(endpoint = %target, %error, retry_in = ?backoff, "discovery service unreachable or failed");
-                    self.metrics
-                        .discovery_errors
-                        .get_or_create(&self.labels())
-                        .inc();
-                    let i = self.index;
-                    self.shared.update(|s| {
-                        if let Some(st) = s.status.get_mut(i) {
-                            st.state = "backoff".into();
-                            st.error = Some(error);
-                            st.reconnects += 1;
-                        }
-                    });
-                    self.metrics
-                        .discovery_registry_up
-                        .get_or_create(&self.labels())
-                        .set(0);
-                    // Jitter: 80-120 %.
-                    let wait = backoff.mul_f64(0.8 + fastrand::f64() * 0.4);
-                    tokio::select! {
-                        () = self.stop.cancelled() => break,
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
+                Ok(None) | Err(Ended::Stop) => break,
+                Err(Ended::Failed(error)) => error,
+            };
+            // A session that had its snapshot was healthy: start the backoff over.
+            let wait = if watched {
+                backoff = BACKOFF_MIN;
+                RESUME
+            } else {
+                let w = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                w
+            };
+            if !self.pause(&target, error, watched, wait).await {
+                break;
             }
-            backoff = BACKOFF_MIN;
         }
         if published_once {
             self.delete(&target).await;
@@ -127,6 +134,36 @@ impl Registry {
             .set(0);
     }
 
+    /// Reports a failed or ended session and waits `wait` (jittered 80-120 %); `false` on stop.
+    async fn pause(&self, target: &Target, error: String, watched: bool, wait: Duration) -> bool {
+        let wait = wait.mul_f64(0.8 + fastrand::f64() * 0.4);
+        if watched {
+            tracing::info!(endpoint = %target, %error, retry_in = ?wait, "discovery watch ended; watching again");
+        } else {
+            tracing::warn!(endpoint = %target, %error, retry_in = ?wait, "discovery service unreachable or failed");
+        }
+        self.metrics
+            .discovery_errors
+            .get_or_create(&self.labels())
+            .inc();
+        let i = self.index;
+        self.shared.update(|s| {
+            if let Some(st) = s.status.get_mut(i) {
+                st.state = "backoff".into();
+                st.error = Some(error);
+                st.reconnects += 1;
+            }
+        });
+        self.metrics
+            .discovery_registry_up
+            .get_or_create(&self.labels())
+            .set(0);
+        tokio::select! {
+            () = self.stop.cancelled() => false,
+            () = tokio::time::sleep(wait) => true,
+        }
+    }
+
     /// A clean stop removes our record at once (otherwise it lingers until its TTL).
     async fn delete(&self, target: &Target) {
         let req = server::AffiliateDeleteRequest {
@@ -134,7 +171,8 @@ impl Registry {
             affiliate_id: self.our_id.clone(),
         };
         let work = async {
-            let mut ch = Channel::connect(target, Duration::from_secs(2)).await?;
+            let mut ch =
+                Channel::connect(target, self.ca_file.as_deref(), Duration::from_secs(2)).await?;
             ch.unary::<_, server::Empty>("AffiliateDelete", &req, Duration::from_secs(2))
                 .await
         };
@@ -146,31 +184,33 @@ impl Registry {
         }
     }
 
-    /// One connection: returns `Ok(Some(target))` for a redirect, `Ok(None)` on stop.
+    /// One connection: returns `Ok(Some(target))` for a redirect, `Ok(None)` on stop; sets
+    /// `watched` once the watch has delivered its snapshot.
     async fn session(
         &mut self,
         target: &mut Target,
         published_once: &mut bool,
+        watched: &mut bool,
     ) -> Result<Option<Target>, Ended> {
         let stop = self.stop.clone();
         let fail = Ended::Failed;
         let mut ch = tokio::select! {
             () = stop.cancelled() => return Err(Ended::Stop),
-            r = Channel::connect(target, CALL_TIMEOUT) => r.map_err(fail)?,
+            r = Channel::connect(target, self.ca_file.as_deref(), CALL_TIMEOUT) => r.map_err(fail)?,
         };
         let hello: server::HelloResponse = ch
             .unary(
                 "Hello",
                 &server::HelloRequest {
                     cluster_id: self.cluster_id.clone(),
-                    client_version: concat!("hybridnet-meshd ", env!("CARGO_PKG_VERSION")).into(),
+                    client_version: CLIENT_VERSION.into(),
                 },
                 CALL_TIMEOUT,
             )
             .await
             .map_err(fail)?;
         if let Some(r) = hello.redirect.filter(|r| !r.endpoint.is_empty()) {
-            return Target::parse(&r.endpoint).map(Some).map_err(fail);
+            return target.redirect(&r.endpoint).map(Some).map_err(fail);
         }
         let public_ip = super::codec::ip_from_bytes(&hello.client_ip);
         let i = self.index;
@@ -208,6 +248,7 @@ impl Registry {
                     let msg = msg.map_err(fail)?;
                     self.absorb(msg, first, &mut known);
                     first = false;
+                    *watched = true;
                 }
             }
         }

@@ -25,6 +25,9 @@ impl Mesh {
                     .set(i64::from(kind == now));
             }
             let l = metrics::peer(&p.name);
+            // A counter series that appears only at its first increment hides that increment from
+            // `increase()` (the MeshdPathFailover alert): start every peer's at 0.
+            drop(self.metrics.peer_failovers.get_or_create(&l));
             let state = p.state();
             if state == PeerState::Up {
                 up += 1;

@@ -1,0 +1,497 @@
+//! The checks: pure functions of [`Facts`], each returning findings in plain words with the fix.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use hybridnet_config::Config;
+use serde_json::Value;
+
+use crate::facts::{Facts, Record, route_interface};
+use crate::kubelet::url_host_port;
+use crate::model::Finding;
+
+/// Talos's host DNS resolver (`constants.HostDNSAddress` in siderolabs/talos pkg/machinery/constants).
+pub const TALOS_HOST_DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 116, 108));
+/// WireGuard's per-packet overhead over IPv4 (20 IP + 8 UDP + 32 WireGuard) and over IPv6 (+20).
+const WG_OVERHEAD_V4: u32 = 60;
+const WG_OVERHEAD_V6: u32 = 80;
+/// apiprism counts as unused when it has served no connection this long after start.
+const UNUSED_AFTER_SECS: u64 = 120;
+
+/// Every check, in the order they print.
+pub fn all(f: &Facts) -> Vec<Finding> {
+    let mut out = vec![match &f.config {
+        Ok(_) => Finding::ok("config", format!("{} loads", f.config_path.display())),
+        Err(e) => Finding::fail(
+            "config",
+            format!("{} does not load: {e}", f.config_path.display()),
+            format!(
+                "run `meshd check-config --config {}` and fix what it names",
+                f.config_path.display()
+            ),
+        ),
+    }];
+    out.extend(f.records.iter().map(|(d, r)| running(d, r)));
+    let Ok(cfg) = &f.config else {
+        return out;
+    };
+    out.push(kubelet_dns(f, cfg));
+    out.push(kubelet_dns_twice(f, cfg));
+    out.push(kubelet_api(f, cfg));
+    out.push(apiprism_used(f));
+    out.push(kubeprism_port(f, cfg));
+    out.push(mesh_port(f));
+    out.push(mtu(f));
+    out.push(forwarding(f));
+    out.push(clock(f));
+    out
+}
+
+fn live_details<'a>(f: &'a Facts, daemon: &str) -> Option<(&'a Value, u64)> {
+    match f.records.get(daemon) {
+        Some(Record::Live {
+            details,
+            uptime_secs,
+            ..
+        }) => Some((details, *uptime_secs)),
+        _ => None,
+    }
+}
+
+fn running(daemon: &'static str, r: &Record) -> Finding {
+    let check = match daemon {
+        "apiprism" => "apiprism-running",
+        "meshd" => "meshd-running",
+        _ => "dnslocal-running",
+    };
+    match r {
+        Record::Live { ready: true, .. } => {
+            Finding::ok(check, format!("{daemon} runs and is ready"))
+        }
+        Record::Live { ready: false, .. } => Finding::warn(
+            check,
+            format!("{daemon} runs but is not ready"),
+            format!("run `{daemon} status` and read its log for what it waits for"),
+        ),
+        Record::Stale { summary, age_secs } => Finding::fail(
+            check,
+            format!("{daemon} is not running (its last status, {age_secs}s old: {summary})"),
+            format!(
+                "start {daemon} (Talos: `talosctl service ext-{daemon}`; systemd: `systemctl status hybridnet-{daemon}`) and read its log"
+            ),
+        ),
+        Record::Missing(why) => Finding::fail(
+            check,
+            format!("{daemon} has no status record ({why})"),
+            format!("start {daemon}, or pass --state-dir / --config with the stateDir it uses"),
+        ),
+    }
+}
+
+fn listen_ips(cfg: &Config) -> Vec<IpAddr> {
+    cfg.dnslocal.listen.iter().map(SocketAddr::ip).collect()
+}
+
+fn join<T: ToString>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn kubelet_dns(f: &Facts, cfg: &Config) -> Finding {
+    const C: &str = "kubelet-dns";
+    let found = match &f.kubelet_dns {
+        Err(e) => {
+            return Finding::fail(
+                C,
+                format!("cannot read the kubelet config: {e}"),
+                "fix or remove the broken file, or pass --kubelet-config",
+            );
+        }
+        Ok(None) => {
+            return Finding::skip(
+                C,
+                "no kubelet config found (kubeadm /var/lib/kubelet/config.yaml, Talos /etc/kubernetes/kubelet.yaml or machine.kubelet.clusterDNS, k3s /etc/rancher/k3s/config.yaml); pass --kubelet-config",
+            );
+        }
+        Ok(Some(found)) => found,
+    };
+    let ours = listen_ips(cfg);
+    if found.value.iter().any(|ip| ours.contains(ip)) {
+        return Finding::ok(
+            C,
+            format!(
+                "the kubelet gives pods dnslocal ({}), from {}",
+                join(&found.value),
+                found.source
+            ),
+        );
+    }
+    let first = ours
+        .first()
+        .map_or_else(|| "169.254.20.10".to_owned(), ToString::to_string);
+    Finding::fail(
+        C,
+        format!(
+            "the kubelet gives pods {} as DNS ({}), but dnslocal listens on {}: pods' lookups bypass dnslocal",
+            join(&found.value),
+            found.source,
+            join(&ours)
+        ),
+        format!(
+            "set the kubelet's clusterDNS to [{first}] (kubeadm: clusterDNS in /var/lib/kubelet/config.yaml, then restart the kubelet; Talos: machine.kubelet.clusterDNS; k3s: --cluster-dns {first}), or add {} to dnslocal.listen to intercept the current address",
+            found
+                .value
+                .first()
+                .map_or_else(String::new, |ip| format!("{ip}:53"))
+        ),
+    )
+}
+
+fn kubelet_dns_twice(f: &Facts, cfg: &Config) -> Finding {
+    const C: &str = "kubelet-dns-single";
+    let Ok(Some(found)) = &f.kubelet_dns else {
+        return Finding::skip(C, "no kubelet DNS servers to look at");
+    };
+    let ours = listen_ips(cfg);
+    let others: Vec<IpAddr> = found
+        .value
+        .iter()
+        .copied()
+        .filter(|ip| !ours.contains(ip))
+        .collect();
+    if others.len() == found.value.len() || others.is_empty() {
+        return Finding::ok(C, "the kubelet gives pods one DNS service");
+    }
+    if others.contains(&TALOS_HOST_DNS) {
+        return Finding::fail(
+            C,
+            format!(
+                "the kubelet gives pods both dnslocal and Talos's host DNS ({TALOS_HOST_DNS}) ({}): lookups go to either, cluster names fail when they reach host DNS without forwardKubeDNSToHost",
+                found.source
+            ),
+            "keep only dnslocal in machine.kubelet.clusterDNS; to let host DNS serve the node itself, leave machine.features.hostDNS on but out of clusterDNS",
+        );
+    }
+    Finding::warn(
+        C,
+        format!(
+            "the kubelet gives pods dnslocal and {} ({}): glibc falls back to the others when dnslocal is slow, bypassing its cache",
+            join(&others),
+            found.source
+        ),
+        "list only dnslocal's address in clusterDNS (dnslocal already fails over between its upstreams)",
+    )
+}
+
+fn is_apiprism(cfg: &Config, host: &str, port: u16) -> bool {
+    let local = matches!(host, "localhost" | "127.0.0.1" | "::1");
+    cfg.apiprism
+        .listen
+        .iter()
+        .any(|l| l.port() == port && (local || l.ip().to_string() == host))
+}
+
+fn kubelet_api(f: &Facts, cfg: &Config) -> Finding {
+    const C: &str = "kubelet-api";
+    let found = match &f.kubelet_server {
+        Err(e) => {
+            return Finding::fail(
+                C,
+                format!("cannot read the kubelet kubeconfig: {e}"),
+                "fix the file, or pass --kubeconfig",
+            );
+        }
+        Ok(None) => {
+            return Finding::skip(
+                C,
+                "no kubelet kubeconfig found (kubeadm /etc/kubernetes/kubelet.conf, Talos /etc/kubernetes/kubeconfig-kubelet, k3s kubelet.kubeconfig); pass --kubeconfig",
+            );
+        }
+        Ok(Some(found)) => found,
+    };
+    match url_host_port(&found.value) {
+        Some((host, port)) if is_apiprism(cfg, &host, port) => Finding::ok(
+            C,
+            format!(
+                "the kubelet reaches the API through apiprism ({}, {})",
+                found.value, found.source
+            ),
+        ),
+        _ => Finding::fail(
+            C,
+            format!(
+                "the kubelet talks to {} directly ({}): when that server goes, so does this node's API",
+                found.value, found.source
+            ),
+            format!(
+                "point the kubelet's kubeconfig at https://127.0.0.1:{} (kubeadm: server: in /etc/kubernetes/kubelet.conf; k3s agents: --server stays, use apiprism for the rest; Talos: enable KubePrism or give apiprism its port)",
+                cfg.apiprism.listen.first().map_or(7445, SocketAddr::port)
+            ),
+        ),
+    }
+}
+
+fn apiprism_used(f: &Facts) -> Finding {
+    const C: &str = "apiprism-used";
+    let Some((details, uptime)) = live_details(f, "apiprism") else {
+        return Finding::skip(C, "apiprism is not running");
+    };
+    let upstreams = details["upstreams"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let total: u64 = upstreams.iter().filter_map(|u| u["total"].as_u64()).sum();
+    let active: u64 = upstreams.iter().filter_map(|u| u["active"].as_u64()).sum();
+    if total > 0 || active > 0 {
+        return Finding::ok(
+            C,
+            format!("apiprism carried {total} client connections ({active} open)"),
+        );
+    }
+    if uptime < UNUSED_AFTER_SECS {
+        return Finding::ok(
+            C,
+            format!("apiprism has carried no connection yet (up {uptime}s)"),
+        );
+    }
+    Finding::warn(
+        C,
+        format!("nothing uses apiprism: no client connection in {uptime}s"),
+        "point the kubelet, kube-proxy and the CNI agent at https://127.0.0.1:7445 (their kubeconfigs, or KUBERNETES_SERVICE_HOST/PORT for the CNI)",
+    )
+}
+
+fn kubeprism_port(f: &Facts, cfg: &Config) -> Finding {
+    const C: &str = "kubeprism-port";
+    // On Talos the extension's config rarely holds the machine config (the loader refuses a clash when it
+    // does), so the running apiprism is the evidence: a configured address it does not listen on is held by
+    // something else, KubePrism on Talos.
+    let Some((details, _)) = live_details(f, "apiprism") else {
+        return Finding::skip(C, "apiprism is not running");
+    };
+    let listening: Vec<&str> = details["listen"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let missing: Vec<SocketAddr> = cfg
+        .apiprism
+        .listen
+        .iter()
+        .copied()
+        .filter(|l| !listening.contains(&l.to_string().as_str()))
+        .collect();
+    if missing.is_empty() {
+        let kp = cfg.cluster.kube_prism.as_ref().map_or_else(
+            || "KubePrism off or unknown".to_owned(),
+            |k| format!("KubePrism on {}", k.port),
+        );
+        return Finding::ok(
+            C,
+            format!("apiprism listens on {} ({kp})", join(&cfg.apiprism.listen)),
+        );
+    }
+    let port = missing.first().map_or(7445, SocketAddr::port);
+    Finding::fail(
+        C,
+        format!(
+            "apiprism cannot listen on {}: another process holds the port (on Talos: KubePrism, which also defaults to {port})",
+            join(&missing)
+        ),
+        format!(
+            "either set machine.features.kubePrism.enabled: false (apiprism takes over {port}), or move apiprism.listen to another port, e.g. 127.0.0.1:7455; `ss -ltnp sport = :{port}` shows who holds it"
+        ),
+    )
+}
+
+fn mesh_port(f: &Facts) -> Finding {
+    const C: &str = "mesh-port";
+    let Some((details, uptime)) = live_details(f, "meshd") else {
+        return Finding::skip(C, "meshd is not running");
+    };
+    let port = details["listenPort"].as_u64().unwrap_or(0);
+    let peers = details["peers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if peers.is_empty() {
+        return Finding::skip(C, "meshd has no peers yet");
+    }
+    let up = peers.iter().filter(|p| p["state"] == "up").count();
+    if up > 0 {
+        return Finding::ok(
+            C,
+            format!(
+                "{up} of {} peers reach this node's mesh ports (UDP {port} and {})",
+                peers.len(),
+                port + 1
+            ),
+        );
+    }
+    let down = peers.iter().filter(|p| p["state"] == "down").count();
+    if down == 0 && uptime < 30 {
+        return Finding::ok(C, format!("no peer up yet (meshd up {uptime}s)"));
+    }
+    let probes = port + 1;
+    Finding::fail(
+        C,
+        format!(
+            "none of {} peers answers: the mesh ports (UDP {port} WireGuard, {probes} probes) are not reachable from any peer",
+            peers.len()
+        ),
+        format!(
+            "allow UDP {port} and {probes} in from the other nodes (host firewall: e.g. `nft add rule inet filter input udp dport {{ {port}, {probes} }} accept`; cloud security group or NAT port forward of both); then `meshd status` shows the peers up"
+        ),
+    )
+}
+
+fn mtu(f: &Facts) -> Finding {
+    const C: &str = "mtu";
+    let Some((details, _)) = live_details(f, "meshd") else {
+        return Finding::skip(C, "meshd is not running");
+    };
+    let mesh_mtu = u32::try_from(details["mtu"].as_u64().unwrap_or(0)).unwrap_or(u32::MAX);
+    let iface = details["interface"].as_str().unwrap_or("");
+    let mut problems = Vec::new();
+    if let Some(&real) = f.mtus.get(iface)
+        && mesh_mtu > 0
+        && real != mesh_mtu
+    {
+        problems.push(format!("{iface} has MTU {real}, meshd wants {mesh_mtu}"));
+    }
+    let peers = details["peers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for p in peers {
+        let Some(ep) = p["endpoint"]
+            .as_str()
+            .and_then(|e| e.parse::<SocketAddr>().ok())
+        else {
+            continue;
+        };
+        let (dev, overhead) = match ep.ip() {
+            IpAddr::V4(ip) => (route_interface(&f.routes, ip), WG_OVERHEAD_V4),
+            IpAddr::V6(_) => (None, WG_OVERHEAD_V6),
+        };
+        let Some(dev) = dev else { continue };
+        if let Some(&under) = f.mtus.get(dev)
+            && mesh_mtu + overhead > under
+        {
+            problems.push(format!(
+                "to {} ({ep}) via {dev}: {mesh_mtu} + {overhead} bytes of WireGuard > the link's {under}",
+                p["name"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    let clamp_error = details["mssClamp"]["error"].as_str();
+    let clamp_on = details["mssClamp"]["enabled"].as_bool().unwrap_or(false);
+    if !problems.is_empty() {
+        return Finding::fail(
+            C,
+            format!(
+                "mesh packets do not fit the underlay: {} (they are fragmented or silently dropped)",
+                problems.join("; ")
+            ),
+            "set meshd.mtu to the smallest underlay MTU minus 80 (or `mtu: auto`), and keep clampMSS on",
+        );
+    }
+    if let Some(e) = clamp_error {
+        return Finding::warn(
+            C,
+            format!(
+                "the MSS clamping rule is missing ({e}): TCP over the mesh stalls on paths with a PMTU black hole"
+            ),
+            "load nf_tables and give meshd NET_ADMIN; `meshd status` shows when it is back",
+        );
+    }
+    if !clamp_on {
+        return Finding::warn(
+            C,
+            format!(
+                "mesh MTU {mesh_mtu} fits, but MSS clamping is off: pods' TCP relies on PMTU discovery"
+            ),
+            "set meshd.clampMSS: true unless the CNI clamps",
+        );
+    }
+    Finding::ok(
+        C,
+        format!("mesh MTU {mesh_mtu} fits every peer's underlay link, MSS clamped"),
+    )
+}
+
+fn forwarding(f: &Facts) -> Finding {
+    const C: &str = "forwarding";
+    let Some((details, _)) = live_details(f, "meshd") else {
+        return Finding::skip(C, "meshd is not running");
+    };
+    let gateway = details["topology"]["gatewayCandidate"]
+        .as_bool()
+        .unwrap_or(false);
+    match (f.ipv4_forward, gateway) {
+        (None, _) => Finding::skip(C, "cannot read net.ipv4.ip_forward"),
+        (Some(true), _) => Finding::ok(C, "IPv4 forwarding is on"),
+        (Some(false), true) => Finding::fail(
+            C,
+            "this node is a gateway for its location but IPv4 forwarding is off: traffic between locations through it is dropped",
+            "sysctl -w net.ipv4.ip_forward=1 (persist it: /etc/sysctl.d, or Talos machine.sysctls)",
+        ),
+        (Some(false), false) => Finding::warn(
+            C,
+            "IPv4 forwarding is off: pod traffic cannot cross this node (fine only if no pods run here)",
+            "sysctl -w net.ipv4.ip_forward=1 (the CNI usually sets it)",
+        ),
+    }
+}
+
+/// TLS errors a wrong clock causes, as rustls and Go word them.
+const CLOCK_WORDS: [&str; 5] = [
+    "notvalidyet",
+    "not yet valid",
+    "expired",
+    "certificate has expired",
+    "clock",
+];
+
+fn clock(f: &Facts) -> Finding {
+    const C: &str = "clock";
+    let Some((details, _)) = live_details(f, "meshd") else {
+        return Finding::skip(C, "meshd is not running");
+    };
+    let registries = details["discovery"]["registries"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if registries.is_empty() {
+        return Finding::skip(C, "no discovery registry to check the clock against");
+    }
+    for r in registries {
+        let error = r["error"].as_str().unwrap_or("").to_lowercase();
+        if CLOCK_WORDS.iter().any(|w| error.contains(w)) {
+            return Finding::fail(
+                C,
+                format!(
+                    "discovery registry {} fails on certificate validity ({}): this node's clock is off",
+                    r["endpoint"].as_str().unwrap_or("?"),
+                    r["error"].as_str().unwrap_or("")
+                ),
+                "synchronise the clock (Talos: machine.time.servers; elsewhere chrony or systemd-timesyncd), then meshd reconnects on its own",
+            );
+        }
+    }
+    let watching = registries
+        .iter()
+        .filter(|r| r["state"] == "watching")
+        .count();
+    Finding::ok(
+        C,
+        format!(
+            "{watching} of {} discovery registries watching; no certificate-time error",
+            registries.len()
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests;

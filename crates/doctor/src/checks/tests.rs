@@ -1,0 +1,288 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use super::*;
+use crate::facts::{Record, Route4};
+use crate::kubelet::Found;
+use crate::model::Verdict;
+
+fn config(yaml: &str) -> Config {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    hybridnet_config::load_file(&path).expect("valid config")
+}
+
+const OURS: &str =
+    "apiVersion: v1alpha1\nkind: HybridNetConfig\ndnslocal: {listen: [\"169.254.20.10:53\"]}\n";
+
+fn meshd(peers: serde_json::Value, uptime: u64) -> Record {
+    Record::Live {
+        ready: true,
+        uptime_secs: uptime,
+        details: json!({
+            "interface": "hybridnet0", "listenPort": 51821, "mtu": 1420,
+            "mssClamp": {"enabled": true, "error": null},
+            "peers": peers,
+        }),
+    }
+}
+
+fn facts(cfg: &str) -> Facts {
+    Facts {
+        config_path: PathBuf::from("/etc/hybridnet.yaml"),
+        config: Ok(config(cfg)),
+        kubelet_dns: Ok(None),
+        kubelet_server: Ok(None),
+        records: BTreeMap::new(),
+        ipv4_forward: Some(true),
+        mtus: BTreeMap::from([("eth0".to_owned(), 1500), ("hybridnet0".to_owned(), 1420)]),
+        routes: vec![Route4 {
+            dest: Ipv4Addr::new(192, 0, 2, 0),
+            prefix_len: 24,
+            interface: "eth0".to_owned(),
+        }],
+    }
+}
+
+fn find<'a>(all: &'a [Finding], check: &str) -> &'a Finding {
+    all.iter()
+        .find(|f| f.check == check)
+        .unwrap_or_else(|| panic!("no {check} in {all:#?}"))
+}
+
+fn dns(ips: &[&str]) -> Result<Option<Found<Vec<IpAddr>>>, String> {
+    Ok(Some(Found {
+        value: ips.iter().map(|s| s.parse().expect("ip")).collect(),
+        source: "/var/lib/kubelet/config.yaml clusterDNS".to_owned(),
+    }))
+}
+
+#[test]
+fn kubelet_dns_elsewhere_fails_with_the_fix() {
+    let mut f = facts(OURS);
+    f.kubelet_dns = dns(&["10.96.0.10"]);
+    let all = all(&f);
+    let k = find(&all, "kubelet-dns");
+    assert_eq!(k.verdict, Verdict::Fail);
+    assert!(
+        k.message.contains("10.96.0.10") && k.message.contains("169.254.20.10"),
+        "{k:?}"
+    );
+    let fix = k.fix.as_deref().unwrap_or_default();
+    assert!(fix.contains("clusterDNS to [169.254.20.10]"), "{fix}");
+    assert!(
+        fix.contains("add 10.96.0.10:53 to dnslocal.listen"),
+        "{fix}"
+    );
+
+    f.kubelet_dns = dns(&["169.254.20.10"]);
+    assert_eq!(find(&all_of(&f), "kubelet-dns").verdict, Verdict::Ok);
+    // interception: dnslocal also listens on the kube-dns address the kubelet hands out
+    let mut f = facts(
+        "apiVersion: v1alpha1\nkind: HybridNetConfig\ndnslocal: {listen: [\"169.254.20.10:53\", \"10.96.0.10:53\"]}\n",
+    );
+    f.kubelet_dns = dns(&["10.96.0.10"]);
+    assert_eq!(find(&all_of(&f), "kubelet-dns").verdict, Verdict::Ok);
+}
+
+fn all_of(f: &Facts) -> Vec<Finding> {
+    all(f)
+}
+
+#[test]
+fn talos_host_dns_beside_dnslocal_fails() {
+    let mut f = facts(OURS);
+    f.kubelet_dns = dns(&["169.254.20.10", "169.254.116.108"]);
+    let all = all(&f);
+    assert_eq!(find(&all, "kubelet-dns").verdict, Verdict::Ok);
+    let k = find(&all, "kubelet-dns-single");
+    assert_eq!(k.verdict, Verdict::Fail, "{k:?}");
+    assert!(k.message.contains("host DNS"), "{k:?}");
+    f.kubelet_dns = dns(&["169.254.20.10", "10.96.0.10"]);
+    assert_eq!(
+        find(&all_of(&f), "kubelet-dns-single").verdict,
+        Verdict::Warn
+    );
+}
+
+#[test]
+fn kubeprism_holds_apiprism_port() {
+    let mut f = facts(
+        "apiVersion: v1alpha1\nkind: HybridNetConfig\napiprism: {listen: [\"127.0.0.1:7445\"]}\n",
+    );
+    let apiprism = |listen: serde_json::Value| Record::Live {
+        ready: true,
+        uptime_secs: 10,
+        details: json!({"listen": listen, "upstreams": []}),
+    };
+    f.records.insert("apiprism", apiprism(json!([])));
+    let k = find(&all(&f), "kubeprism-port").clone();
+    assert_eq!(k.verdict, Verdict::Fail, "{k:?}");
+    assert!(
+        k.message.contains("127.0.0.1:7445") && k.message.contains("KubePrism"),
+        "{k:?}"
+    );
+    assert!(
+        k.fix
+            .unwrap_or_default()
+            .contains("kubePrism.enabled: false")
+    );
+    f.records
+        .insert("apiprism", apiprism(json!(["127.0.0.1:7445"])));
+    assert_eq!(find(&all(&f), "kubeprism-port").verdict, Verdict::Ok);
+}
+
+#[test]
+fn kubelet_past_apiprism_and_apiprism_unused() {
+    let mut f = facts(OURS);
+    f.kubelet_server = Ok(Some(Found {
+        value: "https://10.0.0.1:6443".to_owned(),
+        source: "/etc/kubernetes/kubelet.conf server".to_owned(),
+    }));
+    f.records.insert(
+        "apiprism",
+        Record::Live {
+            ready: true,
+            uptime_secs: 600,
+            details: json!({"upstreams": [{"address": "10.0.0.1:6443", "total": 0, "active": 0}]}),
+        },
+    );
+    let all = all(&f);
+    assert_eq!(find(&all, "kubelet-api").verdict, Verdict::Fail);
+    assert_eq!(find(&all, "apiprism-used").verdict, Verdict::Warn);
+    f.kubelet_server = Ok(Some(Found {
+        value: "https://127.0.0.1:7445".to_owned(),
+        source: "kubeconfig".to_owned(),
+    }));
+    assert_eq!(find(&all_of(&f), "kubelet-api").verdict, Verdict::Ok);
+}
+
+#[test]
+fn mesh_port_unreachable_from_every_peer() {
+    let mut f = facts(OURS);
+    let peers = json!([
+        {"name": "b", "state": "down", "endpoint": "192.0.2.12:51821"},
+        {"name": "c", "state": "down", "endpoint": "192.0.2.13:51821"},
+    ]);
+    f.records.insert("meshd", meshd(peers.clone(), 120));
+    let k = find(&all(&f), "mesh-port").clone();
+    assert_eq!(k.verdict, Verdict::Fail, "{k:?}");
+    assert!(k.message.contains("UDP 51821"), "{k:?}");
+    assert!(k.message.contains("51822 probes"), "{k:?}");
+    assert!(
+        k.fix
+            .unwrap_or_default()
+            .contains("udp dport { 51821, 51822 } accept")
+    );
+    f.records.insert(
+        "meshd",
+        meshd(
+            json!([{"name": "b", "state": "up"}, {"name": "c", "state": "down"}]),
+            120,
+        ),
+    );
+    assert_eq!(find(&all_of(&f), "mesh-port").verdict, Verdict::Ok);
+    f.records.insert("meshd", meshd(peers, 5));
+    assert_eq!(
+        find(&all_of(&f), "mesh-port").verdict,
+        Verdict::Fail,
+        "peers already declared down"
+    );
+    f.records.insert(
+        "meshd",
+        meshd(json!([{"name": "b", "state": "unknown"}]), 5),
+    );
+    assert_eq!(
+        find(&all_of(&f), "mesh-port").verdict,
+        Verdict::Ok,
+        "too early to tell"
+    );
+}
+
+#[test]
+fn mtu_black_hole_and_clamp() {
+    let mut f = facts(OURS);
+    f.mtus.insert("eth0".to_owned(), 1400);
+    f.records.insert(
+        "meshd",
+        meshd(
+            json!([{"name": "b", "state": "up", "endpoint": "192.0.2.12:51821"}]),
+            60,
+        ),
+    );
+    let k = find(&all(&f), "mtu").clone();
+    assert_eq!(k.verdict, Verdict::Fail, "{k:?}");
+    assert!(
+        k.message.contains("1420 + 60") && k.message.contains("1400"),
+        "{k:?}"
+    );
+    f.mtus.insert("eth0".to_owned(), 1500);
+    assert_eq!(find(&all_of(&f), "mtu").verdict, Verdict::Ok);
+    f.mtus.insert("hybridnet0".to_owned(), 1500);
+    assert_eq!(
+        find(&all_of(&f), "mtu").verdict,
+        Verdict::Fail,
+        "the interface differs from meshd's MTU"
+    );
+}
+
+#[test]
+fn forwarding_off_on_a_gateway() {
+    let mut f = facts(OURS);
+    f.ipv4_forward = Some(false);
+    let mut m = meshd(json!([]), 60);
+    if let Record::Live { details, .. } = &mut m {
+        details["topology"] =
+            json!({"location": "a", "gatewayCandidate": true, "gateways": {"a": "n1"}});
+    }
+    f.records.insert("meshd", m);
+    assert_eq!(find(&all(&f), "forwarding").verdict, Verdict::Fail);
+    f.ipv4_forward = Some(true);
+    assert_eq!(find(&all_of(&f), "forwarding").verdict, Verdict::Ok);
+}
+
+#[test]
+fn clock_skew_seen_in_discovery_tls_errors() {
+    let mut f = facts(OURS);
+    let mut m = meshd(json!([]), 60);
+    if let Record::Live { details, .. } = &mut m {
+        details["discovery"] = json!({"registries": [{"endpoint": "discovery.talos.dev:443", "state": "backoff",
+            "error": "invalid peer certificate: NotValidYet"}]});
+    }
+    f.records.insert("meshd", m);
+    assert_eq!(find(&all(&f), "clock").verdict, Verdict::Fail);
+}
+
+#[test]
+fn missing_daemons_and_bad_config_fail_the_report() {
+    let mut f = facts(OURS);
+    f.records
+        .insert("dnslocal", Record::Missing("no such file".to_owned()));
+    f.records.insert(
+        "apiprism",
+        Record::Stale {
+            summary: "stopped".to_owned(),
+            age_secs: 40,
+        },
+    );
+    let report = crate::Report::new(all(&f));
+    assert!(!report.ok);
+    assert_eq!(
+        find(&report.findings, "dnslocal-running").verdict,
+        Verdict::Fail
+    );
+    assert_eq!(
+        find(&report.findings, "apiprism-running").verdict,
+        Verdict::Fail
+    );
+    f.config = Err("line 3: bad".to_owned());
+    let all = all(&f);
+    assert_eq!(find(&all, "config").verdict, Verdict::Fail);
+    assert!(
+        all.iter().all(|x| x.check != "kubelet-dns"),
+        "config-dependent checks are left out"
+    );
+}

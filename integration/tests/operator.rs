@@ -1,0 +1,371 @@
+//! Root tests of the operator kit against the real daemons: two nodes, each running apiprism, meshd and
+//! dnslocal (meshd meshed with the other node).
+//!
+//! - every metric the alerting rules and the Grafana dashboards name is in the daemons' real `/metrics`
+//!   (`hack/operator/metrics_check.py` over the six scrapes);
+//! - `meshd doctor` on a healthy node: exit 0, kubelet DNS and the mesh port OK;
+//! - a broken node (the kubelet's clusterDNS pointing past dnslocal, the mesh port dropped by nftables):
+//!   `doctor` exits 1 and names both problems with their fix.
+//!
+//! The kubelet is not running here: its config file and kubeconfig are written as kubeadm writes them
+//! (`KubeletConfiguration` with `clusterDNS`, a kubeconfig with `server`), which is all doctor reads of it.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use hybridnet_integration::discovery::DiscoveryServer;
+use hybridnet_integration::dnslocal::{LISTEN, Nsd, dig_in, require_tools};
+use hybridnet_integration::meshd::{MeshLab, MeshNode, PORT};
+use hybridnet_integration::{
+    Daemon, DaemonKind, Netns, TimedOutput, bin_path, require_root, run_with_timeout, wait_until,
+    write_atomic,
+};
+use serde_json::Value;
+
+const SOON: Duration = Duration::from_secs(15);
+const CLI: Duration = Duration::from_secs(10);
+
+/// apiprism and dnslocal settings beside meshd's, for each node's config: apiprism in front of a TCP
+/// stand-in on node2 and a dead address; dnslocal forwarding the cluster zone to a dead address (timeouts)
+/// and the rest to NSD on the node's loopback.
+const OTHERS: &str = "apiprism: {listen: [\"127.0.0.1:7445\"], endpoints: [\"192.0.2.12:6443\", \"192.0.2.1:6443\"]}\n\
+                      dnslocal: {listen: [\"169.254.20.10:53\"], clusterDNS: [\"192.0.2.53:53\"], upstreams: [\"127.0.0.11:53\"]}\n";
+
+/// The lab's discovery identity: 32 bytes each, base64 (as Talos writes them).
+const CLUSTER_ID: &str = "aHlicmlkbmV0LWxhYi1jbHVzdGVyLWlkLTAwMDAwMDA=";
+const CLUSTER_SECRET: &str = "aHlicmlkbmV0LWxhYi1jbHVzdGVyLXNlY3JldC0wMDA=";
+
+/// A TCP server that accepts and closes, standing in for an API server (only the TCP side matters to
+/// apiprism's metrics); stops on drop.
+struct TcpStandin {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpStandin {
+    fn start(netns: &Netns, addr: SocketAddr) -> Result<TcpStandin> {
+        let listener = netns.tcp_listener(addr)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(TcpStandin {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for TcpStandin {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Lab {
+    // Drop order: daemons and stand-ins before the lab's namespaces.
+    daemons: Vec<Daemon>,
+    _api: TcpStandin,
+    _nsd: Vec<Nsd>,
+    _discovery: DiscoveryServer,
+    lab: MeshLab,
+}
+
+fn start_lab() -> Result<Lab> {
+    require_root();
+    let mut lab = MeshLab::new(2, "operator");
+    lab.switch
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
+    let discovery = DiscoveryServer::start(&lab.switch, "198.51.100.1:3000".parse()?);
+    for node in &mut lab.nodes {
+        node.extra = format!(
+            "{OTHERS}---\napiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\nclusterID: {CLUSTER_ID}\n\
+             clusterSecret: {CLUSTER_SECRET}\n---\napiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: lab\n\
+             endpoint: {}\n",
+            discovery.url()
+        );
+    }
+    require_tools(&["nsd", "dig", "nft"]);
+    let api = TcpStandin::start(&lab.nodes[1].netns, "192.0.2.12:6443".parse()?)?;
+    let nsd = lab
+        .nodes
+        .iter()
+        .map(|n| Nsd::start(&n.netns, &lab.dir, 0))
+        .collect();
+    let mut daemons = lab.start_all();
+    for node in &lab.nodes {
+        for kind in [DaemonKind::Apiprism, DaemonKind::Dnslocal] {
+            daemons.push(
+                Daemon::builder(kind, &node.netns, &node.config)
+                    .log_file(node.config.with_file_name(format!("{}.log", kind.name())))
+                    .start(),
+            );
+        }
+    }
+    for d in &mut daemons {
+        let what = d.kind().name();
+        d.wait_ready(SOON)
+            .with_context(|| format!("{what} ready"))?;
+    }
+    for node in &lab.nodes {
+        wait_until(SOON, format!("{} sees its peer up", node.name()), || {
+            node.all_up(1)
+        })?;
+    }
+    Ok(Lab {
+        daemons,
+        _discovery: discovery,
+        _api: api,
+        _nsd: nsd,
+        lab,
+    })
+}
+
+/// Traffic through node1's apiprism and dnslocal, so that every labelled family has a series: a connection
+/// through apiprism (per-upstream counters appear on first use), a lookup NSD answers (upstream latency)
+/// and one in the cluster zone whose server is dead (upstream errors).
+fn traffic(node: &MeshNode) -> Result<()> {
+    wait_until(SOON, "a request through apiprism", || {
+        let out = node
+            .netns
+            .exec(&["curl", "-s", "--max-time", "2", "http://127.0.0.1:7445/"]);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if body == "ok" {
+            Ok(())
+        } else {
+            Err(format!("{body:?} {}", String::from_utf8_lossy(&out.stderr)))
+        }
+    })?;
+    let ok = dig_in(node.netns.name(), LISTEN, &["www.example.test", "A"]);
+    ensure!(
+        ok.status == "NOERROR",
+        "www.example.test through dnslocal: {ok:?}"
+    );
+    let _ = dig_in(
+        node.netns.name(),
+        LISTEN,
+        &["kubernetes.default.svc.cluster.local", "A"],
+    );
+    Ok(())
+}
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+#[test]
+fn rules_and_dashboards_name_only_exported_metrics() -> Result<()> {
+    let lab = start_lab()?;
+    traffic(&lab.lab.nodes[0])?;
+    wait_until(SOON, "node1's discovery registry watching", || {
+        let d = lab.lab.nodes[0].details()?;
+        if d["discovery"]["registries"][0]["state"] == "watching" {
+            Ok(())
+        } else {
+            Err(d["discovery"].to_string())
+        }
+    })?;
+    let mut files = Vec::new();
+    for (i, d) in lab.daemons.iter().enumerate() {
+        let text = d
+            .metrics()
+            .with_context(|| format!("scrape {}", d.kind().name()))?
+            .0;
+        let path = lab.lab.dir.join(format!("{i}-{}.metrics", d.kind().name()));
+        std::fs::write(&path, text)?;
+        files.push(path);
+    }
+    let out = run_with_timeout(
+        Command::new("/usr/bin/python3")
+            .arg(repo().join("hack/operator/metrics_check.py"))
+            .args(&files),
+        CLI,
+    );
+    eprintln!("{}", out.stdout);
+    ensure!(
+        out.code() == Some(0),
+        "metrics_check.py: {}",
+        out.describe()
+    );
+    ensure!(
+        !out.stdout.contains("MISSING")
+            && out
+                .stdout
+                .contains(" metric names in the rules and dashboards are exported"),
+        "{}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// Runs `meshd doctor --json` inside the node's namespace (its /proc/sys/net and /sys/class/net).
+fn doctor(node: &MeshNode, kubelet_config: &Path, kubeconfig: &Path) -> (TimedOutput, Value) {
+    let out = run_with_timeout(
+        node.netns
+            .command(bin_path(DaemonKind::Meshd))
+            .arg("doctor")
+            .arg("--config")
+            .arg(&node.config)
+            .arg("--kubelet-config")
+            .arg(kubelet_config)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--json"),
+        CLI,
+    );
+    let json = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+    (out, json)
+}
+
+fn finding<'a>(report: &'a Value, check: &str) -> &'a Value {
+    report["findings"]
+        .as_array()
+        .and_then(|fs| fs.iter().find(|f| f["check"] == check))
+        .unwrap_or(&Value::Null)
+}
+
+fn kubelet_files(dir: &Path, cluster_dns: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let config = dir.join("kubelet-config.yaml");
+    write_atomic(
+        &config,
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDomain: cluster.local\nclusterDNS:\n- {cluster_dns}\n"
+        ),
+    );
+    let kubeconfig = dir.join("kubelet.conf");
+    write_atomic(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: k\n  cluster: {server: \"https://127.0.0.1:7445\"}\ncontexts:\n- name: c\n  context: {cluster: k, user: u}\ncurrent-context: c\n",
+    );
+    (config, kubeconfig)
+}
+
+#[test]
+fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -> Result<()> {
+    let lab = start_lab()?;
+    let node = &lab.lab.nodes[0];
+    let dir = lab.lab.dir.path();
+
+    let (kc, kube) = kubelet_files(dir, "169.254.20.10");
+    let (out, report) = doctor(node, &kc, &kube);
+    eprintln!("healthy node:\n{}", out.stdout);
+    ensure!(
+        out.code() == Some(0),
+        "doctor on a healthy node: {}",
+        out.describe()
+    );
+    for check in [
+        "kubelet-dns",
+        "kubelet-api",
+        "mesh-port",
+        "kubeprism-port",
+        "meshd-running",
+    ] {
+        ensure!(
+            finding(&report, check)["verdict"] == "ok",
+            "{check}: {}",
+            out.describe()
+        );
+    }
+
+    // Break it: the kubelet hands pods kube-dns directly, and node1 drops the mesh ports (WireGuard's and
+    // the probes', listenPort + 1).
+    let (kc, kube) = kubelet_files(dir, "10.96.0.10");
+    for rule in [
+        "add table inet hntest".to_owned(),
+        "add chain inet hntest input { type filter hook input priority 0 ; }".to_owned(),
+        format!(
+            "add rule inet hntest input udp dport {{ {PORT}, {} }} drop",
+            PORT + 1
+        ),
+    ] {
+        let args: Vec<&str> = std::iter::once("nft").chain(rule.split(' ')).collect();
+        let o = node.netns.exec(&args);
+        ensure!(
+            o.status.success(),
+            "nft {rule}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    wait_until(SOON, "node1 sees its peer down", || {
+        let peer = node.peer("node2")?;
+        if peer["state"] == "down" {
+            Ok(())
+        } else {
+            Err(peer.to_string())
+        }
+    })?;
+    let (out, report) = doctor(node, &kc, &kube);
+    let text = run_with_timeout(
+        node.netns
+            .command(bin_path(DaemonKind::Meshd))
+            .args(["doctor", "--config"])
+            .arg(&node.config)
+            .arg("--kubelet-config")
+            .arg(&kc)
+            .arg("--kubeconfig")
+            .arg(&kube),
+        CLI,
+    );
+    eprintln!("broken node:\n{}", text.stdout);
+    ensure!(
+        out.code() == Some(1) && text.code() == Some(1),
+        "doctor on a broken node: {}",
+        out.describe()
+    );
+    ensure!(report["ok"] == false, "{}", out.describe());
+
+    let dns = finding(&report, "kubelet-dns");
+    ensure!(dns["verdict"] == "fail", "kubelet-dns: {dns}");
+    let message = dns["message"].as_str().unwrap_or_default();
+    ensure!(
+        message.contains("10.96.0.10") && message.contains("bypass dnslocal"),
+        "{dns}"
+    );
+    let fix = dns["fix"].as_str().unwrap_or_default();
+    ensure!(fix.contains("clusterDNS to [169.254.20.10]"), "{dns}");
+
+    let port = finding(&report, "mesh-port");
+    ensure!(port["verdict"] == "fail", "mesh-port: {port}");
+    ensure!(
+        port["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!(
+                "(UDP {PORT} WireGuard, {} probes) are not reachable from any peer",
+                PORT + 1
+            )),
+        "{port}"
+    );
+    ensure!(
+        port["fix"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("udp dport {{ {PORT}, {} }} accept", PORT + 1)),
+        "{port}"
+    );
+    ensure!(
+        text.stdout
+            .contains("fix: set the kubelet's clusterDNS to [169.254.20.10]"),
+        "{}",
+        text.describe()
+    );
+    Ok(())
+}
