@@ -583,3 +583,81 @@ fn a_cluster_dns_that_leads_back_to_dnslocal_is_refused_at_run_time() {
     let outside = dig_in(ns.name(), LISTEN, &["www.example.test"]);
     assert_eq!(outside.data(), vec!["192.0.2.80"], "{}", outside.text);
 }
+
+/// A link of dnslocal's interface name that dnslocal did not create (a CNI's bridge, an administrator's
+/// link) is left alone: no addresses added, not deleted on exit, and the status names it.
+#[test]
+fn a_foreign_link_of_its_name_is_left_alone() {
+    let ns = Netns::new();
+    let dir = TestDir::new("dnslocal-foreign");
+    ns.ip(&["link", "add", "dnslocal0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.123.0.1/32", "dev", "dnslocal0"]);
+    let config = write_config(&dir, "dnslocal", "127.0.0.1:7448", &["127.0.0.1:53"], "1h");
+    let mut daemon = Daemon::builder(DaemonKind::Dnslocal, &ns, config).start();
+    let state = dir.join("dnslocal-state");
+    let summary = daemon
+        .wait_alive(READY, "dnslocal to report the foreign link", |_| {
+            let s = DaemonKind::Dnslocal.read_status(&state)?;
+            if s.summary.contains("dnslocal did not create it") {
+                Ok(s.summary)
+            } else {
+                Err(s.summary)
+            }
+        })
+        .unwrap();
+    assert!(
+        summary.contains("dnslocal0") && summary.contains("bridge"),
+        "{summary}"
+    );
+    daemon.signal(Signal::SIGTERM).unwrap();
+    daemon.wait_exit(Duration::from_secs(10)).unwrap();
+    let link = String::from_utf8_lossy(&ns.exec(&["ip", "-d", "addr", "show", "dnslocal0"]).stdout)
+        .into_owned();
+    assert!(link.contains("10.123.0.1/32"), "untouched: {link}");
+    assert!(
+        !link.contains(&LISTEN.to_string()),
+        "no listen address added: {link}"
+    );
+    assert!(!link.contains("hybridnet-dnslocal"), "not marked: {link}");
+}
+
+/// A start that fails after the link was made (the listen port is taken) removes the link again.
+#[test]
+fn a_failed_bind_removes_the_link() {
+    let ns = Netns::new();
+    let dir = TestDir::new("dnslocal-failed-bind");
+    // A TCP listener on the wildcard address without SO_REUSEPORT: dnslocal's TCP bind on the listen
+    // address fails (its UDP port stays free, so its teardown does not take it for another instance's).
+    let holder = ns
+        .enter(|| std::net::TcpListener::bind("0.0.0.0:53"))
+        .unwrap()
+        .unwrap();
+    let config = write_config(&dir, "dnslocal", "127.0.0.1:7448", &["127.0.0.1:53"], "1h");
+    let mut daemon = Daemon::builder(DaemonKind::Dnslocal, &ns, config).start();
+    let state = dir.join("dnslocal-state");
+    daemon
+        .wait_alive(READY, "dnslocal to report the failed bind", |_| {
+            let s = DaemonKind::Dnslocal.read_status(&state)?;
+            s.summary
+                .contains("not serving")
+                .then_some(())
+                .ok_or(s.summary)
+        })
+        .unwrap();
+    // Between the retries the link is gone.
+    wait_until(
+        Duration::from_secs(6),
+        "no link after the failed start",
+        || {
+            let link = ns.exec(&["ip", "link", "show", "dnslocal0"]);
+            (!link.status.success())
+                .then_some(())
+                .ok_or_else(|| String::from_utf8_lossy(&link.stdout).into_owned())
+        },
+    )
+    .unwrap();
+    drop(holder);
+    daemon.wait_ready(READY).unwrap();
+    daemon.signal(Signal::SIGTERM).unwrap();
+    daemon.wait_exit(Duration::from_secs(10)).unwrap();
+}

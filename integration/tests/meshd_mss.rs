@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use hybridnet_integration::meshd::MeshLab;
-use hybridnet_integration::{Netns, wait_until};
+use hybridnet_integration::{Daemon, Netns, wait_until};
 use nix::sys::signal::Signal;
 
 /// The mesh MTU (meshd's default).
@@ -366,8 +366,10 @@ fn pod_traffic_over_the_mesh_gets_a_clamped_mss() {
     lab.write_config(1);
     daemons.push(lab.start(1));
     let node2 = &lab.nodes[1].netns;
+    // The status of this process, not the one the killed process left behind.
+    let pid = daemons.last().map(Daemon::pid);
     wait_until(Duration::from_secs(10), "meshd up without clamping", || {
-        lab.nodes[1].all_up(1)
+        lab.nodes[1].all_up_in(1, pid)
     })
     .unwrap_or_else(|e| panic!("{e}"));
     wait_until(Duration::from_secs(5), "the stale table removed", || {

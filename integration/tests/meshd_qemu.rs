@@ -2,7 +2,8 @@
 //! busybox, the WireGuard and virtio modules and our static meshd) on two QEMU socket networks ("private" and
 //! "public"). Asserts that each VM's mesh interface is a kernel WireGuard link and that traffic crosses the
 //! mesh both ways; that cutting the private path moves each side to the public one (in-place endpoint update);
-//! and that after SIGKILL the link keeps passing traffic without meshd and a new meshd adopts it.
+//! that after SIGKILL the link keeps passing traffic without meshd and a new meshd adopts it (it carries
+//! meshd's mark); and that a link deleted from outside comes back within one resync.
 //! Fails (never skips) when QEMU, the kernel, busybox-static, kmod, cpio, wireguard-tools or the static
 //! meshd binary is missing.
 
@@ -97,7 +98,14 @@ while [ $i -lt 100 ] && ! uses 198.51.100.1$other; do i=$((i + 1)); sleep 0.1; d
 t1=$(centis)
 uses 198.51.100.1$other && moved=yes || moved=no
 echo "HN-FAILOVER node=$node moved=$moved ms=$(( (t1 - t0) * 10 )) ping=$(pings 10)"
+ops() { wget -qO- http://127.0.0.1:7447/metrics | awk '$1 == "meshd_wireguard_peer_ops_total" { print $2 }'; }
 if [ "$node" = 1 ]; then
+  # Identical prefixes: a ghost peer (down) claims vm2's 10.99.0.2/32 too. The kernel keeps a prefix on one
+  # peer only; a plan that wanted it on both would move it on every resync (and to the ghost: no traffic).
+  before=$(ops)
+  sleep 25
+  after=$(ops)
+  echo "HN-CONFLICT node=$node conflicts=$(wget -qO- http://127.0.0.1:7447/metrics | awk '$1 == "meshd_prefix_conflicts" { print $2 }') ops=$((after - before)) ping=$(pings 10)"
   # SIGKILL: the kernel link and its peers stay, traffic goes on without meshd; a new meshd adopts them.
   kill -9 $pid
   sleep 1
@@ -106,20 +114,38 @@ if [ "$node" = 1 ]; then
   i=0
   while [ $i -lt 100 ] && ! uses 198.51.100.1$other; do i=$((i + 1)); sleep 0.1; done
   echo "HN-ADOPT node=$node link=$(grep -c DEVTYPE=wireguard /sys/class/net/hybridnet0/uevent) ping_without_meshd=$without ping=$(pings 10)"
+  # The link deleted from outside: meshd re-creates it (marked) within one resync (10 s) and traffic passes.
+  alias=$(cat /sys/class/net/hybridnet0/ifalias 2>/dev/null)
+  ip link delete hybridnet0
+  t0=$(centis)
+  i=0
+  while [ $i -lt 150 ] && ! grep -q DEVTYPE=wireguard /sys/class/net/hybridnet0/uevent 2>/dev/null; do i=$((i + 1)); sleep 0.1; done
+  t1=$(centis)
+  echo "HN-RECREATE node=$node alias=$alias link=$(grep -c DEVTYPE=wireguard /sys/class/net/hybridnet0/uevent 2>/dev/null) ms=$(( (t1 - t0) * 10 )) ping=$(pings 20)"
 fi
 /bin/meshd status --config $cfg
 tail -20 /run/meshd.log
-sleep 40
+sleep 90
 echo "HN-DONE node=$node"
 poweroff -f
 "#;
 
 fn config(node: u8, other: u8, other_key: &str) -> String {
-    format!(
+    // Node 1 also lists a ghost peer (never up) claiming node 2's address: identical prefixes.
+    let ghost = if node == 1 {
+        format!(
+            "    - {{name: ghost, publicKey: \"{}\", endpoints: [\"192.0.2.99:51821\"], allowedIPs: [\"10.99.0.2/32\"]}}\n",
+            hybridnet_meshd::identity::PrivateKey([7; 32]).public()
+        )
+    } else {
+        String::new()
+    };
+    let doc = format!(
         "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: /run/hybridnet\ndataDir: /var/lib/hybridnet\n\
          meshd:\n  interface: hybridnet0\n  backend: kernel\n  listenPort: 51821\n  addresses: [\"10.99.0.{node}/32\"]\n  \
          peers:\n    - {{name: vm{other}, publicKey: \"{other_key}\", endpoints: [\"192.0.2.1{other}:51821\", \"198.51.100.1{other}:51821\"], allowedIPs: [\"10.99.0.{other}/32\"]}}\n"
-    )
+    );
+    format!("{doc}{ghost}")
 }
 
 #[test]
@@ -205,6 +231,16 @@ fn two_vms_mesh_over_kernel_wireguard() {
             vm.console()
         );
     }
+    // Identical prefixes on the kernel backend: one holder (the live peer), no WireGuard operation in 25 s.
+    let line = vm1
+        .wait_for("HN-CONFLICT", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{line}");
+    assert!(
+        line.contains("conflicts=1") && line.contains("ops=0 ") && line.ends_with("ping=yes"),
+        "{line}\n{}",
+        vm1.console()
+    );
     // SIGKILL: the link stays and passes traffic without meshd; a new meshd adopts it.
     let line = vm1
         .wait_for("HN-ADOPT", Duration::from_secs(60))
@@ -213,6 +249,18 @@ fn two_vms_mesh_over_kernel_wireguard() {
     assert!(
         line.contains("link=1")
             && line.contains("ping_without_meshd=yes")
+            && line.ends_with("ping=yes"),
+        "{line}\n{}",
+        vm1.console()
+    );
+    // The link deleted: re-created (a kernel WireGuard link with meshd's mark) and passing traffic again.
+    let line = vm1
+        .wait_for("HN-RECREATE", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{line}");
+    assert!(
+        line.contains("alias=hybridnet-meshd")
+            && line.contains("link=1")
             && line.ends_with("ping=yes"),
         "{line}\n{}",
         vm1.console()

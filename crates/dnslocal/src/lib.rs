@@ -401,6 +401,10 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                 }
                 Err(error) => {
                     tracing::error!(%error, "cannot serve DNS; retrying");
+                    // Nothing serves the addresses: the link made for them goes until the retry.
+                    if let Some(l) = link.take() {
+                        l.teardown(&config.dnslocal.listen).await;
+                    }
                     ctx.status
                         .set(format!("not serving: {error}"), serde_json::Value::Null);
                 }

@@ -1,9 +1,12 @@
 //! The link that holds the listen addresses (`interface.create`), over rtnetlink.
 //!
 //! A dummy link, or an empty bridge on kernels built without dummy links (`CONFIG_DUMMY` unset): both hold
-//! local addresses just as well. A dummy or bridge link of the configured name is dnslocal's (an earlier
-//! instance made it) and is adopted. Only what dnslocal made is removed on exit, and nothing while another
-//! instance still serves the addresses (a restart overlaps the old and the new instance).
+//! local addresses just as well. dnslocal marks the link it creates with the alias [`OWNER_MARK`]
+//! (`IFLA_IFALIAS`); a link of the configured name with that mark is dnslocal's (an earlier instance made
+//! it) and is adopted. Any other link of that name (a `cni0`, an administrator's dummy) is someone else's:
+//! dnslocal neither adds addresses to it nor deletes it, and fails naming it. Only what dnslocal made is
+//! removed on exit, and nothing while another instance still serves the addresses (a restart overlaps the
+//! old and the new instance).
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 
@@ -13,6 +16,16 @@ use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage}
 use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec};
 
 use crate::Error;
+
+/// The alias dnslocal puts on the link it creates.
+pub const OWNER_MARK: &str = "hybridnet-dnslocal";
+
+fn alias(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfAlias(s) => Some(s.as_str()),
+        _ => None,
+    })
+}
 
 fn nl(what: &'static str) -> impl Fn(rtnetlink::Error) -> Error {
     move |e| Error::Link(format!("{what}: {e}"))
@@ -104,7 +117,16 @@ impl Link {
             rtnetlink::new_connection().map_err(|e| Error::Link(format!("netlink: {e}")))?;
         tokio::spawn(conn);
         let owned_link = match get_link(&handle, name).await? {
-            Some(link) => matches!(kind(&link), Some(InfoKind::Dummy | InfoKind::Bridge)),
+            Some(link) if alias(&link) == Some(OWNER_MARK) => true,
+            Some(link) => {
+                return Err(Error::Link(format!(
+                    "link {name} (index {}, kind {}) exists but dnslocal did not create it (dnslocal marks \
+                     its links with the alias \"{OWNER_MARK}\"): dnslocal leaves it alone; remove it or set \
+                     another `interface.name`",
+                    link.header.index,
+                    kind(&link).map_or_else(|| "none".to_owned(), ToString::to_string),
+                )));
+            }
             None => {
                 let kind = create(&handle, name).await?;
                 tracing::info!(
@@ -121,7 +143,12 @@ impl Link {
             .ok_or_else(|| Error::Link(format!("link {name} vanished")))?;
         handle
             .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .alias(OWNER_MARK)
+                    .up()
+                    .build(),
+            )
             .execute()
             .await
             .map_err(nl("set link up"))?;

@@ -8,8 +8,12 @@
 //! - [`probe`] and [`peer`]: the authenticated probe protocol and the pure per-peer state machine (parallel
 //!   probing of every candidate, RTT ranking, failover in about 1.5 s);
 //! - [`net`]: addresses, routes, rules over rtnetlink (own table, rule priority and fwmark bit);
-//! - [`mesh`]: the running mesh that ties them together; [`status`]: `status.json` details and
-//!   `members.json`; [`cache`]: the last known peers in `dataDir`.
+//! - [`mesh`]: the running mesh that ties them together: sources (static, cached and discovered peers,
+//!   liveness, NAT) -> [`plan`] (pure: the desired state of every resource) -> the appliers (one per
+//!   resource, drift repaired in every resync) -> report ([`status`]: `status.json` details and
+//!   `members.json`; [`cache`]: the last known peers in `dataDir`);
+//! - [`responder`]: the probe socket's thread (pings answered at once, whatever the mesh is doing);
+//!   [`sysctl`]: forwarding without breaking SLAAC, restored on stop.
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
@@ -22,8 +26,11 @@ pub mod metrics;
 pub mod net;
 pub mod nft;
 pub mod peer;
+pub mod plan;
 pub mod probe;
+pub mod responder;
 pub mod status;
+pub mod sysctl;
 pub mod topology;
 pub mod wg;
 
@@ -52,6 +59,9 @@ pub enum Error {
     Netlink(String),
     #[error("{0}")]
     Io(String),
+    /// A link of meshd's interface name that meshd did not create.
+    #[error("{0}")]
+    Foreign(String),
 }
 
 /// The meshd daemon.
@@ -90,6 +100,11 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
     let mut last_poll = Instant::now()
         .checked_sub(POLL_GRANULARITY)
         .unwrap_or_else(Instant::now);
+    // A new config's static peers, being resolved (hostname lookups take up to 2 s each) in a task of
+    // their own, so that the mesh keeps probing meanwhile.
+    let mut resolving: Option<tokio::task::JoinHandle<(Arc<Config>, Vec<mesh::PeerSpec>)>> = None;
+    // An error meshd cannot recover from: the loop stops, what it owns is removed, the process exits 1.
+    let mut fatal: Option<Error> = None;
     loop {
         let now = Instant::now();
         if mesh.is_none() && now >= next_start {
@@ -121,9 +136,13 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                 let cfg: Arc<Config> = ctx.config.borrow_and_update().clone();
                 if let Some(m) = mesh.as_mut() {
                     if m.compatible(&cfg) {
-                        if let Err(error) = m.update_config(cfg).await {
-                            tracing::warn!(%error, "applying the new config failed");
+                        if let Some(old) = resolving.take() {
+                            old.abort();
                         }
+                        resolving = Some(tokio::spawn(async move {
+                            let specs = mesh::peer_specs(&cfg).await;
+                            (cfg, specs)
+                        }));
                     } else if let Some(old) = mesh.take() {
                         tracing::info!("device settings changed: rebuilding the mesh");
                         old.shutdown().await;
@@ -141,9 +160,24 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                     next_report = Instant::now();
                 }
             }
+            done = async { match resolving.as_mut() { Some(r) => r.await, None => std::future::pending().await } } => {
+                resolving = None;
+                match done {
+                    Ok((cfg, specs)) => {
+                        if let Some(m) = mesh.as_mut().filter(|m| m.compatible(&cfg))
+                            && let Err(error) = m.update_config(cfg, specs).await
+                        {
+                            tracing::warn!(%error, "applying the new config failed");
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "resolving the new config's peers failed"),
+                }
+            }
             result = async { match mesh.as_mut() { Some(m) => m.recv().await, None => std::future::pending().await } } => {
                 if let Err(error) = result {
-                    tracing::warn!(%error, "probe socket");
+                    tracing::error!(%error, "unrecoverable: stopping");
+                    fatal = Some(error);
+                    break;
                 }
             }
             () = tokio::time::sleep_until(wake.into()) => {}
@@ -166,13 +200,15 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
             .await;
         }
     }
-    if let Some(d) = discovery.take() {
-        d.stop().await;
-    }
+    // What meshd owns goes first: a drain cut short (the supervisor's timeout) must not leave it behind
+    // while the discovery client unpublishes us (up to 4 s).
     if let Some(m) = mesh {
         m.shutdown().await;
     }
-    Ok(())
+    if let Some(d) = discovery.take() {
+        d.stop().await;
+    }
+    fatal.map_or(Ok(()), Err)
 }
 
 /// Starts, restarts or stops discovery to match the config and the mesh's key.
@@ -193,7 +229,8 @@ async fn sync_discovery(
     }
     if let Some(old) = discovery.take() {
         tracing::info!("discovery settings changed: restarting discovery");
-        old.stop().await;
+        // Stopping takes up to a few seconds (the registries unpublish us): not on the mesh's loop.
+        tokio::spawn(old.stop());
     }
     if let Some(key) = want {
         if key.endpoints().is_empty() && !mesh.cfg.cluster.discovery.endpoints.is_empty() {

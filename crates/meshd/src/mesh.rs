@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use hybridnet_config::{Backend as BackendChoice, Config, Mtu, PublicKey, Topology};
 use ipnet::{IpNet, Ipv6Net};
-use tokio::net::UdpSocket;
 
 use crate::identity::{self, PrivateKey};
 use crate::kubespan;
@@ -15,22 +14,23 @@ use crate::metrics::{self, Metrics};
 use crate::net::{self, Net};
 use crate::peer::{Action, PeerMachine, PeerState, Timing};
 use crate::probe::{self, Kind, Probe};
-use crate::topology::{self, Layout, PathKind, Plan, Route};
+use crate::responder::{self, Pong, Responder};
+use crate::topology::{self, PathKind, Plan};
 use crate::wg::kernel::Kernel;
 use crate::wg::userspace::Userspace;
-use crate::wg::{self, Actual, Desired, PeerConfig, PeerStats};
-use crate::{Error, cache};
+use crate::wg::{self, Actual, PeerStats};
+use crate::{Error, cache, plan};
 
+mod apply;
 mod backend;
 mod publish;
 mod specs;
 
 pub use backend::Backend;
-use backend::{open_kernel, open_userspace};
 pub use specs::{PeerSpec, filter_candidates, peer_specs, routes_for};
 
 /// WireGuard persistent keepalive on every peer (keeps NAT mappings; KubeSpan uses 25 s too).
-pub const KEEPALIVE: u16 = 25;
+pub use crate::plan::KEEPALIVE;
 /// A peer whose receive counter has not moved for this long is idle (its active path is probed less).
 pub const IDLE_AFTER: Duration = Duration::from_secs(30);
 /// Full resync of device and routes even without a change (drift from outside is repaired).
@@ -153,7 +153,8 @@ pub struct Mesh {
     pub index: u32,
     pub backend: Backend,
     net: Net,
-    socket: UdpSocket,
+    /// The probe socket's receiver thread (answers pings, hands over pongs).
+    responder: Responder,
     pub peers: HashMap<PublicKey, Peer>,
     pub prefix: Ipv6Net,
     pub mesh_addr: Ipv6Addr,
@@ -178,13 +179,16 @@ pub struct Mesh {
     /// `topology: location`: the plan (from the config) and this node's announced endpoints.
     pub plan: Option<Plan>,
     own_endpoints: Vec<SocketAddr>,
-    forwarding_set: bool,
+    /// The forwarding sysctls meshd changed (restored on a clean stop).
+    sysctls: crate::sysctl::Sysctls,
     /// Where each peer saw our probes come from (version-2 pongs): our reflexive addresses.
     observed: HashMap<PublicKey, SocketAddr>,
     /// [`Mesh::no_uplink`] as of the last poll (pongs carry it; not recomputed per datagram).
     uplink_lost: bool,
     /// Peers in handshake mode that just moved to an endpoint: kicked after the reconcile.
     handshake_kicks: Vec<PublicKey>,
+    /// The prefix conflicts of the last reconcile (logged when they change).
+    conflicts: Vec<plan::Conflict>,
 }
 
 impl Mesh {
@@ -201,36 +205,34 @@ impl Mesh {
         } else {
             identity::mesh_address(prefix, &public)
         };
-        let existing = net.link_index(&m.interface).await?;
-        let (backend, index) = match m.backend {
-            BackendChoice::Kernel => open_kernel(&net, &m.interface, existing).await?,
-            BackendChoice::Userspace => open_userspace(&net, &m.interface, existing).await?,
-            BackendChoice::Auto if wg::kernel::available() || existing.is_some() => {
-                match open_kernel(&net, &m.interface, existing).await {
-                    Ok(opened) => opened,
-                    Err(error) if existing.is_none() => {
-                        tracing::warn!(%error, "kernel WireGuard unusable; using the userspace backend");
-                        open_userspace(&net, &m.interface, None).await?
-                    }
-                    Err(error) => return Err(error),
-                }
+        let (backend, index) = backend::open(&net, &m.interface, m.backend).await?;
+        // From here on the link is ours: a start that fails removes it and the rules again.
+        let setup = async {
+            let specs = peer_specs(&cfg).await;
+            let any_v6 = specs
+                .iter()
+                .flat_map(|p| &p.candidates)
+                .any(|c| c.is_ipv6());
+            let mtu = match m.mtu {
+                Mtu::Fixed(v) => u32::from(v),
+                Mtu::Auto => net::auto_mtu(&m.interface, any_v6),
+            };
+            net.up(index, mtu).await?;
+            net.sync_addresses(index, &own_addresses(&cfg, mesh_addr))
+                .await?;
+            net.ensure_rules().await?;
+            let responder =
+                responder::start(probe::probe_port(m.listen_port), public, metrics.clone())?;
+            Ok::<_, Error>((specs, mtu, responder))
+        };
+        let (specs, mtu, responder) = match setup.await {
+            Ok(done) => done,
+            Err(error) => {
+                tracing::warn!(%error, "start failed: removing what it made");
+                remove_owned(&net, backend, index).await;
+                return Err(error);
             }
-            BackendChoice::Auto => open_userspace(&net, &m.interface, existing).await?,
         };
-        let specs = peer_specs(&cfg).await;
-        let any_v6 = specs
-            .iter()
-            .flat_map(|p| &p.candidates)
-            .any(|c| c.is_ipv6());
-        let mtu = match m.mtu {
-            Mtu::Fixed(v) => u32::from(v),
-            Mtu::Auto => net::auto_mtu(&m.interface, any_v6),
-        };
-        net.up(index, mtu).await?;
-        net.sync_addresses(index, &own_addresses(&cfg, mesh_addr))
-            .await?;
-        net.ensure_rules().await?;
-        let socket = bind_prober(probe::probe_port(m.listen_port))?;
         tracing::info!(
             interface = %m.interface, backend = backend.name(), %public, %mesh_addr, mtu,
             listen_port = m.listen_port, probe_port = probe::probe_port(m.listen_port),
@@ -243,7 +245,7 @@ impl Mesh {
             index,
             backend,
             net,
-            socket,
+            responder,
             peers: HashMap::new(),
             prefix,
             mesh_addr,
@@ -263,10 +265,11 @@ impl Mesh {
             clamp_error: None,
             plan: None,
             own_endpoints: Vec::new(),
-            forwarding_set: false,
+            sysctls: crate::sysctl::Sysctls::default(),
             observed: HashMap::new(),
             uplink_lost: false,
             handshake_kicks: Vec::new(),
+            conflicts: Vec::new(),
             cfg,
         };
         mesh.own_endpoints = mesh.announced().await;
@@ -281,8 +284,13 @@ impl Mesh {
     }
 
     /// Applies a new config with the same device settings: peers, addresses, MTU.
-    pub async fn update_config(&mut self, cfg: Arc<Config>) -> Result<(), Error> {
-        self.base = peer_specs(&cfg).await;
+    /// `base`: [`peer_specs`] of `cfg` (resolved beforehand, off the mesh's loop).
+    pub async fn update_config(
+        &mut self,
+        cfg: Arc<Config>,
+        base: Vec<PeerSpec>,
+    ) -> Result<(), Error> {
+        self.base = base;
         let specs = self.combined();
         self.cfg = cfg;
         let any_v6 = specs
@@ -295,9 +303,6 @@ impl Mesh {
             Mtu::Auto => net::auto_mtu(&m.interface, any_v6),
         };
         self.net.up(self.index, self.mtu).await?;
-        self.net
-            .sync_addresses(self.index, &own_addresses(&self.cfg, self.mesh_addr))
-            .await?;
         self.own_endpoints = self.announced().await;
         self.set_peers(specs, Instant::now());
         self.dirty = true;
@@ -394,17 +399,8 @@ impl Mesh {
                     spec.candidates = p.probe.clone();
                 }
             }
-            if plan.candidate && !self.forwarding_set {
-                enable_forwarding();
-                self.forwarding_set = true;
-            }
         }
         let mut next = HashMap::new();
-        if self.plan.is_none() && self.own_public() && !self.forwarding_set {
-            // A public node may relay between NATed peers.
-            enable_forwarding();
-            self.forwarding_set = true;
-        }
         for spec in specs {
             if spec.key == self.public {
                 continue;
@@ -473,6 +469,11 @@ impl Mesh {
             self.metrics.peer_failovers.remove(&labels);
         }
         self.peers = next;
+        let keys = self.peers.values().map(|p| (p.key, p.probe_key)).collect();
+        match self.responder.shared.keys.write() {
+            Ok(mut k) => *k = keys,
+            Err(poisoned) => *poisoned.into_inner() = keys,
+        }
         self.metrics.peers.set(self.peers.len() as i64);
         for source in ["static", crate::discovery::SOURCE] {
             let n = self.peers.values().filter(|p| p.source == source).count();
@@ -569,6 +570,10 @@ impl Mesh {
                 "uplink to the other locations (pongs tell this location's nodes)"
             );
             self.uplink_lost = lost;
+            self.responder
+                .shared
+                .no_uplink
+                .store(lost, std::sync::atomic::Ordering::Relaxed);
         }
         for (key, endpoint, nonce) in probes {
             self.send_probe(key, endpoint, nonce).await;
@@ -620,26 +625,25 @@ impl Mesh {
             nonce,
             timestamp_us: self.started.elapsed().as_micros() as u64,
             observed: None,
-            version: 2,
             flags: 0,
         };
         let bytes = probe::encode(&ping, &peer.probe_key);
         let to = v6_mapped(probe::probe_addr(endpoint));
         self.metrics.probes_sent.inc();
-        if let Err(error) = self.socket.send_to(&bytes, to).await {
+        if let Err(error) = self.responder.socket.send_to(&bytes, to) {
             tracing::debug!(%to, %error, "probe not sent");
         }
     }
 
-    /// Waits for a probe datagram and handles it.
+    /// Waits for a pong from the responder thread and handles it. An error means the thread is gone.
     pub async fn recv(&mut self) -> Result<(), Error> {
-        let mut buf = [0u8; 128];
-        let (n, from) = self
-            .socket
-            .recv_from(&mut buf)
+        let pong = self
+            .responder
+            .pongs
+            .recv()
             .await
-            .map_err(|e| Error::Io(format!("probe socket: {e}")))?;
-        self.handle_datagram(&buf[..n], from).await;
+            .ok_or_else(|| Error::Io("the probe responder thread stopped".into()))?;
+        self.handle_pong(&pong);
         Ok(())
     }
 
@@ -671,194 +675,71 @@ impl Mesh {
         })
     }
 
-    async fn handle_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
-        let no_uplink = self.uplink_lost;
-        let Some(probe) = probe::decode(bytes) else {
-            self.metrics.probes_rejected.inc();
-            return;
-        };
+    fn handle_pong(&mut self, pong: &Pong) {
+        let probe = &pong.probe;
         let Some(peer) = self.peers.get_mut(&probe.sender) else {
-            self.metrics.probes_rejected.inc();
             return;
         };
-        if !probe::verify(bytes, &peer.probe_key) {
-            self.metrics.probes_rejected.inc();
-            return;
-        }
-        match probe.kind {
-            Kind::Ping => {
-                // Answered in the ping's version; version 2 tells the pinger where its ping came from.
-                let pong = Probe {
-                    kind: Kind::Pong,
-                    sender: self.public,
-                    observed: Some(unmapped(from)),
-                    flags: if no_uplink { probe::NO_UPLINK } else { 0 },
-                    ..probe
-                };
-                let reply = probe::encode(&pong, &peer.probe_key);
-                if let Err(error) = self.socket.send_to(&reply, from).await {
-                    tracing::debug!(%from, %error, "pong not sent");
-                }
+        if peer.machine.on_pong(probe.nonce, pong.at) {
+            peer.last_seen_unix = unix_now();
+            self.metrics.probes_answered.inc();
+            if let Some(observed) = probe.observed {
+                self.observed.insert(peer.key, observed);
             }
-            Kind::Pong => {
-                if peer.machine.on_pong(probe.nonce, Instant::now()) {
-                    peer.last_seen_unix = unix_now();
-                    self.metrics.probes_answered.inc();
-                    if let Some(observed) = probe.observed {
-                        self.observed.insert(peer.key, observed);
-                    }
-                    let no_uplink = probe.flags & probe::NO_UPLINK != 0;
-                    if peer.no_uplink != no_uplink {
-                        peer.no_uplink = no_uplink;
-                        tracing::info!(peer = %peer.name, no_uplink, "gateway uplink");
-                        self.dirty = true;
-                    }
-                }
+            let no_uplink = probe.flags & probe::NO_UPLINK != 0;
+            if peer.no_uplink != no_uplink {
+                peer.no_uplink = no_uplink;
+                tracing::info!(peer = %peer.name, no_uplink, "gateway uplink");
+                self.dirty = true;
             }
         }
     }
 
-    fn desired(&self) -> Desired {
-        let psk = if self.cfg.meshd.kubespan_compat {
-            self.cfg.cluster.secret.as_ref().map(|s| s.0)
-        } else {
-            None
-        };
-        if let Some(layout) = self.layout() {
-            return Desired {
-                private_key: self.key.clone(),
-                listen_port: self.cfg.meshd.listen_port,
-                fwmark: net::FWMARK,
-                peers: layout
-                    .wireguard
-                    .into_iter()
-                    .filter_map(|(key, allowed_ips)| {
-                        let p = self.peers.get(&key)?;
-                        Some((
-                            key,
-                            PeerConfig {
-                                endpoint: p.machine.active_endpoint(),
-                                allowed_ips,
-                                keepalive: Some(KEEPALIVE),
-                                preshared_key: psk,
-                            },
-                        ))
-                    })
-                    .collect(),
-            };
-        }
-        let relays = self.relays();
-        let mut allowed: HashMap<PublicKey, BTreeSet<IpNet>> = self
-            .peers
-            .values()
-            .map(|p| (p.key, p.allowed_ips.clone()))
-            .collect();
-        for (peer, relay) in &relays {
-            let moved = allowed.insert(*peer, BTreeSet::new()).unwrap_or_default();
-            allowed.entry(*relay).or_default().extend(moved);
-        }
-        Desired {
+    /// Everything the desired state depends on, as of now.
+    pub fn inputs(&self) -> plan::Inputs {
+        let m = &self.cfg.meshd;
+        plan::Inputs {
             private_key: self.key.clone(),
-            listen_port: self.cfg.meshd.listen_port,
-            fwmark: net::FWMARK,
+            interface: m.interface.clone(),
+            mtu: self.mtu,
+            listen_port: m.listen_port,
+            preshared_key: if m.kubespan_compat {
+                self.cfg.cluster.secret.as_ref().map(|s| s.0)
+            } else {
+                None
+            },
+            prefix: self.prefix,
+            mesh_addr: self.mesh_addr,
+            addresses: m.addresses.clone(),
+            bypass: m.allow_down_peer_bypass,
+            clamp_mss: m.clamp_mss,
+            own_public: self.own_public(),
+            topology: self.plan.clone(),
             peers: self
                 .peers
                 .values()
-                .map(|p| {
-                    (
-                        p.key,
-                        PeerConfig {
-                            endpoint: p.endpoint(),
-                            allowed_ips: allowed.remove(&p.key).unwrap_or_default(),
-                            keepalive: Some(KEEPALIVE),
-                            preshared_key: psk,
-                        },
-                    )
+                .map(|p| plan::PeerInput {
+                    key: p.key,
+                    allowed_ips: p.allowed_ips.clone(),
+                    public: p.public,
+                    probe_state: p.machine.state,
+                    state: p.state(),
+                    active: p.machine.active_endpoint(),
+                    endpoint: p.endpoint(),
+                    no_uplink: p.no_uplink,
                 })
                 .collect(),
         }
     }
 
-    /// The routes meshd wants in its table.
-    pub fn desired_routes(&self) -> std::collections::BTreeMap<IpNet, Route> {
-        if let Some(layout) = self.layout() {
-            return layout.routes;
-        }
-        let relays = self.relays();
-        routes_for(
-            self.prefix,
-            self.peers.values().map(|p| {
-                // A relayed peer is reachable (through its relay): its routes stay; so is a peer that
-                // only WireGuard traffic shows alive.
-                let state = if relays.contains_key(&p.key) {
-                    crate::peer::PeerState::Up
-                } else {
-                    p.state()
-                };
-                (state, &p.allowed_ips)
-            }),
-            self.cfg.meshd.allow_down_peer_bypass,
-        )
-        .into_iter()
-        .map(|n| (n, Route::Mesh))
-        .collect()
-    }
-
-    /// `topology: location`: the layout for the current liveness.
-    pub fn layout(&self) -> Option<Layout> {
-        let plan = self.plan.as_ref()?;
-        let live = self
-            .peers
-            .values()
-            .map(|p| {
-                (
-                    p.key,
-                    topology::Live {
-                        state: p.machine.state,
-                        active: p.machine.active_endpoint(),
-                        allowed: &p.allowed_ips,
-                        no_uplink: p.no_uplink,
-                    },
-                )
-            })
-            .collect();
-        let v4 = self
-            .cfg
-            .meshd
-            .addresses
-            .iter()
-            .map(IpNet::addr)
-            .find(IpAddr::is_ipv4);
-        Some(topology::layout(
-            &self.public,
-            plan,
-            &live,
-            self.prefix,
-            topology::Sources {
-                v4,
-                v6: Some(IpAddr::V6(self.mesh_addr)),
-            },
-            self.cfg.meshd.allow_down_peer_bypass,
-        ))
+    /// The desired state of every resource, as of now (see [`plan::plan`]).
+    pub fn planned(&self) -> plan::Desired {
+        plan::plan(&self.inputs())
     }
 
     /// Each peer's path (`direct` or `relayed` in `topology: full`).
-    pub fn paths(&self) -> HashMap<PublicKey, PathKind> {
-        match self.layout() {
-            Some(l) => l.paths.into_iter().collect(),
-            None => {
-                let relays = self.relays();
-                self.peers
-                    .keys()
-                    .map(|k| {
-                        let path = relays
-                            .get(k)
-                            .map_or(PathKind::Direct, |r| PathKind::Relayed { via: *r });
-                        (*k, path)
-                    })
-                    .collect()
-            }
-        }
+    pub fn paths(&self) -> std::collections::BTreeMap<PublicKey, PathKind> {
+        self.planned().paths
     }
 
     /// What the pongs of public peers say about our NAT (see [`topology::nat`]).
@@ -891,49 +772,6 @@ impl Mesh {
         self.own_endpoints
             .iter()
             .any(|e| topology::is_public(e.ip()))
-    }
-
-    /// `topology: full`: the peers relayed now, and their relays.
-    pub fn relays(&self) -> std::collections::BTreeMap<PublicKey, PublicKey> {
-        let views: Vec<topology::RelayView> = self
-            .peers
-            .values()
-            .map(|p| topology::RelayView {
-                key: p.key,
-                public: p.public,
-                state: p.machine.state,
-            })
-            .collect();
-        topology::relays(self.own_public(), &views)
-    }
-
-    /// Brings device and routes in line with the peers, incrementally.
-    pub async fn reconcile(&mut self) -> Result<(), Error> {
-        self.metrics.reconciles.inc();
-        let started = Instant::now();
-        let desired = self.desired();
-        let actual = self.backend.get().await?;
-        let update = wg::diff(&desired, &actual);
-        if !update.is_empty() {
-            tracing::debug!(ops = update.peers.len(), "applying WireGuard changes");
-            self.backend.apply(&update).await?;
-            self.metrics
-                .wireguard_peer_ops
-                .inc_by(update.peers.len() as u64);
-            if matches!(self.backend, Backend::Userspace(_)) {
-                self.kick(&update);
-            }
-        }
-        self.absorb_stats(&actual);
-        let changes = self
-            .net
-            .sync_routes(self.index, &self.desired_routes())
-            .await?;
-        self.metrics.route_changes.inc_by(changes as u64);
-        self.metrics
-            .reconcile_seconds
-            .set(started.elapsed().as_secs_f64());
-        Ok(())
     }
 
     /// TCP MSS clamping: checks meshd's nftables table and rewrites it when it is missing or different
@@ -1044,23 +882,10 @@ impl Mesh {
 
     /// Removes what meshd created: its MSS clamping table, its rules, and its link (the kernel link is
     /// deleted; the userspace TUN device goes when the device stops).
-    pub async fn shutdown(self) {
-        match tokio::task::spawn_blocking(crate::nft::remove).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "cannot remove the MSS clamping table"),
-            Err(error) => tracing::warn!(%error, "cannot remove the MSS clamping table"),
-        }
-        if let Err(error) = self.net.remove_rules().await {
-            tracing::warn!(%error, "cannot remove meshd's rules");
-        }
-        match self.backend {
-            Backend::Kernel(_) => {
-                if let Err(error) = self.net.delete_link(self.index).await {
-                    tracing::warn!(%error, "cannot delete the WireGuard link");
-                }
-            }
-            Backend::Userspace(u) => drop(u),
-        }
+    pub async fn shutdown(mut self) {
+        self.sysctls.restore();
+        self.responder.stop().await;
+        remove_owned(&self.net, self.backend, self.index).await;
         tracing::info!("mesh removed");
     }
 }
@@ -1079,6 +904,27 @@ impl Mesh {
             }
         }
         identity::mesh_address(self.prefix, &spec.key)
+    }
+}
+
+/// Removes what meshd owns: its MSS clamping table, its rules, and its link (the kernel link is deleted;
+/// the userspace TUN device goes when the device stops). Used on stop and after a failed start.
+async fn remove_owned(net: &Net, backend: Backend, index: u32) {
+    match tokio::task::spawn_blocking(crate::nft::remove).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot remove the MSS clamping table"),
+        Err(error) => tracing::warn!(%error, "cannot remove the MSS clamping table"),
+    }
+    if let Err(error) = net.remove_rules().await {
+        tracing::warn!(%error, "cannot remove meshd's rules");
+    }
+    match backend {
+        Backend::Kernel(_) => {
+            if let Err(error) = net.delete_link(index).await {
+                tracing::warn!(%error, "cannot delete the WireGuard link");
+            }
+        }
+        Backend::Userspace(u) => drop(u),
     }
 }
 
@@ -1113,60 +959,10 @@ async fn compat_address(net: &Net, prefix: Ipv6Net, public: &PublicKey) -> Ipv6A
     }
 }
 
-fn unmapped(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
-}
-
 fn v6_mapped(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
         v6 => v6,
-    }
-}
-
-/// The prober's socket: dual-stack UDP on `[::]:port` with meshd's fwmark.
-fn bind_prober(port: u16) -> Result<UdpSocket, Error> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let fail = |e: std::io::Error| Error::Io(format!("probe socket on port {port}: {e}"));
-    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).map_err(fail)?;
-    s.set_only_v6(false).map_err(fail)?;
-    s.set_mark(net::FWMARK).map_err(fail)?;
-    s.set_nonblocking(true).map_err(fail)?;
-    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())
-        .map_err(fail)?;
-    UdpSocket::from_std(s.into()).map_err(fail)
-}
-
-/// Turns on IPv4 and IPv6 forwarding (a gateway candidate forwards between its location and the mesh). A
-/// switch that is already on is left alone: in a Talos extension service `/proc/sys` is read-only, and Talos
-/// turns IPv4 forwarding on itself (IPv6 forwarding comes from `machine.sysctls`).
-fn enable_forwarding() {
-    let mut on = true;
-    for path in [
-        "/proc/sys/net/ipv4/ip_forward",
-        "/proc/sys/net/ipv6/conf/all/forwarding",
-    ] {
-        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
-            continue;
-        }
-        if let Err(error) = std::fs::write(path, "1") {
-            tracing::warn!(
-                %path,
-                %error,
-                "cannot enable forwarding: this gateway will not forward (on Talos, where /proc/sys is \
-                 read-only for extensions, set it in machine.sysctls)"
-            );
-            on = false;
-        }
-    }
-    if on {
-        tracing::info!("forwarding on (gateway candidate)");
     }
 }
 

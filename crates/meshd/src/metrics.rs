@@ -52,6 +52,11 @@ pub struct Metrics {
     /// Kubernetes registry: watches resumed after the server closed them (`closed`) and relists after
     /// 410 Gone (`gone`).
     pub discovery_resyncs: Family<Labels, Counter>,
+    /// Prefixes that more than one peer claims (each held by one of them; see `plan`).
+    pub prefix_conflicts: Gauge,
+    /// Changes made to resources meshd owns that were found changed from outside, by resource
+    /// (`link`, `address`, `rule`).
+    pub drift_repairs: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -181,6 +186,16 @@ impl Metrics {
                 "discovery_resyncs",
                 "Kubernetes registry: watches resumed after the server closed them (reason closed) and relists after 410 Gone (reason gone)",
                 m.discovery_resyncs.clone(),
+            );
+            r.register(
+                "prefix_conflicts",
+                "Prefixes claimed by more than one peer (one holds each)",
+                m.prefix_conflicts.clone(),
+            );
+            r.register(
+                "drift_repairs",
+                "Resources meshd owns found changed from outside and repaired, by resource (link, address, rule)",
+                m.drift_repairs.clone(),
             );
         });
         m

@@ -32,6 +32,28 @@ pub const RULE_PRIORITY: u32 = 32450;
 pub const FWMARK: u32 = 0x1000;
 /// The protocol number on meshd's routes (`ip route show table 51821 proto 213`).
 pub const ROUTE_PROTOCOL: u8 = 213;
+/// The alias (`IFLA_IFALIAS`, `ip link show` prints it) meshd puts on the link it creates. A link of the
+/// configured name without it is someone else's: meshd never adopts, reconfigures or deletes it.
+pub const OWNER_MARK: &str = "hybridnet-meshd";
+
+/// A link as meshd's ownership check sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub alias: Option<String>,
+    /// `wireguard`, `tun`, `dummy`... (`None`: the kernel reports no kind).
+    pub kind: Option<String>,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    pub mtu: Option<u32>,
+}
+
+impl LinkState {
+    /// Whether meshd created it (it carries [`OWNER_MARK`]).
+    pub fn ours(&self) -> bool {
+        self.alias.as_deref() == Some(OWNER_MARK)
+    }
+}
 
 fn nl(what: &str) -> impl Fn(rtnetlink::Error) -> Error + '_ {
     move |e| Error::Netlink(format!("{what}: {e}"))
@@ -65,6 +87,60 @@ impl Net {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(nl("get link")(e)),
         }
+    }
+
+    /// Link `name`, with its alias and kind, if it exists.
+    pub async fn link(&self, name: &str) -> Result<Option<LinkState>, Error> {
+        use netlink_packet_route::link::{LinkAttribute, LinkInfo};
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        let msg = match links.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Ok(None);
+            }
+            Err(e) => return Err(nl("get link")(e)),
+        };
+        let mut state = LinkState {
+            index: msg.header.index,
+            alias: None,
+            kind: None,
+            up: msg
+                .header
+                .flags
+                .contains(netlink_packet_route::link::LinkFlags::Up),
+            mtu: None,
+        };
+        for a in &msg.attributes {
+            match a {
+                LinkAttribute::Mtu(mtu) => state.mtu = Some(*mtu),
+                LinkAttribute::IfAlias(alias) => state.alias = Some(alias.clone()),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfo::Kind(k) = i {
+                            state.kind = Some(k.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(state))
+    }
+
+    /// Puts [`OWNER_MARK`] on link `index` (meshd created it).
+    pub async fn mark(&self, index: u32) -> Result<(), Error> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).alias(OWNER_MARK).build())
+            .execute()
+            .await
+            .map_err(nl("set link alias"))
     }
 
     /// Every link's name, type, kind and MAC (for the KubeSpan-compatible node address).
@@ -127,8 +203,9 @@ impl Net {
             .map_err(nl("set link up"))
     }
 
-    /// Makes the addresses on link `index` exactly `want` (the link is ours).
-    pub async fn sync_addresses(&self, index: u32, want: &BTreeSet<IpNet>) -> Result<(), Error> {
+    /// Makes the addresses on link `index` exactly `want` (the link is ours). Returns the number of
+    /// changes.
+    pub async fn sync_addresses(&self, index: u32, want: &BTreeSet<IpNet>) -> Result<usize, Error> {
         let mut have = BTreeSet::new();
         let mut stream = self
             .handle
@@ -156,6 +233,7 @@ impl Net {
                 stale.push(msg);
             }
         }
+        let mut changes = stale.len();
         for msg in stale {
             self.handle
                 .address()
@@ -170,12 +248,12 @@ impl Net {
                 .address()
                 .add(index, net.addr(), net.prefix_len());
             match req.execute().await {
-                Ok(()) => {}
+                Ok(()) => changes += 1,
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
                 Err(e) => return Err(nl("add address")(e)),
             }
         }
-        Ok(())
+        Ok(changes)
     }
 
     /// Global unicast addresses of every link but `skip` (the mesh link) and loopback.
@@ -407,9 +485,11 @@ impl Net {
         Ok(out)
     }
 
-    /// Adds meshd's two rules unless they exist (a restart adopts them).
-    pub async fn ensure_rules(&self) -> Result<(), Error> {
+    /// Adds meshd's two rules unless they exist (a restart adopts them; a flushed one comes back).
+    /// Returns the number of rules added.
+    pub async fn ensure_rules(&self) -> Result<usize, Error> {
         let existing = self.our_rules().await?;
+        let mut added = 0;
         for v6 in [false, true] {
             let family = if v6 {
                 netlink_packet_route::AddressFamily::Inet6
@@ -441,12 +521,12 @@ impl Net {
                 req.execute().await
             };
             match result {
-                Ok(()) => {}
+                Ok(()) => added += 1,
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
                 Err(e) => return Err(nl("add rule")(e)),
             }
         }
-        Ok(())
+        Ok(added)
     }
 
     /// Removes meshd's rules.

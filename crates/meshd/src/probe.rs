@@ -21,10 +21,8 @@
 //! | 74..90 | MAC: the first 16 bytes of HMAC-SHA256(K, bytes 0..74) |
 //!
 //! The observed address tells a node behind a NAT its public (reflexive) address and whether the NAT keeps
-//! the source port, STUN-like, authenticated like the rest. Version 1 (72 bytes: no observed address, MAC
-//! over 0..56 at 56..72) is still decoded and answered in kind, so a version-1 prober keeps working against
-//! this one; the other way (a version-1 meshd ignores version-2 pings) does not, which does not matter yet:
-//! meshd 0.1 is unreleased, and a cluster runs one build.
+//! the source port, STUN-like, authenticated like the rest. (Version 1, 72 bytes without the observed
+//! address, was never released; it is not decoded.)
 //!
 //! `K = SHA-256("hybridnet-meshd-probe-v1" || X25519(our private key, their public key))`: both nodes compute
 //! the same K from their WireGuard keys and nothing else, so only the holder of the peer's private key can
@@ -43,8 +41,8 @@ pub const LEN: usize = 90;
 /// Pong flag: the responder is a gateway candidate without a live path to any other location.
 pub const NO_UPLINK: u8 = 1;
 
-/// Size of a version-1 probe datagram.
-pub const LEN_V1: usize = 72;
+/// The wire version.
+const VERSION: u8 = 2;
 const MAGIC: &[u8; 4] = b"HNMP";
 
 /// The probe port of a WireGuard port.
@@ -78,11 +76,9 @@ pub struct Probe {
     pub sender: PublicKey,
     pub nonce: u64,
     pub timestamp_us: u64,
-    /// Version 2: in a pong, where the ping came from. `None` in a ping and in version 1.
+    /// In a pong, where the ping came from. `None` in a ping.
     pub observed: Option<SocketAddr>,
-    /// The wire version (1 or 2).
-    pub version: u8,
-    /// Version 2 flags ([`NO_UPLINK`]).
+    /// Flags ([`NO_UPLINK`]).
     pub flags: u8,
 }
 
@@ -96,24 +92,23 @@ fn mac(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
     out
 }
 
-/// Encodes and authenticates a probe in its `version` (2 carries `observed`).
+/// The authenticated part of a datagram (the MAC follows).
+const BODY: usize = 74;
+
+/// Encodes and authenticates a probe.
 pub fn encode(probe: &Probe, key: &[u8; 32]) -> Vec<u8> {
-    let v2 = probe.version >= 2;
-    let body = if v2 { 74 } else { 56 };
-    let mut out = vec![0u8; body + 16];
+    let mut out = vec![0u8; LEN];
     out[..4].copy_from_slice(MAGIC);
-    out[4] = if v2 { 2 } else { 1 };
+    out[4] = VERSION;
     out[5] = match probe.kind {
         Kind::Ping => 1,
         Kind::Pong => 2,
     };
-    if v2 {
-        out[6] = probe.flags & NO_UPLINK;
-    }
+    out[6] = probe.flags & NO_UPLINK;
     out[8..40].copy_from_slice(&probe.sender.0);
     out[40..48].copy_from_slice(&probe.nonce.to_be_bytes());
     out[48..56].copy_from_slice(&probe.timestamp_us.to_be_bytes());
-    if v2 && let Some(addr) = probe.observed {
+    if let Some(addr) = probe.observed {
         let ip = match addr.ip() {
             IpAddr::V4(v4) => v4.to_ipv6_mapped(),
             IpAddr::V6(v6) => v6,
@@ -121,24 +116,18 @@ pub fn encode(probe: &Probe, key: &[u8; 32]) -> Vec<u8> {
         out[56..72].copy_from_slice(&ip.octets());
         out[72..74].copy_from_slice(&addr.port().to_be_bytes());
     }
-    let tag = mac(key, &out[..body]);
-    out[body..].copy_from_slice(&tag);
+    let tag = mac(key, &out[..BODY]);
+    out[BODY..].copy_from_slice(&tag);
     out
 }
 
-/// Decodes a datagram's header; `None` for anything that is not a version-1 or version-2 probe.
+/// Decodes a datagram's header; `None` for anything that is not a probe.
 pub fn decode(bytes: &[u8]) -> Option<Probe> {
-    let version = match (bytes.len(), bytes.get(4)) {
-        (LEN_V1, Some(1)) => 1,
-        (LEN, Some(2)) => 2,
-        _ => return None,
-    };
+    if bytes.len() != LEN || bytes[4] != VERSION {
+        return None;
+    }
     let flags = bytes[6];
-    if &bytes[..4] != MAGIC
-        || bytes[7] != 0
-        || (version == 1 && flags != 0)
-        || flags & !NO_UPLINK != 0
-    {
+    if &bytes[..4] != MAGIC || bytes[7] != 0 || flags & !NO_UPLINK != 0 {
         return None;
     }
     let kind = match bytes[5] {
@@ -152,7 +141,7 @@ pub fn decode(bytes: &[u8]) -> Option<Probe> {
     nonce.copy_from_slice(&bytes[40..48]);
     let mut ts = [0u8; 8];
     ts.copy_from_slice(&bytes[48..56]);
-    let observed = if version == 2 && kind == Kind::Pong {
+    let observed = if kind == Kind::Pong {
         let mut ip = [0u8; 16];
         ip.copy_from_slice(&bytes[56..72]);
         let ip = Ipv6Addr::from(ip);
@@ -168,23 +157,20 @@ pub fn decode(bytes: &[u8]) -> Option<Probe> {
         nonce: u64::from_be_bytes(nonce),
         timestamp_us: u64::from_be_bytes(ts),
         observed,
-        version,
         flags,
     })
 }
 
-/// Checks a datagram's MAC with the key shared with its sender (constant time), for either version.
+/// Checks a datagram's MAC with the key shared with its sender (constant time).
 pub fn verify(bytes: &[u8], key: &[u8; 32]) -> bool {
-    let body = match bytes.len() {
-        LEN_V1 => 56,
-        LEN => 74,
-        _ => return false,
-    };
+    if bytes.len() != LEN {
+        return false;
+    }
     let Ok(mut m) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
         return false;
     };
-    m.update(&bytes[..body]);
-    m.verify_truncated_left(&bytes[body..]).is_ok()
+    m.update(&bytes[..BODY]);
+    m.verify_truncated_left(&bytes[BODY..]).is_ok()
 }
 
 #[cfg(test)]
@@ -209,7 +195,6 @@ mod tests {
             nonce: 42,
             timestamp_us: 7,
             observed: None,
-            version: 2,
             flags: 0,
         };
         let bytes = encode(&ping, &kab);
@@ -241,24 +226,10 @@ mod tests {
             moved[73] ^= 1;
             assert!(!verify(&moved, &kab), "the observed port is under the MAC");
         }
-        // Version 1 (72 bytes) is still decoded and verified; it carries no observed address.
-        let v1 = Probe {
-            version: 1,
-            kind: Kind::Pong,
-            observed: Some("203.0.113.9:1".parse().unwrap()),
-            ..ping
-        };
-        let bytes = encode(&v1, &kab);
-        assert_eq!(bytes.len(), LEN_V1);
-        assert_eq!(
-            decode(&bytes),
-            Some(Probe {
-                observed: None,
-                ..v1
-            })
-        );
-        assert!(verify(&bytes, &kba));
-        // Flags: NO_UPLINK round-trips under the MAC in version 2; unknown bits are refused.
+        // The unreleased version 1 (72 bytes) is refused.
+        assert!(decode(&bytes[..72]).is_none());
+        assert!(!verify(&bytes[..72], &kba));
+        // Flags: NO_UPLINK round-trips under the MAC; unknown bits are refused.
         let flagged = Probe {
             flags: NO_UPLINK,
             kind: Kind::Pong,
@@ -269,10 +240,10 @@ mod tests {
         let mut unknown = bytes2.clone();
         unknown[6] = 2;
         assert!(decode(&unknown).is_none());
-        // A version byte that does not match the length is refused.
-        let mut mixed = bytes.clone();
-        mixed[4] = 2;
-        assert!(decode(&mixed).is_none());
+        // Another version byte is refused.
+        let mut other = bytes2.clone();
+        other[4] = 1;
+        assert!(decode(&other).is_none());
         assert_eq!(probe_addr("192.0.2.1:51821".parse().unwrap()).port(), 51822);
     }
 }

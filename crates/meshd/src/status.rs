@@ -20,7 +20,8 @@ fn ms(d: Option<std::time::Duration>) -> Value {
 pub fn report(mesh: &Mesh) -> (String, Value) {
     let mut peers: Vec<&crate::mesh::Peer> = mesh.peers.values().collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name));
-    let paths = mesh.paths();
+    let planned = mesh.planned();
+    let paths = &planned.paths;
     let name_of = |k: &hybridnet_config::PublicKey| {
         if *k == mesh.public {
             "(this node)".to_owned()
@@ -110,7 +111,20 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         "reflexive": nat.reflexive.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "announced": mesh.reflexive_endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
     });
-    if let (Some(plan), Some(layout)) = (&mesh.plan, mesh.layout()) {
+    // Prefixes two peers claim: one holds it (see `plan`), the others do without.
+    details["prefixConflicts"] = planned
+        .conflicts
+        .iter()
+        .map(|c| {
+            json!({
+                "prefix": c.prefix.to_string(),
+                "holder": name_of(&c.holder),
+                "without": c.losers.iter().map(name_of).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    if let Some(plan) = &mesh.plan {
+        let layout = &planned;
         details["topology"] = json!({
             "location": plan.location,
             "gatewayCandidate": plan.candidate,

@@ -124,8 +124,9 @@ pub async fn run<D: Daemon>(path: PathBuf) -> ExitStatus {
                     exit = ExitStatus::Failure;
                 }
                 Err(_) => {
-                    tracing::warn!(timeout = ?DRAIN_TIMEOUT, "drain took too long; exiting anyway");
+                    tracing::error!(timeout = ?DRAIN_TIMEOUT, "drain took too long; exiting anyway");
                     daemon.abort();
+                    exit = ExitStatus::Failure;
                 }
             }
         }

@@ -1,5 +1,5 @@
-//! The WireGuard cross-platform userspace API (the text protocol on `/var/run/wireguard/<iface>.sock`), as
-//! served by boringtun's device and by wireguard-go: `get=1` and `set=1`, `key=value` lines, keys in hex.
+//! The WireGuard cross-platform userspace API (the text protocol wireguard-go and boringtun serve; meshd speaks it
+//! to its embedded boringtun over a private socket pair): `get=1` and `set=1`, `key=value` lines, keys in hex.
 //!
 //! boringtun 0.7.1's device cannot modify an existing peer (it panics: "Modifying existing peers is not yet
 //! supported"), so [`render_set`] turns an [`PeerOp::Update`] into `remove` + add of the peer. The session then
@@ -9,18 +9,11 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hybridnet_config::PublicKey;
 
 use super::{Actual, PeerConfig, PeerOp, PeerStats, Update};
-use crate::Error;
-
-/// Where a userspace device named `iface` serves its API.
-pub fn socket_path(iface: &str) -> PathBuf {
-    PathBuf::from(format!("/var/run/wireguard/{iface}.sock"))
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().fold(String::new(), |mut s, b| {
@@ -204,30 +197,6 @@ pub fn exchange(stream: &mut BufReader<UnixStream>, body: &str) -> Result<String
         Some(n) => Err(format!("the device refused the request (errno {n})")),
         None => Err("no answer from the device".into()),
     }
-}
-
-/// A UAPI client on a socket file (`wireguard-go`, `boringtun-cli`): one connection per request.
-pub fn request(path: &Path, body: &str) -> Result<String, Error> {
-    let fail = |e: String| Error::Backend(format!("{}: {e}", path.display()));
-    let stream = UnixStream::connect(path).map_err(|e| fail(e.to_string()))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| fail(e.to_string()))?;
-    exchange(&mut BufReader::new(stream), body).map_err(fail)
-}
-
-/// `get=1` on a socket file.
-pub fn get(path: &Path) -> Result<Actual, Error> {
-    let text = request(path, "get=1\n\n")?;
-    parse_get(&text).map_err(|e| Error::Backend(format!("{}: {e}", path.display())))
-}
-
-/// `set=1` with `update` on a socket file.
-pub fn set(path: &Path, update: &Update) -> Result<(), Error> {
-    for body in render_set(update) {
-        request(path, &body)?;
-    }
-    Ok(())
 }
 
 /// The `get=1` request. No blank line after it: boringtun reads one line per command, and a blank line

@@ -1,0 +1,147 @@
+//! The appliers: one per resource kind, each diffing the plan's desired state against what the kernel
+//! reports and applying the minimal change. All of them run in every reconcile (on a change, and every
+//! [`super::RESYNC`] without one), so a resource changed from outside (a deleted link, a removed address,
+//! rules flushed by systemd-networkd's `ManageForeignRoutingPolicyRules`) comes back within one resync.
+
+use std::time::Instant;
+
+use super::{Backend, Error, Mesh, backend};
+use crate::plan::Desired;
+use crate::wg;
+
+impl Mesh {
+    /// Brings every resource in line with the plan: link, addresses, rules, WireGuard device, routes,
+    /// sysctls. A failing applier does not keep the others from running; the first failure is returned.
+    pub async fn reconcile(&mut self) -> Result<(), Error> {
+        self.metrics.reconciles.inc();
+        let started = Instant::now();
+        let planned = self.planned();
+        // Without the link nothing else can be applied.
+        self.apply_link(&planned).await?;
+        let mut first: Option<Error> = None;
+        let mut note = |r: Result<(), Error>| {
+            if let Err(e) = r
+                && first.is_none()
+            {
+                first = Some(e);
+            }
+        };
+        note(self.apply_addresses(&planned).await);
+        note(self.apply_rules().await);
+        note(self.apply_device(&planned).await);
+        note(self.apply_routes(&planned).await);
+        self.apply_sysctls(&planned);
+        self.report_conflicts(&planned);
+        self.metrics
+            .reconcile_seconds
+            .set(started.elapsed().as_secs_f64());
+        first.map_or(Ok(()), Err)
+    }
+
+    fn drift(&self, resource: &str, changes: usize) {
+        if changes > 0 {
+            tracing::warn!(
+                resource,
+                changes,
+                "repaired a change made from outside to what meshd owns"
+            );
+            self.metrics
+                .drift_repairs
+                .get_or_create(&vec![("resource".to_owned(), resource.to_owned())])
+                .inc_by(changes as u64);
+        }
+    }
+
+    /// The link: up with the planned MTU; re-created when it was deleted (a new kernel link or userspace
+    /// device; the other appliers then fill it). A link of our name that is not ours is an error naming it.
+    async fn apply_link(&mut self, planned: &Desired) -> Result<(), Error> {
+        let name = planned.interface.clone();
+        match self.net.link(&name).await? {
+            Some(link) if link.index == self.index => {
+                if link.up && link.mtu == Some(planned.mtu) {
+                    return Ok(());
+                }
+                // Set down, or another MTU, from outside.
+            }
+            Some(link) if !link.ours() => return Err(backend::foreign(&name, &link)),
+            Some(link) if matches!(self.backend, Backend::Kernel(_)) => {
+                // Ours under a new index (re-created by an earlier pass that failed half-way).
+                self.index = link.index;
+            }
+            Some(link) => {
+                return Err(Error::Backend(format!(
+                    "interface {name} was replaced (index {} now) while the userspace device ran",
+                    link.index
+                )));
+            }
+            None => {
+                tracing::warn!(interface = %name, "the mesh interface is gone: re-creating it");
+                self.index = backend::recreate(&self.net, &name, &mut self.backend).await?;
+            }
+        }
+        self.net.up(self.index, planned.mtu).await?;
+        self.drift("link", 1);
+        Ok(())
+    }
+
+    async fn apply_addresses(&mut self, planned: &Desired) -> Result<(), Error> {
+        let changes = self
+            .net
+            .sync_addresses(self.index, &planned.addresses)
+            .await?;
+        self.drift("address", changes);
+        Ok(())
+    }
+
+    async fn apply_rules(&mut self) -> Result<(), Error> {
+        let added = self.net.ensure_rules().await?;
+        self.drift("rule", added);
+        Ok(())
+    }
+
+    /// The WireGuard device: the minimal peer changes ([`wg::diff`]).
+    async fn apply_device(&mut self, planned: &Desired) -> Result<(), Error> {
+        let actual = self.backend.get().await?;
+        let update = wg::diff(&planned.device, &actual);
+        if !update.is_empty() {
+            tracing::debug!(ops = update.peers.len(), "applying WireGuard changes");
+            self.backend.apply(&update).await?;
+            self.metrics
+                .wireguard_peer_ops
+                .inc_by(update.peers.len() as u64);
+            if matches!(self.backend, Backend::Userspace(_)) {
+                self.kick(&update);
+            }
+        }
+        self.absorb_stats(&actual);
+        Ok(())
+    }
+
+    async fn apply_routes(&mut self, planned: &Desired) -> Result<(), Error> {
+        let changes = self.net.sync_routes(self.index, &planned.routes).await?;
+        self.metrics.route_changes.inc_by(changes as u64);
+        Ok(())
+    }
+
+    fn apply_sysctls(&mut self, planned: &Desired) {
+        self.sysctls.apply(planned.forwarding, &planned.interface);
+    }
+
+    fn report_conflicts(&mut self, planned: &Desired) {
+        self.metrics
+            .prefix_conflicts
+            .set(planned.conflicts.len() as i64);
+        if planned.conflicts != self.conflicts {
+            for c in &planned.conflicts {
+                let name = |k| {
+                    self.peers
+                        .get(k)
+                        .map_or_else(|| format!("{k}"), |p| p.name.clone())
+                };
+                let losers: Vec<String> = c.losers.iter().map(name).collect();
+                tracing::warn!(prefix = %c.prefix, holder = %name(&c.holder), without = ?losers, "two peers claim the same prefix: one holds it");
+            }
+            self.conflicts.clone_from(&planned.conflicts);
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The pure core of the controller: [`plan`] turns everything meshd knows ([`Inputs`]: the config, the
+//! peers from every source with their liveness, NAT and topology facts) into the [`Desired`] state of
+//! every resource meshd owns: the WireGuard device and its peers, the link (name, MTU), the addresses on
+//! it, the routes in table [`net::ROUTE_TABLE`], the two rules, the nftables table and the sysctls. No
+//! sockets, no clock, no kernel: the appliers in [`crate::apply`] diff each resource against what the
+//! kernel reports and apply the minimal change.
+//!
+//! **Identical prefixes.** A prefix that two peers both claim (a reinstalled node whose old record is still
+//! inside the discovery service's TTL, a reused pod CIDR) cannot be on two WireGuard peers: the device moves
+//! it to whichever peer was configured last, and a diff that wants it on both would move it back and forth
+//! on every resync. The plan gives it to one holder, chosen the same way on every resync and every node:
+//! a peer that is up beats one that is not, then the lowest public key. The others lose it, and the
+//! conflict is reported ([`Desired::conflicts`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use hybridnet_config::PublicKey;
+use ipnet::{IpNet, Ipv6Net};
+
+use crate::identity::PrivateKey;
+use crate::net;
+use crate::peer::PeerState;
+use crate::topology::{self, Layout, PathKind, Route};
+use crate::wg::{self, PeerConfig};
+
+/// WireGuard persistent keepalive on every peer (keeps NAT mappings; KubeSpan uses 25 s too).
+pub const KEEPALIVE: u16 = 25;
+
+/// One peer as the plan sees it.
+#[derive(Clone, Debug)]
+pub struct PeerInput {
+    pub key: PublicKey,
+    /// Its mesh /128 and its allowed IPs.
+    pub allowed_ips: BTreeSet<IpNet>,
+    /// It has a public address of its own (a relay candidate).
+    pub public: bool,
+    /// What its probes say.
+    pub probe_state: PeerState,
+    /// Its state for routes (`allowDownPeerBypass`): the probes, WireGuard traffic or handshakes.
+    pub state: PeerState,
+    /// The probes' active endpoint (`topology: location`).
+    pub active: Option<SocketAddr>,
+    /// The endpoint WireGuard should use (`topology: full`: the probes', or the handshake fallback's).
+    pub endpoint: Option<SocketAddr>,
+    /// Its pongs say it is a gateway candidate without a path to other locations.
+    pub no_uplink: bool,
+}
+
+/// Everything the desired state depends on.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    pub private_key: PrivateKey,
+    pub interface: String,
+    pub mtu: u32,
+    pub listen_port: u16,
+    /// KubeSpan-compatible mode: the cluster secret as every peer's preshared key.
+    pub preshared_key: Option<[u8; 32]>,
+    pub prefix: Ipv6Net,
+    pub mesh_addr: Ipv6Addr,
+    /// `meshd.addresses`.
+    pub addresses: Vec<IpNet>,
+    /// `allowDownPeerBypass`.
+    pub bypass: bool,
+    /// `clampMSS`.
+    pub clamp_mss: bool,
+    /// This node has a public address of its own (it may relay; it is never relayed).
+    pub own_public: bool,
+    /// `topology: location`: the plan from the config.
+    pub topology: Option<topology::Plan>,
+    pub peers: Vec<PeerInput>,
+}
+
+/// One of meshd's two policy rules: `not fwmark FWMARK/FWMARK lookup ROUTE_TABLE` at `RULE_PRIORITY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rule {
+    pub v6: bool,
+    pub table: u32,
+    pub priority: u32,
+    pub fwmark: u32,
+}
+
+/// Two peers (or more) claiming the same prefix, and who holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub prefix: IpNet,
+    pub holder: PublicKey,
+    pub losers: Vec<PublicKey>,
+}
+
+/// The state of every resource meshd owns.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    pub device: wg::Desired,
+    pub interface: String,
+    pub mtu: u32,
+    pub addresses: BTreeSet<IpNet>,
+    pub routes: BTreeMap<IpNet, Route>,
+    pub rules: Vec<Rule>,
+    /// The interface whose forwarded TCP SYNs get their MSS clamped (`None`: no nftables table).
+    pub clamp: Option<String>,
+    /// IPv4 and IPv6 forwarding on (a gateway candidate or a public relay); see [`crate::sysctl`].
+    pub forwarding: bool,
+    /// How each peer is reached.
+    pub paths: BTreeMap<PublicKey, PathKind>,
+    /// `topology: location`: each location's active gateway.
+    pub gateways: BTreeMap<String, Option<PublicKey>>,
+    pub conflicts: Vec<Conflict>,
+}
+
+/// The two rules, IPv4 and IPv6.
+pub fn rules() -> Vec<Rule> {
+    [false, true]
+        .into_iter()
+        .map(|v6| Rule {
+            v6,
+            table: net::ROUTE_TABLE,
+            priority: net::RULE_PRIORITY,
+            fwmark: net::FWMARK,
+        })
+        .collect()
+}
+
+/// The desired state. Pure.
+pub fn plan(inputs: &Inputs) -> Desired {
+    let layout = layout(inputs);
+    let Shape {
+        wireguard,
+        routes,
+        paths,
+        gateways,
+    } = match layout {
+        Some(l) => Shape {
+            wireguard: l
+                .wireguard
+                .into_iter()
+                .filter_map(|(key, allowed)| {
+                    let p = inputs.peers.iter().find(|p| p.key == key)?;
+                    Some((key, (p.active, allowed)))
+                })
+                .collect(),
+            routes: l.routes,
+            paths: l.paths,
+            gateways: l.gateways,
+        },
+        None => full(inputs),
+    };
+    let states: HashMap<PublicKey, PeerState> =
+        inputs.peers.iter().map(|p| (p.key, p.state)).collect();
+    let (wireguard, conflicts) = resolve_identical(wireguard, &states);
+    let device = wg::Desired {
+        private_key: inputs.private_key.clone(),
+        listen_port: inputs.listen_port,
+        fwmark: net::FWMARK,
+        peers: wireguard
+            .into_iter()
+            .map(|(key, (endpoint, allowed_ips))| {
+                let config = PeerConfig {
+                    endpoint,
+                    allowed_ips,
+                    keepalive: Some(KEEPALIVE),
+                    preshared_key: inputs.preshared_key,
+                };
+                (key, config)
+            })
+            .collect(),
+    };
+    let mut addresses: BTreeSet<IpNet> = inputs.addresses.iter().copied().collect();
+    addresses.insert(IpNet::V6(Ipv6Net::from(inputs.mesh_addr)));
+    let forwarding = match &inputs.topology {
+        Some(t) => t.candidate,
+        None => inputs.own_public,
+    };
+    Desired {
+        device,
+        interface: inputs.interface.clone(),
+        mtu: inputs.mtu,
+        addresses,
+        routes,
+        rules: rules(),
+        clamp: inputs.clamp_mss.then(|| inputs.interface.clone()),
+        forwarding,
+        paths,
+        gateways,
+        conflicts,
+    }
+}
+
+type WireGuardPeers = BTreeMap<PublicKey, (Option<SocketAddr>, BTreeSet<IpNet>)>;
+
+/// The topology's part of the plan: WireGuard peers (endpoint, allowed IPs), routes, paths, gateways.
+struct Shape {
+    wireguard: WireGuardPeers,
+    routes: BTreeMap<IpNet, Route>,
+    paths: BTreeMap<PublicKey, PathKind>,
+    gateways: BTreeMap<String, Option<PublicKey>>,
+}
+
+/// `topology: full`: every peer is a WireGuard peer; a relayed peer's allowed IPs sit on its relay.
+fn full(inputs: &Inputs) -> Shape {
+    let relays = relays(inputs);
+    let mut allowed: HashMap<PublicKey, BTreeSet<IpNet>> = inputs
+        .peers
+        .iter()
+        .map(|p| (p.key, p.allowed_ips.clone()))
+        .collect();
+    for (peer, relay) in &relays {
+        let moved = allowed.insert(*peer, BTreeSet::new()).unwrap_or_default();
+        allowed.entry(*relay).or_default().extend(moved);
+    }
+    let wireguard = inputs
+        .peers
+        .iter()
+        .map(|p| {
+            let a = allowed.remove(&p.key).unwrap_or_default();
+            (p.key, (p.endpoint, a))
+        })
+        .collect();
+    let routes = crate::mesh::routes_for(
+        inputs.prefix,
+        inputs.peers.iter().map(|p| {
+            // A relayed peer is reachable (through its relay): its routes stay.
+            let state = if relays.contains_key(&p.key) {
+                PeerState::Up
+            } else {
+                p.state
+            };
+            (state, &p.allowed_ips)
+        }),
+        inputs.bypass,
+    )
+    .into_iter()
+    .map(|n| (n, Route::Mesh))
+    .collect();
+    let paths = inputs
+        .peers
+        .iter()
+        .map(|p| {
+            let path = relays
+                .get(&p.key)
+                .map_or(PathKind::Direct, |r| PathKind::Relayed { via: *r });
+            (p.key, path)
+        })
+        .collect();
+    Shape {
+        wireguard,
+        routes,
+        paths,
+        gateways: BTreeMap::new(),
+    }
+}
+
+/// `topology: full`: the peers relayed now, and their relays.
+pub fn relays(inputs: &Inputs) -> BTreeMap<PublicKey, PublicKey> {
+    let views: Vec<topology::RelayView> = inputs
+        .peers
+        .iter()
+        .map(|p| topology::RelayView {
+            key: p.key,
+            public: p.public,
+            state: p.probe_state,
+        })
+        .collect();
+    topology::relays(inputs.own_public, &views)
+}
+
+/// `topology: location`: the layout for the current liveness (`None` in `topology: full`).
+pub fn layout(inputs: &Inputs) -> Option<Layout> {
+    let plan = inputs.topology.as_ref()?;
+    let live = inputs
+        .peers
+        .iter()
+        .map(|p| {
+            let live = topology::Live {
+                state: p.probe_state,
+                active: p.active,
+                allowed: &p.allowed_ips,
+                no_uplink: p.no_uplink,
+            };
+            (p.key, live)
+        })
+        .collect();
+    let v4 = inputs
+        .addresses
+        .iter()
+        .map(IpNet::addr)
+        .find(IpAddr::is_ipv4);
+    let sources = topology::Sources {
+        v4,
+        v6: Some(IpAddr::V6(inputs.mesh_addr)),
+    };
+    let me = inputs.private_key.public();
+    Some(topology::layout(
+        &me,
+        plan,
+        &live,
+        inputs.prefix,
+        sources,
+        inputs.bypass,
+    ))
+}
+
+/// Gives every prefix that more than one WireGuard peer claims to one of them: up before unknown before
+/// down, then the lowest key. Returns the peers without the lost prefixes, and the conflicts.
+fn resolve_identical(
+    mut peers: WireGuardPeers,
+    states: &HashMap<PublicKey, PeerState>,
+) -> (WireGuardPeers, Vec<Conflict>) {
+    let mut holders: BTreeMap<IpNet, Vec<PublicKey>> = BTreeMap::new();
+    for (key, (_, allowed)) in &peers {
+        for net in allowed {
+            holders.entry(*net).or_default().push(*key);
+        }
+    }
+    let rank = |k: &PublicKey| match states.get(k) {
+        Some(PeerState::Up) => 0,
+        Some(PeerState::Unknown) => 1,
+        Some(PeerState::Down) | None => 2,
+    };
+    let mut conflicts = Vec::new();
+    for (prefix, mut keys) in holders {
+        if keys.len() < 2 {
+            continue;
+        }
+        keys.sort_by_key(|k| (rank(k), k.0));
+        let holder = keys.remove(0);
+        for loser in &keys {
+            if let Some((_, allowed)) = peers.get_mut(loser) {
+                allowed.remove(&prefix);
+            }
+        }
+        conflicts.push(Conflict {
+            prefix,
+            holder,
+            losers: keys,
+        });
+    }
+    (peers, conflicts)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

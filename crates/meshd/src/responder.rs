@@ -1,0 +1,174 @@
+//! The probe socket's receiver on its own OS thread: it answers pings at once and hands pongs (with the
+//! time they arrived) to the mesh. Nothing the mesh does (hostname lookups, nftables, UAPI reads, the
+//! discovery stop, fsync'd writes) delays an answer: peers declare a path dead after about a second
+//! without pongs, so a responder behind slow work would fail every peer over. A thread, not a task: a
+//! blocking call on the runtime (boringtun's UAPI read) cannot hold it either.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hybridnet_config::PublicKey;
+use tokio::sync::mpsc;
+
+use crate::Error;
+use crate::metrics::Metrics;
+use crate::net;
+use crate::probe::{self, Kind, Probe};
+
+/// How often the thread looks at its stop flag while no datagram arrives.
+const STOP_POLL: Duration = Duration::from_millis(200);
+
+/// A pong that passed its MAC check, and when it arrived.
+#[derive(Clone, Debug)]
+pub struct Pong {
+    pub probe: Probe,
+    pub at: Instant,
+}
+
+/// The state the thread shares with the mesh.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Each peer's probe key (replaced whenever the peers change).
+    pub keys: RwLock<HashMap<PublicKey, [u8; 32]>>,
+    /// This node is a gateway candidate without an uplink (`NO_UPLINK` in its pongs).
+    pub no_uplink: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// The running responder; dropping it stops the thread (within [`STOP_POLL`]).
+#[derive(Debug)]
+pub struct Responder {
+    pub shared: Arc<Shared>,
+    /// For sending probes (same port, so pongs come back to it).
+    pub socket: Arc<UdpSocket>,
+    pub pongs: mpsc::UnboundedReceiver<Pong>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Responder {
+    /// Stops the thread and waits until it has released the socket (a new mesh binds the same port).
+    pub async fn stop(mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Binds the probe socket (dual-stack UDP on `[::]:port` with meshd's fwmark) and starts the thread.
+pub fn start(port: u16, me: PublicKey, metrics: Metrics) -> Result<Responder, Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let fail = |e: std::io::Error| Error::Io(format!("probe socket on port {port}: {e}"));
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).map_err(fail)?;
+    s.set_only_v6(false).map_err(fail)?;
+    s.set_mark(net::FWMARK).map_err(fail)?;
+    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())
+        .map_err(fail)?;
+    s.set_read_timeout(Some(STOP_POLL)).map_err(fail)?;
+    // Sends never wait long for buffer space (a full buffer drops the datagram, as a lost one would).
+    s.set_write_timeout(Some(Duration::from_millis(20)))
+        .map_err(fail)?;
+    let socket = Arc::new(UdpSocket::from(s));
+    let shared = Arc::new(Shared::default());
+    let (tx, pongs) = mpsc::unbounded_channel();
+    let thread = {
+        let socket = socket.clone();
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("meshd-probe".to_owned())
+            .spawn(move || serve(&socket, &shared, me, &metrics, &tx))
+            .map_err(|e| Error::Io(format!("probe thread: {e}")))?
+    };
+    Ok(Responder {
+        shared,
+        socket,
+        pongs,
+        thread: Some(thread),
+    })
+}
+
+fn serve(
+    socket: &UdpSocket,
+    shared: &Shared,
+    me: PublicKey,
+    metrics: &Metrics,
+    tx: &mpsc::UnboundedSender<Pong>,
+) {
+    let mut buf = [0u8; 128];
+    while !shared.stop.load(Ordering::Relaxed) {
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "probe socket");
+                std::thread::sleep(STOP_POLL);
+                continue;
+            }
+        };
+        let at = Instant::now();
+        let bytes = &buf[..n];
+        let Some(probe) = probe::decode(bytes) else {
+            metrics.probes_rejected.inc();
+            continue;
+        };
+        let key = match shared.keys.read() {
+            Ok(keys) => keys.get(&probe.sender).copied(),
+            Err(poisoned) => poisoned.into_inner().get(&probe.sender).copied(),
+        };
+        let Some(key) = key.filter(|k| probe::verify(bytes, k)) else {
+            metrics.probes_rejected.inc();
+            continue;
+        };
+        match probe.kind {
+            Kind::Ping => {
+                // The pong tells the pinger where its ping came from (its reflexive address).
+                let no_uplink = shared.no_uplink.load(Ordering::Relaxed);
+                let pong = Probe {
+                    kind: Kind::Pong,
+                    sender: me,
+                    observed: Some(unmapped(from)),
+                    flags: if no_uplink { probe::NO_UPLINK } else { 0 },
+                    ..probe
+                };
+                let reply = probe::encode(&pong, &key);
+                if let Err(error) = socket.send_to(&reply, from) {
+                    tracing::debug!(%from, %error, "pong not sent");
+                }
+            }
+            Kind::Pong => {
+                if tx.send(Pong { probe, at }).is_err() {
+                    // The mesh is gone.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
