@@ -81,6 +81,7 @@ pub struct Ours {
     pub d_cache_max_memory: Sourced<u64>,
     pub d_client_rate: Sourced<u32>,
     pub d_forward: Sourced<Vec<crate::model::DnsForward>>,
+    pub d_intercept_cluster_dns: Sourced<bool>,
     pub d_admin: Sourced<SocketAddr>,
 }
 

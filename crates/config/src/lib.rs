@@ -187,6 +187,7 @@ impl Config {
                 admin: admin(7448),
                 client_rate: 2000,
                 forward: Vec::new(),
+                intercept_cluster_dns: None,
             },
             warnings: Vec::new(),
             sources: Sources::default(),

@@ -299,6 +299,9 @@ pub struct DnslocalConfig {
     pub client_rate: u32,
     /// Conditional forwarding (stub domains): names in a zone go to its servers; the longest zone wins.
     pub forward: Vec<DnsForward>,
+    /// `interceptClusterDNS`: the kube-dns ClusterIP dnslocal also listens on (held on its link, with
+    /// NOTRACK rules so kube-proxy's DNAT does not take the queries); `None` when off.
+    pub intercept_cluster_dns: Option<std::net::IpAddr>,
 }
 
 /// One `dnslocal.forward` entry.

@@ -228,6 +228,13 @@ fn dnslocal(c: &Config) -> Vec<(String, Value)> {
         ("dnslocal.admin".into(), json!(d.admin.to_string())),
         ("dnslocal.clientRate".into(), json!(d.client_rate)),
         (
+            "dnslocal.interceptClusterDNS".into(),
+            json!(
+                d.intercept_cluster_dns
+                    .map_or(Value::Bool(false), |ip| json!(ip.to_string()))
+            ),
+        ),
+        (
             "dnslocal.forward".into(),
             json!(
                 d.forward

@@ -8,6 +8,7 @@
 //! - [`server`]: `SO_REUSEPORT` UDP sockets (one thread each) and TCP listeners, drained without loss;
 //! - [`limit`]: per-client budgets on the UDP path (answers beyond them truncated or dropped);
 //! - [`link`]: the dummy link holding the listen addresses (rtnetlink);
+//! - [`intercept`]: `interceptClusterDNS`, the NOTRACK rules for the kube-dns ClusterIP (nftables over netlink);
 //! - [`loops`]: forwarding-loop checks (own addresses, a probe that must not come back to us).
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
@@ -15,6 +16,7 @@
 pub mod cache;
 pub mod chain;
 pub mod engine;
+pub mod intercept;
 pub mod limit;
 pub mod link;
 pub mod loops;
@@ -322,14 +324,69 @@ impl Instance {
             "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail },
             "inflight": e.inflight(),
             "cluster_loop": e.loops.cluster_refused(),
+            "intercept": self.config.intercept_cluster_dns.map(|ip| ip.to_string()),
         });
         (summary, details)
     }
 }
 
+/// The configuration as served: with `interceptClusterDNS`, the kube-dns ClusterIP (port 53) is one more
+/// listen address (held on the link, bound, removed like any other).
+pub fn effective(config: &Arc<Config>) -> Arc<Config> {
+    let Some(ip) = config.dnslocal.intercept_cluster_dns else {
+        return config.clone();
+    };
+    let mut c = (**config).clone();
+    let addr = SocketAddr::new(ip, 53);
+    if !c.dnslocal.listen.contains(&addr) {
+        c.dnslocal.listen.push(addr);
+    }
+    Arc::new(c)
+}
+
+/// Installs (or repairs) the NOTRACK rules for `ip`, or removes the table when `ip` is `None` and
+/// `installed` says it may be there. Logs what it did; returns whether the table is ours now.
+async fn sync_intercept(ip: Option<IpAddr>, installed: bool) -> bool {
+    match ip {
+        Some(ip) => match tokio::task::spawn_blocking(move || intercept::check(ip)).await {
+            Ok(Ok(hybridnet_nft::Outcome::Installed)) => {
+                tracing::info!(table = intercept::TABLE, %ip, "NOTRACK rules for the kube-dns ClusterIP installed");
+                true
+            }
+            Ok(Ok(hybridnet_nft::Outcome::InPlace)) => true,
+            Ok(Err(error)) => {
+                tracing::error!(%error, %ip, "cannot install the NOTRACK rules: queries to the ClusterIP go to kube-dns");
+                installed
+            }
+            Err(error) => {
+                tracing::error!(%error, "NOTRACK rules task failed");
+                installed
+            }
+        },
+        None if installed => {
+            remove_intercept().await;
+            false
+        }
+        None => false,
+    }
+}
+
+async fn remove_intercept() {
+    match tokio::task::spawn_blocking(intercept::remove).await {
+        Ok(Ok(())) => tracing::info!(
+            table = intercept::TABLE,
+            "NOTRACK rules removed: queries to the ClusterIP go to kube-dns"
+        ),
+        Ok(Err(error)) => tracing::warn!(%error, "cannot remove the NOTRACK rules"),
+        Err(error) => tracing::warn!(%error, "NOTRACK removal task failed"),
+    }
+}
+
 async fn run(mut ctx: Context) -> Result<(), Error> {
     let metrics = ctx.metrics.register("dnslocal", Metrics::register);
-    let mut config: Arc<Config> = ctx.config.borrow_and_update().clone();
+    let mut config: Arc<Config> = effective(&ctx.config.borrow_and_update().clone());
+    // Whether our nftables table may be in place (so it is removed when interception is turned off).
+    let mut intercepting = false;
     let mut link: Option<Link> = None;
     let mut instance: Option<Instance> = None;
     loop {
@@ -354,6 +411,9 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
             }
         }
         if let Some(i) = &instance {
+            // Desired from the config, checked against the kernel on every tick (repaired if flushed).
+            intercepting =
+                sync_intercept(config.dnslocal.intercept_cluster_dns, intercepting).await;
             let (summary, details) = i.status();
             ctx.status.set(summary, details);
         }
@@ -369,8 +429,14 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                 if changed.is_err() {
                     break;
                 }
-                let new = ctx.config.borrow_and_update().clone();
+                let new = effective(&ctx.config.borrow_and_update().clone());
                 if new.dnslocal != config.dnslocal || new.cluster.nameservers != config.cluster.nameservers {
+                    // Interception off (or another ClusterIP): the rules go first, so queries to the
+                    // old ClusterIP reach kube-dns through kube-proxy while the old instance drains.
+                    if intercepting && new.dnslocal.intercept_cluster_dns != config.dnslocal.intercept_cluster_dns {
+                        remove_intercept().await;
+                        intercepting = false;
+                    }
                     let old = std::mem::replace(&mut config, new);
                     reload(&old, &config, &metrics, &mut link, &mut instance).await;
                     ctx.set_ready(instance.is_some());
@@ -381,7 +447,17 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
     ctx.set_ready(false);
     if let Some(i) = instance {
         let listen = i.config.listen.clone();
+        let intercepted = i.config.intercept_cluster_dns;
         i.drain().await;
+        // The rules go unless another instance (a restart overlapping us) serves the ClusterIP: a plain
+        // bind fails while it holds the port. Without them kube-proxy's DNAT sends queries to kube-dns.
+        if intercepting && let Some(ip) = intercepted {
+            if std::net::UdpSocket::bind(SocketAddr::new(ip, 53)).is_ok() {
+                remove_intercept().await;
+            } else {
+                tracing::info!(%ip, "another instance serves the ClusterIP: leaving the NOTRACK rules");
+            }
+        }
         if let Some(l) = link {
             l.teardown(&listen).await;
         }
@@ -495,6 +571,12 @@ pub fn render_details(d: &serde_json::Value) -> String {
             ""
         }
     ));
+    if let Some(ip) = d["intercept"].as_str() {
+        out.push_str(&format!(
+            "intercept    {ip}:53 (kube-dns ClusterIP, NOTRACK table inet {})\n",
+            intercept::TABLE
+        ));
+    }
     out.push_str(&format!("upstreams    {}\n", list(&d["upstreams"])));
     for f in d["forward"].as_array().into_iter().flatten() {
         out.push_str(&format!(

@@ -72,6 +72,7 @@ const DNSLOCAL_KEYS: &[&str] = &[
     "admin",
     "clientRate",
     "forward",
+    "interceptClusterDNS",
 ];
 const FORWARD_KEYS: &[&str] = &["zone", "to"];
 const INTERFACE_KEYS: &[&str] = &["name", "create"];
@@ -369,6 +370,7 @@ fn read_dnslocal(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
             .and_then(|v| u32::try_from(v).ok())
     });
     o.d_forward = get(ctx, s, P, "forward", |c, n, k| c.list(n, k, read_forward));
+    o.d_intercept_cluster_dns = get(ctx, s, P, "interceptClusterDNS", |c, n, k| c.boolean(n, k));
     let iface = section(ctx, s, "interface", "dnslocal.interface", INTERFACE_KEYS);
     o.d_if_name = get(ctx, iface, "dnslocal.interface", "name", |c, n, k| {
         c.parsed(n, k, parse_ifname)

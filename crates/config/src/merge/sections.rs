@@ -419,6 +419,13 @@ pub fn dnslocal(
         ));
     }
     let talos_dns = cluster_dns_from_talos(t, &listen, derived_dns.clone(), warnings);
+    let cluster_dns = m.first(
+        "dnslocal.clusterDNS",
+        [o.d_cluster_dns.clone(), talos_dns, derived_dns.clone()],
+        d.cluster_dns.clone(),
+    );
+    let intercept_cluster_dns =
+        intercepted_cluster_ip(ctx, m, t, o, &listen, &cluster_dns, derived_dns);
     DnslocalConfig {
         listen,
         interface: DnsInterface {
@@ -438,11 +445,7 @@ pub fn dnslocal(
             [o.d_cluster_domain.clone(), t.dns_domain.clone()],
             d.cluster_domain.clone(),
         ),
-        cluster_dns: m.first(
-            "dnslocal.clusterDNS",
-            [o.d_cluster_dns.clone(), talos_dns, derived_dns],
-            d.cluster_dns.clone(),
-        ),
+        cluster_dns,
         upstreams: m.first(
             "dnslocal.upstreams",
             [o.d_upstreams.clone(), nameservers],
@@ -487,5 +490,49 @@ pub fn dnslocal(
             d.client_rate,
         ),
         forward: m.first("dnslocal.forward", [o.d_forward.clone()], d.forward.clone()),
+        intercept_cluster_dns,
     }
+}
+
+/// With `dnslocal.interceptClusterDNS`, the kube-dns ClusterIP pods ask (the kubelet's `clusterDNS` when it
+/// is not dnslocal's own listen address, else the 10th address of the service subnet, else 10.96.0.10).
+/// The cluster zone must then go elsewhere: a `clusterDNS` equal to it is an error (it would come back to us).
+fn intercepted_cluster_ip(
+    ctx: &mut Ctx,
+    m: &mut Merger,
+    t: &TalosFacts,
+    o: &Ours,
+    listen: &[SocketAddr],
+    cluster_dns: &[SocketAddr],
+    derived: Sourced<Vec<SocketAddr>>,
+) -> Option<IpAddr> {
+    let on = m.first(
+        "dnslocal.interceptClusterDNS",
+        [o.d_intercept_cluster_dns.clone()],
+        false,
+    );
+    if !on {
+        return None;
+    }
+    let kubelet = t.cluster_dns.clone().and_then(|(dns, s)| {
+        let kept: Vec<SocketAddr> = dns.into_iter().filter(|a| !listen.contains(a)).collect();
+        (!kept.is_empty()).then_some((kept, s))
+    });
+    let ip = [kubelet, derived]
+        .into_iter()
+        .flatten()
+        .find_map(|(dns, _)| dns.first().map(SocketAddr::ip))
+        .unwrap_or(IpAddr::from([10, 96, 0, 10]));
+    if cluster_dns.iter().any(|a| a.ip() == ip) {
+        let source = o.d_intercept_cluster_dns.clone().map(|(_, s)| s);
+        ctx.issues.push(crate::error::Issue::new(
+            &ctx.origin,
+            source.as_ref().and_then(pos_of),
+            IssueKind::Value,
+            format!(
+                "`dnslocal.interceptClusterDNS`: dnslocal takes over kube-dns's ClusterIP {ip}, so `dnslocal.clusterDNS` cannot be {ip} (the cluster zone would come back to us): set it to a second Service in front of CoreDNS (NodeLocal DNSCache's `kube-dns-upstream`) or to CoreDNS's pod addresses"
+            ),
+        ));
+    }
+    Some(ip)
 }

@@ -103,6 +103,53 @@ fn our_own_cluster_dns_on_a_listen_address_is_an_error() {
     );
 }
 
+/// `interceptClusterDNS`: the kube-dns ClusterIP comes from the kubelet (else the service subnet); the cluster
+/// zone must then go elsewhere (a `kube-dns-upstream` Service), so the ClusterIP as `clusterDNS` is an error.
+#[test]
+fn intercepting_the_cluster_ip_needs_another_cluster_dns() {
+    let talos = "version: v1alpha1\nmachine:\n  type: worker\n  kubelet:\n    clusterDNS: [10.96.0.10]\ncluster:\n  network:\n    serviceSubnets: [10.96.0.0/12]\n---\n";
+    let ours =
+        "apiVersion: v1alpha1\nkind: HybridNetConfig\ndnslocal:\n  interceptClusterDNS: true\n";
+    let e = err(&format!("{talos}{ours}"));
+    let text = e.to_string();
+    assert!(
+        text.contains("interceptClusterDNS")
+            && text.contains("kube-dns-upstream")
+            && text.contains("10.96.0.10"),
+        "{text}"
+    );
+    let c = ok(&format!("{talos}{ours}  clusterDNS: [10.96.0.11]\n"));
+    assert_eq!(
+        c.dnslocal.intercept_cluster_dns,
+        Some("10.96.0.10".parse().unwrap_or_else(|e| panic!("{e}")))
+    );
+    assert_eq!(c.dnslocal.cluster_dns[0].to_string(), "10.96.0.11:53");
+    assert!(
+        c.render(None)
+            .lines()
+            .any(|l| l.starts_with("dnslocal.interceptClusterDNS") && l.contains("10.96.0.10")),
+        "{}",
+        c.render(None)
+    );
+    // Off by default; the subnet's 10th address without a kubelet clusterDNS.
+    assert_eq!(
+        ok(talos.trim_end_matches("---\n"))
+            .dnslocal
+            .intercept_cluster_dns,
+        None
+    );
+    let c = ok(&format!(
+        "version: v1alpha1\ncluster:\n  network:\n    serviceSubnets: [10.100.0.0/16]\n---\n{ours}  clusterDNS: [10.100.0.11]\n"
+    ));
+    assert_eq!(
+        c.dnslocal
+            .intercept_cluster_dns
+            .map(|ip| ip.to_string())
+            .as_deref(),
+        Some("10.100.0.10")
+    );
+}
+
 const IDENTITY: &str = "apiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\nclusterID: 0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w=\nclusterSecret: pofHbABZq7VXuObsdLdy/bHmz6hlMHZ3p8+6WKrv1ic=\n---\napiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: own\nendpoint: https://discovery.example.org:3001/\n---\napiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: talos\nendpoint: https://discovery.talos.dev/\n";
 
 #[test]
