@@ -8,8 +8,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::admission::{Admission, Limits};
 use crate::core::{Attempt, Signal, State, Table, Transition};
-use crate::metrics::{Metrics, UpstreamHandles};
+use crate::metrics::{Metrics, Op, OpLabels, UpstreamHandles};
+
+/// Local pressure is logged at most this often (it comes in floods).
+const PRESSURE_LOG_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Shared {
@@ -20,16 +24,63 @@ pub struct Shared {
     handles: Mutex<HashMap<SocketAddr, Arc<UpstreamHandles>>>,
     /// Something the status shows changed.
     pub changed: Notify,
+    /// The connection limit and the per-client shares.
+    pub admission: Arc<Admission>,
+    /// When local pressure was last logged.
+    pressure_logged: Mutex<Option<Instant>>,
 }
 
 impl Shared {
-    pub fn new(table: Table, metrics: Metrics) -> Shared {
-        Shared {
+    pub fn new(table: Table, metrics: Metrics, limits: Limits) -> Shared {
+        let shared = Shared {
             table: Mutex::new(table),
             metrics,
             kicks: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             changed: Notify::new(),
+            admission: Arc::new(Admission::new(limits)),
+            pressure_logged: Mutex::new(None),
+        };
+        shared.set_limits(limits);
+        shared
+    }
+
+    /// New connection limits (a config change).
+    pub fn set_limits(&self, limits: Limits) {
+        if self.admission.slots().limits() != limits {
+            tracing::info!(
+                max_connections = limits.total,
+                max_connections_per_client = limits.per_client,
+                "connection limits changed"
+            );
+        }
+        self.admission.set_limits(limits);
+        self.metrics.connection_limit.set(i64::from(limits.total));
+        self.metrics
+            .client_connection_limit
+            .set(i64::from(limits.per_client));
+    }
+
+    /// Counts (and now and then logs) an operation that failed for lack of local resources. Such a failure
+    /// says nothing about an upstream: callers never feed it to the table.
+    pub fn local_pressure(&self, op: Op, error: &std::io::Error) {
+        self.metrics
+            .local_pressure
+            .get_or_create(&OpLabels { op })
+            .inc();
+        let now = Instant::now();
+        let mut last = self
+            .pressure_logged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.is_none_or(|t| now.duration_since(t) >= PRESSURE_LOG_EVERY) {
+            *last = Some(now);
+            tracing::warn!(
+                ?op,
+                %error,
+                active = self.admission.slots().active(),
+                "out of local resources (not an upstream failure): raise the open-file limit or lower apiprism.maxConnections"
+            );
         }
     }
 

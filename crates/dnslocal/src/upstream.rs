@@ -29,7 +29,10 @@ pub enum Failure {
     Timeout,
     Refused,
     Io,
+    /// Too many exchanges in flight to this upstream (our own limit).
     Busy,
+    /// Out of local descriptors, buffers or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`).
+    Local,
 }
 
 impl Failure {
@@ -39,7 +42,14 @@ impl Failure {
             Failure::Refused => "refused",
             Failure::Io => "io",
             Failure::Busy => "busy",
+            Failure::Local => "local",
         }
+    }
+
+    /// Whether the failure says something about the upstream. `Busy` and `Local` are our own limits and
+    /// resources: counting them would let a flood of local queries mark healthy upstreams down.
+    pub fn blames_upstream(self) -> bool {
+        !matches!(self, Failure::Busy | Failure::Local)
     }
 }
 
@@ -155,7 +165,9 @@ impl UdpClient {
 }
 
 fn io_failure(e: &io::Error) -> Failure {
-    if e.kind() == io::ErrorKind::ConnectionRefused {
+    if hybridnet_runtime::limits::is_local_pressure(e) {
+        Failure::Local
+    } else if e.kind() == io::ErrorKind::ConnectionRefused {
         Failure::Refused
     } else {
         Failure::Io
@@ -362,6 +374,9 @@ impl Upstream {
                     tracing::info!(upstream = %self.addr, "upstream is answering again");
                     metrics.upstream_up(&self.label, true);
                 }
+            }
+            Err(failure) if !failure.blames_upstream() => {
+                metrics.upstream_error(&self.label, failure.label());
             }
             Err(failure) => {
                 metrics.upstream_error(&self.label, failure.label());

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod net;
 pub mod nft;
 pub mod peer;
+mod private;
 pub mod probe;
 pub mod status;
 pub mod topology;
