@@ -176,7 +176,7 @@ for d in /run/hybridnet /var/lib/hybridnet; do
   mkdir -p "$d"
   mount -t tmpfs -o mode=0755,size=16m hybridnet-test "$d"
 done
-if [ -n "${HN_TEST_NOFILE:-}" ]; then ulimit -H -n "$HN_TEST_NOFILE"; ulimit -S -n "$HN_TEST_NOFILE"; fi
+if [ -n "${HN_TEST_NOFILE:-}" ]; then ulimit -S -n "$HN_TEST_NOFILE"; ulimit -H -n "$HN_TEST_NOFILE"; fi
 exec "$@""#;
 
 /// How a [`Daemon`] is started: see [`Daemon::builder`].

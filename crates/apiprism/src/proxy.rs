@@ -231,6 +231,12 @@ enum DialError {
 /// a local one (out of descriptors or memory), which is retried a few times and then gives up without
 /// blaming any upstream.
 async fn dial(shared: &Shared) -> Result<(TcpStream, SocketAddr), DialError> {
+    // Waiting for a slot is not part of any attempt's timeout. The semaphore is never closed.
+    let _slot = shared
+        .dials
+        .acquire()
+        .await
+        .map_err(|_closed| DialError::LocalPressure)?;
     let plan = shared.plan();
     let mut failed: Option<SocketAddr> = None;
     let mut local_retries = LOCAL_RETRIES;
@@ -264,12 +270,12 @@ async fn dial(shared: &Shared) -> Result<(TcpStream, SocketAddr), DialError> {
             }
             Ok(Err(error)) => {
                 tracing::debug!(upstream = %attempt.addr, %error, "dial failed, trying the next upstream");
-                shared.observe(attempt.addr, Err(error.to_string()), Signal::Dial);
+                shared.observe_failed_dial(attempt.addr, error.to_string(), start);
             }
             Err(_) => {
                 tracing::debug!(upstream = %attempt.addr, timeout = ?attempt.timeout, "dial timed out, trying the next upstream");
                 let error = format!("dial timed out after {:?}", attempt.timeout);
-                shared.observe(attempt.addr, Err(error), Signal::Dial);
+                shared.observe_failed_dial(attempt.addr, error, start);
             }
         }
         failed = Some(attempt.addr);

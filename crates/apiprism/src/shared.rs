@@ -12,6 +12,12 @@ use crate::admission::{Admission, Limits};
 use crate::core::{Attempt, Signal, State, Table, Transition};
 use crate::metrics::{Metrics, Op, OpLabels, UpstreamHandles};
 
+/// Upstream dials in flight at once. A burst of new clients (a flood of local connections, every kubelet of a
+/// node reconnecting) waits for a slot instead of sending hundreds of SYNs at once: connect times stay short,
+/// so the burst does not time its own dials out and take healthy upstreams down, and the API servers do not
+/// receive our clients' burst as one.
+pub const MAX_DIALS_IN_FLIGHT: usize = 64;
+
 /// Local pressure is logged at most this often (it comes in floods).
 const PRESSURE_LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -28,6 +34,8 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     /// When local pressure was last logged.
     pressure_logged: Mutex<Option<Instant>>,
+    /// Slots for upstream dials in flight ([`MAX_DIALS_IN_FLIGHT`]).
+    pub dials: tokio::sync::Semaphore,
 }
 
 impl Shared {
@@ -40,6 +48,7 @@ impl Shared {
             changed: Notify::new(),
             admission: Arc::new(Admission::new(limits)),
             pressure_logged: Mutex::new(None),
+            dials: tokio::sync::Semaphore::new(MAX_DIALS_IN_FLIGHT),
         };
         shared.set_limits(limits);
         shared
@@ -133,9 +142,33 @@ impl Shared {
         signal: Signal,
     ) -> Option<State> {
         let failed = result.is_err();
+        self.record(addr, failed, signal, |table, now| {
+            table.observe(addr, result, signal, now)
+        })
+    }
+
+    /// Records a failed client dial that started at `started` (see [`Table::observe_failed_dial`]).
+    pub fn observe_failed_dial(
+        &self,
+        addr: SocketAddr,
+        error: String,
+        started: Instant,
+    ) -> Option<State> {
+        self.record(addr, true, Signal::Dial, |table, now| {
+            table.observe_failed_dial(addr, error, started, now)
+        })
+    }
+
+    fn record(
+        &self,
+        addr: SocketAddr,
+        failed: bool,
+        signal: Signal,
+        apply: impl FnOnce(&mut Table, Instant) -> Option<Transition>,
+    ) -> Option<State> {
         let (transition, state) = {
             let mut table = self.table();
-            let transition = table.observe(addr, result, signal, Instant::now());
+            let transition = apply(&mut table, Instant::now());
             let u = table.get(addr)?;
             // A successful dial changes only the RTT; the next probe syncs it (keeps the dial path cheap).
             if signal == Signal::Probe || failed || transition.is_some() {
