@@ -66,6 +66,7 @@ pub async fn serve(
     let mut listener = bind_reuseport(current)?;
     tracing::info!(addr = %current, "admin endpoint listening");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_error_logged: Option<std::time::Instant> = None;
     loop {
         // At the connection cap, leave new connections in the backlog until one ends.
         let permit = tokio::select! {
@@ -118,8 +119,11 @@ pub async fn serve(
                     });
                 }
                 Err(error) => {
-                    // EMFILE and the like: back off briefly instead of spinning.
-                    tracing::warn!(%error, "admin accept failed");
+                    // EMFILE and the like: back off briefly instead of spinning, and log now and then.
+                    if accept_error_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                        accept_error_logged = Some(std::time::Instant::now());
+                        tracing::warn!(%error, "admin accept failed (logged at most every 5 s)");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
