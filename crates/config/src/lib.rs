@@ -23,7 +23,10 @@
 //!
 //! # Decisions
 //!
-//! - An empty file (or one with only comments or empty documents) loads to the defaults.
+//! - An empty file (or one with only comments or empty documents) loads to the defaults. (The daemons'
+//!   reload treats an empty or whitespace-only file like a missing one instead: see hybridnet-runtime.)
+//! - [`read_file`] never blocks: it opens with `O_NONBLOCK` and refuses anything that is not a regular
+//!   file ([`Error::NotRegular`]): a FIFO at the config path would otherwise hang the reader forever.
 //! - Input is capped at [`MAX_CONFIG_BYTES`] (4 MiB), checked from the file's metadata before it is
 //!   read and on the text given to [`load_str`]; YAML parsing has budgets for events, nodes, depth
 //!   and alias replay, so an alias bomb fails fast with [`IssueKind::Limit`].

@@ -4,7 +4,9 @@
 //! [`WatchOptions::poll_interval`] (a resync that also covers a lost or overflowed inotify queue). When inotify is
 //! unavailable, or the directory does not exist yet, they poll only, and switch to inotify as soon as the directory
 //! exists. On each wake they compare the file's identity (device, inode, size, mtime, ctime) with the last one seen,
-//! so a wake with no change costs a `stat`.
+//! so a wake with no change costs a `stat`. When inotify cannot be set up for lack of descriptors or memory,
+//! it is retried every 250 ms (not only every poll interval), so a watcher is back on inotify within a fraction
+//! of a second of the pressure ending.
 //!
 //! The watchers need a Tokio runtime with IO and time enabled (the daemons' runtime has both). Create them inside
 //! it: then no change made after `new` returns is missed.
