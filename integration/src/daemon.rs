@@ -128,12 +128,14 @@ pub fn bin_path(kind: DaemonKind) -> PathBuf {
 
 /// Gives the daemon private, empty `/run/hybridnet` and `/var/lib/hybridnet` (tmpfs in the mount
 /// namespace `ip netns exec` creates), so a daemon on built-in defaults never touches the host's, nor
-/// another test's. Only the empty mount points are created on the host.
+/// another test's. Only the empty mount points are created on the host. `HN_TEST_NOFILE`, when set, is the
+/// daemon's open-file limit, soft and hard (so the daemon cannot raise it).
 const SANDBOX: &str = r#"set -e
 for d in /run/hybridnet /var/lib/hybridnet; do
   mkdir -p "$d"
   mount -t tmpfs -o mode=0755,size=16m hybridnet-test "$d"
 done
+if [ -n "${HN_TEST_NOFILE:-}" ]; then ulimit -S -n "$HN_TEST_NOFILE"; ulimit -H -n "$HN_TEST_NOFILE"; fi
 exec "$@""#;
 
 /// How a [`Daemon`] is started: see [`Daemon::builder`].
@@ -158,6 +160,11 @@ impl DaemonBuilder<'_> {
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self
+    }
+
+    /// The daemon's open-file limit (`RLIMIT_NOFILE`, soft and hard), set before it starts.
+    pub fn open_files_limit(self, limit: u64) -> Self {
+        self.env("HN_TEST_NOFILE", limit.to_string())
     }
 
     /// Where the test expects the admin endpoint (default the built-in one).

@@ -308,6 +308,27 @@ impl Table {
         })
     }
 
+    /// A client dial to `addr` that started at `started` failed. It is a health signal only if the upstream
+    /// has answered nothing (no probe, no other dial) since `started`: when it did, the upstream was alive
+    /// while this dial waited, and the failure was ours (a burst of dials, a busy node) or a lost SYN. So a
+    /// burst of concurrent dials that time out together cannot take a healthy upstream down; a dead or
+    /// blackholed one answers nothing, and its failed dials count as before.
+    pub fn observe_failed_dial(
+        &mut self,
+        addr: SocketAddr,
+        error: String,
+        started: Instant,
+        now: Instant,
+    ) -> Option<Transition> {
+        let u = self.get_mut(addr)?;
+        if u.last_success.is_some_and(|t| t >= started) {
+            u.dial_errors += 1;
+            u.last_error = Some(error);
+            return None;
+        }
+        self.observe(addr, Err(error), Signal::Dial, now)
+    }
+
     /// The order in which to dial for a new client connection: the chosen upstream first (among the usable
     /// ones with the lowest smoothed RTT, within [`NEAR_FACTOR`]/[`NEAR_SLACK`], the one with the fewest active
     /// connections), then the other usable ones by RTT, then the down ones, most recently successful first

@@ -4,6 +4,10 @@
 //! Pacing: every `interval`; right away after a failure that has not yet taken the upstream down (to confirm
 //! within one timeout), after a quarter interval after a success of a down upstream (to confirm its recovery),
 //! and at once when a client's dial to it failed.
+//!
+//! A check that cannot even start for lack of local descriptors or memory says nothing about the upstream:
+//! it is counted (`apiprism_local_pressure_errors_total{op="probe"}`) and tried again shortly, and the
+//! upstream's state is left alone.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,7 +18,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use hybridnet_runtime::limits::is_local_pressure;
+
 use crate::core::{Signal, State};
+use crate::metrics::Op;
 use crate::shared::Shared;
 use crate::{sockopt, tls};
 
@@ -92,6 +99,17 @@ impl Prober {
 /// Quick checks of a newly added upstream, once it answers (see [`probe_loop`]).
 const WARM_UP_CHECKS: u32 = 3;
 const WARM_UP_INTERVAL: Duration = Duration::from_millis(50);
+/// A check that failed for lack of local resources is tried again after this long.
+const LOCAL_RETRY_WAIT: Duration = Duration::from_millis(100);
+
+/// Why a check failed.
+#[derive(Debug)]
+enum Failure {
+    /// The upstream did not answer as it should: a health signal.
+    Upstream(String),
+    /// We are out of descriptors or memory: not a health signal.
+    Local(std::io::Error),
+}
 
 async fn probe_loop(
     addr: SocketAddr,
@@ -110,7 +128,15 @@ async fn probe_loop(
             .get(addr)
             .map_or(s.timeout, |u| u.attempt_timeout(s.timeout));
         let started = Instant::now();
-        let result = probe(addr, timeout, s.tls_server_name.as_deref()).await;
+        let result = match probe(addr, timeout, s.tls_server_name.as_deref()).await {
+            Ok(rtt) => Ok(rtt),
+            Err(Failure::Upstream(error)) => Err(error),
+            Err(Failure::Local(error)) => {
+                shared.local_pressure(Op::probe, &error);
+                tokio::time::sleep(LOCAL_RETRY_WAIT).await;
+                continue;
+            }
+        };
         let ok = result.is_ok();
         let Some(state) = shared.observe(addr, result, Signal::Probe) else {
             return; // removed
@@ -136,12 +162,17 @@ async fn probe(
     addr: SocketAddr,
     timeout: Duration,
     tls_server_name: Option<&str>,
-) -> Result<Duration, String> {
+) -> Result<Duration, Failure> {
     let start = Instant::now();
     let stream = match tokio::time::timeout(timeout, sockopt::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("connect timed out after {timeout:?}")),
+        Ok(Err(e)) if is_local_pressure(&e) => return Err(Failure::Local(e)),
+        Ok(Err(e)) => return Err(Failure::Upstream(e.to_string())),
+        Err(_) => {
+            return Err(Failure::Upstream(format!(
+                "connect timed out after {timeout:?}"
+            )));
+        }
     };
     let rtt = start.elapsed();
     match tls_server_name {
@@ -154,8 +185,10 @@ async fn probe(
             let left = timeout.saturating_sub(rtt);
             match tokio::time::timeout(left, tls::handshake(stream, name)).await {
                 Ok(Ok(())) => Ok(rtt),
-                Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
-                Err(_) => Err(format!("TLS handshake timed out after {timeout:?}")),
+                Ok(Err(e)) => Err(Failure::Upstream(format!("TLS handshake: {e}"))),
+                Err(_) => Err(Failure::Upstream(format!(
+                    "TLS handshake timed out after {timeout:?}"
+                ))),
             }
         }
     }

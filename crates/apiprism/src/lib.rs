@@ -2,12 +2,14 @@
 //!
 //! - [`core`]: the sans-IO upstream table (health hysteresis, smoothed RTT, selection, dial plans);
 //! - `health`: parallel active checks (TCP connect, or a TLS handshake when `tlsServerName` is set);
+//! - `admission`: the connection limit (below the open-file limit) and each client's share of it;
 //! - `proxy`: listeners and client connections (dial with transparent retry, connections closed when their
 //!   upstream goes down or is removed);
 //! - `relay`: the splice(2) data path with half-close;
 //! - `upstreams`: the desired upstream set from the config and meshd's members, resolved and deduplicated.
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
+mod admission;
 pub mod core;
 mod health;
 pub mod metrics;
@@ -26,6 +28,7 @@ use hybridnet_config::Config;
 use hybridnet_runtime::{Context, Daemon};
 use hybridnet_state::{MEMBERS, Members, RecordWatcher, StateDir, WatchOptions};
 
+use crate::admission::Limits;
 use crate::core::{Policy, Table};
 use crate::health::{ProbeSettings, Prober};
 use crate::metrics::Metrics;
@@ -98,10 +101,16 @@ struct Control {
 
 /// The main loop: follows the config and the members record, keeps listeners and upstreams in line.
 pub async fn run(mut ctx: Context) -> Result<(), Error> {
-    raise_nofile();
     let config = ctx.config.borrow_and_update().clone();
     let metrics = ctx.metrics.register("apiprism", Metrics::register);
-    let shared = Arc::new(Shared::new(Table::new(policy(&config)), metrics));
+    let limits = limits(&config);
+    tracing::info!(
+        max_connections = limits.total,
+        max_connections_per_client = limits.per_client,
+        open_files = ?hybridnet_runtime::limits::open_files_limit(),
+        "connection limits"
+    );
+    let shared = Arc::new(Shared::new(Table::new(policy(&config)), metrics, limits));
     let mut c = Control {
         prober: Prober::new(probe_settings(&config)),
         listeners: Listeners::default(),
@@ -151,19 +160,14 @@ pub async fn run(mut ctx: Context) -> Result<(), Error> {
     Ok(())
 }
 
-/// Each proxied connection takes two descriptors: raise the soft limit to the hard one (as Go does at start),
-/// so that thousands of connections don't hit a default soft limit of 1024.
-fn raise_nofile() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(%error, soft, hard, "cannot raise the open-file limit");
-            }
-        }
-        Ok(_) => {}
-        Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
-    }
+/// The connection limits from the config and the open-file limit (the runtime raised the soft limit to
+/// the hard one at start).
+fn limits(c: &Config) -> Limits {
+    Limits::new(
+        c.apiprism.max_connections,
+        c.apiprism.max_connections_per_client,
+        hybridnet_runtime::limits::open_files_limit(),
+    )
 }
 
 impl Control {
@@ -174,6 +178,7 @@ impl Control {
             tracing::info!("config changed: applying");
         }
         self.shared.table().set_policy(policy(&new));
+        self.shared.set_limits(limits(&new));
         self.prober.set_settings(probe_settings(&new));
         if old.state_dir != new.state_dir {
             self.members = members_watcher(&new);

@@ -38,6 +38,28 @@ pub struct BytesLabels {
     pub direction: Direction,
 }
 
+/// What hit local resource pressure (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the label values are the variant names
+pub enum Op {
+    accept,
+    dial,
+    probe,
+    relay,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `client_limit` (the client held its share of the connection limit) or `local_pressure` (out of
+    /// descriptors or memory while dialling).
+    pub reason: &'static str,
+}
+
 const STATES: [State; 3] = [State::Unknown, State::Up, State::Down];
 const DIRECTIONS: [Direction; 2] = [Direction::to_upstream, Direction::to_client];
 
@@ -60,6 +82,11 @@ pub struct Metrics {
     pub upstreams: Gauge,
     pub upstreams_usable: Gauge,
     pub listeners: Gauge,
+    pub connection_limit: Gauge,
+    pub client_connection_limit: Gauge,
+    pub accept_paused: Counter,
+    pub refused: Family<ReasonLabels, Counter>,
+    pub local_pressure: Family<OpLabels, Counter>,
 }
 
 pub fn labels(addr: SocketAddr) -> UpstreamLabels {
@@ -186,6 +213,31 @@ impl Metrics {
             m.upstreams_usable.clone(),
         );
         r.register("listeners", "Listening sockets", m.listeners.clone());
+        r.register(
+            "connection_limit",
+            "Client connections served at once (apiprism.maxConnections, or derived from the open-file limit)",
+            m.connection_limit.clone(),
+        );
+        r.register(
+            "client_connection_limit",
+            "Client connections one client (source address) may hold at once",
+            m.client_connection_limit.clone(),
+        );
+        r.register(
+            "accept_paused",
+            "Times the accept loops paused because every connection slot was taken",
+            m.accept_paused.clone(),
+        );
+        r.register(
+            "refused_connections",
+            "Client connections closed before dialling, by reason",
+            m.refused.clone(),
+        );
+        r.register(
+            "local_pressure_errors",
+            "Operations that failed for lack of local descriptors or memory (never counted against an upstream)",
+            m.local_pressure.clone(),
+        );
         m
     }
 

@@ -11,6 +11,9 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use hybridnet_runtime::limits::is_local_pressure;
 
 use nix::fcntl::{SpliceFFlags, splice};
 use nix::unistd::pipe2;
@@ -25,17 +28,23 @@ const CHUNK: usize = 256 * 1024;
 /// Counts bytes of one direction.
 pub type ByteCounter = Counter;
 
+/// A direction that cannot get a pipe for lack of descriptors or memory waits this long and tries again ...
+const PIPE_RETRY_WAIT: Duration = Duration::from_millis(10);
+/// ... for at most this long: an established connection outlives a flood of local connections.
+const PIPE_RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// Relays both directions until both have ended (Ok) or one failed (Err). Returns (client→upstream,
-/// upstream→client) bytes.
+/// upstream→client) bytes. `pressure` counts the times a pipe could not be had for lack of local resources.
 pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
     to_upstream: &ByteCounter,
     to_client: &ByteCounter,
+    pressure: &Counter,
 ) -> io::Result<(u64, u64)> {
     tokio::try_join!(
-        pump(client, upstream, to_upstream),
-        pump(upstream, client, to_client)
+        pump(client, upstream, to_upstream, pressure),
+        pump(upstream, client, to_client, pressure)
     )
 }
 
@@ -60,6 +69,20 @@ impl Pipe {
         Ok(Pipe { read, write })
     }
 
+    /// [`Pipe::take`], waiting while the process is out of descriptors or memory.
+    async fn take_waiting(pressure: &Counter) -> io::Result<Pipe> {
+        let deadline = tokio::time::Instant::now() + PIPE_RETRY_FOR;
+        loop {
+            match Pipe::take() {
+                Err(e) if is_local_pressure(&e) && tokio::time::Instant::now() < deadline => {
+                    pressure.inc();
+                    tokio::time::sleep(PIPE_RETRY_WAIT).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Back to the pool: only an empty pipe (a pipe with bytes left in it is dropped with them).
     fn give_back(self) {
         let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
@@ -72,11 +95,16 @@ impl Pipe {
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
 
 /// One direction: `src` → pipe → `dst`, then shut down `dst`'s write half at EOF.
-async fn pump(src: &TcpStream, dst: &TcpStream, counter: &ByteCounter) -> io::Result<u64> {
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &ByteCounter,
+    pressure: &Counter,
+) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         src.readable().await?;
-        let pipe = Pipe::take()?;
+        let pipe = Pipe::take_waiting(pressure).await?;
         let n = match src.try_io(Interest::READABLE, || {
             splice(src, None, &pipe.write, None, CHUNK, FLAGS).map_err(io::Error::from)
         }) {
@@ -138,7 +166,8 @@ mod tests {
         let (mut client, c_side) = pair(&listener).await?;
         let (u_side, mut server) = pair(&listener).await?;
         let (up, down) = (Counter::default(), Counter::default());
-        let relay_task = async { relay(&c_side, &u_side, &up, &down).await };
+        let pressure = Counter::default();
+        let relay_task = async { relay(&c_side, &u_side, &up, &down, &pressure).await };
         let peers = async {
             let big = vec![7u8; 1 << 20];
             client.write_all(&big).await?;

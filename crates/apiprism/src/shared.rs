@@ -8,8 +8,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::admission::{Admission, Limits};
 use crate::core::{Attempt, Signal, State, Table, Transition};
-use crate::metrics::{Metrics, UpstreamHandles};
+use crate::metrics::{Metrics, Op, OpLabels, UpstreamHandles};
+
+/// Upstream dials in flight at once. A burst of new clients (a flood of local connections, every kubelet of a
+/// node reconnecting) waits for a slot instead of sending hundreds of SYNs at once: connect times stay short,
+/// so the burst does not time its own dials out and take healthy upstreams down, and the API servers do not
+/// receive our clients' burst as one.
+pub const MAX_DIALS_IN_FLIGHT: usize = 64;
+
+/// Local pressure is logged at most this often (it comes in floods).
+const PRESSURE_LOG_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Shared {
@@ -20,16 +30,66 @@ pub struct Shared {
     handles: Mutex<HashMap<SocketAddr, Arc<UpstreamHandles>>>,
     /// Something the status shows changed.
     pub changed: Notify,
+    /// The connection limit and the per-client shares.
+    pub admission: Arc<Admission>,
+    /// When local pressure was last logged.
+    pressure_logged: Mutex<Option<Instant>>,
+    /// Slots for upstream dials in flight ([`MAX_DIALS_IN_FLIGHT`]).
+    pub dials: tokio::sync::Semaphore,
 }
 
 impl Shared {
-    pub fn new(table: Table, metrics: Metrics) -> Shared {
-        Shared {
+    pub fn new(table: Table, metrics: Metrics, limits: Limits) -> Shared {
+        let shared = Shared {
             table: Mutex::new(table),
             metrics,
             kicks: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             changed: Notify::new(),
+            admission: Arc::new(Admission::new(limits)),
+            pressure_logged: Mutex::new(None),
+            dials: tokio::sync::Semaphore::new(MAX_DIALS_IN_FLIGHT),
+        };
+        shared.set_limits(limits);
+        shared
+    }
+
+    /// New connection limits (a config change).
+    pub fn set_limits(&self, limits: Limits) {
+        if self.admission.slots().limits() != limits {
+            tracing::info!(
+                max_connections = limits.total,
+                max_connections_per_client = limits.per_client,
+                "connection limits changed"
+            );
+        }
+        self.admission.set_limits(limits);
+        self.metrics.connection_limit.set(i64::from(limits.total));
+        self.metrics
+            .client_connection_limit
+            .set(i64::from(limits.per_client));
+    }
+
+    /// Counts (and now and then logs) an operation that failed for lack of local resources. Such a failure
+    /// says nothing about an upstream: callers never feed it to the table.
+    pub fn local_pressure(&self, op: Op, error: &std::io::Error) {
+        self.metrics
+            .local_pressure
+            .get_or_create(&OpLabels { op })
+            .inc();
+        let now = Instant::now();
+        let mut last = self
+            .pressure_logged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.is_none_or(|t| now.duration_since(t) >= PRESSURE_LOG_EVERY) {
+            *last = Some(now);
+            tracing::warn!(
+                ?op,
+                %error,
+                active = self.admission.slots().active(),
+                "out of local resources (not an upstream failure): raise the open-file limit or lower apiprism.maxConnections"
+            );
         }
     }
 
@@ -82,9 +142,33 @@ impl Shared {
         signal: Signal,
     ) -> Option<State> {
         let failed = result.is_err();
+        self.record(addr, failed, signal, |table, now| {
+            table.observe(addr, result, signal, now)
+        })
+    }
+
+    /// Records a failed client dial that started at `started` (see [`Table::observe_failed_dial`]).
+    pub fn observe_failed_dial(
+        &self,
+        addr: SocketAddr,
+        error: String,
+        started: Instant,
+    ) -> Option<State> {
+        self.record(addr, true, Signal::Dial, |table, now| {
+            table.observe_failed_dial(addr, error, started, now)
+        })
+    }
+
+    fn record(
+        &self,
+        addr: SocketAddr,
+        failed: bool,
+        signal: Signal,
+        apply: impl FnOnce(&mut Table, Instant) -> Option<Transition>,
+    ) -> Option<State> {
         let (transition, state) = {
             let mut table = self.table();
-            let transition = table.observe(addr, result, signal, Instant::now());
+            let transition = apply(&mut table, Instant::now());
             let u = table.get(addr)?;
             // A successful dial changes only the RTT; the next probe syncs it (keeps the dial path cheap).
             if signal == Signal::Probe || failed || transition.is_some() {

@@ -81,12 +81,33 @@ pub enum Error {
         size: u64,
         limit: u64,
     },
+    /// The path is not a regular file (a FIFO, a socket, a device, a directory): refused without reading.
+    #[error("{}: is a {kind}, not a regular file: the config must be a regular file (or a symlink to one)", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
     /// The file is not UTF-8 text.
     #[error("{}: config is not UTF-8 text (invalid byte at offset {offset})", path.display())]
     NotUtf8 { path: PathBuf, offset: usize },
     /// The text was read but is not a valid config: one or more issues, in file order.
     #[error("{}", display_issues(issues))]
     Invalid { issues: Vec<Issue> },
+}
+
+/// What a non-regular file is, for [`Error::NotRegular`].
+pub(crate) fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
 }
 
 fn display_issues(issues: &[Issue]) -> String {

@@ -27,6 +27,7 @@ pub const TOP_KEYS: &[&str] = &[
     "apiprism",
     "meshd",
     "dnslocal",
+    "allowNonLocalListen",
 ];
 
 /// Everything HybridNetConfig can set; `None` where it is silent.
@@ -34,6 +35,7 @@ pub const TOP_KEYS: &[&str] = &[
 pub struct Ours {
     pub state_dir: Sourced<PathBuf>,
     pub data_dir: Sourced<PathBuf>,
+    pub allow_non_local_listen: Sourced<bool>,
     // apiprism
     pub ap_listen: Sourced<Vec<SocketAddr>>,
     pub ap_endpoints: Sourced<Vec<HostPort>>,
@@ -44,6 +46,8 @@ pub struct Ours {
     pub ap_hc_rise: Sourced<u32>,
     pub ap_dial_timeout: Sourced<Duration>,
     pub ap_tls_server_name: Sourced<String>,
+    pub ap_max_connections: Sourced<u32>,
+    pub ap_max_per_client: Sourced<u32>,
     // meshd
     pub m_interface: Sourced<String>,
     pub m_listen_port: Sourced<u16>,

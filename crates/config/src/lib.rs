@@ -23,7 +23,10 @@
 //!
 //! # Decisions
 //!
-//! - An empty file (or one with only comments or empty documents) loads to the defaults.
+//! - An empty file (or one with only comments or empty documents) loads to the defaults. (The daemons'
+//!   reload treats an empty or whitespace-only file like a missing one instead: see hybridnet-runtime.)
+//! - [`read_file`] never blocks: it opens with `O_NONBLOCK` and refuses anything that is not a regular
+//!   file ([`Error::NotRegular`]): a FIFO at the config path would otherwise hang the reader forever.
 //! - Input is capped at [`MAX_CONFIG_BYTES`] (4 MiB), checked from the file's metadata before it is
 //!   read and on the text given to [`load_str`]; YAML parsing has budgets for events, nodes, depth
 //!   and alias replay, so an alias bomb fails fast with [`IssueKind::Limit`].
@@ -101,6 +104,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// What must survive a reboot (keys, last known peers). Default `/var/lib/hybridnet`.
     pub data_dir: PathBuf,
+    /// `apiprism.listen` and the admin addresses may be outside loopback and link-local (default false:
+    /// apiprism on a routable address is an open relay to the API servers, and `/metrics` tells a lot).
+    pub allow_non_local_listen: bool,
     /// Facts about the cluster and this node, mostly from Talos.
     pub cluster: ClusterConfig,
     pub apiprism: ApiprismConfig,
@@ -125,6 +131,7 @@ impl Config {
         Config {
             state_dir: PathBuf::from("/run/hybridnet"),
             data_dir: PathBuf::from("/var/lib/hybridnet"),
+            allow_non_local_listen: false,
             cluster: ClusterConfig {
                 local_api_server_port: 6443,
                 ..ClusterConfig::default()
@@ -142,6 +149,8 @@ impl Config {
                 },
                 dial_timeout: Duration::from_secs(1),
                 tls_server_name: None,
+                max_connections: 0,
+                max_connections_per_client: 0,
             },
             meshd: MeshdConfig {
                 interface: "hybridnet0".into(),
@@ -217,13 +226,35 @@ impl Config {
     }
 }
 
-/// Reads, merges and validates the config file at `path`.
+/// Reads, merges and validates the config file at `path` ([`read_file`], then [`load_str`]).
 pub fn load_file(path: &Path) -> Result<Config, Error> {
+    let text = read_file(path)?;
+    load_str(&text, path)
+}
+
+/// Reads the config file at `path` as text, never blocking on it: the file is opened with `O_NONBLOCK`
+/// and anything that is not a regular file (a FIFO, a socket, a device, a directory) is refused with
+/// [`Error::NotRegular`] (a FIFO opened for reading would otherwise wait for a writer forever). A symlink
+/// to a regular file is fine. Files over [`MAX_CONFIG_BYTES`] and text that is not UTF-8 are refused too.
+pub fn read_file(path: &Path) -> Result<String, Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let io = |source| Error::Io {
         path: path.to_owned(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io)?;
+    // The type of what was opened, not of what a stat before the open saw: the path may be swapped between.
+    let meta = file.metadata().map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(Error::NotRegular {
+            path: path.to_owned(),
+            kind: error::file_kind(&meta.file_type()),
+        });
+    }
     if meta.len() > MAX_CONFIG_BYTES {
         return Err(Error::TooLarge {
             path: path.to_owned(),
@@ -231,7 +262,6 @@ pub fn load_file(path: &Path) -> Result<Config, Error> {
             limit: MAX_CONFIG_BYTES,
         });
     }
-    let file = std::fs::File::open(path).map_err(io)?;
     let mut bytes = Vec::new();
     // The file may grow between metadata and read: never read more than the cap plus one byte.
     file.take(MAX_CONFIG_BYTES + 1)
@@ -244,11 +274,10 @@ pub fn load_file(path: &Path) -> Result<Config, Error> {
             limit: MAX_CONFIG_BYTES,
         });
     }
-    let text = String::from_utf8(bytes).map_err(|e| Error::NotUtf8 {
+    String::from_utf8(bytes).map_err(|e| Error::NotUtf8 {
         path: path.to_owned(),
         offset: e.utf8_error().valid_up_to(),
-    })?;
-    load_str(&text, path)
+    })
 }
 
 /// Merges and validates config text; `origin` names it in errors and sources.

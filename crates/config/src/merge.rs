@@ -62,6 +62,11 @@ pub fn merge(ctx: &mut Ctx, talos: TalosFacts, ours: Ours, mut warnings: Vec<Str
         [ours.data_dir.clone()],
         defaults.data_dir.clone(),
     );
+    let allow_non_local_listen = m.first(
+        "allowNonLocalListen",
+        [ours.allow_non_local_listen.clone()],
+        defaults.allow_non_local_listen,
+    );
     let data_dir_source = m.sources.get("dataDir").clone();
     let cluster = merge_cluster(&mut m, &talos);
     let apiprism = sections::apiprism(&mut m, &talos, &ours, &cluster, &defaults.apiprism);
@@ -86,6 +91,7 @@ pub fn merge(ctx: &mut Ctx, talos: TalosFacts, ours: Ours, mut warnings: Vec<Str
     Config {
         state_dir,
         data_dir,
+        allow_non_local_listen,
         cluster,
         apiprism,
         meshd,

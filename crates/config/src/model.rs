@@ -137,6 +137,12 @@ pub struct ApiprismConfig {
     pub dial_timeout: Duration,
     /// TLS server name for the optional TLS health probe (`KubePrismConfig.tlsServerName` or ours).
     pub tls_server_name: Option<String>,
+    /// Client connections served at once; 0 (default): derived from the open-file limit at run time,
+    /// leaving a reserve of descriptors for upstream dials, health checks and the admin endpoint.
+    pub max_connections: u32,
+    /// Client connections one client (a source address; a local user on loopback) may hold at once;
+    /// 0 (default): half of the connection limit.
+    pub max_connections_per_client: u32,
 }
 
 /// Upstream health checks; a state flips after `fall` failures or `rise` successes in a row.

@@ -29,6 +29,10 @@ fn shared(c: &Config) -> Vec<(String, Value)> {
     vec![
         ("stateDir".into(), json!(c.state_dir.display().to_string())),
         ("dataDir".into(), json!(c.data_dir.display().to_string())),
+        (
+            "allowNonLocalListen".into(),
+            json!(c.allow_non_local_listen),
+        ),
         ("cluster.machineType".into(), json!(machine)),
         (
             "cluster.controlPlaneEndpoint".into(),
@@ -112,6 +116,11 @@ fn apiprism(c: &Config) -> Vec<(String, Value)> {
         (
             "apiprism.tlsServerName".into(),
             opt(a.tls_server_name.as_ref()),
+        ),
+        ("apiprism.maxConnections".into(), json!(a.max_connections)),
+        (
+            "apiprism.maxConnectionsPerClient".into(),
+            json!(a.max_connections_per_client),
         ),
     ]);
     out

@@ -27,6 +27,7 @@ pub fn validate(ctx: &mut Ctx, c: &Config) {
     check_dnslocal_listen(ctx, c);
     check_apiprism(ctx, c);
     check_admin(ctx, c);
+    check_local_listen(ctx, c);
     check_peers(ctx, c);
     for (key, d) in [
         (
@@ -149,6 +150,64 @@ fn check_admin(ctx: &mut Ctx, c: &Config) {
                 key,
                 IssueKind::Conflict,
                 format!("{addr} is also `{other}`: each daemon needs its own admin address"),
+            );
+        }
+    }
+}
+
+/// Loopback or link-local: reachable from this node (or its link) only.
+fn is_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unicast_link_local()
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_link_local())
+        }
+    }
+}
+
+/// `apiprism.listen` and the admin addresses stay on loopback or link-local unless `allowNonLocalListen`:
+/// apiprism on a routable address is an open relay to the API servers.
+fn check_local_listen(ctx: &mut Ctx, c: &Config) {
+    if c.allow_non_local_listen {
+        return;
+    }
+    let mut addrs: Vec<(&str, SocketAddr, &str)> = c
+        .apiprism
+        .listen
+        .iter()
+        .map(|a| {
+            (
+                "apiprism.listen",
+                *a,
+                "apiprism would relay anyone who reaches it to the API servers",
+            )
+        })
+        .collect();
+    for (key, addr) in [
+        ("apiprism.admin", c.apiprism.admin),
+        ("meshd.admin", c.meshd.admin),
+        ("dnslocal.admin", c.dnslocal.admin),
+    ] {
+        addrs.push((
+            key,
+            addr,
+            "the admin endpoint would be reachable from other hosts",
+        ));
+    }
+    for (key, addr, why) in addrs {
+        if !is_local(addr.ip()) {
+            push(
+                ctx,
+                c,
+                key,
+                IssueKind::Conflict,
+                format!(
+                    "{addr} is not a loopback or link-local address: {why}; set `allowNonLocalListen: true` to allow it"
+                ),
             );
         }
     }

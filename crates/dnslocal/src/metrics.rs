@@ -177,7 +177,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_errors",
-            "Upstream exchanges that failed, by kind (timeout, refused, io, busy)",
+            "Upstream exchanges that failed, by kind (timeout, refused, io; busy and local are our own limits and resources, never counted against the upstream)",
             m.upstream_errors.clone(),
         );
         registry.register(

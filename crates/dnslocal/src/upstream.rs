@@ -33,7 +33,10 @@ pub enum Failure {
     Timeout,
     Refused,
     Io,
+    /// Too many exchanges in flight to this upstream (our own limit).
     Busy,
+    /// Out of local descriptors, buffers or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`).
+    Local,
 }
 
 impl Failure {
@@ -43,7 +46,14 @@ impl Failure {
             Failure::Refused => "refused",
             Failure::Io => "io",
             Failure::Busy => "busy",
+            Failure::Local => "local",
         }
+    }
+
+    /// Whether the failure says something about the upstream. `Busy` and `Local` are our own limits and
+    /// resources: counting them would let a flood of local queries mark healthy upstreams down.
+    pub fn blames_upstream(self) -> bool {
+        !matches!(self, Failure::Busy | Failure::Local)
     }
 }
 
@@ -132,7 +142,9 @@ async fn wait(rx: AnswerRx) -> Result<Vec<u8>, Failure> {
 }
 
 fn io_failure(e: &io::Error) -> Failure {
-    if e.kind() == io::ErrorKind::ConnectionRefused {
+    if hybridnet_runtime::limits::is_local_pressure(e) {
+        Failure::Local
+    } else if e.kind() == io::ErrorKind::ConnectionRefused {
         Failure::Refused
     } else {
         Failure::Io
@@ -317,6 +329,9 @@ impl Upstream {
                     tracing::info!(upstream = %self.addr, "upstream is answering again");
                     metrics.upstream_up(&self.label, true);
                 }
+            }
+            Err(failure) if !failure.blames_upstream() => {
+                metrics.upstream_error(&self.label, failure.label());
             }
             Err(failure) => {
                 metrics.upstream_error(&self.label, failure.label());

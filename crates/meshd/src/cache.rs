@@ -49,13 +49,17 @@ pub struct CachedPeer {
     pub mesh_address: Option<String>,
 }
 
-/// Reads the cache; a missing or unreadable file is an empty cache (logged).
+/// The version this meshd writes and reads.
+pub const VERSION: u32 = 1;
+
+/// Reads the cache; a missing, unreadable, misshapen or newer file is an empty cache (logged, except a
+/// missing one). A cache readable by group or others is set to 0600 with a warning.
 pub fn load(path: &Path) -> Cache {
-    match std::fs::read(path) {
-        Ok(bytes) => match serde_json::from_slice::<Cache>(&bytes) {
+    match crate::private::read(path, "peer cache") {
+        Ok(bytes) => match parse(&bytes) {
             Ok(c) => c,
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "ignoring an unreadable peer cache");
+            Err(reason) => {
+                tracing::warn!(path = %path.display(), "ignoring the peer cache: {reason}");
                 Cache::default()
             }
         },
@@ -65,6 +69,28 @@ pub fn load(path: &Path) -> Cache {
             Cache::default()
         }
     }
+}
+
+/// Parses the cache text: an object with a `version` this meshd reads and a list of `peers`.
+fn parse(bytes: &[u8]) -> Result<Cache, String> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let Some(object) = value.as_object() else {
+        return Err("not a JSON object".into());
+    };
+    match object.get("version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) if v > u64::from(VERSION) => {
+            return Err(format!(
+                "version {v} was written by a newer meshd (this one reads version {VERSION})"
+            ));
+        }
+        Some(v) => return Err(format!("unknown version {v}")),
+        None => return Err("no numeric `version`: not a meshd peer cache".into()),
+    }
+    if !object.get("peers").is_some_and(serde_json::Value::is_array) {
+        return Err("no `peers` list".into());
+    }
+    serde_json::from_value(value).map_err(|e| e.to_string())
 }
 
 /// Writes the cache atomically.
@@ -99,5 +125,16 @@ mod tests {
         assert_eq!(load(&p), c);
         std::fs::write(&p, "{not json").unwrap();
         assert_eq!(load(&p), Cache::default());
+        for bad in [
+            "[]",
+            "{}",
+            r#"{"version": 2, "peers": []}"#,
+            r#"{"version": 1, "peers": {}}"#,
+            r#"{"version": 1, "peers": [{"name": 3}]}"#,
+        ] {
+            assert!(parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(parse(br#"{"version": 2, "peers": []}"#).is_err_and(|e| e.contains("newer")));
+        assert_eq!(parse(br#"{"version": 1, "peers": []}"#).unwrap().version, 1);
     }
 }

@@ -71,13 +71,16 @@ impl PrivateKey {
     }
 }
 
-/// Loads the key at `path`, or creates it (0600, atomically) when the file does not exist.
+/// Loads the key at `path`, or creates it (0600, atomically) when the file does not exist. A key file
+/// readable by group or others is set to 0600 with a warning (see `private`).
 pub fn load_or_create(path: &Path) -> Result<PrivateKey, Error> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => PrivateKey::from_base64(&text).ok_or_else(|| Error::Key {
-            path: path.to_owned(),
-            reason: "not a base64 WireGuard private key (32 bytes)".into(),
-        }),
+    match crate::private::read(path, "WireGuard private key") {
+        Ok(bytes) => {
+            PrivateKey::from_base64(&String::from_utf8_lossy(&bytes)).ok_or_else(|| Error::Key {
+                path: path.to_owned(),
+                reason: "not a base64 WireGuard private key (32 bytes)".into(),
+            })
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let key = PrivateKey::generate();
             if let Some(dir) = path.parent() {
@@ -134,6 +137,11 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(!format!("{first:?}").contains(&first.to_base64()));
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        assert_eq!(load_or_create(&path).unwrap().0, first.0);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a key readable by others is fixed");
         std::fs::write(&path, "garbage").unwrap();
         assert!(load_or_create(&path).is_err());
     }

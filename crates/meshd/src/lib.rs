@@ -27,6 +27,7 @@ pub mod net;
 pub mod nft;
 pub mod peer;
 pub mod plan;
+mod private;
 pub mod probe;
 pub mod responder;
 pub mod status;

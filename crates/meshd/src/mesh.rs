@@ -632,6 +632,11 @@ impl Mesh {
         self.metrics.probes_sent.inc();
         if let Err(error) = self.responder.socket.send_to(&bytes, to) {
             tracing::debug!(%to, %error, "probe not sent");
+            if hybridnet_runtime::limits::is_local_pressure(&error)
+                && let Some(peer) = self.peers.get_mut(&key)
+            {
+                peer.machine.not_sent(nonce);
+            }
         }
     }
 

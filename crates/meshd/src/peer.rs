@@ -189,6 +189,14 @@ impl PeerMachine {
         self.idle = idle;
     }
 
+    /// The ping with `nonce` could not be sent for lack of local resources (`ENOBUFS`, `ENOMEM`, ...): it is
+    /// forgotten, so it never counts as a miss (local pressure is not the peer's health).
+    pub fn not_sent(&mut self, nonce: u64) {
+        for path in &mut self.paths {
+            path.outstanding.retain(|(n, _)| *n != nonce);
+        }
+    }
+
     /// A pong with `nonce` arrived. Returns whether it matched an outstanding probe.
     pub fn on_pong(&mut self, nonce: u64, now: Instant) -> bool {
         for path in &mut self.paths {

@@ -3,6 +3,11 @@
 //!
 //! The listener is bound with `SO_REUSEPORT`, so a new instance of a daemon can start while the old one
 //! still runs, and it follows the config: a new `admin` address is bound before the old one is closed.
+//!
+//! Its resources are bounded, whoever connects: at most [`MAX_CONNECTIONS`] connections at once (beyond that
+//! new ones wait in the kernel's backlog), request headers must arrive within [`HEADER_READ_TIMEOUT`], a
+//! connection's read buffer stays under [`MAX_BUF`], and a connection lives at most [`MAX_LIFETIME`]. A burst
+//! of half-sent requests costs a few hundred KiB, not tens of MiB.
 
 use std::convert::Infallible;
 use std::io;
@@ -21,6 +26,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::Readiness;
 use crate::metrics::SharedRegistry;
+
+/// Admin connections served at once; a scraper and a few `curl`s need far fewer.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Request headers must be complete within this long.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest read buffer of a connection (hyper's minimum is 8 KiB); requests are small GETs.
+pub const MAX_BUF: usize = 16 * 1024;
+/// A connection (keep-alive included) is closed after this long.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(60);
 
 /// What the handlers read.
 #[derive(Debug, Clone)]
@@ -51,7 +65,17 @@ pub async fn serve(
     let mut current = *addr.borrow_and_update();
     let mut listener = bind_reuseport(current)?;
     tracing::info!(addr = %current, "admin endpoint listening");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_error_logged: Option<std::time::Instant> = None;
     loop {
+        // At the connection cap, leave new connections in the backlog until one ends.
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => return Ok(()),
+            },
+        };
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             changed = addr.changed() => {
@@ -77,22 +101,29 @@ pub async fn serve(
                 Ok((stream, _peer)) => {
                     let state = state.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let service = hyper::service::service_fn(move |req| {
                             let state = state.clone();
                             async move { Ok::<_, Infallible>(handle(&state, &req)) }
                         });
                         let conn = hyper::server::conn::http1::Builder::new()
                             .timer(TokioTimer::new())
-                            .header_read_timeout(Duration::from_secs(5))
+                            .header_read_timeout(HEADER_READ_TIMEOUT)
+                            .max_buf_size(MAX_BUF)
                             .serve_connection(TokioIo::new(stream), service);
-                        if let Err(error) = conn.await {
-                            tracing::debug!(%error, "admin connection ended with an error");
+                        match tokio::time::timeout(MAX_LIFETIME, conn).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => tracing::debug!(%error, "admin connection ended with an error"),
+                            Err(_) => tracing::debug!("admin connection closed after its lifetime"),
                         }
                     });
                 }
                 Err(error) => {
-                    // EMFILE and the like: back off briefly instead of spinning.
-                    tracing::warn!(%error, "admin accept failed");
+                    // EMFILE and the like: back off briefly instead of spinning, and log now and then.
+                    if accept_error_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                        accept_error_logged = Some(std::time::Instant::now());
+                        tracing::warn!(%error, "admin accept failed (logged at most every 5 s)");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },

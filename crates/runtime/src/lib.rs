@@ -6,6 +6,7 @@
 //!   new instance can start before the old one stops;
 //! - [`supervisor`]: loads the config, watches its file (it may appear after start, as on Talos) and SIGHUP,
 //!   applies valid new versions and rejects bad ones, handles SIGTERM/SIGINT with a bounded drain;
+//! - [`limits`]: the open-file limit (raised to the hard one at start) and [`limits::is_local_pressure`];
 //! - [`status`]: publishes `<stateDir>/<daemon>/status.json` and renders it for `status`.
 //!
 //! A daemon implements [`Daemon`]; its binary is `fn main() -> ExitCode { hybridnet_runtime::main::<D>() }`.
@@ -15,6 +16,7 @@
 pub mod admin;
 pub mod cli;
 mod context;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod status;

@@ -38,6 +38,8 @@ pub struct RuntimeMetrics {
     pub config_reload_errors: Counter,
     pub config_generation: Gauge,
     pub ready: Gauge,
+    pub config_blank: Counter,
+    pub open_files_limit: Gauge,
 }
 
 impl RuntimeMetrics {
@@ -47,6 +49,8 @@ impl RuntimeMetrics {
             config_reload_errors: Counter::default(),
             config_generation: Gauge::default(),
             ready: Gauge::default(),
+            config_blank: Counter::default(),
+            open_files_limit: Gauge::default(),
         };
         let info = Info::new(vec![
             ("daemon".to_owned(), daemon.to_owned()),
@@ -73,6 +77,16 @@ impl RuntimeMetrics {
                 "ready",
                 "1 when the daemon reports ready",
                 metrics.ready.clone(),
+            );
+            r.register(
+                "config_blank_reads",
+                "Reads that found the config file empty or whitespace-only (the running config stays)",
+                metrics.config_blank.clone(),
+            );
+            r.register(
+                "open_files_limit",
+                "The soft open-file limit (RLIMIT_NOFILE) after raising it to the hard one at start",
+                metrics.open_files_limit.clone(),
             );
         });
         metrics

@@ -38,14 +38,19 @@ struct Shared {
 /// Runs daemon `D` with the config at `path` until SIGTERM/SIGINT or a fatal error.
 pub async fn run<D: Daemon>(path: PathBuf) -> ExitStatus {
     let name = D::KIND.name();
-    let (config, generation) = match hybridnet_config::load_file(&path) {
-        Ok(config) => {
+    let open_files = crate::limits::raise_open_files_limit();
+    let (config, generation) = match read_config(&path) {
+        Ok(Read::Config(config)) => {
             tracing::info!(config = %path.display(), "config loaded");
             log_warnings(&config);
-            (config, 1)
+            (*config, 1)
         }
-        Err(error) if error.is_not_found() => {
+        Ok(Read::Missing) => {
             tracing::info!(config = %path.display(), "no config file yet: running on the built-in defaults and waiting for it");
+            (Config::defaults(), 0)
+        }
+        Ok(Read::Blank) => {
+            tracing::warn!(config = %path.display(), "config file is empty: running on the built-in defaults and waiting for its content");
             (Config::defaults(), 0)
         }
         Err(error) => {
@@ -57,6 +62,11 @@ pub async fn run<D: Daemon>(path: PathBuf) -> ExitStatus {
     let registry = SharedRegistry::default();
     let metrics = RuntimeMetrics::register(&registry, name);
     metrics.config_generation.set(generation as i64);
+    if let Some(limit) = open_files {
+        metrics
+            .open_files_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
     let ready = Arc::new(Readiness::default());
     if generation > 0 {
         ready.set_config_applied();
@@ -213,8 +223,8 @@ fn reload(
     metrics: &RuntimeMetrics,
     ctx: &Context,
 ) {
-    match hybridnet_config::load_file(path) {
-        Ok(new) => {
+    match read_config(path) {
+        Ok(Read::Config(new)) => {
             let mut generation = shared
                 .generation
                 .lock()
@@ -222,7 +232,7 @@ fn reload(
             generation.1 = None;
             ctx.ready.set_config_applied();
             // Generation 0 is the built-in defaults: a first file equal to them still counts as applied.
-            if generation.0 > 0 && **config_tx.borrow() == new {
+            if generation.0 > 0 && **config_tx.borrow() == *new {
                 tracing::info!(reason, "config unchanged");
             } else {
                 generation.0 += 1;
@@ -234,11 +244,15 @@ fn reload(
                     let next = new.admin_addr(kind);
                     std::mem::replace(addr, next) != next
                 });
-                config_tx.send_replace(Arc::new(new));
+                config_tx.send_replace(Arc::from(new));
             }
         }
-        Err(error) if error.is_not_found() => {
+        Ok(Read::Missing) => {
             tracing::warn!(reason, config = %path.display(), "config file is gone; keeping the running config");
+        }
+        Ok(Read::Blank) => {
+            metrics.config_blank.inc();
+            tracing::warn!(reason, config = %path.display(), "config file is empty (truncated, or being written?); keeping the running config");
         }
         Err(error) => {
             metrics.config_reload_errors.inc();
@@ -254,6 +268,31 @@ fn reload(
         }
     }
     ctx.status.touch();
+}
+
+/// What the config path holds.
+#[derive(Debug)]
+enum Read {
+    Config(Box<Config>),
+    /// No file: at start the defaults apply; on reload the running config stays.
+    Missing,
+    /// An empty or whitespace-only file, as editors and config tools leave it for a moment when they truncate
+    /// before writing: treated like a missing file, never applied as the defaults (which would drop every
+    /// upstream and peer the real content names).
+    Blank,
+}
+
+/// Reads and validates the config file, without ever blocking on it (see [`hybridnet_config::read_file`]).
+fn read_config(path: &Path) -> Result<Read, hybridnet_config::Error> {
+    let text = match hybridnet_config::read_file(path) {
+        Ok(text) => text,
+        Err(error) if error.is_not_found() => return Ok(Read::Missing),
+        Err(error) => return Err(error),
+    };
+    if text.trim().is_empty() {
+        return Ok(Read::Blank);
+    }
+    hybridnet_config::load_str(&text, path).map(|c| Read::Config(Box::new(c)))
 }
 
 fn log_warnings(config: &Config) {
@@ -326,5 +365,52 @@ async fn write_status(
         if stopping {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("hybridnet-runtime-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        dir
+    }
+
+    /// A truncated file (editors and config tools truncate before they write) is never applied as the
+    /// defaults: it reads as blank, like a missing file; a FIFO is an error, returned at once.
+    #[test]
+    fn blank_missing_fifo_and_real_files_read_apart() {
+        let dir = temp_dir("read");
+        let path = dir.join("config.yaml");
+        assert!(matches!(read_config(&path), Ok(Read::Missing)));
+        for blank in ["", "\n", "  \n\t\n"] {
+            std::fs::write(&path, blank).unwrap_or_else(|e| panic!("{e}"));
+            assert!(matches!(read_config(&path), Ok(Read::Blank)), "{blank:?}");
+        }
+        std::fs::write(
+            &path,
+            "apiVersion: v1alpha1\nkind: HybridNetConfig\nstateDir: /tmp/x\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(read_config(&path), Ok(Read::Config(c)) if c.state_dir == Path::new("/tmp/x"))
+        );
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap_or_else(|e| panic!("mkfifo: {e}"));
+        assert!(made.success());
+        let started = std::time::Instant::now();
+        let read = read_config(&path);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(
+            matches!(&read, Err(hybridnet_config::Error::NotRegular { .. })),
+            "{read:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

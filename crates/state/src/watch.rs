@@ -4,7 +4,9 @@
 //! [`WatchOptions::poll_interval`] (a resync that also covers a lost or overflowed inotify queue). When inotify is
 //! unavailable, or the directory does not exist yet, they poll only, and switch to inotify as soon as the directory
 //! exists. On each wake they compare the file's identity (device, inode, size, mtime, ctime) with the last one seen,
-//! so a wake with no change costs a `stat`.
+//! so a wake with no change costs a `stat`. When inotify cannot be set up for lack of descriptors or memory,
+//! it is retried every 250 ms (not only every poll interval), so a watcher is back on inotify within a fraction
+//! of a second of the pressure ending.
 //!
 //! The watchers need a Tokio runtime with IO and time enabled (the daemons' runtime has both). Create them inside
 //! it: then no change made after `new` returns is missed.
@@ -71,6 +73,21 @@ impl WatchOptions {
     }
 }
 
+/// While inotify cannot be set up for lack of descriptors or memory (a passing condition: a flood of
+/// connections, a burst of work), it is tried again this often, not only every poll interval, so a watcher
+/// is back on inotify within a fraction of a second of the pressure ending.
+const TRANSIENT_RETRY: Duration = Duration::from_millis(250);
+
+/// True for the errors of `inotify_init`/`inotify_add_watch` that pass by themselves: out of descriptors
+/// (the process's or the system's) or memory. (`EMFILE` also means "too many inotify instances for this
+/// user"; retrying that is cheap too.)
+fn transient(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    )
+}
+
 /// Events that say the watched directory itself is gone (or moved): inotify must be set up again.
 const DIR_LOST: EventMask = EventMask::IGNORED
     .union(EventMask::DELETE_SELF)
@@ -121,6 +138,8 @@ pub(crate) struct DirEvents {
     ticker: Option<Interval>,
     /// The last problem logged, so that each is logged once.
     problem: Option<String>,
+    /// The last attempt to set up inotify failed for a passing reason ([`transient`]): retry it soon.
+    retry_soon: bool,
 }
 
 impl DirEvents {
@@ -139,6 +158,7 @@ impl DirEvents {
             stream: None,
             ticker: None,
             problem: None,
+            retry_soon: false,
         };
         events.arm();
         events
@@ -161,8 +181,23 @@ impl DirEvents {
             ticker
         });
         let Some(stream) = self.stream.as_mut() else {
-            ticker.tick().await;
-            return;
+            if !self.retry_soon {
+                ticker.tick().await;
+                return;
+            }
+            // Out of descriptors or memory a moment ago: try inotify again soon, polling meanwhile.
+            loop {
+                let Some(ticker) = self.ticker.as_mut() else {
+                    return;
+                };
+                tokio::select! {
+                    _ = ticker.tick() => return,
+                    () = tokio::time::sleep(TRANSIENT_RETRY) => {}
+                }
+                if self.arm() || !self.retry_soon {
+                    return;
+                }
+            }
         };
         let seen = loop {
             tokio::select! {
@@ -190,12 +225,14 @@ impl DirEvents {
         match self.open_stream() {
             Ok(stream) => {
                 self.stream = Some(stream);
+                self.retry_soon = false;
                 if self.problem.take().is_some() {
                     tracing::info!(dir = %self.dir.display(), "watching with inotify");
                 }
                 true
             }
             Err(error) => {
+                self.retry_soon = transient(&error);
                 let interval = self.opts.poll_interval;
                 if error.kind() == io::ErrorKind::NotFound {
                     let problem = "directory does not exist yet".to_string();

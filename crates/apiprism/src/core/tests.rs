@@ -266,3 +266,29 @@ fn one_noisy_sample_does_not_push_an_upstream_out_of_the_near_set() {
     t.observe(addr(B), Ok(us(150)), Signal::Probe, now);
     assert_eq!(t.get(addr(B)).and_then(|u| u.srtt), Some(us(150)));
 }
+
+/// Dials that time out together in a burst, while the upstream answers other dials and probes, are not
+/// health signals; dials to an upstream that answers nothing since they started are.
+#[test]
+fn failed_dials_count_only_when_nothing_answered_since_they_started() {
+    let (mut t, t0) = table(&[A]);
+    t.observe(addr(A), Ok(us(50)), Signal::Probe, t0);
+    let started = t0 + ms(10);
+    // Another dial succeeded while these waited: the upstream was alive.
+    t.observe(addr(A), Ok(us(80)), Signal::Dial, t0 + ms(20));
+    for i in 0..10 {
+        let tr = t.observe_failed_dial(addr(A), "timed out".into(), started, t0 + ms(260 + i));
+        assert_eq!(tr, None);
+    }
+    let u = t.get(addr(A)).expect("A");
+    assert_eq!((u.state, u.dial_errors), (State::Up, 10));
+    assert!(u.streak > 0, "{}", u.streak);
+    // Nothing answered since these started: they count, and `fall` of them take it down.
+    let later = t0 + ms(500);
+    assert_eq!(
+        t.observe_failed_dial(addr(A), "timed out".into(), later, later + ms(250)),
+        None
+    );
+    let tr = t.observe_failed_dial(addr(A), "timed out".into(), later, later + ms(251));
+    assert_eq!(tr.map(|t| t.to), Some(State::Down));
+}

@@ -17,6 +17,8 @@ const APIPRISM_KEYS: &[&str] = &[
     "healthCheck",
     "dialTimeout",
     "tlsServerName",
+    "maxConnections",
+    "maxConnectionsPerClient",
 ];
 const HEALTH_KEYS: &[&str] = &["interval", "timeout", "fall", "rise"];
 const MESHD_KEYS: &[&str] = &[
@@ -112,6 +114,12 @@ fn count(ctx: &mut Ctx, n: &Node, key: &str) -> Option<u32> {
         .and_then(|v| u32::try_from(v).ok())
 }
 
+/// A connection limit: 0 (derived at run time) up to a million.
+fn connection_limit(ctx: &mut Ctx, n: &Node, key: &str) -> Option<u32> {
+    ctx.uint(n, key, 0, 1_000_000)
+        .and_then(|v| u32::try_from(v).ok())
+}
+
 fn name(ctx: &mut Ctx, n: &Node, key: &str) -> Option<String> {
     ctx.parsed(n, key, |s| {
         if s.is_empty() || s.len() > 253 || s.chars().any(char::is_control) {
@@ -137,6 +145,9 @@ pub fn read_hybridnet(ctx: &mut Ctx, doc: &Node) -> Ours {
     let mut o = Ours {
         state_dir: get(ctx, top, "", "stateDir", path),
         data_dir: get(ctx, top, "", "dataDir", path),
+        allow_non_local_listen: get(ctx, top, "", "allowNonLocalListen", |c, n, k| {
+            c.boolean(n, k)
+        }),
         ..Ours::default()
     };
     let s = section(ctx, top, "apiprism", "apiprism", APIPRISM_KEYS);
@@ -155,6 +166,8 @@ fn read_apiprism(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.ap_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
     o.ap_dial_timeout = get(ctx, s, P, "dialTimeout", |c, n, k| c.duration(n, k));
     o.ap_tls_server_name = get(ctx, s, P, "tlsServerName", name);
+    o.ap_max_connections = get(ctx, s, P, "maxConnections", connection_limit);
+    o.ap_max_per_client = get(ctx, s, P, "maxConnectionsPerClient", connection_limit);
     let hc = section(ctx, s, "healthCheck", "apiprism.healthCheck", HEALTH_KEYS);
     const H: &str = "apiprism.healthCheck";
     o.ap_hc_interval = get(ctx, hc, H, "interval", |c, n, k| c.duration(n, k));

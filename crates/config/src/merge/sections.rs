@@ -92,6 +92,16 @@ pub fn apiprism(
             "apiprism.tlsServerName",
             [o.ap_tls_server_name.clone(), tls_from_talos],
         ),
+        max_connections: m.first(
+            "apiprism.maxConnections",
+            [o.ap_max_connections.clone()],
+            d.max_connections,
+        ),
+        max_connections_per_client: m.first(
+            "apiprism.maxConnectionsPerClient",
+            [o.ap_max_per_client.clone()],
+            d.max_connections_per_client,
+        ),
     }
 }
 

@@ -303,3 +303,56 @@ fn dnslocal_hardening_keys() {
     let e = err(&ours("dnslocal:\n  forward:\n    - {zone: corp.example}\n"));
     assert!(e.to_string().contains("expected `zone` and `to`"), "{e}");
 }
+
+/// A FIFO (or a directory) at the config path is refused at once with a clear error, never waited on: a
+/// reader opening a FIFO without `O_NONBLOCK` blocks until a writer comes.
+#[test]
+fn fifo_and_directory_are_refused_without_blocking() {
+    let dir = std::env::temp_dir().join(format!("hybridnet-config-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let fifo = dir.join("config.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap_or_else(|e| panic!("mkfifo: {e}"));
+    assert!(made.success(), "mkfifo failed");
+    let e = fast(|| hybridnet_config::load_file(&fifo));
+    assert!(matches!(e, Error::NotRegular { kind: "FIFO", .. }), "{e:?}");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    let e = fast(|| hybridnet_config::load_file(&dir));
+    assert!(
+        matches!(
+            e,
+            Error::NotRegular {
+                kind: "directory",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// apiprism on a routable address is an open relay to the API servers, and an admin endpoint there tells
+/// anyone about the node: both need `allowNonLocalListen: true`. Loopback and link-local are fine.
+#[test]
+fn non_local_listen_needs_to_be_allowed() {
+    let e = err(&ours("apiprism:\n  listen: [\"0.0.0.0:7445\"]\n"));
+    assert_issue(
+        &e,
+        IssueKind::Conflict,
+        "4:11",
+        "not a loopback or link-local address",
+    );
+    let e = err(&ours("meshd:\n  admin: \"192.0.2.1:7447\"\n"));
+    assert_issue(&e, IssueKind::Conflict, "4:10", "allowNonLocalListen");
+    let e = err(&ours("dnslocal:\n  admin: \"[2001:db8::1]:7448\"\n"));
+    assert!(e.has(IssueKind::Conflict), "{e}");
+    let allowed = ok(&ours(
+        "allowNonLocalListen: true\napiprism:\n  listen: [\"0.0.0.0:7445\"]\n  admin: \"192.0.2.1:7446\"\n",
+    ));
+    assert!(allowed.allow_non_local_listen);
+    ok(&ours(
+        "apiprism:\n  listen: [\"127.0.0.2:7445\", \"169.254.1.1:7445\", \"[::1]:7445\"]\n  admin: \"[::1]:7446\"\n",
+    ));
+}

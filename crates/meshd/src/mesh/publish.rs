@@ -117,7 +117,10 @@ impl Mesh {
             })
             .collect();
         peers.sort_by(|a, b| a.public_key.cmp(&b.public_key));
-        let c = cache::Cache { version: 1, peers };
+        let c = cache::Cache {
+            version: cache::VERSION,
+            peers,
+        };
         if self.cache_written.as_ref() == Some(&c) {
             return;
         }

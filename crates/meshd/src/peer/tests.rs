@@ -19,6 +19,8 @@ struct Sim {
     states: Vec<(Duration, PeerState)>,
     nonce: u64,
     probes: usize,
+    /// Pings cannot be sent (the socket says ENOBUFS): each is reported with `not_sent`.
+    unsendable: bool,
 }
 
 impl Sim {
@@ -39,6 +41,7 @@ impl Sim {
             states: Vec::new(),
             nonce: 0,
             probes: 0,
+            unsendable: false,
         }
     }
 
@@ -70,6 +73,7 @@ impl Sim {
             self.nonce = counter;
             for a in actions {
                 match a {
+                    Action::Probe { nonce, .. } if self.unsendable => self.m.not_sent(nonce),
                     Action::Probe { endpoint, nonce } => {
                         self.probes += 1;
                         if let Some(Some(rtt)) = self.net.get(&endpoint) {
@@ -281,4 +285,20 @@ fn replayed_or_unknown_pongs_are_ignored() {
     }));
     assert!(s.m.on_pong(7, now + ms(1)));
     assert!(!s.m.on_pong(7, now + ms(2)), "a nonce counts once");
+}
+
+/// Pings that could not be sent for lack of local buffers or descriptors are not misses: a peer stays up
+/// through a spell of local pressure, however long.
+#[test]
+fn pings_not_sent_for_local_pressure_do_not_take_a_peer_down() {
+    let mut s = Sim::new(&[PRIV, PUB]);
+    s.run(ms(500));
+    assert_eq!(s.m.state, PeerState::Up);
+    s.unsendable = true;
+    s.run(ms(20_000));
+    assert_eq!(s.m.state, PeerState::Up, "{:?}", s.states);
+    s.unsendable = false;
+    s.run(ms(2_000));
+    assert_eq!(s.m.state, PeerState::Up);
+    assert_eq!(s.states.len(), 1, "{:?}", s.states);
 }
