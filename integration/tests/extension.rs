@@ -46,6 +46,7 @@ use hybridnet_extension_validator::{CONTAINERS_DIR, Options, ServiceSpec, stage,
 use hybridnet_integration::discovery::DiscoveryServer;
 use hybridnet_integration::dnslocal::{self, NetnsResolvConf, Nsd};
 use hybridnet_integration::qemu::{Kernel, Vm};
+use hybridnet_integration::wait_until;
 use hybridnet_integration::{Netns, TestDir, require_root};
 
 const ADMIN: &[(&str, u16)] = &[("apiprism", 7446), ("meshd", 7447), ("dnslocal", 7448)];
@@ -732,11 +733,25 @@ fn extension_services_start_as_talos_starts_them() {
             .any(|l| !l.trim_end().ends_with(" 0")),
         "meshd got no snapshot from the discovery service:\n{console}"
     );
+    // The config advertises Kubernetes networks, and this node has no Kubernetes credentials yet (as on a
+    // Talos node before the kubelet's bootstrap): meshd waits for its Node's pod CIDRs at most
+    // `POD_CIDR_WAIT` before it publishes, so its first AffiliateUpdate may come after the VM's checks
+    // (the VM keeps running after HN-DONE).
+    let published = wait_until(
+        hybridnet_meshd::discovery::POD_CIDR_WAIT + Duration::from_secs(10),
+        "meshd's first AffiliateUpdate and Watch at the discovery stand-in",
+        || {
+            let (updates, watches) = (discovery.calls("AffiliateUpdate"), discovery.calls("Watch"));
+            if updates >= 1 && watches >= 1 {
+                Ok(())
+            } else {
+                Err(format!("AffiliateUpdate {updates}, Watch {watches}"))
+            }
+        },
+    );
     assert!(
-        discovery.calls("AffiliateUpdate") >= 1 && discovery.calls("Watch") >= 1,
-        "the discovery stand-in saw no AffiliateUpdate/Watch (AffiliateUpdate {}, Watch {}):\n{console}",
-        discovery.calls("AffiliateUpdate"),
-        discovery.calls("Watch")
+        published.is_ok(),
+        "the discovery stand-in saw no AffiliateUpdate/Watch ({published:?}):\n{console}"
     );
 
     // dnslocal: its address on its own dummy link (made over netlink: the container has no `ip`), and an
