@@ -281,6 +281,16 @@ feature_dnslocal() {
   lab_dnslocal "$SWITCH_NS" "$BRIDGE" 192.0.2.53 169.254.20.10 $(node_list)
 }
 
+# The DNS stand-in runs before the daemons start, as a node's resolvers do at boot: dnslocal queries its
+# upstreams from the start (its loop probe), and an address that appears only later leaves the nodes'
+# neighbour entries for it FAILED for a while, so the first lookups after it appears can fail.
+start_standins() {
+  [ "$features" -eq 1 ] || return 0
+  if declare -F lab_dnslocal_start_standin >/dev/null; then
+    lab_dnslocal_start_standin "$SWITCH_NS" "$BRIDGE" 192.0.2.53
+  fi
+}
+
 # meshd: every node's key and underlay address become the others' static peers; a full mesh, then pings.
 feature_meshd() {
   local i pairs=()
@@ -403,6 +413,7 @@ main() {
   lab_up=1
   create_network
   write_configs
+  start_standins
   start_daemons
   wait_ready
   run_features

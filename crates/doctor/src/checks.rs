@@ -87,8 +87,15 @@ fn running(daemon: &'static str, r: &Record) -> Finding {
     }
 }
 
+/// The addresses dnslocal answers on: its listen addresses and, with `interceptClusterDNS`, the kube-dns
+/// ClusterIP it holds.
 fn listen_ips(cfg: &Config) -> Vec<IpAddr> {
-    cfg.dnslocal.listen.iter().map(SocketAddr::ip).collect()
+    cfg.dnslocal
+        .listen
+        .iter()
+        .map(SocketAddr::ip)
+        .chain(cfg.dnslocal.intercept_cluster_dns)
+        .collect()
 }
 
 fn join<T: ToString>(items: &[T]) -> String {
@@ -140,11 +147,11 @@ fn kubelet_dns(f: &Facts, cfg: &Config) -> Finding {
             join(&ours)
         ),
         format!(
-            "set the kubelet's clusterDNS to [{first}] (kubeadm: clusterDNS in /var/lib/kubelet/config.yaml, then restart the kubelet; Talos: machine.kubelet.clusterDNS; k3s: --cluster-dns {first}), or add {} to dnslocal.listen to intercept the current address",
+            "set the kubelet's clusterDNS to [{first}] (kubeadm: clusterDNS in /var/lib/kubelet/config.yaml, then restart the kubelet; Talos: machine.kubelet.clusterDNS; k3s: --cluster-dns {first}), or set dnslocal.interceptClusterDNS: true to answer on {} itself (NodeLocal DNSCache's mode; dnslocal.clusterDNS then names a kube-dns-upstream Service)",
             found
                 .value
                 .first()
-                .map_or_else(String::new, |ip| format!("{ip}:53"))
+                .map_or_else(String::new, ToString::to_string)
         ),
     )
 }

@@ -74,7 +74,7 @@ fn kubelet_dns_elsewhere_fails_with_the_fix() {
     let fix = k.fix.as_deref().unwrap_or_default();
     assert!(fix.contains("clusterDNS to [169.254.20.10]"), "{fix}");
     assert!(
-        fix.contains("add 10.96.0.10:53 to dnslocal.listen"),
+        fix.contains("interceptClusterDNS: true to answer on 10.96.0.10"),
         "{fix}"
     );
 
@@ -83,6 +83,12 @@ fn kubelet_dns_elsewhere_fails_with_the_fix() {
     // interception: dnslocal also listens on the kube-dns address the kubelet hands out
     let mut f = facts(
         "apiVersion: v1alpha1\nkind: HybridNetConfig\ndnslocal: {listen: [\"169.254.20.10:53\", \"10.96.0.10:53\"]}\n",
+    );
+    f.kubelet_dns = dns(&["10.96.0.10"]);
+    assert_eq!(find(&all_of(&f), "kubelet-dns").verdict, Verdict::Ok);
+    // interceptClusterDNS: dnslocal holds the kube-dns ClusterIP (derived from the service subnet) itself
+    let mut f = facts(
+        "apiVersion: v1alpha1\nkind: HybridNetConfig\ndnslocal: {listen: [\"169.254.20.10:53\"], interceptClusterDNS: true, clusterDNS: [\"10.96.0.11:53\"]}\n",
     );
     f.kubelet_dns = dns(&["10.96.0.10"]);
     assert_eq!(find(&all_of(&f), "kubelet-dns").verdict, Verdict::Ok);
