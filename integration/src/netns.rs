@@ -92,6 +92,26 @@ impl Netns {
             .unwrap_or_else(|e| panic!("cannot run {args:?} in {}: {e}", self.name))
     }
 
+    /// Runs `nft -f -` with `rules` in the namespace; panics (naming the rules) when nft refuses them.
+    pub fn nft(&self, rules: &str) {
+        use std::io::Write as _;
+        let mut child = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("nft: {e}"));
+        if let Some(stdin) = child.stdin.as_mut() {
+            stdin
+                .write_all(rules.as_bytes())
+                .unwrap_or_else(|e| panic!("writing to nft in {}: {e}", self.name));
+        }
+        let status = child
+            .wait()
+            .unwrap_or_else(|e| panic!("waiting for nft in {}: {e}", self.name));
+        assert!(status.success(), "nft -f failed on:\n{rules}");
+    }
+
     /// Starts `args` in the namespace without waiting (stdio inherited unless the caller builds the command
     /// with [`Netns::command`] instead).
     pub fn spawn(&self, args: &[&str]) -> Child {

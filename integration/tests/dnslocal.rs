@@ -452,26 +452,9 @@ fn unroutable_upstream_does_not_stop_serving() {
     );
 }
 
-/// Runs `nft -f -` with `rules` inside `ns`.
-fn nft_in(ns: &Netns, rules: &str) {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", ns.name(), "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("nft: {e}"));
-    if let Some(stdin) = child.stdin.as_mut() {
-        stdin.write_all(rules.as_bytes()).unwrap();
-    }
-    let status = child.wait().unwrap();
-    assert!(status.success(), "nft -f failed on:\n{rules}");
-}
-
 /// A Service-like ClusterIP: `ip`:53 (UDP and TCP) DNATed to `to`:53, as kube-proxy does.
 fn cluster_ip(ns: &Netns, ip: &str, to: &str) {
-    nft_in(
-        ns,
-        &format!(
+    ns.nft(&format!(
             "table ip dltest {{\n chain out {{\n  type nat hook output priority -100;\n  \
              ip daddr {ip} udp dport 53 dnat to {to}:53\n  ip daddr {ip} tcp dport 53 dnat to {to}:53\n }}\n}}\n"
         ),

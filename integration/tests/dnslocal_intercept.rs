@@ -20,21 +20,6 @@ const READY: Duration = Duration::from_secs(10);
 const CLUSTER_IP: &str = "10.96.0.10";
 const TABLE: &str = "hybridnet-dnslocal";
 
-/// Runs `nft -f -` with `rules` inside `ns`.
-fn nft_in(ns: &Netns, rules: &str) {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", ns.name(), "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("nft: {e}"));
-    if let Some(stdin) = child.stdin.as_mut() {
-        stdin.write_all(rules.as_bytes()).unwrap();
-    }
-    let status = child.wait().unwrap();
-    assert!(status.success(), "nft -f failed on:\n{rules}");
-}
-
 /// `nft list table inet hybridnet-dnslocal` in `ns`: the table's text, `None` when it does not exist.
 fn our_table(ns: &Netns) -> Option<String> {
     let out = ns.exec(&["nft", "list", "table", "inet", TABLE]);
@@ -98,9 +83,7 @@ impl Lab {
                 "  ip daddr {ip} udp dport 53 dnat to {NSD_ADDR}:53\n  ip daddr {ip} tcp dport 53 dnat to {NSD_ADDR}:53\n"
             )
         };
-        nft_in(
-            &node,
-            &format!(
+        node.nft(&format!(
                 "table ip kubeproxy {{\n chain prerouting {{\n  type nat hook prerouting priority -100;\n{}{} }}\n \
                  chain output {{\n  type nat hook output priority -100;\n{}{} }}\n}}\n",
                 dnat(CLUSTER_IP),
