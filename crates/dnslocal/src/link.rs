@@ -199,23 +199,29 @@ impl Link {
         Ok(())
     }
 
-    /// Removes the addresses of `gone` (listen addresses no longer configured) from the link: any of them on a
-    /// link of dnslocal's own, only those it added on another.
-    pub async fn remove(&mut self, gone: &[IpAddr]) {
+    /// The link's addresses for which `keep` holds (as the kernel reports them, ready to delete).
+    async fn addresses(&self, keep: impl Fn(IpAddr) -> bool) -> Vec<AddressMessage> {
         let mut stream = self
             .handle
             .address()
             .get()
             .set_link_index_filter(self.index)
             .execute();
-        let mut doomed = Vec::new();
+        let mut found = Vec::new();
         while let Ok(Some(msg)) = stream.try_next().await {
-            if address_of(&msg)
-                .is_some_and(|a| gone.contains(&a) && (self.owned_link || self.added.contains(&a)))
-            {
-                doomed.push(msg);
+            if address_of(&msg).is_some_and(&keep) {
+                found.push(msg);
             }
         }
+        found
+    }
+
+    /// Removes the addresses of `gone` (listen addresses no longer configured) from the link: any of them on a
+    /// link of dnslocal's own, only those it added on another.
+    pub async fn remove(&mut self, gone: &[IpAddr]) {
+        let doomed = self
+            .addresses(|a| gone.contains(&a) && (self.owned_link || self.added.contains(&a)))
+            .await;
         for msg in doomed {
             let addr = address_of(&msg);
             match self.handle.address().del(msg).execute().await {
@@ -246,19 +252,7 @@ impl Link {
             }
             return;
         }
-        let mut stream = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(self.index)
-            .execute();
-        let mut ours = Vec::new();
-        while let Ok(Some(msg)) = stream.try_next().await {
-            if address_of(&msg).is_some_and(|a| self.added.contains(&a)) {
-                ours.push(msg);
-            }
-        }
-        for msg in ours {
+        for msg in self.addresses(|a| self.added.contains(&a)).await {
             if let Err(error) = self.handle.address().del(msg).execute().await {
                 tracing::warn!(%error, "cannot remove a listen address");
             }
