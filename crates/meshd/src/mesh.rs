@@ -136,13 +136,6 @@ fn device_key(cfg: &Config) -> DeviceKey {
     }
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The running mesh.
 #[derive(Debug)]
 pub struct Mesh {
@@ -686,7 +679,7 @@ impl Mesh {
             return;
         };
         if peer.machine.on_pong(probe.nonce, pong.at) {
-            peer.last_seen_unix = unix_now();
+            peer.last_seen_unix = hybridnet_state::unix_now();
             self.metrics.probes_answered.inc();
             if let Some(observed) = probe.observed {
                 self.observed.insert(peer.key, observed);
