@@ -182,6 +182,8 @@ pub struct Mesh {
     handshake_kicks: Vec<PublicKey>,
     /// The prefix conflicts of the last reconcile (logged when they change).
     conflicts: Vec<plan::Conflict>,
+    /// `topology: location`: each location's active gateway as of the last reconcile (changes are counted).
+    gateways: std::collections::BTreeMap<String, Option<PublicKey>>,
 }
 
 impl Mesh {
@@ -263,6 +265,7 @@ impl Mesh {
             uplink_lost: false,
             handshake_kicks: Vec::new(),
             conflicts: Vec::new(),
+            gateways: std::collections::BTreeMap::new(),
             cfg,
         };
         mesh.own_endpoints = mesh.announced().await;
@@ -802,10 +805,12 @@ impl Mesh {
                     tracing::info!(table = crate::nft::TABLE, interface = %self.cfg.meshd.interface, "MSS clamping rule installed");
                 }
                 self.metrics.mss_clamp_ok.set(i64::from(enabled));
+                self.metrics.mss_clamp_enabled.set(i64::from(enabled));
                 self.clamp_error = None;
             }
             Err(error) => {
                 self.metrics.mss_clamp_ok.set(0);
+                self.metrics.mss_clamp_enabled.set(i64::from(enabled));
                 if self.clamp_error.as_ref() != Some(&error) {
                     tracing::warn!(%error, "MSS clamping (nftables) failed; retrying every 10 s");
                 }
