@@ -93,13 +93,16 @@ bg "$C" 1 source "$T" source 127.0.0.1:9002
 start_upstream() { bg "${P}s$1" 1 "up$1" "$T" echo "192.0.2.2$1:6443"; }
 for i in 1 2 3; do start_upstream "$i"; done
 
+# The connection limits as HAProxy's maxconn: the idle-connection run opens them all from one address (by
+# default one client may hold half of apiprism's limit).
 apiprism_config() { # NAME PORT ENDPOINTS
   cat >"$W/$1.yaml" <<EOF
 apiVersion: v1alpha1
 kind: HybridNetConfig
 stateDir: $W/$1-state
 dataDir: $W/$1-data
-apiprism: {listen: ["127.0.0.1:$2"], endpoints: [$3], admin: "127.0.0.1:$(($2 + 1))"}
+apiprism: {listen: ["127.0.0.1:$2"], endpoints: [$3], admin: "127.0.0.1:$(($2 + 1))",
+  maxConnections: $((IDLE + 500)), maxConnectionsPerClient: $((IDLE + 500))}
 EOF
 }
 apiprism_config ap-echo 7445 '"127.0.0.1:9001"'

@@ -389,39 +389,31 @@ impl GiverSocket {
         })
     }
 
-    /// The next taker that runs as we do and says hello; others are dropped (and logged).
+    /// The next connection to the handoff socket (check it with [`hello`] before anything else). Cancel-safe.
     pub async fn accept(&self) -> Socket {
         loop {
             let Ok(mut guard) = self.fd.readable().await else {
                 continue;
             };
-            let accepted = guard.try_io(|fd| Socket::from(fd.get_ref().try_clone()?).accept());
-            let conn = match accepted {
-                Ok(Ok((conn, _))) => conn,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "handoff accept");
-                    continue;
-                }
-                Err(_would_block) => continue,
-            };
-            let hello = tokio::task::spawn_blocking(move || {
-                check_peer(&conn)?;
-                conn.set_nonblocking(false)?;
-                set_timeouts(&conn, STEP_TIMEOUT)?;
-                let (payload, fds) = recv(conn.as_raw_fd())?;
-                if payload != HELLO || !fds.is_empty() {
-                    return Err(protocol("no hello"));
-                }
-                Ok::<_, HandoffError>(conn)
-            })
-            .await;
-            match hello {
-                Ok(Ok(conn)) => return conn,
-                Ok(Err(error)) => tracing::warn!(%error, "handoff request refused"),
-                Err(error) => tracing::warn!(%error, "handoff request task failed"),
+            match guard.try_io(|fd| Socket::from(fd.get_ref().try_clone()?).accept()) {
+                Ok(Ok((conn, _))) => return conn,
+                Ok(Err(error)) => tracing::debug!(%error, "handoff accept"),
+                Err(_would_block) => {}
             }
         }
     }
+}
+
+/// The giver's first step with a new connection: the peer runs as we do and says hello. Blocking.
+pub fn hello(conn: &Socket) -> Result<(), HandoffError> {
+    check_peer(conn)?;
+    conn.set_nonblocking(false)?;
+    set_timeouts(conn, STEP_TIMEOUT)?;
+    let (payload, fds) = recv(conn.as_raw_fd())?;
+    if payload != HELLO || !fds.is_empty() {
+        return Err(protocol("no hello"));
+    }
+    Ok(())
 }
 
 impl Drop for GiverSocket {

@@ -58,6 +58,9 @@ pub struct Apiprism;
 
 impl Daemon for Apiprism {
     const KIND: hybridnet_config::Daemon = hybridnet_config::Daemon::Apiprism;
+    /// One thread: a node-local proxy needs less than a core, and every hop of a round trip (both sockets'
+    /// readiness, both relays) stays on it without a wake-up handed between threads.
+    const SINGLE_THREAD: bool = true;
     type Error = Error;
 
     async fn run(ctx: Context) -> Result<(), Self::Error> {
@@ -300,6 +303,18 @@ impl Control {
     /// Hands the listeners and the established connections to a newer instance; retires after a success,
     /// goes on as before after a failure (nothing is cut either way).
     async fn give(&mut self, conn: socket2::Socket) {
+        let conn =
+            match tokio::task::spawn_blocking(move || handoff::hello(&conn).map(|()| conn)).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "handoff request refused");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "handoff request task failed");
+                    return;
+                }
+            };
         tracing::info!("a new instance asks to take over: pausing and handing over");
         self.listeners.stop_accepting();
         self.shared.pausing.pause();

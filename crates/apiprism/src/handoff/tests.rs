@@ -72,6 +72,7 @@ async fn a_listener_and_a_pair_go_over_and_still_work() -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || take(&path, 10))
     };
     let conn = giver.accept().await;
+    let conn = tokio::task::spawn_blocking(move || hello(&conn).map(|()| conn)).await??;
     let raw_l = [(laddr, listener.as_raw_fd())];
     let raw_p = [(laddr, served.as_raw_fd(), served.as_raw_fd())];
     let given = tokio::task::spawn_blocking(move || give(&conn, &raw_l, &raw_p)).await?;
