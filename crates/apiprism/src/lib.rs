@@ -6,6 +6,7 @@
 //! - `proxy`: listeners and client connections (dial with transparent retry, connections closed when their
 //!   upstream goes down or is removed);
 //! - `relay`: the splice(2) data path with half-close;
+//! - `sched`: a short scheduler slice for the runtime thread (wake-ups preempt sooner on a busy core);
 //! - `upstreams`: the desired upstream set from the config and meshd's members, resolved and deduplicated;
 //! - `handoff`: upgrades that cut nothing (a new instance takes the listeners and established connections
 //!   over a Unix socket).
@@ -18,6 +19,7 @@ mod health;
 pub mod metrics;
 mod proxy;
 mod relay;
+mod sched;
 mod shared;
 mod sockopt;
 mod status;
@@ -113,6 +115,7 @@ struct Control {
 
 /// The main loop: follows the config and the members record, keeps listeners and upstreams in line.
 pub async fn run(mut ctx: Context) -> Result<(), Error> {
+    sched::request_short_slice(); // the one runtime thread ([`Apiprism`] is `SINGLE_THREAD`)
     let config = ctx.config.borrow_and_update().clone();
     let metrics = ctx.metrics.register("apiprism", Metrics::register);
     let limits = limits(&config);
