@@ -647,11 +647,13 @@ fn ten_restarts_with_a_handoff_cut_nothing() -> Result<()> {
                 !took.contains("connections=0"),
                 "instance {i} took no connection over (the watch stays with the old one): {took}"
             );
-            let handed = lab.apiprism.log();
-            ensure!(
-                handed.contains("handed over: retired"),
-                "the old instance did not retire:\n{handed}"
-            );
+            wait_until(SOON, "the old instance retiring", || {
+                if lab.apiprism.log().contains("handed over: retired") {
+                    Ok(())
+                } else {
+                    Err("not yet")
+                }
+            })?;
             pauses.push(t.elapsed());
             let mut old = std::mem::replace(&mut lab.apiprism, next);
             old.signal(nix::sys::signal::Signal::SIGTERM)?;
