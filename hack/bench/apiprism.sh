@@ -284,5 +284,5 @@ printf '\n(%s; %s; HAProxy %s)\n' "$(date -u +%Y-%m-%d)" "$(nproc) cores" "$(hap
 } >"$OUT/apiprism-latency.csv"
 plot_init
 plot_bars "$OUT/apiprism-latency.csv" "$OUT/apiprism-latency.svg" \
-  "1 KiB request/response round trips, one connection per path, taking turns" "microseconds"
+  "1 KiB request/response round trips, one connection per path, taking turns" "microseconds (log scale)" logy
 note "wrote $OUT/apiprism.csv, $OUT/apiprism-latency.csv, $OUT/apiprism-latency.svg"
