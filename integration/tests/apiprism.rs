@@ -701,3 +701,52 @@ fn ten_restarts_with_a_handoff_cut_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// A new instance that hangs up half-way through a handoff (it died, or is not apiprism at all): the running
+/// one serves on as before. The stand-in taker says hello, takes the first message (a listening socket) and
+/// closes; the watch is not cut, no new connection fails, and new connections are accepted after it.
+#[test]
+fn a_handoff_abandoned_half_way_cuts_nothing() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let socket = lab.doc.state_dir.join("apiprism").join("handoff.sock");
+    let ((), log) = lab.with_kubelet(|lab, log| {
+        watch_server(log)?;
+        let taker = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None)?;
+        taker.connect(&socket2::SockAddr::unix(&socket)?)?;
+        taker.set_read_timeout(Some(SOON))?;
+        taker.send(b"TAKE 1")?;
+        let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 128];
+        let n = taker.recv(&mut first)?; // its descriptor is discarded by the kernel
+        ensure!(n > 0, "no first message from the giver");
+        drop(taker);
+        wait_until(SOON, "apiprism serving on", || {
+            if lab.apiprism.log().contains("handoff failed: serving on") {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        })?;
+        let since = Instant::now();
+        wait_until(SOON, "new connections after the abandoned handoff", || {
+            let ok = lock(log)
+                .requests
+                .iter()
+                .filter(|(start, _, r)| *start >= since && r.is_ok())
+                .count();
+            if ok >= 20 {
+                Ok(())
+            } else {
+                Err(format!("{ok} so far"))
+            }
+        })?;
+        Ok(())
+    })?;
+    ensure!(log.cut.is_empty(), "the watch was cut: {:?}", log.cut);
+    let failed = log.requests.iter().filter(|r| r.2.is_err()).count();
+    ensure!(
+        failed == 0,
+        "{failed} of {} new connections failed",
+        log.requests.len()
+    );
+    Ok(())
+}
