@@ -181,7 +181,9 @@ fn send(fd: RawFd, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
 fn recv(fd: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoffError> {
     let mut buf = [0u8; MAX_MESSAGE + 1];
     // Room for more descriptors than any message carries, so that a message with too many is seen whole
-    // (and refused) rather than truncated.
+    // (and refused) rather than truncated. A message with more than this many (MSG_CTRUNC) is refused too;
+    // the few the kernel installed before truncating are then not seen (at most four, once: the handoff
+    // ends there).
     let mut space = nix::cmsg_space!([RawFd; 4]);
     let (bytes, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
