@@ -6,7 +6,9 @@
 #
 # The proxies run on core 0 (taskset), load tools and servers on core 1. Measured (release build):
 #   1. bulk throughput, one stream from a data source through the proxy (Gbit/s);
-#   2. 1 KiB request/response round trips on one connection: p50/p99, and what the proxy adds over direct;
+#   2. 1 KiB request/response round trips on one connection per path, the three paths taking turns (one round
+#      trip direct, one through apiprism, one through HAProxy, again), so that noise from the rest of the
+#      machine hits all three alike: p50/p90/p99/p99.9, and what the proxy adds over direct;
 #   3. new connections per second (connect, 64 B echo, close; 8 at a time);
 #   4. failover with three upstreams (echo servers in their own namespaces on a bridge): a new connection
 #      every 10 ms plus one long-lived connection; the upstream holding the long-lived one is SIGKILLed, or
@@ -15,13 +17,19 @@
 #      `option redispatch`, `retries 3`, `timeout connect 1s` (apiprism's dialTimeout; kubespray uses 30s);
 #      apiprism: its defaults (1 s checks, fall 2, rise 2, dial timeout 1 s);
 #   5. RSS idle, and with 10,000 idle connections through the proxy.
-# Prints a table with ratios. --quick: shorter runs.
+# Prints a table with ratios, and writes it as CSV with the latency percentiles drawn per path
+# (hack/bench/plot.sh) into $APIPRISM_BENCH_OUT (default docs/benchmarks/): apiprism.csv,
+# apiprism-latency.csv, apiprism-latency.svg. --quick: shorter runs.
+# APIPRISM_BENCH_BINS=DIR: run the apiprism and apiprism-bench binaries in DIR instead of building (to compare
+# two builds with the same script).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../lib/common.sh
 . hack/lib/common.sh
 # shellcheck source=../lib/netlab.sh
 . hack/lib/netlab.sh
+# shellcheck source=plot.sh
+. hack/bench/plot.sh
 
 DUR=5 RR=20000
 # 10,000 idle connections need 20,000 descriptors in the proxy (client and upstream sides). Where the hard
@@ -34,10 +42,17 @@ ensure_pkgs haproxy:haproxy taskset:util-linux ss:iproute2
 [ "$(nproc)" -ge 2 ] || die "needs 2 cores (proxies on core 0, tools on core 1)"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-say "building apiprism and the load tool (release)"
-cargo build --release -q -p hybridnet-apiprism --bins --example apiprism-bench
-AP=$PWD/target/release/apiprism
-T=$PWD/target/release/examples/apiprism-bench
+if [ -n "${APIPRISM_BENCH_BINS:-}" ]; then
+  AP=$APIPRISM_BENCH_BINS/apiprism T=$APIPRISM_BENCH_BINS/apiprism-bench
+  [ -x "$AP" ] && [ -x "$T" ] || die "APIPRISM_BENCH_BINS=$APIPRISM_BENCH_BINS: no apiprism and apiprism-bench there"
+else
+  say "building apiprism and the load tool (release)"
+  cargo build --release -q -p hybridnet-apiprism --bins --example apiprism-bench
+  AP=$PWD/target/release/apiprism
+  T=$PWD/target/release/examples/apiprism-bench
+fi
+OUT=${APIPRISM_BENCH_OUT:-docs/benchmarks}
+mkdir -p "$OUT"
 
 P=apb$$
 C=${P}c SW=${P}sw
@@ -78,13 +93,16 @@ bg "$C" 1 source "$T" source 127.0.0.1:9002
 start_upstream() { bg "${P}s$1" 1 "up$1" "$T" echo "192.0.2.2$1:6443"; }
 for i in 1 2 3; do start_upstream "$i"; done
 
+# The connection limits as HAProxy's maxconn: the idle-connection run opens them all from one address (by
+# default one client may hold half of apiprism's limit).
 apiprism_config() { # NAME PORT ENDPOINTS
   cat >"$W/$1.yaml" <<EOF
 apiVersion: v1alpha1
 kind: HybridNetConfig
 stateDir: $W/$1-state
 dataDir: $W/$1-data
-apiprism: {listen: ["127.0.0.1:$2"], endpoints: [$3], admin: "127.0.0.1:$(($2 + 1))"}
+apiprism: {listen: ["127.0.0.1:$2"], endpoints: [$3], admin: "127.0.0.1:$(($2 + 1))",
+  maxConnections: $((IDLE + 500)), maxConnectionsPerClient: $((IDLE + 500))}
 EOF
 }
 apiprism_config ap-echo 7445 '"127.0.0.1:9001"'
@@ -142,12 +160,12 @@ R[bulk_ap]=$(tool bulk 127.0.0.1:7455 "$DUR" 1 | field gbit_per_s)
 R[bulk_ha]=$(tool bulk 127.0.0.1:7501 "$DUR" 1 | field gbit_per_s)
 note "direct ${R[bulk_direct]}  apiprism ${R[bulk_ap]}  haproxy ${R[bulk_ha]} Gbit/s"
 
-say "1 KiB round trips ($RR on one connection)"
+say "1 KiB round trips ($RR on one connection per path, the paths taking turns)"
+out=$(tool rr 127.0.0.1:9001,127.0.0.1:7445,127.0.0.1:7500 "$RR" 1024)
 for k in direct:9001 ap:7445 ha:7500; do
-  out=$(tool rr "127.0.0.1:${k#*:}" "$RR" 1024)
-  R[p50_${k%%:*}]=$(echo "$out" | field p50_us)
-  R[p99_${k%%:*}]=$(echo "$out" | field p99_us)
-  note "${k%%:*}: $out"
+  line=$(echo "$out" | grep "^127.0.0.1:${k#*:} ")
+  for p in p50 p90 p99 p999 max; do R[${p}_${k%%:*}]=$(echo "$line" | field "${p}_us"); done
+  note "${k%%:*}: ${line#* }"
 done
 
 say "new connections per second (${DUR}s, 8 at a time)"
@@ -230,6 +248,7 @@ row "  added over direct, p50 (us)" "" "$a50" "$h50" "$(ratio "$a50" "$h50")"
 row "1 KiB RR p99 (us)" "${R[p99_direct]}" "${R[p99_ap]}" "${R[p99_ha]}" "$(ratio "${R[p99_ap]}" "${R[p99_ha]}")"
 a99=$(sub "${R[p99_ap]}" "${R[p99_direct]}"); h99=$(sub "${R[p99_ha]}" "${R[p99_direct]}")
 row "  added over direct, p99 (us)" "" "$a99" "$h99" "$(ratio "$a99" "$h99")"
+row "1 KiB RR p99.9 (us)" "${R[p999_direct]}" "${R[p999_ap]}" "${R[p999_ha]}" "$(ratio "${R[p999_ap]}" "${R[p999_ha]}")"
 row "new connections/s" "${R[cps_direct]}" "${R[cps_ap]}" "${R[cps_ha]}" "$(ratio "${R[cps_ap]}" "${R[cps_ha]}")"
 for fault in kill blackhole; do
   label=SIGKILL; [ "$fault" = blackhole ] && label=blackhole
@@ -241,3 +260,29 @@ done
 row "RSS idle (MiB)" "" "$(mib "${R[rss_idle_ap]}")" "$(mib "${R[rss_idle_ha]}")" "$(ratio "${R[rss_idle_ap]}" "${R[rss_idle_ha]}")"
 row "RSS with 10,000 idle connections (MiB)" "" "$(mib "${R[rss_10k_ap]}")" "$(mib "${R[rss_10k_ha]}")" "$(ratio "${R[rss_10k_ap]}" "${R[rss_10k_ha]}")"
 printf '\n(%s; %s; HAProxy %s)\n' "$(date -u +%Y-%m-%d)" "$(nproc) cores" "$(haproxy -v | awk 'NR == 1 { print $3 }')"
+
+# CSV (the table, and the latency percentiles per path) and the latency plot.
+{
+  echo "what,direct,apiprism,haproxy"
+  echo "bulk_gbit_per_s,${R[bulk_direct]},${R[bulk_ap]},${R[bulk_ha]}"
+  for p in p50 p90 p99 p999 max; do echo "rr_${p}_us,${R[${p}_direct]},${R[${p}_ap]},${R[${p}_ha]}"; done
+  echo "rr_p50_added_us,,$a50,$h50"
+  echo "rr_p99_added_us,,$a99,$h99"
+  echo "conns_per_s,${R[cps_direct]},${R[cps_ap]},${R[cps_ha]}"
+  for fault in kill blackhole; do
+    for m in failed full cut stall; do echo "${fault}_${m},,${R[fo_${fault}_ap_${m}]},${R[fo_${fault}_ha_${m}]}"; done
+  done
+  echo "rss_idle_kib,,${R[rss_idle_ap]},${R[rss_idle_ha]}"
+  echo "rss_10k_kib,,${R[rss_10k_ap]},${R[rss_10k_ha]}"
+} >"$OUT/apiprism.csv"
+{
+  echo "percentile,direct,apiprism,HAProxy"
+  for p in p50 p90 p99 p999; do
+    label=$p; [ "$p" = p999 ] && label=p99.9
+    echo "$label,${R[${p}_direct]},${R[${p}_ap]},${R[${p}_ha]}"
+  done
+} >"$OUT/apiprism-latency.csv"
+plot_init
+plot_bars "$OUT/apiprism-latency.csv" "$OUT/apiprism-latency.svg" \
+  "1 KiB request/response round trips, one connection per path, taking turns" "microseconds (log scale)" logy
+note "wrote $OUT/apiprism.csv, $OUT/apiprism-latency.csv, $OUT/apiprism-latency.svg"

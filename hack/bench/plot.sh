@@ -4,8 +4,9 @@
 #
 #   plot_lines CSV SVG TITLE XLABEL YLABEL [logx]
 #       CSV: a header row, then rows "x,y1,y2,...": one line per column after the first, named by its header.
-#   plot_bars CSV SVG TITLE YLABEL
-#       CSV: a header row "what,series1,series2,...", then a row per category: clustered bars.
+#   plot_bars CSV SVG TITLE YLABEL [logy]
+#       CSV: a header row "what,series1,series2,...", then a row per category: clustered bars (logy: a
+#       logarithmic y axis, for values that span decades).
 #   plot_cdf CSV SVG TITLE XLABEL
 #       CSV: a header row naming the series, then the samples, a column per series (columns may be of unequal
 #       length: leave the cell empty). Draws each series' empirical distribution (fraction of samples <= x).
@@ -42,13 +43,14 @@ plot_lines() {
 }
 
 plot_bars() {
-  local csv=$1 svg=$2 title=$3 ylabel=$4
+  local csv=$1 svg=$2 title=$3 ylabel=$4 logy=${5:-}
   local n
   n=$(_plot_columns "$csv")
   {
     _plot_head "$svg" "$title" "" "$ylabel"
     printf 'set style data histograms\nset style histogram clustered gap 1\nset style fill solid 0.8 border -1\n'
-    printf 'set yrange [0:*]\nset key autotitle columnhead\n'
+    if [ "$logy" = logy ]; then printf 'set logscale y\nset yrange [1:*]\n'; else printf 'set yrange [0:*]\n'; fi
+    printf 'set key autotitle columnhead\n'
     printf 'plot for [i=2:%d] "%s" using i:xtic(1)\n' "$n" "$csv"
   } | gnuplot || die "gnuplot failed on $csv"
 }

@@ -618,3 +618,135 @@ fn members_from_meshd_become_upstreams() -> Result<()> {
     eprintln!("apiprism members: cp-3 added and up after {added:?}, removed after {removed:?}");
     Ok(())
 }
+
+/// Issue 15, upgrades that cut nothing: a new instance started beside the running one (as a DaemonSet's
+/// rolling update with `maxSurge` does, or `systemd-run` with the new binary) takes its listeners and
+/// established connections over `<stateDir>/apiprism/handoff.sock`; the old one retires and is then stopped
+/// with SIGTERM. Ten times in a row under the kubelet-like client: the watch (TLS + HTTP/2, so a lost or
+/// repeated byte would break it) is never cut and no new connection fails.
+#[test]
+fn ten_restarts_with_a_handoff_cut_nothing() -> Result<()> {
+    const RESTARTS: usize = 10;
+    let mut lab = Lab::new()?;
+    let (pauses, log) = lab.with_kubelet(|lab, log| {
+        watch_server(log)?;
+        let mut pauses = Vec::new();
+        for i in 1..=RESTARTS {
+            let t = Instant::now();
+            let next = Daemon::builder(DaemonKind::Apiprism, &lab.net.nodes[3].netns, &lab.config)
+                .log_file(lab.config.with_file_name(format!("apiprism-{i}.log")))
+                .start();
+            let took = wait_until(SOON, format!("instance {i} taking over"), || {
+                let text = next.log();
+                text.lines()
+                    .find(|l| l.contains("took over from the running instance"))
+                    .map(str::to_owned)
+                    .ok_or("not yet")
+            })?;
+            ensure!(
+                !took.contains("connections=0"),
+                "instance {i} took no connection over (the watch stays with the old one): {took}"
+            );
+            wait_until(SOON, "the old instance retiring", || {
+                if lab.apiprism.log().contains("handed over: retired") {
+                    Ok(())
+                } else {
+                    Err("not yet")
+                }
+            })?;
+            pauses.push(t.elapsed());
+            let mut old = std::mem::replace(&mut lab.apiprism, next);
+            old.signal(nix::sys::signal::Signal::SIGTERM)?;
+            old.wait_exit(SOON)?;
+            // Traffic through the new instance alone before the next restart.
+            let since = Instant::now();
+            wait_until(SOON, "new connections through the new instance", || {
+                let ok = lock(log)
+                    .requests
+                    .iter()
+                    .filter(|(start, _, r)| *start >= since && r.is_ok())
+                    .count();
+                if ok >= 8 {
+                    Ok(())
+                } else {
+                    Err(format!("{ok} so far"))
+                }
+            })?;
+            lab.apiprism.wait_ready(SOON)?;
+        }
+        Ok(pauses)
+    })?;
+    let failed: Vec<_> = log.requests.iter().filter(|r| r.2.is_err()).collect();
+    eprintln!(
+        "apiprism, {RESTARTS} restarts with a handoff: {} new connections, {} failed; watch connected {} time(s), \
+         cut {} time(s); start to takeover: {pauses:?}",
+        log.requests.len(),
+        failed.len(),
+        log.connected.len(),
+        log.cut.len()
+    );
+    ensure!(log.cut.is_empty(), "the watch was cut: {:?}", log.cut);
+    ensure!(log.connected.len() == 1, "the watch reconnected");
+    if let Some((_, _, Err(e))) = failed.first() {
+        bail!(
+            "{} of {} new connections failed; first: {e}",
+            failed.len(),
+            log.requests.len()
+        );
+    }
+    ensure!(
+        log.requests.len() >= 10 * RESTARTS,
+        "too little traffic: {}",
+        log.requests.len()
+    );
+    Ok(())
+}
+
+/// A new instance that hangs up half-way through a handoff (it died, or is not apiprism at all): the running
+/// one serves on as before. The stand-in taker says hello, takes the first message (a listening socket) and
+/// closes; the watch is not cut, no new connection fails, and new connections are accepted after it.
+#[test]
+fn a_handoff_abandoned_half_way_cuts_nothing() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let socket = lab.doc.state_dir.join("apiprism").join("handoff.sock");
+    let ((), log) = lab.with_kubelet(|lab, log| {
+        watch_server(log)?;
+        let taker = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None)?;
+        taker.connect(&socket2::SockAddr::unix(&socket)?)?;
+        taker.set_read_timeout(Some(SOON))?;
+        taker.send(b"TAKE 1")?;
+        let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 128];
+        let n = taker.recv(&mut first)?; // its descriptor is discarded by the kernel
+        ensure!(n > 0, "no first message from the giver");
+        drop(taker);
+        wait_until(SOON, "apiprism serving on", || {
+            if lab.apiprism.log().contains("handoff failed: serving on") {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        })?;
+        let since = Instant::now();
+        wait_until(SOON, "new connections after the abandoned handoff", || {
+            let ok = lock(log)
+                .requests
+                .iter()
+                .filter(|(start, _, r)| *start >= since && r.is_ok())
+                .count();
+            if ok >= 20 {
+                Ok(())
+            } else {
+                Err(format!("{ok} so far"))
+            }
+        })?;
+        Ok(())
+    })?;
+    ensure!(log.cut.is_empty(), "the watch was cut: {:?}", log.cut);
+    let failed = log.requests.iter().filter(|r| r.2.is_err()).count();
+    ensure!(
+        failed == 0,
+        "{failed} of {} new connections failed",
+        log.requests.len()
+    );
+    Ok(())
+}

@@ -4,8 +4,12 @@
 //! apiprism-bench echo LISTEN                 echo server (1 KiB RR, connection rate, failover, idle conns)
 //! apiprism-bench source LISTEN               writes 256 KiB buffers to every client until it goes away
 //! apiprism-bench bulk ADDR SECS STREAMS      reads from a `source` through ADDR: prints Gbit/s
-//! apiprism-bench rr ADDR COUNT SIZE          COUNT request/response round trips of SIZE bytes on one
-//!                                            connection: prints p50 and p99 in microseconds
+//! apiprism-bench rr ADDRS COUNT SIZE         COUNT request/response round trips of SIZE bytes on one
+//!                                            connection to each of the comma-separated ADDRS, taking turns
+//!                                            (one round trip on each in order, then again), so that noise
+//!                                            from the rest of the machine hits every address alike: prints
+//!                                            a line per address with p50, p90, p99, p99.9 and the maximum
+//!                                            in microseconds
 //! apiprism-bench connrate ADDR SECS CONC     new connections (connect, 64 B echo, close): prints conns/s
 //! apiprism-bench failover ADDR SECS EVERY_MS FAULT_AT_MS CMD
 //!                                            a new connection (1 KiB echo, 2 s timeout) every EVERY_MS, and
@@ -54,7 +58,7 @@ fn main() -> Res<()> {
             }
             "rr" => {
                 rr(
-                    arg(&args, 1, "ADDR")?,
+                    arg(&args, 1, "ADDRS")?,
                     arg(&args, 2, "COUNT")?,
                     arg(&args, 3, "SIZE")?,
                 )
@@ -155,25 +159,40 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
-async fn rr(addr: SocketAddr, count: usize, size: usize) -> Res<()> {
-    let mut s = connect(addr).await?;
+async fn rr(addrs: String, count: usize, size: usize) -> Res<()> {
+    let addrs: Vec<SocketAddr> = addrs
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|_| "bad ADDRS")?;
+    let mut conns = Vec::with_capacity(addrs.len());
+    for addr in &addrs {
+        conns.push(connect(*addr).await?);
+    }
     let req = vec![1u8; size];
     let mut resp = vec![0u8; size];
-    let mut times = Vec::with_capacity(count);
+    let mut times = vec![Vec::with_capacity(count); addrs.len()];
     for i in 0..count + count / 10 {
-        let start = Instant::now();
-        s.write_all(&req).await?;
-        s.read_exact(&mut resp).await?;
-        if i >= count / 10 {
-            times.push(start.elapsed()); // the first 10% warm up
+        for (s, t) in conns.iter_mut().zip(times.iter_mut()) {
+            let start = Instant::now();
+            s.write_all(&req).await?;
+            s.read_exact(&mut resp).await?;
+            if i >= count / 10 {
+                t.push(start.elapsed()); // the first 10% warm up
+            }
         }
     }
-    times.sort();
-    println!(
-        "p50_us {:.1} p99_us {:.1}",
-        percentile(&times, 0.5),
-        percentile(&times, 0.99)
-    );
+    for (addr, mut t) in addrs.iter().zip(times) {
+        t.sort();
+        println!(
+            "{addr} p50_us {:.1} p90_us {:.1} p99_us {:.1} p999_us {:.1} max_us {:.1}",
+            percentile(&t, 0.5),
+            percentile(&t, 0.9),
+            percentile(&t, 0.99),
+            percentile(&t, 0.999),
+            percentile(&t, 1.0)
+        );
+    }
     Ok(())
 }
 

@@ -135,6 +135,13 @@ impl Slots {
         Ok(())
     }
 
+    /// Takes a slot for an established connection handed over by a previous instance: counted, never refused
+    /// (refusing would cut it; connections over the limit hold their slots as after a lowered limit).
+    pub fn adopt(&mut self, key: ClientKey) {
+        *self.by_client.entry(key).or_insert(0) += 1;
+        self.total += 1;
+    }
+
     /// Gives back a slot of `key`.
     pub fn release(&mut self, key: ClientKey) {
         if let Some(held) = self.by_client.get_mut(&key) {
@@ -191,6 +198,17 @@ impl Admission {
             admission: Arc::clone(self),
             key,
         })
+    }
+}
+
+impl Admission {
+    /// A slot for a handed-over connection (see [`Slots::adopt`]).
+    pub fn adopt(self: &Arc<Self>, key: ClientKey) -> Permit {
+        self.slots().adopt(key);
+        Permit {
+            admission: Arc::clone(self),
+            key,
+        }
     }
 }
 

@@ -6,21 +6,27 @@
 //! - `proxy`: listeners and client connections (dial with transparent retry, connections closed when their
 //!   upstream goes down or is removed);
 //! - `relay`: the splice(2) data path with half-close;
-//! - `upstreams`: the desired upstream set from the config and meshd's members, resolved and deduplicated.
+//! - `sched`: a short scheduler slice for the runtime thread (wake-ups preempt sooner on a busy core);
+//! - `upstreams`: the desired upstream set from the config and meshd's members, resolved and deduplicated;
+//! - `handoff`: upgrades that cut nothing (a new instance takes the listeners and established connections
+//!   over a Unix socket).
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
 mod admission;
 pub mod core;
+mod handoff;
 mod health;
 pub mod metrics;
 mod proxy;
 mod relay;
+mod sched;
 mod shared;
 mod sockopt;
 mod status;
 mod tls;
 mod upstreams;
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +36,7 @@ use hybridnet_state::{MEMBERS, Members, RecordWatcher, StateDir, WatchOptions};
 
 use crate::admission::Limits;
 use crate::core::{Policy, Table};
+use crate::handoff::{GiverSocket, Pair, Taken};
 use crate::health::{ProbeSettings, Prober};
 use crate::metrics::Metrics;
 use crate::proxy::Listeners;
@@ -53,6 +60,9 @@ pub struct Apiprism;
 
 impl Daemon for Apiprism {
     const KIND: hybridnet_config::Daemon = hybridnet_config::Daemon::Apiprism;
+    /// One thread: a node-local proxy needs less than a core, and every hop of a round trip (both sockets'
+    /// readiness, both relays) stays on it without a wake-up handed between threads.
+    const SINGLE_THREAD: bool = true;
     type Error = Error;
 
     async fn run(ctx: Context) -> Result<(), Self::Error> {
@@ -97,10 +107,15 @@ struct Control {
     resolver: Resolver,
     members: RecordWatcher<Members>,
     started: Instant,
+    /// Where a newer instance asks to take over (`None`: the socket could not be bound).
+    giver: Option<GiverSocket>,
+    /// Handed over to a newer instance: serve what is left, bind nothing, wait to be stopped.
+    retired: bool,
 }
 
 /// The main loop: follows the config and the members record, keeps listeners and upstreams in line.
 pub async fn run(mut ctx: Context) -> Result<(), Error> {
+    sched::request_short_slice(); // the one runtime thread ([`Apiprism`] is `SINGLE_THREAD`)
     let config = ctx.config.borrow_and_update().clone();
     let metrics = ctx.metrics.register("apiprism", Metrics::register);
     let limits = limits(&config);
@@ -110,6 +125,7 @@ pub async fn run(mut ctx: Context) -> Result<(), Error> {
         open_files = ?hybridnet_runtime::limits::open_files_limit(),
         "connection limits"
     );
+    let taken = take_over(&config, limits.total).await;
     let shared = Arc::new(Shared::new(Table::new(policy(&config)), metrics, limits));
     let mut c = Control {
         prober: Prober::new(probe_settings(&config)),
@@ -117,12 +133,17 @@ pub async fn run(mut ctx: Context) -> Result<(), Error> {
         resolver: Resolver::default(),
         members: members_watcher(&config),
         started: Instant::now(),
+        giver: None,
+        retired: false,
         shared,
         config,
         ctx: ctx.clone(),
     };
+    c.listeners.offer(taken.listeners);
     c.apply_listeners();
     c.reconcile_upstreams().await;
+    c.listeners.serve_pairs(adopt_pairs(taken.pairs), &c.shared);
+    c.giver = bind_giver(&c.config);
     c.publish();
     let mut tick = tokio::time::interval(TICK);
     let mut resolve = tokio::time::interval(RESOLVE_EVERY);
@@ -146,9 +167,15 @@ pub async fn run(mut ctx: Context) -> Result<(), Error> {
                     c.reconcile_upstreams().await;
                 }
             }
+            conn = next_taker(c.giver.as_ref()) => c.give(conn).await,
+            () = c.shared.pausing.parked_changed() => {
+                // Pairs that paused after a handoff was over (or failed) go on here.
+                let pairs = c.shared.pausing.take_parked();
+                c.listeners.serve_pairs(pairs, &c.shared);
+            }
             () = c.shared.changed.notified() => c.publish(),
             _ = tick.tick() => {
-                if c.listeners.bound().len() < c.config.apiprism.listen.len() {
+                if !c.retired && c.listeners.bound().len() < c.config.apiprism.listen.len() {
                     c.apply_listeners();
                 }
                 c.prober.reap();
@@ -158,6 +185,94 @@ pub async fn run(mut ctx: Context) -> Result<(), Error> {
     }
     c.stop().await;
     Ok(())
+}
+
+/// Asks a running instance to hand its listeners and connections over (see `handoff`).
+async fn take_over(config: &Config, max_pairs: u32) -> Taken {
+    let path = handoff::socket_path(&config.state_dir);
+    let max_pairs = usize::try_from(max_pairs).unwrap_or(usize::MAX);
+    let taken = tokio::task::spawn_blocking(move || handoff::take(&path, max_pairs)).await;
+    match taken {
+        Ok(Ok(Some(taken))) => {
+            tracing::info!(
+                listeners = taken.listeners.len(),
+                connections = taken.pairs.len(),
+                "took over from the running instance"
+            );
+            taken
+        }
+        Ok(Ok(None)) => Taken::default(),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "could not take over from the running instance: starting afresh");
+            Taken::default()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "handoff task failed: starting afresh");
+            Taken::default()
+        }
+    }
+}
+
+/// Handed-over descriptors as tokio streams.
+fn adopt_pairs(pairs: Vec<(std::net::SocketAddr, OwnedFd, OwnedFd)>) -> Vec<Pair> {
+    let stream = |fd: OwnedFd| {
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(std)
+    };
+    pairs
+        .into_iter()
+        .filter_map(
+            |(addr, client, upstream)| match (stream(client), stream(upstream)) {
+                (Ok(client), Ok(upstream)) => Some(Pair {
+                    client,
+                    upstream,
+                    addr,
+                }),
+                (Err(error), _) | (_, Err(error)) => {
+                    tracing::warn!(upstream = %addr, %error, "handed-over connection unusable");
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
+fn bind_giver(config: &Config) -> Option<GiverSocket> {
+    let path = handoff::socket_path(&config.state_dir);
+    match GiverSocket::bind(&path) {
+        Ok(giver) => Some(giver),
+        Err(error) => {
+            tracing::warn!(%error, "no handoff socket: a new instance will not be able to take over");
+            None
+        }
+    }
+}
+
+/// The next instance that asks to take over; never, without a handoff socket.
+async fn next_taker(giver: Option<&GiverSocket>) -> socket2::Socket {
+    match giver {
+        Some(giver) => giver.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits (at most [`handoff::PAUSE_BOUND`]) until every connection paused or ended, or no more pause for a
+/// while (a direction blocked on a slow reader does not pause: that pair stays here).
+async fn wait_paused(shared: &Shared) {
+    const SETTLE: Duration = Duration::from_millis(100);
+    let start = Instant::now();
+    let (mut parked, mut since) = (shared.pausing.parked(), Instant::now());
+    while shared.admission.slots().active() > 0
+        && start.elapsed() < handoff::PAUSE_BOUND
+        && since.elapsed() < SETTLE
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let now = shared.pausing.parked();
+        if now != parked {
+            (parked, since) = (now, Instant::now());
+        }
+    }
 }
 
 /// The connection limits from the config and the open-file limit (the runtime raised the soft limit to
@@ -188,7 +303,68 @@ impl Control {
         self.publish();
     }
 
+    /// Hands the listeners and the established connections to a newer instance; retires after a success,
+    /// goes on as before after a failure (nothing is cut either way).
+    async fn give(&mut self, conn: socket2::Socket) {
+        let conn =
+            match tokio::task::spawn_blocking(move || handoff::hello(&conn).map(|()| conn)).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "handoff request refused");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "handoff request task failed");
+                    return;
+                }
+            };
+        tracing::info!("a new instance asks to take over: pausing and handing over");
+        self.listeners.stop_accepting();
+        self.shared.pausing.pause();
+        wait_paused(&self.shared).await;
+        let listeners = self.listeners.raw_fds();
+        let pairs = self.shared.pausing.take_parked();
+        let raw: Vec<_> = pairs
+            .iter()
+            .map(|p| (p.addr, p.client.as_raw_fd(), p.upstream.as_raw_fd()))
+            .collect();
+        let given =
+            tokio::task::spawn_blocking(move || handoff::give(&conn, &listeners, &raw)).await;
+        // New relays (and pairs that pause late) run here again from now on.
+        let mut late = self.shared.pausing.resume();
+        match given {
+            Ok(Ok(())) => {
+                let left = self.shared.admission.slots().active() as usize + late.len();
+                tracing::info!(
+                    connections = pairs.len(),
+                    left_here = left,
+                    "handed over: retired (serving what is left until stopped)"
+                );
+                drop(pairs); // our copies: the new instance holds them
+                self.listeners.release();
+                self.listeners.serve_pairs(late, &self.shared);
+                self.giver = None;
+                self.retired = true;
+                self.ctx.retire();
+            }
+            Ok(Err(error)) => self.resume(pairs, &mut late, &error.to_string()),
+            Err(error) => self.resume(pairs, &mut late, &error.to_string()),
+        }
+    }
+
+    fn resume(&mut self, pairs: Vec<Pair>, late: &mut Vec<Pair>, error: &str) {
+        tracing::warn!(error, "handoff failed: serving on");
+        late.extend(pairs);
+        self.listeners
+            .serve_pairs(std::mem::take(late), &self.shared);
+        self.listeners
+            .resume_accepting(&self.shared, &self.ctx.shutdown);
+    }
+
     fn apply_listeners(&mut self) {
+        if self.retired {
+            return; // a newer instance serves the listen addresses
+        }
         let want = self.config.apiprism.listen.clone();
         let errors = self
             .listeners

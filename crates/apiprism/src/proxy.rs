@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,32 +19,51 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{ClientKey, Permit, Refusal};
 use crate::core::Signal;
+use crate::handoff::Pair;
 use crate::metrics::{Op, ReasonLabels};
-use crate::relay::relay;
+use crate::relay::{Outcome, relay};
 use crate::shared::Shared;
 use crate::sockopt;
 
-/// The bound listeners, reconciled with the config's `listen` list.
+/// The bound listeners, reconciled with the config's `listen` list, and the connections handed over by a
+/// previous instance.
 #[derive(Debug, Default)]
 pub struct Listeners {
-    running: HashMap<SocketAddr, CancellationToken>,
+    running: HashMap<SocketAddr, Bound>,
     tasks: JoinSet<()>,
+    /// Listening sockets taken over from a previous instance, used by the next [`Listeners::reconcile`].
+    adopted: HashMap<SocketAddr, OwnedFd>,
+}
+
+/// One listener: its accept loop's token, and a duplicate of its socket (handed to a new instance, or used to
+/// accept again after a handoff that failed).
+#[derive(Debug)]
+struct Bound {
+    token: CancellationToken,
+    fd: OwnedFd,
+}
+
+/// A non-blocking listener on a duplicate of `fd`.
+fn listener_from(fd: &OwnedFd) -> std::io::Result<TcpListener> {
+    let std = std::net::TcpListener::from(fd.try_clone()?);
+    std.set_nonblocking(true)?;
+    TcpListener::from_std(std)
 }
 
 impl Listeners {
-    /// Binds new addresses and closes removed ones (their established connections stay). Returns the bind
-    /// errors (the other addresses are served).
+    /// Binds new addresses (or uses the socket a previous instance handed over) and closes removed ones
+    /// (their established connections stay). Returns the bind errors (the other addresses are served).
     pub fn reconcile(
         &mut self,
         want: &[SocketAddr],
         shared: &Arc<Shared>,
         shutdown: &CancellationToken,
     ) -> Vec<(SocketAddr, std::io::Error)> {
-        self.running.retain(|addr, token| {
+        self.running.retain(|addr, bound| {
             let keep = want.contains(addr);
             if !keep {
                 tracing::info!(listen = %addr, "listener closed (removed from config)");
-                token.cancel();
+                bound.token.cancel();
             }
             keep
         });
@@ -52,16 +72,29 @@ impl Listeners {
             if self.running.contains_key(addr) {
                 continue;
             }
-            match sockopt::listen(*addr) {
-                Ok(listener) => {
-                    tracing::info!(listen = %addr, "listening");
+            let (listener, how) = match self.adopted.remove(addr) {
+                Some(fd) => (listener_from(&fd), "listening (taken over)"),
+                None => (sockopt::listen(*addr), "listening"),
+            };
+            match listener.and_then(|l| Ok((l.as_fd().try_clone_to_owned()?, l))) {
+                Ok((fd, listener)) => {
+                    tracing::info!(listen = %addr, "{how}");
                     let token = shutdown.child_token();
-                    self.running.insert(*addr, token.clone());
+                    self.running.insert(
+                        *addr,
+                        Bound {
+                            token: token.clone(),
+                            fd,
+                        },
+                    );
                     self.tasks
                         .spawn(accept_loop(listener, Arc::clone(shared), token));
                 }
                 Err(error) => errors.push((*addr, error)),
             }
+        }
+        for (addr, _) in self.adopted.drain() {
+            tracing::info!(listen = %addr, "listener taken over but not in the config: closed");
         }
         shared
             .metrics
@@ -76,9 +109,67 @@ impl Listeners {
         v
     }
 
+    /// Listening sockets handed over by a previous instance: the next [`Listeners::reconcile`] uses them.
+    pub fn offer(&mut self, adopted: Vec<(SocketAddr, OwnedFd)>) {
+        self.adopted.extend(adopted);
+    }
+
+    /// Relays connections handed over by a previous instance (or paused for a handoff that failed).
+    pub fn serve_pairs(&mut self, pairs: Vec<Pair>, shared: &Arc<Shared>) {
+        for pair in pairs {
+            let key = match pair.client.peer_addr() {
+                Ok(peer) => ClientKey::Addr(peer.ip()),
+                Err(_) => continue, // gone meanwhile
+            };
+            let permit = shared.admission.adopt(key);
+            self.tasks.spawn(serve(pair, Arc::clone(shared), permit));
+        }
+    }
+
+    /// Stops every accept loop; the sockets stay open (new connections wait in their backlog).
+    pub fn stop_accepting(&self) {
+        for bound in self.running.values() {
+            bound.token.cancel();
+        }
+    }
+
+    /// Accepts again on every listener whose loop was stopped (a handoff that failed).
+    pub fn resume_accepting(&mut self, shared: &Arc<Shared>, shutdown: &CancellationToken) {
+        for (addr, bound) in &mut self.running {
+            if !bound.token.is_cancelled() {
+                continue;
+            }
+            match listener_from(&bound.fd) {
+                Ok(listener) => {
+                    bound.token = shutdown.child_token();
+                    self.tasks.spawn(accept_loop(
+                        listener,
+                        Arc::clone(shared),
+                        bound.token.clone(),
+                    ));
+                }
+                Err(error) => tracing::error!(listen = %addr, %error, "cannot accept again"),
+            }
+        }
+    }
+
+    /// The listening sockets, for a handoff (valid while `self` lives).
+    pub fn raw_fds(&self) -> Vec<(SocketAddr, RawFd)> {
+        self.running
+            .iter()
+            .map(|(addr, bound)| (*addr, bound.fd.as_raw_fd()))
+            .collect()
+    }
+
+    /// After a handoff: closes our copies of the listening sockets (the new instance holds them).
+    pub fn release(&mut self) {
+        self.stop_accepting();
+        self.running.clear();
+    }
+
     pub async fn stop(mut self) {
-        for token in self.running.values() {
-            token.cancel();
+        for bound in self.running.values() {
+            bound.token.cancel();
         }
         while self.tasks.join_next().await.is_some() {}
     }
@@ -160,7 +251,7 @@ fn client_gone(client: &TcpStream) -> bool {
 }
 
 /// One client connection.
-async fn handle(client: TcpStream, shared: Arc<Shared>, _permit: Permit) {
+async fn handle(client: TcpStream, shared: Arc<Shared>, permit: Permit) {
     shared.metrics.connections.inc();
     if client_gone(&client) {
         tracing::debug!("client gone before its connection was served");
@@ -188,8 +279,28 @@ async fn handle(client: TcpStream, shared: Arc<Shared>, _permit: Permit) {
             return;
         }
     };
+    serve(
+        Pair {
+            client,
+            upstream,
+            addr,
+        },
+        shared,
+        permit,
+    )
+    .await;
+}
+
+/// Relays an established pair until it ends, its upstream is taken out of rotation (then both sides are
+/// reset), or a handoff pauses it (then it is parked for the handoff, still open).
+async fn serve(pair: Pair, shared: Arc<Shared>, _permit: Permit) {
+    let Pair {
+        client,
+        upstream,
+        addr,
+    } = pair;
     let Some(token) = shared.table().open(addr) else {
-        return; // removed while we dialled
+        return; // removed while we dialled, or not an upstream of ours (handed over)
     };
     let m = &shared.metrics;
     let h = shared.handles(addr);
@@ -201,22 +312,34 @@ async fn handle(client: TcpStream, shared: Arc<Shared>, _permit: Permit) {
         .local_pressure
         .get_or_create(&crate::metrics::OpLabels { op: Op::relay })
         .clone();
-    tokio::select! {
-        result = relay(&client, &upstream, &h.to_upstream, &h.to_client, &pressure) => {
-            if let Err(error) = result {
+    let pause = shared.pausing.token();
+    let paused = tokio::select! {
+        result = relay(&client, &upstream, &h.to_upstream, &h.to_client, &pressure, &pause) => match result {
+            Ok(Outcome::Paused) => true,
+            Ok(Outcome::Ended) => false,
+            Err(error) => {
                 tracing::debug!(upstream = %addr, %error, "connection ended with an error");
                 sockopt::reset_on_close(&client);
+                false
             }
-        }
+        },
         () = token.cancelled() => {
             tracing::debug!(upstream = %addr, "connection closed: upstream down or removed");
             sockopt::reset_on_close(&client);
             sockopt::reset_on_close(&upstream);
+            false
         }
-    }
+    };
     shared.table().close(addr);
     m.active.dec();
     h.active.dec();
+    if paused {
+        shared.pausing.park(Pair {
+            client,
+            upstream,
+            addr,
+        });
+    }
 }
 
 /// Why a client could not be given an upstream.

@@ -6,6 +6,11 @@
 //!
 //! Half-close is kept: when one side sends FIN, the other side's write half is shut down once the pipe is
 //! drained, and the opposite direction goes on until it ends too. An error on either side ends both.
+//!
+//! A relay can be paused (for a handoff to a new instance, `handoff`): each direction stops where its pipe
+//! is empty, so every byte read from one socket has been written to the other and the pair can be carried
+//! on by another process with nothing lost. A direction that has already ended is not paused: the other one
+//! goes on here until it ends too.
 
 use std::io;
 use std::net::Shutdown;
@@ -20,6 +25,7 @@ use nix::unistd::pipe2;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 /// Bytes moved per splice call, and the capacity of the pool's pipes (the kernel's default is 64 KiB; pages
 /// are only held while bytes are in the pipe).
@@ -33,19 +39,62 @@ const PIPE_RETRY_WAIT: Duration = Duration::from_millis(10);
 /// ... for at most this long: an established connection outlives a flood of local connections.
 const PIPE_RETRY_FOR: Duration = Duration::from_secs(30);
 
-/// Relays both directions until both have ended (Ok) or one failed (Err). Returns (client→upstream,
-/// upstream→client) bytes. `pressure` counts the times a pipe could not be had for lack of local resources.
+/// How a relay ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both directions ended.
+    Ended,
+    /// Paused with both directions open and no byte in flight: the pair can be handed over.
+    Paused,
+}
+
+/// The sockets of one direction and what counts it.
+struct Direction<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    counter: &'a ByteCounter,
+}
+
+/// Relays both directions until both have ended (`Ended`), one failed (Err), or `pause` is cancelled while
+/// both are open (`Paused`). `pressure` counts the times a pipe could not be had for lack of local
+/// resources.
 pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
     to_upstream: &ByteCounter,
     to_client: &ByteCounter,
     pressure: &Counter,
-) -> io::Result<(u64, u64)> {
-    tokio::try_join!(
-        pump(client, upstream, to_upstream, pressure),
-        pump(upstream, client, to_client, pressure)
-    )
+    pause: &CancellationToken,
+) -> io::Result<Outcome> {
+    let up = Direction {
+        src: client,
+        dst: upstream,
+        counter: to_upstream,
+    };
+    let down = Direction {
+        src: upstream,
+        dst: client,
+        counter: to_client,
+    };
+    let (a, b) = tokio::try_join!(
+        pump(&up, pressure, Some(pause)),
+        pump(&down, pressure, Some(pause))
+    )?;
+    match (a, b) {
+        (Step::Paused, Step::Paused) => Ok(Outcome::Paused),
+        (Step::Eof, Step::Eof) => Ok(Outcome::Ended),
+        // One direction ended: the pair is half-closed and stays here until the other ends too.
+        (Step::Paused, Step::Eof) => pump(&up, pressure, None).await.map(|_| Outcome::Ended),
+        (Step::Eof, Step::Paused) => pump(&down, pressure, None).await.map(|_| Outcome::Ended),
+    }
+}
+
+/// How one direction stopped.
+enum Step {
+    /// The source sent FIN (and the destination's write half was shut down).
+    Eof,
+    /// Paused between chunks.
+    Paused,
 }
 
 struct Pipe {
@@ -94,16 +143,23 @@ impl Pipe {
 
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
 
-/// One direction: `src` → pipe → `dst`, then shut down `dst`'s write half at EOF.
+/// One direction: `src` → pipe → `dst`, then shut down `dst`'s write half at EOF. Stops between chunks
+/// (nothing in the pipe) when `pause` is cancelled.
 async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    counter: &ByteCounter,
+    d: &Direction<'_>,
     pressure: &Counter,
-) -> io::Result<u64> {
-    let mut total = 0u64;
+    pause: Option<&CancellationToken>,
+) -> io::Result<Step> {
+    let Direction { src, dst, counter } = *d;
     loop {
-        src.readable().await?;
+        match pause {
+            Some(pause) => tokio::select! {
+                biased;
+                () = pause.cancelled() => return Ok(Step::Paused),
+                ready = src.readable() => ready?,
+            },
+            None => src.readable().await?,
+        }
         let pipe = Pipe::take_waiting(pressure).await?;
         let n = match src.try_io(Interest::READABLE, || {
             splice(src, None, &pipe.write, None, CHUNK, FLAGS).map_err(io::Error::from)
@@ -121,12 +177,11 @@ async fn pump(
         };
         drain(&pipe, dst, n).await?;
         pipe.give_back();
-        total += n as u64;
         counter.inc_by(n as u64);
     }
     match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-        _ => Ok(total),
+        _ => Ok(Step::Eof),
     }
 }
 
@@ -167,7 +222,8 @@ mod tests {
         let (u_side, mut server) = pair(&listener).await?;
         let (up, down) = (Counter::default(), Counter::default());
         let pressure = Counter::default();
-        let relay_task = async { relay(&c_side, &u_side, &up, &down, &pressure).await };
+        let pause = CancellationToken::new();
+        let relay_task = async { relay(&c_side, &u_side, &up, &down, &pressure, &pause).await };
         let peers = async {
             let big = vec![7u8; 1 << 20];
             client.write_all(&big).await?;
@@ -184,8 +240,61 @@ mod tests {
         };
         let (relayed, peers) = tokio::join!(relay_task, peers);
         peers?;
-        assert_eq!(relayed?, (1 << 20, 29));
+        assert_eq!(relayed?, Outcome::Ended);
         assert_eq!((up.get(), down.get()), (1 << 20, 29));
+        Ok(())
+    }
+
+    /// A paused relay leaves every byte in the sockets: a second relay on the same pair (the new instance
+    /// after a handoff) carries the stream on without a gap.
+    #[tokio::test]
+    async fn a_paused_relay_hands_the_pair_over_intact() -> anyhow::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let (mut client, c_side) = pair(&listener).await?;
+        let (u_side, mut server) = pair(&listener).await?;
+        let (up, down, pressure) = (Counter::default(), Counter::default(), Counter::default());
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let writer = async {
+            client.write_all(&data).await?;
+            client.shutdown().await?;
+            Ok::<_, anyhow::Error>(client)
+        };
+        let reader = async {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await?;
+            server.shutdown().await?; // the relay ends once both directions have
+            Ok::<_, anyhow::Error>(got)
+        };
+        let relays = async {
+            let mut outcomes = Vec::new();
+            // Pause and resume several times while the bytes flow.
+            for _ in 0..5 {
+                let pause = CancellationToken::new();
+                let stop = pause.clone();
+                let (outcome, ()) = tokio::join!(
+                    relay(&c_side, &u_side, &up, &down, &pressure, &pause),
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        stop.cancel();
+                    }
+                );
+                let outcome = outcome?;
+                outcomes.push(outcome);
+                if outcome == Outcome::Ended {
+                    return Ok::<_, anyhow::Error>(outcomes);
+                }
+            }
+            let never = CancellationToken::new();
+            outcomes.push(relay(&c_side, &u_side, &up, &down, &pressure, &never).await?);
+            Ok(outcomes)
+        };
+        let (w, got, outcomes) = tokio::join!(writer, reader, relays);
+        drop(w?);
+        let got = got?;
+        let outcomes = outcomes?;
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes lost or reordered across pauses");
+        assert!(outcomes.contains(&Outcome::Paused), "{outcomes:?}");
         Ok(())
     }
 }

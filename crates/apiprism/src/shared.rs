@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 
 use crate::admission::{Admission, Limits};
 use crate::core::{Attempt, Signal, State, Table, Transition};
+use crate::handoff::Pausing;
 use crate::metrics::{Metrics, Op, OpLabels, UpstreamHandles};
 
 /// Upstream dials in flight at once. A burst of new clients (a flood of local connections, every kubelet of a
@@ -36,6 +37,8 @@ pub struct Shared {
     pressure_logged: Mutex<Option<Instant>>,
     /// Slots for upstream dials in flight ([`MAX_DIALS_IN_FLIGHT`]).
     pub dials: tokio::sync::Semaphore,
+    /// Pauses the relays for a handoff to a new instance, and holds the paused pairs.
+    pub pausing: Pausing,
 }
 
 impl Shared {
@@ -49,6 +52,7 @@ impl Shared {
             admission: Arc::new(Admission::new(limits)),
             pressure_logged: Mutex::new(None),
             dials: tokio::sync::Semaphore::new(MAX_DIALS_IN_FLIGHT),
+            pausing: Pausing::default(),
         };
         shared.set_limits(limits);
         shared

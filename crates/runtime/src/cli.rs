@@ -94,11 +94,12 @@ fn run<D: Daemon>(config: PathBuf) -> ExitStatus {
     if let Some(warning) = crate::logging::init(name) {
         tracing::warn!("{warning}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name(name)
-        .build()
-    {
+    let mut builder = if D::SINGLE_THREAD {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().thread_name(name).build() {
         Ok(rt) => rt,
         Err(error) => {
             tracing::error!(%error, "cannot start the async runtime");

@@ -38,6 +38,15 @@ impl Context {
     pub fn is_ready(&self) -> bool {
         self.ready.is_ready()
     }
+
+    /// The daemon handed its work to a new instance and stays only until it is stopped: not ready, and the
+    /// runtime stops writing its status record (the new instance writes the same file) and closes its admin
+    /// endpoint (the new instance binds the same address). For good: there is no way back.
+    pub fn retire(&self) {
+        self.set_ready(false);
+        self.status.inner.retired.cancel();
+        self.status.touch();
+    }
 }
 
 /// The two halves of readiness: the daemon's own word, and the runtime's (a config file was applied).
@@ -74,6 +83,8 @@ pub struct StatusHandle {
 struct StatusInner {
     report: Mutex<(String, serde_json::Value)>,
     changed: Notify,
+    /// Cancelled by [`Context::retire`].
+    retired: tokio_util::sync::CancellationToken,
 }
 
 impl StatusHandle {
@@ -99,6 +110,11 @@ impl StatusHandle {
     /// Asks for the status record to be written soon.
     pub(crate) fn touch(&self) {
         self.inner.changed.notify_one();
+    }
+
+    /// Cancelled once the daemon retired ([`Context::retire`]).
+    pub(crate) fn retired(&self) -> tokio_util::sync::CancellationToken {
+        self.inner.retired.clone()
     }
 
     /// Waits until the daemon changes its report (or readiness).

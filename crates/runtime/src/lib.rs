@@ -37,6 +37,11 @@ pub trait Daemon: Send + Sync + 'static {
     /// Which daemon this is: names the binary, the config section, the state records and the log env vars.
     const KIND: config::Daemon;
 
+    /// Runs the daemon on one thread (Tokio's current-thread runtime) rather than a worker per core: no
+    /// wake-ups handed between threads on the data path (linkerd2-proxy runs one such runtime per core for
+    /// its latency). Blocking work (`spawn_blocking`: the fsynced status writes) still runs on its own threads.
+    const SINGLE_THREAD: bool = false;
+
     /// The daemon's error type (a `thiserror` enum in its library).
     type Error: std::error::Error + Send + Sync + 'static;
 

@@ -99,6 +99,18 @@ pub async fn run<D: Daemon>(path: PathBuf) -> ExitStatus {
         admin_state,
         admin_listener_stop.clone(),
     ));
+    // A retired daemon (it handed its work to a new instance) leaves the admin address to that instance.
+    let retired = ctx.status.retired();
+    let admin_stop = admin_listener_stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = retired.cancelled() => {
+                tracing::info!("retired: admin endpoint closed, status record left to the new instance");
+                admin_stop.cancel();
+            }
+            () = admin_stop.cancelled() => {}
+        }
+    });
     let status_stop = CancellationToken::new();
     let status_writer = tokio::spawn(write_status(
         shared.clone(),
@@ -317,6 +329,9 @@ async fn write_status(
             _ = tick.tick() => false,
             () = ctx.status.changed() => false,
         };
+        if ctx.status.retired().is_cancelled() {
+            return; // the new instance writes this record now
+        }
         let ready = ctx.is_ready();
         metrics.ready.set(i64::from(ready));
         let (generation, config_error) = shared

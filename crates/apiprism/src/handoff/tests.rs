@@ -1,0 +1,113 @@
+use super::*;
+
+#[test]
+fn parses_the_three_messages_and_refuses_the_rest() {
+    let addr: SocketAddr = "192.0.2.1:6443".parse().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        parse(b"L 192.0.2.1:6443", 1).ok(),
+        Some(Message::Listener(addr))
+    );
+    assert_eq!(
+        parse(b"C 192.0.2.1:6443", 2).ok(),
+        Some(Message::Pair(addr))
+    );
+    assert_eq!(
+        parse(b"END 2 7", 0).ok(),
+        Some(Message::End {
+            listeners: 2,
+            pairs: 7
+        })
+    );
+    for (bad, fds) in [
+        (&b"L 192.0.2.1:6443"[..], 0), // no descriptor
+        (b"L 192.0.2.1:6443", 2),      // one too many
+        (b"C 192.0.2.1:6443", 1),      // half a pair
+        (b"C nowhere", 2),             // not an address
+        (b"END 1", 0),                 // a count missing
+        (b"END 1 2 3", 0),             // trailing words
+        (b"END -1 2", 0),              // not a count
+        (b"X 1", 0),                   // unknown
+        (b"", 0),                      // empty
+        (b"L \xff\xfe", 1),            // not UTF-8
+        (b"END 1 2", 1),               // END carries nothing
+    ] {
+        assert!(
+            parse(bad, fds).is_err(),
+            "{:?} with {fds}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("apiprism-handoff-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join("apiprism").join(SOCKET)
+}
+
+/// A taker with nobody listening starts afresh; a stale socket file (its instance gone) too.
+#[test]
+fn nobody_to_take_over_from() {
+    let path = temp_path("nobody");
+    assert!(matches!(take(&path, 10), Ok(None)));
+    std::fs::create_dir_all(path.parent().unwrap_or(&path)).unwrap_or_else(|e| panic!("{e}"));
+    let stale = std::os::unix::net::UnixListener::bind(&path).unwrap_or_else(|e| panic!("{e}"));
+    drop(stale); // the file stays, nobody listens
+    assert!(matches!(take(&path, 10), Ok(None)));
+}
+
+/// The whole exchange over the real socket: a listener and a connected pair go over, the giver gets `DONE`,
+/// and the pair received still carries bytes both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_and_a_pair_go_over_and_still_work() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let path = temp_path("exchange");
+    let giver = GiverSocket::bind(&path)?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let laddr = listener.local_addr()?;
+    let mut client = std::net::TcpStream::connect(laddr)?;
+    let (served, _) = listener.accept()?;
+    let taker = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || take(&path, 10))
+    };
+    let conn = giver.accept().await;
+    let conn = tokio::task::spawn_blocking(move || hello(&conn).map(|()| conn)).await??;
+    let raw_l = [(laddr, listener.as_raw_fd())];
+    let raw_p = [(laddr, served.as_raw_fd(), served.as_raw_fd())];
+    let given = tokio::task::spawn_blocking(move || give(&conn, &raw_l, &raw_p)).await?;
+    given?;
+    let taken = taker
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("nothing taken"))?;
+    assert_eq!(taken.listeners.len(), 1);
+    assert_eq!(taken.pairs.len(), 1);
+    drop(served);
+    drop(listener);
+    // The taken descriptors are the same sockets: the pair still talks, the listener still accepts.
+    let mut ours = std::net::TcpStream::from(
+        taken
+            .pairs
+            .into_iter()
+            .next()
+            .map(|p| p.1)
+            .unwrap_or_else(|| unreachable!()),
+    );
+    client.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    ours.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"ping");
+    let l = std::net::TcpListener::from(
+        taken
+            .listeners
+            .into_iter()
+            .next()
+            .map(|l| l.1)
+            .unwrap_or_else(|| unreachable!()),
+    );
+    let _second = std::net::TcpStream::connect(laddr)?;
+    l.accept()?;
+    drop(giver);
+    assert!(!path.exists(), "the giver removes its socket file");
+    Ok(())
+}
