@@ -136,6 +136,9 @@ fn device_key(cfg: &Config) -> DeviceKey {
     }
 }
 
+/// An MSS clamping check on a blocking thread: whether clamping was on for it, and its outcome.
+type ClampTask = tokio::task::JoinHandle<(bool, Result<Option<crate::nft::Outcome>, String>)>;
+
 /// The running mesh.
 #[derive(Debug)]
 pub struct Mesh {
@@ -166,8 +169,10 @@ pub struct Mesh {
     discovery_synced: bool,
     pub last_error: Option<String>,
     pub started: Instant,
-    /// TCP MSS clamping (nftables): when to check it next, and the last failure.
+    /// TCP MSS clamping (nftables): when to check it next, the check running now (on a blocking thread:
+    /// the loop never waits for nf_tables), and the last failure.
     clamp_next: Instant,
+    clamp_task: Option<ClampTask>,
     pub clamp_error: Option<String>,
     /// `topology: location`: the plan (from the config) and this node's announced endpoints.
     pub plan: Option<Plan>,
@@ -257,6 +262,7 @@ impl Mesh {
             last_error: None,
             started: Instant::now(),
             clamp_next: Instant::now(),
+            clamp_task: None,
             clamp_error: None,
             plan: None,
             own_endpoints: Vec::new(),
@@ -574,8 +580,15 @@ impl Mesh {
         for (key, endpoint, nonce) in probes {
             self.send_probe(key, endpoint, nonce).await;
         }
-        if now >= self.clamp_next {
-            self.sync_clamp().await;
+        if self
+            .clamp_task
+            .as_ref()
+            .is_some_and(tokio::task::JoinHandle::is_finished)
+        {
+            self.collect_clamp().await;
+        }
+        if now >= self.clamp_next && self.clamp_task.is_none() {
+            self.start_clamp();
         }
         if now >= self.next_resync {
             // Our own addresses decide whether we are public (relays) or a gateway candidate: re-read
@@ -778,21 +791,38 @@ impl Mesh {
     /// TCP MSS clamping: checks meshd's nftables table and rewrites it when it is missing or different
     /// (flushed by someone, left by an older version), or removes it when `clampMSS` is off. A failure
     /// (e.g. a kernel without nf_tables) is logged and shown in the status; the mesh works without it.
+    /// At start: the check, waited for (the table is in place before the first packet is forwarded).
     async fn sync_clamp(&mut self) {
+        self.start_clamp();
+        self.collect_clamp().await;
+    }
+
+    /// Starts the check on a blocking thread; [`Mesh::poll`] collects it once it has finished.
+    fn start_clamp(&mut self) {
         self.clamp_next = Instant::now() + RESYNC;
         let enabled = self.cfg.meshd.clamp_mss;
         let interface = self.cfg.meshd.interface.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            if enabled {
+        self.clamp_task = Some(tokio::task::spawn_blocking(move || {
+            let result = if enabled {
                 crate::nft::check(&interface).map(Some)
             } else {
                 crate::nft::remove().map(|()| None)
-            }
-        })
-        .await;
-        let result = match result {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(join) => Err(format!("MSS clamping task: {join}")),
+            };
+            (enabled, result.map_err(|e| e.to_string()))
+        }));
+    }
+
+    /// Takes the running check's result (waiting for it if it has not finished) and records it.
+    async fn collect_clamp(&mut self) {
+        let Some(task) = self.clamp_task.take() else {
+            return;
+        };
+        let (enabled, result) = match task.await {
+            Ok(done) => done,
+            Err(join) => (
+                self.cfg.meshd.clamp_mss,
+                Err(format!("MSS clamping task: {join}")),
+            ),
         };
         match result {
             Ok(outcome) => {
@@ -888,6 +918,10 @@ impl Mesh {
     pub async fn shutdown(mut self) {
         self.sysctls.restore();
         self.responder.stop().await;
+        // A check still running could write the table again after the removal below.
+        if let Some(task) = self.clamp_task.take() {
+            let _finished = task.await;
+        }
         remove_owned(&self.net, self.backend, self.index).await;
         tracing::info!("mesh removed");
     }
