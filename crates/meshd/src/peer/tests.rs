@@ -237,7 +237,7 @@ fn probing_backs_off_for_dead_standby_and_idle_paths() {
     busy.run(ms(10_000));
     let mut idle = Sim::new(&[PRIV, PUB]);
     idle.set(PUB, None);
-    idle.m.set_idle(true);
+    idle.m.set_need(Need::Slow);
     idle.run(ms(10_000));
     // Active: 4/s for 10 s (~40); dead standby backs off to one per 2 s.
     assert!(
