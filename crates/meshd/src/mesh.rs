@@ -55,8 +55,8 @@ pub struct Peer {
     pub probe_key: [u8; 32],
     pub stats: PeerStats,
     last_rx_change: Instant,
-    /// The receive counter at the last reading fed to the machine.
-    counted_rx: u64,
+    /// The receive and transmit counters at the last reading fed to the machine.
+    counted: (u64, u64),
     pub last_seen_unix: u64,
     reported_failovers: u64,
     /// KubeSpan-compatible mode: the handshake-driven fallback for a peer that does not answer probes.
@@ -462,7 +462,7 @@ impl Mesh {
                     no_uplink: false,
                     stats: PeerStats::default(),
                     last_rx_change: now,
-                    counted_rx: 0,
+                    counted: (0, 0),
                     last_seen_unix: 0,
                     reported_failovers: 0,
                 },
@@ -899,9 +899,12 @@ impl Mesh {
                 if counted {
                     // Readings closer together than that (a reconcile right after a poll) would see
                     // flowing traffic as stopped.
-                    peer.machine
-                        .on_counters(stats.rx_bytes != peer.counted_rx, now);
-                    peer.counted_rx = stats.rx_bytes;
+                    peer.machine.on_counters(
+                        stats.rx_bytes != peer.counted.0,
+                        stats.tx_bytes != peer.counted.1,
+                        now,
+                    );
+                    peer.counted = (stats.rx_bytes, stats.tx_bytes);
                 }
                 peer.last_handshake_at = stats.last_handshake.and_then(|age| now.checked_sub(age));
                 peer.stats = *stats;

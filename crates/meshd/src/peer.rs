@@ -16,7 +16,9 @@
 //!   WireGuard's counters do not see), standby paths no faster than `standby_interval`;
 //! - [`Need::Traffic`]: WireGuard's receive counter is the evidence (fed by [`PeerMachine::on_counters`]).
 //!   While traffic flows (the counter moved at the last two reads) the active path is not probed at all;
-//!   when it stops moving after flowing, the path is *suspect* and probed every `active_interval` until a
+//!   when it stops moving after flowing (or the transmit counter moves at two readings in a row while the
+//!   receive counter does not: an idle peer being used), the path is *suspect* and probed every
+//!   `active_interval` until a
 //!   pong clears it or `fall` misses make it dead (a failover as fast as before, plus one counter read). An
 //!   idle peer's active path is probed every `idle_interval` after the last evidence (a pong, or a counter
 //!   that moved: WireGuard's keepalives, every 25 s, usually make the probe unnecessary). Standby paths:
@@ -189,6 +191,8 @@ pub struct PeerMachine {
     last_moved: bool,
     /// Traffic flows: the counter moved at the last two readings.
     flowing: bool,
+    /// The last reading saw the transmit counter move and the receive counter not.
+    unanswered: bool,
     /// The last time traffic flowed.
     busy_at: Option<Instant>,
     /// The active path needs confirming: traffic stopped, or a probe was missed.
@@ -209,6 +213,7 @@ impl PeerMachine {
             moved_at: None,
             last_moved: false,
             flowing: false,
+            unanswered: false,
             busy_at: None,
             suspect: false,
             skipped: 0,
@@ -258,11 +263,17 @@ impl PeerMachine {
         self.need
     }
 
-    /// A reading of WireGuard's receive counter: whether it `moved` since the previous reading.
-    pub fn on_counters(&mut self, moved: bool, now: Instant) {
+    /// A reading of WireGuard's counters: whether the receive counter `moved` since the previous reading,
+    /// and whether the transmit counter did (`sent`).
+    pub fn on_counters(&mut self, moved: bool, sent: bool, now: Instant) {
         let was_flowing = self.flowing;
         self.flowing = moved && self.last_moved;
         self.last_moved = moved;
+        // Sending with nothing coming back, at two readings in a row (one of our keepalives is one):
+        // a peer that was idle is being used now, and its path must be confirmed.
+        let unanswered = sent && !moved;
+        let was_unanswered = self.unanswered;
+        self.unanswered = unanswered;
         if self.flowing {
             self.busy_at = Some(now);
         }
@@ -277,9 +288,10 @@ impl PeerMachine {
                 let path = &mut self.paths[a];
                 path.next_probe = path.next_probe.max(now + self.timing.idle_interval);
             }
-        } else if was_flowing && self.need == Need::Traffic {
-            // The traffic stopped: confirm the active path now (a cut path, or merely a pause).
+        } else if (was_flowing || (unanswered && was_unanswered)) && self.need == Need::Traffic {
+            // The traffic stopped, or gets no answer: confirm the active path now.
             self.suspect = true;
+            self.busy_at = Some(now);
             if let Some(a) = self.active {
                 let path = &mut self.paths[a];
                 path.next_probe = path.next_probe.min(now);

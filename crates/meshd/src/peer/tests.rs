@@ -302,3 +302,46 @@ fn pings_not_sent_for_local_pressure_do_not_take_a_peer_down() {
     assert_eq!(s.m.state, PeerState::Up);
     assert_eq!(s.states.len(), 1, "{:?}", s.states);
 }
+
+#[test]
+fn traffic_need_probes_only_when_counters_stop_or_go_unanswered() {
+    let mut s = Sim::new(&[PRIV]);
+    s.m.set_need(Need::Traffic);
+    s.run(ms(500));
+    assert_eq!(s.m.state, PeerState::Up);
+    // Traffic flows (the receive counter moves at every reading): no probes at all.
+    let before = s.probes;
+    for _ in 0..20 {
+        s.m.on_counters(true, true, s.now);
+        s.run(ms(250));
+    }
+    assert_eq!(
+        s.probes, before,
+        "a path that carries traffic needs no probes"
+    );
+    // The path dies and the counter stops: down within the active-rate confirmation.
+    s.set(PRIV, None);
+    let cut = s.now;
+    s.m.on_counters(false, true, s.now);
+    s.run(ms(1600));
+    assert_eq!(
+        s.m.state,
+        PeerState::Down,
+        "down {:?} after the stall",
+        s.since(cut)
+    );
+    // Idle peer: 30 s without a probe after the last evidence; an idle peer used again (sending, no
+    // answer at two readings) is confirmed at once.
+    let mut idle = Sim::new(&[PRIV]);
+    idle.m.set_need(Need::Traffic);
+    idle.run(ms(500));
+    let n = idle.probes;
+    idle.run(ms(20_000));
+    assert_eq!(idle.probes, n, "an idle peer is probed every 30 s");
+    idle.set(PRIV, None);
+    idle.m.on_counters(false, true, idle.now);
+    idle.run(ms(250));
+    idle.m.on_counters(false, true, idle.now);
+    idle.run(ms(1600));
+    assert_eq!(idle.m.state, PeerState::Down);
+}

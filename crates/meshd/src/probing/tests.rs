@@ -197,7 +197,7 @@ impl SimNode {
         }
         let mut busy = false;
         for p in &mut self.peers {
-            p.m.on_counters(p.rx != p.counted, now);
+            p.m.on_counters(p.rx != p.counted, false, now);
             p.counted = p.rx;
             p.due = now;
             busy |= p.m.busy(now);
