@@ -28,7 +28,7 @@
 //!
 //! Whatever the need, a missed probe on the active path makes it suspect (probed every `active_interval`
 //! until a pong or death). Dead and unanswered paths back off from `active_interval`, doubling to
-//! `dead_interval_max` (to `idle_interval` for an idle or slow peer).
+//! `dead_interval_max` (to `idle_interval` for the standby paths of an idle or slow peer that is up).
 //!
 //! **Choice.** The preferred live path is the one earliest in the candidate list among those whose RTT is
 //! within `1.5 × best + 2 ms` of the best live RTT (near-equal paths keep the configured order, e.g. the private
@@ -517,9 +517,10 @@ impl PeerMachine {
             return Some(timing.active_interval);
         }
         // Dead, or untested while the peer is up: back off.
+        // A peer that is not up (starting, or every path lost) retries fast: it joins within seconds.
         let cap = match self.need {
             Need::Fast | Need::Every(_) => timing.dead_interval_max,
-            Need::Traffic if busy => timing.dead_interval_max,
+            _ if busy || !up => timing.dead_interval_max,
             Need::Traffic | Need::Slow => timing.idle_interval,
         };
         let path = &mut self.paths[i];
