@@ -20,8 +20,9 @@
 //!   receive counter does not: an idle peer being used), the path is *suspect* and probed every
 //!   `active_interval` until a
 //!   pong clears it or `fall` misses make it dead (a failover as fast as before, plus one counter read). An
-//!   idle peer's active path is probed every `idle_interval` after the last evidence (a pong, or a counter
-//!   that moved: WireGuard's keepalives, every 25 s, usually make the probe unnecessary). Standby paths:
+//!   idle peer's active path is probed every `idle_interval` (or the interval the need carries) after the
+//!   last evidence (a pong, or a counter that moved: WireGuard's keepalives, every 25 s, usually make the
+//!   probe unnecessary). Standby paths:
 //!   every `busy_standby_interval` while the peer carried traffic within `busy_hold`, else `idle_interval`;
 //! - [`Need::Slow`]: every path every `idle_interval` (a native neighbour that is not a gateway candidate:
 //!   nothing to fail over to).
@@ -71,7 +72,8 @@ pub struct Timing {
 pub enum Need {
     Fast,
     Every(Duration),
-    Traffic,
+    /// Traffic first; without traffic, probed at this interval.
+    Traffic(Duration),
     Slow,
 }
 
@@ -80,7 +82,7 @@ impl Need {
         match self {
             Need::Fast => "fast",
             Need::Every(_) => "gateway",
-            Need::Traffic => "traffic",
+            Need::Traffic(_) => "traffic",
             Need::Slow => "slow",
         }
     }
@@ -280,15 +282,17 @@ impl PeerMachine {
         if moved {
             self.moved_at = Some(now);
             // Evidence of liveness: an idle active path's next probe moves to `idle_interval` from now.
-            if self.need == Need::Traffic
+            if let Need::Traffic(idle) = self.need
                 && !self.suspect
                 && let Some(a) = self.active
                 && self.paths[a].state == PathState::Alive
             {
                 let path = &mut self.paths[a];
-                path.next_probe = path.next_probe.max(now + self.timing.idle_interval);
+                path.next_probe = path.next_probe.max(now + idle);
             }
-        } else if (was_flowing || (unanswered && was_unanswered)) && self.need == Need::Traffic {
+        } else if (was_flowing || (unanswered && was_unanswered))
+            && matches!(self.need, Need::Traffic(_))
+        {
             // The traffic stopped, or gets no answer: confirm the active path now.
             self.suspect = true;
             self.busy_at = Some(now);
@@ -501,16 +505,17 @@ impl PeerMachine {
                 Need::Fast => Some(timing.active_interval),
                 Need::Every(d) => Some(d),
                 Need::Slow => Some(timing.idle_interval),
-                Need::Traffic if flowing => None,
-                Need::Traffic => Some(timing.idle_interval),
+                Need::Traffic(_) if flowing => None,
+                Need::Traffic(idle) => Some(idle),
             };
         }
         if path_state == PathState::Alive {
             return Some(match self.need {
                 Need::Fast => timing.standby_interval,
                 Need::Every(d) => d.max(timing.standby_interval),
-                Need::Traffic if busy => timing.busy_standby_interval,
-                Need::Traffic | Need::Slow => timing.idle_interval,
+                Need::Traffic(idle) if busy => timing.busy_standby_interval.min(idle),
+                Need::Traffic(idle) => idle,
+                Need::Slow => timing.idle_interval,
             });
         }
         if !up && path_state == PathState::Unknown {
@@ -521,7 +526,8 @@ impl PeerMachine {
         let cap = match self.need {
             Need::Fast | Need::Every(_) => timing.dead_interval_max,
             _ if busy || !up => timing.dead_interval_max,
-            Need::Traffic | Need::Slow => timing.idle_interval,
+            Need::Traffic(idle) => idle.max(timing.dead_interval_max),
+            Need::Slow => timing.idle_interval,
         };
         let path = &mut self.paths[i];
         let b = path.backoff.min(cap);

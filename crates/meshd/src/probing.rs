@@ -4,7 +4,8 @@
 //!
 //! - `topology: full`, and a WireGuard peer in `topology: location` (a remote gateway candidate, a peer of
 //!   our location without a private endpoint): [`Need::Traffic`]: its traffic crosses WireGuard, whose
-//!   receive counter is the evidence.
+//!   receive counter is the evidence; idle, every 30 s, but a remote gateway candidate every
+//!   [`REMOTE_GATEWAY_IDLE`] (our uplink is judged from them).
 //! - `topology: location`, this node not a candidate: our location's *active gateway* carries our traffic
 //!   to other locations natively (WireGuard's counters do not see it): [`Need::Every`] at
 //!   [`gateway_interval`]; the standby candidates the same, no faster than the standby interval.
@@ -31,6 +32,9 @@ pub const STATS_MIN_SPACING: Duration = Duration::from_millis(200);
 /// probes it proportionally less, so a gateway answers at most about `GATEWAY_SHARE × 4` pings per second
 /// whatever the location's size (its failover slows down in proportion instead).
 pub const GATEWAY_SHARE: u32 = 16;
+/// A gateway candidate probes the other locations' candidates at least this often without traffic: its
+/// uplink (the `NO_UPLINK` flag its location's nodes act on) is known within seconds.
+pub const REMOTE_GATEWAY_IDLE: Duration = Duration::from_secs(2);
 
 /// How often counters are read, given whether any peer carries traffic.
 pub fn stats_interval(any_busy: bool) -> Duration {
@@ -53,6 +57,7 @@ pub struct Planning {
     pub active_gateway: Option<PublicKey>,
     pub gateway_interval: Duration,
     pub standby_interval: Duration,
+    pub idle_interval: Duration,
 }
 
 impl Planning {
@@ -67,6 +72,7 @@ impl Planning {
             active_gateway: None,
             gateway_interval: timing.active_interval,
             standby_interval: timing.standby_interval,
+            idle_interval: timing.idle_interval,
         };
         let Some(plan) = plan.filter(|p| !p.candidate) else {
             return out;
@@ -92,13 +98,18 @@ impl Planning {
     /// The need of peer `key`.
     pub fn need(&self, plan: Option<&Plan>, key: &PublicKey) -> Need {
         let Some(plan) = plan else {
-            return Need::Traffic;
+            return Need::Traffic(self.idle_interval);
         };
         let Some(p) = plan.peers.get(key) else {
             return Need::Slow;
         };
         match p.role {
-            Role::Direct => Need::Traffic,
+            // Another location's gateway candidate, seen from a candidate: it carries our location's
+            // traffic, and whether we still reach any of them says whether we have an uplink.
+            Role::Direct if plan.candidate && p.candidate && p.location != plan.location => {
+                Need::Traffic(REMOTE_GATEWAY_IDLE)
+            }
+            Role::Direct => Need::Traffic(self.idle_interval),
             Role::Routed => Need::Slow,
             Role::Native if !plan.candidate && p.candidate => {
                 if self.active_gateway.as_ref() == Some(key) {

@@ -306,7 +306,7 @@ fn pings_not_sent_for_local_pressure_do_not_take_a_peer_down() {
 #[test]
 fn traffic_need_probes_only_when_counters_stop_or_go_unanswered() {
     let mut s = Sim::new(&[PRIV]);
-    s.m.set_need(Need::Traffic);
+    s.m.set_need(Need::Traffic(Timing::default().idle_interval));
     s.run(ms(500));
     assert_eq!(s.m.state, PeerState::Up);
     // Traffic flows (the receive counter moves at every reading): no probes at all.
@@ -333,7 +333,8 @@ fn traffic_need_probes_only_when_counters_stop_or_go_unanswered() {
     // Idle peer: 30 s without a probe after the last evidence; an idle peer used again (sending, no
     // answer at two readings) is confirmed at once.
     let mut idle = Sim::new(&[PRIV]);
-    idle.m.set_need(Need::Traffic);
+    idle.m
+        .set_need(Need::Traffic(Timing::default().idle_interval));
     idle.run(ms(500));
     let n = idle.probes;
     idle.run(ms(20_000));
