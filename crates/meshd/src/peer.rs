@@ -15,15 +15,15 @@
 //! - [`Need::Every`]: the active path at that interval (a location's active gateway, whose traffic
 //!   WireGuard's counters do not see), standby paths no faster than `standby_interval`;
 //! - [`Need::Traffic`]: WireGuard's receive counter is the evidence (fed by [`PeerMachine::on_counters`]).
-//!   While traffic flows (the counter moved at the last two reads) the active path is not probed at all;
-//!   when it stops moving after flowing (or the transmit counter moves at two readings in a row while the
-//!   receive counter does not: an idle peer being used), the path is *suspect* and probed every
-//!   `active_interval` until a
-//!   pong clears it or `fall` misses make it dead (a failover as fast as before, plus one counter read). An
-//!   idle peer's active path is probed every `idle_interval` (or the interval the need carries) after the
-//!   last evidence (a pong, or a counter that moved: WireGuard's keepalives, every 25 s, usually make the
-//!   probe unnecessary). Standby paths:
-//!   every `busy_standby_interval` while the peer carried traffic within `busy_hold`, else `idle_interval`;
+//!   While traffic flows (the counter moved at two readings at most `evidence_max_age` apart, the last one
+//!   recent) the active path is not probed at all; at the first reading that sees it stopped (or when the
+//!   transmit counter moves at two readings in a row while the receive counter does not: an idle peer
+//!   being used) the path is *suspect*, probed every `active_interval` until a pong clears it or `fall`
+//!   misses make it dead (a failover as fast as before, plus one counter reading). An idle peer's active
+//!   path is probed at the interval the need carries (`idle_interval`, 30 s, in `topology: full`) after
+//!   the last evidence (a pong, or a counter that moved: WireGuard's 25 s keepalives usually make the probe
+//!   unnecessary). Standby paths: every `busy_standby_interval` while the peer carried traffic within
+//!   `busy_hold`, else at the idle interval;
 //! - [`Need::Slow`]: every path every `idle_interval` (a native neighbour that is not a gateway candidate:
 //!   nothing to fail over to).
 //!
@@ -188,11 +188,10 @@ pub struct PeerMachine {
     pub state: PeerState,
     pub failovers: u64,
     need: Need,
-    /// The last counter reading that moved, and whether the one before it moved too.
+    /// The last two counter readings that saw the receive counter move (traffic flows while they are
+    /// recent and close together: see [`PeerMachine::flowing`]).
     moved_at: Option<Instant>,
-    last_moved: bool,
-    /// Traffic flows: the counter moved at the last two readings.
-    flowing: bool,
+    moved_before: Option<Instant>,
     /// The last reading saw the transmit counter move and the receive counter not.
     unanswered: bool,
     /// The last time traffic flowed.
@@ -213,8 +212,7 @@ impl PeerMachine {
             failovers: 0,
             need: Need::Fast,
             moved_at: None,
-            last_moved: false,
-            flowing: false,
+            moved_before: None,
             unanswered: false,
             busy_at: None,
             suspect: false,
@@ -268,19 +266,18 @@ impl PeerMachine {
     /// A reading of WireGuard's counters: whether the receive counter `moved` since the previous reading,
     /// and whether the transmit counter did (`sent`).
     pub fn on_counters(&mut self, moved: bool, sent: bool, now: Instant) {
-        let was_flowing = self.flowing;
-        self.flowing = moved && self.last_moved;
-        self.last_moved = moved;
+        let was_flowing = self.flowing(now);
         // Sending with nothing coming back, at two readings in a row (one of our keepalives is one):
         // a peer that was idle is being used now, and its path must be confirmed.
         let unanswered = sent && !moved;
         let was_unanswered = self.unanswered;
         self.unanswered = unanswered;
-        if self.flowing {
-            self.busy_at = Some(now);
-        }
         if moved {
+            self.moved_before = self.moved_at;
             self.moved_at = Some(now);
+            if self.flowing(now) {
+                self.busy_at = Some(now);
+            }
             // Evidence of liveness: an idle active path's next probe moves to `idle_interval` from now.
             if let Need::Traffic(idle) = self.need
                 && !self.suspect
@@ -311,12 +308,18 @@ impl PeerMachine {
                 .is_some_and(|t| now.saturating_duration_since(t) < self.timing.busy_hold)
     }
 
-    /// Whether traffic flows now, by a recent counter reading.
+    /// Whether traffic flows now: the receive counter moved at the last two readings that saw it move,
+    /// no more than `evidence_max_age` apart, the last one no older than that (sparse traffic, a request
+    /// every 300 ms, flows too; one keepalive every 25 s does not).
     pub fn flowing(&self, now: Instant) -> bool {
-        self.flowing
-            && self
-                .moved_at
-                .is_some_and(|t| now.saturating_duration_since(t) < self.timing.evidence_max_age)
+        let max = self.timing.evidence_max_age;
+        match (self.moved_before, self.moved_at) {
+            (Some(before), Some(last)) => {
+                last.saturating_duration_since(before) <= max
+                    && now.saturating_duration_since(last) <= max
+            }
+            _ => false,
+        }
     }
 
     /// The ping with `nonce` could not be sent for lack of local resources (`ENOBUFS`, `ENOMEM`, ...): it is
