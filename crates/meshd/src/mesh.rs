@@ -163,7 +163,7 @@ pub struct Mesh {
     pub metrics: Metrics,
     dirty: bool,
     next_resync: Instant,
-    /// When WireGuard's counters are read next (see [`probing::stats_interval`]), and when a reading last
+    /// When WireGuard's counters are read next (every [`probing::STATS_EVERY`]), and when a reading last
     /// counted as evidence.
     next_stats: Instant,
     last_counted: Instant,
@@ -516,8 +516,7 @@ impl Mesh {
             if let Err(error) = self.refresh_stats().await {
                 tracing::debug!(%error, "cannot read the device counters");
             }
-            let busy = self.peers.values().any(|p| p.machine.busy(now));
-            self.next_stats = now + probing::stats_interval(busy);
+            self.next_stats = now + probing::STATS_EVERY;
         }
         let planning = probing::Planning::new(self.plan.as_ref(), &self.timing, |k| {
             self.peers

@@ -63,7 +63,8 @@ pub struct Timing {
     pub busy_standby_interval: Duration,
     /// [`Need::Traffic`]: how long a peer counts as busy after its traffic stopped flowing.
     pub busy_hold: Duration,
-    /// [`Need::Traffic`]: a counter reading older than this is no evidence (the reads stopped).
+    /// [`Need::Traffic`]: traffic flows while the receive counter moved at two readings no further apart
+    /// than this, the last no older (sparse traffic, a request a second, flows too).
     pub evidence_max_age: Duration,
 }
 
@@ -100,7 +101,7 @@ impl Default for Timing {
             idle_interval: Duration::from_secs(30),
             busy_standby_interval: Duration::from_secs(2),
             busy_hold: Duration::from_secs(30),
-            evidence_max_age: Duration::from_secs(1),
+            evidence_max_age: Duration::from_millis(1500),
         }
     }
 }

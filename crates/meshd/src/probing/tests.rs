@@ -195,14 +195,12 @@ impl SimNode {
                 p.m.set_need(planning.need(self.plan.as_ref(), &p.key));
             }
         }
-        let mut busy = false;
         for p in &mut self.peers {
             p.m.on_counters(p.rx != p.counted, false, now);
             p.counted = p.rx;
             p.due = now;
-            busy |= p.m.busy(now);
         }
-        self.next_stats = now + stats_interval(busy);
+        self.next_stats = now + STATS_EVERY;
     }
 
     /// Probe packets per second in and out of this node, over `window` since the last reset, assuming its
