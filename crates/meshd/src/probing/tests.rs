@@ -410,8 +410,7 @@ fn gateway_interval_caps_a_gateways_load() {
 #[test]
 #[ignore = "benchmark: hack/bench/meshd.sh"]
 fn bench_probing() {
-    let mut rates =
-        String::from("peers,before (4/s active + 1/s standby),after (full mesh, 10% busy)\n");
+    let mut rates = String::from("peers,before (probes 4/s),after (counters first)\n");
     for peers in [100u32, 1000, 5000] {
         let before = full_mesh(Policy::Before, peers, peers / 10, 7);
         let after = full_mesh(Policy::After, peers, peers / 10, 7);
