@@ -160,6 +160,8 @@ pub struct Mesh {
     /// counted as evidence.
     next_stats: Instant,
     last_counted: Instant,
+    /// The last counter reading failed: no more until a reconcile succeeds.
+    stats_failed: bool,
     timing: Timing,
     nonce: u64,
     cache_written: Option<cache::Cache>,
@@ -255,6 +257,7 @@ impl Mesh {
             next_resync: Instant::now(),
             next_stats: Instant::now(),
             last_counted: Instant::now(),
+            stats_failed: false,
             timing: Timing::default(),
             nonce: fastrand::u64(..),
             cache_written: None,
@@ -507,10 +510,15 @@ impl Mesh {
         let mut changed = false;
         let mut probes = Vec::new();
         let mut counter = self.nonce;
-        if now >= self.next_stats {
-            // WireGuard's counters are the evidence of liveness for peers carrying traffic.
+        // Not in a pass that reconciles: a broken device is repaired first.
+        let reconciling = self.dirty || now >= self.next_resync;
+        if now >= self.next_stats && !self.stats_failed && !reconciling {
+            // WireGuard's counters are the evidence of liveness for peers carrying traffic. A device that
+            // does not answer (a userspace device whose link was deleted times out after 5 s) is left to
+            // the next reconcile, which repairs it, before it is read again.
             if let Err(error) = self.refresh_stats().await {
                 tracing::debug!(%error, "cannot read the device counters");
+                self.stats_failed = true;
             }
             self.next_stats = now + probing::STATS_EVERY;
         }
@@ -607,6 +615,7 @@ impl Mesh {
             match self.reconcile().await {
                 Ok(()) => {
                     self.dirty = false;
+                    self.stats_failed = false;
                     self.last_error = None;
                     self.next_resync = now + RESYNC;
                 }
