@@ -14,6 +14,7 @@ use crate::metrics::{self, Metrics};
 use crate::net::{self, Net};
 use crate::peer::{Action, PeerMachine, PeerState, Timing};
 use crate::probe::{self, Kind, Probe};
+use crate::probing;
 use crate::responder::{self, Pong, Responder};
 use crate::topology::{self, PathKind, Plan};
 use crate::wg::kernel::Kernel;
@@ -31,8 +32,6 @@ pub use specs::{PeerSpec, filter_candidates, peer_specs, routes_for};
 
 /// WireGuard persistent keepalive on every peer (keeps NAT mappings; KubeSpan uses 25 s too).
 pub use crate::plan::KEEPALIVE;
-/// A peer whose receive counter has not moved for this long is idle (its active path is probed less).
-pub const IDLE_AFTER: Duration = Duration::from_secs(30);
 /// Full resync of device and routes even without a change (drift from outside is repaired).
 pub const RESYNC: Duration = Duration::from_secs(10);
 
@@ -56,6 +55,8 @@ pub struct Peer {
     pub probe_key: [u8; 32],
     pub stats: PeerStats,
     last_rx_change: Instant,
+    /// The receive and transmit counters at the last reading fed to the machine.
+    counted: (u64, u64),
     pub last_seen_unix: u64,
     reported_failovers: u64,
     /// KubeSpan-compatible mode: the handshake-driven fallback for a peer that does not answer probes.
@@ -158,6 +159,12 @@ pub struct Mesh {
     pub metrics: Metrics,
     dirty: bool,
     next_resync: Instant,
+    /// When WireGuard's counters are read next (every [`probing::STATS_EVERY`]), and when a reading last
+    /// counted as evidence.
+    next_stats: Instant,
+    last_counted: Instant,
+    /// The last counter reading failed: no more until a reconcile succeeds.
+    stats_failed: bool,
     timing: Timing,
     nonce: u64,
     cache_written: Option<cache::Cache>,
@@ -253,6 +260,9 @@ impl Mesh {
             metrics,
             dirty: true,
             next_resync: Instant::now(),
+            next_stats: Instant::now(),
+            last_counted: Instant::now(),
+            stats_failed: false,
             timing: Timing::default(),
             nonce: fastrand::u64(..),
             cache_written: None,
@@ -457,6 +467,7 @@ impl Mesh {
                     no_uplink: false,
                     stats: PeerStats::default(),
                     last_rx_change: now,
+                    counted: (0, 0),
                     last_seen_unix: 0,
                     reported_failovers: 0,
                 },
@@ -496,6 +507,7 @@ impl Mesh {
             .min()
             .map_or(cap, |t| t.min(cap))
             .min(self.next_resync)
+            .min(self.next_stats)
     }
 
     /// Runs the peer machines and applies what they decide. Returns whether a peer changed its state or
@@ -504,16 +516,27 @@ impl Mesh {
         let mut changed = false;
         let mut probes = Vec::new();
         let mut counter = self.nonce;
+        // Not in a pass that reconciles: a broken device is repaired first.
+        let reconciling = self.dirty || now >= self.next_resync;
+        if now >= self.next_stats && !self.stats_failed && !reconciling {
+            // WireGuard's counters are the evidence of liveness for peers carrying traffic. A device that
+            // does not answer (a userspace device whose link was deleted times out after 5 s) is left to
+            // the next reconcile, which repairs it, before it is read again.
+            if let Err(error) = self.refresh_stats().await {
+                tracing::debug!(%error, "cannot read the device counters");
+                self.stats_failed = true;
+            }
+            self.next_stats = now + probing::STATS_EVERY;
+        }
+        let planning = probing::Planning::new(self.plan.as_ref(), &self.timing, |k| {
+            self.peers
+                .get(k)
+                .map_or(PeerState::Unknown, |p| p.machine.state)
+        });
         for peer in self.peers.values_mut() {
-            // Native peers and gateway candidates carry others' traffic (and the WireGuard counters do not
-            // see native traffic): their active path is always probed at the active rate.
-            let carrier = self
-                .plan
-                .as_ref()
-                .and_then(|p| p.peers.get(&peer.key))
-                .is_some_and(|p| p.candidate || p.role == topology::Role::Native);
-            let idle = now.saturating_duration_since(peer.last_rx_change) > IDLE_AFTER;
-            peer.machine.set_idle(idle && !carrier);
+            // Traffic over WireGuard proves a path; native traffic is out of its sight (see `probing`).
+            peer.machine
+                .set_need(planning.need(self.plan.as_ref(), &peer.key));
             let actions = peer.machine.poll(now, &mut || {
                 counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
                 counter ^ fastrand::u64(..)
@@ -605,6 +628,7 @@ impl Mesh {
             match self.reconcile().await {
                 Ok(()) => {
                     self.dirty = false;
+                    self.stats_failed = false;
                     self.last_error = None;
                     self.next_resync = now + RESYNC;
                 }
@@ -897,10 +921,26 @@ impl Mesh {
 
     fn absorb_stats(&mut self, actual: &Actual) {
         let now = Instant::now();
+        let counted =
+            now.saturating_duration_since(self.last_counted) >= probing::STATS_MIN_SPACING;
+        if counted {
+            self.last_counted = now;
+            self.metrics.counter_reads.inc();
+        }
         for (key, (_, stats)) in &actual.peers {
             if let Some(peer) = self.peers.get_mut(key) {
                 if stats.rx_bytes != peer.stats.rx_bytes {
                     peer.last_rx_change = now;
+                }
+                if counted {
+                    // Readings closer together than that (a reconcile right after a poll) would see
+                    // flowing traffic as stopped.
+                    peer.machine.on_counters(
+                        stats.rx_bytes != peer.counted.0,
+                        stats.tx_bytes != peer.counted.1,
+                        now,
+                    );
+                    peer.counted = (stats.rx_bytes, stats.tx_bytes);
                 }
                 peer.last_handshake_at = stats.last_handshake.and_then(|age| now.checked_sub(age));
                 peer.stats = *stats;

@@ -32,6 +32,14 @@ pub struct Metrics {
     pub probes_sent: Counter,
     pub probes_answered: Counter,
     pub probes_rejected: Counter,
+    /// Pings from peers answered with a pong (the other half of the probe packets).
+    pub pings_answered: Counter,
+    /// Peers by how closely they are probed (`need`: fast, gateway, traffic, slow).
+    pub peers_probing: Family<Labels, Gauge>,
+    /// Peers that carried traffic within the busy hold (their paths are watched by WireGuard's counters).
+    pub peers_busy: Gauge,
+    /// Readings of WireGuard's counters that counted as liveness evidence.
+    pub counter_reads: Counter,
     /// 1 for the path a peer takes now (`native`, `direct`, `gateway`, `relayed`), 0 for the others.
     pub peer_path: Family<Labels, Gauge>,
     /// Peers by source (`static`, `discovery`, `cache`).
@@ -135,6 +143,26 @@ impl Metrics {
                 "probes_rejected",
                 "Probe datagrams dropped (unknown sender, bad MAC, malformed)",
                 m.probes_rejected.clone(),
+            );
+            r.register(
+                "pings_answered",
+                "Pings from peers answered with a pong",
+                m.pings_answered.clone(),
+            );
+            r.register(
+                "peers_probing",
+                "Peers by probing need: fast, gateway, traffic (WireGuard counters first), slow",
+                m.peers_probing.clone(),
+            );
+            r.register(
+                "peers_busy",
+                "Peers that carried traffic lately (probed only when their counters stop)",
+                m.peers_busy.clone(),
+            );
+            r.register(
+                "counter_reads",
+                "Readings of WireGuard's counters used as liveness evidence",
+                m.counter_reads.clone(),
             );
             r.register(
                 "peer_path",

@@ -7,10 +7,29 @@
 //! (from `Unknown`) or [`Timing::rise`] consecutive pongs (from `Dead`); `Dead` after [`Timing::fall`]
 //! consecutive missed probes (a probe is missed when no pong came within `max(probe_timeout, 3 × RTT)`).
 //!
-//! **Probing.** All candidates are probed at once when the peer appears. The active path is probed every
-//! `active_interval` (4/s), alive standby paths every `standby_interval`, dead and unanswered paths with a
-//! backoff from `active_interval` doubling to `dead_interval_max`; an idle peer (no traffic, see
-//! [`PeerMachine::set_idle`]) has its active path probed every `standby_interval` instead.
+//! **Probing.** All candidates are probed at once when the peer appears (a join is as fast as ever). After
+//! that, how often depends on the peer's [`Need`] (the mesh decides it from the topology, see
+//! [`crate::probing`]):
+//! - [`Need::Fast`] (the default, and the only policy before): the active path every `active_interval`
+//!   (4/s), alive standby paths every `standby_interval`;
+//! - [`Need::Every`]: the active path at that interval (a location's active gateway, whose traffic
+//!   WireGuard's counters do not see), standby paths no faster than `standby_interval`;
+//! - [`Need::Traffic`]: WireGuard's receive counter is the evidence (fed by [`PeerMachine::on_counters`]).
+//!   While traffic flows (the counter moved at two readings at most `evidence_max_age` apart, the last one
+//!   recent) the active path is not probed at all; at the first reading that sees it stopped (or when the
+//!   transmit counter moves at two readings in a row while the receive counter does not: an idle peer
+//!   being used) the path is *suspect*, probed every `active_interval` until a pong clears it or `fall`
+//!   misses make it dead (a failover as fast as before, plus one counter reading). An idle peer's active
+//!   path is probed at the interval the need carries (`idle_interval`, 30 s, in `topology: full`) after
+//!   the last evidence (a pong, or a counter that moved: WireGuard's 25 s keepalives usually make the probe
+//!   unnecessary). Standby paths: every `busy_standby_interval` while the peer carried traffic within
+//!   `busy_hold`, else at the idle interval;
+//! - [`Need::Slow`]: every path every `idle_interval` (a native neighbour that is not a gateway candidate:
+//!   nothing to fail over to).
+//!
+//! Whatever the need, a missed probe on the active path makes it suspect (probed every `active_interval`
+//! until a pong or death). Dead and unanswered paths back off from `active_interval`, doubling to
+//! `dead_interval_max` (to `idle_interval` for the standby paths of an idle or slow peer that is up).
 //!
 //! **Choice.** The preferred live path is the one earliest in the candidate list among those whose RTT is
 //! within `1.5 × best + 2 ms` of the best live RTT (near-equal paths keep the configured order, e.g. the private
@@ -38,6 +57,36 @@ pub struct Timing {
     pub fall: u32,
     /// Consecutive pongs that make a dead path alive again.
     pub rise: u32,
+    /// Idle and slow peers: how often their paths are probed without other evidence.
+    pub idle_interval: Duration,
+    /// [`Need::Traffic`]: alive standby paths of a peer that carried traffic lately.
+    pub busy_standby_interval: Duration,
+    /// [`Need::Traffic`]: how long a peer counts as busy after its traffic stopped flowing.
+    pub busy_hold: Duration,
+    /// [`Need::Traffic`]: traffic flows while the receive counter moved at two readings no further apart
+    /// than this, the last no older (sparse traffic, a request a second, flows too).
+    pub evidence_max_age: Duration,
+}
+
+/// How closely a peer's paths need watching (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    Fast,
+    Every(Duration),
+    /// Traffic first; without traffic, probed at this interval.
+    Traffic(Duration),
+    Slow,
+}
+
+impl Need {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Need::Fast => "fast",
+            Need::Every(_) => "gateway",
+            Need::Traffic(_) => "traffic",
+            Need::Slow => "slow",
+        }
+    }
 }
 
 impl Default for Timing {
@@ -49,6 +98,10 @@ impl Default for Timing {
             probe_timeout: Duration::from_millis(750),
             fall: 3,
             rise: 2,
+            idle_interval: Duration::from_secs(30),
+            busy_standby_interval: Duration::from_secs(2),
+            busy_hold: Duration::from_secs(30),
+            evidence_max_age: Duration::from_millis(1500),
         }
     }
 }
@@ -135,7 +188,19 @@ pub struct PeerMachine {
     pub active: Option<usize>,
     pub state: PeerState,
     pub failovers: u64,
-    idle: bool,
+    need: Need,
+    /// The last two counter readings that saw the receive counter move (traffic flows while they are
+    /// recent and close together: see [`PeerMachine::flowing`]).
+    moved_at: Option<Instant>,
+    moved_before: Option<Instant>,
+    /// The last reading saw the transmit counter move and the receive counter not.
+    unanswered: bool,
+    /// The last time traffic flowed.
+    busy_at: Option<Instant>,
+    /// The active path needs confirming: traffic stopped, or a probe was missed.
+    suspect: bool,
+    /// Probes not sent because traffic proved the active path (for the metrics).
+    pub skipped: u64,
 }
 
 impl PeerMachine {
@@ -146,7 +211,13 @@ impl PeerMachine {
             active: None,
             state: PeerState::Unknown,
             failovers: 0,
-            idle: false,
+            need: Need::Fast,
+            moved_at: None,
+            moved_before: None,
+            unanswered: false,
+            busy_at: None,
+            suspect: false,
+            skipped: 0,
         };
         m.set_candidates(candidates, now);
         m
@@ -184,9 +255,72 @@ impl PeerMachine {
         }
     }
 
-    /// An idle peer (no traffic lately) has its active path probed less often.
-    pub fn set_idle(&mut self, idle: bool) {
-        self.idle = idle;
+    /// How closely this peer needs watching (decided by the mesh at every poll).
+    pub fn set_need(&mut self, need: Need) {
+        self.need = need;
+    }
+
+    pub fn need(&self) -> Need {
+        self.need
+    }
+
+    /// A reading of WireGuard's counters: whether the receive counter `moved` since the previous reading,
+    /// and whether the transmit counter did (`sent`).
+    pub fn on_counters(&mut self, moved: bool, sent: bool, now: Instant) {
+        let was_flowing = self.flowing(now);
+        // Sending with nothing coming back, at two readings in a row (one of our keepalives is one):
+        // a peer that was idle is being used now, and its path must be confirmed.
+        let unanswered = sent && !moved;
+        let was_unanswered = self.unanswered;
+        self.unanswered = unanswered;
+        if moved {
+            self.moved_before = self.moved_at;
+            self.moved_at = Some(now);
+            if self.flowing(now) {
+                self.busy_at = Some(now);
+            }
+            // Evidence of liveness: an idle active path's next probe moves to `idle_interval` from now.
+            if let Need::Traffic(idle) = self.need
+                && !self.suspect
+                && let Some(a) = self.active
+                && self.paths[a].state == PathState::Alive
+            {
+                let path = &mut self.paths[a];
+                path.next_probe = path.next_probe.max(now + idle);
+            }
+        } else if (was_flowing || (unanswered && was_unanswered))
+            && matches!(self.need, Need::Traffic(_))
+        {
+            // The traffic stopped, or gets no answer: confirm the active path now.
+            self.suspect = true;
+            self.busy_at = Some(now);
+            if let Some(a) = self.active {
+                let path = &mut self.paths[a];
+                path.next_probe = path.next_probe.min(now);
+            }
+        }
+    }
+
+    /// Whether the peer carries traffic: it flows, or flowed within `busy_hold`.
+    pub fn busy(&self, now: Instant) -> bool {
+        self.suspect
+            || self
+                .busy_at
+                .is_some_and(|t| now.saturating_duration_since(t) < self.timing.busy_hold)
+    }
+
+    /// Whether traffic flows now: the receive counter moved at the last two readings that saw it move,
+    /// no more than `evidence_max_age` apart, the last one no older than that (sparse traffic, a request
+    /// every 300 ms, flows too; one keepalive every 25 s does not).
+    pub fn flowing(&self, now: Instant) -> bool {
+        let max = self.timing.evidence_max_age;
+        match (self.moved_before, self.moved_at) {
+            (Some(before), Some(last)) => {
+                last.saturating_duration_since(before) <= max
+                    && now.saturating_duration_since(last) <= max
+            }
+            _ => false,
+        }
     }
 
     /// The ping with `nonce` could not be sent for lack of local resources (`ENOBUFS`, `ENOMEM`, ...): it is
@@ -199,7 +333,7 @@ impl PeerMachine {
 
     /// A pong with `nonce` arrived. Returns whether it matched an outstanding probe.
     pub fn on_pong(&mut self, nonce: u64, now: Instant) -> bool {
-        for path in &mut self.paths {
+        for (i, path) in self.paths.iter_mut().enumerate() {
             let Some(pos) = path.outstanding.iter().position(|(n, _)| *n == nonce) else {
                 continue;
             };
@@ -221,6 +355,9 @@ impl PeerMachine {
             if path.state != PathState::Alive && path.successes >= rise {
                 path.state = PathState::Alive;
             }
+            if Some(i) == self.active {
+                self.suspect = false;
+            }
             return true;
         }
         false
@@ -238,7 +375,7 @@ impl PeerMachine {
 
     fn expire(&mut self, now: Instant) {
         let timing = self.timing;
-        for path in &mut self.paths {
+        for (i, path) in self.paths.iter_mut().enumerate() {
             let timeout = path.timeout(&timing);
             let before = path.outstanding.len();
             path.outstanding
@@ -249,6 +386,11 @@ impl PeerMachine {
                 path.successes = 0;
                 if path.misses >= timing.fall {
                     path.state = PathState::Dead;
+                }
+                if Some(i) == self.active && path.state != PathState::Dead {
+                    // Confirm at the active rate: dead or alive within `fall` probes.
+                    self.suspect = true;
+                    path.next_probe = path.next_probe.min(now + timing.active_interval);
                 }
             }
         }
@@ -324,28 +466,23 @@ impl PeerMachine {
         nonce: &mut impl FnMut() -> u64,
         actions: &mut Vec<Action>,
     ) {
-        let timing = self.timing;
         let up = self.state == PeerState::Up;
-        for (i, path) in self.paths.iter_mut().enumerate() {
-            if now < path.next_probe {
+        let busy = self.busy(now);
+        let flowing = self.flowing(now);
+        for i in 0..self.paths.len() {
+            if now < self.paths[i].next_probe {
                 continue;
             }
-            let interval = if Some(i) == self.active && path.state == PathState::Alive {
-                if self.idle {
-                    timing.standby_interval
-                } else {
-                    timing.active_interval
+            let interval = match self.interval(i, up, busy, flowing) {
+                Some(interval) => interval,
+                None => {
+                    // Traffic proves the active path: look again at the next slot.
+                    self.paths[i].next_probe = now + self.timing.active_interval;
+                    self.skipped += 1;
+                    continue;
                 }
-            } else if path.state == PathState::Alive {
-                timing.standby_interval
-            } else if !up && path.state == PathState::Unknown {
-                timing.active_interval
-            } else {
-                // Dead, or untested while the peer is up: back off.
-                let b = path.backoff;
-                path.backoff = (b * 2).min(timing.dead_interval_max);
-                b
             };
+            let path = &mut self.paths[i];
             let n = nonce();
             if path.outstanding.len() >= 16 {
                 path.outstanding.remove(0);
@@ -357,6 +494,49 @@ impl PeerMachine {
                 nonce: n,
             });
         }
+    }
+
+    /// When path `i` is probed next, or `None` when it needs no probe now (traffic flows over it).
+    fn interval(&mut self, i: usize, up: bool, busy: bool, flowing: bool) -> Option<Duration> {
+        let timing = self.timing;
+        let path_state = self.paths[i].state;
+        let active = Some(i) == self.active;
+        if active && path_state == PathState::Alive {
+            if self.suspect {
+                return Some(timing.active_interval);
+            }
+            return match self.need {
+                Need::Fast => Some(timing.active_interval),
+                Need::Every(d) => Some(d),
+                Need::Slow => Some(timing.idle_interval),
+                Need::Traffic(_) if flowing => None,
+                Need::Traffic(idle) => Some(idle),
+            };
+        }
+        if path_state == PathState::Alive {
+            return Some(match self.need {
+                Need::Fast => timing.standby_interval,
+                Need::Every(d) => d.max(timing.standby_interval),
+                Need::Traffic(idle) if busy => timing.busy_standby_interval.min(idle),
+                Need::Traffic(idle) => idle,
+                Need::Slow => timing.idle_interval,
+            });
+        }
+        if !up && path_state == PathState::Unknown {
+            return Some(timing.active_interval);
+        }
+        // Dead, or untested while the peer is up: back off.
+        // A peer that is not up (starting, or every path lost) retries fast: it joins within seconds.
+        let cap = match self.need {
+            Need::Fast | Need::Every(_) => timing.dead_interval_max,
+            _ if busy || !up => timing.dead_interval_max,
+            Need::Traffic(idle) => idle.max(timing.dead_interval_max),
+            Need::Slow => timing.idle_interval,
+        };
+        let path = &mut self.paths[i];
+        let b = path.backoff.min(cap);
+        path.backoff = (b * 2).min(cap);
+        Some(b)
     }
 
     /// When [`PeerMachine::poll`] next has something to do.

@@ -149,8 +149,11 @@ fn serve(
                     ..probe
                 };
                 let reply = probe::encode(&pong, &key);
-                if let Err(error) = socket.send_to(&reply, from) {
-                    tracing::debug!(%from, %error, "pong not sent");
+                match socket.send_to(&reply, from) {
+                    Ok(_) => {
+                        metrics.pings_answered.inc();
+                    }
+                    Err(error) => tracing::debug!(%from, %error, "pong not sent"),
                 }
             }
             Kind::Pong => {

@@ -12,7 +12,17 @@ impl Mesh {
     pub fn update_metrics(&mut self) {
         let mut up = 0;
         let paths = self.paths();
+        let now = std::time::Instant::now();
+        let mut needs = std::collections::BTreeMap::from([
+            ("fast", 0i64),
+            ("gateway", 0),
+            ("traffic", 0),
+            ("slow", 0),
+        ]);
+        let mut busy = 0;
         for p in self.peers.values_mut() {
+            *needs.entry(p.machine.need().as_str()).or_default() += 1;
+            busy += i64::from(p.machine.busy(now));
             let now = paths.get(&p.key).map_or("direct", |k| k.as_str());
             for kind in crate::topology::PATH_KINDS {
                 let labels = vec![
@@ -74,6 +84,13 @@ impl Mesh {
             }
         }
         self.metrics.peers_up.set(up);
+        self.metrics.peers_busy.set(busy);
+        for (need, n) in needs {
+            self.metrics
+                .peers_probing
+                .get_or_create(&vec![("need".to_owned(), need.to_owned())])
+                .set(n);
+        }
     }
 
     /// Writes the peer cache when it changed.

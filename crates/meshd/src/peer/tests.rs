@@ -237,7 +237,7 @@ fn probing_backs_off_for_dead_standby_and_idle_paths() {
     busy.run(ms(10_000));
     let mut idle = Sim::new(&[PRIV, PUB]);
     idle.set(PUB, None);
-    idle.m.set_idle(true);
+    idle.m.set_need(Need::Slow);
     idle.run(ms(10_000));
     // Active: 4/s for 10 s (~40); dead standby backs off to one per 2 s.
     assert!(
@@ -301,4 +301,48 @@ fn pings_not_sent_for_local_pressure_do_not_take_a_peer_down() {
     s.run(ms(2_000));
     assert_eq!(s.m.state, PeerState::Up);
     assert_eq!(s.states.len(), 1, "{:?}", s.states);
+}
+
+#[test]
+fn traffic_need_probes_only_when_counters_stop_or_go_unanswered() {
+    let mut s = Sim::new(&[PRIV]);
+    s.m.set_need(Need::Traffic(Timing::default().idle_interval));
+    s.run(ms(500));
+    assert_eq!(s.m.state, PeerState::Up);
+    // Traffic flows (the receive counter moves at every reading): no probes at all.
+    let before = s.probes;
+    for _ in 0..20 {
+        s.m.on_counters(true, true, s.now);
+        s.run(ms(250));
+    }
+    assert_eq!(
+        s.probes, before,
+        "a path that carries traffic needs no probes"
+    );
+    // The path dies and the counter stops: down within the active-rate confirmation.
+    s.set(PRIV, None);
+    let cut = s.now;
+    s.m.on_counters(false, true, s.now);
+    s.run(ms(1600));
+    assert_eq!(
+        s.m.state,
+        PeerState::Down,
+        "down {:?} after the stall",
+        s.since(cut)
+    );
+    // Idle peer: 30 s without a probe after the last evidence; an idle peer used again (sending, no
+    // answer at two readings) is confirmed at once.
+    let mut idle = Sim::new(&[PRIV]);
+    idle.m
+        .set_need(Need::Traffic(Timing::default().idle_interval));
+    idle.run(ms(500));
+    let n = idle.probes;
+    idle.run(ms(20_000));
+    assert_eq!(idle.probes, n, "an idle peer is probed every 30 s");
+    idle.set(PRIV, None);
+    idle.m.on_counters(false, true, idle.now);
+    idle.run(ms(250));
+    idle.m.on_counters(false, true, idle.now);
+    idle.run(ms(1600));
+    assert_eq!(idle.m.state, PeerState::Down);
 }
