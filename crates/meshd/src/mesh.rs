@@ -745,6 +745,8 @@ impl Mesh {
             clamp_mss: m.clamp_mss,
             own_public: self.own_public(),
             topology: self.plan.clone(),
+            relay: m.relay,
+            relays_allowed: m.relays.clone(),
             peers: self
                 .peers
                 .values()
