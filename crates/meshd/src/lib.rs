@@ -29,6 +29,7 @@ pub mod peer;
 pub mod plan;
 mod private;
 pub mod probe;
+pub mod relay;
 pub mod responder;
 pub mod status;
 pub mod sysctl;
