@@ -259,7 +259,16 @@ fn full(inputs: &Inputs) -> Shape {
 /// reach it on a public address (its active path is alive there), and is in `meshd.relays` when that
 /// list is set.
 pub fn relays(inputs: &Inputs) -> BTreeMap<PublicKey, PublicKey> {
-    if inputs.relay == RelayMode::Never {
+    if inputs.relay == RelayMode::Never || inputs.own_public {
+        return BTreeMap::new();
+    }
+    let candidate = |p: &PeerInput| {
+        p.public
+            && p.probe_state == PeerState::Up
+            && p.active.is_some_and(|a| topology::is_public(a.ip()))
+            && (inputs.relays_allowed.is_empty() || inputs.relays_allowed.contains(&p.key))
+    };
+    if !inputs.peers.iter().any(candidate) {
         return BTreeMap::new();
     }
     let views: Vec<topology::RelayView> = inputs
@@ -267,11 +276,9 @@ pub fn relays(inputs: &Inputs) -> BTreeMap<PublicKey, PublicKey> {
         .iter()
         .map(|p| topology::RelayView {
             key: p.key,
-            candidate: p.public
-                && p.probe_state == PeerState::Up
-                && p.active.is_some_and(|a| topology::is_public(a.ip()))
-                && (inputs.relays_allowed.is_empty() || inputs.relays_allowed.contains(&p.key)),
+            candidate: candidate(p),
             state: p.probe_state,
+            // One X25519 per down peer, only when there is a candidate to rank.
             pair_secret: (p.probe_state == PeerState::Down)
                 .then(|| crate::probe::key(&inputs.private_key.shared(&p.key))),
         })
