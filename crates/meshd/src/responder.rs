@@ -86,6 +86,9 @@ pub fn start(port: u16, me: PublicKey, metrics: Metrics) -> Result<Responder, Er
     s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())
         .map_err(fail)?;
     s.set_read_timeout(Some(STOP_POLL)).map_err(fail)?;
+    // Room for a burst while the thread is not scheduled (a flood of junk must not push real pings out
+    // of the queue); capped by net.core.rmem_max, as dnslocal's sockets are.
+    s.set_recv_buffer_size(4 << 20).ok();
     // Sends never wait long for buffer space (a full buffer drops the datagram, as a lost one would).
     s.set_write_timeout(Some(Duration::from_millis(20)))
         .map_err(fail)?;
