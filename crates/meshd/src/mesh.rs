@@ -701,8 +701,7 @@ impl Mesh {
         // Bound to the endpoint it answers: from the address the ping went to, echoing it as the target
         // (under the MAC). A pong for another path's ping, or from elsewhere, is not taken.
         let sent_to = peer.machine.endpoint_of(probe.nonce).map(probe::probe_addr);
-        let echoed = if pong.v2 { sent_to } else { probe.target };
-        if sent_to.is_none() || sent_to != echoed || sent_to != Some(pong.from) {
+        if !probe::bound(sent_to, probe, pong.from, pong.v2) {
             if sent_to.is_some() {
                 self.metrics.dropped("unbound");
                 tracing::debug!(peer = %peer.name, from = %pong.from, target = ?probe.target, expected = ?sent_to, "pong not bound to its ping's endpoint");

@@ -233,6 +233,16 @@ pub fn verify(bytes: &[u8], key: &[u8; 32]) -> bool {
     m.verify_truncated_left(&bytes[body..]).is_ok()
 }
 
+/// Whether a pong (MAC checked) answers the ping sent to `sent_to` (the probe address its nonce went to,
+/// `None` when no such ping is outstanding): it arrived `from` that address and, in version 3, echoes it
+/// as its target. A version-2 pong has no target; its source must still match.
+pub fn bound(sent_to: Option<SocketAddr>, pong: &Probe, from: SocketAddr, v2: bool) -> bool {
+    let Some(to) = sent_to else {
+        return false;
+    };
+    from == to && (v2 || pong.target == Some(to))
+}
+
 /// Why a ping gets no pong (after its MAC passed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -436,5 +446,31 @@ mod tests {
         );
         flood.retain(|k| *k == b);
         assert_eq!(flood.seen.len(), 1);
+    }
+
+    #[test]
+    fn a_pong_counts_only_for_the_endpoint_its_ping_went_to() {
+        let a: SocketAddr = "192.0.2.12:51822".parse().unwrap();
+        let b: SocketAddr = "198.51.100.12:51822".parse().unwrap();
+        let pong = |target| Probe {
+            kind: Kind::Pong,
+            sender: crate::identity::PrivateKey([1; 32]).public(),
+            nonce: 1,
+            timestamp_us: 0,
+            observed: None,
+            target,
+            flags: 0,
+        };
+        assert!(bound(Some(a), &pong(Some(a)), a, false));
+        // The ping for path A carried to B and answered there: the pong echoes A but comes from B.
+        assert!(!bound(Some(a), &pong(Some(a)), b, false));
+        // A pong echoing another target, even from the right address.
+        assert!(!bound(Some(a), &pong(Some(b)), a, false));
+        assert!(!bound(Some(a), &pong(None), a, false));
+        // No outstanding ping with that nonce.
+        assert!(!bound(None, &pong(Some(a)), a, false));
+        // Version 2: no target, the source decides.
+        assert!(bound(Some(a), &pong(None), a, true));
+        assert!(!bound(Some(a), &pong(None), b, true));
     }
 }
