@@ -125,7 +125,7 @@ fn serve(
     let mut upgraded: std::collections::HashSet<PublicKey> = std::collections::HashSet::new();
     let mut next_prune = Instant::now() + probe::WINDOW;
     while !shared.stop.load(Ordering::Relaxed) {
-        let (n, from) = match socket.recv_from(&mut buf) {
+        let (n, raw_from) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
             Err(e)
                 if matches!(
@@ -144,7 +144,7 @@ fn serve(
             }
         };
         let at = Instant::now();
-        let from = unmapped(from);
+        let from = unmapped(raw_from);
         let Some((probe, key)) = check(&buf[..n], from, at, shared, &mut budget, metrics) else {
             metrics.probes_rejected.inc();
             continue;
@@ -192,7 +192,7 @@ fn serve(
                 } else {
                     probe::encode(&pong, &key)
                 };
-                if let Err(error) = socket.send_to(&reply, from) {
+                if let Err(error) = socket.send_to(&reply, raw_from) {
                     tracing::debug!(%from, %error, "pong not sent");
                 }
             }
