@@ -288,8 +288,9 @@ fn pongs_stay_fast_while_meshd_does_slow_work() {
             kind: Kind::Ping,
             sender,
             nonce,
-            timestamp_us: 0,
+            timestamp_us: probe::now_us(),
             observed: None,
+            target: Some(target),
             flags: 0,
         };
         let start = Instant::now();

@@ -179,3 +179,48 @@ fn cone_nats_punch_through_and_symmetric_ones_are_relayed_until_direct_works() {
         t.elapsed()
     );
 }
+
+/// `meshd.relay: never` on two nodes behind symmetric NATs: no relay is used although a public node is up
+/// for both; each reports the other down (unreachable) and nothing crosses.
+#[test]
+fn with_relay_never_a_pair_no_direct_path_reaches_is_reported_unreachable() {
+    let mut lab = NatLab::with_publics("meshd-norelay", 1, &[Nat::Symmetric, Nat::Symmetric]);
+    for n in &mut lab.nodes[1..] {
+        n.extra = "  relay: never\n".to_owned();
+    }
+    let _daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
+    let (p, c, d) = (0, 1, 2);
+    wait_known(&lab, c, d);
+    // The public node is up for both (it would be their relay with `relay: auto`).
+    for i in [c, d] {
+        wait_path(&lab, i, p, "direct", Duration::from_secs(10));
+    }
+    for (i, j) in [(c, d), (d, c)] {
+        wait_until(
+            Duration::from_secs(10),
+            "the pair to be reported down",
+            || match lab.path(i, j)? {
+                (path, _, _, state) if path == "direct" && state == "down" => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // And it stays so: never relayed, no traffic through.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let (path, via, _, state) = lab.path(c, d).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (path.as_str(), state.as_str()),
+            ("direct", "down"),
+            "via {via}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        lab.nodes[c]
+            .ping(&lab.nodes[d].mesh_ip().to_string())
+            .is_err(),
+        "nothing crosses without a relay"
+    );
+}

@@ -70,6 +70,8 @@ pub struct Ours {
     pub m_admin: Sourced<SocketAddr>,
     pub m_discovery_ca_file: Sourced<PathBuf>,
     pub m_discovery_endpoint_cas: Sourced<Vec<crate::model::EndpointCa>>,
+    pub m_relay: Sourced<crate::model::RelayMode>,
+    pub m_relays: Sourced<Vec<crate::model::PublicKey>>,
     // dnslocal
     pub d_listen: Sourced<Vec<SocketAddr>>,
     pub d_if_name: Sourced<String>,

@@ -176,6 +176,8 @@ impl Config {
                 admin: admin(7447),
                 discovery_ca_file: None,
                 discovery_endpoint_cas: Vec::new(),
+                relay: RelayMode::Auto,
+                relays: Vec::new(),
             },
             dnslocal: DnslocalConfig {
                 listen: vec![SocketAddr::from(([169, 254, 20, 10], 53))],

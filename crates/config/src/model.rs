@@ -254,6 +254,21 @@ pub struct MeshdConfig {
     pub discovery_ca_file: Option<PathBuf>,
     /// `meshd.discovery.endpoints`: a CA file for one endpoint (instead of `discovery_ca_file`).
     pub discovery_endpoint_cas: Vec<EndpointCa>,
+    /// `meshd.relay`: whether peers no direct path reaches go through a relay node.
+    pub relay: RelayMode,
+    /// `meshd.relays`: the only nodes (by public key) allowed to relay; empty: any node that others reach
+    /// on a public address.
+    pub relays: Vec<PublicKey>,
+}
+
+/// `meshd.relay`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RelayMode {
+    /// A peer that no direct path reaches goes through a relay (when one is allowed and up).
+    #[default]
+    Auto,
+    /// Never: such a peer is down (unreachable).
+    Never,
 }
 
 /// A CA file for one discovery endpoint (as written in its `DiscoveryServiceConfig`).

@@ -204,6 +204,14 @@ fn meshd(c: &Config) -> Vec<(String, Value)> {
                     .collect(),
             ),
         ),
+        (
+            "meshd.relay".into(),
+            json!(match m.relay {
+                crate::model::RelayMode::Auto => "auto",
+                crate::model::RelayMode::Never => "never",
+            }),
+        ),
+        ("meshd.relays".into(), strings(&m.relays)),
     ]
 }
 

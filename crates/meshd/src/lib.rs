@@ -30,6 +30,7 @@ pub mod plan;
 mod private;
 pub mod probe;
 pub mod probing;
+pub mod relay;
 pub mod responder;
 pub mod status;
 pub mod sysctl;

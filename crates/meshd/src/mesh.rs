@@ -51,6 +51,8 @@ pub struct Peer {
     pub public: bool,
     /// Its last pong said it is a gateway candidate without a path to other locations.
     pub no_uplink: bool,
+    /// It answered a version-3 ping (then it is pinged in version 3 only; see [`probe::encode_v2`]).
+    pub speaks_v3: bool,
     pub machine: PeerMachine,
     pub probe_key: [u8; 32],
     pub stats: PeerStats,
@@ -465,6 +467,7 @@ impl Mesh {
                     api_server_port: spec.api_server_port,
                     public,
                     no_uplink: false,
+                    speaks_v3: false,
                     stats: PeerStats::default(),
                     last_rx_change: now,
                     counted: (0, 0),
@@ -652,18 +655,28 @@ impl Mesh {
         let Some(peer) = self.peers.get(&key) else {
             return;
         };
+        let target = probe::probe_addr(endpoint);
         let ping = Probe {
             kind: Kind::Ping,
             sender: self.public,
             nonce,
-            timestamp_us: self.started.elapsed().as_micros() as u64,
+            timestamp_us: probe::now_us(),
             observed: None,
+            target: Some(target),
             flags: 0,
         };
-        let bytes = probe::encode(&ping, &peer.probe_key);
-        let to = v6_mapped(probe::probe_addr(endpoint));
+        let mut datagrams = vec![probe::encode(&ping, &peer.probe_key)];
+        if !peer.speaks_v3 {
+            // The rolling upgrade: the same ping in version 2 too, until the peer answers in version 3.
+            datagrams.push(probe::encode_v2(&ping, &peer.probe_key));
+        }
+        let to = v6_mapped(target);
         self.metrics.probes_sent.inc();
-        if let Err(error) = self.responder.socket.send_to(&bytes, to) {
+        let mut sent = Ok(0);
+        for datagram in &datagrams {
+            sent = sent.and(self.responder.socket.send_to(datagram, to));
+        }
+        if let Err(error) = sent {
             tracing::debug!(%to, %error, "probe not sent");
             if hybridnet_runtime::limits::is_local_pressure(&error)
                 && let Some(peer) = self.peers.get_mut(&key)
@@ -718,7 +731,18 @@ impl Mesh {
         let Some(peer) = self.peers.get_mut(&probe.sender) else {
             return;
         };
+        // Bound to the endpoint it answers: from the address the ping went to, echoing it as the target
+        // (under the MAC). A pong for another path's ping, or from elsewhere, is not taken.
+        let sent_to = peer.machine.endpoint_of(probe.nonce).map(probe::probe_addr);
+        if !probe::bound(sent_to, probe, pong.from, pong.v2) {
+            if sent_to.is_some() {
+                self.metrics.dropped("unbound");
+                tracing::debug!(peer = %peer.name, from = %pong.from, target = ?probe.target, expected = ?sent_to, "pong not bound to its ping's endpoint");
+            }
+            return;
+        }
         if peer.machine.on_pong(probe.nonce, pong.at) {
+            peer.speaks_v3 |= !pong.v2;
             peer.last_seen_unix = hybridnet_state::unix_now();
             self.metrics.probes_answered.inc();
             if let Some(observed) = probe.observed {
@@ -753,6 +777,8 @@ impl Mesh {
             clamp_mss: m.clamp_mss,
             own_public: self.own_public(),
             topology: self.plan.clone(),
+            relay: m.relay,
+            relays_allowed: m.relays.clone(),
             peers: self
                 .peers
                 .values()

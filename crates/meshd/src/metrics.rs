@@ -40,6 +40,9 @@ pub struct Metrics {
     pub peers_busy: Gauge,
     /// Readings of WireGuard's counters that counted as liveness evidence.
     pub counter_reads: Counter,
+    /// Probe datagrams that got no answer or were not taken, by reason (`malformed`, `unknown` sender,
+    /// `throttled` before the HMAC, `mac`, `untargeted`, `stale`, `replayed`, `full`, `unbound` pong).
+    pub probes_dropped: Family<Labels, Counter>,
     /// 1 for the path a peer takes now (`native`, `direct`, `gateway`, `relayed`), 0 for the others.
     pub peer_path: Family<Labels, Gauge>,
     /// Peers by source (`static`, `discovery`, `cache`).
@@ -165,6 +168,11 @@ impl Metrics {
                 m.counter_reads.clone(),
             );
             r.register(
+                "probes_dropped",
+                "Probe datagrams not answered or not taken, by reason",
+                m.probes_dropped.clone(),
+            );
+            r.register(
                 "peer_path",
                 "1 for the path the peer takes now: native, direct, gateway or relayed",
                 m.peer_path.clone(),
@@ -241,6 +249,15 @@ impl Metrics {
             );
         });
         m
+    }
+}
+
+impl Metrics {
+    /// Counts a probe datagram dropped for `reason`.
+    pub fn dropped(&self, reason: &str) {
+        self.probes_dropped
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
     }
 }
 

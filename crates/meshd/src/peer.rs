@@ -331,6 +331,14 @@ impl PeerMachine {
         }
     }
 
+    /// The endpoint an outstanding ping with `nonce` was sent to (a pong must come from there).
+    pub fn endpoint_of(&self, nonce: u64) -> Option<SocketAddr> {
+        self.paths
+            .iter()
+            .find(|p| p.outstanding.iter().any(|(n, _)| *n == nonce))
+            .map(|p| p.endpoint)
+    }
+
     /// A pong with `nonce` arrived. Returns whether it matched an outstanding probe.
     pub fn on_pong(&mut self, nonce: u64, now: Instant) -> bool {
         for (i, path) in self.paths.iter_mut().enumerate() {

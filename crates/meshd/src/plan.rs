@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use hybridnet_config::PublicKey;
+use hybridnet_config::{PublicKey, RelayMode};
 use ipnet::{IpNet, Ipv6Net};
 
 use crate::identity::PrivateKey;
@@ -69,6 +69,10 @@ pub struct Inputs {
     /// `topology: location`: the plan from the config.
     pub topology: Option<topology::Plan>,
     pub peers: Vec<PeerInput>,
+    /// `meshd.relay`.
+    pub relay: RelayMode,
+    /// `meshd.relays`: the only relays allowed (empty: any candidate).
+    pub relays_allowed: Vec<PublicKey>,
 }
 
 /// One of meshd's two policy rules: `not fwmark FWMARK/FWMARK lookup ROUTE_TABLE` at `RULE_PRIORITY`.
@@ -250,15 +254,33 @@ fn full(inputs: &Inputs) -> Shape {
     }
 }
 
-/// `topology: full`: the peers relayed now, and their relays.
+/// `topology: full`: the peers relayed now, and their relays. With `relay: never` none (a peer no
+/// direct path reaches is down). A relay candidate says it has a public address of its own *and* we
+/// reach it on a public address (its active path is alive there), and is in `meshd.relays` when that
+/// list is set.
 pub fn relays(inputs: &Inputs) -> BTreeMap<PublicKey, PublicKey> {
+    if inputs.relay == RelayMode::Never || inputs.own_public {
+        return BTreeMap::new();
+    }
+    let candidate = |p: &PeerInput| {
+        p.public
+            && p.probe_state == PeerState::Up
+            && p.active.is_some_and(|a| topology::is_public(a.ip()))
+            && (inputs.relays_allowed.is_empty() || inputs.relays_allowed.contains(&p.key))
+    };
+    if !inputs.peers.iter().any(candidate) {
+        return BTreeMap::new();
+    }
     let views: Vec<topology::RelayView> = inputs
         .peers
         .iter()
         .map(|p| topology::RelayView {
             key: p.key,
-            public: p.public,
+            candidate: candidate(p),
             state: p.probe_state,
+            // One X25519 per down peer, only when there is a candidate to rank.
+            pair_secret: (p.probe_state == PeerState::Down)
+                .then(|| crate::probe::key(&inputs.private_key.shared(&p.key))),
         })
         .collect();
     topology::relays(inputs.own_public, &views)

@@ -4,45 +4,60 @@
 //! endpoint `ip:port` of a peer at `ip:port+1` (a NAT port-forward must forward both ports). The socket
 //! carries meshd's fwmark, so probes always take the underlay, never the tunnel.
 //!
-//! Wire format, version 2 (90 bytes, big-endian):
+//! Wire format, version 3 (108 bytes, big-endian):
 //!
 //! | bytes | field |
 //! |---|---|
 //! | 0..4 | magic `HNMP` |
-//! | 4 | version, 2 |
+//! | 4 | version, 3 |
 //! | 5 | kind: 1 ping, 2 pong |
-//! | 6 | flags (version 2): bit 0 `NO_UPLINK` in a pong: the responder is a gateway candidate that reaches none of the other locations' candidates; other bits zero |
+//! | 6 | flags: bit 0 `NO_UPLINK` in a pong: the responder is a gateway candidate that reaches none of the other locations' candidates; other bits zero |
 //! | 7 | zero |
 //! | 8..40 | the sender's WireGuard public key |
 //! | 40..48 | nonce (random per ping; a pong echoes it) |
-//! | 48..56 | the pinger's timestamp in microseconds (echoed; informational) |
+//! | 48..56 | the sender's wall clock, Unix microseconds: a ping outside [`WINDOW`] of the responder's clock gets no pong |
 //! | 56..72 | observed address: in a pong, the IP the ping came from (IPv6, IPv4 as `::ffff:a.b.c.d`); zero in a ping |
 //! | 72..74 | observed port (the ping's source port) |
-//! | 74..90 | MAC: the first 16 bytes of HMAC-SHA256(K, bytes 0..74) |
+//! | 74..90 | target address: in a ping, the address it is sent to; a pong echoes it |
+//! | 90..92 | target port |
+//! | 92..108 | MAC: the first 16 bytes of HMAC-SHA256(K, bytes 0..92) |
 //!
 //! The observed address tells a node behind a NAT its public (reflexive) address and whether the NAT keeps
-//! the source port, STUN-like, authenticated like the rest. (Version 1, 72 bytes without the observed
-//! address, was never released; it is not decoded.)
+//! the source port, STUN-like, authenticated like the rest. The target binds a pong to the endpoint its
+//! ping was sent to: the prober takes a pong only from that address, with that target echoed, for a nonce
+//! it sent there. Version 1 (72 bytes) is not decoded. Version 2 (90 bytes: bytes 0..74 as above, then the
+//! MAC; no target, a timestamp nobody checks) is kept for the rolling upgrade only: a version-3 node
+//! answers a peer's version-2 pings until that peer sends its first version-3 ping, and pings a peer in
+//! both versions until the peer's first version-3 pong (see the crate README).
 //!
 //! `K = SHA-256("hybridnet-meshd-probe-v1" || X25519(our private key, their public key))`: both nodes compute
 //! the same K from their WireGuard keys and nothing else, so only the holder of the peer's private key can
 //! answer (and a meshd answers only peers it knows). A pong counts only if its nonce matches a ping still
-//! outstanding, once: a replayed pong is ignored; a replayed ping costs one pong of the same size (no
-//! amplification).
+//! outstanding, once: a replayed pong is ignored. A ping is answered once: the responder refuses a
+//! timestamp outside [`WINDOW`] and remembers the nonces it answered for as long as their timestamps are
+//! inside it ([`Replay`]), so a recorded ping replayed later (or at once) gets no pong and a meshd is never
+//! a reflector.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use hybridnet_config::PublicKey;
 use sha2::{Digest, Sha256};
 
-/// Size of a version-2 probe datagram.
-pub const LEN: usize = 90;
+/// Size of a version-3 probe datagram.
+pub const LEN: usize = 108;
+/// Size of a version-2 datagram (answered and sent only for the rolling upgrade: see [`encode_v2`]).
+pub const LEN_V2: usize = 90;
+/// How far a ping's timestamp may be from the responder's clock (either way). Nodes' clocks are assumed
+/// to be synchronised (NTP, as Kubernetes' certificates need) well within this.
+pub const WINDOW: Duration = Duration::from_secs(30);
 /// Pong flag: the responder is a gateway candidate without a live path to any other location.
 pub const NO_UPLINK: u8 = 1;
 
 /// The wire version.
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 const MAGIC: &[u8; 4] = b"HNMP";
 
 /// The probe port of a WireGuard port.
@@ -75,9 +90,12 @@ pub struct Probe {
     pub kind: Kind,
     pub sender: PublicKey,
     pub nonce: u64,
+    /// The sender's wall clock (Unix microseconds, [`now_us`]).
     pub timestamp_us: u64,
     /// In a pong, where the ping came from. `None` in a ping.
     pub observed: Option<SocketAddr>,
+    /// In a ping, where it is sent; in a pong, the ping's target echoed.
+    pub target: Option<SocketAddr>,
     /// Flags ([`NO_UPLINK`]).
     pub flags: u8,
 }
@@ -93,13 +111,62 @@ fn mac(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
 }
 
 /// The authenticated part of a datagram (the MAC follows).
-const BODY: usize = 74;
+const BODY: usize = 92;
+
+/// The wall clock in Unix microseconds (0 before 1970).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn put_addr(out: &mut [u8], addr: Option<SocketAddr>) {
+    if let Some(addr) = addr {
+        let ip = match addr.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        out[..16].copy_from_slice(&ip.octets());
+        out[16..18].copy_from_slice(&addr.port().to_be_bytes());
+    }
+}
+
+fn get_addr(bytes: &[u8]) -> Option<SocketAddr> {
+    let mut ip = [0u8; 16];
+    ip.copy_from_slice(&bytes[..16]);
+    let ip = Ipv6Addr::from(ip);
+    let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+    let port = u16::from_be_bytes([bytes[16], bytes[17]]);
+    (!ip.is_unspecified() && port != 0).then_some(SocketAddr::new(ip, port))
+}
 
 /// Encodes and authenticates a probe.
 pub fn encode(probe: &Probe, key: &[u8; 32]) -> Vec<u8> {
-    let mut out = vec![0u8; LEN];
+    let mut out = header(probe, LEN, VERSION);
+    put_addr(&mut out[74..92], probe.target);
+    let tag = mac(key, &out[..BODY]);
+    out[BODY..].copy_from_slice(&tag);
+    out
+}
+
+/// Encodes a probe in version 2 (no target; the timestamp is not checked by a version-2 responder), for
+/// peers that still run it during a rolling upgrade.
+pub fn encode_v2(probe: &Probe, key: &[u8; 32]) -> Vec<u8> {
+    let mut out = header(probe, LEN_V2, 2);
+    let tag = mac(key, &out[..LEN_V2 - 16]);
+    out[LEN_V2 - 16..].copy_from_slice(&tag);
+    out
+}
+
+/// Whether a datagram is version 2 (see [`encode_v2`]).
+pub fn is_v2(bytes: &[u8]) -> bool {
+    bytes.len() == LEN_V2
+}
+
+fn header(probe: &Probe, len: usize, version: u8) -> Vec<u8> {
+    let mut out = vec![0u8; len];
     out[..4].copy_from_slice(MAGIC);
-    out[4] = VERSION;
+    out[4] = version;
     out[5] = match probe.kind {
         Kind::Ping => 1,
         Kind::Pong => 2,
@@ -108,22 +175,16 @@ pub fn encode(probe: &Probe, key: &[u8; 32]) -> Vec<u8> {
     out[8..40].copy_from_slice(&probe.sender.0);
     out[40..48].copy_from_slice(&probe.nonce.to_be_bytes());
     out[48..56].copy_from_slice(&probe.timestamp_us.to_be_bytes());
-    if let Some(addr) = probe.observed {
-        let ip = match addr.ip() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            IpAddr::V6(v6) => v6,
-        };
-        out[56..72].copy_from_slice(&ip.octets());
-        out[72..74].copy_from_slice(&addr.port().to_be_bytes());
+    if probe.kind == Kind::Pong {
+        put_addr(&mut out[56..74], probe.observed);
     }
-    let tag = mac(key, &out[..BODY]);
-    out[BODY..].copy_from_slice(&tag);
     out
 }
 
 /// Decodes a datagram's header; `None` for anything that is not a probe.
 pub fn decode(bytes: &[u8]) -> Option<Probe> {
-    if bytes.len() != LEN || bytes[4] != VERSION {
+    let v2 = bytes.len() == LEN_V2 && bytes[4] == 2;
+    if !v2 && (bytes.len() != LEN || bytes[4] != VERSION) {
         return None;
     }
     let flags = bytes[6];
@@ -142,35 +203,115 @@ pub fn decode(bytes: &[u8]) -> Option<Probe> {
     let mut ts = [0u8; 8];
     ts.copy_from_slice(&bytes[48..56]);
     let observed = if kind == Kind::Pong {
-        let mut ip = [0u8; 16];
-        ip.copy_from_slice(&bytes[56..72]);
-        let ip = Ipv6Addr::from(ip);
-        let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
-        let port = u16::from_be_bytes([bytes[72], bytes[73]]);
-        (!ip.is_unspecified() && port != 0).then_some(SocketAddr::new(ip, port))
+        get_addr(&bytes[56..74])
     } else {
         None
     };
+    let target = if v2 { None } else { get_addr(&bytes[74..92]) };
     Some(Probe {
         kind,
         sender: PublicKey(sender),
         nonce: u64::from_be_bytes(nonce),
         timestamp_us: u64::from_be_bytes(ts),
         observed,
+        target,
         flags,
     })
 }
 
 /// Checks a datagram's MAC with the key shared with its sender (constant time).
 pub fn verify(bytes: &[u8], key: &[u8; 32]) -> bool {
-    if bytes.len() != LEN {
-        return false;
-    }
+    let body = match bytes.len() {
+        LEN => BODY,
+        LEN_V2 => LEN_V2 - 16,
+        _ => return false,
+    };
     let Ok(mut m) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
         return false;
     };
-    m.update(&bytes[..BODY]);
-    m.verify_truncated_left(&bytes[BODY..]).is_ok()
+    m.update(&bytes[..body]);
+    m.verify_truncated_left(&bytes[body..]).is_ok()
+}
+
+/// Whether a pong (MAC checked) answers the ping sent to `sent_to` (the probe address its nonce went to,
+/// `None` when no such ping is outstanding): it arrived `from` that address and, in version 3, echoes it
+/// as its target. A version-2 pong has no target; its source must still match.
+pub fn bound(sent_to: Option<SocketAddr>, pong: &Probe, from: SocketAddr, v2: bool) -> bool {
+    let Some(to) = sent_to else {
+        return false;
+    };
+    from == to && (v2 || pong.target == Some(to))
+}
+
+/// Why a ping gets no pong (after its MAC passed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its timestamp is outside [`WINDOW`] of our clock: recorded earlier (or a clock far off).
+    Stale,
+    /// Its nonce was answered already, inside the window.
+    Replayed,
+    /// The sender has more pings inside the window than any honest prober sends.
+    Full,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Stale => "stale",
+            Refusal::Replayed => "replayed",
+            Refusal::Full => "full",
+        }
+    }
+}
+
+/// At most this many pings remembered per sender. An honest prober sends at most a few per second per
+/// path (4/s on the active one): 4096 inside a minute is far beyond any.
+const PER_SENDER: usize = 4096;
+
+/// The pings a responder answered lately, per sender: each is answered once, and only while its timestamp
+/// is inside [`WINDOW`]; older entries can go, since their pings would be refused as stale anyway.
+/// Memory is bounded by the known peers (only authenticated pings are recorded) times [`PER_SENDER`].
+#[derive(Debug, Default)]
+pub struct Replay {
+    seen: HashMap<PublicKey, VecDeque<(u64, u64)>>,
+}
+
+impl Replay {
+    /// Whether an authenticated ping may be answered at `now_us` (our wall clock); records it if so.
+    pub fn admit(
+        &mut self,
+        sender: PublicKey,
+        nonce: u64,
+        timestamp_us: u64,
+        now_us: u64,
+    ) -> Result<(), Refusal> {
+        let window = u64::try_from(WINDOW.as_micros()).unwrap_or(u64::MAX);
+        if timestamp_us.abs_diff(now_us) > window {
+            return Err(Refusal::Stale);
+        }
+        let oldest = now_us.saturating_sub(window);
+        let seen = self.seen.entry(sender).or_default();
+        // Mostly in order: drop the old head cheaply, everything old when the list is full.
+        while seen.front().is_some_and(|(ts, _)| *ts < oldest) {
+            seen.pop_front();
+        }
+        if seen.iter().any(|(_, n)| *n == nonce) {
+            return Err(Refusal::Replayed);
+        }
+        if seen.len() >= PER_SENDER {
+            seen.retain(|(ts, _)| *ts >= oldest);
+            if seen.len() >= PER_SENDER {
+                return Err(Refusal::Full);
+            }
+        }
+        seen.push_back((timestamp_us, nonce));
+        Ok(())
+    }
+
+    /// Forgets senders that are no longer peers.
+    pub fn retain(&mut self, known: impl Fn(&PublicKey) -> bool) {
+        self.seen.retain(|k, _| known(k));
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +336,7 @@ mod tests {
             nonce: 42,
             timestamp_us: 7,
             observed: None,
+            target: Some("192.0.2.1:51822".parse().unwrap()),
             flags: 0,
         };
         let bytes = encode(&ping, &kab);
@@ -207,7 +349,7 @@ mod tests {
         let mut tampered = bytes.clone();
         tampered[40] ^= 1;
         assert!(!verify(&tampered, &kba));
-        assert!(decode(&bytes[..89]).is_none());
+        assert!(decode(&bytes[..LEN - 1]).is_none());
         let mut wrong = bytes.clone();
         wrong[5] = 9;
         assert!(decode(&wrong).is_none());
@@ -225,10 +367,32 @@ mod tests {
             let mut moved = bytes.clone();
             moved[73] ^= 1;
             assert!(!verify(&moved, &kab), "the observed port is under the MAC");
+            let mut retargeted = bytes.clone();
+            retargeted[89] ^= 1;
+            assert!(!verify(&retargeted, &kab), "the target is under the MAC");
+            let mut aged = bytes.clone();
+            aged[55] ^= 1;
+            assert!(!verify(&aged, &kab), "the timestamp is under the MAC");
         }
-        // The unreleased version 1 (72 bytes) is refused.
+        // Version 1 (72 bytes) is refused, and so is a version-3 datagram cut to version 2's size.
         assert!(decode(&bytes[..72]).is_none());
-        assert!(!verify(&bytes[..72], &kba));
+        assert!(decode(&bytes[..90]).is_none());
+        assert!(!verify(&bytes[..90], &kba));
+        // Version 2 (the rolling upgrade): no target, the MAC over its own 74 bytes.
+        let old = encode_v2(&ping, &kab);
+        assert_eq!(old.len(), LEN_V2);
+        assert!(is_v2(&old) && !is_v2(&bytes));
+        assert_eq!(
+            decode(&old),
+            Some(Probe {
+                target: None,
+                ..ping
+            })
+        );
+        assert!(verify(&old, &kba));
+        let mut bad = old.clone();
+        bad[41] ^= 1;
+        assert!(!verify(&bad, &kba));
         // Flags: NO_UPLINK round-trips under the MAC; unknown bits are refused.
         let flagged = Probe {
             flags: NO_UPLINK,
@@ -241,9 +405,72 @@ mod tests {
         unknown[6] = 2;
         assert!(decode(&unknown).is_none());
         // Another version byte is refused.
-        let mut other = bytes2.clone();
-        other[4] = 1;
-        assert!(decode(&other).is_none());
+        for v in [1, 2, 4] {
+            let mut other = bytes2.clone();
+            other[4] = v;
+            assert!(decode(&other).is_none());
+        }
         assert_eq!(probe_addr("192.0.2.1:51821".parse().unwrap()).port(), 51822);
+    }
+
+    #[test]
+    fn a_ping_is_answered_once_and_only_inside_the_window() {
+        let a = PrivateKey::generate().public();
+        let b = PrivateKey::generate().public();
+        let w = u64::try_from(WINDOW.as_micros()).unwrap();
+        let now = 1_800_000_000_000_000u64;
+        let mut r = Replay::default();
+        assert_eq!(r.admit(a, 1, now, now), Ok(()));
+        // The same ping again, at once or later inside the window: no pong (never a reflector).
+        assert_eq!(r.admit(a, 1, now, now + 1), Err(Refusal::Replayed));
+        assert_eq!(r.admit(a, 1, now, now + w), Err(Refusal::Replayed));
+        // Recorded and replayed after the window: stale, even though its nonce was forgotten.
+        assert_eq!(r.admit(a, 1, now, now + w + 1), Err(Refusal::Stale));
+        // A clock ahead by more than the window is refused too; inside it, answered.
+        assert_eq!(r.admit(a, 2, now + w + 1, now), Err(Refusal::Stale));
+        assert_eq!(r.admit(a, 3, now + w, now), Ok(()));
+        // Nonces are per sender.
+        assert_eq!(r.admit(b, 1, now, now + 2), Ok(()));
+        // Bounded: a sender that floods valid pings fills its list and gets no more pongs until entries
+        // age out; other senders are not affected.
+        let mut flood = Replay::default();
+        for n in 0..PER_SENDER as u64 {
+            assert_eq!(flood.admit(a, 1000 + n, now, now), Ok(()));
+        }
+        assert_eq!(flood.admit(a, 7, now, now), Err(Refusal::Full));
+        assert_eq!(flood.admit(b, 7, now, now), Ok(()));
+        assert_eq!(
+            flood.admit(a, 8, now + w + 1, now + 2 * w + 1),
+            Ok(()),
+            "old entries age out"
+        );
+        flood.retain(|k| *k == b);
+        assert_eq!(flood.seen.len(), 1);
+    }
+
+    #[test]
+    fn a_pong_counts_only_for_the_endpoint_its_ping_went_to() {
+        let a: SocketAddr = "192.0.2.12:51822".parse().unwrap();
+        let b: SocketAddr = "198.51.100.12:51822".parse().unwrap();
+        let pong = |target| Probe {
+            kind: Kind::Pong,
+            sender: crate::identity::PrivateKey([1; 32]).public(),
+            nonce: 1,
+            timestamp_us: 0,
+            observed: None,
+            target,
+            flags: 0,
+        };
+        assert!(bound(Some(a), &pong(Some(a)), a, false));
+        // The ping for path A carried to B and answered there: the pong echoes A but comes from B.
+        assert!(!bound(Some(a), &pong(Some(a)), b, false));
+        // A pong echoing another target, even from the right address.
+        assert!(!bound(Some(a), &pong(Some(b)), a, false));
+        assert!(!bound(Some(a), &pong(None), a, false));
+        // No outstanding ping with that nonce.
+        assert!(!bound(None, &pong(Some(a)), a, false));
+        // Version 2: no target, the source decides.
+        assert!(bound(Some(a), &pong(None), a, true));
+        assert!(!bound(Some(a), &pong(None), b, true));
     }
 }

@@ -3,6 +3,15 @@
 //! discovery stop, fsync'd writes) delays an answer: peers declare a path dead after about a second
 //! without pongs, so a responder behind slow work would fail every peer over. A thread, not a task: a
 //! blocking call on the runtime (boringtun's UAPI read) cannot hold it either.
+//!
+//! Every datagram is hostile until its MAC passes: one that does not decode or names an unknown sender
+//! costs no HMAC; the rest cost one only within [`budget::Budget`]; a ping is answered only once and only
+//! inside the timestamp window ([`probe::Replay`]). Drops are counted by reason
+//! (`meshd_probes_dropped_total{reason}`).
+
+mod budget;
+
+pub use budget::{SHARED_RATE, SOURCE_RATE};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -21,11 +30,14 @@ use crate::probe::{self, Kind, Probe};
 /// How often the thread looks at its stop flag while no datagram arrives.
 const STOP_POLL: Duration = Duration::from_millis(200);
 
-/// A pong that passed its MAC check, and when it arrived.
+/// A pong that passed its MAC check, when it arrived, and where from.
 #[derive(Clone, Debug)]
 pub struct Pong {
     pub probe: Probe,
     pub at: Instant,
+    pub from: SocketAddr,
+    /// A version-2 pong (a peer not upgraded yet: no target to check).
+    pub v2: bool,
 }
 
 /// The state the thread shares with the mesh.
@@ -74,6 +86,9 @@ pub fn start(port: u16, me: PublicKey, metrics: Metrics) -> Result<Responder, Er
     s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())
         .map_err(fail)?;
     s.set_read_timeout(Some(STOP_POLL)).map_err(fail)?;
+    // Room for a burst while the thread is not scheduled (a flood of junk must not push real pings out
+    // of the queue); capped by net.core.rmem_max, as dnslocal's sockets are.
+    s.set_recv_buffer_size(4 << 20).ok();
     // Sends never wait long for buffer space (a full buffer drops the datagram, as a lost one would).
     s.set_write_timeout(Some(Duration::from_millis(20)))
         .map_err(fail)?;
@@ -104,8 +119,13 @@ fn serve(
     tx: &mpsc::UnboundedSender<Pong>,
 ) {
     let mut buf = [0u8; 128];
+    let mut budget = budget::Budget::new(Instant::now());
+    let mut replay = probe::Replay::default();
+    // Peers that sent a version-3 ping: their version-2 pings (recorded earlier) are not answered.
+    let mut upgraded: std::collections::HashSet<PublicKey> = std::collections::HashSet::new();
+    let mut next_prune = Instant::now() + probe::WINDOW;
     while !shared.stop.load(Ordering::Relaxed) {
-        let (n, from) = match socket.recv_from(&mut buf) {
+        let (n, raw_from) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
             Err(e)
                 if matches!(
@@ -124,32 +144,55 @@ fn serve(
             }
         };
         let at = Instant::now();
-        let bytes = &buf[..n];
-        let Some(probe) = probe::decode(bytes) else {
+        let from = unmapped(raw_from);
+        let Some((probe, key)) = check(&buf[..n], from, at, shared, &mut budget, metrics) else {
             metrics.probes_rejected.inc();
             continue;
         };
-        let key = match shared.keys.read() {
-            Ok(keys) => keys.get(&probe.sender).copied(),
-            Err(poisoned) => poisoned.into_inner().get(&probe.sender).copied(),
-        };
-        let Some(key) = key.filter(|k| probe::verify(bytes, k)) else {
-            metrics.probes_rejected.inc();
-            continue;
-        };
+        let v2 = probe::is_v2(&buf[..n]);
         match probe.kind {
             Kind::Ping => {
-                // The pong tells the pinger where its ping came from (its reflexive address).
+                let now_us = probe::now_us();
+                let admitted = if v2 {
+                    // The rolling upgrade: a version-2 ping has no timestamp to check; it is answered
+                    // once (by nonce, for the window) and only until its sender speaks version 3.
+                    if upgraded.contains(&probe.sender) {
+                        Err("legacy")
+                    } else {
+                        replay
+                            .admit(probe.sender, probe.nonce, now_us, now_us)
+                            .map_err(probe::Refusal::as_str)
+                    }
+                } else if probe.target.is_none() {
+                    Err("untargeted")
+                } else {
+                    upgraded.insert(probe.sender);
+                    replay
+                        .admit(probe.sender, probe.nonce, probe.timestamp_us, now_us)
+                        .map_err(probe::Refusal::as_str)
+                };
+                if let Err(reason) = admitted {
+                    metrics.dropped(reason);
+                    metrics.probes_rejected.inc();
+                    continue;
+                }
+                // The pong tells the pinger where its ping came from (its reflexive address) and echoes
+                // the target, which binds it to the endpoint the pinger probed.
                 let no_uplink = shared.no_uplink.load(Ordering::Relaxed);
                 let pong = Probe {
                     kind: Kind::Pong,
                     sender: me,
-                    observed: Some(unmapped(from)),
+                    timestamp_us: if v2 { probe.timestamp_us } else { now_us },
+                    observed: Some(from),
                     flags: if no_uplink { probe::NO_UPLINK } else { 0 },
                     ..probe
                 };
-                let reply = probe::encode(&pong, &key);
-                match socket.send_to(&reply, from) {
+                let reply = if v2 {
+                    probe::encode_v2(&pong, &key)
+                } else {
+                    probe::encode(&pong, &key)
+                };
+                match socket.send_to(&reply, raw_from) {
                     Ok(_) => {
                         metrics.pings_answered.inc();
                     }
@@ -157,13 +200,66 @@ fn serve(
                 }
             }
             Kind::Pong => {
-                if tx.send(Pong { probe, at }).is_err() {
+                if tx
+                    .send(Pong {
+                        probe,
+                        at,
+                        from,
+                        v2,
+                    })
+                    .is_err()
+                {
                     // The mesh is gone.
                     return;
                 }
             }
         }
+        if at >= next_prune {
+            next_prune = at + probe::WINDOW;
+            replay.retain(|k| known(shared, k));
+            upgraded.retain(|k| known(shared, k));
+        }
     }
+}
+
+fn known(shared: &Shared, key: &PublicKey) -> bool {
+    match shared.keys.read() {
+        Ok(keys) => keys.contains_key(key),
+        Err(poisoned) => poisoned.into_inner().contains_key(key),
+    }
+}
+
+/// Decodes and authenticates a datagram: the cheap checks first, the HMAC only within the budget.
+fn check(
+    bytes: &[u8],
+    from: SocketAddr,
+    at: Instant,
+    shared: &Shared,
+    budget: &mut budget::Budget,
+    metrics: &Metrics,
+) -> Option<(Probe, [u8; 32])> {
+    let Some(probe) = probe::decode(bytes) else {
+        metrics.dropped("malformed");
+        return None;
+    };
+    let key = match shared.keys.read() {
+        Ok(keys) => keys.get(&probe.sender).copied(),
+        Err(poisoned) => poisoned.into_inner().get(&probe.sender).copied(),
+    };
+    let Some(key) = key else {
+        metrics.dropped("unknown");
+        return None;
+    };
+    if !budget.allow(from, at) {
+        metrics.dropped("throttled");
+        return None;
+    }
+    if !probe::verify(bytes, &key) {
+        metrics.dropped("mac");
+        return None;
+    }
+    budget.verified(from, at);
+    Some((probe, key))
 }
 
 fn unmapped(addr: SocketAddr) -> SocketAddr {

@@ -435,35 +435,54 @@ pub fn nat(own: &[IpAddr], probe_port: u16, seen: &[SocketAddr]) -> NatView {
 #[derive(Clone, Copy, Debug)]
 pub struct RelayView {
     pub key: PublicKey,
-    /// It has a public address of its own (not only one its NAT shows), so it can relay.
-    pub public: bool,
+    /// It may relay: it says it has a public address of its own, we reach it on a public address (seen,
+    /// not only claimed), and the relay policy (`meshd.relays`) allows it.
+    pub candidate: bool,
     pub state: PeerState,
+    /// The secret this node shares with the peer (its probe key): seeds the peer's relay ranking. `None`
+    /// for a peer that needs no relay (not down).
+    pub pair_secret: Option<[u8; 32]>,
 }
 
 /// `topology: full`: which peers are relayed, and through whom. A node with a public address of its own
 /// never relays (peers behind NATs reach it). Otherwise every peer that is `Down` (all its direct
-/// candidates probed, none answering: a symmetric NAT on both sides, a firewall) goes through the relay:
-/// the first peer, by key, that is public and `Up`; every node computes the same from the same liveness.
-/// The direct candidates keep being probed: once one answers, the peer is `Up` and leaves the relay.
+/// candidates probed, none answering: a symmetric NAT on both sides, a firewall) goes through a relay
+/// candidate that is `Up`: the one ranked first for the pair by [`relay_score`], rendezvous hashing keyed
+/// by the pair's shared secret, so both ends of a pair pick the same relay from the same candidates,
+/// different pairs spread over the candidates, and no node can grind a key that wins every pair (or even
+/// one chosen pair: the score is unpredictable without the pair's secret). The direct candidates keep
+/// being probed: once one answers, the peer is `Up` and leaves the relay.
 pub fn relays(me_public: bool, peers: &[RelayView]) -> BTreeMap<PublicKey, PublicKey> {
     let mut out = BTreeMap::new();
     if me_public {
         return out;
     }
-    let Some(relay) = peers
-        .iter()
-        .filter(|p| p.public && p.state == PeerState::Up)
-        .map(|p| p.key)
-        .min()
-    else {
-        return out;
-    };
     for p in peers {
-        if p.key != relay && p.state == PeerState::Down {
-            out.insert(p.key, relay);
+        let Some(secret) = p.pair_secret.filter(|_| p.state == PeerState::Down) else {
+            continue;
+        };
+        let best = peers
+            .iter()
+            .filter(|r| r.key != p.key && r.candidate && r.state == PeerState::Up)
+            .max_by_key(|r| (relay_score(&secret, &r.key), r.key.0));
+        if let Some(relay) = best {
+            out.insert(p.key, relay.key);
         }
     }
     out
+}
+
+/// The rank of `relay` for the pair that shares `secret` (higher wins).
+pub fn relay_score(secret: &[u8; 32], relay: &PublicKey) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"hybridnet-meshd-relay-v1");
+    h.update(secret);
+    h.update(relay.0);
+    let d = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(first)
 }
 
 #[cfg(test)]

@@ -41,6 +41,8 @@ const MESHD_KEYS: &[&str] = &[
     "clampMSS",
     "admin",
     "discovery",
+    "relay",
+    "relays",
 ];
 const DISCOVERY_KEYS: &[&str] = &["caFile", "endpoints"];
 const ENDPOINT_CA_KEYS: &[&str] = &["endpoint", "caFile"];
@@ -53,6 +55,12 @@ const PEER_KEYS: &[&str] = &[
     "location",
     "gateway",
 ];
+
+/// A WireGuard public key (base64 of 32 bytes).
+fn public_key(s: &str) -> Result<PublicKey, String> {
+    s.parse::<PublicKey>()
+        .map_err(|e| format!("invalid WireGuard public key: {e}"))
+}
 
 fn gateway_pin(v: &str) -> Result<GatewayPin, String> {
     match v {
@@ -218,6 +226,16 @@ fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.m_kubespan_compat = get(ctx, s, P, "kubespanCompat", |c, n, k| c.boolean(n, k));
     o.m_clamp_mss = get(ctx, s, P, "clampMSS", |c, n, k| c.boolean(n, k));
     o.m_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
+    o.m_relay = get(ctx, s, P, "relay", |c, n, k| {
+        c.parsed(n, k, |v| match v {
+            "auto" => Ok(crate::model::RelayMode::Auto),
+            "never" => Ok(crate::model::RelayMode::Never),
+            _ => Err(format!("unknown relay mode `{v}`: expected auto or never")),
+        })
+    });
+    o.m_relays = get(ctx, s, P, "relays", |c, n, k| {
+        c.list(n, k, |c, item, k| c.parsed(item, k, public_key))
+    });
     let disc = section(ctx, s, "discovery", "meshd.discovery", DISCOVERY_KEYS);
     o.m_discovery_ca_file = get(ctx, disc, "meshd.discovery", "caFile", path);
     o.m_discovery_endpoint_cas = get(ctx, disc, "meshd.discovery", "endpoints", |c, n, k| {
@@ -325,12 +343,7 @@ fn read_peer(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Peer> {
     let name_node = need(ctx, "name");
     let key_node = need(ctx, "publicKey");
     let peer_name = name_node.and_then(|v| name(ctx, v, &format!("{key}.name")));
-    let public_key = key_node.and_then(|v| {
-        ctx.parsed(v, &format!("{key}.publicKey"), |s| {
-            s.parse::<PublicKey>()
-                .map_err(|e| format!("invalid WireGuard public key: {e}"))
-        })
-    });
+    let public_key = key_node.and_then(|v| ctx.parsed(v, &format!("{key}.publicKey"), public_key));
     let opt = |field: &str| {
         n.get(field)
             .filter(|v| !v.is_null())

@@ -268,6 +268,8 @@ pub fn meshd(
         admin: m.first("meshd.admin", [o.m_admin.clone()], d.admin),
         discovery_ca_file: m.optional("meshd.discovery.caFile", [o.m_discovery_ca_file.clone()]),
         discovery_endpoint_cas: endpoint_cas(ctx, m, o, cluster),
+        relay: m.first("meshd.relay", [o.m_relay.clone()], d.relay),
+        relays: m.first("meshd.relays", [o.m_relays.clone()], d.relays.clone()),
     }
 }
 

@@ -274,6 +274,33 @@ fn gateway_pins() {
 }
 
 #[test]
+fn relay_mode_and_allowed_relays() {
+    use hybridnet_config::RelayMode;
+    let d = ok("");
+    assert_eq!((d.meshd.relay, d.meshd.relays.len()), (RelayMode::Auto, 0));
+    let c = ok(&ours(
+        "meshd:\n  relay: never\n  relays: [MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=]\n",
+    ));
+    assert_eq!(c.meshd.relay, RelayMode::Never);
+    assert_eq!(
+        c.meshd.relays[0].to_string(),
+        "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE="
+    );
+    let e = err(&ours("meshd:\n  relay: sometimes\n"));
+    assert_issue(
+        &e,
+        IssueKind::Value,
+        "4:10",
+        "unknown relay mode `sometimes`: expected auto or never",
+    );
+    let e = err(&ours("meshd:\n  relays: [not-a-key]\n"));
+    assert!(
+        e.to_string().contains("invalid WireGuard public key"),
+        "{e}"
+    );
+}
+
+#[test]
 fn dnslocal_hardening_keys() {
     let c = ok(&ours(
         "dnslocal:\n  clientRate: 0\n  cache: {maxMemory: 16MiB}\n  forward:\n    - {zone: Corp.Example., to: [10.0.0.53, \"10.0.0.54:5353\"]}\n    - {zone: a.corp.example, to: [10.0.1.53]}\n",

@@ -70,6 +70,8 @@ fn inputs(peers: Vec<PeerInput>) -> Inputs {
         own_public: false,
         topology: None,
         peers,
+        relay: RelayMode::Auto,
+        relays_allowed: Vec::new(),
     }
 }
 
@@ -175,11 +177,9 @@ fn allow_down_peer_bypass_withdraws_a_down_peers_routes_only() {
 }
 
 #[test]
-fn a_down_peer_goes_through_the_first_public_peer_that_is_up() {
+fn a_down_peer_goes_through_a_public_peer_that_is_up() {
     // 1 public and up (the relay), 2 private and down, 3 public but down.
     let peers = vec![peer(1, true), down(peer(2, false)), down(peer(3, true))];
-    let mut keys = [key(1), key(3)];
-    keys.sort_by_key(|k| k.0);
     let d = plan(&inputs(peers.clone()));
     assert_eq!(
         d.paths[&key(2)],
@@ -196,11 +196,39 @@ fn a_down_peer_goes_through_the_first_public_peer_that_is_up() {
         "a relayed peer is reachable: its routes stay, even with bypass"
     );
     // A public node relays for others and is never relayed itself: it forwards.
-    let mut i = inputs(peers);
+    let mut i = inputs(peers.clone());
     i.own_public = true;
     let d = plan(&i);
     assert_eq!(d.paths[&key(2)], PathKind::Direct);
     assert!(d.forwarding, "a public node may relay: forwarding on");
+
+    // `relay: never`: the peer is down (unreachable), nothing moves onto another peer; with bypass its
+    // routes are withdrawn.
+    let mut i = inputs(peers.clone());
+    i.relay = RelayMode::Never;
+    i.bypass = true;
+    let d = plan(&i);
+    assert_eq!(d.paths[&key(2)], PathKind::Direct);
+    assert_eq!(allowed(&d, 2), ["10.244.2.0/24", "fd00:1::2/128"]);
+    assert!(!allowed(&d, 1).contains(&"10.244.2.0/24".to_owned()));
+    assert!(!routes(&d).contains(&"10.244.2.0/24".to_owned()));
+
+    // `relays:` names the allowed relays: one not listed is not used, even when up and public.
+    let mut i = inputs(peers.clone());
+    i.relays_allowed = vec![key(3)];
+    let d = plan(&i);
+    assert_eq!(
+        d.paths[&key(2)],
+        PathKind::Direct,
+        "node3 (allowed) is down"
+    );
+
+    // Public is what we see, not only what a peer says: a peer that claims a public address but is
+    // reached on a private one is no relay.
+    let mut claims = peer(1, false);
+    claims.public = true;
+    let d = plan(&inputs(vec![claims, down(peer(2, false))]));
+    assert_eq!(d.paths[&key(2)], PathKind::Direct);
 }
 
 #[test]

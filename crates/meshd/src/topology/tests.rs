@@ -120,11 +120,12 @@ fn via(gw: &str, me: u8) -> Route {
 }
 
 #[test]
-fn relays_only_down_peers_of_a_natted_node_through_the_first_live_public_peer() {
-    let v = |i: u8, public: bool, state: PeerState| RelayView {
+fn relays_only_down_peers_of_a_natted_node_through_a_live_candidate() {
+    let v = |i: u8, candidate: bool, state: PeerState| RelayView {
         key: key(i),
-        public,
+        candidate,
         state,
+        pair_secret: (state == PeerState::Down).then_some([i; 32]),
     };
     let peers = [
         v(1, true, PeerState::Down),
@@ -135,20 +136,35 @@ fn relays_only_down_peers_of_a_natted_node_through_the_first_live_public_peer() 
         v(6, false, PeerState::Unknown),
     ];
     let r = relays(false, &peers);
-    // 1 is down (a public node can be unreachable too), 4 is down; 6 is still being probed.
-    assert_eq!(
-        r,
-        [(key(1), key(2)), (key(4), key(2))].into_iter().collect()
-    );
+    // 1 is down (a public node can be unreachable too), 4 is down; 6 is still being probed. Each goes
+    // through the live candidate ranked first for its pair (2 or 3), never through a non-candidate.
+    assert_eq!(r.keys().copied().collect::<Vec<_>>(), {
+        let mut k = vec![key(1), key(4)];
+        k.sort();
+        k
+    });
+    for (peer, relay) in &r {
+        let secret = peers
+            .iter()
+            .find(|p| p.key == *peer)
+            .unwrap()
+            .pair_secret
+            .unwrap();
+        let best = [key(2), key(3)]
+            .into_iter()
+            .max_by_key(|k| (relay_score(&secret, k), k.0))
+            .unwrap();
+        assert_eq!(*relay, best);
+    }
     // A public node never relays: NATed peers reach it.
     assert!(relays(true, &peers).is_empty());
-    // No live public peer: nothing to relay through.
+    // No live candidate: nothing to relay through.
     let lone = [v(2, true, PeerState::Down), v(4, false, PeerState::Down)];
     assert!(relays(false, &lone).is_empty());
     // The direct path comes back: the peer leaves the relay.
     let back = [v(2, true, PeerState::Up), v(4, false, PeerState::Up)];
     assert!(relays(false, &back).is_empty());
-    // The relay itself dies: the next public peer takes over.
+    // The relay itself dies: another candidate takes over.
     let next = [
         v(2, true, PeerState::Down),
         v(3, true, PeerState::Up),
@@ -157,6 +173,35 @@ fn relays_only_down_peers_of_a_natted_node_through_the_first_live_public_peer() 
     assert_eq!(
         relays(false, &next),
         [(key(2), key(3)), (key(4), key(3))].into_iter().collect()
+    );
+}
+
+#[test]
+fn relay_choice_is_per_pair_and_not_won_by_the_smallest_key() {
+    // 8 candidates, 200 pairs (secrets): every candidate relays some pairs; the smallest key does not
+    // win them all (as "the first by key" did).
+    let candidates: Vec<PublicKey> = (1..=8).map(key).collect();
+    let smallest = *candidates.iter().min().unwrap();
+    let mut wins = std::collections::BTreeMap::<PublicKey, usize>::new();
+    for pair in 0..200u16 {
+        let mut secret = [0u8; 32];
+        secret[..2].copy_from_slice(&pair.to_be_bytes());
+        let best = candidates
+            .iter()
+            .max_by_key(|k| (relay_score(&secret, k), k.0))
+            .unwrap();
+        *wins.entry(*best).or_default() += 1;
+    }
+    assert_eq!(wins.len(), 8, "every candidate relays some pairs: {wins:?}");
+    assert!(wins[&smallest] < 60, "{wins:?}");
+    // The same secret ranks the same way on both ends of the pair (the score takes nothing else).
+    assert_eq!(
+        relay_score(&[9; 32], &key(3)),
+        relay_score(&[9; 32], &key(3))
+    );
+    assert_ne!(
+        relay_score(&[9; 32], &key(3)),
+        relay_score(&[8; 32], &key(3))
     );
 }
 

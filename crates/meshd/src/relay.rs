@@ -1,0 +1,324 @@
+//! Relay allocations for end-to-end encrypted relaying (issue 13 item 3), the pure core: what a relay
+//! node grants and what it forwards. **Not wired into the mesh yet**: today's relay still decrypts and
+//! re-encrypts (see the crate README); this module is the state machine the forwarder is to run.
+//!
+//! The design, TURN-like (RFC 8656) without TURN's wire format: two nodes `A` and `B` that no direct
+//! path joins each ask the relay `R`, over the authenticated probe protocol, for an allocation for the
+//! pair. `R` gives each side a port of its own (`A` sends to `R:pa`, `B` to `R:pb`), and forwards a
+//! datagram that arrives on one side's port to the other side's address, out of the other side's port,
+//! so both keep their WireGuard session with each other (endpoint `R:pa` on `A`, `R:pb` on `B`) and `R`
+//! only ever sees ciphertext. The table enforces:
+//! - **Consent of both parties.** A pair forwards only once both have asked (each request is
+//!   authenticated with the requester's key): a relay asked by `A` to forward to a third party `C` that
+//!   never asked forwards nothing, and neither does it to a key it does not know.
+//! - **Only the parties.** A side's datagrams are taken only from the IP address its request came from
+//!   (a symmetric NAT keeps the address and changes the port): the first datagram from there fixes the
+//!   port; another port of that address is taken only with a WireGuard handshake initiation (a NAT
+//!   rebinding); anything else is dropped. Only datagrams shaped like WireGuard messages pass.
+//! - **A lifetime.** An allocation lasts [`LIFETIME`] after the last request of each side (both refresh
+//!   it while they need it); an expired one forwards nothing and is removed.
+//! - **A budget.** Each allocation has a byte and a packet rate (token buckets, [`BYTES_PER_SEC`],
+//!   [`PACKETS_PER_SEC`]), and each requester at most [`MAX_PER_NODE`] allocations, so one node cannot
+//!   make the relay carry unbounded traffic or hold unbounded ports.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use hybridnet_config::PublicKey;
+
+/// An allocation expires this long after a side's last request.
+pub const LIFETIME: Duration = Duration::from_secs(60);
+/// Forwarded bytes per second per allocation (both directions), with one second's burst.
+pub const BYTES_PER_SEC: f64 = 50e6;
+/// Forwarded datagrams per second per allocation, with one second's burst.
+pub const PACKETS_PER_SEC: f64 = 50_000.0;
+/// Allocations one node may hold on a relay.
+pub const MAX_PER_NODE: usize = 64;
+
+/// A pair of nodes, in key order (the same allocation whoever asks first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Pair(pub PublicKey, pub PublicKey);
+
+impl Pair {
+    pub fn new(a: PublicKey, b: PublicKey) -> Pair {
+        if a.0 <= b.0 { Pair(a, b) } else { Pair(b, a) }
+    }
+
+    /// 0 for the first key, 1 for the second.
+    fn side(&self, key: &PublicKey) -> Option<usize> {
+        if *key == self.0 {
+            Some(0)
+        } else if *key == self.1 {
+            Some(1)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why a request is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// A node asked to be relayed to itself.
+    SelfPair,
+    /// The other party is no node this relay knows.
+    UnknownParty,
+    /// The requester holds [`MAX_PER_NODE`] allocations already.
+    TooMany,
+}
+
+/// Why a datagram is not forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// No allocation on that port.
+    NoAllocation,
+    /// The allocation expired.
+    Expired,
+    /// The other party has not asked (yet): no consent, nothing forwarded.
+    NoConsent,
+    /// Not from the address the side's request came from.
+    Stranger,
+    /// Not shaped like a WireGuard message.
+    NotWireGuard,
+    /// The other side has sent nothing yet: its address (port) is unknown.
+    OtherSideUnknown,
+    /// Over the allocation's byte or packet budget.
+    OverBudget,
+}
+
+/// A grant: the relay port of the requesting side (the forwarder binds one UDP port per side).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub port: u16,
+    pub expires: Instant,
+}
+
+#[derive(Clone, Debug)]
+struct Side {
+    port: u16,
+    /// Where its request came from; `None` until it asked.
+    ip: Option<IpAddr>,
+    /// The address its datagrams come from (fixed by the first one).
+    addr: Option<SocketAddr>,
+    expires: Instant,
+}
+
+#[derive(Clone, Debug)]
+struct Allocation {
+    sides: [Side; 2],
+    bytes: Bucket,
+    packets: Bucket,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn full(rate: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: rate,
+            last: now,
+        }
+    }
+
+    fn take(&mut self, rate: f64, n: f64, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate).min(rate);
+        self.last = now;
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Where to send a forwarded datagram: out of `from_port` (the other side's relay port) to `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub from_port: u16,
+    pub to: SocketAddr,
+}
+
+/// The relay's allocations.
+#[derive(Debug, Default)]
+pub struct Allocations {
+    pairs: BTreeMap<Pair, Allocation>,
+    /// Relay port → (pair, side).
+    ports: BTreeMap<u16, (Pair, usize)>,
+}
+
+impl Allocations {
+    /// `requester` (authenticated; its request came from `from`) asks to be relayed to `other`. `known`
+    /// says whether a key is a node of the mesh; `ports` gives fresh relay ports (two for a new pair).
+    pub fn request(
+        &mut self,
+        now: Instant,
+        requester: PublicKey,
+        from: IpAddr,
+        other: PublicKey,
+        known: impl Fn(&PublicKey) -> bool,
+        mut ports: impl FnMut() -> u16,
+    ) -> Result<Grant, Refused> {
+        if requester == other {
+            return Err(Refused::SelfPair);
+        }
+        if !known(&other) {
+            return Err(Refused::UnknownParty);
+        }
+        let pair = Pair::new(requester, other);
+        let Some(side) = pair.side(&requester) else {
+            return Err(Refused::SelfPair);
+        };
+        if !self.pairs.contains_key(&pair) {
+            let held = self
+                .pairs
+                .iter()
+                .filter(|(p, a)| p.side(&requester).is_some_and(|s| a.sides[s].ip.is_some()))
+                .count();
+            if held >= MAX_PER_NODE {
+                return Err(Refused::TooMany);
+            }
+            let fresh = |port| Side {
+                port,
+                ip: None,
+                addr: None,
+                expires: now,
+            };
+            let (pa, pb) = (ports(), ports());
+            self.ports.insert(pa, (pair, 0));
+            self.ports.insert(pb, (pair, 1));
+            self.pairs.insert(
+                pair,
+                Allocation {
+                    sides: [fresh(pa), fresh(pb)],
+                    bytes: Bucket::full(BYTES_PER_SEC, now),
+                    packets: Bucket::full(PACKETS_PER_SEC, now),
+                },
+            );
+        }
+        let Some(alloc) = self.pairs.get_mut(&pair) else {
+            return Err(Refused::UnknownParty);
+        };
+        let s = &mut alloc.sides[side];
+        if s.ip != Some(from) {
+            // A new address (the node moved): its datagrams come from there now.
+            s.addr = None;
+        }
+        s.ip = Some(from);
+        s.expires = now + LIFETIME;
+        Ok(Grant {
+            port: s.port,
+            expires: s.expires,
+        })
+    }
+
+    /// A datagram of `len` bytes arrived on relay port `port` from `src`; `bytes` is its start (enough for
+    /// [`is_wireguard`]). Where to forward it, or why not.
+    pub fn forward(
+        &mut self,
+        now: Instant,
+        port: u16,
+        src: SocketAddr,
+        bytes: &[u8],
+        len: usize,
+    ) -> Result<Forward, Dropped> {
+        let &(pair, side) = self.ports.get(&port).ok_or(Dropped::NoAllocation)?;
+        let alloc = self.pairs.get_mut(&pair).ok_or(Dropped::NoAllocation)?;
+        let other = 1 - side;
+        if alloc.sides[side].ip.is_some() && alloc.sides[side].expires <= now {
+            return Err(Dropped::Expired);
+        }
+        if alloc.sides[other].ip.is_none() || alloc.sides[side].ip.is_none() {
+            return Err(Dropped::NoConsent);
+        }
+        if alloc.sides[other].expires <= now {
+            return Err(Dropped::Expired);
+        }
+        let me = &mut alloc.sides[side];
+        if me.ip != Some(src.ip()) {
+            return Err(Dropped::Stranger);
+        }
+        let kind = is_wireguard(bytes, len).ok_or(Dropped::NotWireGuard)?;
+        match me.addr {
+            None => me.addr = Some(src),
+            Some(a) if a == src => {}
+            // The same address, another port: a NAT rebinding, taken only with a new handshake.
+            Some(_) if kind == MessageType::Initiation => me.addr = Some(src),
+            Some(_) => return Err(Dropped::Stranger),
+        }
+        let to = alloc.sides[other].addr.ok_or(Dropped::OtherSideUnknown)?;
+        if !alloc.packets.take(PACKETS_PER_SEC, 1.0, now)
+            || !alloc.bytes.take(BYTES_PER_SEC, len as f64, now)
+        {
+            return Err(Dropped::OverBudget);
+        }
+        Ok(Forward {
+            from_port: alloc.sides[other].port,
+            to,
+        })
+    }
+
+    /// Removes allocations whose sides have both expired (or one expired and the other never asked);
+    /// returns the relay ports freed.
+    pub fn expire(&mut self, now: Instant) -> Vec<u16> {
+        let gone: Vec<Pair> = self
+            .pairs
+            .iter()
+            .filter(|(_, a)| a.sides.iter().all(|s| s.ip.is_none() || s.expires <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        let mut freed = Vec::new();
+        for pair in gone {
+            if let Some(a) = self.pairs.remove(&pair) {
+                for s in a.sides {
+                    self.ports.remove(&s.port);
+                    freed.push(s.port);
+                }
+            }
+        }
+        freed
+    }
+
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+}
+
+/// WireGuard's four message types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageType {
+    Initiation,
+    Response,
+    Cookie,
+    Data,
+}
+
+/// The message type of a datagram shaped like WireGuard (type byte, three zero bytes, the type's size;
+/// data: a 16-byte header, a 16-byte tag and padding to 16), else `None`. `bytes` is the datagram's
+/// start, `len` its size.
+pub fn is_wireguard(bytes: &[u8], len: usize) -> Option<MessageType> {
+    if bytes.len() < 4 || bytes[1..4] != [0, 0, 0] {
+        return None;
+    }
+    match (bytes[0], len) {
+        (1, 148) => Some(MessageType::Initiation),
+        (2, 92) => Some(MessageType::Response),
+        (3, 64) => Some(MessageType::Cookie),
+        (4, n) if n >= 32 && (n - 32) % 16 == 0 => Some(MessageType::Data),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
