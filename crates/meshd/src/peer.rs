@@ -201,7 +201,17 @@ pub struct PeerMachine {
     suspect: bool,
     /// Probes not sent because traffic proved the active path (for the metrics).
     pub skipped: u64,
+    /// A live path other than the active one that the choice wants, and since when (see [`SLOW_HOLD`]).
+    wanted: Option<(usize, Instant)>,
 }
+
+/// How long an alive active path must stay far slower than the best before traffic moves off it: RTT
+/// samples spike on a loaded host or a busy link, and every move costs a WireGuard update (a session reset
+/// on the userspace backend). A dead path still fails over at once.
+pub const SLOW_HOLD: Duration = Duration::from_secs(3);
+/// How long an earlier-listed path must stay preferred (alive, near the best RTT) before traffic moves back
+/// to it.
+pub const BACK_HOLD: Duration = Duration::from_secs(1);
 
 impl PeerMachine {
     pub fn new(candidates: &[SocketAddr], timing: Timing, now: Instant) -> PeerMachine {
@@ -211,6 +221,7 @@ impl PeerMachine {
             active: None,
             state: PeerState::Unknown,
             failovers: 0,
+            wanted: None,
             need: Need::Fast,
             moved_at: None,
             moved_before: None,
@@ -424,7 +435,10 @@ impl PeerMachine {
         };
         let switch = match self.active {
             None => true,
-            Some(a) if a == pref => false,
+            Some(a) if a == pref => {
+                self.wanted = None;
+                false
+            }
             Some(a) => {
                 let active = &self.paths[a];
                 match active.state {
@@ -435,12 +449,28 @@ impl PeerMachine {
                     PathState::Alive => {
                         let best = self.paths[pref].rtt.unwrap_or_default();
                         let far = best * 2 + Duration::from_millis(5);
-                        pref < a || active.rtt.is_some_and(|r| r > far)
+                        let back = pref < a;
+                        if back || active.rtt.is_some_and(|r| r > far) {
+                            let hold = if back { BACK_HOLD } else { SLOW_HOLD };
+                            match self.wanted {
+                                Some((p, since)) if p == pref => {
+                                    now.saturating_duration_since(since) >= hold
+                                }
+                                _ => {
+                                    self.wanted = Some((pref, now));
+                                    false
+                                }
+                            }
+                        } else {
+                            self.wanted = None;
+                            false
+                        }
                     }
                 }
             }
         };
         if switch {
+            self.wanted = None;
             self.active = Some(pref);
             // An active path is probed at the active rate from now on, not on the schedule it had as a
             // standby or dead path (up to `dead_interval_max` away).

@@ -346,3 +346,51 @@ fn traffic_need_probes_only_when_counters_stop_or_go_unanswered() {
     idle.run(ms(1600));
     assert_eq!(idle.m.state, PeerState::Down);
 }
+
+#[test]
+fn an_rtt_spike_never_moves_traffic_a_sustained_slowdown_does() {
+    // Two paths of equal RTT; the active (private) one slows down for less than SLOW_HOLD (a loaded host,
+    // a burst on the link): traffic stays. Every move is a WireGuard update (a session reset on the
+    // userspace backend), so noise must not cause any.
+    let mut s = Sim::new(&[PRIV, PUB]);
+    s.run(ms(3000));
+    assert_eq!(s.active().as_deref(), Some(PRIV));
+    let moves = s.endpoints.len();
+    for _ in 0..5 {
+        s.set(PRIV, Some(ms(40)));
+        s.run(SLOW_HOLD - ms(1000));
+        s.set(PRIV, Some(ms(1)));
+        s.run(ms(1500));
+    }
+    assert_eq!(s.active().as_deref(), Some(PRIV));
+    assert_eq!(s.endpoints.len(), moves, "spikes moved the endpoint");
+    // Slow for good: moves after the hold (not before), and back once the path is fast again.
+    s.set(PRIV, Some(ms(40)));
+    let slowed = s.now;
+    let mut moved = None;
+    for _ in 0..200 {
+        s.run(ms(50));
+        if s.active().as_deref() == Some(PUB) {
+            moved = Some(s.since(slowed));
+            break;
+        }
+    }
+    let moved = moved.expect("moved off the slow path");
+    assert!(
+        moved >= SLOW_HOLD && moved <= SLOW_HOLD + ms(2000),
+        "moved after {moved:?}"
+    );
+    assert_eq!(s.m.failovers, 0, "a slow path is no failover");
+    s.set(PRIV, Some(ms(1)));
+    let fast = s.now;
+    let mut back = None;
+    for _ in 0..200 {
+        s.run(ms(50));
+        if s.active().as_deref() == Some(PRIV) {
+            back = Some(s.since(fast));
+            break;
+        }
+    }
+    let back = back.expect("moved back");
+    assert!(back >= BACK_HOLD, "moved back after {back:?}");
+}
