@@ -81,6 +81,9 @@ pub struct Routes {
     /// Conditional forwarding (`forward`): lower-cased wire-format zones and their pools.
     pub forward: Vec<(Vec<u8>, Arc<Pool>)>,
     pub default: Arc<Pool>,
+    /// `clusterZone: kubernetes`: the cluster zone (and the reverse names of its addresses) answered
+    /// from the Kubernetes API; what it does not hold takes the paths above.
+    pub authority: Option<Arc<crate::authority::Authority>>,
 }
 
 impl Routes {
@@ -255,6 +258,12 @@ impl Engine {
         } else {
             q.udp_limit()
         };
+        if let Some(auth) = &self.routes.authority
+            && auth.answer(buf, &q, limit, out)
+        {
+            self.metrics.query(q.qtype, Outcome::Authoritative);
+            return Action::Send;
+        }
         let now = self.now_ms();
         let hit = self.cache.get(&q.key, now, |answer, hit| match hit {
             Hit::Fresh { age, prefetch } => {
@@ -538,6 +547,7 @@ mod tests {
             default: Arc::new(Pool {
                 upstreams: vec![Arc::new(upstream)],
             }),
+            authority: None,
         };
         let policy = TtlPolicy {
             max_ttl: 60,
@@ -587,6 +597,7 @@ mod tests {
             cluster: Some(cluster.clone()),
             forward: Vec::new(),
             default: default.clone(),
+            authority: None,
         };
         let to_cluster =
             |name: &str| Arc::ptr_eq(routes.pool_for(&wire::name_to_wire(name)), &cluster);
@@ -624,6 +635,7 @@ mod tests {
                 (wire::name_to_wire("svc.cluster.local"), local.clone()),
             ],
             default: default.clone(),
+            authority: None,
         };
         let to = |name: &str, pool: &Arc<Pool>| {
             Arc::ptr_eq(routes.pool_for(&wire::name_to_wire(name)), pool)
