@@ -60,6 +60,9 @@ struct SnapshotFile {
     domain: String,
     /// Unix ms of the last time the API confirmed this state.
     confirmed_ms: u64,
+    /// This node's topology zone as last read (so a restart with the API down keeps the order).
+    #[serde(default)]
+    local_zone: Option<String>,
     #[serde(flatten)]
     state: Snapshot,
 }
@@ -214,7 +217,12 @@ impl Authority {
         if self.origin() != Origin::None {
             return Err("the API answered first".into());
         }
-        self.update(|z| z.restore(file.state));
+        self.update(|z| {
+            z.restore(file.state);
+            if z.local_zone().is_none() {
+                z.set_local_zone(file.local_zone);
+            }
+        });
         self.confirmed_ms
             .store(file.confirmed_ms, Ordering::Relaxed);
         let _ = self.origin.compare_exchange(
@@ -236,11 +244,18 @@ impl Authority {
             return Ok(0);
         }
         let _ = self.age();
-        let (domain, state) = self.read(|z| (crate::wire::wire_to_name(z.apex()), z.snapshot()));
+        let (domain, local_zone, state) = self.read(|z| {
+            (
+                crate::wire::wire_to_name(z.apex()),
+                z.local_zone().map(str::to_owned),
+                z.snapshot(),
+            )
+        });
         let file = SnapshotFile {
             version: SNAPSHOT_VERSION,
             domain: domain.trim_end_matches('.').to_owned(),
             confirmed_ms: self.confirmed_ms.load(Ordering::Relaxed),
+            local_zone,
             state,
         };
         let bytes = serde_json::to_vec(&file).map_err(|e| e.to_string())?;

@@ -302,19 +302,25 @@ fn node_name() -> Option<String> {
         })
 }
 
-/// Reads this node's topology zone from its Node (once per session of the services loop).
-async fn local_zone(client: &Client) -> Option<String> {
-    let name = node_name()?;
+/// Reads this node's topology zone from its Node (once per session of the services loop): `Err` when
+/// the Node could not be read (the zone known so far stays).
+async fn local_zone(client: &Client) -> Result<Option<String>, ()> {
+    let Some(name) = node_name() else {
+        return Ok(None);
+    };
     let api: Api<Node> = Api::all(client.clone());
     match api.get_opt(&name).await {
-        Ok(Some(node)) => node.metadata.labels?.get(LABEL_ZONE).cloned(),
+        Ok(Some(node)) => Ok(node
+            .metadata
+            .labels
+            .and_then(|l| l.get(LABEL_ZONE).cloned())),
         Ok(None) => {
             tracing::info!(node = %name, "no Node of this name: headless answers are not ordered by zone");
-            None
+            Ok(None)
         }
         Err(error) => {
             tracing::debug!(node = %name, %error, "cannot read this node's zone");
-            None
+            Err(())
         }
     }
 }
@@ -372,10 +378,12 @@ async fn session<K: Source>(
     let (client, server) = client(settings).await.map_err(fail)?;
     if K::FEED == Feed::Services {
         let zone = match &settings.topology_zone {
-            Some(z) => Some(z.clone()),
+            Some(z) => Ok(Some(z.clone())),
             None => local_zone(&client).await,
         };
-        auth.update(|z| z.set_local_zone(zone));
+        if let Ok(zone) = zone {
+            auth.update(|z| z.set_local_zone(zone));
+        }
     }
     let api: Api<K> = Api::all(client);
     let lp = ListParams::default();

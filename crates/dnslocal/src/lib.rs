@@ -330,7 +330,7 @@ impl Instance {
                 "zone": wire::wire_to_name(zone), "upstreams": pools(p),
             })).collect::<Vec<_>>(),
             "cache": { "entries": entries, "capacity": e.cache.capacity(), "bytes": bytes, "max_bytes": e.cache.max_bytes() },
-            "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail },
+            "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail, "authoritative": m.total(Outcome::Authoritative) },
             "inflight": e.inflight(),
             "cluster_loop": e.loops.cluster_refused(),
             "intercept": self.config.intercept_cluster_dns.map(|ip| ip.to_string()),
@@ -765,6 +765,12 @@ pub fn render_details(d: &serde_json::Value) -> String {
         "queries      hit {}  stale {}  miss {}  coalesced {}  servfail {}  (in flight {})\n",
         q["hit"], q["stale"], q["miss"], q["coalesced"], q["servfail"], d["inflight"]
     ));
+    if d["cluster_zone"].is_object() {
+        out.push_str(&format!(
+            "             authoritative (cluster zone) {}\n",
+            q["authoritative"]
+        ));
+    }
     out
 }
 
