@@ -1,6 +1,6 @@
 //! The Kubernetes API client of `clusterZone: kubernetes`: one list + watch of Services and one of
 //! EndpointSlices (`discovery.k8s.io/v1`), cluster-wide, as kube-proxy holds on every node. Requests:
-//! `GET /api/v1/services` then `GET /api/v1/services?watch=1&resourceVersion=N&timeoutSeconds=290`,
+//! `GET /api/v1/services?limit=500` (more pages with `continue` in large clusters) then `GET /api/v1/services?watch=1&resourceVersion=N&timeoutSeconds=290`,
 //! and the same for `/apis/discovery.k8s.io/v1/endpointslices`; a watch the server ends is resumed
 //! from the last version, 410 Gone (as a status or an `ERROR` event) relists, any other failure
 //! reconnects with backoff (1 s to 15 s, ±20 %) while the last state keeps being served. At start one
@@ -43,6 +43,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WATCH_TIMEOUT_SECS: u32 = 290;
 const QUICK_END: Duration = Duration::from_secs(1);
+/// Objects per list page (client-go's reflector asks for 500 too).
+const LIST_PAGE: u32 = 500;
 /// The API's own bounds (an EndpointSlice holds at most 1000 endpoints of at most 100 addresses).
 const MAX_ENDPOINTS: usize = 1000;
 const MAX_ADDRESSES: usize = 100;
@@ -221,7 +223,10 @@ trait Source:
 {
     const FEED: Feed;
     const NAME: &'static str;
-    fn replace_all(zone: &mut Zone, items: &[Self]);
+    /// What the zone keeps of one object.
+    type Info: Send;
+    fn info(item: &Self) -> Option<Self::Info>;
+    fn replace_all(zone: &mut Zone, items: Vec<Self::Info>);
     fn upsert(zone: &mut Zone, item: &Self);
     fn delete(zone: &mut Zone, item: &Self);
 }
@@ -237,8 +242,12 @@ fn ns_name<K: kube::Resource>(k: &K) -> (String, String) {
 impl Source for Service {
     const FEED: Feed = Feed::Services;
     const NAME: &'static str = "services";
-    fn replace_all(zone: &mut Zone, items: &[Self]) {
-        zone.replace_services(items.iter().filter_map(service_info).collect());
+    type Info = ServiceInfo;
+    fn info(item: &Self) -> Option<ServiceInfo> {
+        service_info(item)
+    }
+    fn replace_all(zone: &mut Zone, items: Vec<ServiceInfo>) {
+        zone.replace_services(items);
     }
     fn upsert(zone: &mut Zone, item: &Self) {
         match service_info(item) {
@@ -255,8 +264,12 @@ impl Source for Service {
 impl Source for EndpointSlice {
     const FEED: Feed = Feed::Slices;
     const NAME: &'static str = "endpointslices";
-    fn replace_all(zone: &mut Zone, items: &[Self]) {
-        zone.replace_slices(items.iter().filter_map(slice_info).collect());
+    type Info = SliceInfo;
+    fn info(item: &Self) -> Option<SliceInfo> {
+        slice_info(item)
+    }
+    fn replace_all(zone: &mut Zone, items: Vec<SliceInfo>) {
+        zone.replace_slices(items);
     }
     fn upsert(zone: &mut Zone, item: &Self) {
         match slice_info(item) {
@@ -386,19 +399,35 @@ async fn session<K: Source>(
         }
     }
     let api: Api<K> = Api::all(client);
-    let lp = ListParams::default();
     loop {
-        let list = tokio::select! {
-            () = stop.cancelled() => return Err(Ended::Stop),
-            r = api.list(&lp) => r.map_err(|e| fail(format!("list {} on {server}: {e}", K::NAME)))?,
-        };
+        // In pages of LIST_PAGE (as client-go's reflector): each page is reduced to the zone's records
+        // before the next is read, so the parsed objects of a large cluster are never all in memory.
+        let mut infos: Vec<K::Info> = Vec::new();
+        let mut items = 0usize;
+        let mut token: Option<String> = None;
+        let mut version;
+        loop {
+            let mut lp = ListParams::default().limit(LIST_PAGE);
+            if let Some(t) = &token {
+                lp = lp.continue_token(t);
+            }
+            let page = tokio::select! {
+                () = stop.cancelled() => return Err(Ended::Stop),
+                r = api.list(&lp) => r.map_err(|e| fail(format!("list {} on {server}: {e}", K::NAME)))?,
+            };
+            version = page.metadata.resource_version.clone().unwrap_or_default();
+            items += page.items.len();
+            infos.extend(page.items.iter().filter_map(K::info));
+            token = page.metadata.continue_.filter(|t| !t.is_empty());
+            if token.is_none() {
+                break;
+            }
+        }
         *healthy = true;
-        let mut version = list.metadata.resource_version.clone().unwrap_or_default();
-        auth.update(|z| K::replace_all(z, &list.items));
+        auth.update(|z| K::replace_all(z, infos));
         auth.set_live(K::FEED, true);
         metrics.cluster_zone_lists.inc();
-        tracing::info!(resource = K::NAME, %server, items = list.items.len(), %version, "listed");
-        drop(list);
+        tracing::info!(resource = K::NAME, %server, items, %version, "listed");
         'watch: loop {
             let wp = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
             let stream = tokio::select! {
