@@ -300,14 +300,21 @@ fn every_record_of_the_specification() {
         "NOERROR",
         &["10.244.5.5"],
     );
-    // 2.5 ExternalName: a CNAME.
+    // 2.5 ExternalName: a CNAME, with the target's records resolved where that name goes (NSD), as in
+    // the spec's example; asked for the CNAME itself, the CNAME alone.
     let ext = s.dig(&["ext.prod.svc.cluster.local"]);
-    assert!(
-        ext.answers
-            .iter()
-            .any(|a| a.contains("CNAME www.example.test.")),
+    assert_eq!(ext.status, "NOERROR", "{}", ext.text);
+    assert_eq!(
+        ext.data(),
+        vec!["www.example.test.", "192.0.2.80"],
         "{}",
         ext.text
+    );
+    assert!(ext.answers[0].contains("\u{20}7 IN CNAME"), "{}", ext.text);
+    check(
+        &s.dig(&["ext.prod.svc.cluster.local", "CNAME"]),
+        "NOERROR",
+        &["www.example.test."],
     );
     // 2.6 pod records.
     check(

@@ -73,6 +73,17 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What [`Authority::answer`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// The answer is in `out`.
+    Done,
+    /// `out` holds a CNAME (an ExternalName Service): the target (wire format) is to be resolved and
+    /// its records appended.
+    Chase(Vec<u8>),
+    NotOurs,
+}
+
 /// Which watch a [`Authority::set_live`] is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Feed {
@@ -100,11 +111,11 @@ impl Authority {
     }
 
     /// Renders the answer to a question in the cluster zone (or a reverse name we hold) into `out`;
-    /// `false` when it is not ours to answer (then the query takes today's path), also while no state
-    /// was ever loaded.
-    pub fn answer(&self, buf: &[u8], q: &Query, limit: usize, out: &mut Vec<u8>) -> bool {
+    /// [`Answered::NotOurs`] when it is not ours to answer (then the query takes today's path), also while
+    /// no state was ever loaded.
+    pub fn answer(&self, buf: &[u8], q: &Query, limit: usize, out: &mut Vec<u8>) -> Answered {
         if self.origin() == Origin::None {
-            return false;
+            return Answered::NotOurs;
         }
         let zone = self.zone.read().unwrap_or_else(PoisonError::into_inner);
         let lookup = zone.lookup(q.qname(), q.qtype);
@@ -113,7 +124,22 @@ impl Authority {
             ttl: self.ttl,
             serial: self.generation.load(Ordering::Relaxed),
         };
-        encode::render(&lookup, buf, q, limit, &params, out)
+        if !encode::render(&lookup, buf, q, limit, &params, out) {
+            return Answered::NotOurs;
+        }
+        // An ExternalName asked for another type: the target's records are to follow (stub resolvers
+        // do not chase a CNAME themselves).
+        match &lookup {
+            crate::zone::Lookup::Answer(records, _)
+                if q.qtype != crate::zone::TYPE_CNAME && records.len() == 1 =>
+            {
+                match &records[0].data {
+                    crate::zone::Rdata::Cname(target) => Answered::Chase(target.clone()),
+                    _ => Answered::Done,
+                }
+            }
+            _ => Answered::Done,
+        }
     }
 
     /// Changes the model (a watch event, a relist).
