@@ -446,3 +446,68 @@ fn large_headless_answers_truncate_over_udp() {
     assert!(!m.metadata.truncation);
     assert_eq!(m.answers.len(), 100);
 }
+
+/// Random names built from the zone's own vocabulary (and random bytes), every type: lookup and render
+/// never panic, and an answer fits the client's limit (the `cluster_zone` fuzz target does this at length).
+#[test]
+fn random_names_never_panic_and_answers_fit() {
+    let z = zone();
+    let words: [&[u8]; 16] = [
+        b"svc",
+        b"pod",
+        b"cluster",
+        b"local",
+        b"db",
+        b"prod",
+        b"_pg",
+        b"_tcp",
+        b"db-0",
+        b"10-0-1-1",
+        b"in-addr",
+        b"arpa",
+        b"ip6",
+        b"1",
+        b"fd00--1",
+        b"\xff\x00.",
+    ];
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..50_000 {
+        let mut name = Vec::new();
+        for _ in 0..rng.usize(0..8) {
+            let w: Vec<u8> = if rng.u8(..) < 20 {
+                (0..rng.usize(1..70)).map(|_| rng.u8(..)).collect()
+            } else {
+                words[rng.usize(..words.len())].to_vec()
+            };
+            name.push(w.len().min(63) as u8);
+            name.extend_from_slice(&w[..w.len().min(63)]);
+        }
+        if name.len() > 200 {
+            continue;
+        }
+        name.extend_from_slice(&name_to_wire("cluster.local")[..if rng.bool() { 15 } else { 1 }]);
+        let qtype = [
+            TYPE_A, TYPE_AAAA, TYPE_SRV, TYPE_PTR, TYPE_TXT, TYPE_SOA, TYPE_CNAME, 99,
+        ][rng.usize(..8)];
+        let mut buf = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        buf.extend_from_slice(&name);
+        buf.extend_from_slice(&qtype.to_be_bytes());
+        buf.extend_from_slice(&[0, 1]);
+        let Ok(q) = parse_query(&buf) else { continue };
+        let l = z.lookup(q.qname(), q.qtype);
+        let p = encode::Params {
+            apex: z.apex(),
+            ttl: 5,
+            serial: 1,
+        };
+        let mut out = Vec::new();
+        if encode::render(&l, &buf, &q, 512, &p, &mut out) {
+            assert!(
+                out.len() <= 512,
+                "{} bytes for {:?}",
+                out.len(),
+                crate::wire::wire_to_name(q.qname())
+            );
+        }
+    }
+}
