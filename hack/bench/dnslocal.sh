@@ -3,6 +3,7 @@
 # one run on this machine, all traffic inside a private network namespace.
 #
 #   hack/bench/dnslocal.sh [--quick]      (root; installs nsd unbound dnsmasq-base dnsperf bind9-dnsutils)
+#   hack/bench/dnslocal.sh --cluster-zone [--quick]   clusterZone kubernetes vs forward (hack/bench/dnslocal-zone.sh)
 #
 # The three servers run side by side (each on its own address, all pinned to core 0 with taskset), dnsperf
 # is pinned to core 1, and the runs are interleaved in rounds (median per server), so that noise from other
@@ -18,6 +19,10 @@
 # Prints a table with ratios. --quick: 3 s runs, 1 round.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [ "${1:-}" = "--cluster-zone" ]; then
+  shift
+  exec hack/bench/dnslocal-zone.sh "$@"
+fi
 # shellcheck source=../lib/common.sh
 . hack/lib/common.sh
 

@@ -18,6 +18,15 @@
 //!   certificates as kubelets use them ([`KubeApiServer::start_tls`]: a test CA, a server certificate for
 //!   the listen address, one client certificate; a client without one is refused in the handshake); no
 //!   authorization; state is in memory and a stopped server (drop) closes every connection.
+//!
+//! For dnslocal's `clusterZone: kubernetes` it also serves Services and EndpointSlices cluster-wide, as
+//! kube-proxy and CoreDNS read them: `GET /api/v1/services` and
+//! `GET /apis/discovery.k8s.io/v1/endpointslices` (`ServiceList`/`EndpointSliceList` with the
+//! `resourceVersion`), and the same with `watch=1&resourceVersion=N` (history, then live events; 410
+//! Gone below the compacted history, in the same two forms as for Nodes). One resourceVersion counter
+//! orders every kind, as etcd's revision does. Controls: [`KubeApiServer::put`] and
+//! [`KubeApiServer::remove`] (what the API server's clients write), counted as `services.list`,
+//! `endpointslices.watch`, and so on.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -49,14 +58,28 @@ pub enum Gone {
 struct Watcher {
     tx: mpsc::UnboundedSender<Bytes>,
     name: Option<String>,
+    /// `nodes`, `services` or `endpointslices`.
+    collection: &'static str,
 }
+
+/// The namespaced collections served besides Nodes: (collection, list path, list kind).
+const COLLECTIONS: [(&str, &str, &str); 2] = [
+    ("services", "/api/v1/services", "ServiceList"),
+    (
+        "endpointslices",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSliceList",
+    ),
+];
 
 #[derive(Debug)]
 struct State {
     rv: u64,
     nodes: BTreeMap<String, Value>,
-    /// (resourceVersion, event type, object) after `oldest`.
-    history: Vec<(u64, &'static str, Value)>,
+    /// (resourceVersion, event type, object, collection) after `oldest`.
+    history: Vec<(u64, &'static str, Value, &'static str)>,
+    /// Services and EndpointSlices by (collection, `namespace/name`).
+    objects: BTreeMap<(&'static str, String), Value>,
     /// Watches from a version below this get 410 Gone.
     oldest: u64,
     gone: Gone,
@@ -66,12 +89,16 @@ struct State {
 
 impl State {
     fn emit(&mut self, kind: &'static str, object: Value) {
+        self.emit_in("nodes", kind, object);
+    }
+
+    fn emit_in(&mut self, collection: &'static str, kind: &'static str, object: Value) {
         let rv = self.rv;
-        self.history.push((rv, kind, object.clone()));
+        self.history.push((rv, kind, object.clone(), collection));
         let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
         let line = event_line(kind, &object);
         self.watchers.retain(|w| {
-            if w.name.as_ref().is_some_and(|n| *n != name) {
+            if w.collection != collection || w.name.as_ref().is_some_and(|n| *n != name) {
                 return !w.tx.is_closed();
             }
             w.tx.send(line.clone()).is_ok()
@@ -183,6 +210,7 @@ impl KubeApiServer {
             rv: 100,
             nodes: BTreeMap::new(),
             history: Vec::new(),
+            objects: BTreeMap::new(),
             oldest: 0,
             gone: Gone::Status,
             watchers: Vec::new(),
@@ -341,9 +369,46 @@ impl KubeApiServer {
         self.with(|s| s.watchers.iter().filter(|w| !w.tx.is_closed()).count())
     }
 
-    /// Requests served by kind: `list`, `watch`, `get`, `patch`, `gone` (410 answers).
+    /// Requests served by kind: `list`, `watch`, `get`, `patch`, `gone` (410 answers) for Nodes;
+    /// `services.list`, `services.watch`, `endpointslices.list`, `endpointslices.watch`.
     pub fn requests(&self, kind: &str) -> u64 {
         self.with(|s| s.requests.get(kind).copied().unwrap_or(0))
+    }
+
+    /// Creates or replaces a Service or EndpointSlice (`collection` `services` or `endpointslices`), as
+    /// a controller's write does: the resourceVersion moves on, watchers get ADDED or MODIFIED.
+    pub fn put(&self, collection: &str, mut object: Value) {
+        let Some((coll, _, _)) = COLLECTIONS.iter().find(|c| c.0 == collection) else {
+            panic!("the stand-in serves no collection {collection}");
+        };
+        let key = format!(
+            "{}/{}",
+            object["metadata"]["namespace"].as_str().unwrap_or(""),
+            object["metadata"]["name"].as_str().unwrap_or("")
+        );
+        self.with(|s| {
+            s.bump(&mut object);
+            let kind = if s.objects.contains_key(&(*coll, key.clone())) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            s.objects.insert((*coll, key), object.clone());
+            s.emit_in(coll, kind, object);
+        });
+    }
+
+    /// Deletes a Service or EndpointSlice; watchers get DELETED.
+    pub fn remove(&self, collection: &str, namespace: &str, name: &str) {
+        let Some((coll, _, _)) = COLLECTIONS.iter().find(|c| c.0 == collection) else {
+            panic!("the stand-in serves no collection {collection}");
+        };
+        self.with(|s| {
+            if let Some(mut object) = s.objects.remove(&(*coll, format!("{namespace}/{name}"))) {
+                s.bump(&mut object);
+                s.emit_in(coll, "DELETED", object);
+            }
+        });
     }
 }
 
@@ -487,6 +552,41 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<C
     let path = req.uri().path().to_owned();
     let q = query(&req);
     let method = req.method().clone();
+    if method == hyper::Method::GET
+        && let Some(&(collection, _, list_kind)) = COLLECTIONS.iter().find(|c| c.1 == path)
+    {
+        let watch = q.get("watch").is_some_and(|w| w == "1" || w == "true");
+        count(
+            state,
+            &format!("{collection}.{}", if watch { "watch" } else { "list" }),
+        );
+        if watch {
+            return watch_collection(state, &q, collection, None);
+        }
+        let Ok(s) = state.lock() else {
+            return failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "poisoned",
+            );
+        };
+        let items: Vec<Value> = s
+            .objects
+            .iter()
+            .filter(|((c, _), _)| *c == collection)
+            .map(|(_, v)| v.clone())
+            .collect();
+        let api_version = if collection == "services" {
+            "v1"
+        } else {
+            "discovery.k8s.io/v1"
+        };
+        return reply(
+            StatusCode::OK,
+            &json!({"kind": list_kind, "apiVersion": api_version,
+                    "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+        );
+    }
     let name = path
         .strip_prefix("/api/v1/nodes/")
         .filter(|n| !n.is_empty() && !n.contains('/'))
@@ -596,6 +696,16 @@ fn watch_nodes(
     q: &BTreeMap<String, String>,
     field: Option<String>,
 ) -> Response<ChanBody> {
+    watch_collection(state, q, "nodes", field)
+}
+
+/// A watch on `collection` (`field`: only the object of this name).
+fn watch_collection(
+    state: &Arc<Mutex<State>>,
+    q: &BTreeMap<String, String>,
+    collection: &'static str,
+    field: Option<String>,
+) -> Response<ChanBody> {
     let Ok(mut s) = state.lock() else {
         return failure(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -607,9 +717,17 @@ fn watch_nodes(
     let (tx, rx) = mpsc::unbounded_channel();
     let wanted = |n: &str| field.as_ref().is_none_or(|f| f == n);
     if from.is_empty() || from == "0" {
-        for (n, v) in &s.nodes {
-            if wanted(n) {
-                let _ = tx.send(event_line("ADDED", v));
+        if collection == "nodes" {
+            for (n, v) in &s.nodes {
+                if wanted(n) {
+                    let _ = tx.send(event_line("ADDED", v));
+                }
+            }
+        } else {
+            for ((c, _), v) in &s.objects {
+                if *c == collection {
+                    let _ = tx.send(event_line("ADDED", v));
+                }
             }
         }
     } else {
@@ -641,13 +759,20 @@ fn watch_nodes(
                 }
             };
         }
-        for (rv, kind, obj) in &s.history {
-            if *rv > from && wanted(obj["metadata"]["name"].as_str().unwrap_or("")) {
+        for (rv, kind, obj, c) in &s.history {
+            if *c == collection
+                && *rv > from
+                && wanted(obj["metadata"]["name"].as_str().unwrap_or(""))
+            {
                 let _ = tx.send(event_line(kind, obj));
             }
         }
     }
-    s.watchers.push(Watcher { tx, name: field });
+    s.watchers.push(Watcher {
+        tx,
+        name: field,
+        collection,
+    });
     let mut r = Response::new(ChanBody(rx));
     r.headers_mut().insert(
         "content-type",

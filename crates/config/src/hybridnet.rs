@@ -88,6 +88,10 @@ pub struct Ours {
     pub d_client_rate: Sourced<u32>,
     pub d_forward: Sourced<Vec<crate::model::DnsForward>>,
     pub d_intercept_cluster_dns: Sourced<bool>,
+    pub d_cluster_zone: Sourced<crate::model::ClusterZone>,
+    pub d_cluster_zone_ttl: Sourced<Duration>,
+    pub d_kubeconfig: Sourced<PathBuf>,
+    pub d_topology_zone: Sourced<String>,
     pub d_admin: Sourced<SocketAddr>,
 }
 

@@ -333,6 +333,26 @@ pub struct DnslocalConfig {
     /// `interceptClusterDNS`: the kube-dns ClusterIP dnslocal also listens on (held on its link, with
     /// NOTRACK rules so kube-proxy's DNAT does not take the queries); `None` when off.
     pub intercept_cluster_dns: Option<std::net::IpAddr>,
+    /// Who answers the cluster zone: kube-dns (`forward`) or dnslocal itself from the Kubernetes API.
+    pub cluster_zone: ClusterZone,
+    /// The TTL of the answers dnslocal gives from the Kubernetes API (`kubernetes` mode).
+    pub cluster_zone_ttl: Duration,
+    /// The kubeconfig for the Kubernetes API (`kubernetes` mode); `None`: `KUBECONFIG`, the in-cluster
+    /// service account, then the kubelet's kubeconfig.
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// This node's `topology.kubernetes.io/zone` (headless answers list its endpoints first); `None`:
+    /// read from this node's Node object.
+    pub topology_zone: Option<String>,
+}
+
+/// `dnslocal.clusterZone`: who answers the cluster zone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClusterZone {
+    /// Forward it to `clusterDNS` (kube-dns).
+    #[default]
+    Forward,
+    /// Answer it from Services and EndpointSlices (list + watch of the Kubernetes API).
+    Kubernetes,
 }
 
 /// One `dnslocal.forward` entry.

@@ -252,6 +252,27 @@ fn dnslocal(c: &Config) -> Vec<(String, Value)> {
             ),
         ),
         (
+            "dnslocal.clusterZone".into(),
+            json!(match d.cluster_zone {
+                crate::model::ClusterZone::Forward => "forward",
+                crate::model::ClusterZone::Kubernetes => "kubernetes",
+            }),
+        ),
+        (
+            "dnslocal.clusterZoneTTL".into(),
+            json!(format_duration(d.cluster_zone_ttl)),
+        ),
+        (
+            "dnslocal.kubeconfig".into(),
+            d.kubeconfig
+                .as_ref()
+                .map_or(Value::Null, |p| json!(p.display().to_string())),
+        ),
+        (
+            "dnslocal.topologyZone".into(),
+            d.topology_zone.as_ref().map_or(Value::Null, |z| json!(z)),
+        ),
+        (
             "dnslocal.forward".into(),
             json!(
                 d.forward

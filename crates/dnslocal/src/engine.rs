@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::authority::Answered;
 use crate::cache::{Cache, Hit};
 use crate::limit::{ClientBudget, Verdict};
 use crate::loops::LoopGuard;
@@ -81,6 +82,9 @@ pub struct Routes {
     /// Conditional forwarding (`forward`): lower-cased wire-format zones and their pools.
     pub forward: Vec<(Vec<u8>, Arc<Pool>)>,
     pub default: Arc<Pool>,
+    /// `clusterZone: kubernetes`: the cluster zone (and the reverse names of its addresses) answered
+    /// from the Kubernetes API; what it does not hold takes the paths above.
+    pub authority: Option<Arc<crate::authority::Authority>>,
 }
 
 impl Routes {
@@ -255,6 +259,18 @@ impl Engine {
         } else {
             q.udp_limit()
         };
+        if let Some(auth) = &self.routes.authority {
+            match auth.answer(buf, &q, limit, out) {
+                Answered::Done => {
+                    self.metrics.query(q.qtype, Outcome::Authoritative);
+                    return Action::Send;
+                }
+                Answered::Chase(target) => {
+                    return self.chase(q, target, std::mem::take(out), limit, reply);
+                }
+                Answered::NotOurs => {}
+            }
+        }
         let now = self.now_ms();
         let hit = self.cache.get(&q.key, now, |answer, hit| match hit {
             Hit::Fresh { age, prefetch } => {
@@ -275,6 +291,36 @@ impl Engine {
             Some(None) => self.miss(buf, q, true, out, limit, reply),
             None => self.miss(buf, q, false, out, limit, reply),
         }
+    }
+
+    /// An ExternalName's CNAME (`ours`, rendered for the client) with the target's records, resolved
+    /// where the target's name goes (as CoreDNS does); the CNAME alone when that fails.
+    fn chase(
+        self: &Arc<Self>,
+        q: Query,
+        target: Vec<u8>,
+        ours: Vec<u8>,
+        limit: usize,
+        reply: impl FnOnce() -> Reply,
+    ) -> Action {
+        let mut msg = vec![0, 0, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 1];
+        msg.extend_from_slice(&target);
+        msg.extend_from_slice(&q.qtype.to_be_bytes());
+        msg.extend_from_slice(&[0, 1]);
+        msg.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+        let reply = reply();
+        let engine = self.clone();
+        self.runtime.spawn(async move {
+            let pool = engine.routes.pool_for(&target).clone();
+            let deadline = Instant::now() + MISS_DEADLINE;
+            let bytes = match pool.exchange(&msg, deadline, &engine.metrics).await {
+                Ok(theirs) => with_target(&ours, &theirs, limit).unwrap_or(ours),
+                Err(_) => ours,
+            };
+            engine.metrics.query(q.qtype, Outcome::Authoritative);
+            reply.send(bytes);
+        });
+        Action::Later
     }
 
     fn render_stale(&self, buf: &[u8], q: &Query, limit: usize, out: &mut Vec<u8>) -> bool {
@@ -511,6 +557,18 @@ impl Engine {
     }
 }
 
+/// Our CNAME answer `ours` with the answer records (and rcode) of the target's answer `theirs`
+/// appended; `None` when either does not parse or the result exceeds `limit` (then the CNAME alone).
+fn with_target(ours: &[u8], theirs: &[u8], limit: usize) -> Option<Vec<u8>> {
+    use hickory_proto::op::Message;
+    let mut m = Message::from_vec(ours).ok()?;
+    let t = Message::from_vec(theirs).ok()?;
+    m.metadata.response_code = t.metadata.response_code;
+    m.answers.extend(t.answers);
+    let bytes = m.to_vec().ok()?;
+    (bytes.len() <= limit).then_some(bytes)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -538,6 +596,7 @@ mod tests {
             default: Arc::new(Pool {
                 upstreams: vec![Arc::new(upstream)],
             }),
+            authority: None,
         };
         let policy = TtlPolicy {
             max_ttl: 60,
@@ -587,6 +646,7 @@ mod tests {
             cluster: Some(cluster.clone()),
             forward: Vec::new(),
             default: default.clone(),
+            authority: None,
         };
         let to_cluster =
             |name: &str| Arc::ptr_eq(routes.pool_for(&wire::name_to_wire(name)), &cluster);
@@ -624,6 +684,7 @@ mod tests {
                 (wire::name_to_wire("svc.cluster.local"), local.clone()),
             ],
             default: default.clone(),
+            authority: None,
         };
         let to = |name: &str, pool: &Arc<Pool>| {
             Arc::ptr_eq(routes.pool_for(&wire::name_to_wire(name)), pool)

@@ -9,14 +9,19 @@
 //! - [`limit`]: per-client budgets on the UDP path (answers beyond them truncated or dropped);
 //! - [`link`]: the dummy link holding the listen addresses (rtnetlink);
 //! - [`intercept`]: `interceptClusterDNS`, the NOTRACK rules for the kube-dns ClusterIP (nftables over netlink);
-//! - [`loops`]: forwarding-loop checks (own addresses, a probe that must not come back to us).
+//! - [`loops`]: forwarding-loop checks (own addresses, a probe that must not come back to us);
+//! - [`zone`]: `clusterZone: kubernetes`, the pure model of Services and EndpointSlices and the answers
+//!   the Kubernetes DNS specification derives from it; [`authority`]: that model as the engine and the
+//!   status see it, with its snapshot in `dataDir`; [`kubeapi`]: the list + watch that feeds it.
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
+pub mod authority;
 pub mod cache;
 pub mod chain;
 pub mod engine;
 pub mod intercept;
+pub mod kubeapi;
 pub mod limit;
 pub mod link;
 pub mod loops;
@@ -24,14 +29,16 @@ pub mod metrics;
 pub mod server;
 pub mod upstream;
 pub mod wire;
+pub mod zone;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hybridnet_config::{Config, DnslocalConfig};
+use hybridnet_config::{ClusterZone, Config, DnslocalConfig};
 use hybridnet_runtime::{Context, Daemon};
 
+use crate::authority::Authority;
 use crate::cache::Cache;
 use crate::engine::{Engine, MAX_INFLIGHT, Routes};
 use crate::limit::ClientBudget;
@@ -165,6 +172,7 @@ impl Instance {
         config: &Config,
         metrics: &Metrics,
         cache: Option<Arc<Cache>>,
+        authority: Option<Arc<Authority>>,
     ) -> Result<Instance, Error> {
         let c = &config.dnslocal;
         let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -211,6 +219,7 @@ impl Instance {
                 })
                 .collect(),
             default: Arc::new(pool(&upstreams, false, metrics)),
+            authority,
         };
         let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
         let policy = TtlPolicy {
@@ -321,10 +330,11 @@ impl Instance {
                 "zone": wire::wire_to_name(zone), "upstreams": pools(p),
             })).collect::<Vec<_>>(),
             "cache": { "entries": entries, "capacity": e.cache.capacity(), "bytes": bytes, "max_bytes": e.cache.max_bytes() },
-            "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail },
+            "queries": { "hit": hits, "stale": stale, "miss": misses, "coalesced": coalesced, "servfail": servfail, "authoritative": m.total(Outcome::Authoritative) },
             "inflight": e.inflight(),
             "cluster_loop": e.loops.cluster_refused(),
             "intercept": self.config.intercept_cluster_dns.map(|ip| ip.to_string()),
+            "cluster_zone": e.routes.authority.as_deref().map(|a| cluster_zone_status(a, m)),
         });
         (summary, details)
     }
@@ -389,9 +399,11 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
     let mut intercepting = false;
     let mut link: Option<Link> = None;
     let mut instance: Option<Instance> = None;
+    let mut zone_task = ZoneTask::default();
     loop {
         if instance.is_none() {
-            match start(&config, &metrics, &mut link, None).await {
+            zone_task.sync(&config, &metrics);
+            match start(&config, &metrics, &mut link, None, zone_task.authority()).await {
                 Ok((i, retired)) => {
                     instance = Some(i);
                     if let Some(l) = retired {
@@ -438,13 +450,15 @@ async fn run(mut ctx: Context) -> Result<(), Error> {
                         intercepting = false;
                     }
                     let old = std::mem::replace(&mut config, new);
-                    reload(&old, &config, &metrics, &mut link, &mut instance).await;
+                    zone_task.sync(&config, &metrics);
+                    reload(&old, &config, &metrics, &mut link, &mut instance, zone_task.authority()).await;
                     ctx.set_ready(instance.is_some());
                 }
             }
         }
     }
     ctx.set_ready(false);
+    zone_task.stop().await;
     if let Some(i) = instance {
         let listen = i.config.listen.clone();
         let intercepted = i.config.intercept_cluster_dns;
@@ -474,13 +488,14 @@ async fn reload(
     metrics: &Metrics,
     link: &mut Option<Link>,
     instance: &mut Option<Instance>,
+    authority: Option<Arc<Authority>>,
 ) {
     let cache = instance
         .as_ref()
         .filter(|_| same_cache(old, new))
         .map(|i| i.engine.cache.clone());
     let kept = cache.is_some();
-    match start(new, metrics, link, cache).await {
+    match start(new, metrics, link, cache, authority).await {
         Ok((i, retired)) => {
             let Some(previous) = instance.replace(i) else {
                 return;
@@ -511,6 +526,143 @@ async fn reload(
 
 use crate::link::Link;
 
+/// What the cluster-zone task was started for: a change restarts it (with a fresh state).
+#[derive(Clone, Debug, PartialEq)]
+struct ZoneKey {
+    domain: String,
+    ttl: Duration,
+    data_dir: std::path::PathBuf,
+    settings: kubeapi::Settings,
+}
+
+/// A running cluster-zone task: what it runs for, its state, its stop token and tasks.
+type Running = (
+    ZoneKey,
+    Arc<Authority>,
+    tokio_util::sync::CancellationToken,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+/// The `clusterZone: kubernetes` state and the tasks that feed it (list + watch) and save it (snapshot).
+#[derive(Default)]
+struct ZoneTask {
+    running: Option<Running>,
+}
+
+impl ZoneTask {
+    fn authority(&self) -> Option<Arc<Authority>> {
+        self.running.as_ref().map(|r| r.1.clone())
+    }
+
+    /// Starts, restarts or stops the task for `config`.
+    fn sync(&mut self, config: &Config, metrics: &Metrics) {
+        let c = &config.dnslocal;
+        let key = (c.cluster_zone == ClusterZone::Kubernetes).then(|| ZoneKey {
+            domain: c.cluster_domain.clone(),
+            ttl: c.cluster_zone_ttl,
+            data_dir: config.data_dir.clone(),
+            settings: kubeapi::Settings {
+                kubeconfig: c.kubeconfig.clone(),
+                topology_zone: c.topology_zone.clone(),
+            },
+        });
+        if self.running.as_ref().map(|r| &r.0) == key.as_ref() {
+            return;
+        }
+        if let Some((_, _, stop, _)) = self.running.take() {
+            stop.cancel();
+        }
+        let Some(key) = key else {
+            metrics.cluster_zone_age.set(-1);
+            return;
+        };
+        let auth = Arc::new(Authority::new(
+            &key.domain,
+            key.settings.topology_zone.clone(),
+            key.ttl,
+            Some(&key.data_dir),
+        ));
+        match auth.load_snapshot() {
+            Ok((services, slices, age)) => tracing::info!(
+                services,
+                slices,
+                age_s = age.as_secs(),
+                "cluster zone loaded from the snapshot; serving it until the Kubernetes API answers"
+            ),
+            Err(reason) => tracing::info!(%reason, "no cluster-zone snapshot loaded"),
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let watch = tokio::spawn(kubeapi::run(
+            auth.clone(),
+            key.settings.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        let saver = tokio::spawn(save_snapshots(auth.clone(), stop.clone()));
+        tracing::info!(domain = %key.domain, ttl = ?key.ttl, "answering the cluster zone from the Kubernetes API");
+        self.running = Some((key, auth, stop, vec![watch, saver]));
+    }
+
+    async fn stop(&mut self) {
+        if let Some((_, _, stop, tasks)) = self.running.take() {
+            stop.cancel();
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+    }
+}
+
+/// Writes the snapshot when the state changed, at most every [`authority::SNAPSHOT_EVERY`], and once
+/// more at stop.
+async fn save_snapshots(auth: Arc<Authority>, stop: tokio_util::sync::CancellationToken) {
+    let mut written = 0u32;
+    loop {
+        let stopping = tokio::select! {
+            () = stop.cancelled() => true,
+            () = tokio::time::sleep(authority::SNAPSHOT_EVERY) => false,
+        };
+        let generation = auth.generation();
+        if generation != written && auth.origin() == authority::Origin::Api {
+            let a = auth.clone();
+            match tokio::task::spawn_blocking(move || a.write_snapshot()).await {
+                Ok(Ok(bytes)) => {
+                    written = generation;
+                    tracing::debug!(bytes, "cluster-zone snapshot written");
+                }
+                Ok(Err(error)) => tracing::warn!(%error, "cannot write the cluster-zone snapshot"),
+                Err(error) => tracing::warn!(%error, "cluster-zone snapshot task failed"),
+            }
+        }
+        if stopping {
+            break;
+        }
+    }
+}
+
+/// The cluster zone's part of `dnslocal status` (and its gauges).
+fn cluster_zone_status(a: &Authority, m: &Metrics) -> serde_json::Value {
+    let (services, slices, endpoints) = a.read(zone::Zone::counts);
+    let age = a.age();
+    m.cluster_zone_age
+        .set(age.map_or(-1, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+    m.cluster_zone_services.set(services as i64);
+    m.cluster_zone_endpoints.set(endpoints as i64);
+    m.cluster_zone_api_up.set(i64::from(a.api_live()));
+    serde_json::json!({
+        "origin": match a.origin() {
+            authority::Origin::None => "none",
+            authority::Origin::Snapshot => "snapshot",
+            authority::Origin::Api => "api",
+        },
+        "api_live": a.api_live(),
+        "age_s": age.map(|d| d.as_secs_f64()),
+        "services": services, "slices": slices, "endpoints": endpoints,
+        "local_zone": a.read(|z| z.local_zone().map(str::to_owned)),
+        "snapshot": a.snapshot_path().map(|p| p.display().to_string()),
+    })
+}
+
 /// Sets up the link for `config` (adding its listen addresses) and starts an instance. Returns the
 /// instance and a link to tear down once the old instance drained (one no longer configured).
 async fn start(
@@ -518,6 +670,7 @@ async fn start(
     metrics: &Metrics,
     link: &mut Option<Link>,
     cache: Option<Arc<Cache>>,
+    authority: Option<Arc<Authority>>,
 ) -> Result<(Instance, Option<Link>), Error> {
     let c = &config.dnslocal;
     let mut retired = None;
@@ -532,7 +685,10 @@ async fn start(
     } else {
         retired = link.take();
     }
-    Ok((Instance::start(config, metrics, cache).await?, retired))
+    Ok((
+        Instance::start(config, metrics, cache, authority).await?,
+        retired,
+    ))
 }
 
 /// `dnslocal status` details, as text.
@@ -577,6 +733,21 @@ pub fn render_details(d: &serde_json::Value) -> String {
             intercept::TABLE
         ));
     }
+    if let Some(z) = d["cluster_zone"].as_object() {
+        let age = match z.get("age_s").and_then(serde_json::Value::as_f64) {
+            None => "no state: cluster names are forwarded".to_owned(),
+            Some(0.0) => "in sync".to_owned(),
+            Some(a) => format!("{a:.0} s old (API unreachable, serving the last known state)"),
+        };
+        out.push_str(&format!(
+            "zone         from the Kubernetes API ({}): {} services, {} endpoints, {age}\n",
+            z.get("origin")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("?"),
+            z.get("services").unwrap_or(&serde_json::Value::Null),
+            z.get("endpoints").unwrap_or(&serde_json::Value::Null),
+        ));
+    }
     out.push_str(&format!("upstreams    {}\n", list(&d["upstreams"])));
     for f in d["forward"].as_array().into_iter().flatten() {
         out.push_str(&format!(
@@ -594,6 +765,12 @@ pub fn render_details(d: &serde_json::Value) -> String {
         "queries      hit {}  stale {}  miss {}  coalesced {}  servfail {}  (in flight {})\n",
         q["hit"], q["stale"], q["miss"], q["coalesced"], q["servfail"], d["inflight"]
     ));
+    if d["cluster_zone"].is_object() {
+        out.push_str(&format!(
+            "             authoritative (cluster zone) {}\n",
+            q["authoritative"]
+        ));
+    }
     out
 }
 

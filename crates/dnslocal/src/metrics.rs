@@ -35,9 +35,19 @@ pub enum Outcome {
     Servfail,
     /// FORMERR/NOTIMP for a malformed or unsupported query.
     Error,
+    /// From the cluster zone dnslocal holds itself (`clusterZone: kubernetes`).
+    Authoritative,
 }
 
-const OUTCOMES: [&str; 6] = ["hit", "stale", "miss", "coalesced", "servfail", "error"];
+const OUTCOMES: [&str; 7] = [
+    "hit",
+    "stale",
+    "miss",
+    "coalesced",
+    "servfail",
+    "error",
+    "authoritative",
+];
 
 /// Every dnslocal metric. Clones share the values.
 #[derive(Clone, Debug)]
@@ -58,6 +68,15 @@ pub struct Metrics {
     upstream_mismatched: Family<Labels, Counter>,
     forward_loops: Family<Labels, Counter>,
     pub cluster_loop: Gauge,
+    /// `clusterZone: kubernetes`: seconds since the Kubernetes API last confirmed the zone (0 while
+    /// both watches are live; -1 without any state).
+    pub cluster_zone_age: Gauge,
+    pub cluster_zone_services: Gauge,
+    pub cluster_zone_endpoints: Gauge,
+    pub cluster_zone_api_up: Gauge,
+    pub cluster_zone_events: Counter,
+    pub cluster_zone_lists: Counter,
+    pub cluster_zone_api_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -79,6 +98,13 @@ impl Default for Metrics {
             upstream_mismatched: Family::default(),
             forward_loops: Family::default(),
             cluster_loop: Gauge::default(),
+            cluster_zone_age: Gauge::default(),
+            cluster_zone_services: Gauge::default(),
+            cluster_zone_endpoints: Gauge::default(),
+            cluster_zone_api_up: Gauge::default(),
+            cluster_zone_events: Counter::default(),
+            cluster_zone_lists: Counter::default(),
+            cluster_zone_api_errors: Counter::default(),
         }
     }
 }
@@ -199,6 +225,41 @@ impl Metrics {
             "cluster_loop",
             "1 while cluster-zone questions get SERVFAIL at once because their forwarders loop back to us",
             m.cluster_loop.clone(),
+        );
+        registry.register(
+            "cluster_zone_age_seconds",
+            "clusterZone kubernetes: seconds since the Kubernetes API last confirmed the cluster zone served (0 while both watches are live, -1 without any state)",
+            m.cluster_zone_age.clone(),
+        );
+        registry.register(
+            "cluster_zone_services",
+            "clusterZone kubernetes: Services held",
+            m.cluster_zone_services.clone(),
+        );
+        registry.register(
+            "cluster_zone_endpoints",
+            "clusterZone kubernetes: EndpointSlice endpoints held",
+            m.cluster_zone_endpoints.clone(),
+        );
+        registry.register(
+            "cluster_zone_api_up",
+            "clusterZone kubernetes: 1 while the Services and EndpointSlices watches are live",
+            m.cluster_zone_api_up.clone(),
+        );
+        registry.register(
+            "cluster_zone_events",
+            "clusterZone kubernetes: watch events applied",
+            m.cluster_zone_events.clone(),
+        );
+        registry.register(
+            "cluster_zone_lists",
+            "clusterZone kubernetes: lists (the first, and relists after 410 Gone or a reconnect)",
+            m.cluster_zone_lists.clone(),
+        );
+        registry.register(
+            "cluster_zone_api_errors",
+            "clusterZone kubernetes: Kubernetes API failures (each followed by a reconnect with backoff)",
+            m.cluster_zone_api_errors.clone(),
         );
         m
     }

@@ -83,6 +83,10 @@ const DNSLOCAL_KEYS: &[&str] = &[
     "clientRate",
     "forward",
     "interceptClusterDNS",
+    "clusterZone",
+    "clusterZoneTTL",
+    "kubeconfig",
+    "topologyZone",
 ];
 const FORWARD_KEYS: &[&str] = &["zone", "to"];
 const INTERFACE_KEYS: &[&str] = &["name", "create"];
@@ -396,6 +400,32 @@ fn read_dnslocal(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     });
     o.d_forward = get(ctx, s, P, "forward", |c, n, k| c.list(n, k, read_forward));
     o.d_intercept_cluster_dns = get(ctx, s, P, "interceptClusterDNS", |c, n, k| c.boolean(n, k));
+    o.d_cluster_zone = get(ctx, s, P, "clusterZone", |c, n, k| {
+        c.parsed(n, k, |v| match v {
+            "forward" => Ok(crate::model::ClusterZone::Forward),
+            "kubernetes" => Ok(crate::model::ClusterZone::Kubernetes),
+            _ => Err(format!(
+                "unknown clusterZone `{v}`: expected forward or kubernetes"
+            )),
+        })
+    });
+    o.d_cluster_zone_ttl = get(ctx, s, P, "clusterZoneTTL", |c, n, k| c.duration(n, k));
+    o.d_kubeconfig = get(ctx, s, P, "kubeconfig", path);
+    o.d_topology_zone = get(ctx, s, P, "topologyZone", |c, n, k| {
+        c.parsed(n, k, |v| {
+            if !v.is_empty()
+                && v.len() <= 63
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                Ok(v.to_owned())
+            } else {
+                Err(format!(
+                    "invalid topology zone `{v}`: expected a label value"
+                ))
+            }
+        })
+    });
     let iface = section(ctx, s, "interface", "dnslocal.interface", INTERFACE_KEYS);
     o.d_if_name = get(ctx, iface, "dnslocal.interface", "name", |c, n, k| {
         c.parsed(n, k, parse_ifname)

@@ -503,6 +503,18 @@ pub fn dnslocal(
         ),
         forward: m.first("dnslocal.forward", [o.d_forward.clone()], d.forward.clone()),
         intercept_cluster_dns,
+        cluster_zone: m.first(
+            "dnslocal.clusterZone",
+            [o.d_cluster_zone.clone()],
+            d.cluster_zone,
+        ),
+        cluster_zone_ttl: m.first(
+            "dnslocal.clusterZoneTTL",
+            [o.d_cluster_zone_ttl.clone()],
+            d.cluster_zone_ttl,
+        ),
+        kubeconfig: m.optional("dnslocal.kubeconfig", [o.d_kubeconfig.clone()]),
+        topology_zone: m.optional("dnslocal.topologyZone", [o.d_topology_zone.clone()]),
     }
 }
 

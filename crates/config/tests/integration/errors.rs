@@ -331,6 +331,36 @@ fn dnslocal_hardening_keys() {
     assert!(e.to_string().contains("expected `zone` and `to`"), "{e}");
 }
 
+#[test]
+fn dnslocal_cluster_zone_keys() {
+    use hybridnet_config::ClusterZone;
+    let d = ok("").dnslocal;
+    assert_eq!(d.cluster_zone, ClusterZone::Forward);
+    assert_eq!(d.cluster_zone_ttl, std::time::Duration::from_secs(5));
+    assert_eq!((d.kubeconfig, d.topology_zone), (None, None));
+    let c = ok(&ours(
+        "dnslocal:\n  clusterZone: kubernetes\n  clusterZoneTTL: 30s\n  kubeconfig: /etc/kubernetes/kubelet.conf\n  topologyZone: eu-west-1a\n",
+    ));
+    assert_eq!(c.dnslocal.cluster_zone, ClusterZone::Kubernetes);
+    assert_eq!(
+        c.dnslocal.cluster_zone_ttl,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(
+        c.dnslocal.kubeconfig.as_deref(),
+        Some(std::path::Path::new("/etc/kubernetes/kubelet.conf"))
+    );
+    assert_eq!(c.dnslocal.topology_zone.as_deref(), Some("eu-west-1a"));
+    let e = err(&ours("dnslocal:\n  clusterZone: coredns\n"));
+    assert!(
+        e.to_string()
+            .contains("unknown clusterZone `coredns`: expected forward or kubernetes"),
+        "{e}"
+    );
+    let e = err(&ours("dnslocal:\n  topologyZone: \"a b\"\n"));
+    assert!(e.to_string().contains("invalid topology zone"), "{e}");
+}
+
 /// A FIFO (or a directory) at the config path is refused at once with a clear error, never waited on: a
 /// reader opening a FIFO without `O_NONBLOCK` blocks until a writer comes.
 #[test]
