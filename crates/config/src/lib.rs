@@ -71,6 +71,14 @@ pub use ula::{ULA_KUBESPAN, ula_prefix};
 /// Where the daemons look for their config file unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/usr/local/etc/hybridnet/config.yaml";
 
+/// Where the kubelet's kubeconfig is, in the order the daemons try them: kubeadm, Talos
+/// (`constants.KubeletKubeconfig`), k3s. meshd's Kubernetes registry, dnslocal's cluster zone and doctor read it.
+pub const KUBELET_KUBECONFIGS: [&str; 3] = [
+    "/etc/kubernetes/kubelet.conf",
+    "/etc/kubernetes/kubeconfig-kubelet",
+    "/var/lib/rancher/k3s/agent/kubelet.kubeconfig",
+];
+
 /// The largest config accepted (4 MiB); larger input fails before it is read or parsed.
 pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 

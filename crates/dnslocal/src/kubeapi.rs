@@ -31,16 +31,11 @@ use crate::metrics::Metrics;
 use crate::zone::{EndpointInfo, Port, ServiceInfo, ServiceKind, SliceInfo, Zone};
 
 /// Kubelet kubeconfigs, in the order they are tried: kubeadm, Talos, k3s.
-pub const KUBELET_KUBECONFIGS: [&str; 3] = [
-    "/etc/kubernetes/kubelet.conf",
-    "/etc/kubernetes/kubeconfig-kubelet",
-    "/var/lib/rancher/k3s/agent/kubelet.kubeconfig",
-];
+pub use hybridnet_kube::KUBELET_KUBECONFIGS;
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WATCH_TIMEOUT_SECS: u32 = 290;
 const QUICK_END: Duration = Duration::from_secs(1);
 /// Objects per list page (client-go's reflector asks for 500 too).
@@ -60,31 +55,7 @@ pub struct Settings {
 
 /// Loads the client configuration (see the module docs for the order).
 pub async fn client_config(kubeconfig: Option<&Path>) -> Result<kube::Config, String> {
-    let from_file = |path: PathBuf| async move {
-        let shown = path.display().to_string();
-        let kc = kube::config::Kubeconfig::read_from(&path).map_err(|e| format!("{shown}: {e}"))?;
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(|e| format!("{shown}: {e}"))
-    };
-    let env = std::env::var_os("KUBECONFIG").filter(|p| !p.is_empty());
-    let mut config = if let Some(path) = kubeconfig {
-        from_file(path.to_path_buf()).await?
-    } else if let Some(path) = env {
-        from_file(PathBuf::from(path)).await?
-    } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        kube::Config::incluster().map_err(|e| format!("in-cluster service account: {e}"))?
-    } else if let Some(path) = KUBELET_KUBECONFIGS.iter().find(|p| Path::new(p).exists()) {
-        from_file(PathBuf::from(path)).await?
-    } else {
-        return Err(format!(
-            "no Kubernetes credentials: set dnslocal.kubeconfig or KUBECONFIG, run in a pod with a service \
-             account, or provide a kubelet kubeconfig ({})",
-            KUBELET_KUBECONFIGS.join(", ")
-        ));
-    };
-    config.connect_timeout = Some(CONNECT_TIMEOUT);
-    Ok(config)
+    hybridnet_kube::client_config(kubeconfig, Some("dnslocal.kubeconfig")).await
 }
 
 fn lower(s: &str) -> String {

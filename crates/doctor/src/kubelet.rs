@@ -17,13 +17,7 @@ pub const KUBELET_CONFIGS: [&str; 3] = [
     "/etc/rancher/k3s/config.yaml", // k3s: `cluster-dns`, or `kubelet-arg: [cluster-dns=...]`
 ];
 
-/// Where the kubelet's kubeconfig is (kubeadm, Talos `constants.KubeletKubeconfig`, k3s), as meshd's
-/// Kubernetes registry looks for it.
-pub const KUBELET_KUBECONFIGS: [&str; 3] = [
-    "/etc/kubernetes/kubelet.conf",
-    "/etc/kubernetes/kubeconfig-kubelet",
-    "/var/lib/rancher/k3s/agent/kubelet.kubeconfig",
-];
+pub use hybridnet_config::KUBELET_KUBECONFIGS;
 
 /// A value and where it was read (file and key).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -62,8 +62,9 @@ pub struct Metrics {
     pub mss_clamp_installs: Counter,
     /// 1 when the config asks for MSS clamping (`clampMSS`), so an alert tells "missing" from "turned off".
     pub mss_clamp_enabled: Gauge,
-    /// `topology: location`: changes of a location's active gateway (to another node, or to none), by location.
-    pub gateway_changes: Family<Labels, Counter>,
+    /// `topology: location`: changes of a location's active gateway (to another node, or to none); the log
+    /// line names the location. One series, there from the start, so an alert can use `increase()`.
+    pub gateway_changes: Counter,
     /// Kubernetes registry: watches resumed after the server closed them (`closed`) and relists after
     /// 410 Gone (`gone`).
     pub discovery_resyncs: Family<Labels, Counter>,
@@ -224,7 +225,7 @@ impl Metrics {
             );
             r.register(
                 "gateway_changes",
-                "topology location: changes of a location's active gateway (to another node or to none), by location",
+                "topology location: changes of a location's active gateway (to another node or to none)",
                 m.gateway_changes.clone(),
             );
             r.register(

@@ -20,7 +20,7 @@
 pub mod node;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+
 use std::time::Duration;
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
@@ -37,15 +37,9 @@ use hybridnet_state::unix_now;
 
 /// The registry's name in status and in the `registry` metric label.
 pub const REGISTRY: &str = "k8s";
-/// Kubelet kubeconfigs, in the order they are tried: kubeadm, Talos, k3s.
-pub const KUBELET_KUBECONFIGS: [&str; 3] = [
-    "/etc/kubernetes/kubelet.conf",
-    "/etc/kubernetes/kubeconfig-kubelet",
-    "/var/lib/rancher/k3s/agent/kubelet.kubeconfig",
-];
+pub use hybridnet_kube::KUBELET_KUBECONFIGS;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Asked of the server for each watch (it may end it earlier; we resume).
 const WATCH_TIMEOUT_SECS: u32 = 290;
 /// A watch that ends sooner than this is resumed only after this long.
@@ -106,30 +100,7 @@ fn labels() -> Vec<(String, String)> {
 
 /// Loads the client configuration (see the module docs for the order).
 pub async fn client_config() -> Result<kube::Config, String> {
-    let mut config = if let Some(path) = std::env::var_os("KUBECONFIG").filter(|p| !p.is_empty()) {
-        let shown = Path::new(&path).display().to_string();
-        let kc = kube::config::Kubeconfig::from_env()
-            .map_err(|e| format!("KUBECONFIG={shown}: {e}"))?
-            .ok_or_else(|| format!("KUBECONFIG={shown}: nothing to read"))?;
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(|e| format!("KUBECONFIG={shown}: {e}"))?
-    } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        kube::Config::incluster().map_err(|e| format!("in-cluster service account: {e}"))?
-    } else if let Some(path) = KUBELET_KUBECONFIGS.iter().find(|p| Path::new(p).exists()) {
-        let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| format!("{path}: {e}"))?;
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(|e| format!("{path}: {e}"))?
-    } else {
-        return Err(format!(
-            "no Kubernetes credentials: set KUBECONFIG, run in a pod with a service account, or provide \
-             a kubelet kubeconfig ({})",
-            KUBELET_KUBECONFIGS.join(", ")
-        ));
-    };
-    config.connect_timeout = Some(CONNECT_TIMEOUT);
-    Ok(config)
+    hybridnet_kube::client_config(None, None).await
 }
 
 impl Registry {

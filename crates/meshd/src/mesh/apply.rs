@@ -147,10 +147,7 @@ impl Mesh {
                         .map_or_else(|| k.to_string(), |p| p.name.clone()),
                 };
                 tracing::info!(location, from = %name(before), to = %name(now), "active gateway changed");
-                self.metrics
-                    .gateway_changes
-                    .get_or_create(&vec![("location".to_owned(), location.clone())])
-                    .inc();
+                self.metrics.gateway_changes.inc();
             }
         }
         self.gateways.clone_from(&planned.gateways);
