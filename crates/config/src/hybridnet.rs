@@ -70,6 +70,8 @@ pub struct Ours {
     pub m_admin: Sourced<SocketAddr>,
     pub m_discovery_ca_file: Sourced<PathBuf>,
     pub m_discovery_endpoint_cas: Sourced<Vec<crate::model::EndpointCa>>,
+    pub m_trust_min_v4: Sourced<u8>,
+    pub m_trust_min_v6: Sourced<u8>,
     // dnslocal
     pub d_listen: Sourced<Vec<SocketAddr>>,
     pub d_if_name: Sourced<String>,

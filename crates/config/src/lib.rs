@@ -175,6 +175,10 @@ impl Config {
                 admin: admin(7447),
                 discovery_ca_file: None,
                 discovery_endpoint_cas: Vec::new(),
+                trust: Trust {
+                    min_prefix_v4: 8,
+                    min_prefix_v6: 32,
+                },
             },
             dnslocal: DnslocalConfig {
                 listen: vec![SocketAddr::from(([169, 254, 20, 10], 53))],

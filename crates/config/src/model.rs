@@ -244,6 +244,17 @@ pub struct MeshdConfig {
     pub discovery_ca_file: Option<PathBuf>,
     /// `meshd.discovery.endpoints`: a CA file for one endpoint (instead of `discovery_ca_file`).
     pub discovery_endpoint_cas: Vec<EndpointCa>,
+    /// `meshd.trust`: what discovered peers may claim.
+    pub trust: Trust,
+}
+
+/// `meshd.trust`: discovered peers' prefixes shorter than these are refused (static peers are trusted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trust {
+    /// `meshd.trust.minPrefixLength.ipv4` (default 8).
+    pub min_prefix_v4: u8,
+    /// `meshd.trust.minPrefixLength.ipv6` (default 32).
+    pub min_prefix_v6: u8,
 }
 
 /// A CA file for one discovery endpoint (as written in its `DiscoveryServiceConfig`).

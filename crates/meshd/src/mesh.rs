@@ -25,6 +25,7 @@ mod apply;
 mod backend;
 mod publish;
 mod specs;
+pub(crate) mod trust;
 
 pub use backend::Backend;
 pub use specs::{PeerSpec, filter_candidates, peer_specs, routes_for};
@@ -62,6 +63,10 @@ pub struct Peer {
     pub handshake: Option<kubespan::Handshake>,
     /// When the peer's machine appeared (the fallback starts after [`PROBE_GRACE`] without a pong).
     since: Instant,
+    /// Order of first sight (an earlier peer keeps a mesh address a later one claims too).
+    pub seniority: u64,
+    /// Prefixes its source refused (see [`crate::plan::trust`]).
+    pub refused: Vec<(IpNet, crate::plan::trust::Reason)>,
     /// The last WireGuard handshake, from the device's age at the last stats read.
     last_handshake_at: Option<Instant>,
 }
@@ -189,6 +194,12 @@ pub struct Mesh {
     handshake_kicks: Vec<PublicKey>,
     /// The prefix conflicts of the last reconcile (logged when they change).
     conflicts: Vec<plan::Conflict>,
+    /// The trust screen: this node's underlay subnets, the endpoint addresses it protects, the
+    /// refusals of the last reconcile (logged when they change), the next peer's seniority.
+    underlay: Vec<IpNet>,
+    protected: Vec<IpAddr>,
+    refused: Vec<plan::trust::Refused>,
+    next_seniority: u64,
 }
 
 impl Mesh {
@@ -223,9 +234,10 @@ impl Mesh {
             net.ensure_rules().await?;
             let responder =
                 responder::start(probe::probe_port(m.listen_port), public, metrics.clone())?;
-            Ok::<_, Error>((specs, mtu, responder))
+            let protected = trust::protected_endpoints(&cfg).await;
+            Ok::<_, Error>((specs, mtu, responder, protected))
         };
-        let (specs, mtu, responder) = match setup.await {
+        let (specs, mtu, responder, protected) = match setup.await {
             Ok(done) => done,
             Err(error) => {
                 tracing::warn!(%error, "start failed: removing what it made");
@@ -270,8 +282,13 @@ impl Mesh {
             uplink_lost: false,
             handshake_kicks: Vec::new(),
             conflicts: Vec::new(),
+            underlay: Vec::new(),
+            protected,
+            refused: Vec::new(),
+            next_seniority: 0,
             cfg,
         };
+        mesh.refresh_underlay().await;
         mesh.own_endpoints = mesh.announced().await;
         mesh.sync_clamp().await;
         mesh.set_peers(specs, Instant::now());
@@ -303,6 +320,7 @@ impl Mesh {
             Mtu::Auto => net::auto_mtu(&m.interface, any_v6),
         };
         self.net.up(self.index, self.mtu).await?;
+        self.protected = trust::protected_endpoints(&self.cfg).await;
         self.own_endpoints = self.announced().await;
         self.set_peers(specs, Instant::now());
         self.dirty = true;
@@ -430,6 +448,7 @@ impl Mesh {
                     p.addresses = spec.addresses;
                     p.api_server_port = spec.api_server_port;
                     p.public = public;
+                    p.refused = spec.refused;
                     p
                 }
                 None => Peer {
@@ -439,6 +458,11 @@ impl Mesh {
                         .kubespan_compat
                         .then(|| kubespan::Handshake::new(&spec.candidates, now)),
                     since: now,
+                    seniority: {
+                        self.next_seniority += 1;
+                        self.next_seniority
+                    },
+                    refused: spec.refused,
                     last_handshake_at: None,
                     probe_key: probe::key(&self.key.shared(&spec.key)),
                     machine: PeerMachine::new(&spec.candidates, self.timing, now),
@@ -584,6 +608,9 @@ impl Mesh {
         if now >= self.next_resync {
             // Our own addresses decide whether we are public (relays) or a gateway candidate: re-read
             // them with every resync, re-plan when they changed.
+            if self.refresh_underlay().await {
+                self.dirty = true;
+            }
             let endpoints = self.announced().await;
             if endpoints != self.own_endpoints {
                 tracing::info!(?endpoints, "own endpoints changed");
@@ -734,6 +761,7 @@ impl Mesh {
                     no_uplink: p.no_uplink,
                 })
                 .collect(),
+            trust: self.trust(),
         }
     }
 

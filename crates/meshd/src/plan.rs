@@ -24,6 +24,8 @@ use crate::peer::PeerState;
 use crate::topology::{self, Layout, PathKind, Route};
 use crate::wg::{self, PeerConfig};
 
+pub mod trust;
+
 /// WireGuard persistent keepalive on every peer (keeps NAT mappings; KubeSpan uses 25 s too).
 pub const KEEPALIVE: u16 = 25;
 
@@ -69,6 +71,8 @@ pub struct Inputs {
     /// `topology: location`: the plan from the config.
     pub topology: Option<topology::Plan>,
     pub peers: Vec<PeerInput>,
+    /// What discovered peers may claim (see [`trust`]).
+    pub trust: trust::Trust,
 }
 
 /// One of meshd's two policy rules: `not fwmark FWMARK/FWMARK lookup ROUTE_TABLE` at `RULE_PRIORITY`.
@@ -106,6 +110,8 @@ pub struct Desired {
     /// `topology: location`: each location's active gateway.
     pub gateways: BTreeMap<String, Option<PublicKey>>,
     pub conflicts: Vec<Conflict>,
+    /// Prefixes of discovered peers refused (see [`trust`]); the rest of their records is used.
+    pub refused: Vec<trust::Refused>,
 }
 
 /// The two rules, IPv4 and IPv6.
@@ -123,6 +129,8 @@ pub fn rules() -> Vec<Rule> {
 
 /// The desired state. Pure.
 pub fn plan(inputs: &Inputs) -> Desired {
+    let (screened, refused) = screen(inputs);
+    let inputs = screened.as_ref().unwrap_or(inputs);
     let layout = layout(inputs);
     let Shape {
         wireguard,
@@ -183,7 +191,29 @@ pub fn plan(inputs: &Inputs) -> Desired {
         paths,
         gateways,
         conflicts,
+        refused,
     }
+}
+
+/// The inputs with discovered peers' refused prefixes taken out (`None`: nothing refused but what
+/// their sources already refused), and every refusal.
+fn screen(inputs: &Inputs) -> (Option<Inputs>, Vec<trust::Refused>) {
+    let peers: Vec<(PublicKey, &BTreeSet<IpNet>)> = inputs
+        .peers
+        .iter()
+        .map(|p| (p.key, &p.allowed_ips))
+        .collect();
+    let (kept, refused) = trust::screen(&inputs.trust, inputs.prefix, inputs.mesh_addr, &peers);
+    if kept.is_empty() {
+        return (None, refused);
+    }
+    let mut screened = inputs.clone();
+    for p in &mut screened.peers {
+        if let Some(k) = kept.get(&p.key) {
+            p.allowed_ips.clone_from(k);
+        }
+    }
+    (Some(screened), refused)
 }
 
 type WireGuardPeers = BTreeMap<PublicKey, (Option<SocketAddr>, BTreeSet<IpNet>)>;

@@ -41,7 +41,10 @@ const MESHD_KEYS: &[&str] = &[
     "clampMSS",
     "admin",
     "discovery",
+    "trust",
 ];
+const TRUST_KEYS: &[&str] = &["minPrefixLength"];
+const MIN_PREFIX_KEYS: &[&str] = &["ipv4", "ipv6"];
 const DISCOVERY_KEYS: &[&str] = &["caFile", "endpoints"];
 const ENDPOINT_CA_KEYS: &[&str] = &["endpoint", "caFile"];
 const FILTER_KEYS: &[&str] = &["endpoints", "excludeAdvertisedNetworks"];
@@ -223,6 +226,21 @@ fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.m_discovery_endpoint_cas = get(ctx, disc, "meshd.discovery", "endpoints", |c, n, k| {
         c.list(n, k, read_endpoint_ca)
     });
+    let trust = section(ctx, s, "trust", "meshd.trust", TRUST_KEYS);
+    let min = section(
+        ctx,
+        trust,
+        "minPrefixLength",
+        "meshd.trust.minPrefixLength",
+        MIN_PREFIX_KEYS,
+    );
+    let bits = |max: u64| {
+        move |c: &mut Ctx, n: &Node, k: &str| {
+            c.uint(n, k, 0, max).and_then(|v| u8::try_from(v).ok())
+        }
+    };
+    o.m_trust_min_v4 = get(ctx, min, "meshd.trust.minPrefixLength", "ipv4", bits(32));
+    o.m_trust_min_v6 = get(ctx, min, "meshd.trust.minPrefixLength", "ipv6", bits(128));
     let filters = section(ctx, s, "filters", "meshd.filters", FILTER_KEYS);
     o.m_filters = get(ctx, filters, "meshd.filters", "endpoints", |c, n, k| {
         c.list(n, k, |c, item, k| c.parsed(item, k, FilterRule::parse))

@@ -268,6 +268,18 @@ pub fn meshd(
         admin: m.first("meshd.admin", [o.m_admin.clone()], d.admin),
         discovery_ca_file: m.optional("meshd.discovery.caFile", [o.m_discovery_ca_file.clone()]),
         discovery_endpoint_cas: endpoint_cas(ctx, m, o, cluster),
+        trust: crate::model::Trust {
+            min_prefix_v4: m.first(
+                "meshd.trust.minPrefixLength.ipv4",
+                [o.m_trust_min_v4.clone()],
+                d.trust.min_prefix_v4,
+            ),
+            min_prefix_v6: m.first(
+                "meshd.trust.minPrefixLength.ipv6",
+                [o.m_trust_min_v6.clone()],
+                d.trust.min_prefix_v6,
+            ),
+        },
     }
 }
 

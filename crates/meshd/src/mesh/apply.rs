@@ -32,6 +32,7 @@ impl Mesh {
         note(self.apply_routes(&planned).await);
         self.apply_sysctls(&planned);
         self.report_conflicts(&planned);
+        self.report_refused(&planned.refused);
         self.metrics
             .reconcile_seconds
             .set(started.elapsed().as_secs_f64());
