@@ -46,6 +46,7 @@ pub struct Ours {
     pub ap_hc_rise: Sourced<u32>,
     pub ap_dial_timeout: Sourced<Duration>,
     pub ap_tls_server_name: Sourced<String>,
+    pub ap_cluster_ca_file: Sourced<PathBuf>,
     pub ap_max_connections: Sourced<u32>,
     pub ap_max_per_client: Sourced<u32>,
     // meshd

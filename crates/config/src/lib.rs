@@ -149,6 +149,7 @@ impl Config {
                 },
                 dial_timeout: Duration::from_secs(1),
                 tls_server_name: None,
+                cluster_ca_file: PathBuf::from("/etc/kubernetes/pki/ca.crt"),
                 max_connections: 0,
                 max_connections_per_client: 0,
             },

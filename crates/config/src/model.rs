@@ -137,6 +137,10 @@ pub struct ApiprismConfig {
     pub dial_timeout: Duration,
     /// TLS server name for the optional TLS health probe (`KubePrismConfig.tlsServerName` or ours).
     pub tls_server_name: Option<String>,
+    /// `apiprism.clusterCAFile`: the cluster CA (PEM) a discovered API server's certificate must verify
+    /// against before it gets traffic (default `/etc/kubernetes/pki/ca.crt`, the kubelet's client CA on
+    /// Talos and kubeadm nodes).
+    pub cluster_ca_file: PathBuf,
     /// Client connections served at once; 0 (default): derived from the open-file limit at run time,
     /// leaving a reserve of descriptors for upstream dials, health checks and the admin endpoint.
     pub max_connections: u32,

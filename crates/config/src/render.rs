@@ -117,6 +117,10 @@ fn apiprism(c: &Config) -> Vec<(String, Value)> {
             "apiprism.tlsServerName".into(),
             opt(a.tls_server_name.as_ref()),
         ),
+        (
+            "apiprism.clusterCAFile".into(),
+            json!(a.cluster_ca_file.display().to_string()),
+        ),
         ("apiprism.maxConnections".into(), json!(a.max_connections)),
         (
             "apiprism.maxConnectionsPerClient".into(),

@@ -67,6 +67,8 @@ pub struct Peer {
     pub seniority: u64,
     /// Prefixes its source refused (see [`crate::plan::trust`]).
     pub refused: Vec<(IpNet, crate::plan::trust::Reason)>,
+    /// Its AllowedIPs as the WireGuard device reported them at the last read (status).
+    pub device_allowed: BTreeSet<IpNet>,
     /// The last WireGuard handshake, from the device's age at the last stats read.
     last_handshake_at: Option<Instant>,
 }
@@ -463,6 +465,7 @@ impl Mesh {
                         self.next_seniority
                     },
                     refused: spec.refused,
+                    device_allowed: BTreeSet::new(),
                     last_handshake_at: None,
                     probe_key: probe::key(&self.key.shared(&spec.key)),
                     machine: PeerMachine::new(&spec.candidates, self.timing, now),
@@ -897,8 +900,11 @@ impl Mesh {
 
     fn absorb_stats(&mut self, actual: &Actual) {
         let now = Instant::now();
-        for (key, (_, stats)) in &actual.peers {
+        for (key, (config, stats)) in &actual.peers {
             if let Some(peer) = self.peers.get_mut(key) {
+                if peer.device_allowed != config.allowed_ips {
+                    peer.device_allowed.clone_from(&config.allowed_ips);
+                }
                 if stats.rx_bytes != peer.stats.rx_bytes {
                     peer.last_rx_change = now;
                 }

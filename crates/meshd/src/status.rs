@@ -73,6 +73,8 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "handshakeAgeS": p.stats.last_handshake.map(|d| d.as_secs()),
                 "lastSeen": p.last_seen_unix,
                 "source": p.source,
+                // What the WireGuard device holds for the peer (read from the device).
+                "allowedIPs": p.device_allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "paths": m.paths.iter().map(|path| json!({
                     "endpoint": path.endpoint.to_string(),
                     "state": match path.state { PathState::Unknown => "unknown", PathState::Alive => "alive", PathState::Dead => "dead" },

@@ -17,6 +17,7 @@ const APIPRISM_KEYS: &[&str] = &[
     "healthCheck",
     "dialTimeout",
     "tlsServerName",
+    "clusterCAFile",
     "maxConnections",
     "maxConnectionsPerClient",
 ];
@@ -169,6 +170,7 @@ fn read_apiprism(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.ap_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
     o.ap_dial_timeout = get(ctx, s, P, "dialTimeout", |c, n, k| c.duration(n, k));
     o.ap_tls_server_name = get(ctx, s, P, "tlsServerName", name);
+    o.ap_cluster_ca_file = get(ctx, s, P, "clusterCAFile", path);
     o.ap_max_connections = get(ctx, s, P, "maxConnections", connection_limit);
     o.ap_max_per_client = get(ctx, s, P, "maxConnectionsPerClient", connection_limit);
     let hc = section(ctx, s, "healthCheck", "apiprism.healthCheck", HEALTH_KEYS);

@@ -92,6 +92,11 @@ pub fn apiprism(
             "apiprism.tlsServerName",
             [o.ap_tls_server_name.clone(), tls_from_talos],
         ),
+        cluster_ca_file: m.first(
+            "apiprism.clusterCAFile",
+            [o.ap_cluster_ca_file.clone()],
+            d.cluster_ca_file.clone(),
+        ),
         max_connections: m.first(
             "apiprism.maxConnections",
             [o.ap_max_connections.clone()],
