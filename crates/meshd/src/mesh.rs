@@ -155,7 +155,8 @@ pub fn unix_now() -> u64 {
 pub struct Mesh {
     pub cfg: Arc<Config>,
     device: DeviceKey,
-    pub key: PrivateKey,
+    /// This node's key, shared with every plan (see [`PrivateKey`]).
+    pub key: Arc<PrivateKey>,
     pub public: PublicKey,
     pub index: u32,
     pub backend: Backend,
@@ -209,7 +210,7 @@ impl Mesh {
     pub async fn start(cfg: Arc<Config>, metrics: Metrics) -> Result<Mesh, Error> {
         let m = &cfg.meshd;
         let device = device_key(&cfg);
-        let key = identity::load_or_create(&m.private_key_file)?;
+        let key = Arc::new(identity::load_or_create(&m.private_key_file)?);
         let public = key.public();
         let prefix = device.prefix;
         let net = Net::new()?;

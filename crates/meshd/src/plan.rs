@@ -52,7 +52,8 @@ pub struct PeerInput {
 /// Everything the desired state depends on.
 #[derive(Clone, Debug)]
 pub struct Inputs {
-    pub private_key: PrivateKey,
+    /// Shared with the mesh (never copied per plan).
+    pub private_key: std::sync::Arc<PrivateKey>,
     pub interface: String,
     pub mtu: u32,
     pub listen_port: u16,

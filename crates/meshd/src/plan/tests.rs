@@ -57,7 +57,7 @@ fn down(mut p: PeerInput) -> PeerInput {
 
 fn inputs(peers: Vec<PeerInput>) -> Inputs {
     Inputs {
-        private_key: PrivateKey([100; 32]),
+        private_key: std::sync::Arc::new(PrivateKey([100; 32])),
         interface: "hybridnet0".to_owned(),
         mtu: 1420,
         listen_port: 51820,
@@ -633,4 +633,14 @@ fn what_a_source_refused_is_reported_with_the_rest() {
             .into_iter()
             .collect()
     );
+}
+
+#[test]
+fn the_private_key_is_shared_not_copied() {
+    let i = screened(vec![peer(1, false)], &[]);
+    let d = plan(&i);
+    assert!(std::sync::Arc::ptr_eq(
+        &d.device.private_key,
+        &i.private_key
+    ));
 }
