@@ -292,9 +292,11 @@ impl Net {
                 if let netlink_packet_route::address::AddressAttribute::Address(ip) = a
                     && let Ok(n) = IpNet::new(*ip, msg.header.prefix_len)
                 {
-                    let n = n.trunc();
-                    if !out.contains(&n) {
-                        out.push(n);
+                    // The subnet, and the address itself (never a peer's, proven or not).
+                    for n in [n.trunc(), IpNet::from(*ip)] {
+                        if !out.contains(&n) {
+                            out.push(n);
+                        }
                     }
                 }
             }

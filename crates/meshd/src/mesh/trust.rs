@@ -83,6 +83,8 @@ impl Mesh {
                     mesh_addr: p.mesh_addr,
                     seniority: p.seniority,
                     refused: p.refused.clone(),
+                    addresses: p.addresses.clone(),
+                    proven: proven(p),
                 };
                 (p.key, t)
             })
@@ -129,6 +131,25 @@ impl Mesh {
         self.metrics.prefixes_refused_now.set(refused.len() as i64);
         self.refused = refused.to_vec();
     }
+}
+
+/// Where `p` proved to hold its key: endpoints whose probes it answers (the pong's MAC is under the
+/// X25519 secret only it and we can compute), and in handshake mode the endpoint of a live session.
+fn proven(p: &super::Peer) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = p
+        .machine
+        .paths
+        .iter()
+        .filter(|path| path.state == crate::peer::PathState::Alive)
+        .map(|path| path.endpoint.ip())
+        .collect();
+    if p.handshake_mode()
+        && p.state() == crate::peer::PeerState::Up
+        && let Some(e) = p.endpoint()
+    {
+        out.push(e.ip());
+    }
+    out
 }
 
 /// The refusals as `meshd status` shows them.

@@ -450,6 +450,8 @@ fn screened(peers: Vec<PeerInput>, statics: &[u8]) -> Inputs {
                 mesh_addr,
                 seniority: n as u64,
                 refused: Vec::new(),
+                addresses: Vec::new(),
+                proven: Vec::new(),
             },
         );
     }
@@ -643,4 +645,46 @@ fn the_private_key_is_shared_not_copied() {
         &d.device.private_key,
         &i.private_key
     ));
+}
+
+#[test]
+fn a_node_address_in_the_underlay_is_routed_once_proven() {
+    // KubeSpan-compatible mode: Talos routes a peer's node addresses through the mesh. One in this
+    // node's subnet is a claim on a neighbour: refused until the peer proved to be there (probes, or a
+    // handshake), and this node's own address never.
+    let mut p = peer(1, false);
+    claims(&mut p, &["192.0.2.7/32", "192.0.2.8/32", "192.0.2.100/32"]);
+    let mut i = screened(vec![p], &[]);
+    i.trust.policy.underlay.push(net("192.0.2.100/32"));
+    let t = i.trust.peers.get_mut(&key(1)).unwrap();
+    t.addresses = ["192.0.2.7", "192.0.2.100"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let mut got = refused_of(&plan(&i), key(1));
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("192.0.2.100/32".to_owned(), "underlay"),
+            ("192.0.2.7/32".to_owned(), "unproven-address"),
+            ("192.0.2.8/32".to_owned(), "underlay"),
+        ]
+    );
+    i.trust.peers.get_mut(&key(1)).unwrap().proven = ["192.0.2.7", "192.0.2.100"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let d = plan(&i);
+    let mut got = refused_of(&d, key(1));
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("192.0.2.100/32".to_owned(), "underlay"),
+            ("192.0.2.8/32".to_owned(), "underlay"),
+        ]
+    );
+    assert!(wg_allowed(&d, key(1)).contains(&net("192.0.2.7/32")));
+    assert!(d.routes.contains_key(&net("192.0.2.7/32")));
 }

@@ -41,6 +41,9 @@ pub enum Reason {
     StaticPeer,
     /// Kubernetes registry: outside the peer's Node `spec.podCIDRs` (or the cluster pod subnets).
     OutsidePodCidrs,
+    /// KubeSpan-compatible mode: the peer's own node address, in this node's underlay, not yet proven
+    /// (no probe answered and no handshake there): routed once it is.
+    Unproven,
 }
 
 impl Reason {
@@ -57,6 +60,7 @@ impl Reason {
             Reason::MeshAddress => "mesh-address",
             Reason::StaticPeer => "static-peer",
             Reason::OutsidePodCidrs => "outside-pod-cidrs",
+            Reason::Unproven => "unproven-address",
         }
     }
 }
@@ -85,6 +89,11 @@ pub struct PeerTrust {
     pub seniority: u64,
     /// Prefixes its source already refused (the Kubernetes registry's pod CIDR check).
     pub refused: Vec<(IpNet, Reason)>,
+    /// Its node addresses as announced (KubeSpan-compatible mode routes them through the mesh).
+    pub addresses: Vec<IpAddr>,
+    /// Addresses where it proved to hold its key: an endpoint whose probes it answered (MAC under the
+    /// X25519 shared secret), or where a WireGuard handshake with it succeeded.
+    pub proven: Vec<IpAddr>,
 }
 
 /// The trust inputs of a plan. A peer missing from `peers` is trusted (plans built without trust data).
@@ -136,12 +145,16 @@ fn special(prefix: &IpNet, within: bool) -> Option<Reason> {
 }
 
 /// Why `prefix` of an untrusted peer owning `owned` (its mesh /128, `None` when it owns none) is
-/// refused, if it is. `statics`: the static peers' prefixes.
+/// refused, if it is. `statics`: the static peers' prefixes; `proven`: the peer's proven addresses,
+/// which it may have as host routes even inside this node's underlay subnets (KubeSpan-compatible mode
+/// routes node addresses through the mesh).
 pub fn check(
     policy: &Policy,
     mesh: Ipv6Net,
     owned: Option<Ipv6Addr>,
     statics: &BTreeSet<IpNet>,
+    proven: &[IpAddr],
+    announced: &[IpAddr],
     prefix: &IpNet,
 ) -> Option<Reason> {
     let mesh = IpNet::V6(mesh);
@@ -167,9 +180,30 @@ pub fn check(
     if let Some(r) = special(prefix, false) {
         return Some(r);
     }
-    if policy.underlay.iter().any(|u| overlaps(u, prefix)) {
+    let host = prefix.prefix_len() == prefix.max_prefix_len();
+    let is_host = |u: &IpNet| u.prefix_len() == u.max_prefix_len();
+    // This node's own addresses (host entries) are never a peer's; a neighbour's in a subnet may be
+    // the peer's own node address (KubeSpan routes those), once it proved to be there.
+    if policy
+        .underlay
+        .iter()
+        .any(|u| is_host(u) && overlaps(u, prefix))
+    {
         return Some(Reason::Underlay);
     }
+    if policy.underlay.iter().any(|u| overlaps(u, prefix)) {
+        let mine = host && announced.contains(&prefix.addr());
+        return match (mine, proven.contains(&prefix.addr())) {
+            (true, true) => rest(policy, statics, prefix),
+            (true, false) => Some(Reason::Unproven),
+            _ => Some(Reason::Underlay),
+        };
+    }
+    rest(policy, statics, prefix)
+}
+
+/// The checks after the underlay's.
+fn rest(policy: &Policy, statics: &BTreeSet<IpNet>, prefix: &IpNet) -> Option<Reason> {
     if policy.service_subnets.iter().any(|s| overlaps(s, prefix)) {
         return Some(Reason::ServiceSubnet);
     }
@@ -243,7 +277,18 @@ pub fn screen(
         for prefix in *allowed {
             // Its mesh address, when it does not own it (held by another, outside the mesh prefix).
             let unowned = (*prefix == claimed && owned.is_none()).then_some(Reason::MeshAddress);
-            match unowned.or_else(|| check(&trust.policy, mesh, owned, &statics, prefix)) {
+            let verdict = unowned.or_else(|| {
+                check(
+                    &trust.policy,
+                    mesh,
+                    owned,
+                    &statics,
+                    &t.proven,
+                    &t.addresses,
+                    prefix,
+                )
+            });
+            match verdict {
                 None => {
                     keep.insert(*prefix);
                 }
