@@ -349,6 +349,21 @@ fn locations_native_inside_wireguard_across_gateway_failover_and_a_third_locatio
     );
     wait_path(&lab, standby, n23, "gateway", Some("node21"));
     wait_path(&lab, n22, n13, "gateway", Some("node21"));
+    // Each move of loc1's active gateway (the WAN cut and its return, the kill) is counted where it was
+    // decided: on the private node that moved (the `MeshdGatewayChanged` alert's metric).
+    let changes: f64 = daemons[all.iter().position(|&i| i == n13).unwrap_or(0)]
+        .metrics()
+        .map(|m| {
+            m.series("meshd_gateway_changes_total")
+                .filter(|(l, _)| l.contains("location=\"loc1\""))
+                .map(|(_, v)| v)
+                .sum()
+        })
+        .unwrap_or(f64::NAN);
+    assert!(
+        changes >= 2.0,
+        "node13 counted {changes} changes of loc1's active gateway (a WAN cut and a kill happened)"
+    );
 
     // A third location joins (configs reloaded everywhere) while a stream runs: nothing established is
     // disturbed, nobody is renumbered, and the new location is reachable from the private nodes.

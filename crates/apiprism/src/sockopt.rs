@@ -4,7 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Keepalive: first probe after this much idle time (KubePrism: 30 s) ...
@@ -46,17 +46,7 @@ pub fn reset_on_close(stream: &TcpStream) {
 /// A listener with SO_REUSEADDR and SO_REUSEPORT (a new instance can bind before the old one stops), IPv6 only
 /// on IPv6 addresses.
 pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.set_cloexec(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    hybridnet_runtime::net::reuseport_listener(addr, BACKLOG)
 }
 
 /// Connects to `addr` with TCP_NODELAY set before the SYN.

@@ -53,10 +53,8 @@ impl Resolver {
         if hp.host.eq_ignore_ascii_case("localhost") {
             return vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), hp.port)];
         }
-        let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
-        match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
-            Ok(Ok(addrs)) => {
-                let mut addrs: Vec<SocketAddr> = addrs.collect();
+        match hybridnet_runtime::net::resolve(hp, RESOLVE_TIMEOUT).await {
+            Ok(mut addrs) => {
                 addrs.dedup();
                 if self.last_good.get(hp) != Some(&addrs) {
                     tracing::info!(endpoint = %hp, ?addrs, "resolved");
@@ -64,8 +62,7 @@ impl Resolver {
                 self.last_good.insert(hp.clone(), addrs.clone());
                 addrs
             }
-            Ok(Err(error)) => self.keep(hp, error.to_string()),
-            Err(_) => self.keep(hp, format!("lookup timed out after {RESOLVE_TIMEOUT:?}")),
+            Err(error) => self.keep(hp, error.to_string()),
         }
     }
 

@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 
 use crate::error::IssueKind;
+use crate::pos::Pos;
 use crate::read::Ctx;
-use crate::yaml::{Node, Pos, Value};
+use crate::yaml::{Node, Value};
 
 /// Our document's kind.
 pub const HYBRIDNET_KIND: &str = "HybridNetConfig";

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::yaml::Pos;
+use crate::pos::Pos;
 
 /// What kind of problem an [`Issue`] is; tests and callers can match on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -45,6 +45,7 @@ mod hybridnet;
 mod merge;
 mod model;
 mod parse;
+mod pos;
 mod read;
 mod render;
 mod source;
@@ -63,9 +64,9 @@ pub use error::{Error, Issue, IssueKind};
 pub use filter::{EndpointFilter, FilterRule};
 pub use model::*;
 pub use parse::HostPort;
+pub use pos::Pos;
 pub use source::{Source, Sources};
 pub use ula::{ULA_KUBESPAN, ula_prefix};
-pub use yaml::Pos;
 
 /// Where the daemons look for their config file unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/usr/local/etc/hybridnet/config.yaml";

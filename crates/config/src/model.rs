@@ -68,6 +68,16 @@ impl fmt::Display for PublicKey {
     }
 }
 
+/// Parses a key as Talos and `wg` write it: base64 (standard or URL-safe, padded or not) of 32 bytes, surrounding
+/// whitespace allowed. The one key parser: config, discovery records and the peer cache all use it.
+impl std::str::FromStr for PublicKey {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<PublicKey, String> {
+        crate::talos::decode32(text).map(PublicKey)
+    }
+}
+
 /// Facts about the cluster, read from the Talos documents (or set in HybridNetConfig where it has a
 /// key for them). Keys in [`crate::Sources`] are `cluster.<field>`.
 #[derive(Clone, Debug, PartialEq, Default)]

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::yaml::Pos;
+use crate::pos::Pos;
 
 /// Where one value of the effective config came from, in precedence order (first wins).
 #[derive(Clone, Debug, PartialEq, Eq)]

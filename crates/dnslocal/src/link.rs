@@ -11,6 +11,7 @@
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 use futures_util::TryStreamExt as _;
+use hybridnet_nft::netlink_errno;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec};
@@ -29,13 +30,6 @@ fn alias(link: &LinkMessage) -> Option<&str> {
 
 fn nl(what: &'static str) -> impl Fn(rtnetlink::Error) -> Error {
     move |e| Error::Link(format!("{what}: {e}"))
-}
-
-fn errno(e: &rtnetlink::Error) -> i32 {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => -m.raw_code(),
-        _ => 0,
-    }
 }
 
 /// What [`Link::setup`] owns.
@@ -69,7 +63,7 @@ async fn get_link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, Er
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
         Ok(link) => Ok(link),
-        Err(e) if errno(&e) == libc::ENODEV => Ok(None),
+        Err(e) if netlink_errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(nl("get link")(e)),
     }
 }
@@ -83,7 +77,7 @@ async fn create(handle: &Handle, name: &str) -> Result<&'static str, Error> {
         .await
     {
         Ok(()) => Ok("dummy"),
-        Err(e) if errno(&e) == libc::EOPNOTSUPP => {
+        Err(e) if netlink_errno(&e) == Some(libc::EOPNOTSUPP) => {
             tracing::warn!(
                 link = name,
                 "this kernel has no dummy links: using an empty bridge instead"
@@ -192,7 +186,7 @@ impl Link {
                     tracing::info!(link = %self.name, %addr, "added listen address");
                     self.added.push(addr);
                 }
-                Err(e) if errno(&e) == libc::EEXIST => {}
+                Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {}
                 Err(e) => return Err(nl("add address")(e)),
             }
         }

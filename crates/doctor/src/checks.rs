@@ -378,10 +378,11 @@ fn mtu(f: &Facts) -> Finding {
         else {
             continue;
         };
-        let (dev, overhead) = match ep.ip() {
-            IpAddr::V4(ip) => (route_interface(&f.routes, ip), WG_OVERHEAD_V4),
-            IpAddr::V6(_) => (None, WG_OVERHEAD_V6),
+        let overhead = match ep.ip() {
+            IpAddr::V4(_) => WG_OVERHEAD_V4,
+            IpAddr::V6(_) => WG_OVERHEAD_V6,
         };
+        let dev = route_interface(&f.routes, ep.ip());
         let Some(dev) = dev else { continue };
         if let Some(&under) = f.mtus.get(dev)
             && mesh_mtu + overhead > under
@@ -436,18 +437,34 @@ fn forwarding(f: &Facts) -> Finding {
     let gateway = details["topology"]["gatewayCandidate"]
         .as_bool()
         .unwrap_or(false);
-    match (f.ipv4_forward, gateway) {
-        (None, _) => Finding::skip(C, "cannot read net.ipv4.ip_forward"),
-        (Some(true), _) => Finding::ok(C, "IPv4 forwarding is on"),
-        (Some(false), true) => Finding::fail(
+    let off: Vec<&str> = [
+        ("IPv4 (net.ipv4.ip_forward)", f.ipv4_forward),
+        ("IPv6 (net.ipv6.conf.all.forwarding)", f.ipv6_forward),
+    ]
+    .into_iter()
+    .filter(|(_, on)| *on == Some(false))
+    .map(|(what, _)| what)
+    .collect();
+    let unknown = f.ipv4_forward.is_none() && f.ipv6_forward.is_none();
+    match (unknown, off.is_empty(), gateway) {
+        (true, _, _) => Finding::skip(C, "cannot read the forwarding sysctls"),
+        (false, true, _) => Finding::ok(C, "IPv4 and IPv6 forwarding are on"),
+        (false, false, true) => Finding::fail(
             C,
-            "this node is a gateway for its location but IPv4 forwarding is off: traffic between locations through it is dropped",
-            "sysctl -w net.ipv4.ip_forward=1 (persist it: /etc/sysctl.d, or Talos machine.sysctls)",
+            format!(
+                "this node is a gateway for its location but {} forwarding is off: traffic between locations through it is dropped (the mesh's own addresses are IPv6)",
+                off.join(" and ")
+            ),
+            "sysctl -w net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 (persist it: /etc/sysctl.d, or Talos machine.sysctls; meshd sets them itself where /proc/sys is writable)",
         ),
-        (Some(false), false) => Finding::warn(
+        (false, false, false) if f.ipv4_forward == Some(false) => Finding::warn(
             C,
             "IPv4 forwarding is off: pod traffic cannot cross this node (fine only if no pods run here)",
             "sysctl -w net.ipv4.ip_forward=1 (the CNI usually sets it)",
+        ),
+        (false, false, false) => Finding::ok(
+            C,
+            "IPv4 forwarding is on (IPv6 forwarding is off: needed only on a gateway or for IPv6 pods)",
         ),
     }
 }

@@ -2,7 +2,7 @@
 //! daemons' status records, and a few kernel facts. The checks (`checks.rs`) are pure functions of this.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use hybridnet_config::Config;
@@ -25,10 +25,10 @@ pub enum Record {
     },
 }
 
-/// One IPv4 route of the main table (from `/proc/net/route`).
+/// One route: IPv4 from the main table (`/proc/net/route`), IPv6 from `/proc/net/ipv6_route`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route4 {
-    pub dest: Ipv4Addr,
+pub struct Route {
+    pub dest: IpAddr,
     pub prefix_len: u8,
     pub interface: String,
 }
@@ -46,9 +46,11 @@ pub struct Facts {
     pub records: BTreeMap<&'static str, Record>,
     /// `net.ipv4.ip_forward`.
     pub ipv4_forward: Option<bool>,
+    /// `net.ipv6.conf.all.forwarding` (the mesh's own addresses are IPv6: a gateway forwards them).
+    pub ipv6_forward: Option<bool>,
     /// Link MTUs by interface name.
     pub mtus: BTreeMap<String, u32>,
-    pub routes: Vec<Route4>,
+    pub routes: Vec<Route>,
 }
 
 /// Where to look (the command line's choices).
@@ -84,10 +86,18 @@ impl Facts {
             kubelet_server: kubelet_server(src),
             records,
             ipv4_forward: read_trim("/proc/sys/net/ipv4/ip_forward").map(|v| v == "1"),
+            ipv6_forward: read_trim("/proc/sys/net/ipv6/conf/all/forwarding").map(|v| v == "1"),
             mtus: link_mtus(),
             routes: std::fs::read_to_string("/proc/net/route")
                 .map(|t| parse_routes(&t))
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into_iter()
+                .chain(
+                    std::fs::read_to_string("/proc/net/ipv6_route")
+                        .map(|t| parse_routes6(&t))
+                        .unwrap_or_default(),
+                )
+                .collect(),
         }
     }
 }
@@ -157,15 +167,15 @@ fn link_mtus() -> BTreeMap<String, u32> {
 
 /// `/proc/net/route`: `Iface Destination Gateway Flags RefCnt Use Metric Mask ...`, addresses as
 /// little-endian hex. Malformed lines are skipped.
-pub fn parse_routes(text: &str) -> Vec<Route4> {
+pub fn parse_routes(text: &str) -> Vec<Route> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let dest = u32::from_str_radix(f.get(1)?, 16).ok()?;
             let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
-            Some(Route4 {
-                dest: Ipv4Addr::from(u32::from_be(dest)),
+            Some(Route {
+                dest: IpAddr::V4(Ipv4Addr::from(u32::from_be(dest))),
                 prefix_len: u8::try_from(mask.count_ones()).ok()?,
                 interface: (*f.first()?).to_owned(),
             })
@@ -173,16 +183,58 @@ pub fn parse_routes(text: &str) -> Vec<Route4> {
         .collect()
 }
 
-/// The interface of the longest route matching `ip`.
-pub fn route_interface(routes: &[Route4], ip: Ipv4Addr) -> Option<&str> {
+/// `RTF_REJECT`: an unreachable or prohibit route (the kernel lists its default `lo` ones).
+const RTF_REJECT: u32 = 0x0200;
+
+/// `/proc/net/ipv6_route`: `dest dest_len src src_len next_hop metric refcnt use flags iface`, addresses as
+/// 32 hex digits in network order, lengths and flags in hex (net/ipv6/route.c, `rt6_info_seq_show`). Reject
+/// routes and malformed lines are skipped.
+pub fn parse_routes6(text: &str) -> Vec<Route> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                return None;
+            }
+            let flags = u32::from_str_radix(f[8], 16).ok()?;
+            if flags & RTF_REJECT != 0 {
+                return None;
+            }
+            let dest = u128::from_str_radix(f[0], 16).ok()?;
+            let prefix_len = u8::from_str_radix(f[1], 16).ok().filter(|l| *l <= 128)?;
+            Some(Route {
+                dest: IpAddr::V6(Ipv6Addr::from(dest)),
+                prefix_len,
+                interface: f[9].to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Whether the first `len` bits of `a` and `b` are the same (same family only).
+fn same_prefix(a: IpAddr, b: IpAddr, len: u8) -> bool {
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
+/// The interface of the longest route matching `ip` (of its family).
+pub fn route_interface(routes: &[Route], ip: IpAddr) -> Option<&str> {
     routes
         .iter()
-        .filter(|r| {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(r.prefix_len))
-                .unwrap_or(0);
-            u32::from(ip) & mask == u32::from(r.dest) & mask
-        })
+        .filter(|r| same_prefix(ip, r.dest, r.prefix_len))
         .max_by_key(|r| r.prefix_len)
         .map(|r| r.interface.as_str())
 }
@@ -200,20 +252,83 @@ mod tests {
                     junk\n";
         let routes = parse_routes(text);
         assert_eq!(routes.len(), 3);
-        assert_eq!(routes[1].dest, Ipv4Addr::new(192, 0, 2, 0));
+        assert_eq!(routes[1].dest, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)));
         assert_eq!(routes[1].prefix_len, 24);
         assert_eq!(
-            route_interface(&routes, Ipv4Addr::new(10, 99, 0, 7)),
+            route_interface(&routes, Ipv4Addr::new(10, 99, 0, 7).into()),
             Some("wg0")
         );
         assert_eq!(
-            route_interface(&routes, Ipv4Addr::new(192, 0, 2, 12)),
+            route_interface(&routes, Ipv4Addr::new(192, 0, 2, 12).into()),
             Some("eth0")
         );
         assert_eq!(
-            route_interface(&routes, Ipv4Addr::new(8, 8, 8, 8)),
+            route_interface(&routes, Ipv4Addr::new(8, 8, 8, 8).into()),
             Some("eth0")
         );
-        assert_eq!(route_interface(&[], Ipv4Addr::new(8, 8, 8, 8)), None);
+        assert_eq!(route_interface(&[], Ipv4Addr::new(8, 8, 8, 8).into()), None);
+    }
+
+    #[test]
+    fn routes_from_proc_net_ipv6_route() {
+        // As a Linux 6.x node prints it: a /64 on eth0, a default via eth0, the mesh /64, a local /128 on lo,
+        // and the kernel's unreachable default on lo (RTF_REJECT), then junk.
+        let text = "20010db8000000010000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
+                    00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000003 00000000 00000003     eth0\n\
+                    fdc496f322a306020000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 hybridnet0\n\
+                    20010db8000000010000000000000005 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000002 00000000 80200001       lo\n\
+                    00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n\
+                    zz 40\n";
+        let routes = parse_routes6(text);
+        assert_eq!(routes.len(), 4, "{routes:?}");
+        let v6 = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        assert_eq!(
+            route_interface(&routes, v6("2001:db8:0:1::77")),
+            Some("eth0")
+        );
+        assert_eq!(route_interface(&routes, v6("2001:db8:0:1::5")), Some("lo"));
+        assert_eq!(
+            route_interface(&routes, v6("fdc4:96f3:22a3:602::9")),
+            Some("hybridnet0")
+        );
+        assert_eq!(
+            route_interface(&routes, v6("2a00::1")),
+            Some("eth0"),
+            "the default route"
+        );
+        assert_eq!(
+            route_interface(&routes, Ipv4Addr::new(192, 0, 2, 1).into()),
+            None,
+            "no IPv4 route matches by an IPv6 one"
+        );
+        assert!(
+            parse_routes6("ffff 81 x x x x x x 00000001 eth0\n").is_empty(),
+            "a /129 is refused"
+        );
+    }
+
+    #[test]
+    fn this_machines_ipv6_routes_parse() {
+        // The real thing: this kernel's table, whatever it holds, parses to routes on interfaces that exist
+        // (reject routes aside).
+        let text =
+            std::fs::read_to_string("/proc/net/ipv6_route").expect("/proc/net/ipv6_route (Linux)");
+        let routes = parse_routes6(&text);
+        let rejects = text
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(8)
+                    .and_then(|f| u32::from_str_radix(f, 16).ok())
+                    .is_some_and(|f| f & RTF_REJECT != 0)
+            })
+            .count();
+        assert_eq!(routes.len() + rejects, text.lines().count(), "{text}");
+        for r in &routes {
+            assert!(
+                Path::new("/sys/class/net").join(&r.interface).exists(),
+                "{r:?}"
+            );
+        }
     }
 }

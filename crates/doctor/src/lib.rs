@@ -14,7 +14,6 @@ mod model;
 pub mod render;
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use facts::{Facts, Liveness, Sources};
 pub use model::{Finding, Report, Verdict};
@@ -47,9 +46,7 @@ pub fn diagnose(args: &Args, live: Liveness) -> Report {
         kubelet_config: args.kubelet_config.clone(),
         kubelet_kubeconfig: args.kubeconfig.clone(),
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = hybridnet_state::unix_now();
     Report::new(checks::all(&Facts::gather(&sources, live, now)))
 }
 

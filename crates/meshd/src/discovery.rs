@@ -119,7 +119,7 @@ fn from_proto(id: &str, a: &client::Affiliate, endpoints: Vec<SocketAddr>) -> Af
             .iter()
             .filter_map(|b| ip_from_bytes(b))
             .collect(),
-        public_key: ks.and_then(|k| parse_key(&k.public_key)),
+        public_key: ks.and_then(|k| k.public_key.parse().ok()),
         mesh_address: ks.and_then(|k| ip_from_bytes(&k.address)),
         additional: ks
             .map(|k| {
@@ -146,14 +146,6 @@ fn from_proto(id: &str, a: &client::Affiliate, endpoints: Vec<SocketAddr>) -> Af
         location: None,
         refused: Vec::new(),
     }
-}
-
-fn parse_key(text: &str) -> Option<PublicKey> {
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .ok()?;
-    Some(PublicKey(bytes.try_into().ok()?))
 }
 
 /// Merges affiliates by node ID as Talos does: addresses and endpoints unioned (in order), the last

@@ -143,13 +143,6 @@ fn device_key(cfg: &Config) -> DeviceKey {
     }
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The running mesh.
 #[derive(Debug)]
 pub struct Mesh {
@@ -197,6 +190,8 @@ pub struct Mesh {
     handshake_kicks: Vec<PublicKey>,
     /// The prefix conflicts of the last reconcile (logged when they change).
     conflicts: Vec<plan::Conflict>,
+    /// `topology: location`: each location's active gateway as of the last reconcile (changes are counted).
+    gateways: std::collections::BTreeMap<String, Option<PublicKey>>,
     /// The trust screen: this node's underlay subnets, the endpoint addresses it protects, the
     /// refusals of the last reconcile (logged when they change), the next peer's seniority.
     underlay: Vec<IpNet>,
@@ -285,6 +280,7 @@ impl Mesh {
             uplink_lost: false,
             handshake_kicks: Vec::new(),
             conflicts: Vec::new(),
+            gateways: std::collections::BTreeMap::new(),
             underlay: Vec::new(),
             protected,
             refused: Vec::new(),
@@ -717,7 +713,7 @@ impl Mesh {
             return;
         };
         if peer.machine.on_pong(probe.nonce, pong.at) {
-            peer.last_seen_unix = unix_now();
+            peer.last_seen_unix = hybridnet_state::unix_now();
             self.metrics.probes_answered.inc();
             if let Some(observed) = probe.observed {
                 self.observed.insert(peer.key, observed);
@@ -841,10 +837,12 @@ impl Mesh {
                     tracing::info!(table = crate::nft::TABLE, interface = %self.cfg.meshd.interface, "MSS clamping rule installed");
                 }
                 self.metrics.mss_clamp_ok.set(i64::from(enabled));
+                self.metrics.mss_clamp_enabled.set(i64::from(enabled));
                 self.clamp_error = None;
             }
             Err(error) => {
                 self.metrics.mss_clamp_ok.set(0);
+                self.metrics.mss_clamp_enabled.set(i64::from(enabled));
                 if self.clamp_error.as_ref() != Some(&error) {
                     tracing::warn!(%error, "MSS clamping (nftables) failed; retrying every 10 s");
                 }

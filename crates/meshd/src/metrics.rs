@@ -49,6 +49,10 @@ pub struct Metrics {
     pub mss_clamp_ok: Gauge,
     /// Times the MSS clamping table was (re)written (start, repair after a flush, upgrade).
     pub mss_clamp_installs: Counter,
+    /// 1 when the config asks for MSS clamping (`clampMSS`), so an alert tells "missing" from "turned off".
+    pub mss_clamp_enabled: Gauge,
+    /// `topology: location`: changes of a location's active gateway (to another node, or to none), by location.
+    pub gateway_changes: Family<Labels, Counter>,
     /// Kubernetes registry: watches resumed after the server closed them (`closed`) and relists after
     /// 410 Gone (`gone`).
     pub discovery_resyncs: Family<Labels, Counter>,
@@ -180,6 +184,16 @@ impl Metrics {
                 "mss_clamp_ok",
                 "1 while the nftables MSS clamping rule is in place",
                 m.mss_clamp_ok.clone(),
+            );
+            r.register(
+                "mss_clamp_enabled",
+                "1 when the config asks for MSS clamping (clampMSS), 0 when it is turned off",
+                m.mss_clamp_enabled.clone(),
+            );
+            r.register(
+                "gateway_changes",
+                "topology location: changes of a location's active gateway (to another node or to none), by location",
+                m.gateway_changes.clone(),
             );
             r.register(
                 "mss_clamp_installs",

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt as _;
+use hybridnet_nft::netlink_errno;
 use ipnet::IpNet;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
 use netlink_packet_route::rule::{RuleAttribute, RuleFlags};
@@ -84,7 +85,7 @@ impl Net {
         match links.try_next().await {
             Ok(Some(link)) => Ok(Some(link.header.index)),
             Ok(None) => Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) if netlink_errno(&e) == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(nl("get link")(e)),
         }
     }
@@ -101,7 +102,7 @@ impl Net {
         let msg = match links.try_next().await {
             Ok(Some(msg)) => msg,
             Ok(None) => return Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+            Err(e) if netlink_errno(&e) == Some(libc::ENODEV) => {
                 return Ok(None);
             }
             Err(e) => return Err(nl("get link")(e)),
@@ -249,7 +250,7 @@ impl Net {
                 .add(index, net.addr(), net.prefix_len());
             match req.execute().await {
                 Ok(()) => changes += 1,
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {}
                 Err(e) => return Err(nl("add address")(e)),
             }
         }
@@ -448,7 +449,7 @@ impl Net {
         }
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            Err(e) if netlink_errno(&e) == Some(libc::ESRCH) => Ok(()),
             Err(e) => Err(nl("delete route")(e)),
         }
     }
@@ -547,7 +548,7 @@ impl Net {
             };
             match result {
                 Ok(()) => added += 1,
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {}
                 Err(e) => return Err(nl("add rule")(e)),
             }
         }

@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use hybridnet_state::{Member, Members};
 use serde_json::{Value, json};
 
-use crate::mesh::{Mesh, unix_now};
+use hybridnet_state::unix_now;
+
+use crate::mesh::Mesh;
 use crate::peer::PathState;
 use crate::topology::PathKind;
 

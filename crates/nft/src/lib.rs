@@ -553,3 +553,12 @@ pub fn remove(table: &str) -> Result<(), NftError> {
     let seq = s.next_seq(16);
     s.transact("delete table", delete_batch(table, seq))
 }
+
+/// The errno of a failed rtnetlink request (`EEXIST`, `ENODEV`, ...), `None` for failures that are not the
+/// kernel's answer. The one mapping the daemons' link, address and route code matches on.
+pub fn netlink_errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}

@@ -20,7 +20,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -43,17 +43,9 @@ pub struct AdminState {
     pub ready: Arc<Readiness>,
 }
 
-/// Binds a TCP listener with `SO_REUSEADDR` and `SO_REUSEPORT`.
+/// Binds the admin listener (`SO_REUSEADDR`, `SO_REUSEPORT`; see [`crate::net::reuseport_listener`]).
 pub fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(128)
+    crate::net::reuseport_listener(addr, 128)
 }
 
 /// Serves the admin endpoint on the address `addr` yields, rebinding when it changes, until `shutdown`.

@@ -7,25 +7,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use hybridnet_config::DEFAULT_CONFIG_PATH;
 
 use crate::Daemon;
-
-/// Exit codes: 0 ok, 1 a runtime failure (or `status` found no live daemon), 78 (`EX_CONFIG`) a config error.
-/// Usage errors are clap's (2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    Ok,
-    Failure,
-    Config,
-}
-
-impl From<ExitStatus> for ExitCode {
-    fn from(s: ExitStatus) -> ExitCode {
-        match s {
-            ExitStatus::Ok => ExitCode::SUCCESS,
-            ExitStatus::Failure => ExitCode::from(1),
-            ExitStatus::Config => ExitCode::from(78),
-        }
-    }
-}
+use crate::exit::ExitStatus;
 
 #[derive(Debug, Parser)]
 #[command(version, propagate_version = true)]

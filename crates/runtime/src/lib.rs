@@ -16,16 +16,19 @@
 pub mod admin;
 pub mod cli;
 mod context;
+pub mod exit;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod status;
 pub mod supervisor;
 
 use std::future::Future;
 
-pub use cli::{ExitStatus, main};
+pub use cli::main;
 pub use context::{Context, StatusHandle};
+pub use exit::ExitStatus;
 pub use hybridnet_config as config;
 pub use metrics::SharedRegistry;
 

@@ -1,12 +1,12 @@
 //! `<stateDir>/<daemon>/status.json`: written by the running daemon, read by `status` and the other daemons.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hybridnet_state::{DaemonStatus, StateDir};
 
 use crate::Daemon;
-use crate::cli::ExitStatus;
+use crate::exit::ExitStatus;
 
 /// How often the record is rewritten even when nothing changed (so readers can tell a live daemon).
 pub const WRITE_INTERVAL: Duration = Duration::from_secs(5);
@@ -17,12 +17,7 @@ pub const STOPPED: &str = "stopped";
 /// The record's name under `<stateDir>/<daemon>/`.
 pub const RECORD: &str = "status";
 
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use hybridnet_state::unix_now;
 
 /// Whether a record says its daemon is running now.
 pub fn is_live(status: &DaemonStatus, now: u64) -> bool {

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
-use crate::cli::ExitStatus;
 use crate::context::Readiness;
+use crate::exit::ExitStatus;
 use crate::metrics::{RuntimeMetrics, SharedRegistry};
 use crate::status::{RECORD, STOPPED, WRITE_INTERVAL, unix_now};
 use crate::{Context, Daemon, StatusHandle};

@@ -63,6 +63,7 @@
 #![warn(clippy::print_stdout, clippy::dbg_macro, missing_docs)]
 
 mod atomic;
+mod clock;
 mod schema;
 mod store;
 mod watch;
@@ -70,6 +71,7 @@ mod watch;
 use std::path::{Path, PathBuf};
 
 pub use atomic::{PRIVATE_MODE, RECORD_MODE, atomic_write, atomic_write_json, remove_stale_temps};
+pub use clock::unix_now;
 pub use schema::{
     APIPRISM, DAEMONS, DNSLOCAL, DaemonStatus, MEMBERS, MESHD, Member, Members, STATUS,
     status_record,

@@ -347,8 +347,7 @@ fn read_peer(ctx: &mut Ctx, n: &Node, key: &str) -> Option<Peer> {
     let peer_name = name_node.and_then(|v| name(ctx, v, &format!("{key}.name")));
     let public_key = key_node.and_then(|v| {
         ctx.parsed(v, &format!("{key}.publicKey"), |s| {
-            crate::talos::decode32(s)
-                .map(PublicKey)
+            s.parse::<PublicKey>()
                 .map_err(|e| format!("invalid WireGuard public key: {e}"))
         })
     });

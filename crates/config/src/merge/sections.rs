@@ -14,11 +14,11 @@ use crate::model::{
     HealthCheck, KUBEPRISM_PORT, MeshdConfig, Mtu,
 };
 use crate::parse::HostPort;
+use crate::pos::Pos;
 use crate::read::Ctx;
 use crate::source::{Source, Sourced};
 use crate::talos::TalosFacts;
 use crate::ula::{ULA_KUBESPAN, ula_prefix};
-use crate::yaml::Pos;
 
 pub fn apiprism(
     m: &mut Merger,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use super::*;
-use crate::facts::{Record, Route4};
+use crate::facts::{Record, Route};
 use crate::kubelet::Found;
 use crate::model::Verdict;
 
@@ -38,9 +38,10 @@ fn facts(cfg: &str) -> Facts {
         kubelet_server: Ok(None),
         records: BTreeMap::new(),
         ipv4_forward: Some(true),
+        ipv6_forward: Some(true),
         mtus: BTreeMap::from([("eth0".to_owned(), 1500), ("hybridnet0".to_owned(), 1420)]),
-        routes: vec![Route4 {
-            dest: Ipv4Addr::new(192, 0, 2, 0),
+        routes: vec![Route {
+            dest: Ipv4Addr::new(192, 0, 2, 0).into(),
             prefix_len: 24,
             interface: "eth0".to_owned(),
         }],
@@ -236,6 +237,33 @@ fn mtu_black_hole_and_clamp() {
 }
 
 #[test]
+fn mtu_black_hole_over_an_ipv6_underlay() {
+    // A peer reached over IPv6 through a link with a 1480 MTU (a 6in4 tunnel): 1420 + 80 does not fit.
+    let mut f = facts(OURS);
+    f.routes.push(Route {
+        dest: "2001:db8:7::".parse().expect("ip"),
+        prefix_len: 48,
+        interface: "sit1".to_owned(),
+    });
+    f.mtus.insert("sit1".to_owned(), 1480);
+    f.records.insert(
+        "meshd",
+        meshd(
+            json!([{"name": "c", "state": "up", "endpoint": "[2001:db8:7::12]:51821"}]),
+            60,
+        ),
+    );
+    let k = find(&all(&f), "mtu").clone();
+    assert_eq!(k.verdict, Verdict::Fail, "{k:?}");
+    assert!(
+        k.message.contains("1420 + 80") && k.message.contains("sit1"),
+        "{k:?}"
+    );
+    f.mtus.insert("sit1".to_owned(), 1500);
+    assert_eq!(find(&all_of(&f), "mtu").verdict, Verdict::Ok);
+}
+
+#[test]
 fn forwarding_off_on_a_gateway() {
     let mut f = facts(OURS);
     f.ipv4_forward = Some(false);
@@ -248,6 +276,19 @@ fn forwarding_off_on_a_gateway() {
     assert_eq!(find(&all(&f), "forwarding").verdict, Verdict::Fail);
     f.ipv4_forward = Some(true);
     assert_eq!(find(&all_of(&f), "forwarding").verdict, Verdict::Ok);
+    // The mesh's addresses are IPv6: a gateway without IPv6 forwarding drops gateway-routed peers' traffic.
+    f.ipv6_forward = Some(false);
+    let k = find(&all_of(&f), "forwarding").clone();
+    assert_eq!(k.verdict, Verdict::Fail, "{k:?}");
+    assert!(k.message.contains("IPv6"), "{k:?}");
+    if let Some(Record::Live { details, .. }) = f.records.get_mut("meshd") {
+        details["topology"]["gatewayCandidate"] = json!(false);
+    }
+    assert_eq!(
+        find(&all_of(&f), "forwarding").verdict,
+        Verdict::Ok,
+        "IPv6 forwarding matters on gateways only"
+    );
 }
 
 #[test]

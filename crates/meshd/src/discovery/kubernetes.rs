@@ -32,8 +32,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Affiliate, Local, Publisher};
-use crate::mesh::unix_now;
 use crate::metrics::Metrics;
+use hybridnet_state::unix_now;
 
 /// The registry's name in status and in the `registry` metric label.
 pub const REGISTRY: &str = "k8s";

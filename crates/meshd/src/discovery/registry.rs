@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::grpc::{Channel, Stream, Target};
 use super::proto::server;
 use super::{Local, Publisher, TTL, codec::Codec, decode};
-use crate::mesh::unix_now;
 use crate::metrics::Metrics;
+use hybridnet_state::unix_now;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);

@@ -5,6 +5,8 @@
 
 use std::time::Instant;
 
+use hybridnet_config::PublicKey;
+
 use super::{Backend, Error, Mesh, backend};
 use crate::plan::Desired;
 use crate::wg;
@@ -32,6 +34,7 @@ impl Mesh {
         note(self.apply_routes(&planned).await);
         self.apply_sysctls(&planned);
         self.report_conflicts(&planned);
+        self.report_gateways(&planned);
         self.report_refused(&planned.refused);
         self.metrics
             .reconcile_seconds
@@ -126,6 +129,32 @@ impl Mesh {
 
     fn apply_sysctls(&mut self, planned: &Desired) {
         self.sysctls.apply(planned.forwarding, &planned.interface);
+    }
+
+    /// Counts and logs each change of a location's active gateway (a location seen for the first time is
+    /// not a change).
+    fn report_gateways(&mut self, planned: &Desired) {
+        for (location, now) in &planned.gateways {
+            let Some(before) = self.gateways.get(location) else {
+                continue;
+            };
+            if before != now {
+                let name = |k: &Option<PublicKey>| match k {
+                    None => "none".to_owned(),
+                    Some(k) if *k == self.public => "this node".to_owned(),
+                    Some(k) => self
+                        .peers
+                        .get(k)
+                        .map_or_else(|| k.to_string(), |p| p.name.clone()),
+                };
+                tracing::info!(location, from = %name(before), to = %name(now), "active gateway changed");
+                self.metrics
+                    .gateway_changes
+                    .get_or_create(&vec![("location".to_owned(), location.clone())])
+                    .inc();
+            }
+        }
+        self.gateways.clone_from(&planned.gateways);
     }
 
     fn report_conflicts(&mut self, planned: &Desired) {

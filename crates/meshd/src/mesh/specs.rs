@@ -11,6 +11,9 @@ use ipnet::{IpNet, Ipv6Net};
 use crate::cache;
 use crate::peer::PeerState;
 
+/// How long a static peer's endpoint lookup may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A peer as the config (or the cache) describes it.
 #[derive(Clone, Debug)]
 pub struct PeerSpec {
@@ -60,16 +63,10 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
     for p in &m.peers {
         let mut addrs = Vec::new();
         for hp in &p.endpoints {
-            match hp.socket_addr() {
-                Some(a) => addrs.push(a),
-                None => {
-                    let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
-                    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
-                        Ok(Ok(found)) => addrs.extend(found),
-                        _ => {
-                            tracing::warn!(peer = %p.name, endpoint = %hp, "cannot resolve endpoint")
-                        }
-                    }
+            match hybridnet_runtime::net::resolve(hp, RESOLVE_TIMEOUT).await {
+                Ok(found) => addrs.extend(found),
+                Err(error) => {
+                    tracing::warn!(peer = %p.name, endpoint = %hp, %error, "cannot resolve endpoint")
                 }
             }
         }
@@ -93,7 +90,7 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
         if c.source == "static" {
             continue;
         }
-        let Some(key) = parse_key(&c.public_key) else {
+        let Ok(key) = c.public_key.parse::<PublicKey>() else {
             continue;
         };
         if specs.iter().any(|s| s.key == key) {
@@ -119,14 +116,6 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
         });
     }
     specs
-}
-
-fn parse_key(text: &str) -> Option<PublicKey> {
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .ok()?;
-    Some(PublicKey(bytes.try_into().ok()?))
 }
 
 /// A peer's candidates after our endpoint filter (Talos semantics, applied to the candidates' IPs), in the

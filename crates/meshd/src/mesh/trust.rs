@@ -34,18 +34,14 @@ pub async fn protected_endpoints(cfg: &Config) -> Vec<IpAddr> {
     }
     let mut out = Vec::new();
     for hp in hosts {
-        let found: Vec<IpAddr> = match hp.socket_addr() {
-            Some(a) => vec![a.ip()],
-            None if hp.host == "localhost" => Vec::new(),
-            None => {
-                let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
-                match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
-                    Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
-                    _ => {
-                        tracing::debug!(host = %hp.host, "cannot resolve an endpoint to protect");
-                        Vec::new()
-                    }
-                }
+        if hp.host == "localhost" {
+            continue;
+        }
+        let found: Vec<IpAddr> = match hybridnet_runtime::net::resolve(&hp, RESOLVE_TIMEOUT).await {
+            Ok(addrs) => addrs.iter().map(std::net::SocketAddr::ip).collect(),
+            Err(error) => {
+                tracing::debug!(host = %hp.host, %error, "cannot resolve an endpoint to protect");
+                Vec::new()
             }
         };
         for ip in found {

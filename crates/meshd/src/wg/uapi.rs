@@ -157,11 +157,7 @@ pub fn parse_get(text: &str) -> Result<Actual, String> {
 fn hybridnet_age(sec: u64) -> Duration {
     const Y2001: u64 = 978_307_200;
     if sec > Y2001 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        Duration::from_secs(now.saturating_sub(sec))
+        Duration::from_secs(hybridnet_state::unix_now().saturating_sub(sec))
     } else {
         Duration::from_secs(sec)
     }

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use serde_json::{Map, Value};
 
-use super::super::{Affiliate, Local, codec, parse_key};
+use super::super::{Affiliate, Local, codec};
 use crate::plan::trust::overlaps;
 
 pub const NODE_ID: &str = "cluster.talos.dev/node-id";
@@ -223,9 +223,9 @@ pub fn affiliate(node: &Node) -> Option<(Affiliate, Vec<Bad>)> {
         }
     }
     if let Some(v) = ann.get(PUBLIC_KEY).filter(|v| !v.is_empty()) {
-        match parse_key(v.trim()) {
-            Some(k) => a.public_key = Some(k),
-            None => bad.push(show(PUBLIC_KEY, v)),
+        match v.parse() {
+            Ok(k) => a.public_key = Some(k),
+            Err(_) => bad.push(show(PUBLIC_KEY, v)),
         }
     }
     if let Some(v) = ann.get(KUBESPAN_IP).filter(|v| !v.is_empty()) {
