@@ -64,6 +64,10 @@ MESHD = [
     ], "short", "timeseries"),
     ("MSS clamp in place", [("meshd_mss_clamp_ok{$sel}", "clamp ok")], "short", "timeseries"),
     ("Peers by source", [("meshd_peers_by_source{$sel}", "{{source}}")], "short", "timeseries"),
+    ("Refused prefixes (trust boundary)", [
+        ("meshd_refused_prefixes{$sel}", "refused now"),
+        ("sum by (peer, reason) (increase(meshd_prefixes_refused_total{$sel}[1h]))", "{{peer}} {{reason}} (new in 1h)"),
+    ], "short", "timeseries"),
 ]
 
 DNSLOCAL = [

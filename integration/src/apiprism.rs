@@ -56,6 +56,8 @@ impl Pki {
                 "localhost".to_owned(),
                 "127.0.0.1".to_owned(),
                 "::1".to_owned(),
+                // The name apiprism verifies a discovered API server for (`vetting`).
+                "kubernetes".to_owned(),
             ])?;
             let cert = params.signed_by(&key, &ca)?;
             Ok(Pki {
@@ -67,7 +69,7 @@ impl Pki {
         build().expect("generating the test PKI")
     }
 
-    /// Writes `ca.der`, `server.der` and `server.key.der` into `dir`.
+    /// Writes `ca.der` (and `ca.pem`), `server.der` and `server.key.der` into `dir`.
     pub fn write(&self, dir: &Path) {
         for (name, bytes) in [
             ("ca.der", &self.ca),
@@ -76,6 +78,20 @@ impl Pki {
         ] {
             std::fs::write(dir.join(name), bytes).expect("writing the test PKI");
         }
+        std::fs::write(dir.join("ca.pem"), self.ca_pem()).expect("writing the test PKI");
+    }
+
+    /// The CA certificate as PEM (what `apiprism.clusterCAFile` holds).
+    pub fn ca_pem(&self) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&self.ca);
+        let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(chunk));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+        out
     }
 
     /// Reads what [`Pki::write`] wrote.

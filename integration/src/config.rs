@@ -34,6 +34,8 @@ pub struct ConfigDoc {
     pub preamble: Option<String>,
     /// Extra lines appended verbatim inside our document (top level), e.g. to inject an error.
     pub extra: String,
+    /// Extra `key: value` pairs inside the `apiprism` mapping (e.g. `clusterCAFile: /path`).
+    pub apiprism_extra: Vec<(String, String)>,
 }
 
 impl ConfigDoc {
@@ -56,6 +58,7 @@ impl ConfigDoc {
             dnslocal_admin: DaemonKind::Dnslocal.default_admin(),
             preamble: None,
             extra: String::new(),
+            apiprism_extra: Vec::new(),
         }
     }
 
@@ -90,9 +93,14 @@ impl ConfigDoc {
             quote(&self.state_dir.display().to_string()),
             quote(&self.data_dir.display().to_string()),
         );
+        let more: String = self
+            .apiprism_extra
+            .iter()
+            .map(|(k, v)| format!(", {k}: {}", quote(v)))
+            .collect();
         let _ = writeln!(
             out,
-            "apiprism: {{listen: {}, endpoints: {}, admin: {}}}",
+            "apiprism: {{listen: {}, endpoints: {}, admin: {}{more}}}",
             list(&self.apiprism_listen),
             list(&self.apiprism_endpoints),
             quote(&self.apiprism_admin.to_string()),

@@ -64,11 +64,12 @@ impl TestCa {
     /// A TLS server config for a server certificate for `ip` (no client authentication, ALPN `h2`
     /// and `http/1.1` offered).
     pub fn server_config(&self, ip: std::net::IpAddr) -> Result<Arc<rustls::ServerConfig>, String> {
-        let (cert, key) = self.issue(
-            &[ip.to_string()],
-            &[],
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        )?;
+        self.server_config_for(&[ip.to_string()])
+    }
+
+    /// [`TestCa::server_config`] for a certificate naming `names` (IP addresses or DNS names).
+    pub fn server_config_for(&self, names: &[String]) -> Result<Arc<rustls::ServerConfig>, String> {
+        let (cert, key) = self.issue(names, &[], rcgen::ExtendedKeyUsagePurpose::ServerAuth)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -128,6 +128,11 @@ impl Lab {
         doc.apiprism_endpoints = (0..endpoints)
             .map(|i| upstream(&net, i).to_string())
             .collect();
+        // The stand-ins' CA: members (discovered upstreams) must verify against it.
+        doc.apiprism_extra = vec![(
+            "clusterCAFile".into(),
+            pki.join("ca.pem").display().to_string(),
+        )];
         let config = dir.join("config.yaml");
         write_atomic(&config, doc.render());
         let mut apiprism = Daemon::start(DaemonKind::Apiprism, &net.nodes[3].netns, &config);
@@ -748,5 +753,58 @@ fn a_handoff_abandoned_half_way_cuts_nothing() -> Result<()> {
         "{failed} of {} new connections failed",
         log.requests.len()
     );
+    Ok(())
+}
+
+/// Any node can announce itself as a control plane (a Talos affiliate with an API server port, a Node
+/// with the control-plane label and `api-server-port`), and meshd lists it in the members record. A member
+/// whose certificate does not verify against the cluster CA (`apiprism.clusterCAFile`) for the checked
+/// name never joins the upstreams, so it gets no traffic: here stand-in 3 serves a certificate from
+/// another CA, as a hostile node would. A member with the cluster's certificate joins.
+#[test]
+fn a_member_whose_certificate_does_not_verify_gets_no_traffic() -> Result<()> {
+    use hybridnet_state::{MEMBERS, Member, Members, StateDir};
+    let mut lab = Lab::with_endpoints(1)?;
+    let hostile = lab.pki.with_file_name("pki-hostile");
+    std::fs::create_dir_all(&hostile)?;
+    Pki::generate().write(&hostile);
+    lab.kill(2);
+    lab.standins[2] = Some(Standin::start(&lab.net, 2, "hostile", &hostile)?);
+    let member = |name: &str, i: usize| Member {
+        name: name.to_owned(),
+        addresses: vec![lab.net.nodes[i].ipv4.into()],
+        control_plane: true,
+        api_server_port: Some(API_PORT),
+        ..Default::default()
+    };
+    let state = StateDir::new(&lab.doc.state_dir);
+    state.write(
+        MEMBERS.0,
+        MEMBERS.1,
+        &Members {
+            members: vec![member("cp-2", 1), member("evil", 2)],
+        },
+    )?;
+    let verified = lab.wait_state(1, "up", SOON)?;
+    // Several health intervals (1 s) later the hostile one is still not an upstream.
+    std::thread::sleep(Duration::from_secs(4));
+    ensure!(
+        lab.state(2)? == "absent",
+        "the hostile member is in the table: {}",
+        lab.state(2)?
+    );
+    let metrics = lab.apiprism.metrics()?;
+    ensure!(
+        metrics.value("apiprism_upstreams") == 2.0,
+        "upstreams: {:?}",
+        metrics.get("apiprism_upstreams")
+    );
+    let log = lab.apiprism.log();
+    ensure!(
+        log.contains("held back") && log.contains(&lab.upstream(2).to_string()),
+        "the refusal is logged"
+    );
+    // Not in the table is no traffic: apiprism dials only upstreams of its table.
+    eprintln!("apiprism: a verified member joined after {verified:?}; the hostile one never did");
     Ok(())
 }

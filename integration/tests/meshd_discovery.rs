@@ -329,8 +329,9 @@ fn several_services_are_merged_and_redirects_followed() {
 }
 
 /// End to end: a control plane found through discovery becomes an apiprism upstream. node1 (a control
-/// plane) listens on its API server port 6443; node2 runs meshd and apiprism with no upstream configured:
-/// apiprism adds node1's two addresses from meshd's members.json and finds them up (`apiprism status`).
+/// plane) serves TLS on its API server port 6443 with a certificate of the cluster CA for `kubernetes`; node2
+/// runs meshd and apiprism with no upstream configured: apiprism adds node1's two addresses from meshd's
+/// members.json once they pass the TLS check against the cluster CA, and finds them up (`apiprism status`).
 #[test]
 fn a_discovered_control_plane_becomes_an_apiprism_upstream() {
     let lab = discovery_lab(2, "meshd-discovery-apiprism");
@@ -338,20 +339,45 @@ fn a_discovered_control_plane_becomes_an_apiprism_upstream() {
     write_config(&lab, 0, &server.url());
     write_config(&lab, 1, &server.url());
     let node2 = &lab.nodes[1];
+    // apiprism gives a discovered API server traffic only once its certificate verifies against the
+    // cluster CA (`apiprism.clusterCAFile`) for the name `kubernetes`: the stand-in serves one.
+    let ca =
+        hybridnet_integration::pki::TestCa::new("cluster CA").unwrap_or_else(|e| panic!("{e}"));
+    let ca_file = node2.config.with_file_name("ca.crt");
+    write_atomic(&ca_file, ca.pem());
     let text = std::fs::read_to_string(&node2.config).unwrap_or_else(|e| panic!("{e}"));
     write_atomic(
         &node2.config,
         text.replacen(
             "meshd:\n",
-            "apiprism:\n  listen: [\"127.0.0.1:7445\"]\nmeshd:\n",
+            &format!(
+                "apiprism:\n  listen: [\"127.0.0.1:7445\"]\n  clusterCAFile: {}\nmeshd:\n",
+                ca_file.display()
+            ),
             1,
         ),
     );
-    let _listener = lab.nodes[0]
+    let listener = lab.nodes[0]
         .netns
         .enter(|| std::net::TcpListener::bind("0.0.0.0:6443"))
         .and_then(|r| r)
         .unwrap_or_else(|e| panic!("API server stand-in: {e}"));
+    let tls = ca
+        .server_config_for(&["kubernetes".to_owned()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tls = tls.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                if let Ok(conn) = rustls::ServerConnection::new(tls) {
+                    // Reading drives the handshake; the checker then closes.
+                    let mut s = rustls::StreamOwned::new(conn, stream);
+                    let _ = std::io::Read::read(&mut s, &mut [0u8; 1]);
+                }
+            });
+        }
+    });
     let _meshd: Vec<Daemon> = (0..2).map(|i| start(&lab, i)).collect();
     let _apiprism = Daemon::builder(DaemonKind::Apiprism, &node2.netns, &node2.config)
         .log_file(node2.config.with_file_name("apiprism.log"))

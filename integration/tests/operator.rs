@@ -109,6 +109,14 @@ fn start_lab() -> Result<Lab> {
         .iter()
         .map(|n| Nsd::start(&n.netns, &lab.dir, 0))
         .collect();
+    // node1's peer cache holds a stale discovered record announcing a default route: meshd refuses it
+    // at its first reconcile (before discovery's first snapshot drops cached peers), so the refusal
+    // counter the alerts and the dashboard name has a series to check.
+    std::fs::create_dir_all(&lab.nodes[0].data_dir)?;
+    write_atomic(
+        &lab.nodes[0].data_dir.join("meshd-peers.json"),
+        "{\"version\": 1, \"peers\": [{\"name\": \"stale\", \"publicKey\":          \"c3RhbGVzdGFsZXN0YWxlc3RhbGVzdGFsZXN0YWxlc3Q=\", \"endpoints\": [],          \"allowedIps\": [\"0.0.0.0/0\"], \"source\": \"discovery\", \"lastSeen\": 0}]}\n",
+    );
     let mut daemons = lab.start_all();
     for node in &lab.nodes {
         for kind in [DaemonKind::Apiprism, DaemonKind::Dnslocal] {

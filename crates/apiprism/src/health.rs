@@ -32,6 +32,29 @@ pub struct ProbeSettings {
     pub timeout: Duration,
     /// `Some`: complete a TLS handshake with this server name, not only a TCP connect.
     pub tls_server_name: Option<String>,
+    /// The cluster CA that discovered upstreams' certificates must verify against (see `vetting`).
+    pub cluster_ca_file: std::path::PathBuf,
+}
+
+/// The name a discovered API server's certificate is verified for when `tlsServerName` is not set:
+/// kubeadm and Talos put it (with `kubernetes.default`...) in every API server certificate.
+pub const VERIFY_NAME: &str = "kubernetes";
+
+impl ProbeSettings {
+    /// How a discovered upstream is checked: a verified handshake for this name against this CA.
+    pub fn verify(&self) -> Verify<'_> {
+        Verify {
+            name: self.tls_server_name.as_deref().unwrap_or(VERIFY_NAME),
+            ca_file: &self.cluster_ca_file,
+        }
+    }
+}
+
+/// A TLS check whose certificate must verify (discovered upstreams).
+#[derive(Clone, Copy, Debug)]
+pub struct Verify<'a> {
+    pub name: &'a str,
+    pub ca_file: &'a std::path::Path,
 }
 
 /// The running probe tasks.
@@ -59,7 +82,16 @@ impl Prober {
         });
     }
 
-    pub fn add(&mut self, addr: SocketAddr, shared: &Arc<Shared>, shutdown: &CancellationToken) {
+    /// Starts checking `addr`; `verified`: with a TLS handshake that verifies against the cluster CA (an
+    /// upstream discovered through meshd's members only), so one whose certificate stops verifying goes
+    /// down.
+    pub fn add(
+        &mut self,
+        addr: SocketAddr,
+        shared: &Arc<Shared>,
+        shutdown: &CancellationToken,
+        verified: bool,
+    ) {
         if self.tasks.contains_key(&addr) {
             return;
         }
@@ -71,7 +103,7 @@ impl Prober {
         self.set.spawn(async move {
             tokio::select! {
                 () = token.cancelled() => {}
-                () = probe_loop(addr, shared, settings, kick) => {}
+                () = probe_loop(addr, shared, settings, kick, verified) => {}
             }
         });
     }
@@ -116,6 +148,7 @@ async fn probe_loop(
     shared: Arc<Shared>,
     settings: watch::Receiver<ProbeSettings>,
     kick: Arc<tokio::sync::Notify>,
+    verified: bool,
 ) {
     // A new upstream's first connect often pays for a neighbour lookup, so its first RTT sample can keep it
     // out of the near-best set. A few quick checks after it is added settle its smoothed RTT in a fraction
@@ -128,7 +161,12 @@ async fn probe_loop(
             .get(addr)
             .map_or(s.timeout, |u| u.attempt_timeout(s.timeout));
         let started = Instant::now();
-        let result = match probe(addr, timeout, s.tls_server_name.as_deref()).await {
+        let check = if verified {
+            Check::Verified(s.verify())
+        } else {
+            s.tls_server_name.as_deref().map_or(Check::Tcp, Check::Tls)
+        };
+        let result = match probe(addr, timeout, check).await {
             Ok(rtt) => Ok(rtt),
             Err(Failure::Upstream(error)) => Err(error),
             Err(Failure::Local(error)) => {
@@ -157,12 +195,30 @@ async fn probe_loop(
     }
 }
 
-/// One check: `Ok(connect time)` or what went wrong.
-async fn probe(
+/// What one check does.
+#[derive(Clone, Copy, Debug)]
+pub enum Check<'a> {
+    Tcp,
+    /// A TLS handshake with this server name (certificate not verified).
+    Tls(&'a str),
+    /// A TLS handshake whose certificate verifies.
+    Verified(Verify<'a>),
+}
+
+/// One check for `vetting`: `Ok(connect time)` or what went wrong (local pressure included).
+pub async fn check(
     addr: SocketAddr,
     timeout: Duration,
-    tls_server_name: Option<&str>,
-) -> Result<Duration, Failure> {
+    check: Check<'_>,
+) -> Result<Duration, String> {
+    probe(addr, timeout, check).await.map_err(|f| match f {
+        Failure::Upstream(e) => e,
+        Failure::Local(e) => e.to_string(),
+    })
+}
+
+/// One check: `Ok(connect time)` or what went wrong.
+async fn probe(addr: SocketAddr, timeout: Duration, check: Check<'_>) -> Result<Duration, Failure> {
     let start = Instant::now();
     let stream = match tokio::time::timeout(timeout, sockopt::connect(addr)).await {
         Ok(Ok(s)) => s,
@@ -175,27 +231,38 @@ async fn probe(
         }
     };
     let rtt = start.elapsed();
-    match tls_server_name {
-        None => {
+    let left = timeout.saturating_sub(rtt);
+    match check {
+        Check::Tcp => {
             // RST on close: no TIME_WAIT per probe (go-loadbalancer uses SO_LINGER for the same reason).
             sockopt::reset_on_close(&stream);
             Ok(rtt)
         }
-        Some(name) => {
-            let left = timeout.saturating_sub(rtt);
-            match tokio::time::timeout(left, tls::handshake(stream, name)).await {
+        Check::Verified(v) => {
+            let handshake = tls::verified_handshake(stream, v.name, v.ca_file);
+            match tokio::time::timeout(left, handshake).await {
                 Ok(Ok(())) => Ok(rtt),
-                Ok(Err(e)) => Err(Failure::Upstream(format!("TLS handshake: {e}"))),
+                Ok(Err(e)) => Err(Failure::Upstream(format!(
+                    "TLS check against the cluster CA for {:?}: {e}",
+                    v.name
+                ))),
                 Err(_) => Err(Failure::Upstream(format!(
-                    "TLS handshake timed out after {timeout:?}"
+                    "TLS check timed out after {timeout:?}"
                 ))),
             }
         }
+        Check::Tls(name) => match tokio::time::timeout(left, tls::handshake(stream, name)).await {
+            Ok(Ok(())) => Ok(rtt),
+            Ok(Err(e)) => Err(Failure::Upstream(format!("TLS handshake: {e}"))),
+            Err(_) => Err(Failure::Upstream(format!(
+                "TLS handshake timed out after {timeout:?}"
+            ))),
+        },
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
     use tokio::net::TcpListener;
@@ -240,10 +307,89 @@ mod tests {
             }
         });
         let t = Duration::from_secs(2);
-        assert!(probe(plain_addr, t, None).await.is_ok());
-        let err = probe(plain_addr, t, Some("localhost")).await;
+        assert!(probe(plain_addr, t, Check::Tcp).await.is_ok());
+        let err = probe(plain_addr, t, Check::Tls("localhost")).await;
         assert!(err.is_err(), "{err:?}");
-        assert!(probe(tls_addr, t, Some("localhost")).await.is_ok());
+        assert!(probe(tls_addr, t, Check::Tls("localhost")).await.is_ok());
+        Ok(())
+    }
+
+    /// A TLS server on loopback with a certificate for `names` signed by a new CA; returns its address
+    /// and the CA (PEM).
+    pub(crate) async fn ca_signed_server(names: &[&str]) -> anyhow::Result<(SocketAddr, String)> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let cert = rcgen::CertificateParams::new(names)?.signed_by(&key, &ca)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut s) = acceptor.accept(s).await {
+                        let mut buf = [0u8; 16];
+                        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+                    }
+                });
+            }
+        });
+        Ok((addr, ca.pem()))
+    }
+
+    /// A discovered upstream passes only with a certificate that verifies against the cluster CA for
+    /// the checked name; a TCP listener, another CA, another name or a missing CA file fail.
+    #[tokio::test]
+    async fn the_verified_check_needs_the_cluster_ca_and_the_name() -> anyhow::Result<()> {
+        let (good, ca) = ca_signed_server(&["kubernetes", "kubernetes.default"]).await?;
+        let (other, other_ca) = ca_signed_server(&["kubernetes"]).await?;
+        let dir = std::env::temp_dir().join(format!("apiprism-verify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let ca_file = dir.join("ca.crt");
+        std::fs::write(&ca_file, &ca)?;
+        let t = Duration::from_secs(2);
+        let v = |name| {
+            Check::Verified(Verify {
+                name,
+                ca_file: &ca_file,
+            })
+        };
+        assert!(check(good, t, v("kubernetes")).await.is_ok());
+        let err = check(good, t, v("evil.example")).await;
+        assert!(
+            err.as_ref().is_err_and(|e| e.contains("cluster CA")),
+            "{err:?}"
+        );
+        // Signed by another CA (a hostile node's own): refused.
+        let err = check(other, t, v("kubernetes")).await;
+        assert!(err.is_err(), "{err:?}");
+        assert_ne!(ca, other_ca);
+        // Plain TCP: refused.
+        let plain = TcpListener::bind("127.0.0.1:0").await?;
+        let plain_addr = plain.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((s, _)) = plain.accept().await {
+                drop(s);
+            }
+        });
+        assert!(check(plain_addr, t, v("kubernetes")).await.is_err());
+        // No CA file: nothing verifies.
+        std::fs::remove_file(&ca_file)?;
+        let err = check(good, t, v("kubernetes")).await;
+        assert!(err.as_ref().is_err_and(|e| e.contains("ca.crt")), "{err:?}");
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 //! - `relay`: the splice(2) data path with half-close;
 //! - `sched`: a short scheduler slice for the runtime thread (wake-ups preempt sooner on a busy core);
 //! - `upstreams`: the desired upstream set from the config and meshd's members, resolved and deduplicated;
+//! - `vetting`: discovered upstreams get traffic only after a TLS check against the cluster CA;
 //! - `handoff`: upgrades that cut nothing (a new instance takes the listeners and established connections
 //!   over a Unix socket).
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
@@ -25,6 +26,7 @@ mod sockopt;
 mod status;
 mod tls;
 mod upstreams;
+mod vetting;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -42,6 +44,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Listeners;
 use crate::shared::Shared;
 use crate::upstreams::{RESOLVE_EVERY, Resolver, has_hostnames};
+use crate::vetting::Vetting;
 
 /// How often listeners that failed to bind are retried, and the status counters refreshed.
 const TICK: Duration = Duration::from_secs(2);
@@ -90,6 +93,7 @@ fn probe_settings(c: &Config) -> ProbeSettings {
         interval: a.health_check.interval,
         timeout: a.health_check.timeout,
         tls_server_name: a.tls_server_name.clone(),
+        cluster_ca_file: a.cluster_ca_file.clone(),
     }
 }
 
@@ -105,6 +109,7 @@ struct Control {
     prober: Prober,
     listeners: Listeners,
     resolver: Resolver,
+    vetting: Vetting,
     members: RecordWatcher<Members>,
     started: Instant,
     /// Where a newer instance asks to take over (`None`: the socket could not be bound).
@@ -131,6 +136,7 @@ pub async fn run(mut ctx: Context) -> Result<(), Error> {
         prober: Prober::new(probe_settings(&config)),
         listeners: Listeners::default(),
         resolver: Resolver::default(),
+        vetting: Vetting::default(),
         members: members_watcher(&config),
         started: Instant::now(),
         giver: None,
@@ -148,6 +154,7 @@ pub async fn run(mut ctx: Context) -> Result<(), Error> {
     let mut tick = tokio::time::interval(TICK);
     let mut resolve = tokio::time::interval(RESOLVE_EVERY);
     resolve.reset();
+    let vetted = Arc::clone(&c.vetting.changed);
     loop {
         tokio::select! {
             () = ctx.shutdown.cancelled() => break,
@@ -174,6 +181,7 @@ pub async fn run(mut ctx: Context) -> Result<(), Error> {
                 c.listeners.serve_pairs(pairs, &c.shared);
             }
             () = c.shared.changed.notified() => c.publish(),
+            () = vetted.notified() => c.reconcile_upstreams().await,
             _ = tick.tick() => {
                 if !c.retired && c.listeners.bound().len() < c.config.apiprism.listen.len() {
                     c.apply_listeners();
@@ -383,6 +391,9 @@ impl Control {
             .resolver
             .desired(&self.config.apiprism.upstreams, members.as_ref())
             .await;
+        let (desired, verified) =
+            self.vetting
+                .admit(desired, &probe_settings(&self.config), &self.ctx.shutdown);
         let changes = self.shared.table().reconcile(&desired, Instant::now());
         if changes.is_empty() {
             return;
@@ -394,7 +405,9 @@ impl Control {
         }
         for addr in &changes.added {
             tracing::info!(upstream = %addr, "upstream added");
-            self.prober.add(*addr, &self.shared, &self.ctx.shutdown);
+            let verify = verified.contains(addr);
+            self.prober
+                .add(*addr, &self.shared, &self.ctx.shutdown, verify);
         }
         let table = self.shared.table();
         let m = &self.shared.metrics;

@@ -1,8 +1,10 @@
 //! The optional TLS-handshake probe. It proves the API server's TLS stack answers (not only the kernel's
 //! accept queue), and a completed handshake keeps "TLS handshake error ... EOF" out of the API server's log.
 //!
-//! The certificate is not verified: apiprism is a TCP pass-through and does not hold the cluster CA; the
-//! client (kubelet) verifies the real connection end to end.
+//! For configured upstreams the certificate is not verified: apiprism is a TCP pass-through and the client
+//! (kubelet) verifies the real connection end to end. An upstream discovered through meshd's members is
+//! another matter: any node can announce itself as a control plane, so [`verified_handshake`] checks its
+//! certificate against the cluster CA before it gets traffic (see `vetting`).
 
 use std::sync::{Arc, OnceLock};
 
@@ -75,6 +77,51 @@ fn connector() -> Result<TlsConnector, rustls::Error> {
         Ok(Arc::new(config))
     });
     config.clone().map(TlsConnector::from)
+}
+
+/// A client config that trusts only the CA certificates (PEM) in `ca_file`, read now (a rotated CA is
+/// picked up at the next check).
+async fn verifying(ca_file: &std::path::Path) -> Result<Arc<ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let shown = ca_file.display();
+    let pem = tokio::fs::read(ca_file)
+        .await
+        .map_err(|e| format!("cluster CA {shown}: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("cluster CA {shown}: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("cluster CA {shown}: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("cluster CA {shown}: no certificate"));
+    }
+    let provider = Arc::new(ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Completes a TLS handshake over `stream` whose certificate must verify against `ca_file` for
+/// `server_name`, then closes cleanly.
+pub async fn verified_handshake(
+    stream: TcpStream,
+    server_name: &str,
+    ca_file: &std::path::Path,
+) -> Result<(), String> {
+    let connector = TlsConnector::from(verifying(ca_file).await?);
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tls.shutdown().await;
+    Ok(())
 }
 
 /// Completes a TLS handshake over `stream` with SNI `server_name`, then closes cleanly.

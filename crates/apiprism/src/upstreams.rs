@@ -13,6 +13,8 @@ use crate::core::dedup;
 
 /// How long one name lookup may take; a slow resolver must not stall the control loop.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The source of an upstream a member of meshd's record names: `member <name>`.
+pub const MEMBER: &str = "member ";
 /// Hostnames are looked up again this often (an endpoint's DNS name may move).
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
 
@@ -90,7 +92,7 @@ pub fn member_upstreams(members: &Members) -> Vec<(SocketAddr, String)> {
             .iter()
             .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
         {
-            out.push((SocketAddr::new(*ip, port), format!("member {}", m.name)));
+            out.push((SocketAddr::new(*ip, port), format!("{MEMBER}{}", m.name)));
         }
     }
     out

@@ -46,6 +46,7 @@ pub struct Ours {
     pub ap_hc_rise: Sourced<u32>,
     pub ap_dial_timeout: Sourced<Duration>,
     pub ap_tls_server_name: Sourced<String>,
+    pub ap_cluster_ca_file: Sourced<PathBuf>,
     pub ap_max_connections: Sourced<u32>,
     pub ap_max_per_client: Sourced<u32>,
     // meshd
@@ -72,6 +73,8 @@ pub struct Ours {
     pub m_discovery_endpoint_cas: Sourced<Vec<crate::model::EndpointCa>>,
     pub m_relay: Sourced<crate::model::RelayMode>,
     pub m_relays: Sourced<Vec<crate::model::PublicKey>>,
+    pub m_trust_min_v4: Sourced<u8>,
+    pub m_trust_min_v6: Sourced<u8>,
     // dnslocal
     pub d_listen: Sourced<Vec<SocketAddr>>,
     pub d_if_name: Sourced<String>,

@@ -158,6 +158,7 @@ impl Config {
                 },
                 dial_timeout: Duration::from_secs(1),
                 tls_server_name: None,
+                cluster_ca_file: PathBuf::from("/etc/kubernetes/pki/ca.crt"),
                 max_connections: 0,
                 max_connections_per_client: 0,
             },
@@ -186,6 +187,10 @@ impl Config {
                 discovery_endpoint_cas: Vec::new(),
                 relay: RelayMode::Auto,
                 relays: Vec::new(),
+                trust: Trust {
+                    min_prefix_v4: 8,
+                    min_prefix_v6: 32,
+                },
             },
             dnslocal: DnslocalConfig {
                 listen: vec![SocketAddr::from(([169, 254, 20, 10], 53))],

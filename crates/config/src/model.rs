@@ -147,6 +147,10 @@ pub struct ApiprismConfig {
     pub dial_timeout: Duration,
     /// TLS server name for the optional TLS health probe (`KubePrismConfig.tlsServerName` or ours).
     pub tls_server_name: Option<String>,
+    /// `apiprism.clusterCAFile`: the cluster CA (PEM) a discovered API server's certificate must verify
+    /// against before it gets traffic (default `/etc/kubernetes/pki/ca.crt`, the kubelet's client CA on
+    /// Talos and kubeadm nodes).
+    pub cluster_ca_file: PathBuf,
     /// Client connections served at once; 0 (default): derived from the open-file limit at run time,
     /// leaving a reserve of descriptors for upstream dials, health checks and the admin endpoint.
     pub max_connections: u32,
@@ -259,6 +263,8 @@ pub struct MeshdConfig {
     /// `meshd.relays`: the only nodes (by public key) allowed to relay; empty: any node that others reach
     /// on a public address.
     pub relays: Vec<PublicKey>,
+    /// `meshd.trust`: what discovered peers may claim.
+    pub trust: Trust,
 }
 
 /// `meshd.relay`.
@@ -269,6 +275,15 @@ pub enum RelayMode {
     Auto,
     /// Never: such a peer is down (unreachable).
     Never,
+}
+
+/// `meshd.trust`: discovered peers' prefixes shorter than these are refused (static peers are trusted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trust {
+    /// `meshd.trust.minPrefixLength.ipv4` (default 8).
+    pub min_prefix_v4: u8,
+    /// `meshd.trust.minPrefixLength.ipv6` (default 32).
+    pub min_prefix_v6: u8,
 }
 
 /// A CA file for one discovery endpoint (as written in its `DiscoveryServiceConfig`).

@@ -117,6 +117,10 @@ fn apiprism(c: &Config) -> Vec<(String, Value)> {
             "apiprism.tlsServerName".into(),
             opt(a.tls_server_name.as_ref()),
         ),
+        (
+            "apiprism.clusterCAFile".into(),
+            json!(a.cluster_ca_file.display().to_string()),
+        ),
         ("apiprism.maxConnections".into(), json!(a.max_connections)),
         (
             "apiprism.maxConnectionsPerClient".into(),
@@ -189,6 +193,14 @@ fn meshd(c: &Config) -> Vec<(String, Value)> {
         ),
         ("meshd.kubespanCompat".into(), json!(m.kubespan_compat)),
         ("meshd.clampMSS".into(), json!(m.clamp_mss)),
+        (
+            "meshd.trust.minPrefixLength.ipv4".into(),
+            json!(m.trust.min_prefix_v4),
+        ),
+        (
+            "meshd.trust.minPrefixLength.ipv6".into(),
+            json!(m.trust.min_prefix_v6),
+        ),
         ("meshd.ulaPrefix".into(), opt(m.ula_prefix.as_ref())),
         ("meshd.admin".into(), json!(m.admin.to_string())),
         (

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::mesh::PeerSpec;
 use crate::metrics::Metrics;
+use crate::plan::trust::Reason;
 use codec::{Codec, Rejected, ip_from_bytes, prefix_from};
 use proto::{client, server};
 
@@ -65,6 +66,9 @@ pub struct Affiliate {
     /// service's `exclude_advertised_addresses`, the `kubespan-exclude-advertised-networks` annotation).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<IpNet>,
+    /// Prefixes its registry refused (Kubernetes: assigned prefixes outside the Node's pod CIDRs).
+    #[serde(skip)]
+    pub refused: Vec<IpNet>,
 }
 
 impl Affiliate {
@@ -140,6 +144,7 @@ fn from_proto(id: &str, a: &client::Affiliate, endpoints: Vec<SocketAddr>) -> Af
             .filter(|p| *p != 0),
         endpoints,
         location: None,
+        refused: Vec::new(),
     }
 }
 
@@ -189,6 +194,11 @@ pub fn merge<'a>(all: impl IntoIterator<Item = &'a Affiliate>) -> Vec<Affiliate>
                 m.additional.push(*x);
             }
         }
+        for x in &a.refused {
+            if !m.refused.contains(x) {
+                m.refused.push(*x);
+            }
+        }
         for x in &a.endpoints {
             if !m.endpoints.contains(x) {
                 m.endpoints.push(*x);
@@ -204,8 +214,15 @@ pub fn merge<'a>(all: impl IntoIterator<Item = &'a Affiliate>) -> Vec<Affiliate>
 pub fn peer_spec(a: &Affiliate, cfg: &Config) -> Option<PeerSpec> {
     let key = a.public_key?;
     let mut allowed: Vec<IpNet> = subtract_all(&a.additional, &a.excluded);
-    if let Some(m) = a.mesh_address {
-        allowed.push(IpNet::from(m));
+    let mut refused: Vec<(IpNet, Reason)> = a
+        .refused
+        .iter()
+        .map(|p| (*p, Reason::OutsidePodCidrs))
+        .collect();
+    match mesh_claim(a, cfg) {
+        Ok(Some(m)) => allowed.push(m),
+        Ok(None) => {}
+        Err(m) => refused.push((m, Reason::MeshAddress)),
     }
     Some(PeerSpec {
         name: a.name(),
@@ -221,7 +238,25 @@ pub fn peer_spec(a: &Affiliate, cfg: &Config) -> Option<PeerSpec> {
         node_id: Some(a.node_id.clone()).filter(|s| !s.is_empty()),
         addresses: a.addresses.clone(),
         api_server_port: a.api_server_port,
+        refused,
     })
+}
+
+/// The mesh address an affiliate announces (`kubespan-ip`), as a host prefix: `Ok` when it lies in the
+/// mesh prefix (the plan then checks that the peer owns it), `Err` when it does not (any other address
+/// would become a route to that peer).
+fn mesh_claim(a: &Affiliate, cfg: &Config) -> Result<Option<IpNet>, IpNet> {
+    let Some(m) = a.mesh_address else {
+        return Ok(None);
+    };
+    let prefix = cfg
+        .meshd
+        .ula_prefix
+        .unwrap_or_else(crate::identity::default_prefix);
+    match m {
+        IpAddr::V6(v6) if prefix.contains(&v6) => Ok(Some(IpNet::from(m))),
+        _ => Err(IpNet::from(m)),
+    }
 }
 
 /// The peers for a snapshot. In KubeSpan-compatible mode their AllowedIPs are Talos's: additional and
@@ -245,7 +280,7 @@ pub fn peer_specs(affiliates: &[Affiliate], cfg: &Config, own: &PublicKey) -> Ve
                     &a.additional,
                     &a.addresses,
                     &a.excluded,
-                    a.mesh_address,
+                    mesh_claim(a, cfg).ok().flatten().map(|n| n.addr()),
                 )
             })
             .collect(),
@@ -427,6 +462,7 @@ impl DiscoveryKey {
                 pod_cidrs,
                 // The kubelet registers its Node under the lowercased hostname.
                 nodename: nodename().to_lowercase(),
+                pod_subnets: c.pod_subnets.clone(),
             });
         if endpoints.is_empty() && kubernetes.is_none() {
             return None;

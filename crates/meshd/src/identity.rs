@@ -20,15 +20,23 @@ use hybridnet_config::PublicKey;
 use ipnet::Ipv6Net;
 use sha2::{Digest, Sha256};
 use x25519_dalek::StaticSecret;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::Error;
 
 /// The string whose ULA prefix a cluster without an ID uses.
 pub const DEFAULT_CLUSTER_ID: &str = "hybridnet-default-cluster";
 
-/// A WireGuard private key. `Debug` never prints it.
+/// A WireGuard private key. `Debug` never prints it; the bytes are zeroed when it is dropped. The mesh
+/// holds one behind an `Arc` and every plan shares it (no copy per reconcile).
 #[derive(Clone)]
 pub struct PrivateKey(pub [u8; 32]);
+
+impl Drop for PrivateKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
 
 impl std::fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,17 +65,20 @@ impl PrivateKey {
             .as_bytes()
     }
 
-    /// Base64, as `wg genkey` writes it.
-    pub fn to_base64(&self) -> String {
-        base64::engine::general_purpose::STANDARD.encode(self.0)
+    /// Base64, as `wg genkey` writes it (zeroed when dropped).
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(self.0))
     }
 
-    /// Parses base64 text (surrounding whitespace allowed).
+    /// Parses base64 text (surrounding whitespace allowed); the decoded bytes are zeroed after the copy.
     pub fn from_base64(text: &str) -> Option<PrivateKey> {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(text.trim())
-            .ok()?;
-        Some(PrivateKey(bytes.try_into().ok()?))
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .ok()?,
+        );
+        let key: [u8; 32] = bytes.as_slice().try_into().ok()?;
+        Some(PrivateKey(key))
     }
 }
 
@@ -76,7 +87,10 @@ impl PrivateKey {
 pub fn load_or_create(path: &Path) -> Result<PrivateKey, Error> {
     match crate::private::read(path, "WireGuard private key") {
         Ok(bytes) => {
-            PrivateKey::from_base64(&String::from_utf8_lossy(&bytes)).ok_or_else(|| Error::Key {
+            // The file's text and its copies are zeroed once parsed.
+            let bytes = Zeroizing::new(bytes);
+            let text = Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned());
+            PrivateKey::from_base64(&text).ok_or_else(|| Error::Key {
                 path: path.to_owned(),
                 reason: "not a base64 WireGuard private key (32 bytes)".into(),
             })
@@ -89,7 +103,7 @@ pub fn load_or_create(path: &Path) -> Result<PrivateKey, Error> {
                     reason: e.to_string(),
                 })?;
             }
-            let text = format!("{}\n", key.to_base64());
+            let text = Zeroizing::new(format!("{}\n", key.to_base64().as_str()));
             hybridnet_state::atomic_write(path, text.as_bytes(), hybridnet_state::PRIVATE_MODE)
                 .map_err(|e| Error::Key {
                     path: path.to_owned(),
@@ -136,7 +150,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(!format!("{first:?}").contains(&first.to_base64()));
+        assert!(!format!("{first:?}").contains(first.to_base64().as_str()));
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .unwrap();
         assert_eq!(load_or_create(&path).unwrap().0, first.0);

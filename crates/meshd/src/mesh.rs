@@ -26,6 +26,7 @@ mod apply;
 mod backend;
 mod publish;
 mod specs;
+pub(crate) mod trust;
 
 pub use backend::Backend;
 pub use specs::{PeerSpec, filter_candidates, peer_specs, routes_for};
@@ -65,6 +66,12 @@ pub struct Peer {
     pub handshake: Option<kubespan::Handshake>,
     /// When the peer's machine appeared (the fallback starts after [`PROBE_GRACE`] without a pong).
     since: Instant,
+    /// Order of first sight (an earlier peer keeps a mesh address a later one claims too).
+    pub seniority: u64,
+    /// Prefixes its source refused (see [`crate::plan::trust`]).
+    pub refused: Vec<(IpNet, crate::plan::trust::Reason)>,
+    /// Its AllowedIPs as the WireGuard device reported them at the last read (status).
+    pub device_allowed: BTreeSet<IpNet>,
     /// The last WireGuard handshake, from the device's age at the last stats read.
     last_handshake_at: Option<Instant>,
 }
@@ -147,7 +154,8 @@ type ClampTask = tokio::task::JoinHandle<(bool, Result<Option<crate::nft::Outcom
 pub struct Mesh {
     pub cfg: Arc<Config>,
     device: DeviceKey,
-    pub key: PrivateKey,
+    /// This node's key, shared with every plan (see [`PrivateKey`]).
+    pub key: Arc<PrivateKey>,
     pub public: PublicKey,
     pub index: u32,
     pub backend: Backend,
@@ -198,6 +206,12 @@ pub struct Mesh {
     conflicts: Vec<plan::Conflict>,
     /// `topology: location`: each location's active gateway as of the last reconcile (changes are counted).
     gateways: std::collections::BTreeMap<String, Option<PublicKey>>,
+    /// The trust screen: this node's underlay subnets, the endpoint addresses it protects, the
+    /// refusals of the last reconcile (logged when they change), the next peer's seniority.
+    underlay: Vec<IpNet>,
+    protected: Vec<IpAddr>,
+    refused: Vec<plan::trust::Refused>,
+    next_seniority: u64,
 }
 
 impl Mesh {
@@ -205,7 +219,7 @@ impl Mesh {
     pub async fn start(cfg: Arc<Config>, metrics: Metrics) -> Result<Mesh, Error> {
         let m = &cfg.meshd;
         let device = device_key(&cfg);
-        let key = identity::load_or_create(&m.private_key_file)?;
+        let key = Arc::new(identity::load_or_create(&m.private_key_file)?);
         let public = key.public();
         let prefix = device.prefix;
         let net = Net::new()?;
@@ -232,9 +246,10 @@ impl Mesh {
             net.ensure_rules().await?;
             let responder =
                 responder::start(probe::probe_port(m.listen_port), public, metrics.clone())?;
-            Ok::<_, Error>((specs, mtu, responder))
+            let protected = trust::protected_endpoints(&cfg).await;
+            Ok::<_, Error>((specs, mtu, responder, protected))
         };
-        let (specs, mtu, responder) = match setup.await {
+        let (specs, mtu, responder, protected) = match setup.await {
             Ok(done) => done,
             Err(error) => {
                 tracing::warn!(%error, "start failed: removing what it made");
@@ -284,8 +299,13 @@ impl Mesh {
             handshake_kicks: Vec::new(),
             conflicts: Vec::new(),
             gateways: std::collections::BTreeMap::new(),
+            underlay: Vec::new(),
+            protected,
+            refused: Vec::new(),
+            next_seniority: 0,
             cfg,
         };
+        mesh.refresh_underlay().await;
         mesh.own_endpoints = mesh.announced().await;
         mesh.sync_clamp().await;
         mesh.set_peers(specs, Instant::now());
@@ -317,6 +337,7 @@ impl Mesh {
             Mtu::Auto => net::auto_mtu(&m.interface, any_v6),
         };
         self.net.up(self.index, self.mtu).await?;
+        self.protected = trust::protected_endpoints(&self.cfg).await;
         self.own_endpoints = self.announced().await;
         self.set_peers(specs, Instant::now());
         self.dirty = true;
@@ -444,6 +465,7 @@ impl Mesh {
                     p.addresses = spec.addresses;
                     p.api_server_port = spec.api_server_port;
                     p.public = public;
+                    p.refused = spec.refused;
                     p
                 }
                 None => Peer {
@@ -453,6 +475,12 @@ impl Mesh {
                         .kubespan_compat
                         .then(|| kubespan::Handshake::new(&spec.candidates, now)),
                     since: now,
+                    seniority: {
+                        self.next_seniority += 1;
+                        self.next_seniority
+                    },
+                    refused: spec.refused,
+                    device_allowed: BTreeSet::new(),
                     last_handshake_at: None,
                     probe_key: probe::key(&self.key.shared(&spec.key)),
                     machine: PeerMachine::new(&spec.candidates, self.timing, now),
@@ -619,6 +647,9 @@ impl Mesh {
         if now >= self.next_resync {
             // Our own addresses decide whether we are public (relays) or a gateway candidate: re-read
             // them with every resync, re-plan when they changed.
+            if self.refresh_underlay().await {
+                self.dirty = true;
+            }
             let endpoints = self.announced().await;
             if endpoints != self.own_endpoints {
                 tracing::info!(?endpoints, "own endpoints changed");
@@ -793,6 +824,7 @@ impl Mesh {
                     no_uplink: p.no_uplink,
                 })
                 .collect(),
+            trust: self.trust(),
         }
     }
 
@@ -953,8 +985,11 @@ impl Mesh {
             self.last_counted = now;
             self.metrics.counter_reads.inc();
         }
-        for (key, (_, stats)) in &actual.peers {
+        for (key, (config, stats)) in &actual.peers {
             if let Some(peer) = self.peers.get_mut(key) {
+                if peer.device_allowed != config.allowed_ips {
+                    peer.device_allowed.clone_from(&config.allowed_ips);
+                }
                 if stats.rx_bytes != peer.stats.rx_bytes {
                     peer.last_rx_change = now;
                 }

@@ -73,6 +73,10 @@ pub struct Metrics {
     /// Changes made to resources meshd owns that were found changed from outside, by resource
     /// (`link`, `address`, `rule`).
     pub drift_repairs: Family<Labels, Counter>,
+    /// Prefixes of discovered peers refused, by peer and reason (counted once per change).
+    pub prefixes_refused: Family<Labels, Counter>,
+    /// Prefixes refused in the last reconcile.
+    pub prefixes_refused_now: Gauge,
 }
 
 impl Metrics {
@@ -247,6 +251,16 @@ impl Metrics {
                 "drift_repairs",
                 "Resources meshd owns found changed from outside and repaired, by resource (link, address, rule)",
                 m.drift_repairs.clone(),
+            );
+            r.register(
+                "prefixes_refused",
+                "Prefixes announced by discovered peers and refused by the trust screen, by peer and reason (counted once per change)",
+                m.prefixes_refused.clone(),
+            );
+            r.register(
+                "refused_prefixes",
+                "Prefixes of discovered peers refused in the last reconcile",
+                m.prefixes_refused_now.clone(),
             );
         });
         m

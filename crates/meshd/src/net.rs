@@ -280,6 +280,31 @@ impl Net {
         Ok(out)
     }
 
+    /// This node's underlay subnets: every address outside link `skip` with its prefix length (the
+    /// subnet it sits in), loopback and link-local included (the trust screen refuses those anyway).
+    pub async fn underlay_networks(&self, skip: u32) -> Result<Vec<IpNet>, Error> {
+        let mut out = Vec::new();
+        let mut stream = self.handle.address().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("get addresses"))? {
+            if msg.header.index == skip {
+                continue;
+            }
+            for a in &msg.attributes {
+                if let netlink_packet_route::address::AddressAttribute::Address(ip) = a
+                    && let Ok(n) = IpNet::new(*ip, msg.header.prefix_len)
+                {
+                    // The subnet, and the address itself (never a peer's, proven or not).
+                    for n in [n.trunc(), IpNet::from(*ip)] {
+                        if !out.contains(&n) {
+                            out.push(n);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// meshd's routes: table [`ROUTE_TABLE`], through link `index` or added by meshd (protocol
     /// [`ROUTE_PROTOCOL`], e.g. via a next hop on the underlay), by destination, with their output link.
     pub async fn routes(&self, index: u32) -> Result<BTreeMap<IpNet, (Route, Option<u32>)>, Error> {

@@ -24,6 +24,8 @@ use crate::peer::PeerState;
 use crate::topology::{self, Layout, PathKind, Route};
 use crate::wg::{self, PeerConfig};
 
+pub mod trust;
+
 /// WireGuard persistent keepalive on every peer (keeps NAT mappings; KubeSpan uses 25 s too).
 pub const KEEPALIVE: u16 = 25;
 
@@ -50,7 +52,8 @@ pub struct PeerInput {
 /// Everything the desired state depends on.
 #[derive(Clone, Debug)]
 pub struct Inputs {
-    pub private_key: PrivateKey,
+    /// Shared with the mesh (never copied per plan).
+    pub private_key: std::sync::Arc<PrivateKey>,
     pub interface: String,
     pub mtu: u32,
     pub listen_port: u16,
@@ -73,6 +76,8 @@ pub struct Inputs {
     pub relay: RelayMode,
     /// `meshd.relays`: the only relays allowed (empty: any candidate).
     pub relays_allowed: Vec<PublicKey>,
+    /// What discovered peers may claim (see [`trust`]).
+    pub trust: trust::Trust,
 }
 
 /// One of meshd's two policy rules: `not fwmark FWMARK/FWMARK lookup ROUTE_TABLE` at `RULE_PRIORITY`.
@@ -110,6 +115,8 @@ pub struct Desired {
     /// `topology: location`: each location's active gateway.
     pub gateways: BTreeMap<String, Option<PublicKey>>,
     pub conflicts: Vec<Conflict>,
+    /// Prefixes of discovered peers refused (see [`trust`]); the rest of their records is used.
+    pub refused: Vec<trust::Refused>,
 }
 
 /// The two rules, IPv4 and IPv6.
@@ -127,6 +134,8 @@ pub fn rules() -> Vec<Rule> {
 
 /// The desired state. Pure.
 pub fn plan(inputs: &Inputs) -> Desired {
+    let (screened, refused) = screen(inputs);
+    let inputs = screened.as_ref().unwrap_or(inputs);
     let layout = layout(inputs);
     let Shape {
         wireguard,
@@ -187,7 +196,29 @@ pub fn plan(inputs: &Inputs) -> Desired {
         paths,
         gateways,
         conflicts,
+        refused,
     }
+}
+
+/// The inputs with discovered peers' refused prefixes taken out (`None`: nothing refused but what
+/// their sources already refused), and every refusal.
+fn screen(inputs: &Inputs) -> (Option<Inputs>, Vec<trust::Refused>) {
+    let peers: Vec<(PublicKey, &BTreeSet<IpNet>)> = inputs
+        .peers
+        .iter()
+        .map(|p| (p.key, &p.allowed_ips))
+        .collect();
+    let (kept, refused) = trust::screen(&inputs.trust, inputs.prefix, inputs.mesh_addr, &peers);
+    if kept.is_empty() {
+        return (None, refused);
+    }
+    let mut screened = inputs.clone();
+    for p in &mut screened.peers {
+        if let Some(k) = kept.get(&p.key) {
+            p.allowed_ips.clone_from(k);
+        }
+    }
+    (Some(screened), refused)
 }
 
 type WireGuardPeers = BTreeMap<PublicKey, (Option<SocketAddr>, BTreeSet<IpNet>)>;

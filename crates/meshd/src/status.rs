@@ -75,6 +75,8 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "handshakeAgeS": p.stats.last_handshake.map(|d| d.as_secs()),
                 "lastSeen": p.last_seen_unix,
                 "source": p.source,
+                // What the WireGuard device holds for the peer (read from the device).
+                "allowedIPs": p.device_allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "paths": m.paths.iter().map(|path| json!({
                     "endpoint": path.endpoint.to_string(),
                     "state": match path.state { PathState::Unknown => "unknown", PathState::Alive => "alive", PathState::Dead => "dead" },
@@ -125,6 +127,8 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
             })
         })
         .collect();
+    // Prefixes of discovered peers the trust screen refused (see `plan::trust`).
+    details["refusedPrefixes"] = crate::mesh::trust::rows(mesh, &planned.refused);
     if let Some(plan) = &mesh.plan {
         let layout = &planned;
         details["topology"] = json!({
@@ -210,6 +214,15 @@ pub fn render(details: &Value) -> String {
             p["rxBytes"].to_string(),
             p["txBytes"].to_string(),
             paths.join(" "),
+        );
+    }
+    for r in details["refusedPrefixes"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "refused {} from {} ({})",
+            s(&r["prefix"]),
+            s(&r["peer"]),
+            s(&r["reason"]),
         );
     }
     for r in details["discovery"]["registries"]
@@ -298,6 +311,7 @@ mod tests {
                 {"name": "node23", "state": "up", "path": "gateway", "via": "node11", "endpoint": null, "rttMs": null, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
                 {"name": "node5", "state": "up", "path": "relayed", "via": "node1", "endpoint": null, "rttMs": null, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
             ],
+            "refusedPrefixes": [{"peer": "node5", "prefix": "0.0.0.0/0", "reason": "default-route"}],
         });
         let out = render(&details);
         assert!(
@@ -317,5 +331,9 @@ mod tests {
         );
         assert!(line("node23").contains("gateway  via node11"), "{out}");
         assert!(line("node5").contains("relayed  via node1"), "{out}");
+        assert!(
+            out.contains("refused 0.0.0.0/0 from node5 (default-route)"),
+            "{out}"
+        );
     }
 }

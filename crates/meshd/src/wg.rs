@@ -32,7 +32,7 @@ pub struct PeerConfig {
 /// The device meshd wants.
 #[derive(Clone, Debug)]
 pub struct Desired {
-    pub private_key: PrivateKey,
+    pub private_key: std::sync::Arc<PrivateKey>,
     pub listen_port: u16,
     pub fwmark: u32,
     pub peers: HashMap<PublicKey, PeerConfig>,
@@ -158,7 +158,7 @@ mod tests {
     }
 
     fn desired(peers: Vec<(PublicKey, PeerConfig)>) -> (Desired, Actual) {
-        let private_key = PrivateKey([7; 32]);
+        let private_key = std::sync::Arc::new(PrivateKey([7; 32]));
         let actual = Actual {
             public_key: Some(private_key.public()),
             listen_port: 51821,

@@ -17,6 +17,7 @@ const APIPRISM_KEYS: &[&str] = &[
     "healthCheck",
     "dialTimeout",
     "tlsServerName",
+    "clusterCAFile",
     "maxConnections",
     "maxConnectionsPerClient",
 ];
@@ -43,7 +44,10 @@ const MESHD_KEYS: &[&str] = &[
     "discovery",
     "relay",
     "relays",
+    "trust",
 ];
+const TRUST_KEYS: &[&str] = &["minPrefixLength"];
+const MIN_PREFIX_KEYS: &[&str] = &["ipv4", "ipv6"];
 const DISCOVERY_KEYS: &[&str] = &["caFile", "endpoints"];
 const ENDPOINT_CA_KEYS: &[&str] = &["endpoint", "caFile"];
 const FILTER_KEYS: &[&str] = &["endpoints", "excludeAdvertisedNetworks"];
@@ -178,6 +182,7 @@ fn read_apiprism(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.ap_admin = get(ctx, s, P, "admin", |c, n, k| c.socket_addr(n, k));
     o.ap_dial_timeout = get(ctx, s, P, "dialTimeout", |c, n, k| c.duration(n, k));
     o.ap_tls_server_name = get(ctx, s, P, "tlsServerName", name);
+    o.ap_cluster_ca_file = get(ctx, s, P, "clusterCAFile", path);
     o.ap_max_connections = get(ctx, s, P, "maxConnections", connection_limit);
     o.ap_max_per_client = get(ctx, s, P, "maxConnectionsPerClient", connection_limit);
     let hc = section(ctx, s, "healthCheck", "apiprism.healthCheck", HEALTH_KEYS);
@@ -245,6 +250,21 @@ fn read_meshd(ctx: &mut Ctx, s: Option<&Node>, o: &mut Ours) {
     o.m_discovery_endpoint_cas = get(ctx, disc, "meshd.discovery", "endpoints", |c, n, k| {
         c.list(n, k, read_endpoint_ca)
     });
+    let trust = section(ctx, s, "trust", "meshd.trust", TRUST_KEYS);
+    let min = section(
+        ctx,
+        trust,
+        "minPrefixLength",
+        "meshd.trust.minPrefixLength",
+        MIN_PREFIX_KEYS,
+    );
+    let bits = |max: u64| {
+        move |c: &mut Ctx, n: &Node, k: &str| {
+            c.uint(n, k, 0, max).and_then(|v| u8::try_from(v).ok())
+        }
+    };
+    o.m_trust_min_v4 = get(ctx, min, "meshd.trust.minPrefixLength", "ipv4", bits(32));
+    o.m_trust_min_v6 = get(ctx, min, "meshd.trust.minPrefixLength", "ipv6", bits(128));
     let filters = section(ctx, s, "filters", "meshd.filters", FILTER_KEYS);
     o.m_filters = get(ctx, filters, "meshd.filters", "endpoints", |c, n, k| {
         c.list(n, k, |c, item, k| c.parsed(item, k, FilterRule::parse))

@@ -92,6 +92,11 @@ pub fn apiprism(
             "apiprism.tlsServerName",
             [o.ap_tls_server_name.clone(), tls_from_talos],
         ),
+        cluster_ca_file: m.first(
+            "apiprism.clusterCAFile",
+            [o.ap_cluster_ca_file.clone()],
+            d.cluster_ca_file.clone(),
+        ),
         max_connections: m.first(
             "apiprism.maxConnections",
             [o.ap_max_connections.clone()],
@@ -270,6 +275,18 @@ pub fn meshd(
         discovery_endpoint_cas: endpoint_cas(ctx, m, o, cluster),
         relay: m.first("meshd.relay", [o.m_relay.clone()], d.relay),
         relays: m.first("meshd.relays", [o.m_relays.clone()], d.relays.clone()),
+        trust: crate::model::Trust {
+            min_prefix_v4: m.first(
+                "meshd.trust.minPrefixLength.ipv4",
+                [o.m_trust_min_v4.clone()],
+                d.trust.min_prefix_v4,
+            ),
+            min_prefix_v6: m.first(
+                "meshd.trust.minPrefixLength.ipv6",
+                [o.m_trust_min_v6.clone()],
+                d.trust.min_prefix_v6,
+            ),
+        },
     }
 }
 

@@ -413,3 +413,23 @@ fn non_local_listen_needs_to_be_allowed() {
         "apiprism:\n  listen: [\"127.0.0.2:7445\", \"169.254.1.1:7445\", \"[::1]:7445\"]\n  admin: \"[::1]:7446\"\n",
     ));
 }
+
+#[test]
+fn trust_min_prefix_length() {
+    let d = ok("");
+    assert_eq!(
+        (d.meshd.trust.min_prefix_v4, d.meshd.trust.min_prefix_v6),
+        (8, 32)
+    );
+    let c = ok(&ours(
+        "meshd:\n  trust:\n    minPrefixLength: {ipv4: 16, ipv6: 48}\n",
+    ));
+    assert_eq!(
+        (c.meshd.trust.min_prefix_v4, c.meshd.trust.min_prefix_v6),
+        (16, 48)
+    );
+    let e = err(&ours("meshd:\n  trust:\n    minPrefixLength: {ipv4: 33}\n"));
+    assert!(e.issues().iter().any(|i| i.kind == IssueKind::Value), "{e}");
+    let e = err(&ours("meshd:\n  trust:\n    minPrefix: 8\n"));
+    assert!(e.to_string().contains("minPrefixLength"), "{e}");
+}

@@ -57,6 +57,8 @@ pub struct Settings {
     pub pod_cidrs: bool,
     /// Our Node's name.
     pub nodename: String,
+    /// The cluster's pod subnets: what a peer whose Node has no `spec.podCIDRs` may announce.
+    pub pod_subnets: Vec<IpNet>,
 }
 
 #[derive(Debug)]
@@ -322,6 +324,11 @@ impl Registry {
         let mut affiliates: BTreeMap<String, Affiliate> = BTreeMap::new();
         let mut own_pod_cidrs: Vec<IpNet> = Vec::new();
         let mut seen_bad: BTreeMap<String, Vec<node::Bad>> = BTreeMap::new();
+        let cidrs: BTreeMap<&String, Vec<IpNet>> = view
+            .nodes
+            .iter()
+            .map(|(name, n)| (name, node::pod_cidrs(n).0))
+            .collect();
         for (name, n) in &view.nodes {
             if *name == self.settings.nodename {
                 if self.settings.pod_cidrs {
@@ -336,9 +343,15 @@ impl Registry {
             if !self.settings.registry {
                 continue;
             }
-            let Some((a, bad)) = node::affiliate(n) else {
+            let Some((mut a, bad)) = node::affiliate(n) else {
                 continue;
             };
+            let others: Vec<IpNet> = cidrs
+                .iter()
+                .filter(|(other, _)| **other != name)
+                .flat_map(|(_, c)| c.iter().copied())
+                .collect();
+            node::bound(&mut a, n, &self.settings.pod_subnets, &others);
             if !bad.is_empty() {
                 seen_bad.insert(name.clone(), bad);
             }

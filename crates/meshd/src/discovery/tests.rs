@@ -138,6 +138,8 @@ fn node_ids_are_stable_and_distinct() {
 fn compat_peer_specs_use_talos_allowed_ips_and_announced_addresses() {
     let nets = |l: &[&str]| -> Vec<IpNet> { l.iter().map(|n| n.parse().unwrap()).collect() };
     let mut cfg = hybridnet_config::Config::defaults();
+    // The cluster's mesh prefix (Talos's ULA for KubeSpan): announced mesh addresses lie in it.
+    cfg.meshd.ula_prefix = Some("fd7f:175a:b97c:5602::/64".parse().unwrap());
     // Node "b" sorts before "c": it keeps the overlapping pod CIDR.
     let mut c = affiliate("c", "node-c", Some(3));
     c.addresses = vec!["192.168.3.7".parse().unwrap()];
@@ -157,6 +159,18 @@ fn compat_peer_specs_use_talos_allowed_ips_and_announced_addresses() {
     let plain = peer_specs(&all, &cfg, &key(1));
     assert_eq!(plain.len(), 2, "our own record is not a peer");
     assert!(plain.iter().all(|s| s.allowed_ips.len() == 2));
+    // A mesh address outside the mesh prefix is a claim on any address: refused, the rest is used.
+    let mut stray = b.clone();
+    stray.mesh_address = Some("2001:db8::66".parse().unwrap());
+    let spec = peer_spec(&stray, &cfg).unwrap();
+    assert_eq!(spec.allowed_ips, nets(&["10.244.4.0/24"]));
+    assert_eq!(
+        spec.refused,
+        vec![(
+            "2001:db8::66/128".parse().unwrap(),
+            crate::plan::trust::Reason::MeshAddress
+        )]
+    );
     cfg.meshd.kubespan_compat = true;
     let specs = peer_specs(&all, &cfg, &key(1));
     assert_eq!(

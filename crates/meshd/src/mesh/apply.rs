@@ -35,6 +35,7 @@ impl Mesh {
         self.apply_sysctls(&planned);
         self.report_conflicts(&planned);
         self.report_gateways(&planned);
+        self.report_refused(&planned.refused);
         self.metrics
             .reconcile_seconds
             .set(started.elapsed().as_secs_f64());

@@ -30,6 +30,8 @@ pub struct PeerSpec {
     pub node_id: Option<String>,
     pub addresses: Vec<IpAddr>,
     pub api_server_port: Option<u16>,
+    /// Prefixes its source refused (the Kubernetes registry's pod CIDR check).
+    pub refused: Vec<(IpNet, crate::plan::trust::Reason)>,
 }
 
 /// The routes for the mesh: its prefix, and every peer's allowed IPs outside it, except (with `bypass`,
@@ -79,6 +81,7 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
             node_id: None,
             addresses: Vec::new(),
             api_server_port: None,
+            refused: Vec::new(),
         });
     }
     // Cached peers from other sources.
@@ -109,6 +112,7 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
             node_id: c.node_id,
             addresses: c.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
             api_server_port: c.api_server_port,
+            refused: Vec::new(),
         });
     }
     specs

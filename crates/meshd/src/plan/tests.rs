@@ -57,7 +57,7 @@ fn down(mut p: PeerInput) -> PeerInput {
 
 fn inputs(peers: Vec<PeerInput>) -> Inputs {
     Inputs {
-        private_key: PrivateKey([100; 32]),
+        private_key: std::sync::Arc::new(PrivateKey([100; 32])),
         interface: "hybridnet0".to_owned(),
         mtu: 1420,
         listen_port: 51820,
@@ -72,6 +72,7 @@ fn inputs(peers: Vec<PeerInput>) -> Inputs {
         peers,
         relay: RelayMode::Auto,
         relays_allowed: Vec::new(),
+        trust: trust::Trust::default(),
     }
 }
 
@@ -436,4 +437,282 @@ fn identical_prefixes_go_to_one_peer_deterministically() {
         .map(|(k, _)| *k)
         .collect();
     assert_eq!(holder, [low].into_iter().collect());
+}
+
+// === trust: discovered peers' prefixes ===
+
+/// Inputs where every peer is discovered (untrusted) except those in `statics`, with this node's
+/// underlay 192.0.2.100/24 (+ 2001:db8:1::100/64), service subnet 10.32.0.0/12, the API endpoint
+/// 203.0.113.10, and the defaults /8 and /32.
+fn screened(peers: Vec<PeerInput>, statics: &[u8]) -> Inputs {
+    let mut i = inputs(peers);
+    i.trust.policy = trust::Policy {
+        min_v4: 8,
+        min_v6: 32,
+        underlay: vec![
+            net("192.0.2.0/24"),
+            net("2001:db8:1::/64"),
+            net("10.99.0.100/32"),
+        ],
+        service_subnets: vec![net("10.32.0.0/12")],
+        endpoints: vec!["203.0.113.10".parse().unwrap()],
+    };
+    for (n, p) in i.peers.iter().enumerate() {
+        let idx = p.key;
+        let mesh_addr = i
+            .peers
+            .iter()
+            .find(|q| q.key == idx)
+            .and_then(|q| {
+                q.allowed_ips.iter().find_map(|a| match a {
+                    IpNet::V6(v) if v.prefix_len() == 128 && prefix().contains(v) => Some(v.addr()),
+                    _ => None,
+                })
+            })
+            .unwrap();
+        let trusted = statics.iter().any(|s| key(*s) == idx);
+        i.trust.peers.insert(
+            idx,
+            trust::PeerTrust {
+                trusted,
+                mesh_addr,
+                seniority: n as u64,
+                refused: Vec::new(),
+                addresses: Vec::new(),
+                proven: Vec::new(),
+            },
+        );
+    }
+    i
+}
+
+fn claims(p: &mut PeerInput, list: &[&str]) {
+    for n in list {
+        p.allowed_ips.insert(net(n));
+    }
+}
+
+fn refused_of(d: &Desired, k: PublicKey) -> Vec<(String, &'static str)> {
+    d.refused
+        .iter()
+        .filter(|r| r.peer == k)
+        .map(|r| (r.prefix.to_string(), r.reason.as_str()))
+        .collect()
+}
+
+fn wg_allowed(d: &Desired, k: PublicKey) -> BTreeSet<IpNet> {
+    d.device.peers[&k].allowed_ips.clone()
+}
+
+#[test]
+fn each_hostile_prefix_is_refused_for_its_reason_and_the_rest_is_used() {
+    let mut hostile = peer(1, false);
+    let cases = [
+        ("0.0.0.0/0", "default-route"),
+        ("::/0", "default-route"),
+        ("10.0.0.0/7", "too-short"),
+        ("2001:db8::/31", "too-short"),
+        ("127.0.0.0/8", "loopback"),
+        ("::1/128", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("fe80::/64", "link-local"),
+        ("224.0.0.0/8", "multicast"),
+        ("ff02::/16", "multicast"),
+        // The victim's underlay subnet, a neighbour in it, a prefix covering it, its v6 subnet, its own
+        // extra mesh address.
+        ("192.0.2.0/24", "underlay"),
+        ("192.0.2.7/32", "underlay"),
+        ("192.0.0.0/16", "underlay"),
+        ("2001:db8:1::/48", "underlay"),
+        ("10.99.0.100/32", "underlay"),
+        ("10.32.0.0/12", "service-subnet"),
+        ("10.32.0.10/32", "service-subnet"),
+        ("203.0.113.0/24", "endpoint"),
+        // Another node's mesh /128, and a prefix covering the mesh.
+        ("fd00:1::2/128", "mesh-address"),
+        ("fd00:1::100/128", "mesh-address"),
+        ("fd00::/16", "mesh-address"),
+    ];
+    claims(&mut hostile, &cases.map(|(n, _)| n));
+    let d = plan(&screened(vec![hostile, peer(2, false)], &[]));
+    let mut want: Vec<(String, &str)> = cases
+        .iter()
+        .map(|(n, r)| (net(n).to_string(), *r))
+        .collect();
+    want.sort();
+    let mut got = refused_of(&d, key(1));
+    got.sort();
+    assert_eq!(got, want);
+    // The legitimate parts of the same record: its own mesh /128 and pod CIDR, in WireGuard and routes.
+    assert_eq!(
+        wg_allowed(&d, key(1)),
+        [net("fd00:1::1/128"), net("10.244.1.0/24")]
+            .into_iter()
+            .collect()
+    );
+    assert!(d.routes.contains_key(&net("10.244.1.0/24")));
+    for (n, _) in cases {
+        assert!(!d.routes.contains_key(&net(n)), "{n} routed");
+    }
+    // The victim's mesh address and the other peer's stay where they were.
+    assert_eq!(
+        wg_allowed(&d, key(2)),
+        [net("fd00:1::2/128"), net("10.244.2.0/24")]
+            .into_iter()
+            .collect()
+    );
+    assert!(d.conflicts.is_empty());
+}
+
+#[test]
+fn the_minimum_prefix_length_is_configurable() {
+    let mut p = peer(1, false);
+    claims(&mut p, &["10.128.0.0/9", "2001:db8:40::/42"]);
+    let mut i = screened(vec![p], &[]);
+    let d = plan(&i);
+    assert!(d.refused.is_empty(), "{:?}", d.refused);
+    i.trust.policy.min_v4 = 16;
+    i.trust.policy.min_v6 = 48;
+    let d = plan(&i);
+    let mut got = refused_of(&d, key(1));
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("10.128.0.0/9".to_owned(), "too-short"),
+            ("2001:db8:40::/42".to_owned(), "too-short")
+        ]
+    );
+}
+
+#[test]
+fn static_peers_are_trusted_and_their_prefixes_protected() {
+    let mut op = peer(1, false);
+    claims(&mut op, &["0.0.0.0/0", "192.0.2.0/24"]);
+    let mut hostile = peer(2, false);
+    claims(&mut hostile, &["10.244.1.128/25"]);
+    let d = plan(&screened(vec![op, hostile], &[1]));
+    assert!(
+        refused_of(&d, key(1)).is_empty(),
+        "operator config is trusted"
+    );
+    assert!(wg_allowed(&d, key(1)).contains(&net("0.0.0.0/0")));
+    assert_eq!(
+        refused_of(&d, key(2)),
+        vec![("10.244.1.128/25".to_owned(), "static-peer")]
+    );
+}
+
+#[test]
+fn a_mesh_address_claim_goes_to_its_first_holder_only() {
+    // KubeSpan-compatible mode: addresses are announced. Peer 2 (seen first) holds fd00:1::2; peer 3,
+    // seen later, claims it too (a hostile kubespan-ip), whatever its key or state.
+    let mut late = peer(3, false);
+    late.allowed_ips = [net("fd00:1::2/128"), net("10.244.3.0/24")]
+        .into_iter()
+        .collect();
+    let mut i = screened(vec![peer(2, false), late], &[]);
+    let d = plan(&i);
+    assert_eq!(
+        refused_of(&d, key(3)),
+        vec![("fd00:1::2/128".to_owned(), "mesh-address")]
+    );
+    assert!(wg_allowed(&d, key(2)).contains(&net("fd00:1::2/128")));
+    assert_eq!(
+        wg_allowed(&d, key(3)),
+        [net("10.244.3.0/24")].into_iter().collect()
+    );
+    // Reversed seniority: the other way round.
+    for t in i.trust.peers.values_mut() {
+        t.seniority = 10 - t.seniority;
+    }
+    let d = plan(&i);
+    assert_eq!(
+        refused_of(&d, key(2)),
+        vec![("fd00:1::2/128".to_owned(), "mesh-address")]
+    );
+    // An address outside the mesh prefix, or this node's own, is owned by nobody.
+    let mut i = screened(vec![peer(4, false)], &[]);
+    i.peers[0].allowed_ips = [net("2001:db8:9::4/128")].into_iter().collect();
+    i.trust.peers.get_mut(&key(4)).unwrap().mesh_addr = "2001:db8:9::4".parse().unwrap();
+    assert_eq!(
+        refused_of(&plan(&i), key(4)),
+        vec![("2001:db8:9::4/128".to_owned(), "mesh-address")]
+    );
+    i.trust.peers.get_mut(&key(4)).unwrap().mesh_addr = "fd00:1::100".parse().unwrap();
+    i.peers[0].allowed_ips = [net("fd00:1::100/128")].into_iter().collect();
+    assert_eq!(
+        refused_of(&plan(&i), key(4)),
+        vec![("fd00:1::100/128".to_owned(), "mesh-address")]
+    );
+}
+
+#[test]
+fn what_a_source_refused_is_reported_with_the_rest() {
+    let mut i = screened(vec![peer(1, false)], &[]);
+    i.trust.peers.get_mut(&key(1)).unwrap().refused =
+        vec![(net("10.250.0.0/16"), trust::Reason::OutsidePodCidrs)];
+    let d = plan(&i);
+    assert_eq!(
+        refused_of(&d, key(1)),
+        vec![("10.250.0.0/16".to_owned(), "outside-pod-cidrs")]
+    );
+    assert_eq!(
+        wg_allowed(&d, key(1)),
+        [net("fd00:1::1/128"), net("10.244.1.0/24")]
+            .into_iter()
+            .collect()
+    );
+}
+
+#[test]
+fn the_private_key_is_shared_not_copied() {
+    let i = screened(vec![peer(1, false)], &[]);
+    let d = plan(&i);
+    assert!(std::sync::Arc::ptr_eq(
+        &d.device.private_key,
+        &i.private_key
+    ));
+}
+
+#[test]
+fn a_node_address_in_the_underlay_is_routed_once_proven() {
+    // KubeSpan-compatible mode: Talos routes a peer's node addresses through the mesh. One in this
+    // node's subnet is a claim on a neighbour: refused until the peer proved to be there (probes, or a
+    // handshake), and this node's own address never.
+    let mut p = peer(1, false);
+    claims(&mut p, &["192.0.2.7/32", "192.0.2.8/32", "192.0.2.100/32"]);
+    let mut i = screened(vec![p], &[]);
+    i.trust.policy.underlay.push(net("192.0.2.100/32"));
+    let t = i.trust.peers.get_mut(&key(1)).unwrap();
+    t.addresses = ["192.0.2.7", "192.0.2.100"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let mut got = refused_of(&plan(&i), key(1));
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("192.0.2.100/32".to_owned(), "underlay"),
+            ("192.0.2.7/32".to_owned(), "unproven-address"),
+            ("192.0.2.8/32".to_owned(), "underlay"),
+        ]
+    );
+    i.trust.peers.get_mut(&key(1)).unwrap().proven = ["192.0.2.7", "192.0.2.100"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let d = plan(&i);
+    let mut got = refused_of(&d, key(1));
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("192.0.2.100/32".to_owned(), "underlay"),
+            ("192.0.2.8/32".to_owned(), "underlay"),
+        ]
+    );
+    assert!(wg_allowed(&d, key(1)).contains(&net("192.0.2.7/32")));
+    assert!(d.routes.contains_key(&net("192.0.2.7/32")));
 }

@@ -56,9 +56,11 @@ fn add_lines(out: &mut String, key: &PublicKey, config: &PeerConfig) {
 /// preshared key over into the next section of the same request, so sections are never batched.
 pub fn render_set(update: &Update) -> Vec<String> {
     let mut requests = Vec::new();
-    let mut device = String::new();
+    // Holds the private key when it changes: zeroed when dropped (the caller zeroes the requests).
+    let mut device = zeroize::Zeroizing::new(String::new());
     if let Some(key) = &update.private_key {
-        let _ = writeln!(device, "private_key={}", hex(key));
+        let key = zeroize::Zeroizing::new(hex(key));
+        let _ = writeln!(device, "private_key={}", key.as_str());
     }
     if let Some(port) = update.listen_port {
         let _ = writeln!(device, "listen_port={port}");
@@ -67,7 +69,7 @@ pub fn render_set(update: &Update) -> Vec<String> {
         let _ = writeln!(device, "fwmark={mark}");
     }
     if !device.is_empty() {
-        requests.push(format!("set=1\n{device}\n"));
+        requests.push(format!("set=1\n{}\n", device.as_str()));
     }
     let remove = |key: &PublicKey| format!("set=1\npublic_key={}\nremove=true\n\n", hex(&key.0));
     let add = |key: &PublicKey, config: &PeerConfig| {

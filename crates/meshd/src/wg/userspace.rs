@@ -59,13 +59,17 @@ impl Userspace {
     }
 
     pub fn get(&mut self) -> Result<Actual, Error> {
-        let text = uapi::exchange(&mut self.api, uapi::GET)
-            .map_err(|e| Error::Backend(format!("{} get: {e}", self.name)))?;
+        // The answer holds the private key: zeroed once parsed.
+        let text = zeroize::Zeroizing::new(
+            uapi::exchange(&mut self.api, uapi::GET)
+                .map_err(|e| Error::Backend(format!("{} get: {e}", self.name)))?,
+        );
         uapi::parse_get(&text).map_err(|e| Error::Backend(format!("{} get: {e}", self.name)))
     }
 
     pub fn apply(&mut self, update: &Update) -> Result<(), Error> {
         for body in uapi::render_set(update) {
+            let body = zeroize::Zeroizing::new(body);
             uapi::exchange(&mut self.api, &body)
                 .map_err(|e| Error::Backend(format!("{} set: {e}", self.name)))?;
         }

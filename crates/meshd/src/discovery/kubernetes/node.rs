@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::Node;
 use serde_json::{Map, Value};
 
 use super::super::{Affiliate, Local, codec};
+use crate::plan::trust::overlaps;
 
 pub const NODE_ID: &str = "cluster.talos.dev/node-id";
 pub const SELF_IPS: &str = "networking.talos.dev/self-ips";
@@ -262,6 +263,25 @@ pub fn location(node: &Node) -> Option<String> {
         .map(|v| v.trim())
         .find(|v| !v.is_empty())
         .map(str::to_owned)
+}
+
+/// A Node may route only its own pods to itself. Pod space is the cluster's pod subnets
+/// (`pod_subnets`) and every Node's `spec.podCIDRs`; an assigned prefix that touches pod space must lie
+/// inside the node's own `spec.podCIDRs` (the cluster pod subnets when it has none) and touch no other
+/// Node's (`others`). The rest moves from `additional` to `refused` (reported by the mesh with reason
+/// `outside-pod-cidrs`). Prefixes outside pod space (a node's extra mesh addresses, `meshd.addresses`)
+/// go on to the mesh's own screen. Anyone who may annotate a Node can write any prefix there;
+/// `spec.podCIDRs` is set by the controller manager, which a node cannot change.
+pub fn bound(a: &mut Affiliate, node: &Node, pod_subnets: &[IpNet], others: &[IpNet]) {
+    let (own, _) = pod_cidrs(node);
+    let bounds = if own.is_empty() { pod_subnets } else { &own };
+    let touches = |set: &[IpNet], p: &IpNet| set.iter().any(|s| overlaps(s, p));
+    let (kept, refused): (Vec<IpNet>, Vec<IpNet>) = a.additional.iter().copied().partition(|p| {
+        let pod_space = touches(pod_subnets, p) || touches(others, p) || touches(&own, p);
+        !pod_space || (bounds.iter().any(|b| b.contains(p)) && !touches(others, p))
+    });
+    a.additional = kept;
+    a.refused = refused;
 }
 
 /// `spec.podCIDRs` (else the older single `spec.podCIDR`), and what did not parse.

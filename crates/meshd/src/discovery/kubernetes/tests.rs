@@ -401,3 +401,48 @@ fn which_registries_run() {
     let s = k.kubernetes().unwrap();
     assert!(!s.registry && s.pod_cidrs);
 }
+
+/// A Node routes only its own pods: assigned prefixes in pod space must lie in its `spec.podCIDRs` (the
+/// cluster pod subnets without them) and touch no other Node's; prefixes outside pod space go on to the
+/// mesh's screen.
+#[test]
+fn assigned_prefixes_must_lie_in_the_nodes_pod_cidrs() {
+    let with_cidrs = |cidrs: serde_json::Value| {
+        node_from(json!({
+            "metadata": {"name": "n2", "annotations": {NODE_ID: "id-2", ASSIGNED_PREFIXES:
+                "10.244.2.0/24,10.244.2.128/25,10.244.1.0/24,10.244.99.0/24,10.99.0.2/32,0.0.0.0/0"}},
+            "spec": {"podCIDRs": cidrs},
+        }))
+    };
+    let pod_subnets = [net("10.244.0.0/16")];
+    let others = [net("10.244.1.0/24")];
+    let n = with_cidrs(json!(["10.244.2.0/24"]));
+    let (mut a, _) = affiliate(&n).unwrap();
+    bound(&mut a, &n, &pod_subnets, &others);
+    assert_eq!(
+        a.additional,
+        [
+            net("10.244.2.0/24"),
+            net("10.244.2.128/25"),
+            net("10.99.0.2/32")
+        ],
+        "its own pods, and what is not pod space (the mesh screen checks that)"
+    );
+    assert_eq!(
+        a.refused,
+        [
+            net("10.244.1.0/24"),
+            net("10.244.99.0/24"),
+            net("0.0.0.0/0")
+        ]
+    );
+    // Without spec.podCIDRs: the cluster pod subnets, minus the other Nodes' pod CIDRs.
+    let n = with_cidrs(json!([]));
+    let (mut a, _) = affiliate(&n).unwrap();
+    bound(&mut a, &n, &pod_subnets, &others);
+    assert_eq!(a.refused, [net("10.244.1.0/24"), net("0.0.0.0/0")]);
+    // Neither: nothing in pod space (other Nodes' CIDRs) is its.
+    let (mut a, _) = affiliate(&n).unwrap();
+    bound(&mut a, &n, &[], &others);
+    assert_eq!(a.refused, [net("10.244.1.0/24"), net("0.0.0.0/0")]);
+}
