@@ -260,6 +260,9 @@ mod tests {
             Ok::<_, anyhow::Error>(client)
         };
         let reader = async {
+            // The reader starts late, so the stream is still in the sockets when the first pause comes
+            // (on an idle machine 4 MiB over loopback can end within the first 2 ms, and no pause happens).
+            tokio::time::sleep(Duration::from_millis(20)).await;
             let mut got = Vec::new();
             server.read_to_end(&mut got).await?;
             server.shutdown().await?; // the relay ends once both directions have
