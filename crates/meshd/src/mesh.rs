@@ -554,11 +554,12 @@ impl Mesh {
             // WireGuard's counters are the evidence of liveness for peers carrying traffic. A device that
             // does not answer (a userspace device whose link was deleted times out after 5 s) is left to
             // the next reconcile, which repairs it, before it is read again.
+            let started = Instant::now();
             if let Err(error) = self.refresh_stats().await {
                 tracing::debug!(%error, "cannot read the device counters");
                 self.stats_failed = true;
             }
-            self.next_stats = now + probing::STATS_EVERY;
+            self.next_stats = now + probing::stats_interval(started.elapsed());
         }
         let planning = probing::Planning::new(self.plan.as_ref(), &self.timing, |k| {
             self.peers
