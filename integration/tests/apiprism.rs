@@ -398,11 +398,14 @@ fn settle() {
     std::thread::sleep(Duration::from_millis(500)); // traffic before the fault
 }
 
-/// Common to the SIGKILL and blackhole scenarios.
+/// Common to the SIGKILL and blackhole scenarios. `cuts`: apiprism itself closes the watch's connection (a
+/// blackholed upstream never resets it; a killed one's kernel does, possibly before apiprism marks it down),
+/// so `apiprism_connections_cut_total` counts it.
 fn fail_one(
     fault: impl Fn(&mut Lab, usize),
     repair: impl Fn(&mut Lab, usize) -> Result<()>,
     what: &str,
+    cuts: bool,
 ) -> Result<()> {
     let mut lab = Lab::new()?;
     let ((out, t0, down, cut, back), log) = lab.with_kubelet(|lab, log| {
@@ -441,12 +444,28 @@ fn fail_one(
         back <= BOUND,
         "{what}: used again {back:?} after its return"
     );
+    let counted = lab
+        .apiprism
+        .metrics()?
+        .value("apiprism_connections_cut_total");
+    eprintln!("apiprism {what}: apiprism_connections_cut_total {counted}");
+    if cuts {
+        ensure!(
+            counted >= 1.0,
+            "{what}: the watch apiprism cut is not counted (apiprism_connections_cut_total {counted})"
+        );
+    }
     Ok(())
 }
 
 #[test]
 fn sigkilled_upstream_fails_over_without_a_failed_connection() -> Result<()> {
-    fail_one(|lab, i| lab.kill(i), |lab, i| lab.restart(i), "SIGKILLed")
+    fail_one(
+        |lab, i| lab.kill(i),
+        |lab, i| lab.restart(i),
+        "SIGKILLed",
+        false,
+    )
 }
 
 #[test]
@@ -458,6 +477,7 @@ fn blackholed_upstream_fails_over_without_a_failed_connection() -> Result<()> {
             Ok(())
         },
         "blackholed",
+        true,
     )
 }
 

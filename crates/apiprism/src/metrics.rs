@@ -78,6 +78,9 @@ pub struct Metrics {
     pub active: Gauge,
     pub failovers: Counter,
     pub rejected: Counter,
+    /// Established client connections closed because their upstream went down (the client reconnects
+    /// through another upstream; a watch restarts).
+    pub connections_cut: Counter,
     pub transitions: Counter,
     pub upstreams: Gauge,
     pub upstreams_usable: Gauge,
@@ -200,6 +203,11 @@ impl Metrics {
             "rejected_connections",
             "Client connections closed because no upstream could be reached",
             m.rejected.clone(),
+        );
+        r.register(
+            "connections_cut",
+            "Established client connections closed because their upstream went down",
+            m.connections_cut.clone(),
         );
         r.register(
             "upstream_transitions",

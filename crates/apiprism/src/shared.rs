@@ -183,6 +183,9 @@ impl Shared {
             }
             if let Some(t) = &transition {
                 log_transition(t, u.active, u.last_error.as_deref());
+                if t.to == State::Down {
+                    self.metrics.connections_cut.inc_by(u.active);
+                }
             }
             (transition, u.state)
         };

@@ -29,16 +29,14 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::mesh::PeerSpec;
 use crate::metrics::Metrics;
+use crate::model::{PeerSpec, Source};
 use crate::plan::trust::Reason;
 use codec::{Codec, Rejected, ip_from_bytes, prefix_from};
 use proto::{client, server};
 
 /// TTL of our record on the service (Talos: 30 min); refreshed at half of it and on every change.
 pub const TTL: Duration = Duration::from_secs(30 * 60);
-/// The `source` of discovered peers (cache and status).
-pub const SOURCE: &str = "discovery";
 /// How long publishing waits for our pod CIDRs (see [`Discovery::waits_for_pod_cidrs`]).
 pub const POD_CIDR_WAIT: Duration = Duration::from_secs(10);
 
@@ -234,7 +232,7 @@ pub fn peer_spec(a: &Affiliate, cfg: &Config) -> Option<PeerSpec> {
             _ => None,
         },
         location: a.location.clone(),
-        source: SOURCE.into(),
+        source: Source::Discovery,
         node_id: Some(a.node_id.clone()).filter(|s| !s.is_empty()),
         addresses: a.addresses.clone(),
         api_server_port: a.api_server_port,

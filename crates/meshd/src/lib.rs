@@ -23,6 +23,7 @@ pub mod identity;
 pub mod kubespan;
 pub mod mesh;
 pub mod metrics;
+pub mod model;
 pub mod net;
 pub mod nft;
 pub mod peer;

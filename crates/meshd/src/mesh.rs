@@ -28,8 +28,9 @@ mod publish;
 mod specs;
 pub(crate) mod trust;
 
+pub use crate::model::{PeerSpec, Source};
 pub use backend::Backend;
-pub use specs::{PeerSpec, filter_candidates, peer_specs, routes_for};
+pub use specs::{filter_candidates, peer_specs, routes_for};
 
 /// WireGuard persistent keepalive on every peer (keeps NAT mappings; KubeSpan uses 25 s too).
 pub use crate::plan::KEEPALIVE;
@@ -44,7 +45,7 @@ pub struct Peer {
     pub mesh_addr: Ipv6Addr,
     pub allowed_ips: BTreeSet<IpNet>,
     pub location: Option<String>,
-    pub source: String,
+    pub source: Source,
     pub node_id: Option<String>,
     pub addresses: Vec<IpAddr>,
     pub api_server_port: Option<u16>,
@@ -358,7 +359,7 @@ impl Mesh {
         let mut out: Vec<PeerSpec> = self
             .base
             .iter()
-            .filter(|s| s.source == "static")
+            .filter(|s| s.source == Source::Static)
             .cloned()
             .collect();
         for d in &self.discovered {
@@ -367,7 +368,7 @@ impl Mesh {
             }
         }
         if !self.discovery_synced {
-            for c in self.base.iter().filter(|s| s.source != "static") {
+            for c in self.base.iter().filter(|s| s.source != Source::Static) {
                 if !out.iter().any(|s| s.key == c.key) {
                     out.push(c.clone());
                 }
@@ -519,11 +520,11 @@ impl Mesh {
             Err(poisoned) => *poisoned.into_inner() = keys,
         }
         self.metrics.peers.set(self.peers.len() as i64);
-        for source in ["static", crate::discovery::SOURCE] {
+        for source in Source::ALL {
             let n = self.peers.values().filter(|p| p.source == source).count();
             self.metrics
                 .peers_by_source
-                .get_or_create(&vec![("source".to_owned(), source.to_owned())])
+                .get_or_create(&vec![("source".to_owned(), source.as_str().to_owned())])
                 .set(n as i64);
         }
         self.dirty = true;
@@ -553,11 +554,12 @@ impl Mesh {
             // WireGuard's counters are the evidence of liveness for peers carrying traffic. A device that
             // does not answer (a userspace device whose link was deleted times out after 5 s) is left to
             // the next reconcile, which repairs it, before it is read again.
+            let started = Instant::now();
             if let Err(error) = self.refresh_stats().await {
                 tracing::debug!(%error, "cannot read the device counters");
                 self.stats_failed = true;
             }
-            self.next_stats = now + probing::STATS_EVERY;
+            self.next_stats = now + probing::stats_interval(started.elapsed());
         }
         let planning = probing::Planning::new(self.plan.as_ref(), &self.timing, |k| {
             self.peers

@@ -23,8 +23,17 @@ use hybridnet_config::PublicKey;
 use crate::peer::{Need, PeerState, Timing};
 use crate::topology::{Plan, Role};
 
-/// How often WireGuard's counters are read.
+/// How often WireGuard's counters are read (at most: see [`stats_interval`]).
 pub const STATS_EVERY: Duration = Duration::from_millis(250);
+/// Reading the counters (one dump of the device) may take at most this share of the time, 1/10: a device of
+/// thousands of peers, whose dump takes tens of milliseconds, is read less often instead of keeping a core busy.
+pub const STATS_COST_SHARE: u32 = 10;
+
+/// The time until the next counter reading, after one that took `took`: every [`STATS_EVERY`], or
+/// [`STATS_COST_SHARE`] times the reading's own duration when that is longer. Pure.
+pub fn stats_interval(took: Duration) -> Duration {
+    STATS_EVERY.max(took.saturating_mul(STATS_COST_SHARE))
+}
 /// Readings closer together than this are not evidence (a reconcile's read right after a poll's).
 pub const STATS_MIN_SPACING: Duration = Duration::from_millis(200);
 /// A location's nodes probe their active gateway at the active rate up to this many nodes; beyond, each

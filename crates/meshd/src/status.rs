@@ -74,7 +74,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "txBytes": p.stats.tx_bytes,
                 "handshakeAgeS": p.stats.last_handshake.map(|d| d.as_secs()),
                 "lastSeen": p.last_seen_unix,
-                "source": p.source,
+                "source": p.source.as_str(),
                 // What the WireGuard device holds for the peer (read from the device).
                 "allowedIPs": p.device_allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "paths": m.paths.iter().map(|path| json!({

@@ -120,7 +120,7 @@ impl Mesh {
                         .map(ToString::to_string)
                         .collect(),
                     location: p.location.clone(),
-                    source: p.source.clone(),
+                    source: p.source.as_str().to_owned(),
                     last_seen: 0,
                     node_id: p.node_id.clone(),
                     addresses: p.addresses.iter().map(ToString::to_string).collect(),

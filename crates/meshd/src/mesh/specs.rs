@@ -9,30 +9,11 @@ use hybridnet_config::{Config, PublicKey};
 use ipnet::{IpNet, Ipv6Net};
 
 use crate::cache;
+use crate::model::{PeerSpec, Source};
 use crate::peer::PeerState;
 
 /// How long a static peer's endpoint lookup may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A peer as the config (or the cache) describes it.
-#[derive(Clone, Debug)]
-pub struct PeerSpec {
-    pub name: String,
-    pub key: PublicKey,
-    pub candidates: Vec<SocketAddr>,
-    pub allowed_ips: Vec<IpNet>,
-    /// The peer's mesh address as it announced it (its affiliate's KubeSpan address); used in
-    /// KubeSpan-compatible mode, where addresses are not derived from keys.
-    pub mesh_address: Option<std::net::Ipv6Addr>,
-    pub location: Option<String>,
-    pub source: String,
-    /// From discovery: the node ID, its underlay addresses, its API server port (control planes).
-    pub node_id: Option<String>,
-    pub addresses: Vec<IpAddr>,
-    pub api_server_port: Option<u16>,
-    /// Prefixes its source refused (the Kubernetes registry's pod CIDR check).
-    pub refused: Vec<(IpNet, crate::plan::trust::Reason)>,
-}
 
 /// The routes for the mesh: its prefix, and every peer's allowed IPs outside it, except (with `bypass`,
 /// KubeSpan's `allowDownPeerBypass`) those of down peers, whose traffic then takes the underlay. Pure.
@@ -77,7 +58,7 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
             allowed_ips: p.allowed_ips.clone(),
             mesh_address: None,
             location: p.location.clone(),
-            source: "static".into(),
+            source: Source::Static,
             node_id: None,
             addresses: Vec::new(),
             api_server_port: None,
@@ -87,9 +68,11 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
     // Cached peers from other sources.
     let cached = cache::load(&cache::path(&cfg.data_dir));
     for c in cached.peers {
-        if c.source == "static" {
-            continue;
-        }
+        // Static peers come from the config; a cached record is never trusted as one.
+        let source = match Source::from_cached(&c.source) {
+            Some(Source::Static) => continue,
+            other => other.unwrap_or(Source::Discovery),
+        };
         let Ok(key) = c.public_key.parse::<PublicKey>() else {
             continue;
         };
@@ -108,7 +91,7 @@ pub async fn peer_specs(cfg: &Config) -> Vec<PeerSpec> {
                 .collect(),
             mesh_address: c.mesh_address.as_deref().and_then(|a| a.parse().ok()),
             location: c.location,
-            source: c.source,
+            source,
             node_id: c.node_id,
             addresses: c.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
             api_server_port: c.api_server_port,

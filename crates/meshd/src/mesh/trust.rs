@@ -75,7 +75,7 @@ impl Mesh {
             .values()
             .map(|p| {
                 let t = PeerTrust {
-                    trusted: p.source == "static",
+                    trusted: p.source == crate::model::Source::Static,
                     mesh_addr: p.mesh_addr,
                     seniority: p.seniority,
                     refused: p.refused.clone(),

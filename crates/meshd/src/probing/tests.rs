@@ -446,3 +446,16 @@ fn bench_probing() {
         std::fs::write(dir.join("meshd-failover-sim.csv"), cdf).unwrap();
     }
 }
+
+#[test]
+fn counter_readings_take_at_most_a_tenth_of_the_time() {
+    use crate::probing::{STATS_EVERY, stats_interval};
+    // A small device: every 250 ms. A dump of 5,000 peers (about 145 ms measured in the lab on the
+    // userspace backend): every 1.45 s, not 58 % of a core.
+    assert_eq!(stats_interval(Duration::from_millis(2)), STATS_EVERY);
+    assert_eq!(
+        stats_interval(Duration::from_millis(145)),
+        Duration::from_millis(1450)
+    );
+    assert_eq!(stats_interval(Duration::MAX), Duration::MAX, "no overflow");
+}
