@@ -292,6 +292,10 @@ pub fn parse(payload: &[u8], fds: usize) -> Result<Message, HandoffError> {
 pub fn take(path: &Path, max_pairs: usize) -> Result<Option<Taken>, HandoffError> {
     let sock = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
     let addr = SockAddr::unix(path)?;
+    // Before connecting: a connect(2) to a socket whose backlog is full (a giver that is stopped, or busy
+    // with a flood of connections that never say hello) waits for as long as the send timeout, forever
+    // by default, and nothing would ever be bound.
+    set_timeouts(&sock, STEP_TIMEOUT)?;
     match sock.connect(&addr) {
         Ok(()) => {}
         Err(e)
@@ -310,7 +314,6 @@ pub fn take(path: &Path, max_pairs: usize) -> Result<Option<Taken>, HandoffError
         }
     }
     check_peer(&sock)?;
-    set_timeouts(&sock, STEP_TIMEOUT)?;
     let fd = sock.as_raw_fd();
     send(fd, HELLO, &[])?;
     let deadline = Instant::now() + TOTAL_TIMEOUT;

@@ -111,3 +111,49 @@ async fn a_listener_and_a_pair_go_over_and_still_work() -> anyhow::Result<()> {
     assert!(!path.exists(), "the giver removes its socket file");
     Ok(())
 }
+
+/// A giver whose handoff backlog is full (stopped, or flooded by connections that never say hello): the
+/// taker's connect gives up after the step timeout and starts afresh, rather than waiting forever with
+/// nothing bound.
+#[test]
+fn a_full_backlog_does_not_hold_a_taker_forever() -> anyhow::Result<()> {
+    let path = temp_path("backlog");
+    std::fs::create_dir_all(path.parent().unwrap_or(&path))?;
+    let giver = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+    giver.bind(&SockAddr::unix(&path)?)?;
+    giver.listen(0)?;
+    // Fill the backlog: connections nobody accepts, until one would wait.
+    let mut flood = Vec::new();
+    loop {
+        let c = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+        c.set_nonblocking(true)?;
+        match c.connect(&SockAddr::unix(&path)?) {
+            Ok(()) => flood.push(c),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e.into()),
+        }
+        anyhow::ensure!(flood.len() < 64, "the backlog never filled");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    let taker = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(take(&path, 10).map(|t| t.is_some()));
+        })
+    };
+    let bound = STEP_TIMEOUT + Duration::from_secs(3);
+    let taken = rx
+        .recv_timeout(bound)
+        .map_err(|_| anyhow::anyhow!("the taker still waits after {bound:?}"))?;
+    assert!(
+        taken.is_err(),
+        "a giver that never answers is no handoff: {taken:?}"
+    );
+    assert!(start.elapsed() >= STEP_TIMEOUT / 2, "gave up too early");
+    taker
+        .join()
+        .map_err(|_| anyhow::anyhow!("taker panicked"))?;
+    drop(flood);
+    Ok(())
+}
