@@ -432,29 +432,54 @@ impl Drop for GiverSocket {
 }
 
 /// The giver's side of the exchange after the hello: sends the listeners and the pairs (as raw descriptors:
-/// the caller keeps them open until this returns), then waits for `DONE`. Blocking.
+/// the caller keeps them open until this returns), then waits for `DONE`, all within [`TOTAL_TIMEOUT`]
+/// (the relays are paused meanwhile: a taker that reads one message every few seconds must not hold them
+/// for longer). Blocking.
 pub fn give(
     conn: &Socket,
     listeners: &[(SocketAddr, RawFd)],
     pairs: &[(SocketAddr, RawFd, RawFd)],
 ) -> Result<(), HandoffError> {
+    give_within(conn, listeners, pairs, Instant::now() + TOTAL_TIMEOUT)
+}
+
+fn give_within(
+    conn: &Socket,
+    listeners: &[(SocketAddr, RawFd)],
+    pairs: &[(SocketAddr, RawFd, RawFd)],
+    deadline: Instant,
+) -> Result<(), HandoffError> {
     let fd = conn.as_raw_fd();
     for (addr, listener) in listeners {
+        step(conn, deadline)?;
         send(fd, format!("L {addr}").as_bytes(), &[*listener])?;
     }
     for (addr, client, upstream) in pairs {
+        step(conn, deadline)?;
         send(fd, format!("C {addr}").as_bytes(), &[*client, *upstream])?;
     }
+    step(conn, deadline)?;
     send(
         fd,
         format!("END {} {}", listeners.len(), pairs.len()).as_bytes(),
         &[],
     )?;
+    step(conn, deadline)?;
     let (payload, fds) = recv(fd)?;
     if payload != DONE || !fds.is_empty() {
         return Err(protocol("the taker did not confirm"));
     }
     Ok(())
+}
+
+/// The next step's timeout: [`STEP_TIMEOUT`], or what is left until `deadline` if less.
+fn step(conn: &Socket, deadline: Instant) -> Result<(), HandoffError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    // Under a millisecond is over: a timeout that rounds down to zero would mean none at all.
+    if left < Duration::from_millis(1) {
+        return Err(protocol("the taker took too long"));
+    }
+    Ok(set_timeouts(conn, left.min(STEP_TIMEOUT))?)
 }
 
 #[cfg(test)]

@@ -157,3 +157,49 @@ fn a_full_backlog_does_not_hold_a_taker_forever() -> anyhow::Result<()> {
     drop(flood);
     Ok(())
 }
+
+/// A taker that says hello and then reads one message at a time, slowly (each within the step timeout):
+/// the giver, whose relays are paused meanwhile, gives up at its deadline rather than after every message.
+#[test]
+fn a_slow_reader_cannot_hold_the_giver_past_its_deadline() -> anyhow::Result<()> {
+    let (giver, taker) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None)?;
+    giver.set_send_buffer_size(0)?; // the kernel's minimum: a few messages in flight
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let laddr = listener.local_addr()?;
+    let listeners = vec![(laddr, listener.as_raw_fd()); 5_000];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut read = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                if taker
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .is_err()
+                {
+                    break;
+                }
+                if recv(taker.as_raw_fd()).is_ok() {
+                    read += 1;
+                }
+            }
+            read
+        })
+    };
+    let deadline = Duration::from_secs(1);
+    let start = Instant::now();
+    let given = give_within(&giver, &listeners, &[], start + deadline);
+    let took = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let read = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    assert!(given.is_err(), "a handoff past its deadline failed");
+    assert!(
+        took >= deadline * 9 / 10 && took < deadline * 3,
+        "gave up after {took:?}, deadline {deadline:?} ({read} messages read)"
+    );
+    assert!(read < listeners.len(), "the reader was slow");
+    Ok(())
+}
