@@ -55,6 +55,8 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the giver waits for its relays to pause.
 pub const PAUSE_BOUND: Duration = Duration::from_secs(2);
+/// The most descriptors one `SCM_RIGHTS` message carries (Linux, include/net/scm.h).
+const SCM_MAX_FD: usize = 253;
 const HELLO: &[u8] = b"TAKE 1";
 const DONE: &[u8] = b"DONE";
 
@@ -180,11 +182,12 @@ fn send(fd: RawFd, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
 /// Receives one message: its payload and the descriptors that came with it (owned from here on).
 fn recv(fd: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoffError> {
     let mut buf = [0u8; MAX_MESSAGE + 1];
-    // Room for more descriptors than any message carries, so that a message with too many is seen whole
-    // (and refused) rather than truncated. A message with more than this many (MSG_CTRUNC) is refused too;
-    // the few the kernel installed before truncating are then not seen (at most four, once: the handoff
-    // ends there).
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    // Room for as many descriptors as one message can carry (the kernel's `SCM_MAX_FD`), so that a message
+    // with too many is seen whole, its descriptors owned (and closed), and refused. With less room the
+    // kernel truncates (MSG_CTRUNC) after installing what fits, nix then refuses to show the control
+    // messages, and those descriptors leaked into our table: a peer repeating that on the giver's socket
+    // filled it.
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let (bytes, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)

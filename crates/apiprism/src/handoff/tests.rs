@@ -203,3 +203,35 @@ fn a_slow_reader_cannot_hold_the_giver_past_its_deadline() -> anyhow::Result<()>
     assert!(read < listeners.len(), "the reader was slow");
     Ok(())
 }
+
+/// How many of our descriptors refer to the same open socket as `fd` (its inode in `/proc/self/fd`).
+fn copies_of(fd: &impl AsRawFd) -> usize {
+    let ino = |p: &Path| std::fs::metadata(p).map(|m| m.ino()).ok();
+    let want = ino(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())));
+    std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| want.is_some() && ino(&e.path()) == want)
+                .count()
+        })
+        .unwrap_or_default()
+}
+
+/// A hello that carries more descriptors than any message should (here the most one message can): refused,
+/// and every descriptor received with it closed again (none left in our table), every time.
+#[test]
+fn descriptors_with_a_refused_message_are_closed() -> anyhow::Result<()> {
+    let (giver, taker) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None)?;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    for n in [1, 2, 5, SCM_MAX_FD] {
+        let fds = vec![udp.as_raw_fd(); n];
+        send(taker.as_raw_fd(), HELLO, &fds)?;
+        let got = recv(giver.as_raw_fd());
+        if let Ok((_, fds)) = &got {
+            assert_eq!(fds.len(), n, "every descriptor seen");
+        }
+        drop(got);
+        assert_eq!(copies_of(&udp), 1, "{n} descriptors: some left open");
+    }
+    Ok(())
+}
