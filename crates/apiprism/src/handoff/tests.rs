@@ -235,3 +235,48 @@ fn descriptors_with_a_refused_message_are_closed() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A hostile giver (a same-UID process listening at the socket path) hands the taker what is not a TCP
+/// socket, or too many descriptors: the taker refuses (and so starts afresh), keeping none of them.
+#[test]
+fn a_taker_refuses_what_is_not_a_tcp_socket() -> anyhow::Result<()> {
+    let path = temp_path("hostile");
+    std::fs::create_dir_all(path.parent().unwrap_or(&path))?;
+    let listening = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+    listening.bind(&SockAddr::unix(&path)?)?;
+    listening.listen(4)?;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let (pipe_r, _pipe_w) = nix::unistd::pipe()?;
+    let tcp_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let cases: Vec<(&str, &[u8], Vec<RawFd>)> = vec![
+        ("a UDP socket", b"L 127.0.0.1:1", vec![udp.as_raw_fd()]),
+        ("a pipe", b"L 127.0.0.1:1", vec![pipe_r.as_raw_fd()]),
+        (
+            "listening sockets for a pair",
+            b"C 127.0.0.1:1",
+            vec![tcp_listener.as_raw_fd(); 2],
+        ),
+        ("too many", b"L 127.0.0.1:1", vec![udp.as_raw_fd(); 40]),
+    ];
+    for (what, payload, fds) in cases {
+        let giver = std::thread::scope(|s| -> anyhow::Result<_> {
+            let giver = s.spawn(|| -> anyhow::Result<Socket> {
+                let (conn, _) = listening.accept()?;
+                let (hello, _) = recv(conn.as_raw_fd())?;
+                anyhow::ensure!(hello == HELLO, "no hello");
+                send(conn.as_raw_fd(), payload, &fds)?;
+                Ok(conn)
+            });
+            let taken = take(&path, 10);
+            assert!(taken.is_err(), "{what}: taken {taken:?}");
+            giver
+                .join()
+                .map_err(|_| anyhow::anyhow!("giver panicked"))?
+        })?;
+        drop(giver);
+        assert_eq!(copies_of(&udp), 1, "{what}: a UDP socket kept");
+        assert_eq!(copies_of(&tcp_listener), 1, "{what}: a listener kept");
+        assert_eq!(copies_of(&pipe_r), 2, "{what}: a pipe end kept"); // both ends: one inode
+    }
+    Ok(())
+}
