@@ -55,6 +55,8 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the giver waits for its relays to pause.
 pub const PAUSE_BOUND: Duration = Duration::from_secs(2);
+/// The most descriptors one `SCM_RIGHTS` message carries (Linux, include/net/scm.h).
+const SCM_MAX_FD: usize = 253;
 const HELLO: &[u8] = b"TAKE 1";
 const DONE: &[u8] = b"DONE";
 
@@ -180,11 +182,12 @@ fn send(fd: RawFd, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
 /// Receives one message: its payload and the descriptors that came with it (owned from here on).
 fn recv(fd: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoffError> {
     let mut buf = [0u8; MAX_MESSAGE + 1];
-    // Room for more descriptors than any message carries, so that a message with too many is seen whole
-    // (and refused) rather than truncated. A message with more than this many (MSG_CTRUNC) is refused too;
-    // the few the kernel installed before truncating are then not seen (at most four, once: the handoff
-    // ends there).
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    // Room for as many descriptors as one message can carry (the kernel's `SCM_MAX_FD`), so that a message
+    // with too many is seen whole, its descriptors owned (and closed), and refused. With less room the
+    // kernel truncates (MSG_CTRUNC) after installing what fits, nix then refuses to show the control
+    // messages, and those descriptors leaked into our table: a peer repeating that on the giver's socket
+    // filled it.
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let (bytes, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
@@ -292,6 +295,10 @@ pub fn parse(payload: &[u8], fds: usize) -> Result<Message, HandoffError> {
 pub fn take(path: &Path, max_pairs: usize) -> Result<Option<Taken>, HandoffError> {
     let sock = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
     let addr = SockAddr::unix(path)?;
+    // Before connecting: a connect(2) to a socket whose backlog is full (a giver that is stopped, or busy
+    // with a flood of connections that never say hello) waits for as long as the send timeout, forever
+    // by default, and nothing would ever be bound.
+    set_timeouts(&sock, STEP_TIMEOUT)?;
     match sock.connect(&addr) {
         Ok(()) => {}
         Err(e)
@@ -310,7 +317,6 @@ pub fn take(path: &Path, max_pairs: usize) -> Result<Option<Taken>, HandoffError
         }
     }
     check_peer(&sock)?;
-    set_timeouts(&sock, STEP_TIMEOUT)?;
     let fd = sock.as_raw_fd();
     send(fd, HELLO, &[])?;
     let deadline = Instant::now() + TOTAL_TIMEOUT;
@@ -429,29 +435,54 @@ impl Drop for GiverSocket {
 }
 
 /// The giver's side of the exchange after the hello: sends the listeners and the pairs (as raw descriptors:
-/// the caller keeps them open until this returns), then waits for `DONE`. Blocking.
+/// the caller keeps them open until this returns), then waits for `DONE`, all within [`TOTAL_TIMEOUT`]
+/// (the relays are paused meanwhile: a taker that reads one message every few seconds must not hold them
+/// for longer). Blocking.
 pub fn give(
     conn: &Socket,
     listeners: &[(SocketAddr, RawFd)],
     pairs: &[(SocketAddr, RawFd, RawFd)],
 ) -> Result<(), HandoffError> {
+    give_within(conn, listeners, pairs, Instant::now() + TOTAL_TIMEOUT)
+}
+
+fn give_within(
+    conn: &Socket,
+    listeners: &[(SocketAddr, RawFd)],
+    pairs: &[(SocketAddr, RawFd, RawFd)],
+    deadline: Instant,
+) -> Result<(), HandoffError> {
     let fd = conn.as_raw_fd();
     for (addr, listener) in listeners {
+        step(conn, deadline)?;
         send(fd, format!("L {addr}").as_bytes(), &[*listener])?;
     }
     for (addr, client, upstream) in pairs {
+        step(conn, deadline)?;
         send(fd, format!("C {addr}").as_bytes(), &[*client, *upstream])?;
     }
+    step(conn, deadline)?;
     send(
         fd,
         format!("END {} {}", listeners.len(), pairs.len()).as_bytes(),
         &[],
     )?;
+    step(conn, deadline)?;
     let (payload, fds) = recv(fd)?;
     if payload != DONE || !fds.is_empty() {
         return Err(protocol("the taker did not confirm"));
     }
     Ok(())
+}
+
+/// The next step's timeout: [`STEP_TIMEOUT`], or what is left until `deadline` if less.
+fn step(conn: &Socket, deadline: Instant) -> Result<(), HandoffError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    // Under a millisecond is over: a timeout that rounds down to zero would mean none at all.
+    if left < Duration::from_millis(1) {
+        return Err(protocol("the taker took too long"));
+    }
+    Ok(set_timeouts(conn, left.min(STEP_TIMEOUT))?)
 }
 
 #[cfg(test)]

@@ -255,7 +255,12 @@ mod tests {
         let (up, down, pressure) = (Counter::default(), Counter::default(), Counter::default());
         let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
         let writer = async {
-            client.write_all(&data).await?;
+            // In chunks over some 60 ms, so that the pauses (2 ms apart) come mid-stream: written at once,
+            // 4 MiB can go through before the first pause on an idle machine.
+            for chunk in data.chunks(64 << 10) {
+                client.write_all(chunk).await?;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             client.shutdown().await?;
             Ok::<_, anyhow::Error>(client)
         };

@@ -448,6 +448,148 @@ mod tests {
         assert_eq!(flood.seen.len(), 1);
     }
 
+    /// A valid v3 ping and v2 ping between two fresh keys, and the key that checks them.
+    fn samples() -> (Vec<u8>, Vec<u8>, [u8; 32]) {
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+        let k = key(&a.shared(&b.public()));
+        let ping = Probe {
+            kind: Kind::Ping,
+            sender: a.public(),
+            nonce: 0x0123_4567_89ab_cdef,
+            timestamp_us: now_us(),
+            observed: None,
+            target: Some("192.0.2.1:51822".parse().unwrap()),
+            flags: 0,
+        };
+        (encode(&ping, &k), encode_v2(&ping, &k), k)
+    }
+
+    /// Every truncation (and one byte too many) of a valid datagram, in both versions: nothing panics,
+    /// nothing but the whole datagram decodes or verifies.
+    #[test]
+    fn truncated_datagrams_of_every_length_are_refused() {
+        let (v3, v2, k) = samples();
+        for whole in [&v3, &v2] {
+            let mut longer = whole.clone();
+            longer.push(0);
+            assert!(decode(&longer).is_none() && !verify(&longer, &k));
+            for len in 0..whole.len() {
+                let cut = &whole[..len];
+                // A v3 datagram cut to v2's size has version byte 3: not a v2 datagram either.
+                assert!(decode(cut).is_none(), "{} bytes of {}", len, whole.len());
+                assert!(!verify(cut, &k), "{} bytes of {}", len, whole.len());
+            }
+            assert!(decode(whole).is_some() && verify(whole, &k));
+        }
+    }
+
+    /// Every single-bit flip of a valid datagram, in both versions: either it no longer decodes, or its MAC
+    /// no longer verifies. None is taken as what was sent.
+    #[test]
+    fn no_flipped_bit_passes() {
+        let (v3, v2, k) = samples();
+        for whole in [&v3, &v2] {
+            for bit in 0..whole.len() * 8 {
+                let mut flipped = whole.clone();
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                assert!(
+                    decode(&flipped).is_none() || !verify(&flipped, &k),
+                    "bit {bit} of a {}-byte datagram flipped and still taken",
+                    whole.len()
+                );
+            }
+        }
+    }
+
+    /// The window's edges are inclusive, exactly `WINDOW` either way; timestamps at the integer extremes
+    /// (a sender's clock wild, or the fields of a forged-but-authenticated ping) are stale, never a panic
+    /// or an overflow; a responder whose clock reads 0 (before 1970) or the maximum refuses likewise.
+    #[test]
+    fn timestamps_at_the_window_edges_and_the_extremes() {
+        let a = PrivateKey::generate().public();
+        let w = u64::try_from(WINDOW.as_micros()).unwrap();
+        let now = 1_800_000_000_000_000u64;
+        let mut r = Replay::default();
+        assert_eq!(r.admit(a, 1, now - w, now), Ok(()));
+        assert_eq!(r.admit(a, 2, now + w, now), Ok(()));
+        assert_eq!(r.admit(a, 3, now - w - 1, now), Err(Refusal::Stale));
+        assert_eq!(r.admit(a, 4, now + w + 1, now), Err(Refusal::Stale));
+        #[allow(clippy::cast_sign_loss)] // the i64 extremes as the u64 bits on the wire
+        for ts in [
+            0,
+            1,
+            u64::MAX,
+            u64::MAX - 1,
+            i64::MAX as u64,
+            i64::MIN as u64,
+            (-1i64) as u64,
+        ] {
+            assert_eq!(r.admit(a, 100, ts, now), Err(Refusal::Stale), "{ts}");
+        }
+        // Our clock at the extremes: no overflow; the same rule.
+        let mut r = Replay::default();
+        assert_eq!(r.admit(a, 1, w, 0), Ok(()));
+        assert_eq!(r.admit(a, 2, w + 1, 0), Err(Refusal::Stale));
+        assert_eq!(r.admit(a, 3, u64::MAX, 0), Err(Refusal::Stale));
+        assert_eq!(r.admit(a, 4, u64::MAX, u64::MAX), Ok(()));
+        assert_eq!(r.admit(a, 5, u64::MAX - w, u64::MAX), Ok(()));
+        assert_eq!(r.admit(a, 6, 0, u64::MAX), Err(Refusal::Stale));
+        assert_eq!(r.admit(a, 4, u64::MAX, u64::MAX), Err(Refusal::Replayed));
+    }
+
+    /// An attacker who records 4,097 pings of one sender (one more than the list holds), sent in and out
+    /// of timestamp order, and replays all of them again and again as the window moves on: no ping is ever
+    /// answered twice. (The one refused as `Full` may be answered once later, inside its window: it never
+    /// was before.)
+    #[test]
+    fn a_full_replay_list_never_lets_a_replay_through() {
+        let a = PrivateKey::generate().public();
+        let w = u64::try_from(WINDOW.as_micros()).unwrap();
+        let now = 1_800_000_000_000_000u64;
+        let recorded = PER_SENDER as u64 + 1;
+        // Timestamps 100 µs apart; every other one sent late (out of order, as over two paths).
+        let mut order: Vec<u64> = (0..recorded).collect();
+        for pair in order.chunks_mut(2) {
+            pair.reverse();
+        }
+        let ts = |n: u64| now + n * 100;
+        for reversed in [false, true] {
+            let mut r = Replay::default();
+            let mut answered = vec![0u32; order.len()];
+            let mut sends = order.clone();
+            if reversed {
+                sends.reverse();
+            }
+            let mut admit = |r: &mut Replay, n: u64, at: u64| {
+                if r.admit(a, n, ts(n), at).is_ok() {
+                    answered[usize::try_from(n).unwrap()] += 1;
+                }
+            };
+            for &n in &sends {
+                admit(&mut r, n, ts(n));
+            }
+            // Replays: at once, across the window's end for the first ones (they go stale while the last
+            // are still inside), and after every one is stale.
+            let last = ts(recorded - 1);
+            for at in [last, now + w, now + w + 200_000, last + w, last + w + 1] {
+                for &n in &sends {
+                    admit(&mut r, n, at);
+                }
+            }
+            let twice: Vec<_> = answered
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 1)
+                .collect();
+            assert!(twice.is_empty(), "answered more than once: {twice:?}");
+            let first = answered.iter().filter(|c| **c == 1).count();
+            assert!(
+                first >= PER_SENDER,
+                "{first} answered (reversed: {reversed})"
+            );
+        }
+    }
+
     #[test]
     fn a_pong_counts_only_for_the_endpoint_its_ping_went_to() {
         let a: SocketAddr = "192.0.2.12:51822".parse().unwrap();

@@ -111,3 +111,172 @@ async fn a_listener_and_a_pair_go_over_and_still_work() -> anyhow::Result<()> {
     assert!(!path.exists(), "the giver removes its socket file");
     Ok(())
 }
+
+/// A giver whose handoff backlog is full (stopped, or flooded by connections that never say hello): the
+/// taker's connect gives up after the step timeout and starts afresh, rather than waiting forever with
+/// nothing bound.
+#[test]
+fn a_full_backlog_does_not_hold_a_taker_forever() -> anyhow::Result<()> {
+    let path = temp_path("backlog");
+    std::fs::create_dir_all(path.parent().unwrap_or(&path))?;
+    let giver = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+    giver.bind(&SockAddr::unix(&path)?)?;
+    giver.listen(0)?;
+    // Fill the backlog: connections nobody accepts, until one would wait.
+    let mut flood = Vec::new();
+    loop {
+        let c = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+        c.set_nonblocking(true)?;
+        match c.connect(&SockAddr::unix(&path)?) {
+            Ok(()) => flood.push(c),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e.into()),
+        }
+        anyhow::ensure!(flood.len() < 64, "the backlog never filled");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    let taker = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(take(&path, 10).map(|t| t.is_some()));
+        })
+    };
+    let bound = STEP_TIMEOUT + Duration::from_secs(3);
+    let taken = rx
+        .recv_timeout(bound)
+        .map_err(|_| anyhow::anyhow!("the taker still waits after {bound:?}"))?;
+    assert!(
+        taken.is_err(),
+        "a giver that never answers is no handoff: {taken:?}"
+    );
+    assert!(start.elapsed() >= STEP_TIMEOUT / 2, "gave up too early");
+    taker
+        .join()
+        .map_err(|_| anyhow::anyhow!("taker panicked"))?;
+    drop(flood);
+    Ok(())
+}
+
+/// A taker that says hello and then reads one message at a time, slowly (each within the step timeout):
+/// the giver, whose relays are paused meanwhile, gives up at its deadline rather than after every message.
+#[test]
+fn a_slow_reader_cannot_hold_the_giver_past_its_deadline() -> anyhow::Result<()> {
+    let (giver, taker) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None)?;
+    giver.set_send_buffer_size(0)?; // the kernel's minimum: a few messages in flight
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let laddr = listener.local_addr()?;
+    let listeners = vec![(laddr, listener.as_raw_fd()); 5_000];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut read = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                if taker
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .is_err()
+                {
+                    break;
+                }
+                if recv(taker.as_raw_fd()).is_ok() {
+                    read += 1;
+                }
+            }
+            read
+        })
+    };
+    let deadline = Duration::from_secs(1);
+    let start = Instant::now();
+    let given = give_within(&giver, &listeners, &[], start + deadline);
+    let took = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let read = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    assert!(given.is_err(), "a handoff past its deadline failed");
+    assert!(
+        took >= deadline * 9 / 10 && took < deadline * 3,
+        "gave up after {took:?}, deadline {deadline:?} ({read} messages read)"
+    );
+    assert!(read < listeners.len(), "the reader was slow");
+    Ok(())
+}
+
+/// How many of our descriptors refer to the same open socket as `fd` (its inode in `/proc/self/fd`).
+fn copies_of(fd: &impl AsRawFd) -> usize {
+    let ino = |p: &Path| std::fs::metadata(p).map(|m| m.ino()).ok();
+    let want = ino(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())));
+    std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| want.is_some() && ino(&e.path()) == want)
+                .count()
+        })
+        .unwrap_or_default()
+}
+
+/// A hello that carries more descriptors than any message should (here the most one message can): refused,
+/// and every descriptor received with it closed again (none left in our table), every time.
+#[test]
+fn descriptors_with_a_refused_message_are_closed() -> anyhow::Result<()> {
+    let (giver, taker) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None)?;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    for n in [1, 2, 5, SCM_MAX_FD] {
+        let fds = vec![udp.as_raw_fd(); n];
+        send(taker.as_raw_fd(), HELLO, &fds)?;
+        let got = recv(giver.as_raw_fd());
+        if let Ok((_, fds)) = &got {
+            assert_eq!(fds.len(), n, "every descriptor seen");
+        }
+        drop(got);
+        assert_eq!(copies_of(&udp), 1, "{n} descriptors: some left open");
+    }
+    Ok(())
+}
+
+/// A hostile giver (a same-UID process listening at the socket path) hands the taker what is not a TCP
+/// socket, or too many descriptors: the taker refuses (and so starts afresh), keeping none of them.
+#[test]
+fn a_taker_refuses_what_is_not_a_tcp_socket() -> anyhow::Result<()> {
+    let path = temp_path("hostile");
+    std::fs::create_dir_all(path.parent().unwrap_or(&path))?;
+    let listening = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+    listening.bind(&SockAddr::unix(&path)?)?;
+    listening.listen(4)?;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let (pipe_r, _pipe_w) = nix::unistd::pipe()?;
+    let tcp_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let cases: Vec<(&str, &[u8], Vec<RawFd>)> = vec![
+        ("a UDP socket", b"L 127.0.0.1:1", vec![udp.as_raw_fd()]),
+        ("a pipe", b"L 127.0.0.1:1", vec![pipe_r.as_raw_fd()]),
+        (
+            "listening sockets for a pair",
+            b"C 127.0.0.1:1",
+            vec![tcp_listener.as_raw_fd(); 2],
+        ),
+        ("too many", b"L 127.0.0.1:1", vec![udp.as_raw_fd(); 40]),
+    ];
+    for (what, payload, fds) in cases {
+        let giver = std::thread::scope(|s| -> anyhow::Result<_> {
+            let giver = s.spawn(|| -> anyhow::Result<Socket> {
+                let (conn, _) = listening.accept()?;
+                let (hello, _) = recv(conn.as_raw_fd())?;
+                anyhow::ensure!(hello == HELLO, "no hello");
+                send(conn.as_raw_fd(), payload, &fds)?;
+                Ok(conn)
+            });
+            let taken = take(&path, 10);
+            assert!(taken.is_err(), "{what}: taken {taken:?}");
+            giver
+                .join()
+                .map_err(|_| anyhow::anyhow!("giver panicked"))?
+        })?;
+        drop(giver);
+        assert_eq!(copies_of(&udp), 1, "{what}: a UDP socket kept");
+        assert_eq!(copies_of(&tcp_listener), 1, "{what}: a listener kept");
+        assert_eq!(copies_of(&pipe_r), 2, "{what}: a pipe end kept"); // both ends: one inode
+    }
+    Ok(())
+}
