@@ -388,3 +388,49 @@ pub fn public_key_of(d: &mut Daemon, state: &std::path::Path) -> String {
     )
     .unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Labs whose nodes meet through meshd's Kubernetes registry (`meshd_kubernetes.rs`, `meshd_trust.rs`):
+/// where the API stand-in listens, the nodes' pod CIDRs, a Talos identity, and starting a node's meshd
+/// with its kubeconfig.
+pub mod kube {
+    use std::net::SocketAddr;
+
+    use super::MeshLab;
+    use crate::{Daemon, DaemonKind};
+
+    /// The Kubernetes API stand-in's address (on the public bridge).
+    pub fn server_addr() -> SocketAddr {
+        SocketAddr::from(([198, 51, 100, 1], 6443))
+    }
+
+    /// Node i's pod CIDR (1-based index).
+    pub fn pod_cidr(index: u8) -> String {
+        format!("10.244.{index}.0/24")
+    }
+
+    /// An address inside node i's pod CIDR (put on its loopback, as a pod's would be routed to it).
+    pub fn pod_ip(index: u8) -> String {
+        format!("10.244.{index}.1")
+    }
+
+    /// A Talos fixture's identity (`DiscoveryIdentityConfig`): every node shares the mesh prefix.
+    pub const IDENTITY: &str = "apiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\n\
+        clusterID: 0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w=\n\
+        clusterSecret: pofHbABZq7VXuObsdLdy/bHmz6hlMHZ3p8+6WKrv1ic=\n";
+
+    /// Starts node `i`'s meshd with its Node name and the kubeconfig beside its config (`KUBECONFIG`).
+    pub fn start(lab: &MeshLab, i: usize) -> Daemon {
+        let node = &lab.nodes[i];
+        Daemon::builder(DaemonKind::Meshd, &node.netns, &node.config)
+            .log_file(node.config.with_file_name("meshd.log"))
+            .env("MESHD_NODENAME", node.name())
+            .env(
+                "KUBECONFIG",
+                node.config
+                    .with_file_name("kubeconfig")
+                    .display()
+                    .to_string(),
+            )
+            .start()
+    }
+}

@@ -10,27 +10,9 @@ use std::time::{Duration, Instant};
 
 use hybridnet_integration::discovery::DiscoveryServer;
 use hybridnet_integration::kubernetes::{Gone, KubeApiServer};
+use hybridnet_integration::meshd::kube::{IDENTITY, pod_cidr, pod_ip, server_addr, start};
 use hybridnet_integration::meshd::{MeshLab, PORT};
 use hybridnet_integration::{Daemon, DaemonKind, wait_until, write_atomic};
-
-fn server_addr() -> SocketAddr {
-    SocketAddr::from(([198, 51, 100, 1], 6443))
-}
-
-/// Node i's pod CIDR (1-based index).
-fn pod_cidr(index: u8) -> String {
-    format!("10.244.{index}.0/24")
-}
-
-/// An address inside node i's pod CIDR (put on its loopback, as a pod's would be routed to it).
-fn pod_ip(index: u8) -> String {
-    format!("10.244.{index}.1")
-}
-
-/// A Talos fixture's identity (`DiscoveryIdentityConfig`): every node shares the mesh prefix.
-const IDENTITY: &str = "apiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\n\
-    clusterID: 0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w=\n\
-    clusterSecret: pofHbABZq7VXuObsdLdy/bHmz6hlMHZ3p8+6WKrv1ic=\n";
 
 /// Node `i`: our document (mesh address, `advertiseKubernetesNetworks`) plus a Talos machine document
 /// with discovery on, the service registry off and the Kubernetes registry on; a kubeconfig for the
@@ -97,21 +79,6 @@ fn register(lab: &MeshLab, i: usize, server: &KubeApiServer) {
         &[cidr.as_str()],
         &[("InternalIP", private.as_str())],
     );
-}
-
-fn start(lab: &MeshLab, i: usize) -> Daemon {
-    let node = &lab.nodes[i];
-    Daemon::builder(DaemonKind::Meshd, &node.netns, &node.config)
-        .log_file(node.config.with_file_name("meshd.log"))
-        .env("MESHD_NODENAME", node.name())
-        .env(
-            "KUBECONFIG",
-            node.config
-                .with_file_name("kubeconfig")
-                .display()
-                .to_string(),
-        )
-        .start()
 }
 
 /// Node `i` sees exactly `names` as peers, all up.

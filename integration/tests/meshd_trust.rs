@@ -11,33 +11,17 @@
 //! (never skips) without it.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use hybridnet_integration::kubernetes::KubeApiServer;
+use hybridnet_integration::meshd::kube::{IDENTITY, pod_cidr, pod_ip, server_addr, start};
 use hybridnet_integration::meshd::{MeshLab, PORT};
 use hybridnet_integration::{Daemon, DaemonKind, wait_until, write_atomic};
-
-fn server_addr() -> SocketAddr {
-    SocketAddr::from(([198, 51, 100, 1], 6443))
-}
-
-fn pod_cidr(index: u8) -> String {
-    format!("10.244.{index}.0/24")
-}
-
-fn pod_ip(index: u8) -> String {
-    format!("10.244.{index}.1")
-}
 
 /// Not the usual 10.96.0.0/12: the lab's mesh addresses (10.99.0.i) would lie in it.
 const SERVICE_SUBNET: &str = "10.96.0.0/16";
 /// A 32-byte key for the Node without a daemon ("evilevil..." in base64).
 const EVIL_KEY: &str = "ZXZpbGV2aWxldmlsZXZpbGV2aWxldmlsZXZpbGV2aWw=";
-
-const IDENTITY: &str = "apiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\n\
-    clusterID: 0raF93qnkMvF-FZNuvyGozXNdLiT2FOWSlyBaW4PR-w=\n\
-    clusterSecret: pofHbABZq7VXuObsdLdy/bHmz6hlMHZ3p8+6WKrv1ic=\n";
 
 /// Node `i`: the Kubernetes registry only, the cluster's pod and service subnets, the API server as
 /// control-plane endpoint. `publish: false` (node3) turns Talos's KubeSpan switch on, which keeps meshd
@@ -66,21 +50,6 @@ fn write_config(lab: &MeshLab, i: usize, server: &KubeApiServer, publish: bool) 
         &node.config.with_file_name("kubeconfig"),
         server.kubeconfig(&node.name()),
     );
-}
-
-fn start(lab: &MeshLab, i: usize) -> Daemon {
-    let node = &lab.nodes[i];
-    Daemon::builder(DaemonKind::Meshd, &node.netns, &node.config)
-        .log_file(node.config.with_file_name("meshd.log"))
-        .env("MESHD_NODENAME", node.name())
-        .env(
-            "KUBECONFIG",
-            node.config
-                .with_file_name("kubeconfig")
-                .display()
-                .to_string(),
-        )
-        .start()
 }
 
 fn routes(lab: &MeshLab, i: usize) -> BTreeSet<String> {
