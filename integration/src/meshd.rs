@@ -240,6 +240,57 @@ impl MeshLab {
         daemons
     }
 
+    /// Waits until every node reports every other node up (a warm-up: keys exchanged, caches written).
+    pub fn wait_full_mesh(&self, timeout: Duration) {
+        let peers = self.nodes.len().saturating_sub(1);
+        for node in &self.nodes {
+            wait_until(timeout, "every peer up", || node.all_up(peers))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    /// Join after a restart of all (keys and peers known, as after a reboot of the cluster): stops
+    /// `daemons`, starts every node at once and returns the time until each reports every peer up (as seen
+    /// by its new process), with the new daemons.
+    pub fn rejoin(&self, mut daemons: Vec<Daemon>, timeout: Duration) -> (Duration, Vec<Daemon>) {
+        for d in &mut daemons {
+            let _ = d.signal(nix::sys::signal::Signal::SIGTERM);
+        }
+        for d in &mut daemons {
+            let _ = d.wait_exit(Duration::from_secs(15));
+        }
+        drop(daemons);
+        let peers = self.nodes.len().saturating_sub(1);
+        let start = Instant::now();
+        let daemons: Vec<Daemon> = (0..self.nodes.len()).map(|i| self.start(i)).collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let pid = Some(daemons[i].pid());
+            wait_until(timeout, "join", || node.all_up_in(peers, pid))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        (start.elapsed(), daemons)
+    }
+
+    /// A background ping (5/s, for `secs` seconds) from node `from` to node `to`'s mesh address: traffic
+    /// that keeps the peer busy (probed as one carrying traffic) and shows when it passes.
+    pub fn pings(&self, from: usize, to: usize, secs: u32) -> std::process::Child {
+        self.nodes[from]
+            .netns
+            .command("ping")
+            .args([
+                "-q",
+                "-i",
+                "0.2",
+                "-w",
+                &secs.to_string(),
+                &self.nodes[to].mesh_ip().to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("ping: {e}"))
+    }
+
     /// Cuts (or restores) the private path between nodes `a` and `b` (0-based) with blackhole routes on
     /// both sides.
     pub fn cut_private(&self, a: usize, b: usize, cut: bool) {

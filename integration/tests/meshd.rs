@@ -177,21 +177,7 @@ fn endpoint_filter_keeps_the_mesh_off_the_excluded_network() {
         .unwrap_or_else(|e| panic!("{e}"));
     // Cutting the public path leaves the peer down: the private network is never used. Traffic to it
     // (pings) makes meshd confirm the path at once: an idle peer is probed only every 30 s.
-    let mut traffic = lab.nodes[0]
-        .netns
-        .command("ping")
-        .args([
-            "-q",
-            "-i",
-            "0.2",
-            "-w",
-            "30",
-            &lab.nodes[1].mesh_ip().to_string(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("ping: {e}"));
+    let mut traffic = lab.pings(0, 1, 30);
     lab.nodes[0].netns.ip(&[
         "route",
         "add",

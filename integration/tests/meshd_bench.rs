@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use hybridnet_integration::meshd::MeshLab;
 use hybridnet_integration::{Daemon, wait_until, write_atomic};
-use nix::sys::signal::Signal;
 
 /// Standard base64 with padding (keys in the config).
 fn base64(bytes: &[u8]) -> String {
@@ -45,31 +44,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// until every node reports every peer up.
 fn join(n: u8) -> Duration {
     let mut lab = MeshLab::new(n, &format!("bench-join-{n}"));
-    let mut daemons = lab.start_all();
-    let peers = usize::from(n) - 1;
-    for node in &lab.nodes {
-        wait_until(Duration::from_secs(30), "warm-up mesh", || {
-            node.all_up(peers)
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-    }
-    for d in &mut daemons {
-        let _ = d.signal(Signal::SIGTERM);
-    }
-    for d in &mut daemons {
-        let _ = d.wait_exit(Duration::from_secs(15));
-    }
-    drop(daemons);
-    let start = Instant::now();
-    let daemons: Vec<Daemon> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
-    for (i, node) in lab.nodes.iter().enumerate() {
-        let pid = Some(daemons[i].pid());
-        wait_until(Duration::from_secs(30), "join", || {
-            node.all_up_in(peers, pid)
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-    }
-    start.elapsed()
+    let daemons = lab.start_all();
+    lab.wait_full_mesh(Duration::from_secs(30));
+    lab.rejoin(daemons, Duration::from_secs(30)).0
 }
 
 #[test]
@@ -95,21 +72,7 @@ fn bench_failover() {
         .unwrap_or(20usize);
     // Traffic between the two (5 pings/s) keeps the peer busy: its active path is probed 4/s. An idle peer
     // (no traffic for 30 s) is probed 1/s and fails over within about 3 × 1 s + 0.75 s.
-    let mut traffic = lab.nodes[0]
-        .netns
-        .command("ping")
-        .args([
-            "-q",
-            "-i",
-            "0.2",
-            "-w",
-            "600",
-            &lab.nodes[1].mesh_ip().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("ping: {e}"));
+    let mut traffic = lab.pings(0, 1, 600);
     let mut times = Vec::new();
     for _ in 0..rounds {
         lab.wait_endpoint(0, 1, lab.nodes[1].private_ip(), Duration::from_secs(15));

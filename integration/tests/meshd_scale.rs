@@ -5,12 +5,11 @@
 //! 5,000 peers; this test confirms it against real daemons. Needs root.
 #![allow(clippy::print_stderr)]
 
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
+use hybridnet_integration::Daemon;
 use hybridnet_integration::meshd::MeshLab;
-use hybridnet_integration::{Daemon, wait_until};
-use nix::sys::signal::Signal;
 
 /// 32 nodes; `MESHD_SCALE_NODES` for another count (at least 11).
 fn nodes() -> u8 {
@@ -31,24 +30,6 @@ fn probe_packets(d: &Daemon) -> f64 {
         + 2.0 * get("meshd_pings_answered_total")
 }
 
-fn pings(lab: &MeshLab, from: usize, to: usize) -> Child {
-    lab.nodes[from]
-        .netns
-        .command("ping")
-        .args([
-            "-q",
-            "-i",
-            "0.2",
-            "-w",
-            "120",
-            &lab.nodes[to].mesh_ip().to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("ping: {e}"))
-}
-
 #[test]
 #[ignore = "32 userspace daemons need the 2 cores to themselves (at a load of 17 from parallel builds their \
             probes time out and peers flap): run with --ignored on a quiet machine"]
@@ -57,36 +38,15 @@ fn thirty_two_nodes_join_in_seconds_and_probe_within_the_scale_budget() {
     // node1 sends traffic to 10 % of its peers.
     let busy = (usize::from(n) - 1) / 10;
     let mut lab = MeshLab::new(n, "meshd-scale");
-    let mut daemons = lab.start_all();
     let peers = usize::from(n) - 1;
-    for node in &lab.nodes {
-        wait_until(Duration::from_secs(90), "warm-up mesh", || {
-            node.all_up(peers)
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-    }
+    let daemons = lab.start_all();
+    lab.wait_full_mesh(Duration::from_secs(90));
     // Join: every node restarted at once, keys and peers known (as after a reboot of the cluster).
-    for d in &mut daemons {
-        let _ = d.signal(Signal::SIGTERM);
-    }
-    for d in &mut daemons {
-        let _ = d.wait_exit(Duration::from_secs(15));
-    }
-    drop(daemons);
-    let start = Instant::now();
-    let daemons: Vec<Daemon> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
-    for (i, node) in lab.nodes.iter().enumerate() {
-        let pid = Some(daemons[i].pid());
-        wait_until(Duration::from_secs(60), "join", || {
-            node.all_up_in(peers, pid)
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let join = start.elapsed();
+    let (join, daemons) = lab.rejoin(daemons, Duration::from_secs(60));
     eprintln!("{n} nodes joined in {join:?}");
 
     // node1 sends traffic (5 pings/s) to the first of its peers; the last node carries none.
-    let mut traffic: Vec<Child> = (1..=busy).map(|to| pings(&lab, 0, to)).collect();
+    let mut traffic: Vec<Child> = (1..=busy).map(|to| lab.pings(0, to, 120)).collect();
     std::thread::sleep(Duration::from_secs(5));
     let (busy_node, idle_node) = (&daemons[0], &daemons[usize::from(n) - 1]);
     let (b0, i0) = (probe_packets(busy_node), probe_packets(idle_node));
