@@ -88,25 +88,7 @@ with open(f"{w}/cluster.local.zone", "w") as f:
     f.write("\n".join(zone) + "\n")
 open(f"{w}/names.txt", "w").write("\n".join(names) + "\n")
 END
-cat >"$W/nsd.conf" <<END
-server:
-  ip-address: $UP
-  port: 53
-  zonesdir: "$W"
-  database: ""
-  pidfile: "$W/nsd.pid"
-  username: ""
-  chroot: ""
-  xfrdfile: "$W/xfrd.state"
-  zonelistfile: "$W/zone.list"
-  server-count: 1
-  logfile: "$W/nsd.log"
-remote-control:
-  control-enable: no
-zone:
-  name: cluster.local
-  zonefile: cluster.local.zone
-END
+nsd_conf "$W" "$UP" cluster.local
 inns taskset -c 1 nsd -c "$W/nsd.conf"
 for _ in $(seq 1 100); do inns dig +short +tries=1 +time=1 "@$UP" service-1.team-1.svc.cluster.local >/dev/null 2>&1 && break; sleep 0.1; done
 ip netns exec "$NS" taskset -c 1 python3 hack/bench/kube-api-stub.py "$W" "${API%:*}" "${API#*:}" &

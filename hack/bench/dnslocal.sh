@@ -64,28 +64,7 @@ say "upstream: NSD with 100,000 names in bench.test and a cluster.local zone"
   printf '$TTL 3600\n@ IN SOA ns.cluster.local. h.cluster.local. 1 3600 600 86400 3600\n@ IN NS ns.cluster.local.\nns IN A %s\n' "$UP"
   seq 1 50 | awk '{printf "svc%d.default.svc IN A 10.96.1.%d\n", $1, $1}'
 } >"$W/cluster.local.zone"
-cat >"$W/nsd.conf" <<END
-server:
-  ip-address: $UP
-  port: 53
-  zonesdir: "$W"
-  database: ""
-  pidfile: "$W/nsd.pid"
-  username: ""
-  chroot: ""
-  xfrdfile: "$W/xfrd.state"
-  zonelistfile: "$W/zone.list"
-  server-count: 1
-  logfile: "$W/nsd.log"
-remote-control:
-  control-enable: no
-zone:
-  name: bench.test
-  zonefile: bench.test.zone
-zone:
-  name: cluster.local
-  zonefile: cluster.local.zone
-END
+nsd_conf "$W" "$UP" bench.test cluster.local
 inns taskset -c 1 nsd -c "$W/nsd.conf"
 for _ in $(seq 1 100); do inns dig +short +tries=1 +time=1 "@$UP" www.bench.test >/dev/null 2>&1 && break; sleep 0.1; done
 

@@ -27,3 +27,19 @@ ensure_pkgs() {
   apt-get update -qq || die "apt-get update failed"
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "cannot install ${missing[*]}"
 }
+
+# nsd_conf DIR IP ZONE...: writes DIR/nsd.conf for an unprivileged NSD answering on IP:53 with its state and
+# log in DIR, serving each ZONE from DIR/ZONE.zone (the DNS stand-in of the lab and the benchmarks).
+nsd_conf() {
+  local dir=$1 ip=$2 zone
+  shift 2
+  {
+    printf 'server:\n  ip-address: %s\n  port: 53\n  zonesdir: "%s"\n  database: ""\n' "$ip" "$dir"
+    printf '  pidfile: "%s/nsd.pid"\n  username: ""\n  chroot: ""\n' "$dir"
+    printf '  xfrdfile: "%s/xfrd.state"\n  zonelistfile: "%s/zone.list"\n  server-count: 1\n' "$dir" "$dir"
+    printf '  logfile: "%s/nsd.log"\nremote-control:\n  control-enable: no\n' "$dir"
+    for zone in "$@"; do
+      printf 'zone:\n  name: %s\n  zonefile: %s.zone\n' "$zone" "$zone"
+    done
+  } >"$dir/nsd.conf"
+}

@@ -42,28 +42,7 @@ lab_dnslocal_start_standin() {
   fi
   ip -n "$ns" addr replace "$ip/32" dev "$dev"
   lab_dnslocal_zones "$dir"
-  cat >"$dir/nsd.conf" <<EOF
-server:
-  ip-address: $ip
-  port: 53
-  zonesdir: "$dir"
-  database: ""
-  pidfile: "$dir/nsd.pid"
-  username: ""
-  chroot: ""
-  xfrdfile: "$dir/xfrd.state"
-  zonelistfile: "$dir/zone.list"
-  server-count: 1
-  logfile: "$dir/nsd.log"
-remote-control:
-  control-enable: no
-zone:
-  name: cluster.local
-  zonefile: cluster.local.zone
-zone:
-  name: example.test
-  zonefile: example.test.zone
-EOF
+  nsd_conf "$dir" "$ip" cluster.local example.test
   ip netns exec "$ns" nsd -c "$dir/nsd.conf" || die "cannot start NSD (see $dir/nsd.log)"
   local i
   for i in $(seq 1 50); do
