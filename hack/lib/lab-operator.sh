@@ -138,11 +138,16 @@ lab_operator() {
   if [ "$broken" -eq 1 ]; then
     ns=${1%%:*} dir=${1#*:}
     lab_operator_break "$ns" "$dir"
+    # Traffic to the peers, as pods would send: meshd confirms a path whose traffic goes unanswered at
+    # once (an idle peer is probed only every 30 s).
+    local peers
+    peers=$("$bin/meshd" status --config "$dir/config.yaml" --json 2>/dev/null | jq -r '.details.peers[]? | (.allowedIPs[]? | select(test("^[0-9.]+/32$")) | sub("/32$"; "")), .meshAddress')
     deadline=$((SECONDS + 20))
     until "$bin/meshd" status --config "$dir/config.yaml" --json 2>/dev/null |
       jq -e '[.details.peers[]? | .state] | length > 0 and all(. == "down")' >/dev/null; do
       [ "$SECONDS" -lt "$deadline" ] || { warn "the peers of $ns did not all go down after the mesh ports were dropped"; failed=1; break; }
-      sleep 0.5
+      # shellcheck disable=SC2086 # one address per word
+      (for peer in $peers; do ip netns exec "$ns" ping -c 1 -W 1 "$peer" >/dev/null 2>&1 & done; wait)
     done
     say "doctor on the broken $ns (expected: exit 1, kubelet-dns and mesh-port failed, with the fix)"
     lab_operator_doctor "$bin" "$ns" "$dir" | sed 's/^/    /' || true
