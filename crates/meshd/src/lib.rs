@@ -17,7 +17,8 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
-pub mod cache;
+pub mod bucket;
+mod cache;
 pub mod discovery;
 pub mod identity;
 pub mod kubespan;

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use hybridnet_config::PublicKey;
 
+use crate::bucket::Bucket;
+
 /// An allocation expires this long after a side's last request.
 pub const LIFETIME: Duration = Duration::from_secs(60);
 /// Forwarded bytes per second per allocation (both directions), with one second's burst.
@@ -109,33 +111,6 @@ struct Allocation {
     sides: [Side; 2],
     bytes: Bucket,
     packets: Bucket,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn full(rate: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: rate,
-            last: now,
-        }
-    }
-
-    fn take(&mut self, rate: f64, n: f64, now: Instant) -> bool {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + dt * rate).min(rate);
-        self.last = now;
-        if self.tokens >= n {
-            self.tokens -= n;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// Where to send a forwarded datagram: out of `from_port` (the other side's relay port) to `to`.

@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::bucket::Bucket;
+
 /// Checks per second for a source that authenticated lately.
 pub const SOURCE_RATE: f64 = 100.0;
 /// Checks per second shared by all other sources.
@@ -20,34 +22,6 @@ pub const SHARED_RATE: f64 = 500.0;
 pub const VERIFIED_FOR: Duration = Duration::from_secs(120);
 /// At most this many verified sources (then the stalest is forgotten).
 pub const MAX_SOURCES: usize = 4096;
-
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn full(rate: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: rate,
-            last: now,
-        }
-    }
-
-    /// Refills at `rate` per second up to one second's worth, then takes a token if there is one.
-    fn take(&mut self, rate: f64, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// The HMAC budget of one probe socket.
 #[derive(Debug)]
@@ -69,9 +43,9 @@ impl Budget {
     pub fn allow(&mut self, from: SocketAddr, now: Instant) -> bool {
         match self.verified.get_mut(&from) {
             Some((bucket, seen)) if now.saturating_duration_since(*seen) < VERIFIED_FOR => {
-                bucket.take(SOURCE_RATE, now)
+                bucket.take(SOURCE_RATE, 1.0, now)
             }
-            _ => self.shared.take(SHARED_RATE, now),
+            _ => self.shared.take(SHARED_RATE, 1.0, now),
         }
     }
 
