@@ -18,7 +18,7 @@
 #![warn(clippy::print_stdout, clippy::dbg_macro)]
 
 pub mod bucket;
-mod cache;
+pub mod cache;
 pub mod discovery;
 pub mod identity;
 pub mod kubespan;
