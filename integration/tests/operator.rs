@@ -312,7 +312,11 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
             String::from_utf8_lossy(&o.stderr)
         );
     }
+    // Traffic to the peer, as pods would send: an idle peer is probed every 30 s, unanswered traffic makes
+    // meshd confirm its path at once (crates/meshd/README.md, probing policy).
+    let peer_ip = lab.lab.nodes[1].mesh_ip().to_string();
     wait_until(SOON, "node1 sees its peer down", || {
+        let _ = node.netns.exec(&["ping", "-c", "1", "-W", "1", &peer_ip]);
         let peer = node.peer("node2")?;
         if peer["state"] == "down" {
             Ok(())
