@@ -114,25 +114,31 @@ pub async fn verified_handshake(
     server_name: &str,
     ca_file: &std::path::Path,
 ) -> Result<(), String> {
-    let connector = TlsConnector::from(verifying(ca_file).await?);
-    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
-    let mut tls = connector
-        .connect(name, stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = tls.shutdown().await;
-    Ok(())
+    handshake_with(
+        TlsConnector::from(verifying(ca_file).await?),
+        stream,
+        server_name,
+    )
+    .await
 }
 
 /// Completes a TLS handshake over `stream` with SNI `server_name`, then closes cleanly.
 pub async fn handshake(stream: TcpStream, server_name: &str) -> Result<(), String> {
-    let connector = connector().map_err(|e| e.to_string())?;
+    handshake_with(connector().map_err(|e| e.to_string())?, stream, server_name).await
+}
+
+/// The handshake both checks make: SNI `server_name`, then a best-effort close_notify (the handshake is what
+/// was checked).
+async fn handshake_with(
+    connector: TlsConnector,
+    stream: TcpStream,
+    server_name: &str,
+) -> Result<(), String> {
     let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
     let mut tls = connector
         .connect(name, stream)
         .await
         .map_err(|e| e.to_string())?;
-    // Best effort close_notify: the handshake is what we checked.
     let _ = tls.shutdown().await;
     Ok(())
 }
