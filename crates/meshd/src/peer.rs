@@ -17,8 +17,8 @@
 //! - [`Need::Traffic`]: WireGuard's receive counter is the evidence (fed by [`PeerMachine::on_counters`]).
 //!   While traffic flows (the counter moved at two readings at most `evidence_max_age` apart, the last one
 //!   recent) the active path is not probed at all; at the first reading that sees it stopped (or when the
-//!   transmit counter moves at two readings in a row while the receive counter does not: an idle peer
-//!   being used) the path is *suspect*, probed every `active_interval` until a pong clears it or `fall`
+//!   transmit counter moves at two readings with no receipt since the first: an idle peer being used,
+//!   however sparsely) the path is *suspect*, probed every `active_interval` until a pong clears it or `fall`
 //!   misses make it dead (a failover as fast as before, plus one counter reading). An idle peer's active
 //!   path is probed at the interval the need carries (`idle_interval`, 30 s, in `topology: full`) after
 //!   the last evidence (a pong, or a counter that moved: WireGuard's 25 s keepalives usually make the probe
@@ -193,7 +193,7 @@ pub struct PeerMachine {
     /// recent and close together: see [`PeerMachine::flowing`]).
     moved_at: Option<Instant>,
     moved_before: Option<Instant>,
-    /// The last reading saw the transmit counter move and the receive counter not.
+    /// A reading saw the transmit counter move, and none since saw the receive counter move.
     unanswered: bool,
     /// The last time traffic flowed.
     busy_at: Option<Instant>,
@@ -279,11 +279,11 @@ impl PeerMachine {
     /// and whether the transmit counter did (`sent`).
     pub fn on_counters(&mut self, moved: bool, sent: bool, now: Instant) {
         let was_flowing = self.flowing(now);
-        // Sending with nothing coming back, at two readings in a row (one of our keepalives is one):
-        // a peer that was idle is being used now, and its path must be confirmed.
-        let unanswered = sent && !moved;
-        let was_unanswered = self.unanswered;
-        self.unanswered = unanswered;
+        // Sending with nothing coming back, seen by two readings with no receipt between them (one of our
+        // keepalives is one such reading; sparse traffic, a packet a second, has quiet readings between its
+        // sends): a peer that was idle is being used now, and its path must be confirmed.
+        let again = sent && !moved && self.unanswered;
+        self.unanswered = !moved && (sent || self.unanswered);
         if moved {
             self.moved_before = self.moved_at;
             self.moved_at = Some(now);
@@ -299,9 +299,7 @@ impl PeerMachine {
                 let path = &mut self.paths[a];
                 path.next_probe = path.next_probe.max(now + idle);
             }
-        } else if (was_flowing || (unanswered && was_unanswered))
-            && matches!(self.need, Need::Traffic(_))
-        {
+        } else if (was_flowing || again) && matches!(self.need, Need::Traffic(_)) {
             // The traffic stopped, or gets no answer: confirm the active path now.
             self.suspect = true;
             self.busy_at = Some(now);
