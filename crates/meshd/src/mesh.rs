@@ -552,12 +552,10 @@ impl Mesh {
         let reconciling = self.dirty || now >= self.next_resync;
         if now >= self.next_stats && !self.stats_failed && !reconciling {
             // WireGuard's counters are the evidence of liveness for peers carrying traffic. A device that
-            // does not answer (a userspace device whose link was deleted times out after 5 s) is left to
-            // the next reconcile, which repairs it, before it is read again.
+            // does not answer is repaired by a reconcile in this very poll (see `refresh_stats`).
             let started = Instant::now();
             if let Err(error) = self.refresh_stats().await {
                 tracing::debug!(%error, "cannot read the device counters");
-                self.stats_failed = true;
             }
             self.next_stats = now + probing::stats_interval(started.elapsed());
         }
@@ -972,11 +970,27 @@ impl Mesh {
         }
     }
 
-    /// Reads counters from the device (for status and metrics).
+    /// Reads counters from the device (for status and metrics). A device that does not answer (a userspace
+    /// device whose link was deleted times out after 5 s) is not read again until a reconcile has repaired
+    /// it, and that reconcile comes at the next poll, not the next resync: a reading per second that each
+    /// waited out the timeout would hold the loop, and the repair, back.
     pub async fn refresh_stats(&mut self) -> Result<(), Error> {
-        let actual = self.backend.get().await?;
-        self.absorb_stats(&actual);
-        Ok(())
+        if self.stats_failed {
+            return Err(Error::Backend(
+                "the device did not answer its last reading: waiting for the repair".to_owned(),
+            ));
+        }
+        match self.backend.get().await {
+            Ok(actual) => {
+                self.absorb_stats(&actual);
+                Ok(())
+            }
+            Err(error) => {
+                self.stats_failed = true;
+                self.dirty = true;
+                Err(error)
+            }
+        }
     }
 
     fn absorb_stats(&mut self, actual: &Actual) {
