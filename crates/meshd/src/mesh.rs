@@ -1011,9 +1011,17 @@ impl Mesh {
                 }
                 if counted {
                     // Readings closer together than that (a reconcile right after a poll) would see
-                    // flowing traffic as stopped.
+                    // flowing traffic as stopped. WireGuard roams: its endpoint follows the source of the
+                    // peer's packets, so bytes received while the device's endpoint is not our active path
+                    // came another way, and prove nothing about the path we send on (found in the QEMU
+                    // test: the other VM's traffic over the public path kept a blackholed private path
+                    // "alive").
+                    let on_active = match (config.endpoint, peer.machine.active_endpoint()) {
+                        (Some(device), Some(active)) => same_endpoint(device, active),
+                        _ => true,
+                    };
                     peer.machine.on_counters(
-                        stats.rx_bytes != peer.counted.0,
+                        on_active && stats.rx_bytes != peer.counted.0,
                         stats.tx_bytes != peer.counted.1,
                         now,
                     );
@@ -1125,4 +1133,10 @@ fn own_addresses(cfg: &Config, mesh_addr: Ipv6Addr) -> BTreeSet<IpNet> {
     let mut set: BTreeSet<IpNet> = cfg.meshd.addresses.iter().copied().collect();
     set.insert(IpNet::V6(Ipv6Net::from(mesh_addr)));
     set
+}
+
+/// Whether two socket addresses name the same endpoint (an IPv4 address and its IPv4-mapped IPv6 form
+/// are the same: a dual-stack socket reports the latter).
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
