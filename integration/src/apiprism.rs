@@ -9,6 +9,8 @@
 //! The server runs as its own process (`apiprism-standin`, so a test can SIGKILL it) in an upstream's network
 //! namespace; the clients run on a thread inside the client's namespace.
 
+pub mod lab;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
