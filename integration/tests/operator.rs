@@ -37,6 +37,9 @@ const CLI: Duration = Duration::from_secs(10);
 const OTHERS: &str = "apiprism: {listen: [\"127.0.0.1:7445\"], endpoints: [\"192.0.2.12:6443\", \"192.0.2.1:6443\"]}\n\
                       dnslocal: {listen: [\"169.254.20.10:53\"], clusterDNS: [\"192.0.2.53:53\"], upstreams: [\"127.0.0.11:53\"]}\n";
 
+/// The discovery service stand-in's address, on the lab's public switch.
+const DISCOVERY: &str = "198.51.100.1:3000";
+
 /// The lab's discovery identity: 32 bytes each, base64 (as Talos writes them).
 const CLUSTER_ID: &str = "aHlicmlkbmV0LWxhYi1jbHVzdGVyLWlkLTAwMDAwMDA=";
 const CLUSTER_SECRET: &str = "aHlicmlkbmV0LWxhYi1jbHVzdGVyLXNlY3JldC0wMDA=";
@@ -93,7 +96,7 @@ fn start_lab() -> Result<Lab> {
     let mut lab = MeshLab::new(2, "operator");
     lab.switch
         .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
-    let discovery = DiscoveryServer::start(&lab.switch, "198.51.100.1:3000".parse()?);
+    let discovery = DiscoveryServer::start(&lab.switch, DISCOVERY.parse()?);
     for node in &mut lab.nodes {
         node.extra = format!(
             "{OTHERS}---\napiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\nclusterID: {CLUSTER_ID}\n\
@@ -196,6 +199,9 @@ fn rules_and_dashboards_name_only_exported_metrics() -> Result<()> {
             .metrics()
             .with_context(|| format!("scrape {}", d.kind().name()))?
             .0;
+        if d.kind() == DaemonKind::Meshd {
+            rejections_zeroed(&text)?;
+        }
         let path = lab.lab.dir.join(format!("{i}-{}.metrics", d.kind().name()));
         std::fs::write(&path, text)?;
         files.push(path);
@@ -220,6 +226,25 @@ fn rules_and_dashboards_name_only_exported_metrics() -> Result<()> {
         "{}",
         out.describe()
     );
+    Ok(())
+}
+
+/// meshd's rejected-record counter has a series per reason at 0 for the lab's discovery service before any
+/// record is rejected (the MeshdDiscoveryRecordsRejected alert's `increase()` then counts the first one).
+fn rejections_zeroed(text: &str) -> Result<()> {
+    let registry = format!("registry=\"http://{DISCOVERY}");
+    for reason in ["oversized", "short", "decrypt", "protobuf", "endpoint"] {
+        let found = text.lines().any(|l| {
+            l.starts_with("meshd_discovery_rejected_total{")
+                && l.contains(&registry)
+                && l.contains(&format!("reason=\"{reason}\""))
+                && l.ends_with(" 0")
+        });
+        ensure!(
+            found,
+            "meshd_discovery_rejected_total {registry} reason {reason} at 0 in:\n{text}"
+        );
+    }
     Ok(())
 }
 
