@@ -279,7 +279,7 @@ fn doctor(
     node: &MeshNode,
     kubelet_config: &Path,
     kubeconfig: &Path,
-    time_source: &str,
+    time_source: Option<&str>,
 ) -> (TimedOutput, Value) {
     let out = run_with_timeout(
         node.netns
@@ -291,7 +291,7 @@ fn doctor(
             .arg(kubelet_config)
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(["--time-source", time_source])
+            .args(time_source.iter().flat_map(|t| ["--time-source", *t]))
             .arg("--json"),
         CLI,
     );
@@ -335,7 +335,7 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
     let ahead = format!("http://{TIME_AHEAD}/");
 
     let (kc, kube) = kubelet_files(dir, "169.254.20.10");
-    let (out, report) = doctor(node, &kc, &kube, &right);
+    let (out, report) = doctor(node, &kc, &kube, Some(&right));
     eprintln!("healthy node:\n{}", out.stdout);
     ensure!(
         out.code() == Some(0),
@@ -364,6 +364,22 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
     ensure!(
         offset.abs() < 2.0 && clock["measured"]["source"] == right.as_str(),
         "clock: {clock}"
+    );
+
+    // Without --time-source the config's sources are asked (the discovery stand-in, which speaks HTTP/2 only,
+    // and apiprism's upstreams: a plain-TCP stand-in and a dead address): none gives its time, the check
+    // says so and falls back on the registries, within doctor's bound.
+    let (out, report) = doctor(node, &kc, &kube, None);
+    let clock = finding(&report, "clock");
+    ensure!(
+        out.code() == Some(0)
+            && clock["verdict"] == "ok"
+            && clock["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("no time source gave its time"),
+        "clock from the config's sources: {clock} {}",
+        out.describe()
     );
 
     // Break it: the clock is compared with a server 10 minutes ahead, the kubelet hands pods kube-dns directly, and node1 drops the mesh ports (WireGuard's and
@@ -397,7 +413,7 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
             Err(peer.to_string())
         }
     })?;
-    let (out, report) = doctor(node, &kc, &kube, &ahead);
+    let (out, report) = doctor(node, &kc, &kube, Some(&ahead));
     let text = run_with_timeout(
         node.netns
             .command(bin_path(DaemonKind::Meshd))

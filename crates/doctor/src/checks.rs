@@ -601,10 +601,14 @@ fn clock(f: &Facts) -> Finding {
 fn signed(o: crate::skew::Offset) -> String {
     let est = o.estimate_ms();
     let sign = if est < 0 { '-' } else { '+' };
+    let tenths = |ms: u64| {
+        let t = ms.saturating_add(50) / 100;
+        format!("{}.{}", t / 10, t % 10)
+    };
     format!(
-        "{sign}{} ± {}",
-        seconds(est.unsigned_abs()),
-        seconds(o.uncertainty_ms())
+        "{sign}{} s ± {} s",
+        tenths(est.unsigned_abs()),
+        tenths(o.uncertainty_ms())
     )
 }
 
