@@ -1,5 +1,6 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
@@ -218,14 +219,67 @@ fn measures_a_server_ten_minutes_ahead_and_reports_the_ones_that_fail() {
     assert!(bad[0].offset.is_err());
 }
 
+/// A TLS server on loopback with a self-signed certificate that expired in 2000 (what a node whose clock
+/// is far off sees of any certificate), answering once with a `Date` `ahead` seconds ahead: stands in for
+/// an API server (kube-apiserver serves TLS only, and sends `Date` on every answer).
+fn tls_answer(ahead: i64) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    params.not_before = rcgen::date_time_ymd(1999, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2000, 1, 1);
+    let cert = params.self_signed(&key).expect("cert");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let Ok((tcp, _)) = listener.accept() else {
+            return;
+        };
+        let conn = rustls::ServerConnection::new(Arc::new(config)).expect("server");
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut buf = [0u8; 1024];
+        let _ = tls.read(&mut buf);
+        let answer = format!(
+            "HTTP/1.1 403 Forbidden\r\nDate: {}\r\nContent-Length: 0\r\n\r\n",
+            http_date(ahead)
+        );
+        let _ = tls.write_all(answer.as_bytes());
+        let _ = tls.flush();
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+    });
+    format!("https://localhost:{}/", addr.port())
+}
+
 #[test]
 fn tls_sources_are_read_without_trusting_their_certificate() {
-    // The client side only: a TLS source that is not there fails with a connect error, within the bound.
+    let got = measure_all(&[tls_answer(-600)], Duration::from_secs(2));
+    let o = got[0].offset.clone().expect("a reading over TLS");
+    assert!(
+        (598_000..=601_000).contains(&o.at_least_ms()) && o.estimate_ms() < 0,
+        "our clock is 10 minutes ahead of the source's: {o:?}"
+    );
+    // A TLS source that is not there fails within the bound; a plain HTTP server is no TLS source.
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("https://{}/", l.local_addr().expect("addr"));
+    let gone = format!("https://{}/", l.local_addr().expect("addr"));
     drop(l);
-    let got = measure_all(&[url], Duration::from_millis(500));
+    let plain = one_answer(format!("HTTP/1.1 200 OK\r\nDate: {}\r\n\r\n", http_date(0)))
+        .replace("http://", "https://");
+    let got = measure_all(&[gone, plain], Duration::from_millis(1500));
     assert!(got[0].offset.is_err(), "{got:?}");
-    assert!(tls::connect("discovery.talos.dev").is_ok());
+    assert!(
+        got[1].offset.as_ref().is_err_and(|e| e.contains("TLS")),
+        "{got:?}"
+    );
     assert!(tls::connect("192.0.2.1").is_ok(), "IP server names");
 }
