@@ -365,6 +365,19 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
         offset.abs() < 2.0 && clock["measured"]["source"] == right.as_str(),
         "clock: {clock}"
     );
+    // The peer's probe pongs carry its clock (the same host clock here: within a few milliseconds). Its
+    // name in status is the one discovery reports, so it is not looked up by name.
+    let peers = clock["measured"]["peers"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        peers.len() == 1
+            && peers
+                .values()
+                .all(|ms| ms.as_i64().is_some_and(|ms| ms.abs() < 1000)),
+        "clock offsets from the peer's pongs: {clock}"
+    );
 
     // Without --time-source the config's sources are asked (the discovery stand-in, which speaks HTTP/2 only,
     // and apiprism's upstreams: a plain-TCP stand-in and a dead address): none gives its time, the check

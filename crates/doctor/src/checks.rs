@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::facts::{Facts, Record, route_interface};
 use crate::kubelet::url_host_port;
-use crate::model::Finding;
+use crate::model::{Finding, Verdict};
 
 /// Talos's host DNS resolver (`constants.HostDNSAddress` in siderolabs/talos pkg/machinery/constants).
 pub const TALOS_HOST_DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 116, 108));
@@ -490,7 +490,52 @@ pub const SKEW_WARN_MS: u64 = 2_000;
 
 const CLOCK_FIX: &str = "enable time synchronisation: Talos: machine.time (on by default; `talosctl time` shows the offset, and the servers in machine.time.servers must be reachable on UDP 123); elsewhere `timedatectl set-ntp true` (systemd-timesyncd) or chrony; meshd reconnects on its own";
 
+/// The clock against the time sources, then against meshd's peers: their probe pongs carry their clocks,
+/// and two nodes 30 s apart refuse each other's probes (`clockOffsetMs` in meshd's status).
 fn clock(f: &Facts) -> Finding {
+    let peers: Vec<(&str, i64)> = live_details(f, "meshd")
+        .and_then(|(d, _)| d["peers"].as_array())
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| Some((p["name"].as_str()?, p["clockOffsetMs"].as_i64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut finding = clock_by_sources(f);
+    if let Some(m) = finding.measured.as_mut() {
+        m["peers"] = peers
+            .iter()
+            .map(|(name, ms)| ((*name).to_owned(), Value::from(*ms)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    let Some((name, worst)) = peers.iter().max_by_key(|(_, ms)| ms.unsigned_abs()) else {
+        return finding;
+    };
+    let off = worst.unsigned_abs();
+    if off > SKEW_WARN_MS && finding.verdict < Verdict::Warn {
+        finding.verdict = Verdict::Warn;
+        finding.message = format!(
+            "meshd peer {name}'s clock is {} {} this node's (its probe pongs): 30 s apart, each refuses the other's probes and they see each other down",
+            seconds(off),
+            if *worst > 0 { "ahead of" } else { "behind" }
+        );
+        finding.fix = Some(format!(
+            "{CLOCK_FIX}; on whichever of the two is off (run doctor on {name} too)"
+        ));
+    } else if finding.verdict <= Verdict::Ok {
+        finding.verdict = Verdict::Ok;
+        finding.message = format!(
+            "{}; {} meshd peers' clocks within {} of ours (probe pongs)",
+            finding.message,
+            peers.len(),
+            seconds(off)
+        );
+    }
+    finding
+}
+
+fn clock_by_sources(f: &Facts) -> Finding {
     const C: &str = "clock";
     let registries = live_details(f, "meshd")
         .and_then(|(d, _)| d["discovery"]["registries"].as_array())

@@ -404,6 +404,68 @@ fn clock_skew_measured_against_http_dates() {
 }
 
 #[test]
+fn clock_skew_between_meshd_peers() {
+    let mut f = facts(OURS);
+    f.clock = vec![reading("https://192.0.2.1:6443/", -400, 900)];
+    let peers = |offsets: &[(&str, Option<i64>)]| {
+        meshd(
+            json!(
+                offsets
+                    .iter()
+                    .map(|(n, o)| json!({"name": n, "state": "up", "clockOffsetMs": o}))
+                    .collect::<Vec<_>>()
+            ),
+            60,
+        )
+    };
+    // In sync with the API server and with both peers (one has not answered a version-3 ping yet).
+    f.records
+        .insert("meshd", peers(&[("node2", Some(-120)), ("node3", None)]));
+    let c = find(&all(&f), "clock").clone();
+    assert_eq!(c.verdict, Verdict::Ok, "{c:?}");
+    assert!(
+        c.message
+            .ends_with("; 1 meshd peers' clocks within 0.1 s of ours (probe pongs)"),
+        "{c:?}"
+    );
+    assert_eq!(
+        c.measured.expect("measured")["peers"],
+        json!({"node2": -120})
+    );
+
+    // A peer 8 s ahead: a warning naming it, whichever of the two is off.
+    f.records.insert(
+        "meshd",
+        peers(&[("node2", Some(-120)), ("node3", Some(8_000))]),
+    );
+    let c = find(&all(&f), "clock").clone();
+    assert_eq!(c.verdict, Verdict::Warn, "{c:?}");
+    assert!(
+        c.message
+            .contains("meshd peer node3's clock is 8.0 s ahead of this node's"),
+        "{c:?}"
+    );
+    assert!(
+        c.fix
+            .as_deref()
+            .unwrap_or_default()
+            .contains("run doctor on node3 too"),
+        "{c:?}"
+    );
+
+    // This node 10 minutes off the API server: that failure stands (its peers refuse its probes: no offsets).
+    f.clock = vec![reading("https://192.0.2.1:6443/", 599_500, 600_700)];
+    f.records.insert("meshd", peers(&[("node2", None)]));
+    assert_eq!(find(&all(&f), "clock").verdict, Verdict::Fail);
+
+    // No time source answered: the peers alone make it OK.
+    f.clock = Vec::new();
+    f.records.insert("meshd", peers(&[("node2", Some(300))]));
+    let c = find(&all(&f), "clock").clone();
+    assert_eq!(c.verdict, Verdict::Ok, "{c:?}");
+}
+
+#[test]
 fn skew_in_words() {
     assert_eq!(seconds(0), "0.0 s");
     assert_eq!(seconds(949), "0.9 s");
