@@ -186,40 +186,66 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Asks the first [`MAX_SOURCES`] URLs at once, all bounded by `timeout` from now; a URL that is not one is
-/// reported as such.
+/// Asks the first [`MAX_SOURCES`] URLs at once, all bounded by `timeout` from now (name resolution
+/// included: a reader still busy then is left behind and reported as not answering); a URL that is not one
+/// is reported as such.
 pub fn measure_all(urls: &[String], timeout: Duration) -> Vec<Measured> {
     let deadline = Instant::now() + timeout;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = urls
-            .iter()
-            .take(MAX_SOURCES)
-            .map(|url| {
-                let src = Source::parse(url);
-                (url, src.map(|src| s.spawn(move || read(&src, deadline))))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|(url, h)| Measured {
-                source: url.clone(),
-                offset: match h {
-                    None => Err("not an http:// or https:// URL".to_owned()),
-                    Some(h) => h
-                        .join()
-                        .unwrap_or_else(|_| Err("the reader panicked".to_owned()))
-                        .and_then(|r| r.offset().ok_or_else(|| "our clock went back".to_owned())),
-                },
-            })
-            .collect()
-    })
+    let urls: Vec<&String> = urls.iter().take(MAX_SOURCES).collect();
+    let mut results: Vec<Option<Result<Reading, String>>> = vec![None; urls.len()];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut waiting = 0;
+    for (i, url) in urls.iter().enumerate() {
+        match Source::parse(url) {
+            None => results[i] = Some(Err("not an http:// or https:// URL".to_owned())),
+            Some(src) => {
+                let tx = tx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("doctor-clock".to_owned())
+                    .spawn(move || {
+                        let _ = tx.send((i, read(&src, deadline)));
+                    });
+                match spawned {
+                    Ok(_) => waiting += 1,
+                    Err(e) => results[i] = Some(Err(format!("no thread: {e}"))),
+                }
+            }
+        }
+    }
+    drop(tx);
+    while waiting > 0 {
+        // A little past the deadline: a reader's own timeouts end at it.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_add(Duration::from_millis(100));
+        let Ok((i, r)) = rx.recv_timeout(wait) else {
+            break;
+        };
+        if let Some(slot) = results.get_mut(i) {
+            *slot = Some(r);
+        }
+        waiting -= 1;
+    }
+    urls.iter()
+        .zip(results)
+        .map(|(url, r)| Measured {
+            source: (*url).clone(),
+            offset: r
+                .unwrap_or_else(|| Err(out_of_time(timeout)))
+                .and_then(|r| r.offset().ok_or_else(|| "our clock went back".to_owned())),
+        })
+        .collect()
+}
+
+fn out_of_time(timeout: Duration) -> String {
+    format!("no answer within {:.1} s", timeout.as_secs_f64())
 }
 
 fn left(deadline: Instant) -> Result<Duration, String> {
     deadline
         .checked_duration_since(Instant::now())
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("no answer within {} s", TIMEOUT.as_secs()))
+        .ok_or_else(|| "out of time".to_owned())
 }
 
 fn read(src: &Source, deadline: Instant) -> Result<Reading, String> {

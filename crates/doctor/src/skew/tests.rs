@@ -217,6 +217,24 @@ fn measures_a_server_ten_minutes_ahead_and_reports_the_ones_that_fail() {
     );
     let bad = measure_all(&["gopher://x/".to_owned()], Duration::from_millis(100));
     assert!(bad[0].offset.is_err());
+    // A source that never even finishes its handshake is left behind at the deadline.
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let stuck = format!(
+        "https://localhost:{}/",
+        l.local_addr().expect("addr").port()
+    );
+    std::thread::spawn(move || {
+        let _conn = l.accept();
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    let started = Instant::now();
+    let got = measure_all(&[stuck], Duration::from_millis(300));
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(got[0].offset.is_err(), "{got:?}");
 }
 
 /// A TLS server on loopback with a self-signed certificate that expired in 2000 (what a node whose clock
