@@ -55,6 +55,8 @@ pub struct Peer {
     pub no_uplink: bool,
     /// It answered a version-3 ping (then it is pinged in version 3 only; see [`probe::encode_v2`]).
     pub speaks_v3: bool,
+    /// Its clock minus ours at its last version-3 pong, in milliseconds (± half that probe's round trip).
+    pub clock_offset_ms: Option<i64>,
     pub machine: PeerMachine,
     pub probe_key: [u8; 32],
     pub stats: PeerStats,
@@ -497,6 +499,7 @@ impl Mesh {
                     public,
                     no_uplink: false,
                     speaks_v3: false,
+                    clock_offset_ms: None,
                     stats: PeerStats::default(),
                     last_rx_change: now,
                     counted: (0, 0),
@@ -772,8 +775,18 @@ impl Mesh {
             }
             return;
         }
+        let sent = peer.machine.sent_at(probe.nonce);
         if peer.machine.on_pong(probe.nonce, pong.at) {
             peer.speaks_v3 |= !pong.v2;
+            // A version-2 pong echoes our own timestamp: no clock of theirs in it.
+            if let Some(sent) = sent.filter(|_| !pong.v2) {
+                peer.clock_offset_ms = probe::clock_offset_ms(
+                    probe.timestamp_us,
+                    probe::now_us(),
+                    pong.at.elapsed(),
+                    pong.at.saturating_duration_since(sent),
+                );
+            }
             peer.last_seen_unix = hybridnet_state::unix_now();
             self.metrics.probes_answered.inc();
             if let Some(observed) = probe.observed {

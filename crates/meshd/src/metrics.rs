@@ -54,7 +54,9 @@ pub struct Metrics {
     pub discovery_last_update_seconds: Family<Labels, Gauge>,
     pub discovery_updates: Family<Labels, Counter>,
     pub discovery_errors: Family<Labels, Counter>,
-    /// Records dropped, by registry and reason (decrypt, oversized, protobuf, short, endpoint).
+    /// Records dropped, by registry and reason (decrypt, oversized, protobuf, short, endpoint; the Kubernetes
+    /// registry: annotation). Every reason a registry can count is there at 0 from its start
+    /// ([`Metrics::discovery_rejected_zero`]), so `increase()` sees the first rejection.
     pub discovery_rejected: Family<Labels, Counter>,
     /// 1 while the MSS clamping table holds exactly meshd's rule.
     pub mss_clamp_ok: Gauge,
@@ -276,6 +278,63 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Creates `registry`'s rejection series at 0, one per reason it can count: a counter series that
+    /// appears only at its first increment starts at 1, which `increase()` never counts, so an alert would
+    /// miss the first rejected record.
+    pub fn discovery_rejected_zero(&self, registry: &str, reasons: &[&str]) {
+        for reason in reasons {
+            drop(
+                self.discovery_rejected
+                    .get_or_create(&rejected_labels(registry, reason)),
+            );
+        }
+    }
+
+    /// Counts a record `registry` dropped for `reason`.
+    pub fn discovery_rejected(&self, registry: &str, reason: &str) {
+        self.discovery_rejected
+            .get_or_create(&rejected_labels(registry, reason))
+            .inc();
+    }
+}
+
+fn rejected_labels(registry: &str, reason: &str) -> Labels {
+    vec![
+        ("registry".to_owned(), registry.to_owned()),
+        ("reason".to_owned(), reason.to_owned()),
+    ]
+}
+
 pub fn peer(name: &str) -> Labels {
     vec![("peer".to_owned(), name.to_owned())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_series_exist_at_zero_before_the_first_rejection() {
+        let registry = SharedRegistry::default();
+        let m = Metrics::register(&registry);
+        m.discovery_rejected_zero("https://discovery.example:443", &["decrypt", "short"]);
+        m.discovery_rejected_zero("k8s", &["annotation"]);
+        let text = registry.encode();
+        for series in [
+            r#"meshd_discovery_rejected_total{registry="https://discovery.example:443",reason="decrypt"} 0"#,
+            r#"meshd_discovery_rejected_total{registry="https://discovery.example:443",reason="short"} 0"#,
+            r#"meshd_discovery_rejected_total{registry="k8s",reason="annotation"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+        // Zeroing again (a restarted discovery after a config change) keeps the counts.
+        m.discovery_rejected("k8s", "annotation");
+        m.discovery_rejected_zero("k8s", &["annotation"]);
+        assert!(
+            registry.encode().contains(
+                r#"meshd_discovery_rejected_total{registry="k8s",reason="annotation"} 1"#
+            )
+        );
+    }
 }

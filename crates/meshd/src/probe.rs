@@ -120,6 +120,21 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// The peer's clock minus ours, in milliseconds, from a version-3 pong: the responder stamped it
+/// (`their_us`) about half a round trip (`rtt`) before it arrived, and it arrived `since_arrival` before our
+/// clock read `our_now_us`. Off by at most half the round trip (an asymmetric path); `None` when out of
+/// range. Only clocks within [`WINDOW`] of each other exchange pongs at all: beyond, pings go unanswered.
+pub fn clock_offset_ms(
+    their_us: u64,
+    our_now_us: u64,
+    since_arrival: Duration,
+    rtt: Duration,
+) -> Option<i64> {
+    let arrived_us = i128::from(our_now_us) - i128::try_from(since_arrival.as_micros()).ok()?;
+    let stamped_us = arrived_us - i128::try_from(rtt.as_micros() / 2).ok()?;
+    i64::try_from((i128::from(their_us) - stamped_us) / 1000).ok()
+}
+
 fn put_addr(out: &mut [u8], addr: Option<SocketAddr>) {
     if let Some(addr) = addr {
         let ip = match addr.ip() {
@@ -499,6 +514,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn clock_offset_from_a_pong() {
+        let ms = Duration::from_millis;
+        // The peer stamped 10.000 s; the pong took half of a 40 ms round trip and arrived 5 ms before our
+        // clock read 9.025 s: we stamped-equivalent 9.000 s, so the peer is 1 s ahead.
+        assert_eq!(
+            clock_offset_ms(10_000_000, 9_025_000, ms(5), ms(40)),
+            Some(1000)
+        );
+        assert_eq!(
+            clock_offset_ms(8_000_000, 9_025_000, ms(5), ms(40)),
+            Some(-1000)
+        );
+        assert_eq!(clock_offset_ms(0, 0, ms(0), ms(0)), Some(0));
+        assert_eq!(
+            clock_offset_ms(u64::MAX, 0, Duration::MAX, Duration::MAX),
+            None,
+            "out of range, not a panic"
+        );
+        assert!(clock_offset_ms(u64::MAX, 0, ms(0), ms(0)).is_some());
     }
 
     /// The window's edges are inclusive, exactly `WINDOW` either way; timestamps at the integer extremes

@@ -74,6 +74,8 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "txBytes": p.stats.tx_bytes,
                 "handshakeAgeS": p.stats.last_handshake.map(|d| d.as_secs()),
                 "lastSeen": p.last_seen_unix,
+                // Its clock minus ours at its last version-3 pong (doctor's `clock` check reads it).
+                "clockOffsetMs": p.clock_offset_ms,
                 "source": p.source.as_str(),
                 // What the WireGuard device holds for the peer (read from the device).
                 "allowedIPs": p.device_allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
