@@ -50,7 +50,7 @@ impl Lab {
             |k| [key(1), key(2), key(3)].contains(k),
             || {
                 *port += 1;
-                *port
+                Some(*port)
             },
         )
     }
@@ -231,7 +231,7 @@ fn an_allocation_is_held_to_its_budget_and_a_node_to_its_share() {
             |_| true,
             || {
                 port += 1;
-                port
+                Some(port)
             },
         );
         if let Err(e) = r {
@@ -254,8 +254,33 @@ fn wireguard_shapes() {
     v[0] = 4;
     assert_eq!(is_wireguard(&v, 32), Some(MessageType::Data));
     assert_eq!(is_wireguard(&v, 48), Some(MessageType::Data));
-    assert_eq!(is_wireguard(&v, 40), None);
+    // boringtun does not pad the plaintext: any size from the header and tag up.
+    assert_eq!(is_wireguard(&v, 116), Some(MessageType::Data));
+    assert_eq!(is_wireguard(&v, 31), None);
     v[2] = 1;
     assert_eq!(is_wireguard(&v, 32), None);
     assert_eq!(is_wireguard(&[4, 0, 0], 32), None);
+}
+
+/// A relay that cannot open a port refuses, and keeps nothing (no half-made allocation).
+#[test]
+fn no_port_no_allocation() {
+    let mut t = Allocations::default();
+    let now = Instant::now();
+    let mut first = true;
+    let r = t.request(
+        now,
+        key(1),
+        "203.0.113.1".parse().unwrap(),
+        key(2),
+        |_| true,
+        || {
+            let got = first.then_some(40001);
+            first = false;
+            got
+        },
+    );
+    assert_eq!(r, Err(Refused::NoPorts));
+    assert!(t.is_empty());
+    assert_eq!(t.ports().count(), 0);
 }
