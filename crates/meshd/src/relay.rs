@@ -238,26 +238,32 @@ impl Allocations {
         let &(pair, side) = self.ports.get(&port).ok_or(Dropped::NoAllocation)?;
         let alloc = self.pairs.get_mut(&pair).ok_or(Dropped::NoAllocation)?;
         let other = 1 - side;
-        if alloc.sides[side].ip.is_some() && alloc.sides[side].expires <= now {
-            return Err(Dropped::Expired);
-        }
-        if alloc.sides[other].ip.is_none() || alloc.sides[side].ip.is_none() {
+        let me = &mut alloc.sides[side];
+        if me.ip.is_none() {
             return Err(Dropped::NoConsent);
         }
-        if alloc.sides[other].expires <= now {
+        if me.expires <= now {
             return Err(Dropped::Expired);
         }
-        let me = &mut alloc.sides[side];
         if me.ip != Some(src.ip()) {
             return Err(Dropped::Stranger);
         }
         let kind = is_wireguard(bytes, len).ok_or(Dropped::NotWireGuard)?;
+        // The side's address is learnt from its own datagrams (from the address its request came from)
+        // even before the other side asked: its first handshake then reaches it as soon as the other
+        // side's comes, instead of waiting out WireGuard's 5 s handshake retry.
         match me.addr {
             None => me.addr = Some(src),
             Some(a) if a == src => {}
             // The same address, another port: a NAT rebinding, taken only with a new handshake.
             Some(_) if kind == MessageType::Initiation => me.addr = Some(src),
             Some(_) => return Err(Dropped::Stranger),
+        }
+        if alloc.sides[other].ip.is_none() {
+            return Err(Dropped::NoConsent);
+        }
+        if alloc.sides[other].expires <= now {
+            return Err(Dropped::Expired);
         }
         let to = alloc.sides[other].addr.ok_or(Dropped::OtherSideUnknown)?;
         if !alloc.packets.take(PACKETS_PER_SEC, 1.0, now)

@@ -284,3 +284,35 @@ fn no_port_no_allocation() {
     assert!(t.is_empty());
     assert_eq!(t.ports().count(), 0);
 }
+
+/// A side that sends before the other side asked (its handshake is dropped: no consent) is still where
+/// the other side's first datagram goes once it asks: no 5 s wait for WireGuard's handshake retry.
+#[test]
+fn the_first_sides_address_is_learnt_before_the_other_consents() {
+    let mut lab = Lab::new();
+    let a = lab.ask(1, "203.0.113.1", 2).unwrap();
+    assert_eq!(
+        lab.send(a.port, "203.0.113.1:5000", &initiation()),
+        Err(Dropped::NoConsent)
+    );
+    let b = lab.ask(2, "198.51.100.2", 1).unwrap();
+    assert_eq!(
+        lab.send(b.port, "198.51.100.2:6000", &initiation()),
+        Ok(Forward {
+            from_port: a.port,
+            to: addr("203.0.113.1:5000")
+        })
+    );
+    // A stranger's datagram before consent teaches nothing: only the side's own address counts.
+    let mut lab = Lab::new();
+    let a = lab.ask(1, "203.0.113.1", 2).unwrap();
+    assert_eq!(
+        lab.send(a.port, "192.0.2.66:5000", &initiation()),
+        Err(Dropped::Stranger)
+    );
+    let b = lab.ask(2, "198.51.100.2", 1).unwrap();
+    assert_eq!(
+        lab.send(b.port, "198.51.100.2:6000", &initiation()),
+        Err(Dropped::OtherSideUnknown)
+    );
+}
