@@ -379,8 +379,31 @@ mod tests {
                 {"name": "node5", "state": "up", "path": "relayed", "via": "node1", "endpoint": null, "rttMs": null, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
             ],
             "refusedPrefixes": [{"peer": "node5", "prefix": "0.0.0.0/0", "reason": "default-route"}],
+            "relay": {
+                "relays": true, "openPorts": 2, "forwardedPackets": 7, "forwardedBytes": 700,
+                "dropped": {"no-consent": 3},
+                "allocations": [{"parties": ["node3", "node4"], "ports": [40001, 40002], "addresses": [null, null]}],
+                "grants": [
+                    {"peer": "node5", "relay": "node1", "endpoint": "198.51.100.11:40001", "expiresInS": 52, "refused": null},
+                    {"peer": "node6", "relay": "node1", "endpoint": null, "expiresInS": null, "refused": "not-relay"},
+                ],
+            },
         });
         let out = render(&details);
+        assert!(
+            out.contains("relayed node5 via node1: relay port 198.51.100.11:40001, 52s left"),
+            "{out}"
+        );
+        assert!(
+            out.contains("relayed node6 via node1: refused (not-relay)"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "relay for others: 1 allocations, 2 ports, forwarded 7 datagrams (700 bytes)"
+            ),
+            "{out}"
+        );
         assert!(
             out.contains("location loc1  gateways loc1=node11 loc2=-"),
             "{out}"
