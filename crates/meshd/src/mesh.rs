@@ -704,18 +704,25 @@ impl Mesh {
             .shared
             .relay
             .store(relays, std::sync::atomic::Ordering::Relaxed);
-        let wanted: std::collections::BTreeMap<PublicKey, (PublicKey, SocketAddr)> =
-            if own_public || self.cfg.meshd.relay == hybridnet_config::RelayMode::Never {
-                std::collections::BTreeMap::new()
-            } else {
-                plan::relays(&self.inputs())
-                    .into_iter()
-                    .filter_map(|(peer, relay)| {
-                        let at = self.peers.get(&relay)?.machine.active_endpoint()?;
-                        Some((peer, (relay, probe::probe_addr(at))))
-                    })
-                    .collect()
-            };
+        // Only a down peer is relayed: without one, no plan (and no X25519 per peer) is needed.
+        let any_down = self
+            .peers
+            .values()
+            .any(|p| p.machine.state == PeerState::Down);
+        let wanted: std::collections::BTreeMap<PublicKey, (PublicKey, SocketAddr)> = if own_public
+            || !any_down
+            || self.cfg.meshd.relay == hybridnet_config::RelayMode::Never
+        {
+            std::collections::BTreeMap::new()
+        } else {
+            plan::relays(&self.inputs())
+                .into_iter()
+                .filter_map(|(peer, relay)| {
+                    let at = self.peers.get(&relay)?.machine.active_endpoint()?;
+                    Some((peer, (relay, probe::probe_addr(at))))
+                })
+                .collect()
+        };
         let mut counter = self.nonce;
         let (due, changed) = self.relaying.poll(now, &wanted, || {
             counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
