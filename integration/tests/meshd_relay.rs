@@ -232,7 +232,9 @@ fn symmetric_nats_talk_through_a_relay_that_forwards_only_ciphertext() {
     assert!(forwarded > 200, "the relay forwarded {forwarded} datagrams");
 
     // Nothing of one party is on the other's WireGuard peer, on the relay or on the parties: each
-    // peer holds its own AllowedIPs only.
+    // peer holds its own AllowedIPs only. `allowedIPs` in `meshd status` is what the device reports over
+    // its UAPI; `wg show` cannot reach a userspace device here (its UAPI is a private socket pair, not
+    // `/var/run/wireguard/<iface>.sock`: see `crates/meshd/src/wg/userspace.rs`).
     let inner = |i: usize| format!("{}/32", lab.nodes[i].mesh_ip());
     for (holder, peer, foreign) in [(r, a, b), (r, b, a), (a, r, b), (b, r, a)] {
         let got = allowed(&lab, holder, peer);
