@@ -79,6 +79,17 @@ pub struct Metrics {
     pub prefixes_refused: Family<Labels, Counter>,
     /// Prefixes refused in the last reconcile.
     pub prefixes_refused_now: Gauge,
+    /// Relay (a public node with `relay: auto`): allocations held now.
+    pub relay_allocations: Gauge,
+    /// Relay: allocation requests answered, by result (`granted` or the refusal).
+    pub relay_requests: Family<Labels, Counter>,
+    /// Relay: datagrams and bytes forwarded between the parties of an allocation.
+    pub relay_forwarded_packets: Counter,
+    pub relay_forwarded_bytes: Counter,
+    /// Relay: datagrams not forwarded, by reason.
+    pub relay_dropped: Family<Labels, Counter>,
+    /// Relayed peers whose relay granted an allocation (this node's side).
+    pub relay_grants: Gauge,
 }
 
 impl Metrics {
@@ -260,6 +271,36 @@ impl Metrics {
                 m.prefixes_refused.clone(),
             );
             r.register(
+                "relay_allocations",
+                "Relay: allocations held now (pairs of nodes relayed through this node)",
+                m.relay_allocations.clone(),
+            );
+            r.register(
+                "relay_requests",
+                "Relay: allocation requests answered, by result (granted or the refusal)",
+                m.relay_requests.clone(),
+            );
+            r.register(
+                "relay_forwarded_packets",
+                "Relay: datagrams forwarded between the parties of an allocation",
+                m.relay_forwarded_packets.clone(),
+            );
+            r.register(
+                "relay_forwarded_bytes",
+                "Relay: bytes forwarded between the parties of an allocation",
+                m.relay_forwarded_bytes.clone(),
+            );
+            r.register(
+                "relay_dropped",
+                "Relay: datagrams at relay ports not forwarded, by reason",
+                m.relay_dropped.clone(),
+            );
+            r.register(
+                "relay_grants",
+                "Relayed peers whose relay granted this node an allocation",
+                m.relay_grants.clone(),
+            );
+            r.register(
                 "refused_prefixes",
                 "Prefixes of discovered peers refused in the last reconcile",
                 m.prefixes_refused_now.clone(),
@@ -295,6 +336,20 @@ impl Metrics {
     pub fn discovery_rejected(&self, registry: &str, reason: &str) {
         self.discovery_rejected
             .get_or_create(&rejected_labels(registry, reason))
+            .inc();
+    }
+
+    /// Counts a datagram at a relay port not forwarded, for `reason`.
+    pub fn relay_dropped(&self, reason: &str) {
+        self.relay_dropped
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
+    /// Counts an allocation request answered with `result`.
+    pub fn relay_request(&self, result: &str) {
+        self.relay_requests
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
             .inc();
     }
 }
