@@ -213,6 +213,10 @@ pub struct Mesh {
     protected: Vec<IpAddr>,
     refused: Vec<plan::trust::Refused>,
     next_seniority: u64,
+    /// What meshd knows of the device and of its routes: the last read with every change applied since
+    /// (the device also as each counter reading found it). `None`: the next pass reads it (see `apply`).
+    device_known: Option<Actual>,
+    routes_known: Option<net::KnownRoutes>,
 }
 
 impl Mesh {
@@ -304,6 +308,8 @@ impl Mesh {
             protected,
             refused: Vec::new(),
             next_seniority: 0,
+            device_known: None,
+            routes_known: None,
             cfg,
         };
         mesh.refresh_underlay().await;
@@ -659,7 +665,7 @@ impl Mesh {
             }
         }
         if self.dirty || now >= self.next_resync {
-            match self.reconcile().await {
+            match self.reconcile(now >= self.next_resync).await {
                 Ok(()) => {
                     self.dirty = false;
                     self.stats_failed = false;
@@ -983,11 +989,15 @@ impl Mesh {
         match self.backend.get().await {
             Ok(actual) => {
                 self.absorb_stats(&actual);
+                // The freshest view of the device for the next change's diff (e.g. where WireGuard
+                // roamed a peer to).
+                self.device_known = Some(actual);
                 Ok(())
             }
             Err(error) => {
                 self.stats_failed = true;
                 self.dirty = true;
+                self.forget_kernel();
                 Err(error)
             }
         }

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub reconciles: Counter,
     /// Duration of the last reconcile pass.
     pub reconcile_seconds: Gauge<f64, AtomicU64>,
+    /// Duration of the last reconcile pass triggered by a change (no device or route dump).
+    pub reconcile_change_seconds: Gauge<f64, AtomicU64>,
     pub reconcile_errors: Counter,
     pub wireguard_peer_ops: Counter,
     pub route_changes: Counter,
@@ -125,6 +127,11 @@ impl Metrics {
                 "reconcile_seconds",
                 "Duration of the last reconcile pass (device diff and apply, route sync)",
                 m.reconcile_seconds.clone(),
+            );
+            r.register(
+                "reconcile_change_seconds",
+                "Duration of the last reconcile pass triggered by a change (diffed against what meshd knows: no device or route dump)",
+                m.reconcile_change_seconds.clone(),
             );
             r.register(
                 "reconcile_errors",
