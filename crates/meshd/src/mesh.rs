@@ -43,7 +43,8 @@ pub struct Peer {
     pub name: String,
     pub key: PublicKey,
     pub mesh_addr: Ipv6Addr,
-    pub allowed_ips: BTreeSet<IpNet>,
+    /// Shared with each plan's input (no copy per pass).
+    pub allowed_ips: Arc<BTreeSet<IpNet>>,
     pub location: Option<String>,
     pub source: Source,
     pub node_id: Option<String>,
@@ -457,6 +458,7 @@ impl Mesh {
             let mesh_addr = self.peer_address(&spec);
             let mut allowed: BTreeSet<IpNet> = spec.allowed_ips.iter().copied().collect();
             allowed.insert(IpNet::from(ipnet::Ipv6Net::from(mesh_addr)));
+            let allowed = Arc::new(allowed);
             let peer = match self.peers.remove(&spec.key) {
                 Some(mut p) => {
                     p.machine.set_candidates(&spec.candidates, now);
@@ -821,7 +823,7 @@ impl Mesh {
                 .values()
                 .map(|p| plan::PeerInput {
                     key: p.key,
-                    allowed_ips: p.allowed_ips.clone(),
+                    allowed_ips: Arc::clone(&p.allowed_ips),
                     public: p.public,
                     probe_state: p.machine.state,
                     state: p.state(),
