@@ -10,7 +10,7 @@ use ipnet::{IpNet, Ipv6Net};
 
 use crate::identity::{self, PrivateKey};
 use crate::kubespan;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::net::{self, Net};
 use crate::peer::{Action, PeerMachine, PeerState, Timing};
 use crate::probe::{self, Kind, Probe};
@@ -65,15 +65,14 @@ pub struct Peer {
     pub last_seen_unix: u64,
     reported_failovers: u64,
     /// KubeSpan-compatible mode: the handshake-driven fallback for a peer that does not answer probes.
-    pub handshake: Option<kubespan::Handshake>,
+    /// Boxed: only KubeSpan-compatible mode has one.
+    pub handshake: Option<Box<kubespan::Handshake>>,
     /// When the peer's machine appeared (the fallback starts after [`PROBE_GRACE`] without a pong).
     since: Instant,
     /// Order of first sight (an earlier peer keeps a mesh address a later one claims too).
     pub seniority: u64,
     /// Prefixes its source refused (see [`crate::plan::trust`]).
     pub refused: Vec<(IpNet, crate::plan::trust::Reason)>,
-    /// Its AllowedIPs as the WireGuard device reported them at the last read (status).
-    pub device_allowed: BTreeSet<IpNet>,
     /// The last WireGuard handshake, from the device's age at the last stats read.
     last_handshake_at: Option<Instant>,
 }
@@ -177,7 +176,7 @@ pub struct Mesh {
     last_counted: Instant,
     /// The last counter reading failed: no more until a reconcile succeeds.
     stats_failed: bool,
-    timing: Timing,
+    timing: Arc<Timing>,
     nonce: u64,
     cache_written: Option<cache::Cache>,
     /// Peers from the config and the cache (re-read on a config change).
@@ -286,7 +285,7 @@ impl Mesh {
             next_stats: Instant::now(),
             last_counted: Instant::now(),
             stats_failed: false,
-            timing: Timing::default(),
+            timing: Arc::new(Timing::default()),
             nonce: fastrand::u64(..),
             cache_written: None,
             base: specs.clone(),
@@ -482,17 +481,16 @@ impl Mesh {
                         .cfg
                         .meshd
                         .kubespan_compat
-                        .then(|| kubespan::Handshake::new(&spec.candidates, now)),
+                        .then(|| Box::new(kubespan::Handshake::new(&spec.candidates, now))),
                     since: now,
                     seniority: {
                         self.next_seniority += 1;
                         self.next_seniority
                     },
                     refused: spec.refused,
-                    device_allowed: BTreeSet::new(),
                     last_handshake_at: None,
                     probe_key: probe::key(&self.key.shared(&spec.key)),
-                    machine: PeerMachine::new(&spec.candidates, self.timing, now),
+                    machine: PeerMachine::new(&spec.candidates, Arc::clone(&self.timing), now),
                     name: spec.name,
                     key: spec.key,
                     mesh_addr,
@@ -516,10 +514,8 @@ impl Mesh {
         }
         for (_, gone) in self.peers.drain() {
             tracing::info!(peer = %gone.name, "peer removed");
-            let labels = metrics::peer(&gone.name);
-            self.metrics.peer_state.remove(&labels);
-            self.metrics.peer_rtt_seconds.remove(&labels);
-            self.metrics.peer_failovers.remove(&labels);
+            self.metrics
+                .remove_peer(&gone.name, gone.machine.paths.iter().map(|p| p.endpoint));
         }
         self.peers = next;
         let keys = self.peers.values().map(|p| (p.key, p.probe_key)).collect();
@@ -1015,9 +1011,6 @@ impl Mesh {
         }
         for (key, (config, stats)) in &actual.peers {
             if let Some(peer) = self.peers.get_mut(key) {
-                if peer.device_allowed != config.allowed_ips {
-                    peer.device_allowed.clone_from(&config.allowed_ips);
-                }
                 if stats.rx_bytes != peer.stats.rx_bytes {
                     peer.last_rx_change = now;
                 }
@@ -1043,6 +1036,13 @@ impl Mesh {
                 peer.stats = *stats;
             }
         }
+    }
+
+    /// A peer's allowed IPs as the WireGuard device holds them, as far as meshd knows (the last read and the
+    /// changes applied since; `None` before the first read, or after a failure until the next).
+    pub fn device_allowed(&self, key: &PublicKey) -> Option<&BTreeSet<IpNet>> {
+        let (config, _) = self.device_known.as_ref()?.peers.get(key)?;
+        Some(&config.allowed_ips)
     }
 
     /// This node's underlay addresses.

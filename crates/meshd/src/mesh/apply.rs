@@ -176,13 +176,6 @@ impl Mesh {
                 self.kick(&update);
             }
             wg::record_applied(&mut known, &update, userspace);
-            for op in &update.peers {
-                if let (Some(peer), Some((config, _))) =
-                    (self.peers.get_mut(op.key()), known.peers.get(op.key()))
-                {
-                    peer.device_allowed.clone_from(&config.allowed_ips);
-                }
-            }
         }
         self.device_known = Some(known);
         Ok(())
