@@ -549,6 +549,12 @@ impl Mesh {
     /// Runs the peer machines and applies what they decide. Returns whether a peer changed its state or
     /// endpoint (worth reporting at once).
     pub async fn poll(&mut self, now: Instant) -> bool {
+        // Pongs that arrived before now count before any probe is judged missed: after a stall of this
+        // loop (a starved CPU) the responder thread has queued them with their arrival times, and judging
+        // first would fail over every peer whose pong waits in the queue.
+        while let Ok(pong) = self.responder.pongs.try_recv() {
+            self.handle_pong(&pong);
+        }
         let mut changed = false;
         let mut probes = Vec::new();
         let mut counter = self.nonce;

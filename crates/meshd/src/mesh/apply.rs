@@ -30,11 +30,8 @@ impl Mesh {
             self.routes_known = None;
         }
         let full = self.device_known.is_none() || self.routes_known.is_none();
-        let inputs = self.inputs();
-        let t_inputs = started.elapsed();
-        let planned = crate::plan::plan(&inputs);
-        let t_plan0 = started.elapsed();
-        drop(inputs);
+        let planned = self.planned();
+        let planned_at = started.elapsed();
         // Without the link nothing else can be applied.
         if let Err(error) = self.apply_link(&planned).await {
             self.forget_kernel();
@@ -48,25 +45,18 @@ impl Mesh {
                 first = Some(e);
             }
         };
-        let t_plan = started.elapsed();
         note(self.apply_addresses(&planned).await);
-        let t_addr = started.elapsed();
         note(self.apply_rules().await);
-        let t_rules = started.elapsed();
+        let device_from = started.elapsed();
         note(self.apply_device(&planned).await);
-        let t_dev = started.elapsed();
+        let routes_from = started.elapsed();
         note(self.apply_routes(&planned).await);
-        let t_routes = started.elapsed();
-        tracing::info!(
+        tracing::debug!(
             full,
-            ?t_inputs,
-            ?t_plan0,
-            ?t_plan,
-            ?t_addr,
-            ?t_rules,
-            ?t_dev,
-            ?t_routes,
-            "TMP reconcile pass"
+            plan = ?planned_at,
+            device = ?routes_from.saturating_sub(device_from),
+            routes = ?started.elapsed().saturating_sub(routes_from),
+            "reconcile pass"
         );
         self.apply_sysctls(&planned);
         self.report_conflicts(&planned);
