@@ -31,6 +31,7 @@ need musl-gcc musl-tools  # the static build; the QEMU extension test builds hac
 need ping iputils-ping
 need wg wireguard-tools
 need nft nftables        # meshd topology/NAT tests: ICMP counters, the routers' masquerading
+need tcpdump tcpdump     # meshd relay test: what the relay sees on the wire
 need qemu-system-x86_64 qemu-system-x86
 need busybox busybox-static
 need modprobe kmod

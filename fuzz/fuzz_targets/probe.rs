@@ -1,11 +1,12 @@
-//! meshd's probe datagrams (`hybridnet_meshd::probe`): arbitrary bytes through `decode` and `verify`, as
+//! meshd's probe datagrams (`hybridnet_meshd::probe`): arbitrary bytes through `decode`, `decode_alloc`
+//! (relay allocation requests and grants) and `verify`, as
 //! the responder sees them before anything else. Nothing may panic; what decodes must encode (version 3,
 //! with the same key) to a datagram that decodes to the same probe and verifies. The first 16 bytes also
 //! drive the replay list (`Replay::admit`) at arbitrary timestamps and clocks: no panic, no overflow, and a
 //! nonce admitted is refused when it comes again at once.
 #![no_main]
 
-use hybridnet_meshd::probe::{Replay, decode, encode, verify};
+use hybridnet_meshd::probe::{Replay, decode, decode_alloc, encode, encode_alloc, verify};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: [u8; 32] = [7; 32];
@@ -16,6 +17,13 @@ fuzz_target!(|data: &[u8]| {
         let again = encode(&p, &KEY);
         assert_eq!(decode(&again), Some(p));
         assert!(verify(&again, &KEY));
+    }
+    // Allocation requests and grants (kinds 3 and 4, 148 bytes): the same rule.
+    if let Some((p, a)) = decode_alloc(data) {
+        let again = encode_alloc(&p, &a, &KEY);
+        assert_eq!(decode_alloc(&again), Some((p, a)));
+        assert!(verify(&again, &KEY));
+        assert!(decode(data).is_none(), "an allocation message is no ping or pong");
     }
     if data.len() >= 48 {
         let word = |i: usize| {

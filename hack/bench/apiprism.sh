@@ -26,6 +26,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../lib/common.sh
 . hack/lib/common.sh
+# shellcheck source=lib.sh
+. hack/bench/lib.sh
 # shellcheck source=../lib/netlab.sh
 . hack/lib/netlab.sh
 # shellcheck source=plot.sh
@@ -236,7 +238,6 @@ for name in ap ha; do
   R[rss_10k_$name]=$(awk -v i="$idle" -v m="${R[rss_10k_$name]}" -v n="$IDLE" 'BEGIN { printf "%d", i + (m - i) * 10000 / n }')
 done
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2fx", a / b }'; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
 
 printf '\n%-44s %10s %10s %10s %12s\n' "" direct apiprism haproxy "apiprism/HA"

@@ -16,6 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../lib/common.sh
 . hack/lib/common.sh
+# shellcheck source=lib.sh
+. hack/bench/lib.sh
 # shellcheck source=plot.sh
 . hack/bench/plot.sh
 
@@ -147,13 +149,6 @@ perf() { # MODE [dnsperf args...]
   shift
   inns taskset -c 1 dnsperf -s "$srv" -d "$W/names.txt" -c 20 -q 200 "$@" 2>&1
 }
-qps_of() { awk '/Queries per second/ {printf "%d", $4}'; }
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-latency_of() {
-  awk '/^> / {print $NF*1e6}' | sort -n |
-    awk '{a[NR]=$1; s+=$1} END {if (NR==0) {print "- -"; exit} i=int(NR*0.99); if (i<1) i=1; printf "%.0f %.0f", s/NR, a[i]}'
-}
-rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
 declare -A STARTUP QPS LAT RSS runs
 say "starting dnslocal twice on core 0: clusterZone forward (to NSD) and kubernetes (the API lists)"
@@ -183,7 +178,6 @@ done
 for m in "${MODES[@]}"; do RSS[$m]=$(rss_mib "${PID[$m]}"); done
 read -r M_f P_f <<<"${LAT[forward]}"
 read -r M_k P_k <<<"${LAT[kubernetes]}"
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a/b; else print "-" }'; }
 say "results ($(nproc) cores, $(uname -r), ${ROUNDS}x${DUR}s runs, medians; ratio kubernetes / forward)"
 {
   printf '\n| measure | kubernetes | forward | ratio |\n|---|---|---|---|\n'

@@ -25,6 +25,8 @@ if [ "${1:-}" = "--cluster-zone" ]; then
 fi
 # shellcheck source=../lib/common.sh
 . hack/lib/common.sh
+# shellcheck source=lib.sh
+. hack/bench/lib.sh
 
 DUR=5 ROUNDS=3
 [ "${1:-}" = "--quick" ] && DUR=3 ROUNDS=1
@@ -154,15 +156,6 @@ perf() { # SERVER FILE [extra dnsperf args...] -> dnsperf output
   shift 2
   inns taskset -c 1 dnsperf -s "$srv" -d "$file" -c 20 -q 200 -t 2 "$@" 2>&1
 }
-qps_of() { awk '/Queries per second/ {printf "%d", $4}'; }
-lost_of() { awk '/Queries lost/ {print $3}'; }
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-latency_of() { # reads dnsperf -v output; prints "mean_us p99_us"
-  awk '/^> / {print $NF*1e6}' | sort -n |
-    awk '{a[NR]=$1; s+=$1} END {if (NR==0) {print "- -"; exit} i=int(NR*0.99); if (i<1) i=1; printf "%.0f %.0f", s/NR, a[i]}'
-}
-rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
 declare -A QPS LAT K8S QPS2 RSS10 RSS100 LOST CPUQ CAP runs kruns runs2 cap
 say "starting dnslocal, Unbound and dnsmasq side by side, all on core 0"
@@ -245,7 +238,6 @@ for s in dnslocal unbound; do
 done
 QPS2[dnsmasq]="- (single-threaded)"
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a/b; else print "-" }'; }
 read -r M_dnslocal P_dnslocal <<<"${LAT[dnslocal]}"
 read -r M_unbound P_unbound <<<"${LAT[unbound]}"
 read -r M_dnsmasq P_dnsmasq <<<"${LAT[dnsmasq]}"

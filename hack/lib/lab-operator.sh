@@ -48,9 +48,10 @@ lab_operator_metrics() {
   return "${PIPESTATUS[0]}"
 }
 
-# lab_operator_traffic NS SECONDS: DNS lookups, API requests and pings from NS, with outages in the middle.
+# lab_operator_traffic BIN_DIR NS SECONDS: DNS lookups, API requests and pings from NS, with outages in the
+# middle (the API stand-in comes back from BIN_DIR's apiprism-standin).
 lab_operator_traffic() {
-  local ns=$1 secs=$2 t names="$LAB_OPERATOR_DIR/names" pids=()
+  local bin=$1 ns=$2 secs=$3 t names="$LAB_OPERATOR_DIR/names" pids=()
   printf '%s\n' kubernetes.default.svc.cluster.local kube-dns.kube-system.svc.cluster.local www.example.test \
     www.example.test nope.example.test >"$names"
   for t in $(seq 1 "$secs"); do
@@ -68,15 +69,17 @@ lab_operator_traffic() {
       $((secs / 2))) note "t=${t}s: DNS stand-in stopped"; lab_dnslocal_stop ;;
       $((secs * 2 / 3))) note "t=${t}s: DNS and API stand-ins back"
         lab_dnslocal_start_standin "$SWITCH_NS" "$BRIDGE" 192.0.2.53 >/dev/null
-        lab_apiprism_start_standins "$SWITCH_NS" "$BRIDGE" >/dev/null ;;
+        lab_apiprism_start_standins "$bin" "$SWITCH_NS" "$BRIDGE" >/dev/null ;;
     esac
     sleep 1
   done
   wait "${pids[@]}"
 }
 
+# lab_operator_screenshots BIN_DIR NS OUT_DIR: Prometheus in NS over the lab's traffic and outages, then every
+# dashboard rendered into OUT_DIR.
 lab_operator_screenshots() {
-  local ns=$1 out=$2 dir=$LAB_OPERATOR_DIR/prometheus secs=${LAB_OPERATOR_SECONDS:-90} start end pid i repo
+  local bin=$1 ns=$2 out=$3 dir=$LAB_OPERATOR_DIR/prometheus secs=${LAB_OPERATOR_SECONDS:-90} start end pid i repo
   repo=$(lab_operator_repo)
   ensure_pkgs prometheus:prometheus dig:bind9-dnsutils
   /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || ensure_pkgs python3-matplotlib:python3-matplotlib
@@ -99,7 +102,7 @@ EOF
     sleep 0.2
   done
   start=$(date +%s)
-  lab_operator_traffic "$ns" "$secs"
+  lab_operator_traffic "$bin" "$ns" "$secs"
   sleep 3
   end=$(date +%s)
   ip netns exec "$ns" /usr/bin/python3 "$repo/hack/operator/render_dashboards.py" http://127.0.0.1:9090 \
@@ -124,7 +127,7 @@ lab_operator() {
   local bin=$1 broken=$2 shots=$3 pair ns dir failed=0 json deadline
   shift 3
   # After the screenshots' traffic and outages, more labelled families have series (upstream errors ...).
-  if [ -n "$shots" ]; then lab_operator_screenshots "${1%%:*}" "$shots" || failed=1; fi
+  if [ -n "$shots" ]; then lab_operator_screenshots "$bin" "${1%%:*}" "$shots" || failed=1; fi
   # Families appear with their first series: without a discovery service (the lab has none) or an upstream
   # error, some are absent. integration/tests/operator.rs runs this check strictly; here it informs.
   lab_operator_metrics "$@" || warn "some metric names have no series in this lab (see MISSING above)"

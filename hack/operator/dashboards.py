@@ -62,6 +62,9 @@ MESHD = [
         ("meshd_discovery_registry_up{$sel}", "{{registry}} up"),
         ("meshd_discovery_affiliates{$sel}", "{{registry}} affiliates"),
     ], "short", "timeseries"),
+    ("Discovery: records rejected (15m)", [
+        ("sum by (registry, reason) (increase(meshd_discovery_rejected_total{$sel}[15m]))", "{{registry}} {{reason}}"),
+    ], "short", "timeseries"),
     ("MSS clamp in place", [("meshd_mss_clamp_ok{$sel}", "clamp ok")], "short", "timeseries"),
     ("Peers by source", [("meshd_peers_by_source{$sel}", "{{source}}")], "short", "timeseries"),
     ("Refused prefixes (trust boundary)", [

@@ -9,6 +9,8 @@
 //! The server runs as its own process (`apiprism-standin`, so a test can SIGKILL it) in an upstream's network
 //! namespace; the clients run on a thread inside the client's namespace.
 
+pub mod lab;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -115,7 +117,9 @@ impl Pki {
                 vec![CertificateDer::from(self.cert.clone())],
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone())),
             )?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // As kube-apiserver: HTTP/2 for clients that offer it, HTTP/1.1 for the others (doctor's clock
+        // check asks for the `Date` over HTTP/1.1).
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
 
@@ -173,7 +177,8 @@ fn answer(name: &str, req: &Request<Incoming>) -> Response<ServerBody> {
     }
 }
 
-/// Serves TLS + HTTP/2 on `listener` as `name` until the process dies.
+/// Serves TLS + HTTP/2 (HTTP/1.1 to clients that do not offer h2) on `listener` as `name` until the
+/// process dies.
 pub async fn serve(name: String, listener: TcpListener, tls: Arc<ServerConfig>) {
     let acceptor = TlsAcceptor::from(tls);
     let name: Arc<str> = name.into();
@@ -192,9 +197,15 @@ pub async fn serve(name: String, listener: TcpListener, tls: Arc<ServerConfig>) 
                 let resp = answer(&name, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            }
         });
     }
 }

@@ -11,16 +11,15 @@
 //! Needs root and the release binaries (`hack/test.sh`). Scenarios run one at a time (timing assertions on a
 //! 2-core machine); the whole file takes about half a minute.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use hybridnet_integration::apiprism::{Pki, Watch, fetch_name};
+use hybridnet_integration::apiprism::Pki;
+use hybridnet_integration::apiprism::lab::{ClientLog as Log, Load, Standin, beside, lock};
 use hybridnet_integration::{
     ConfigDoc, Daemon, DaemonKind, LabNet, TestDir, require_root, wait_until, write_atomic,
 };
@@ -37,58 +36,6 @@ const BURST_EVERY: Duration = Duration::from_millis(50);
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// One stand-in API server process in an upstream namespace.
-struct Standin {
-    child: Child,
-}
-
-impl Standin {
-    fn start(
-        netns_name: &LabNet,
-        node: usize,
-        name: &str,
-        pki: &std::path::Path,
-    ) -> Result<Standin> {
-        let n = &netns_name.nodes[node];
-        let addr = SocketAddr::new(n.ipv4.into(), API_PORT);
-        let mut child = n
-            .netns
-            .command(env!("CARGO_BIN_EXE_apiprism-standin"))
-            .args([name, &addr.to_string(), &pki.display().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting apiprism-standin")?;
-        let stdout = child.stdout.take().context("standin stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        ensure!(line.starts_with("listening"), "standin {name}: {line:?}");
-        Ok(Standin { child })
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Standin {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// What the kubelet-like client saw.
-#[derive(Debug, Default)]
-struct Log {
-    /// Watch connected, with the server that streams its events.
-    connected: Vec<(Instant, String)>,
-    /// Watch cut or failed to open.
-    cut: Vec<(Instant, String)>,
-    /// New connections: (start, end, server or error).
-    requests: Vec<(Instant, Instant, Result<String, String>)>,
 }
 
 struct Lab {
@@ -121,7 +68,7 @@ impl Lab {
         Pki::generate().write(&pki);
         let mut standins = Vec::new();
         for (i, name) in NAMES.iter().enumerate() {
-            standins.push(Some(Standin::start(&net, i, name, &pki)?));
+            standins.push(Some(standin(&net, i, name, &pki)?));
         }
         let mut doc = ConfigDoc::new(dir.path());
         doc.apiprism_listen = vec![LISTEN.into(), "[::1]:7445".into()];
@@ -191,7 +138,7 @@ impl Lab {
     }
 
     fn restart(&mut self, i: usize) -> Result<()> {
-        self.standins[i] = Some(Standin::start(&self.net, i, NAMES[i], &self.pki)?);
+        self.standins[i] = Some(standin(&self.net, i, NAMES[i], &self.pki)?);
         Ok(())
     }
 
@@ -209,33 +156,20 @@ impl Lab {
         &mut self,
         scenario: impl FnOnce(&mut Lab, &Mutex<Log>) -> Result<T>,
     ) -> Result<(T, Log)> {
-        let log = Mutex::new(Log::default());
-        let stop = AtomicBool::new(false);
         let tls = Pki::read(&self.pki)?.client_config()?;
-        let addr: SocketAddr = LISTEN.parse()?;
-        let netns_name = self.net.nodes[3].netns.name().to_owned();
-        let result = std::thread::scope(|scope| {
-            let client = scope.spawn(|| {
-                let ns = std::fs::File::open(format!("/run/netns/{netns_name}"))?;
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                rt.block_on(kubelet(addr, tls, &log, &stop));
-                Ok::<_, anyhow::Error>(())
-            });
-            let result = scenario(self, &log);
-            stop.store(true, Ordering::SeqCst);
-            client
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-            result
+        let netns = self.net.nodes[3].netns.name().to_owned();
+        let load = Load {
+            burst: 4,
+            every: BURST_EVERY,
+            timeout: Duration::from_secs(5),
+        };
+        let result = beside(&netns, LISTEN.parse()?, tls, load, |log| {
+            scenario(self, log)
         });
-        let log = log.into_inner().unwrap_or_else(PoisonError::into_inner);
         if result.is_err() {
             eprintln!("--- apiprism log ---\n{}", self.apiprism.log());
         }
-        Ok((result?, log))
+        result
     }
 
     fn rewrite_config(&mut self, endpoints: Vec<String>) {
@@ -248,59 +182,16 @@ fn upstream(net: &LabNet, i: usize) -> SocketAddr {
     SocketAddr::new(net.nodes[i].ipv4.into(), API_PORT)
 }
 
-fn lock(log: &Mutex<Log>) -> MutexGuard<'_, Log> {
-    log.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// One watch that reconnects when cut, and bursts of new connections, until `stop`.
-async fn kubelet(
-    addr: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    log: &Mutex<Log>,
-    stop: &AtomicBool,
-) {
-    let watch = async {
-        while !stop.load(Ordering::SeqCst) {
-            let mut w = match Watch::open(addr, &tls).await {
-                Ok(w) => w,
-                Err(e) => {
-                    lock(log).cut.push((Instant::now(), format!("open: {e}")));
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            match w.next().await {
-                Ok(server) => lock(log).connected.push((Instant::now(), server)),
-                Err(e) => {
-                    lock(log).cut.push((Instant::now(), e));
-                    continue;
-                }
-            }
-            while !stop.load(Ordering::SeqCst) {
-                let next = tokio::time::timeout(Duration::from_millis(200), w.next()).await;
-                match next {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        lock(log).cut.push((Instant::now(), e));
-                        break;
-                    }
-                    Err(_) => {} // a quiet stream (blackholed): wait for apiprism to cut it
-                }
-            }
-        }
-    };
-    let bursts = async {
-        while !stop.load(Ordering::SeqCst) {
-            let one = || async {
-                let start = Instant::now();
-                let result = fetch_name(addr, &tls, Duration::from_secs(5)).await;
-                lock(log).requests.push((start, Instant::now(), result));
-            };
-            tokio::join!(one(), one(), one(), one());
-            tokio::time::sleep(BURST_EVERY).await;
-        }
-    };
-    tokio::join!(watch, bursts);
+/// Stand-in `name` on upstream `i`'s address.
+fn standin(net: &LabNet, i: usize, name: &str, pki: &std::path::Path) -> Result<Standin> {
+    Standin::start(
+        &net.nodes[i].netns,
+        env!("CARGO_BIN_EXE_apiprism-standin"),
+        name,
+        upstream(net, i),
+        pki,
+    )
+    .with_context(|| format!("starting apiprism-standin {name}"))
 }
 
 /// The upstream the current watch goes through, once it streams.
@@ -789,7 +680,7 @@ fn a_member_whose_certificate_does_not_verify_gets_no_traffic() -> Result<()> {
     std::fs::create_dir_all(&hostile)?;
     Pki::generate().write(&hostile);
     lab.kill(2);
-    lab.standins[2] = Some(Standin::start(&lab.net, 2, "hostile", &hostile)?);
+    lab.standins[2] = Some(standin(&lab.net, 2, "hostile", &hostile)?);
     let member = |name: &str, i: usize| Member {
         name: name.to_owned(),
         addresses: vec![lab.net.nodes[i].ipv4.into()],

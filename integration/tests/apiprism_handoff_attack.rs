@@ -15,13 +15,13 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use hybridnet_integration::apiprism::{Pki, Watch, fetch_name};
+use hybridnet_integration::apiprism::lab::{ClientLog as Log, Load, Standin, beside, lock};
+use hybridnet_integration::apiprism::{Pki, fetch_name};
 use hybridnet_integration::{
     ConfigDoc, Daemon, DaemonKind, LabNet, TestDir, require_root, wait_until, write_atomic,
 };
@@ -45,35 +45,15 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What the client in apiprism's namespace saw.
-#[derive(Debug, Default)]
-struct Log {
-    connected: usize,
-    cut: Vec<String>,
-    /// New connections: (start, how long, server or error).
-    requests: Vec<(Instant, Duration, Result<String, String>)>,
-}
-
-fn lock(log: &Mutex<Log>) -> MutexGuard<'_, Log> {
-    log.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 struct Lab {
     apiprism: Daemon,
-    standin: Child,
+    _standin: Standin,
     config: PathBuf,
     socket: PathBuf,
     pki: PathBuf,
     net: LabNet,
     dir: TestDir,
     _serial: MutexGuard<'static, ()>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.standin.kill();
-        let _ = self.standin.wait();
-    }
 }
 
 impl Lab {
@@ -86,18 +66,14 @@ impl Lab {
         std::fs::create_dir_all(&pki)?;
         Pki::generate().write(&pki);
         let upstream = SocketAddr::new(net.nodes[0].ipv4.into(), API_PORT);
-        let mut standin = net.nodes[0]
-            .netns
-            .command(env!("CARGO_BIN_EXE_apiprism-standin"))
-            .args(["api-1", &upstream.to_string(), &pki.display().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting apiprism-standin")?;
-        let mut line = String::new();
-        let stdout = standin.stdout.take().context("standin stdout")?;
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        ensure!(line.starts_with("listening"), "standin: {line:?}");
+        let standin = Standin::start(
+            &net.nodes[0].netns,
+            env!("CARGO_BIN_EXE_apiprism-standin"),
+            "api-1",
+            upstream,
+            &pki,
+        )
+        .context("starting apiprism-standin")?;
         let mut doc = ConfigDoc::new(dir.path());
         doc.apiprism_listen = vec![LISTEN.into()];
         doc.apiprism_endpoints = vec![upstream.to_string()];
@@ -107,7 +83,7 @@ impl Lab {
         let apiprism = Daemon::start(DaemonKind::Apiprism, &net.nodes[1].netns, &config);
         let mut lab = Lab {
             apiprism,
-            standin,
+            _standin: standin,
             config,
             socket,
             pki,
@@ -137,87 +113,32 @@ impl Lab {
         self.apiprism.log().matches(REFUSED).count()
     }
 
-    /// Runs a watch and a new connection every 100 ms in apiprism's namespace while `scenario` runs.
+    /// Runs a watch and a new connection every 100 ms in apiprism's namespace while `scenario` runs
+    /// (once the watch streams).
     fn with_client<T>(
         &mut self,
         scenario: impl FnOnce(&mut Lab, &Mutex<Log>) -> Result<T>,
     ) -> Result<(T, Log)> {
-        let log = Mutex::new(Log::default());
-        let stop = AtomicBool::new(false);
         let tls = Pki::read(&self.pki)?.client_config()?;
-        let addr: SocketAddr = LISTEN.parse()?;
         let netns = self.net.nodes[1].netns.name().to_owned();
-        let result = std::thread::scope(|scope| {
-            let client = scope.spawn(|| {
-                let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                rt.block_on(client(addr, tls, &log, &stop));
-                Ok::<_, anyhow::Error>(())
-            });
-            let result = wait_until(SOON, "the watch streaming", || {
-                (lock(&log).connected > 0).then_some(()).ok_or("not yet")
-            })
-            .map_err(anyhow::Error::from)
-            .and_then(|()| scenario(self, &log));
-            stop.store(true, Ordering::SeqCst);
-            client
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-            result
+        let load = Load {
+            burst: 1,
+            every: Duration::from_millis(100),
+            timeout: Duration::from_secs(20),
+        };
+        let result = beside(&netns, LISTEN.parse()?, tls, load, |log| {
+            wait_until(SOON, "the watch streaming", || {
+                (!lock(log).connected.is_empty())
+                    .then_some(())
+                    .ok_or("not yet")
+            })?;
+            scenario(self, log)
         });
-        let log = log.into_inner().unwrap_or_else(PoisonError::into_inner);
         if result.is_err() {
             eprintln!("--- apiprism log ---\n{}", self.apiprism.log());
         }
-        Ok((result?, log))
+        result
     }
-}
-
-async fn client(
-    addr: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    log: &Mutex<Log>,
-    stop: &AtomicBool,
-) {
-    let watch = async {
-        while !stop.load(Ordering::SeqCst) {
-            let mut w = match Watch::open(addr, &tls).await {
-                Ok(w) => w,
-                Err(e) => {
-                    lock(log).cut.push(format!("open: {e}"));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            match w.next().await {
-                Ok(_) => lock(log).connected += 1,
-                Err(e) => {
-                    lock(log).cut.push(e);
-                    continue;
-                }
-            }
-            while !stop.load(Ordering::SeqCst) {
-                // A quiet stream (relays paused for a handoff) is not a cut.
-                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_millis(200), w.next()).await
-                {
-                    lock(log).cut.push(e);
-                    break;
-                }
-            }
-        }
-    };
-    let requests = async {
-        while !stop.load(Ordering::SeqCst) {
-            let start = Instant::now();
-            let result = fetch_name(addr, &tls, Duration::from_secs(20)).await;
-            lock(log).requests.push((start, start.elapsed(), result));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::join!(watch, requests);
 }
 
 /// Nothing cut, no new connection failed, none took longer than `bound`, and new connections succeed after
@@ -244,7 +165,12 @@ fn served_on(log: &Mutex<Log>, since: Instant, bound: Duration) -> Result<()> {
         failed.len(),
         log.requests.len()
     );
-    let slowest = log.requests.iter().map(|r| r.1).max().unwrap_or_default();
+    let slowest = log
+        .requests
+        .iter()
+        .map(|(start, end, _)| end.duration_since(*start))
+        .max()
+        .unwrap_or_default();
     ensure!(
         slowest <= bound,
         "a new connection took {slowest:?} (bound {bound:?})"
@@ -421,7 +347,11 @@ fn silence_on_the_handoff_socket_delays_only_boundedly() -> Result<()> {
         );
         drop(silent);
         served_on(log, since, PAUSE_BOUND + STEP_TIMEOUT + SLACK)?;
-        let slowest = lock(log).requests.iter().map(|r| r.1).max();
+        let slowest = lock(log)
+            .requests
+            .iter()
+            .map(|(start, end, _)| end.duration_since(*start))
+            .max();
         eprintln!(
             "apiprism handoff attack: a mute connection hung up after {hung:?}; a silent taker given up \
              after {gave_up:?}; slowest new connection {slowest:?}"

@@ -4,19 +4,21 @@
 //! - every metric the alerting rules and the Grafana dashboards name is in the daemons' real `/metrics`
 //!   (`hack/operator/metrics_check.py` over the six scrapes);
 //! - `meshd doctor` on a healthy node: exit 0, kubelet DNS and the mesh port OK;
-//! - a broken node (the kubelet's clusterDNS pointing past dnslocal, the mesh port dropped by nftables):
-//!   `doctor` exits 1 and names both problems with their fix.
+//! - `meshd doctor`'s clock check against an HTTP time source on our clock: OK, with the measured offset;
+//! - a broken node (the kubelet's clusterDNS pointing past dnslocal, the mesh port dropped by nftables, the
+//!   clock compared with a time source 10 minutes ahead): `doctor` exits 1 and names the three problems with
+//!   their fix.
 //!
 //! The kubelet is not running here: its config file and kubeconfig are written as kubeadm writes them
 //! (`KubeletConfiguration` with `clusterDNS`, a kubeconfig with `server`), which is all doctor reads of it.
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use hybridnet_integration::discovery::DiscoveryServer;
@@ -37,19 +39,32 @@ const CLI: Duration = Duration::from_secs(10);
 const OTHERS: &str = "apiprism: {listen: [\"127.0.0.1:7445\"], endpoints: [\"192.0.2.12:6443\", \"192.0.2.1:6443\"]}\n\
                       dnslocal: {listen: [\"169.254.20.10:53\"], clusterDNS: [\"192.0.2.53:53\"], upstreams: [\"127.0.0.11:53\"]}\n";
 
+/// The discovery service stand-in's address, on the lab's public switch.
+const DISCOVERY: &str = "198.51.100.1:3000";
+
+/// HTTP time sources for doctor's clock check, on node1's loopback.
+const TIME_RIGHT: &str = "127.0.0.1:8181";
+const TIME_AHEAD: &str = "127.0.0.1:8182";
+
 /// The lab's discovery identity: 32 bytes each, base64 (as Talos writes them).
 const CLUSTER_ID: &str = "aHlicmlkbmV0LWxhYi1jbHVzdGVyLWlkLTAwMDAwMDA=";
 const CLUSTER_SECRET: &str = "aHlicmlkbmV0LWxhYi1jbHVzdGVyLXNlY3JldC0wMDA=";
 
-/// A TCP server that accepts and closes, standing in for an API server (only the TCP side matters to
-/// apiprism's metrics); stops on drop.
+/// A TCP server that reads a request and answers each connection with `answer()`, then closes: standing in
+/// for an API server (only the TCP side matters to apiprism's metrics) and for an HTTP time source (the
+/// doctor reads only the `Date` of any answer, as kube-apiserver's net/http sends on each, a 401 included);
+/// stops on drop.
 struct TcpStandin {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl TcpStandin {
-    fn start(netns: &Netns, addr: SocketAddr) -> Result<TcpStandin> {
+    fn start(
+        netns: &Netns,
+        addr: SocketAddr,
+        answer: impl Fn() -> String + Send + 'static,
+    ) -> Result<TcpStandin> {
         let listener = netns.tcp_listener(addr)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
@@ -57,7 +72,10 @@ impl TcpStandin {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut stream, _)) => {
-                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut request = [0u8; 2048];
+                        let _ = stream.read(&mut request);
+                        let _ = stream.write_all(answer().as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -66,6 +84,14 @@ impl TcpStandin {
         Ok(TcpStandin {
             stop,
             thread: Some(thread),
+        })
+    }
+
+    /// An HTTP server whose clock is `ahead` seconds ahead of ours.
+    fn time_source(netns: &Netns, addr: SocketAddr, ahead: u64) -> Result<TcpStandin> {
+        TcpStandin::start(netns, addr, move || {
+            let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(ahead));
+            format!("HTTP/1.1 401 Unauthorized\r\nDate: {date}\r\nContent-Length: 0\r\n\r\n")
         })
     }
 }
@@ -93,7 +119,7 @@ fn start_lab() -> Result<Lab> {
     let mut lab = MeshLab::new(2, "operator");
     lab.switch
         .ip(&["addr", "add", "198.51.100.1/24", "dev", "brpub"]);
-    let discovery = DiscoveryServer::start(&lab.switch, "198.51.100.1:3000".parse()?);
+    let discovery = DiscoveryServer::start(&lab.switch, DISCOVERY.parse()?);
     for node in &mut lab.nodes {
         node.extra = format!(
             "{OTHERS}---\napiVersion: v1alpha1\nkind: DiscoveryIdentityConfig\nclusterID: {CLUSTER_ID}\n\
@@ -103,7 +129,9 @@ fn start_lab() -> Result<Lab> {
         );
     }
     require_tools(&["nsd", "dig", "nft"]);
-    let api = TcpStandin::start(&lab.nodes[1].netns, "192.0.2.12:6443".parse()?)?;
+    let api = TcpStandin::start(&lab.nodes[1].netns, "192.0.2.12:6443".parse()?, || {
+        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_owned()
+    })?;
     let nsd = lab
         .nodes
         .iter()
@@ -196,6 +224,9 @@ fn rules_and_dashboards_name_only_exported_metrics() -> Result<()> {
             .metrics()
             .with_context(|| format!("scrape {}", d.kind().name()))?
             .0;
+        if d.kind() == DaemonKind::Meshd {
+            rejections_zeroed(&text)?;
+        }
         let path = lab.lab.dir.join(format!("{i}-{}.metrics", d.kind().name()));
         std::fs::write(&path, text)?;
         files.push(path);
@@ -223,8 +254,33 @@ fn rules_and_dashboards_name_only_exported_metrics() -> Result<()> {
     Ok(())
 }
 
-/// Runs `meshd doctor --json` inside the node's namespace (its /proc/sys/net and /sys/class/net).
-fn doctor(node: &MeshNode, kubelet_config: &Path, kubeconfig: &Path) -> (TimedOutput, Value) {
+/// meshd's rejected-record counter has a series per reason at 0 for the lab's discovery service before any
+/// record is rejected (the MeshdDiscoveryRecordsRejected alert's `increase()` then counts the first one).
+fn rejections_zeroed(text: &str) -> Result<()> {
+    let registry = format!("registry=\"http://{DISCOVERY}");
+    for reason in ["oversized", "short", "decrypt", "protobuf", "endpoint"] {
+        let found = text.lines().any(|l| {
+            l.starts_with("meshd_discovery_rejected_total{")
+                && l.contains(&registry)
+                && l.contains(&format!("reason=\"{reason}\""))
+                && l.ends_with(" 0")
+        });
+        ensure!(
+            found,
+            "meshd_discovery_rejected_total {registry} reason {reason} at 0 in:\n{text}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `meshd doctor --json` inside the node's namespace (its /proc/sys/net and /sys/class/net), its clock
+/// compared with `time_source`.
+fn doctor(
+    node: &MeshNode,
+    kubelet_config: &Path,
+    kubeconfig: &Path,
+    time_source: Option<&str>,
+) -> (TimedOutput, Value) {
     let out = run_with_timeout(
         node.netns
             .command(bin_path(DaemonKind::Meshd))
@@ -235,6 +291,7 @@ fn doctor(node: &MeshNode, kubelet_config: &Path, kubeconfig: &Path) -> (TimedOu
             .arg(kubelet_config)
             .arg("--kubeconfig")
             .arg(kubeconfig)
+            .args(time_source.iter().flat_map(|t| ["--time-source", *t]))
             .arg("--json"),
         CLI,
     );
@@ -271,8 +328,14 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
     let node = &lab.lab.nodes[0];
     let dir = lab.lab.dir.path();
 
+    // Two HTTP time sources in node1's namespace: one on our clock, one 10 minutes ahead.
+    let _right = TcpStandin::time_source(&node.netns, TIME_RIGHT.parse()?, 0)?;
+    let _ahead = TcpStandin::time_source(&node.netns, TIME_AHEAD.parse()?, 600)?;
+    let right = format!("http://{TIME_RIGHT}/");
+    let ahead = format!("http://{TIME_AHEAD}/");
+
     let (kc, kube) = kubelet_files(dir, "169.254.20.10");
-    let (out, report) = doctor(node, &kc, &kube);
+    let (out, report) = doctor(node, &kc, &kube, Some(&right));
     eprintln!("healthy node:\n{}", out.stdout);
     ensure!(
         out.code() == Some(0),
@@ -285,6 +348,7 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
         "mesh-port",
         "kubeprism-port",
         "meshd-running",
+        "clock",
     ] {
         ensure!(
             finding(&report, check)["verdict"] == "ok",
@@ -293,7 +357,45 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
         );
     }
 
-    // Break it: the kubelet hands pods kube-dns directly, and node1 drops the mesh ports (WireGuard's and
+    let clock = finding(&report, "clock");
+    let offset = clock["measured"]["offsetSeconds"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    ensure!(
+        offset.abs() < 2.0 && clock["measured"]["source"] == right.as_str(),
+        "clock: {clock}"
+    );
+    // The peer's probe pongs carry its clock (the same host clock here: within a few milliseconds). Its
+    // name in status is the one discovery reports, so it is not looked up by name.
+    let peers = clock["measured"]["peers"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        peers.len() == 1
+            && peers
+                .values()
+                .all(|ms| ms.as_i64().is_some_and(|ms| ms.abs() < 1000)),
+        "clock offsets from the peer's pongs: {clock}"
+    );
+
+    // Without --time-source the config's sources are asked (the discovery stand-in, which speaks HTTP/2 only,
+    // and apiprism's upstreams: a plain-TCP stand-in and a dead address): none gives its time, the check
+    // says so and falls back on the registries, within doctor's bound.
+    let (out, report) = doctor(node, &kc, &kube, None);
+    let clock = finding(&report, "clock");
+    ensure!(
+        out.code() == Some(0)
+            && clock["verdict"] == "ok"
+            && clock["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("no time source gave its time"),
+        "clock from the config's sources: {clock} {}",
+        out.describe()
+    );
+
+    // Break it: the clock is compared with a server 10 minutes ahead, the kubelet hands pods kube-dns directly, and node1 drops the mesh ports (WireGuard's and
     // the probes', listenPort + 1).
     let (kc, kube) = kubelet_files(dir, "10.96.0.10");
     for rule in [
@@ -324,7 +426,7 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
             Err(peer.to_string())
         }
     })?;
-    let (out, report) = doctor(node, &kc, &kube);
+    let (out, report) = doctor(node, &kc, &kube, Some(&ahead));
     let text = run_with_timeout(
         node.netns
             .command(bin_path(DaemonKind::Meshd))
@@ -333,7 +435,8 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
             .arg("--kubelet-config")
             .arg(&kc)
             .arg("--kubeconfig")
-            .arg(&kube),
+            .arg(&kube)
+            .args(["--time-source", &ahead]),
         CLI,
     );
     eprintln!("broken node:\n{}", text.stdout);
@@ -372,6 +475,24 @@ fn doctor_reports_kubelet_dns_elsewhere_and_a_dropped_mesh_port_with_the_fix() -
             .unwrap_or_default()
             .contains(&format!("udp dport {{ {PORT}, {} }} accept", PORT + 1)),
         "{port}"
+    );
+    let clock = finding(&report, "clock");
+    ensure!(clock["verdict"] == "fail", "clock: {clock}");
+    ensure!(
+        clock["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("600 s (10 min) behind {ahead}")),
+        "{clock}"
+    );
+    let skew = clock["measured"]["offsetSeconds"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    ensure!((598.0..=602.0).contains(&skew), "{clock}");
+    ensure!(
+        text.stdout.contains("fix: enable time synchronisation"),
+        "{}",
+        text.describe()
     );
     ensure!(
         text.stdout

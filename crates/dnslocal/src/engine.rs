@@ -576,11 +576,7 @@ mod tests {
     use crate::upstream::Upstream;
 
     fn query(name: &str, id: u16) -> Vec<u8> {
-        let mut q = id.to_be_bytes().to_vec();
-        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-        q.extend_from_slice(&wire::name_to_wire(name));
-        q.extend_from_slice(&[0, 1, 0, 1]);
-        q
+        wire::testing::query_with_id(name, hickory_proto::rr::RecordType::A, id, None)
     }
 
     /// An upstream that never answers; at most two misses in flight: the third is shed at once, and

@@ -567,3 +567,44 @@ pub fn wire_to_name(wire: &[u8]) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
+
+/// Queries as a client sends them, for the crate's tests (one builder).
+#[cfg(test)]
+pub(crate) mod testing {
+    use hickory_proto::rr::RecordType;
+
+    /// A query for `name` and `rtype` (class IN, recursion desired) with ID `id`, and an OPT record of
+    /// `(payload size, DO bit)` when `edns` is given. The name's case is kept as given (a client's 0x20
+    /// randomisation; hickory's encoder and [`super::name_to_wire`] lower it).
+    pub fn query_with_id(
+        name: &str,
+        rtype: RecordType,
+        id: u16,
+        edns: Option<(u16, bool)>,
+    ) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
+        for label in name
+            .trim_end_matches('.')
+            .split('.')
+            .filter(|l| !l.is_empty())
+        {
+            q.push(u8::try_from(label.len()).unwrap_or(63));
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&u16::from(rtype).to_be_bytes());
+        q.extend_from_slice(&[0, 1]);
+        if let Some((size, dnssec_ok)) = edns {
+            q.extend_from_slice(&[0, 0, 41]);
+            q.extend_from_slice(&size.to_be_bytes());
+            q.extend_from_slice(&[0, 0, if dnssec_ok { 0x80 } else { 0 }, 0, 0, 0]);
+        }
+        q
+    }
+
+    /// [`query_with_id`] with ID 0xBEEF.
+    pub fn query(name: &str, rtype: RecordType, edns: Option<(u16, bool)>) -> Vec<u8> {
+        query_with_id(name, rtype, 0xBEEF, edns)
+    }
+}

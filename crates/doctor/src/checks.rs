@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::facts::{Facts, Record, route_interface};
 use crate::kubelet::url_host_port;
-use crate::model::Finding;
+use crate::model::{Finding, Verdict};
 
 /// Talos's host DNS resolver (`constants.HostDNSAddress` in siderolabs/talos pkg/machinery/constants).
 pub const TALOS_HOST_DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 116, 108));
@@ -478,18 +478,71 @@ const CLOCK_WORDS: [&str; 5] = [
     "clock",
 ];
 
+/// A clock this far off (from the nearest time source) fails: meshd answers a probe only when its
+/// timestamp is within 30 s of its own clock (`WINDOW` in crates/meshd/src/probe.rs), so two nodes off by
+/// 15 s the opposite ways already see each other down. TLS certificate validity (a node behind by more
+/// than a certificate's age cannot connect to the discovery service or a freshly rotated API server) and
+/// the discovery service's 30-minute record TTL break only later.
+pub const SKEW_FAIL_MS: u64 = 15_000;
+/// A clock this far off warns: a synchronised clock is within milliseconds, so no time sync runs, and an
+/// unsynchronised clock drifts on (seconds a day) until it reaches [`SKEW_FAIL_MS`].
+pub const SKEW_WARN_MS: u64 = 2_000;
+
+const CLOCK_FIX: &str = "enable time synchronisation: Talos: machine.time (on by default; `talosctl time` shows the offset, and the servers in machine.time.servers must be reachable on UDP 123); elsewhere `timedatectl set-ntp true` (systemd-timesyncd) or chrony; meshd reconnects on its own";
+
+/// The clock against the time sources, then against meshd's peers: their probe pongs carry their clocks,
+/// and two nodes 30 s apart refuse each other's probes (`clockOffsetMs` in meshd's status).
 fn clock(f: &Facts) -> Finding {
-    const C: &str = "clock";
-    let Some((details, _)) = live_details(f, "meshd") else {
-        return Finding::skip(C, "meshd is not running");
+    let peers: Vec<(&str, i64)> = live_details(f, "meshd")
+        .and_then(|(d, _)| d["peers"].as_array())
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| Some((p["name"].as_str()?, p["clockOffsetMs"].as_i64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut finding = clock_by_sources(f);
+    if let Some(m) = finding.measured.as_mut() {
+        m["peers"] = peers
+            .iter()
+            .map(|(name, ms)| ((*name).to_owned(), Value::from(*ms)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    let Some((name, worst)) = peers.iter().max_by_key(|(_, ms)| ms.unsigned_abs()) else {
+        return finding;
     };
-    let registries = details["discovery"]["registries"]
-        .as_array()
+    let off = worst.unsigned_abs();
+    if off > SKEW_WARN_MS && finding.verdict < Verdict::Warn {
+        finding.verdict = Verdict::Warn;
+        finding.message = format!(
+            "meshd peer {name}'s clock is {} {} this node's (its probe pongs): 30 s apart, each refuses the other's probes and they see each other down",
+            seconds(off),
+            if *worst > 0 { "ahead of" } else { "behind" }
+        );
+        finding.fix = Some(format!(
+            "{CLOCK_FIX}; on whichever of the two is off (run doctor on {name} too)"
+        ));
+    } else if finding.verdict <= Verdict::Ok {
+        finding.verdict = Verdict::Ok;
+        finding.message = format!(
+            "{}; {} meshd peers' clocks within {} of ours (probe pongs)",
+            finding.message,
+            peers.len(),
+            seconds(off)
+        );
+    }
+    finding
+}
+
+fn clock_by_sources(f: &Facts) -> Finding {
+    const C: &str = "clock";
+    let registries = live_details(f, "meshd")
+        .and_then(|(d, _)| d["discovery"]["registries"].as_array())
         .map(Vec::as_slice)
         .unwrap_or_default();
-    if registries.is_empty() {
-        return Finding::skip(C, "no discovery registry to check the clock against");
-    }
+    let measured = clock_measured(&f.clock);
+    // Direct evidence first: a registry failing on certificate validity.
     for r in registries {
         let error = r["error"].as_str().unwrap_or("").to_lowercase();
         if CLOCK_WORDS.iter().any(|w| error.contains(w)) {
@@ -500,21 +553,147 @@ fn clock(f: &Facts) -> Finding {
                     r["endpoint"].as_str().unwrap_or("?"),
                     r["error"].as_str().unwrap_or("")
                 ),
-                "synchronise the clock (Talos: machine.time.servers; elsewhere chrony or systemd-timesyncd), then meshd reconnects on its own",
-            );
+                CLOCK_FIX,
+            )
+            .with_measured(measured);
         }
     }
-    let watching = registries
+    let best = f
+        .clock
         .iter()
-        .filter(|r| r["state"] == "watching")
-        .count();
-    Finding::ok(
-        C,
-        format!(
-            "{watching} of {} discovery registries watching; no certificate-time error",
-            registries.len()
-        ),
+        .filter_map(|m| m.offset.as_ref().ok().map(|o| (m.source.as_str(), *o)))
+        .min_by_key(|(_, o)| o.at_least_ms());
+    let Some((source, offset)) = best else {
+        let why = f
+            .clock
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}: {}",
+                    m.source,
+                    m.offset.as_ref().err().map_or("", String::as_str)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let asked = if why.is_empty() {
+            "no time source to ask".to_owned()
+        } else {
+            format!("no time source gave its time ({why})")
+        };
+        if registries.is_empty() {
+            return Finding::skip(C, asked).with_measured(measured);
+        }
+        let watching = registries
+            .iter()
+            .filter(|r| r["state"] == "watching")
+            .count();
+        return Finding::ok(
+            C,
+            format!(
+                "{watching} of {} discovery registries watching, no certificate-time error; {asked}",
+                registries.len()
+            ),
+        )
+        .with_measured(measured);
+    };
+    let others = f.clock.iter().filter(|m| m.offset.is_ok()).count() - 1;
+    let against = if others == 0 {
+        source.to_owned()
+    } else {
+        format!("{source}, the nearest of {} time sources", others + 1)
+    };
+    let off = offset.at_least_ms();
+    let direction = if offset.estimate_ms() > 0 {
+        "behind"
+    } else {
+        "ahead of"
+    };
+    let said = format!(
+        "this node's clock is {} {direction} {against} (offset {})",
+        seconds(offset.estimate_ms().unsigned_abs()),
+        signed(offset)
+    );
+    if off > SKEW_FAIL_MS {
+        Finding::fail(
+            C,
+            format!(
+                "{said}: meshd's peers refuse probes stamped more than 30 s from their own clocks (their peers go down), and TLS to the discovery service and API servers fails once certificates are not valid at this time"
+            ),
+            CLOCK_FIX,
+        )
+        .with_measured(measured)
+    } else if off > SKEW_WARN_MS {
+        Finding::warn(
+            C,
+            format!(
+                "{said}: no time synchronisation keeps it right; at {} s meshd's peers start refusing its probes",
+                SKEW_FAIL_MS / 1000
+            ),
+            CLOCK_FIX,
+        )
+        .with_measured(measured)
+    } else {
+        Finding::ok(
+            C,
+            format!("clock agrees with {against} (offset {})", signed(offset)),
+        )
+        .with_measured(measured)
+    }
+}
+
+/// `+1.2 s ± 0.3 s` (positive: our clock is behind the source's).
+fn signed(o: crate::skew::Offset) -> String {
+    let est = o.estimate_ms();
+    let sign = if est < 0 { '-' } else { '+' };
+    let tenths = |ms: u64| {
+        let t = ms.saturating_add(50) / 100;
+        format!("{}.{}", t / 10, t % 10)
+    };
+    format!(
+        "{sign}{} s ± {} s",
+        tenths(est.unsigned_abs()),
+        tenths(o.uncertainty_ms())
     )
+}
+
+/// `0.4 s`, `75 s`, `600 s (10 min)`, rounded.
+fn seconds(ms: u64) -> String {
+    if ms < 9_950 {
+        let tenths = ms.saturating_add(50) / 100;
+        format!("{}.{} s", tenths / 10, tenths % 10)
+    } else if ms < 119_500 {
+        format!("{} s", ms.saturating_add(500) / 1000)
+    } else {
+        format!(
+            "{} s ({} min)",
+            ms.saturating_add(500) / 1000,
+            ms.saturating_add(30_000) / 60_000
+        )
+    }
+}
+
+/// The clock check's `measured`: each source's offset bounds (or error), and the nearest one's estimate.
+fn clock_measured(readings: &[crate::skew::Measured]) -> Value {
+    let best = readings
+        .iter()
+        .filter_map(|m| m.offset.as_ref().ok().map(|o| (m, *o)))
+        .min_by_key(|(_, o)| o.at_least_ms());
+    let ms = |v: i64| v as f64 / 1000.0;
+    serde_json::json!({
+        "offsetSeconds": best.map(|(_, o)| ms(o.estimate_ms())),
+        "uncertaintySeconds": best.map(|(_, o)| o.uncertainty_ms() as f64 / 1000.0),
+        "source": best.map(|(m, _)| m.source.clone()),
+        "readings": readings.iter().map(|m| match &m.offset {
+            Ok(o) => serde_json::json!({
+                "source": m.source,
+                "offsetSeconds": ms(o.estimate_ms()),
+                "lowSeconds": ms(o.low_ms),
+                "highSeconds": ms(o.high_ms),
+            }),
+            Err(e) => serde_json::json!({"source": m.source, "error": e}),
+        }).collect::<Vec<_>>(),
+    })
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use hybridnet_config::Config;
 use serde_json::Value;
 
 use crate::kubelet::{self, Found};
+use crate::skew::{self, Measured};
 
 /// A daemon's status record, as the doctor sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,6 +52,8 @@ pub struct Facts {
     /// Link MTUs by interface name.
     pub mtus: BTreeMap<String, u32>,
     pub routes: Vec<Route>,
+    /// This node's clock against its time sources' `Date` headers (`skew`).
+    pub clock: Vec<Measured>,
 }
 
 /// Where to look (the command line's choices).
@@ -63,6 +66,9 @@ pub struct Sources {
     pub kubelet_config: Option<PathBuf>,
     /// A kubelet kubeconfig; default: the first of [`kubelet::KUBELET_KUBECONFIGS`] that exists.
     pub kubelet_kubeconfig: Option<PathBuf>,
+    /// URLs whose `Date` the clock is compared with; default (empty): the discovery service endpoints and
+    /// apiprism's upstreams from the config ([`time_sources`]).
+    pub time_sources: Vec<String>,
 }
 
 /// Whether a record is live at `now` (the runtime's rule, passed in: this crate sits below the runtime).
@@ -79,6 +85,7 @@ impl Facts {
             .iter()
             .map(|d| (*d, read_record(&state_dir, d, live, now)))
             .collect();
+        let clock = skew::measure_all(&time_sources(src, config.as_ref().ok()), skew::TIMEOUT);
         Facts {
             config_path: src.config.clone(),
             config,
@@ -98,8 +105,41 @@ impl Facts {
                         .unwrap_or_default(),
                 )
                 .collect(),
+            clock,
         }
     }
+}
+
+/// Where to read the time: the command line's URLs, else the discovery service endpoints (when discovery
+/// is on) and the API servers apiprism balances (`https://host:port/`), without repeats.
+pub fn time_sources(src: &Sources, config: Option<&Config>) -> Vec<String> {
+    if !src.time_sources.is_empty() {
+        return src.time_sources.clone();
+    }
+    let Some(c) = config else {
+        return Vec::new();
+    };
+    let discovery = c
+        .cluster
+        .discovery
+        .enabled
+        .then_some(c.cluster.discovery.endpoints.iter().cloned())
+        .into_iter()
+        .flatten();
+    let api = c.apiprism.upstreams.iter().map(|u| {
+        if u.host.contains(':') {
+            format!("https://[{}]:{}/", u.host, u.port)
+        } else {
+            format!("https://{}:{}/", u.host, u.port)
+        }
+    });
+    let mut out: Vec<String> = Vec::new();
+    for url in discovery.chain(api) {
+        if !out.contains(&url) {
+            out.push(url);
+        }
+    }
+    out
 }
 
 fn kubelet_dns(src: &Sources) -> Result<Option<Found<Vec<IpAddr>>>, String> {

@@ -12,6 +12,7 @@ pub mod facts;
 pub mod kubelet;
 mod model;
 pub mod render;
+pub mod skew;
 
 use std::path::PathBuf;
 
@@ -33,6 +34,10 @@ pub struct Args {
     /// The kubelet's kubeconfig (default: kubeadm's, Talos's or k3s's, whichever exists).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// A URL (`https://host[:port]/` or `http://...`) whose HTTP `Date` the clock is compared with;
+    /// repeatable (default: the discovery service endpoints and apiprism's API servers from the config).
+    #[arg(long = "time-source", value_name = "URL")]
+    pub time_sources: Vec<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -45,6 +50,7 @@ pub fn diagnose(args: &Args, live: Liveness) -> Report {
         state_dir: args.state_dir.clone(),
         kubelet_config: args.kubelet_config.clone(),
         kubelet_kubeconfig: args.kubeconfig.clone(),
+        time_sources: args.time_sources.clone(),
     };
     let now = hybridnet_state::unix_now();
     Report::new(checks::all(&Facts::gather(&sources, live, now)))

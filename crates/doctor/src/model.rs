@@ -36,6 +36,9 @@ pub struct Finding {
     /// What to do, when something is wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
+    /// What the check measured, for `--json` readers (e.g. `clock`: the offset and each source's reading).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured: Option<serde_json::Value>,
 }
 
 impl Finding {
@@ -45,6 +48,7 @@ impl Finding {
             verdict: Verdict::Ok,
             message: message.into(),
             fix: None,
+            measured: None,
         }
     }
 
@@ -54,6 +58,7 @@ impl Finding {
             verdict: Verdict::Skip,
             message: message.into(),
             fix: None,
+            measured: None,
         }
     }
 
@@ -67,6 +72,7 @@ impl Finding {
             verdict: Verdict::Warn,
             message: message.into(),
             fix: Some(fix.into()),
+            measured: None,
         }
     }
 
@@ -80,7 +86,17 @@ impl Finding {
             verdict: Verdict::Fail,
             message: message.into(),
             fix: Some(fix.into()),
+            measured: None,
         }
+    }
+}
+
+impl Finding {
+    /// The finding with what was measured attached.
+    #[must_use]
+    pub fn with_measured(mut self, measured: serde_json::Value) -> Finding {
+        self.measured = Some(measured);
+        self
     }
 }
 

@@ -516,6 +516,7 @@ impl Discovery {
         if let Some(secret) = &key.secret {
             let codec = Codec::new(&secret.0);
             for (index, endpoint) in key.endpoints.iter().enumerate() {
+                metrics.discovery_rejected_zero(endpoint, &Rejected::ALL.map(Rejected::as_str));
                 let r = registry::Registry {
                     index,
                     endpoint: endpoint.clone(),
@@ -532,6 +533,8 @@ impl Discovery {
             }
         }
         if let Some(settings) = &key.kubernetes {
+            metrics
+                .discovery_rejected_zero(kubernetes::REGISTRY, &[kubernetes::REJECTED_ANNOTATION]);
             let r = kubernetes::Registry {
                 index: names.len() - 1,
                 settings: settings.clone(),

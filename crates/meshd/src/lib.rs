@@ -20,6 +20,7 @@
 pub mod bucket;
 pub mod cache;
 pub mod discovery;
+pub mod forwarder;
 pub mod identity;
 pub mod kubespan;
 pub mod mesh;

@@ -56,6 +56,8 @@ pub struct Peer {
     pub no_uplink: bool,
     /// It answered a version-3 ping (then it is pinged in version 3 only; see [`probe::encode_v2`]).
     pub speaks_v3: bool,
+    /// Its clock minus ours at its last version-3 pong, in milliseconds (± half that probe's round trip).
+    pub clock_offset_ms: Option<i64>,
     pub machine: PeerMachine,
     pub probe_key: [u8; 32],
     pub stats: PeerStats,
@@ -217,7 +219,14 @@ pub struct Mesh {
     /// (the device also as each counter reading found it). `None`: the next pass reads it (see `apply`).
     device_known: Option<Actual>,
     routes_known: Option<net::KnownRoutes>,
+    /// End-to-end encrypted relaying, this node's side: the allocations it asks its relays for.
+    pub relaying: crate::relay::client::Client,
+    next_relay_check: Instant,
 }
+
+/// How often the relayed peers are re-planned for allocation requests (refreshes and retries are due
+/// at whole seconds: this is their resolution).
+const RELAY_CHECK: Duration = Duration::from_millis(250);
 
 impl Mesh {
     /// Builds the mesh for `cfg`: key, device, addresses, rules, prober, peers.
@@ -310,6 +319,8 @@ impl Mesh {
             next_seniority: 0,
             device_known: None,
             routes_known: None,
+            relaying: crate::relay::client::Client::default(),
+            next_relay_check: Instant::now(),
             cfg,
         };
         mesh.refresh_underlay().await;
@@ -503,6 +514,7 @@ impl Mesh {
                     public,
                     no_uplink: false,
                     speaks_v3: false,
+                    clock_offset_ms: None,
                     stats: PeerStats::default(),
                     last_rx_change: now,
                     counted: (0, 0),
@@ -644,6 +656,10 @@ impl Mesh {
         for (key, endpoint, nonce) in probes {
             self.send_probe(key, endpoint, nonce).await;
         }
+        if now >= self.next_relay_check {
+            self.next_relay_check = now + RELAY_CHECK;
+            self.relay_requests(now);
+        }
         if self
             .clamp_task
             .as_ref()
@@ -690,6 +706,117 @@ impl Mesh {
             self.kick_peers(&keys);
         }
         changed
+    }
+
+    /// End-to-end encrypted relaying: grants allocations when this node may relay (public, `relay: auto`),
+    /// and asks the relay of each relayed peer for one (see [`crate::relay::client`]).
+    fn relay_requests(&mut self, now: Instant) {
+        let own_public = self.own_public();
+        let relays = self.cfg.meshd.relay == hybridnet_config::RelayMode::Auto && own_public;
+        self.responder
+            .shared
+            .relay
+            .store(relays, std::sync::atomic::Ordering::Relaxed);
+        // Only a down peer is relayed: without one, no plan (and no X25519 per peer) is needed.
+        let any_down = self
+            .peers
+            .values()
+            .any(|p| p.machine.state == PeerState::Down);
+        let wanted: std::collections::BTreeMap<PublicKey, (PublicKey, SocketAddr)> = if own_public
+            || !any_down
+            || self.cfg.meshd.relay == hybridnet_config::RelayMode::Never
+        {
+            std::collections::BTreeMap::new()
+        } else {
+            plan::relays(&self.inputs())
+                .into_iter()
+                .filter_map(|(peer, relay)| {
+                    let at = self.peers.get(&relay)?.machine.active_endpoint()?;
+                    Some((peer, (relay, probe::probe_addr(at))))
+                })
+                .collect()
+        };
+        let mut counter = self.nonce;
+        let (due, changed) = self.relaying.poll(now, &wanted, || {
+            counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            counter ^ fastrand::u64(..)
+        });
+        self.nonce = counter;
+        if changed {
+            self.dirty = true;
+        }
+        for request in due {
+            let Some(relay) = self.peers.get(&request.relay) else {
+                continue;
+            };
+            let ask = Probe {
+                kind: Kind::Allocate,
+                sender: self.public,
+                nonce: request.nonce,
+                timestamp_us: probe::now_us(),
+                observed: None,
+                target: Some(request.to),
+                flags: 0,
+            };
+            let alloc = probe::Alloc {
+                other: request.peer,
+                result: probe::AllocResult::Granted,
+                port: 0,
+                lifetime_s: 0,
+            };
+            let datagram = probe::encode_alloc(&ask, &alloc, &relay.probe_key);
+            if let Err(error) = self
+                .responder
+                .socket
+                .send_to(&datagram, v6_mapped(request.to))
+            {
+                tracing::debug!(to = %request.to, %error, "allocation request not sent");
+            }
+        }
+        self.metrics
+            .relay_grants
+            .set(i64::try_from(self.relaying.endpoints().len()).unwrap_or(i64::MAX));
+    }
+
+    /// A relay's answer to one of our allocation requests.
+    fn handle_grant(&mut self, pong: &Pong, alloc: &probe::Alloc) {
+        let probe = &pong.probe;
+        let now = Instant::now();
+        match self.relaying.on_answer(
+            now,
+            probe.sender,
+            pong.from,
+            probe.nonce,
+            probe.target,
+            alloc,
+        ) {
+            None => self.metrics.dropped("unbound"),
+            Some(changed) => {
+                let relay = self.peers.get(&probe.sender).map(|p| p.name.clone());
+                let peer = self.peers.get(&alloc.other).map(|p| p.name.clone());
+                if alloc.result == probe::AllocResult::Granted {
+                    if changed {
+                        tracing::info!(
+                            ?peer,
+                            ?relay,
+                            port = alloc.port,
+                            lifetime_s = alloc.lifetime_s,
+                            "relay allocation granted"
+                        );
+                    }
+                } else {
+                    tracing::warn!(
+                        ?peer,
+                        ?relay,
+                        reason = alloc.result.as_str(),
+                        "relay allocation refused"
+                    );
+                }
+                if changed {
+                    self.dirty = true;
+                }
+            }
+        }
     }
 
     async fn send_probe(&mut self, key: PublicKey, endpoint: SocketAddr, nonce: u64) {
@@ -768,6 +895,10 @@ impl Mesh {
     }
 
     fn handle_pong(&mut self, pong: &Pong) {
+        if let Some(alloc) = &pong.alloc {
+            self.handle_grant(pong, alloc);
+            return;
+        }
         let probe = &pong.probe;
         let Some(peer) = self.peers.get_mut(&probe.sender) else {
             return;
@@ -782,8 +913,18 @@ impl Mesh {
             }
             return;
         }
+        let sent = peer.machine.sent_at(probe.nonce);
         if peer.machine.on_pong(probe.nonce, pong.at) {
             peer.speaks_v3 |= !pong.v2;
+            // A version-2 pong echoes our own timestamp: no clock of theirs in it.
+            if let Some(sent) = sent.filter(|_| !pong.v2) {
+                peer.clock_offset_ms = probe::clock_offset_ms(
+                    probe.timestamp_us,
+                    probe::now_us(),
+                    pong.at.elapsed(),
+                    pong.at.saturating_duration_since(sent),
+                );
+            }
             peer.last_seen_unix = hybridnet_state::unix_now();
             self.metrics.probes_answered.inc();
             if let Some(observed) = probe.observed {
@@ -820,6 +961,7 @@ impl Mesh {
             topology: self.plan.clone(),
             relay: m.relay,
             relays_allowed: m.relays.clone(),
+            relay_grants: self.relaying.endpoints(),
             peers: self
                 .peers
                 .values()
@@ -836,6 +978,19 @@ impl Mesh {
                 .collect(),
             trust: self.trust(),
         }
+    }
+
+    /// The relay's forwarder (see [`crate::forwarder`]).
+    pub fn forwarder(&self) -> &crate::forwarder::Forwarder {
+        &self.responder.forwarder
+    }
+
+    /// Whether this node grants relay allocations now (public, `meshd.relay: auto`).
+    pub fn relays_for_others(&self) -> bool {
+        self.responder
+            .shared
+            .relay
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The desired state of every resource, as of now (see [`plan::plan`]).

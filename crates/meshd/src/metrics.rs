@@ -56,7 +56,9 @@ pub struct Metrics {
     pub discovery_last_update_seconds: Family<Labels, Gauge>,
     pub discovery_updates: Family<Labels, Counter>,
     pub discovery_errors: Family<Labels, Counter>,
-    /// Records dropped, by registry and reason (decrypt, oversized, protobuf, short, endpoint).
+    /// Records dropped, by registry and reason (decrypt, oversized, protobuf, short, endpoint; the Kubernetes
+    /// registry: annotation). Every reason a registry can count is there at 0 from its start
+    /// ([`Metrics::discovery_rejected_zero`]), so `increase()` sees the first rejection.
     pub discovery_rejected: Family<Labels, Counter>,
     /// 1 while the MSS clamping table holds exactly meshd's rule.
     pub mss_clamp_ok: Gauge,
@@ -79,6 +81,17 @@ pub struct Metrics {
     pub prefixes_refused: Family<Labels, Counter>,
     /// Prefixes refused in the last reconcile.
     pub prefixes_refused_now: Gauge,
+    /// Relay (a public node with `relay: auto`): allocations held now.
+    pub relay_allocations: Gauge,
+    /// Relay: allocation requests answered, by result (`granted` or the refusal).
+    pub relay_requests: Family<Labels, Counter>,
+    /// Relay: datagrams and bytes forwarded between the parties of an allocation.
+    pub relay_forwarded_packets: Counter,
+    pub relay_forwarded_bytes: Counter,
+    /// Relay: datagrams not forwarded, by reason.
+    pub relay_dropped: Family<Labels, Counter>,
+    /// Relayed peers whose relay granted an allocation (this node's side).
+    pub relay_grants: Gauge,
 }
 
 impl Metrics {
@@ -265,6 +278,36 @@ impl Metrics {
                 m.prefixes_refused.clone(),
             );
             r.register(
+                "relay_allocations",
+                "Relay: allocations held now (pairs of nodes relayed through this node)",
+                m.relay_allocations.clone(),
+            );
+            r.register(
+                "relay_requests",
+                "Relay: allocation requests answered, by result (granted or the refusal)",
+                m.relay_requests.clone(),
+            );
+            r.register(
+                "relay_forwarded_packets",
+                "Relay: datagrams forwarded between the parties of an allocation",
+                m.relay_forwarded_packets.clone(),
+            );
+            r.register(
+                "relay_forwarded_bytes",
+                "Relay: bytes forwarded between the parties of an allocation",
+                m.relay_forwarded_bytes.clone(),
+            );
+            r.register(
+                "relay_dropped",
+                "Relay: datagrams at relay ports not forwarded, by reason",
+                m.relay_dropped.clone(),
+            );
+            r.register(
+                "relay_grants",
+                "Relayed peers whose relay granted this node an allocation",
+                m.relay_grants.clone(),
+            );
+            r.register(
                 "refused_prefixes",
                 "Prefixes of discovered peers refused in the last reconcile",
                 m.prefixes_refused_now.clone(),
@@ -281,6 +324,48 @@ impl Metrics {
             .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
             .inc();
     }
+}
+
+impl Metrics {
+    /// Creates `registry`'s rejection series at 0, one per reason it can count: a counter series that
+    /// appears only at its first increment starts at 1, which `increase()` never counts, so an alert would
+    /// miss the first rejected record.
+    pub fn discovery_rejected_zero(&self, registry: &str, reasons: &[&str]) {
+        for reason in reasons {
+            drop(
+                self.discovery_rejected
+                    .get_or_create(&rejected_labels(registry, reason)),
+            );
+        }
+    }
+
+    /// Counts a record `registry` dropped for `reason`.
+    pub fn discovery_rejected(&self, registry: &str, reason: &str) {
+        self.discovery_rejected
+            .get_or_create(&rejected_labels(registry, reason))
+            .inc();
+    }
+
+    /// Counts a datagram at a relay port not forwarded, for `reason`.
+    pub fn relay_dropped(&self, reason: &str) {
+        self.relay_dropped
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
+    /// Counts an allocation request answered with `result`.
+    pub fn relay_request(&self, result: &str) {
+        self.relay_requests
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+    }
+}
+
+fn rejected_labels(registry: &str, reason: &str) -> Labels {
+    vec![
+        ("registry".to_owned(), registry.to_owned()),
+        ("reason".to_owned(), reason.to_owned()),
+    ]
 }
 
 pub fn peer(name: &str) -> Labels {
@@ -320,5 +405,34 @@ impl Metrics {
             self.peer_active_endpoint
                 .remove(&peer_endpoint(name, endpoint));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_series_exist_at_zero_before_the_first_rejection() {
+        let registry = SharedRegistry::default();
+        let m = Metrics::register(&registry);
+        m.discovery_rejected_zero("https://discovery.example:443", &["decrypt", "short"]);
+        m.discovery_rejected_zero("k8s", &["annotation"]);
+        let text = registry.encode();
+        for series in [
+            r#"meshd_discovery_rejected_total{registry="https://discovery.example:443",reason="decrypt"} 0"#,
+            r#"meshd_discovery_rejected_total{registry="https://discovery.example:443",reason="short"} 0"#,
+            r#"meshd_discovery_rejected_total{registry="k8s",reason="annotation"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+        // Zeroing again (a restarted discovery after a config change) keeps the counts.
+        m.discovery_rejected("k8s", "annotation");
+        m.discovery_rejected_zero("k8s", &["annotation"]);
+        assert!(
+            registry.encode().contains(
+                r#"meshd_discovery_rejected_total{registry="k8s",reason="annotation"} 1"#
+            )
+        );
     }
 }

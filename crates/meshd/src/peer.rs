@@ -353,6 +353,15 @@ impl PeerMachine {
             .map(|p| p.endpoint)
     }
 
+    /// When the outstanding ping with `nonce` was sent.
+    pub fn sent_at(&self, nonce: u64) -> Option<Instant> {
+        self.paths
+            .iter()
+            .flat_map(|p| p.outstanding.iter())
+            .find(|(n, _)| *n == nonce)
+            .map(|(_, sent)| *sent)
+    }
+
     /// A pong with `nonce` arrived. Returns whether it matched an outstanding probe.
     pub fn on_pong(&mut self, nonce: u64, now: Instant) -> bool {
         for (i, path) in self.paths.iter_mut().enumerate() {

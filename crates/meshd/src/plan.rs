@@ -78,6 +78,9 @@ pub struct Inputs {
     pub relay: RelayMode,
     /// `meshd.relays`: the only relays allowed (empty: any candidate).
     pub relays_allowed: Vec<PublicKey>,
+    /// Relayed peers whose relay granted an allocation: the relay and the endpoint to use (the relay's
+    /// address at the granted port; see [`crate::relay::client`]).
+    pub relay_grants: BTreeMap<PublicKey, (PublicKey, SocketAddr)>,
     /// What discovered peers may claim (see [`trust`]).
     pub trust: trust::Trust,
 }
@@ -233,31 +236,32 @@ struct Shape {
     gateways: BTreeMap<String, Option<PublicKey>>,
 }
 
-/// `topology: full`: every peer is a WireGuard peer; a relayed peer's allowed IPs sit on its relay.
+/// `topology: full`: every peer is a WireGuard peer with its own allowed IPs. A relayed peer keeps them
+/// (end-to-end encrypted relaying: nothing of it goes onto the relay's WireGuard peer); its endpoint is
+/// the relay port its relay granted ([`Inputs::relay_grants`]), and until a grant comes, its own.
 fn full(inputs: &Inputs) -> Shape {
     let relays = relays(inputs);
-    let mut allowed: HashMap<PublicKey, BTreeSet<IpNet>> = inputs
-        .peers
-        .iter()
-        .map(|p| (p.key, (*p.allowed_ips).clone()))
-        .collect();
-    for (peer, relay) in &relays {
-        let moved = allowed.insert(*peer, BTreeSet::new()).unwrap_or_default();
-        allowed.entry(*relay).or_default().extend(moved);
-    }
+    let granted = |key: &PublicKey| {
+        let relay = relays.get(key)?;
+        inputs
+            .relay_grants
+            .get(key)
+            .filter(|(r, _)| r == relay)
+            .map(|(_, endpoint)| *endpoint)
+    };
     let wireguard = inputs
         .peers
         .iter()
         .map(|p| {
-            let a = allowed.remove(&p.key).unwrap_or_default();
-            (p.key, (p.endpoint, a))
+            let endpoint = granted(&p.key).or(p.endpoint);
+            (p.key, (endpoint, (*p.allowed_ips).clone()))
         })
         .collect();
     let routes = crate::mesh::routes_for(
         inputs.prefix,
         inputs.peers.iter().map(|p| {
-            // A relayed peer is reachable (through its relay): its routes stay.
-            let state = if relays.contains_key(&p.key) {
+            // A relayed peer is reachable while its relay granted the allocation: its routes stay.
+            let state = if granted(&p.key).is_some() {
                 PeerState::Up
             } else {
                 p.state

@@ -30,6 +30,21 @@
 //! answers a peer's version-2 pings until that peer sends its first version-3 ping, and pings a peer in
 //! both versions until the peer's first version-3 pong (see the crate README).
 //!
+//! **Allocation messages** (end-to-end encrypted relays, see [`crate::relay`]): the same header, 148
+//! bytes, kind 3 (allocate: a request to a relay) or 4 (grant: the relay's answer), authenticated with the
+//! same pair key, timestamp window and replay list as a ping (a request is admitted like one), bound to
+//! the relay's probe address like a pong (its target and nonce):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 0..92 | as above: kind 3 or 4, flags zero; in a grant the observed address is the requester's |
+//! | 92..124 | the other party's WireGuard public key (the pair is the sender's, or the requester's, and this) |
+//! | 124 | result, in a grant: 0 granted, else the refusal ([`AllocResult`]); zero in a request |
+//! | 125 | zero |
+//! | 126..128 | the relay port of the requester's side (granted) |
+//! | 128..132 | the allocation's lifetime in seconds (granted) |
+//! | 132..148 | MAC: the first 16 bytes of HMAC-SHA256(K, bytes 0..132) |
+//!
 //! `K = SHA-256("hybridnet-meshd-probe-v1" || X25519(our private key, their public key))`: both nodes compute
 //! the same K from their WireGuard keys and nothing else, so only the holder of the peer's private key can
 //! answer (and a meshd answers only peers it knows). A pong counts only if its nonce matches a ping still
@@ -53,6 +68,10 @@ pub const LEN_V2: usize = 90;
 /// How far a ping's timestamp may be from the responder's clock (either way). Nodes' clocks are assumed
 /// to be synchronised (NTP, as Kubernetes' certificates need) well within this.
 pub const WINDOW: Duration = Duration::from_secs(30);
+/// Size of an allocation message (kinds 3 and 4).
+pub const LEN_ALLOC: usize = 148;
+/// The authenticated part of an allocation message.
+const BODY_ALLOC: usize = 132;
 /// Pong flag: the responder is a gateway candidate without a live path to any other location.
 pub const NO_UPLINK: u8 = 1;
 
@@ -82,6 +101,75 @@ pub fn key(shared: &[u8; 32]) -> [u8; 32] {
 pub enum Kind {
     Ping,
     Pong,
+    /// An allocation request to a relay (148 bytes, with an [`Alloc`]).
+    Allocate,
+    /// A relay's answer to one (148 bytes, with an [`Alloc`]).
+    Grant,
+}
+
+/// What a relay answers to an allocation request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocResult {
+    Granted,
+    /// This node relays nothing (not public, or `meshd.relay: never`).
+    NotRelay,
+    /// The requester named itself as the other party.
+    SelfPair,
+    /// The other party is no node the relay knows.
+    UnknownParty,
+    /// The requester holds as many allocations as a node may.
+    TooMany,
+    /// The relay could not open a port.
+    NoPorts,
+}
+
+impl AllocResult {
+    pub fn code(self) -> u8 {
+        match self {
+            AllocResult::Granted => 0,
+            AllocResult::NotRelay => 1,
+            AllocResult::SelfPair => 2,
+            AllocResult::UnknownParty => 3,
+            AllocResult::TooMany => 4,
+            AllocResult::NoPorts => 5,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<AllocResult> {
+        Some(match code {
+            0 => AllocResult::Granted,
+            1 => AllocResult::NotRelay,
+            2 => AllocResult::SelfPair,
+            3 => AllocResult::UnknownParty,
+            4 => AllocResult::TooMany,
+            5 => AllocResult::NoPorts,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllocResult::Granted => "granted",
+            AllocResult::NotRelay => "not-relay",
+            AllocResult::SelfPair => "self",
+            AllocResult::UnknownParty => "unknown-party",
+            AllocResult::TooMany => "too-many",
+            AllocResult::NoPorts => "no-ports",
+        }
+    }
+}
+
+/// The allocation fields of a kind 3 or 4 message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Alloc {
+    /// The other party of the pair.
+    pub other: PublicKey,
+    /// In a grant, the answer; [`AllocResult::Granted`] in a request.
+    pub result: AllocResult,
+    /// The relay port of the requester's side (0 unless granted).
+    pub port: u16,
+    /// Seconds the allocation lasts without a refresh (0 unless granted).
+    pub lifetime_s: u32,
 }
 
 /// A decoded probe (MAC not yet checked: [`verify`] does that once the sender's key is known).
@@ -118,6 +206,21 @@ pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The peer's clock minus ours, in milliseconds, from a version-3 pong: the responder stamped it
+/// (`their_us`) about half a round trip (`rtt`) before it arrived, and it arrived `since_arrival` before our
+/// clock read `our_now_us`. Off by at most half the round trip (an asymmetric path); `None` when out of
+/// range. Only clocks within [`WINDOW`] of each other exchange pongs at all: beyond, pings go unanswered.
+pub fn clock_offset_ms(
+    their_us: u64,
+    our_now_us: u64,
+    since_arrival: Duration,
+    rtt: Duration,
+) -> Option<i64> {
+    let arrived_us = i128::from(our_now_us) - i128::try_from(since_arrival.as_micros()).ok()?;
+    let stamped_us = arrived_us - i128::try_from(rtt.as_micros() / 2).ok()?;
+    i64::try_from((i128::from(their_us) - stamped_us) / 1000).ok()
 }
 
 fn put_addr(out: &mut [u8], addr: Option<SocketAddr>) {
@@ -170,21 +273,84 @@ fn header(probe: &Probe, len: usize, version: u8) -> Vec<u8> {
     out[5] = match probe.kind {
         Kind::Ping => 1,
         Kind::Pong => 2,
+        Kind::Allocate => 3,
+        Kind::Grant => 4,
     };
     out[6] = probe.flags & NO_UPLINK;
     out[8..40].copy_from_slice(&probe.sender.0);
     out[40..48].copy_from_slice(&probe.nonce.to_be_bytes());
     out[48..56].copy_from_slice(&probe.timestamp_us.to_be_bytes());
-    if probe.kind == Kind::Pong {
+    if matches!(probe.kind, Kind::Pong | Kind::Grant) {
         put_addr(&mut out[56..74], probe.observed);
     }
     out
 }
 
-/// Decodes a datagram's header; `None` for anything that is not a probe.
+/// Encodes and authenticates an allocation message (`probe.kind` [`Kind::Allocate`] or [`Kind::Grant`]).
+pub fn encode_alloc(probe: &Probe, alloc: &Alloc, key: &[u8; 32]) -> Vec<u8> {
+    let mut out = header(probe, LEN_ALLOC, VERSION);
+    put_addr(&mut out[74..92], probe.target);
+    out[92..124].copy_from_slice(&alloc.other.0);
+    if probe.kind == Kind::Grant {
+        out[124] = alloc.result.code();
+        out[126..128].copy_from_slice(&alloc.port.to_be_bytes());
+        out[128..132].copy_from_slice(&alloc.lifetime_s.to_be_bytes());
+    }
+    let tag = mac(key, &out[..BODY_ALLOC]);
+    out[BODY_ALLOC..].copy_from_slice(&tag);
+    out
+}
+
+/// Decodes an allocation message (MAC not yet checked); `None` for anything else, a ping or a pong too.
+pub fn decode_alloc(bytes: &[u8]) -> Option<(Probe, Alloc)> {
+    if bytes.len() != LEN_ALLOC {
+        return None;
+    }
+    let probe = decode_header(bytes, false)?;
+    if !matches!(probe.kind, Kind::Allocate | Kind::Grant) || probe.flags != 0 || bytes[125] != 0 {
+        return None;
+    }
+    let mut other = [0u8; 32];
+    other.copy_from_slice(&bytes[92..124]);
+    let port = u16::from_be_bytes([bytes[126], bytes[127]]);
+    let lifetime_s = u32::from_be_bytes([bytes[128], bytes[129], bytes[130], bytes[131]]);
+    let result = AllocResult::from_code(bytes[124])?;
+    if probe.kind == Kind::Allocate
+        && (result != AllocResult::Granted || port != 0 || lifetime_s != 0)
+    {
+        return None;
+    }
+    // A grant carries a port and a lifetime; a refusal neither.
+    let granted = result == AllocResult::Granted;
+    if probe.kind == Kind::Grant && granted != (port != 0 && lifetime_s != 0) {
+        return None;
+    }
+    if probe.kind == Kind::Grant && !granted && (port != 0 || lifetime_s != 0) {
+        return None;
+    }
+    let alloc = Alloc {
+        other: PublicKey(other),
+        result,
+        port,
+        lifetime_s,
+    };
+    Some((probe, alloc))
+}
+
+/// Decodes a datagram's header; `None` for anything that is not a ping or a pong (allocation messages:
+/// [`decode_alloc`]).
 pub fn decode(bytes: &[u8]) -> Option<Probe> {
     let v2 = bytes.len() == LEN_V2 && bytes[4] == 2;
     if !v2 && (bytes.len() != LEN || bytes[4] != VERSION) {
+        return None;
+    }
+    let probe = decode_header(bytes, v2)?;
+    matches!(probe.kind, Kind::Ping | Kind::Pong).then_some(probe)
+}
+
+/// The fields every version and kind shares (`bytes` at least [`LEN_V2`] long, version checked).
+fn decode_header(bytes: &[u8], v2: bool) -> Option<Probe> {
+    if bytes.len() < LEN_V2 || (!v2 && bytes[4] != VERSION) {
         return None;
     }
     let flags = bytes[6];
@@ -194,6 +360,8 @@ pub fn decode(bytes: &[u8]) -> Option<Probe> {
     let kind = match bytes[5] {
         1 => Kind::Ping,
         2 => Kind::Pong,
+        3 => Kind::Allocate,
+        4 => Kind::Grant,
         _ => return None,
     };
     let mut sender = [0u8; 32];
@@ -202,7 +370,7 @@ pub fn decode(bytes: &[u8]) -> Option<Probe> {
     nonce.copy_from_slice(&bytes[40..48]);
     let mut ts = [0u8; 8];
     ts.copy_from_slice(&bytes[48..56]);
-    let observed = if kind == Kind::Pong {
+    let observed = if matches!(kind, Kind::Pong | Kind::Grant) {
         get_addr(&bytes[56..74])
     } else {
         None
@@ -224,6 +392,7 @@ pub fn verify(bytes: &[u8], key: &[u8; 32]) -> bool {
     let body = match bytes.len() {
         LEN => BODY,
         LEN_V2 => LEN_V2 - 16,
+        LEN_ALLOC => BODY_ALLOC,
         _ => return false,
     };
     let Ok(mut m) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
@@ -501,6 +670,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn clock_offset_from_a_pong() {
+        let ms = Duration::from_millis;
+        // The peer stamped 10.000 s; the pong took half of a 40 ms round trip and arrived 5 ms before our
+        // clock read 9.025 s: we stamped-equivalent 9.000 s, so the peer is 1 s ahead.
+        assert_eq!(
+            clock_offset_ms(10_000_000, 9_025_000, ms(5), ms(40)),
+            Some(1000)
+        );
+        assert_eq!(
+            clock_offset_ms(8_000_000, 9_025_000, ms(5), ms(40)),
+            Some(-1000)
+        );
+        assert_eq!(clock_offset_ms(0, 0, ms(0), ms(0)), Some(0));
+        assert_eq!(
+            clock_offset_ms(u64::MAX, 0, Duration::MAX, Duration::MAX),
+            None,
+            "out of range, not a panic"
+        );
+        assert!(clock_offset_ms(u64::MAX, 0, ms(0), ms(0)).is_some());
+    }
+
     /// The window's edges are inclusive, exactly `WINDOW` either way; timestamps at the integer extremes
     /// (a sender's clock wild, or the fields of a forged-but-authenticated ping) are stale, never a panic
     /// or an overflow; a responder whose clock reads 0 (before 1970) or the maximum refuses likewise.
@@ -586,6 +777,105 @@ mod tests {
             assert!(
                 first >= PER_SENDER,
                 "{first} answered (reversed: {reversed})"
+            );
+        }
+    }
+
+    /// An allocation request and its grant or refusal: round trip under the MAC (the other party, the
+    /// port and the lifetime included), every truncation and bit flip refused, and the kinds kept apart
+    /// (a ping is no allocation message, an allocation message no ping).
+    #[test]
+    fn allocation_messages() {
+        let (a, r, b) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
+        let k = key(&a.shared(&r.public()));
+        let request = Probe {
+            kind: Kind::Allocate,
+            sender: a.public(),
+            nonce: 9,
+            timestamp_us: now_us(),
+            observed: None,
+            target: Some("192.0.2.1:51822".parse().unwrap()),
+            flags: 0,
+        };
+        let ask = Alloc {
+            other: b.public(),
+            result: AllocResult::Granted,
+            port: 0,
+            lifetime_s: 0,
+        };
+        let bytes = encode_alloc(&request, &ask, &k);
+        assert_eq!(bytes.len(), LEN_ALLOC);
+        assert_eq!(decode_alloc(&bytes), Some((request, ask)));
+        assert!(verify(&bytes, &k));
+        assert!(decode(&bytes).is_none(), "not a ping");
+        let grant = Probe {
+            kind: Kind::Grant,
+            sender: r.public(),
+            observed: Some("198.51.100.7:40000".parse().unwrap()),
+            ..request
+        };
+        let granted = Alloc {
+            port: 41234,
+            lifetime_s: 60,
+            ..ask
+        };
+        let refused = Alloc {
+            result: AllocResult::UnknownParty,
+            ..ask
+        };
+        for (probe, alloc) in [(request, ask), (grant, granted), (grant, refused)] {
+            let whole = encode_alloc(&probe, &alloc, &k);
+            assert_eq!(decode_alloc(&whole), Some((probe, alloc)));
+            assert!(verify(&whole, &k));
+            for len in 0..whole.len() {
+                assert!(decode_alloc(&whole[..len]).is_none() && !verify(&whole[..len], &k));
+            }
+            for bit in 0..whole.len() * 8 {
+                let mut flipped = whole.clone();
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                assert!(
+                    decode_alloc(&flipped).is_none() || !verify(&flipped, &k),
+                    "bit {bit} flipped and still taken"
+                );
+            }
+        }
+        // A grant without a port or lifetime, a refusal with one, a request with either, an unknown
+        // result: refused before the MAC.
+        let bad = |probe: &Probe, alloc: Alloc| decode_alloc(&encode_alloc(probe, &alloc, &k));
+        assert!(bad(&grant, Alloc { port: 0, ..granted }).is_none());
+        assert!(
+            bad(
+                &grant,
+                Alloc {
+                    lifetime_s: 0,
+                    ..granted
+                }
+            )
+            .is_none()
+        );
+        let mut refusal_with_port = encode_alloc(&grant, &refused, &k);
+        refusal_with_port[127] = 1;
+        assert!(decode_alloc(&refusal_with_port).is_none());
+        let mut request_with_port = encode_alloc(&request, &ask, &k);
+        request_with_port[127] = 1;
+        assert!(decode_alloc(&request_with_port).is_none());
+        let mut unknown = encode_alloc(&grant, &refused, &k);
+        unknown[124] = 99;
+        assert!(decode_alloc(&unknown).is_none());
+        // A ping is no allocation message, whatever its length.
+        let (ping, _, _) = samples();
+        assert!(decode_alloc(&ping).is_none());
+        let mut padded = ping.clone();
+        padded.resize(LEN_ALLOC, 0);
+        assert!(decode_alloc(&padded).is_none(), "kind 1 in 148 bytes");
+        for code in 0..=5 {
+            assert_eq!(
+                AllocResult::from_code(code).map(AllocResult::code),
+                Some(code)
             );
         }
     }

@@ -1,6 +1,6 @@
 //! Relay allocations for end-to-end encrypted relaying (issue 13 item 3), the pure core: what a relay
-//! node grants and what it forwards. **Not wired into the mesh yet**: today's relay still decrypts and
-//! re-encrypts (see the crate README); this module is the state machine the forwarder is to run.
+//! node grants and what it forwards. [`crate::forwarder`] runs it on sockets (requests arrive over the
+//! probe protocol, [`crate::responder`]); [`client`] is the relayed node's side.
 //!
 //! The design, TURN-like (RFC 8656) without TURN's wire format: two nodes `A` and `B` that no direct
 //! path joins each ask the relay `R`, over the authenticated probe protocol, for an allocation for the
@@ -20,6 +20,8 @@
 //! - **A budget.** Each allocation has a byte and a packet rate (token buckets, [`BYTES_PER_SEC`],
 //!   [`PACKETS_PER_SEC`]), and each requester at most [`MAX_PER_NODE`] allocations, so one node cannot
 //!   make the relay carry unbounded traffic or hold unbounded ports.
+
+pub mod client;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -68,6 +70,19 @@ pub enum Refused {
     UnknownParty,
     /// The requester holds [`MAX_PER_NODE`] allocations already.
     TooMany,
+    /// No relay port could be opened.
+    NoPorts,
+}
+
+impl Refused {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::SelfPair => "self",
+            Refused::UnknownParty => "unknown-party",
+            Refused::TooMany => "too-many",
+            Refused::NoPorts => "no-ports",
+        }
+    }
 }
 
 /// Why a datagram is not forwarded.
@@ -87,6 +102,20 @@ pub enum Dropped {
     OtherSideUnknown,
     /// Over the allocation's byte or packet budget.
     OverBudget,
+}
+
+impl Dropped {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dropped::NoAllocation => "no-allocation",
+            Dropped::Expired => "expired",
+            Dropped::NoConsent => "no-consent",
+            Dropped::Stranger => "stranger",
+            Dropped::NotWireGuard => "not-wireguard",
+            Dropped::OtherSideUnknown => "other-side-unknown",
+            Dropped::OverBudget => "over-budget",
+        }
+    }
 }
 
 /// A grant: the relay port of the requesting side (the forwarder binds one UDP port per side).
@@ -130,7 +159,8 @@ pub struct Allocations {
 
 impl Allocations {
     /// `requester` (authenticated; its request came from `from`) asks to be relayed to `other`. `known`
-    /// says whether a key is a node of the mesh; `ports` gives fresh relay ports (two for a new pair).
+    /// says whether a key is a node of the mesh; `ports` gives fresh relay ports (two for a new pair; `None`
+    /// when it cannot open one: the request is refused, nothing is kept).
     pub fn request(
         &mut self,
         now: Instant,
@@ -138,7 +168,7 @@ impl Allocations {
         from: IpAddr,
         other: PublicKey,
         known: impl Fn(&PublicKey) -> bool,
-        mut ports: impl FnMut() -> u16,
+        mut ports: impl FnMut() -> Option<u16>,
     ) -> Result<Grant, Refused> {
         if requester == other {
             return Err(Refused::SelfPair);
@@ -165,7 +195,9 @@ impl Allocations {
                 addr: None,
                 expires: now,
             };
-            let (pa, pb) = (ports(), ports());
+            let (Some(pa), Some(pb)) = (ports(), ports()) else {
+                return Err(Refused::NoPorts);
+            };
             self.ports.insert(pa, (pair, 0));
             self.ports.insert(pb, (pair, 1));
             self.pairs.insert(
@@ -206,26 +238,32 @@ impl Allocations {
         let &(pair, side) = self.ports.get(&port).ok_or(Dropped::NoAllocation)?;
         let alloc = self.pairs.get_mut(&pair).ok_or(Dropped::NoAllocation)?;
         let other = 1 - side;
-        if alloc.sides[side].ip.is_some() && alloc.sides[side].expires <= now {
-            return Err(Dropped::Expired);
-        }
-        if alloc.sides[other].ip.is_none() || alloc.sides[side].ip.is_none() {
+        let me = &mut alloc.sides[side];
+        if me.ip.is_none() {
             return Err(Dropped::NoConsent);
         }
-        if alloc.sides[other].expires <= now {
+        if me.expires <= now {
             return Err(Dropped::Expired);
         }
-        let me = &mut alloc.sides[side];
         if me.ip != Some(src.ip()) {
             return Err(Dropped::Stranger);
         }
         let kind = is_wireguard(bytes, len).ok_or(Dropped::NotWireGuard)?;
+        // The side's address is learnt from its own datagrams (from the address its request came from)
+        // even before the other side asked: its first handshake then reaches it as soon as the other
+        // side's comes, instead of waiting out WireGuard's 5 s handshake retry.
         match me.addr {
             None => me.addr = Some(src),
             Some(a) if a == src => {}
             // The same address, another port: a NAT rebinding, taken only with a new handshake.
             Some(_) if kind == MessageType::Initiation => me.addr = Some(src),
             Some(_) => return Err(Dropped::Stranger),
+        }
+        if alloc.sides[other].ip.is_none() {
+            return Err(Dropped::NoConsent);
+        }
+        if alloc.sides[other].expires <= now {
+            return Err(Dropped::Expired);
         }
         let to = alloc.sides[other].addr.ok_or(Dropped::OtherSideUnknown)?;
         if !alloc.packets.take(PACKETS_PER_SEC, 1.0, now)
@@ -267,6 +305,25 @@ impl Allocations {
     pub fn is_empty(&self) -> bool {
         self.pairs.is_empty()
     }
+
+    /// Each allocation: its pair, the two sides' relay ports and the addresses their datagrams come from.
+    pub fn list(&self) -> Vec<(Pair, [u16; 2], [Option<SocketAddr>; 2])> {
+        self.pairs
+            .iter()
+            .map(|(p, a)| {
+                (
+                    *p,
+                    [a.sides[0].port, a.sides[1].port],
+                    [a.sides[0].addr, a.sides[1].addr],
+                )
+            })
+            .collect()
+    }
+
+    /// Every relay port in use.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports.keys().copied()
+    }
 }
 
 /// WireGuard's four message types.
@@ -279,8 +336,8 @@ pub enum MessageType {
 }
 
 /// The message type of a datagram shaped like WireGuard (type byte, three zero bytes, the type's size;
-/// data: a 16-byte header, a 16-byte tag and padding to 16), else `None`. `bytes` is the datagram's
-/// start, `len` its size.
+/// data: at least a 16-byte header and a 16-byte tag; not a multiple of 16, since the plaintext's padding
+/// is optional and boringtun sends none), else `None`. `bytes` is the datagram's start, `len` its size.
 pub fn is_wireguard(bytes: &[u8], len: usize) -> Option<MessageType> {
     if bytes.len() < 4 || bytes[1..4] != [0, 0, 0] {
         return None;
@@ -289,7 +346,7 @@ pub fn is_wireguard(bytes: &[u8], len: usize) -> Option<MessageType> {
         (1, 148) => Some(MessageType::Initiation),
         (2, 92) => Some(MessageType::Response),
         (3, 64) => Some(MessageType::Cookie),
-        (4, n) if n >= 32 && (n - 32) % 16 == 0 => Some(MessageType::Data),
+        (4, n) if n >= 32 => Some(MessageType::Data),
         _ => None,
     }
 }

@@ -8,6 +8,11 @@
 //! costs no HMAC; the rest cost one only within [`budget::Budget`]; a ping is answered only once and only
 //! inside the timestamp window ([`probe::Replay`]). Drops are counted by reason
 //! (`meshd_probes_dropped_total{reason}`).
+//!
+//! An allocation request (see [`crate::forwarder`]) is admitted exactly like a ping (MAC, budget,
+//! timestamp window, replay list, a target) and answered at once with a grant or a refusal: only a node
+//! that may relay ([`Shared::relay`]: public, `meshd.relay: auto`) grants. Grants that answer this node's
+//! own requests go to the mesh with the pongs.
 
 mod budget;
 
@@ -23,9 +28,11 @@ use hybridnet_config::PublicKey;
 use tokio::sync::mpsc;
 
 use crate::Error;
+use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
 use crate::net;
 use crate::probe::{self, Kind, Probe};
+use crate::relay::Refused;
 
 /// How often the thread looks at its stop flag while no datagram arrives.
 const STOP_POLL: Duration = Duration::from_millis(200);
@@ -38,6 +45,8 @@ pub struct Pong {
     pub from: SocketAddr,
     /// A version-2 pong (a peer not upgraded yet: no target to check).
     pub v2: bool,
+    /// A relay's answer to an allocation request (`probe.kind` is [`Kind::Grant`]).
+    pub alloc: Option<probe::Alloc>,
 }
 
 /// The state the thread shares with the mesh.
@@ -47,6 +56,8 @@ pub struct Shared {
     pub keys: RwLock<HashMap<PublicKey, [u8; 32]>>,
     /// This node is a gateway candidate without an uplink (`NO_UPLINK` in its pongs).
     pub no_uplink: AtomicBool,
+    /// This node grants relay allocations (it has a public address of its own and `meshd.relay: auto`).
+    pub relay: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -57,6 +68,8 @@ pub struct Responder {
     /// For sending probes (same port, so pongs come back to it).
     pub socket: Arc<UdpSocket>,
     pub pongs: mpsc::UnboundedReceiver<Pong>,
+    /// The relay's forwarder (holds no port until it grants an allocation).
+    pub forwarder: Arc<Forwarder>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -64,9 +77,15 @@ impl Responder {
     /// Stops the thread and waits until it has released the socket (a new mesh binds the same port).
     pub async fn stop(mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        let thread = self.thread.take();
+        let forwarder = self.forwarder.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
+            forwarder.stop();
+        })
+        .await;
     }
 }
 
@@ -95,18 +114,21 @@ pub fn start(port: u16, me: PublicKey, metrics: Metrics) -> Result<Responder, Er
     let socket = Arc::new(UdpSocket::from(s));
     let shared = Arc::new(Shared::default());
     let (tx, pongs) = mpsc::unbounded_channel();
+    let forwarder = Arc::new(Forwarder::start(metrics.clone(), true)?);
     let thread = {
         let socket = socket.clone();
         let shared = shared.clone();
+        let forwarder = forwarder.clone();
         std::thread::Builder::new()
             .name("meshd-probe".to_owned())
-            .spawn(move || serve(&socket, &shared, me, &metrics, &tx))
+            .spawn(move || serve(&socket, &shared, me, &metrics, &tx, &forwarder))
             .map_err(|e| Error::Io(format!("probe thread: {e}")))?
     };
     Ok(Responder {
         shared,
         socket,
         pongs,
+        forwarder,
         thread: Some(thread),
     })
 }
@@ -117,8 +139,10 @@ fn serve(
     me: PublicKey,
     metrics: &Metrics,
     tx: &mpsc::UnboundedSender<Pong>,
+    forwarder: &Forwarder,
 ) {
-    let mut buf = [0u8; 128];
+    // Larger than any datagram of the protocol (a longer one is refused by its size, not cut to fit).
+    let mut buf = [0u8; 512];
     let mut budget = budget::Budget::new(Instant::now());
     let mut replay = probe::Replay::default();
     // Peers that sent a version-3 ping: their version-2 pings (recorded earlier) are not answered.
@@ -145,13 +169,59 @@ fn serve(
         };
         let at = Instant::now();
         let from = unmapped(raw_from);
-        let Some((probe, key)) = check(&buf[..n], from, at, shared, &mut budget, metrics) else {
+        let Some((probe, alloc, key)) = check(&buf[..n], from, at, shared, &mut budget, metrics)
+        else {
             metrics.probes_rejected.inc();
             continue;
         };
         let v2 = probe::is_v2(&buf[..n]);
-        match probe.kind {
-            Kind::Ping => {
+        match (probe.kind, alloc) {
+            (Kind::Allocate, Some(alloc)) => {
+                // Admitted like a ping: inside the window, once, with a target.
+                let now_us = probe::now_us();
+                let admitted = if probe.target.is_none() {
+                    Err("untargeted")
+                } else {
+                    replay
+                        .admit(probe.sender, probe.nonce, probe.timestamp_us, now_us)
+                        .map_err(probe::Refusal::as_str)
+                };
+                if let Err(reason) = admitted {
+                    metrics.dropped(reason);
+                    metrics.probes_rejected.inc();
+                    continue;
+                }
+                let answer = grant(shared, forwarder, &probe, &alloc, from, at);
+                let reply = Probe {
+                    kind: Kind::Grant,
+                    sender: me,
+                    timestamp_us: now_us,
+                    observed: Some(from),
+                    flags: 0,
+                    ..probe
+                };
+                if let Err(error) =
+                    socket.send_to(&probe::encode_alloc(&reply, &answer, &key), raw_from)
+                {
+                    tracing::debug!(%from, %error, "allocation answer not sent");
+                }
+            }
+            (Kind::Grant, Some(alloc)) => {
+                let pong = Pong {
+                    probe,
+                    at,
+                    from,
+                    v2: false,
+                    alloc: Some(alloc),
+                };
+                if tx.send(pong).is_err() {
+                    return;
+                }
+            }
+            (Kind::Allocate | Kind::Grant, None) | (Kind::Ping | Kind::Pong, Some(_)) => {
+                metrics.dropped("malformed");
+            }
+            (Kind::Ping, None) => {
                 let now_us = probe::now_us();
                 let admitted = if v2 {
                     // The rolling upgrade: a version-2 ping has no timestamp to check; it is answered
@@ -199,13 +269,14 @@ fn serve(
                     Err(error) => tracing::debug!(%from, %error, "pong not sent"),
                 }
             }
-            Kind::Pong => {
+            (Kind::Pong, None) => {
                 if tx
                     .send(Pong {
                         probe,
                         at,
                         from,
                         v2,
+                        alloc: None,
                     })
                     .is_err()
                 {
@@ -218,6 +289,48 @@ fn serve(
             next_prune = at + probe::WINDOW;
             replay.retain(|k| known(shared, k));
             upgraded.retain(|k| known(shared, k));
+        }
+    }
+}
+
+/// The answer to an admitted allocation request: a grant from the forwarder, or why not.
+fn grant(
+    shared: &Shared,
+    forwarder: &Forwarder,
+    probe: &Probe,
+    alloc: &probe::Alloc,
+    from: SocketAddr,
+    at: Instant,
+) -> probe::Alloc {
+    let refused = |result| probe::Alloc {
+        other: alloc.other,
+        result,
+        port: 0,
+        lifetime_s: 0,
+    };
+    if !shared.relay.load(Ordering::Relaxed) {
+        forwarder.refused_not_relay();
+        return refused(probe::AllocResult::NotRelay);
+    }
+    match forwarder.request(at, probe.sender, from.ip(), alloc.other, |k| {
+        known(shared, k)
+    }) {
+        Ok(g) => probe::Alloc {
+            other: alloc.other,
+            result: probe::AllocResult::Granted,
+            port: g.port,
+            lifetime_s: u32::try_from(g.expires.saturating_duration_since(at).as_secs())
+                .unwrap_or(u32::MAX)
+                .max(1),
+        },
+        Err(why) => {
+            tracing::debug!(requester = %probe.sender, other = %alloc.other, reason = why.as_str(), "relay allocation refused");
+            refused(match why {
+                Refused::SelfPair => probe::AllocResult::SelfPair,
+                Refused::UnknownParty => probe::AllocResult::UnknownParty,
+                Refused::TooMany => probe::AllocResult::TooMany,
+                Refused::NoPorts => probe::AllocResult::NoPorts,
+            })
         }
     }
 }
@@ -237,8 +350,11 @@ fn check(
     shared: &Shared,
     budget: &mut budget::Budget,
     metrics: &Metrics,
-) -> Option<(Probe, [u8; 32])> {
-    let Some(probe) = probe::decode(bytes) else {
+) -> Option<(Probe, Option<probe::Alloc>, [u8; 32])> {
+    let decoded = probe::decode(bytes)
+        .map(|p| (p, None))
+        .or_else(|| probe::decode_alloc(bytes).map(|(p, a)| (p, Some(a))));
+    let Some((probe, alloc)) = decoded else {
         metrics.dropped("malformed");
         return None;
     };
@@ -259,7 +375,7 @@ fn check(
         return None;
     }
     budget.verified(from, at);
-    Some((probe, key))
+    Some((probe, alloc, key))
 }
 
 fn unmapped(addr: SocketAddr) -> SocketAddr {

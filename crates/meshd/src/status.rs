@@ -74,6 +74,8 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "txBytes": p.stats.tx_bytes,
                 "handshakeAgeS": p.stats.last_handshake.map(|d| d.as_secs()),
                 "lastSeen": p.last_seen_unix,
+                // Its clock minus ours at its last version-3 pong (doctor's `clock` check reads it).
+                "clockOffsetMs": p.clock_offset_ms,
                 "source": p.source.as_str(),
                 // What the WireGuard device holds for the peer (read from the device).
                 "allowedIPs": mesh.device_allowed(&p.key).into_iter().flatten().map(ToString::to_string).collect::<Vec<_>>(),
@@ -127,6 +129,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
             })
         })
         .collect();
+    details["relay"] = relay(mesh, &name_of);
     // Prefixes of discovered peers the trust screen refused (see `plan::trust`).
     details["refusedPrefixes"] = crate::mesh::trust::rows(mesh, &planned.refused);
     if let Some(plan) = &mesh.plan {
@@ -138,6 +141,47 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         });
     }
     (summary, details)
+}
+
+/// End-to-end encrypted relaying: the allocations this node holds on its relays (`grants`), and as a
+/// relay (public, `relay: auto`) the allocations it holds for others and what it forwarded and dropped.
+fn relay(mesh: &Mesh, name_of: &dyn Fn(&hybridnet_config::PublicKey) -> String) -> Value {
+    let now = std::time::Instant::now();
+    let grants: Vec<Value> = mesh
+        .relaying
+        .views(now)
+        .iter()
+        .map(|v| {
+            json!({
+                "peer": name_of(&v.peer),
+                "relay": name_of(&v.relay),
+                "endpoint": v.endpoint.map(|e| e.to_string()),
+                "expiresInS": v.expires_in.map(|d| d.as_secs()),
+                "refused": v.refused.map(crate::probe::AllocResult::as_str),
+            })
+        })
+        .collect();
+    let (stats, rows) = mesh.forwarder().snapshot();
+    let allocations: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "parties": [name_of(&r.pair.0), name_of(&r.pair.1)],
+                "ports": r.ports,
+                "addresses": r.addrs.iter().map(|a| a.map(|a| a.to_string())).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "relays": mesh.relays_for_others(),
+        "grants": grants,
+        "allocations": allocations,
+        "openPorts": mesh.forwarder().open_ports(),
+        "forwardedPackets": stats.forwarded_packets,
+        "forwardedBytes": stats.forwarded_bytes,
+        "dropped": stats.dropped,
+        "requests": stats.requests,
+    })
 }
 
 /// The peer table for `meshd status`.
@@ -214,6 +258,31 @@ pub fn render(details: &Value) -> String {
             p["rxBytes"].to_string(),
             p["txBytes"].to_string(),
             paths.join(" "),
+        );
+    }
+    let relay = &details["relay"];
+    for g in relay["grants"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "relayed {} via {}: {}",
+            s(&g["peer"]),
+            s(&g["relay"]),
+            match (g["endpoint"].as_str(), g["refused"].as_str()) {
+                (Some(e), _) => format!("relay port {e}, {}s left", g["expiresInS"]),
+                (None, Some(why)) => format!("refused ({why})"),
+                (None, None) => "asking".to_owned(),
+            }
+        );
+    }
+    if relay["relays"] == true || relay["forwardedPackets"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            out,
+            "relay for others: {} allocations, {} ports, forwarded {} datagrams ({} bytes), dropped {}",
+            relay["allocations"].as_array().map_or(0, Vec::len),
+            relay["openPorts"],
+            relay["forwardedPackets"],
+            relay["forwardedBytes"],
+            relay["dropped"],
         );
     }
     for r in details["refusedPrefixes"].as_array().into_iter().flatten() {
@@ -312,8 +381,31 @@ mod tests {
                 {"name": "node5", "state": "up", "path": "relayed", "via": "node1", "endpoint": null, "rttMs": null, "failovers": 0, "rxBytes": 0, "txBytes": 0, "paths": []},
             ],
             "refusedPrefixes": [{"peer": "node5", "prefix": "0.0.0.0/0", "reason": "default-route"}],
+            "relay": {
+                "relays": true, "openPorts": 2, "forwardedPackets": 7, "forwardedBytes": 700,
+                "dropped": {"no-consent": 3},
+                "allocations": [{"parties": ["node3", "node4"], "ports": [40001, 40002], "addresses": [null, null]}],
+                "grants": [
+                    {"peer": "node5", "relay": "node1", "endpoint": "198.51.100.11:40001", "expiresInS": 52, "refused": null},
+                    {"peer": "node6", "relay": "node1", "endpoint": null, "expiresInS": null, "refused": "not-relay"},
+                ],
+            },
         });
         let out = render(&details);
+        assert!(
+            out.contains("relayed node5 via node1: relay port 198.51.100.11:40001, 52s left"),
+            "{out}"
+        );
+        assert!(
+            out.contains("relayed node6 via node1: refused (not-relay)"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "relay for others: 1 allocations, 2 ports, forwarded 7 datagrams (700 bytes)"
+            ),
+            "{out}"
+        );
         assert!(
             out.contains("location loc1  gateways loc1=node11 loc2=-"),
             "{out}"

@@ -253,9 +253,7 @@ mod tests {
 
     /// A query for `name` (A, IN) with ID 0, as the engine builds it.
     fn query(name: &str) -> (Vec<u8>, usize) {
-        let mut q = vec![0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-        q.extend_from_slice(&wire::name_to_wire(name));
-        q.extend_from_slice(&[0, 1, 0, 1]);
+        let q = wire::testing::query_with_id(name, hickory_proto::rr::RecordType::A, 0, None);
         let end = q.len();
         (q, end)
     }

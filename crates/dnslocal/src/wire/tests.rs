@@ -5,6 +5,7 @@ use hickory_proto::op::{Edns as HEdns, Message, OpCode, Query as HQuery, Respons
 use hickory_proto::rr::rdata::{A, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
+use super::testing::query;
 use super::*;
 
 const POLICY: TtlPolicy = TtlPolicy {
@@ -12,20 +13,6 @@ const POLICY: TtlPolicy = TtlPolicy {
     negative_ttl: 5,
     servfail_ttl: 1,
 };
-
-fn query(name: &str, rtype: RecordType, edns: Option<(u16, bool)>) -> Vec<u8> {
-    let mut m = Message::query();
-    m.metadata.id = 0xBEEF;
-    m.metadata.recursion_desired = true;
-    m.add_query(HQuery::query(Name::from_str(name).unwrap(), rtype));
-    if let Some((size, dnssec_ok)) = edns {
-        let mut e = HEdns::new();
-        e.set_max_payload(size);
-        e.set_dnssec_ok(dnssec_ok);
-        m.set_edns(e);
-    }
-    m.to_vec().unwrap()
-}
 
 fn response(
     name: &str,

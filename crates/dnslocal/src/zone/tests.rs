@@ -353,19 +353,14 @@ fn reverse_names_parse_strictly() {
     assert_eq!(rev("x.ip6.arpa"), None);
 }
 
+/// A client's query, ID 0x1234 (EDNS with a 1232-byte payload when `edns`).
 fn query(name: &str, qtype: u16, edns: bool) -> Vec<u8> {
-    let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)];
-    for l in name.split('.') {
-        q.push(l.len() as u8);
-        q.extend_from_slice(l.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&[0, 1]);
-    if edns {
-        q.extend_from_slice(&[0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0]);
-    }
-    q
+    crate::wire::testing::query_with_id(
+        name,
+        hickory_proto::rr::RecordType::from(qtype),
+        0x1234,
+        edns.then_some((1232, false)),
+    )
 }
 
 fn rendered(

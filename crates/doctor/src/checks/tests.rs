@@ -45,6 +45,7 @@ fn facts(cfg: &str) -> Facts {
             prefix_len: 24,
             interface: "eth0".to_owned(),
         }],
+        clock: Vec::new(),
     }
 }
 
@@ -301,6 +302,207 @@ fn clock_skew_seen_in_discovery_tls_errors() {
     }
     f.records.insert("meshd", m);
     assert_eq!(find(&all(&f), "clock").verdict, Verdict::Fail);
+}
+
+fn reading(source: &str, low_ms: i64, high_ms: i64) -> crate::skew::Measured {
+    crate::skew::Measured {
+        source: source.to_owned(),
+        offset: Ok(crate::skew::Offset { low_ms, high_ms }),
+    }
+}
+
+#[test]
+fn clock_skew_measured_against_http_dates() {
+    const API: &str = "https://192.0.2.1:6443/";
+    const DISCOVERY: &str = "https://discovery.talos.dev/";
+    let mut f = facts(OURS);
+    let judge = |f: &Facts| find(&all(f), "clock").clone();
+
+    // Ten minutes ahead of the API server: fails, with the fix and the figures in JSON.
+    f.clock = vec![reading(API, 599_500, 600_700)];
+    let c = judge(&f);
+    assert_eq!(c.verdict, Verdict::Fail, "{c:?}");
+    assert!(
+        c.message
+            .contains("600 s (10 min) behind https://192.0.2.1:6443/"),
+        "{c:?}"
+    );
+    assert!(c.message.contains("30 s"), "names the probe window: {c:?}");
+    let fix = c.fix.as_deref().unwrap_or_default();
+    assert!(
+        fix.contains("timedatectl set-ntp true") && fix.contains("machine.time"),
+        "{fix}"
+    );
+    let m = c.measured.expect("measured");
+    assert_eq!(m["source"], API);
+    assert_eq!(m["offsetSeconds"], 600.1);
+    assert_eq!(m["uncertaintySeconds"], 0.6);
+    assert_eq!(m["readings"][0]["lowSeconds"], 599.5);
+
+    // Our clock ahead by 20 s: fails too (the sign is in the words).
+    f.clock = vec![reading(API, -20_600, -19_400)];
+    let c = judge(&f);
+    assert_eq!(c.verdict, Verdict::Fail, "{c:?}");
+    assert!(c.message.contains("20 s ahead of"), "{c:?}");
+
+    // Exactly at the threshold (at least 15 s) is a warning; past it, a failure.
+    f.clock = vec![reading(API, 15_000, 16_000)];
+    assert_eq!(judge(&f).verdict, Verdict::Warn);
+    f.clock = vec![reading(API, 15_001, 16_000)];
+    assert_eq!(judge(&f).verdict, Verdict::Fail);
+
+    // Five seconds: a warning naming where it breaks.
+    f.clock = vec![reading(API, 4_500, 5_500)];
+    let c = judge(&f);
+    assert_eq!(c.verdict, Verdict::Warn, "{c:?}");
+    assert!(c.message.contains("at 15 s"), "{c:?}");
+
+    // Within what a round trip can tell: OK, with the offset.
+    f.clock = vec![reading(API, -400, 900)];
+    let c = judge(&f);
+    assert_eq!(c.verdict, Verdict::Ok, "{c:?}");
+    assert_eq!(
+        c.message,
+        "clock agrees with https://192.0.2.1:6443/ (offset +0.3 s ± 0.7 s)"
+    );
+
+    // One source far off, another right: the nearest decides (a server's own clock may be the wrong one).
+    f.clock = vec![
+        reading(DISCOVERY, 3_600_000, 3_600_500),
+        reading(API, -300, 700),
+        crate::skew::Measured {
+            source: "https://192.0.2.2:6443/".to_owned(),
+            offset: Err("connecting: timed out".to_owned()),
+        },
+    ];
+    let c = judge(&f);
+    assert_eq!(c.verdict, Verdict::Ok, "{c:?}");
+    assert!(c.message.contains("the nearest of 2 time sources"), "{c:?}");
+    assert_eq!(
+        c.measured.expect("measured")["readings"][2]["error"],
+        "connecting: timed out"
+    );
+
+    // Nobody answered and no registry: skipped, saying why.
+    f.clock = vec![crate::skew::Measured {
+        source: API.to_owned(),
+        offset: Err("no Date header (HTTP/1.1 200 OK)".to_owned()),
+    }];
+    let c = judge(&f);
+    assert_eq!(c.verdict, Verdict::Skip, "{c:?}");
+    assert!(c.message.contains("no Date header"), "{c:?}");
+
+    // A registry failing on certificate time fails even when a source looks right.
+    f.clock = vec![reading(API, -400, 900)];
+    let mut m = meshd(json!([]), 60);
+    if let Record::Live { details, .. } = &mut m {
+        details["discovery"] = json!({"registries": [{"endpoint": "discovery.talos.dev:443", "state": "backoff",
+            "error": "invalid peer certificate: Expired"}]});
+    }
+    f.records.insert("meshd", m);
+    assert_eq!(judge(&f).verdict, Verdict::Fail);
+}
+
+#[test]
+fn clock_skew_between_meshd_peers() {
+    let mut f = facts(OURS);
+    f.clock = vec![reading("https://192.0.2.1:6443/", -400, 900)];
+    let peers = |offsets: &[(&str, Option<i64>)]| {
+        meshd(
+            json!(
+                offsets
+                    .iter()
+                    .map(|(n, o)| json!({"name": n, "state": "up", "clockOffsetMs": o}))
+                    .collect::<Vec<_>>()
+            ),
+            60,
+        )
+    };
+    // In sync with the API server and with both peers (one has not answered a version-3 ping yet).
+    f.records
+        .insert("meshd", peers(&[("node2", Some(-120)), ("node3", None)]));
+    let c = find(&all(&f), "clock").clone();
+    assert_eq!(c.verdict, Verdict::Ok, "{c:?}");
+    assert!(
+        c.message
+            .ends_with("; 1 meshd peers' clocks within 0.1 s of ours (probe pongs)"),
+        "{c:?}"
+    );
+    assert_eq!(
+        c.measured.expect("measured")["peers"],
+        json!({"node2": -120})
+    );
+
+    // A peer 8 s ahead: a warning naming it, whichever of the two is off.
+    f.records.insert(
+        "meshd",
+        peers(&[("node2", Some(-120)), ("node3", Some(8_000))]),
+    );
+    let c = find(&all(&f), "clock").clone();
+    assert_eq!(c.verdict, Verdict::Warn, "{c:?}");
+    assert!(
+        c.message
+            .contains("meshd peer node3's clock is 8.0 s ahead of this node's"),
+        "{c:?}"
+    );
+    assert!(
+        c.fix
+            .as_deref()
+            .unwrap_or_default()
+            .contains("run doctor on node3 too"),
+        "{c:?}"
+    );
+
+    // This node 10 minutes off the API server: that failure stands (its peers refuse its probes: no offsets).
+    f.clock = vec![reading("https://192.0.2.1:6443/", 599_500, 600_700)];
+    f.records.insert("meshd", peers(&[("node2", None)]));
+    assert_eq!(find(&all(&f), "clock").verdict, Verdict::Fail);
+
+    // No time source answered: the peers alone make it OK.
+    f.clock = Vec::new();
+    f.records.insert("meshd", peers(&[("node2", Some(300))]));
+    let c = find(&all(&f), "clock").clone();
+    assert_eq!(c.verdict, Verdict::Ok, "{c:?}");
+}
+
+#[test]
+fn skew_in_words() {
+    assert_eq!(seconds(0), "0.0 s");
+    assert_eq!(seconds(949), "0.9 s");
+    assert_eq!(seconds(9_949), "9.9 s");
+    assert_eq!(seconds(9_950), "10 s");
+    assert_eq!(seconds(119_499), "119 s");
+    assert_eq!(seconds(599_600), "600 s (10 min)");
+    assert_eq!(
+        seconds(u64::MAX),
+        format!("{} s ({} min)", u64::MAX / 1000, u64::MAX / 60_000)
+    );
+}
+
+#[test]
+fn time_sources_from_the_config_or_the_command_line() {
+    let cfg = config(
+        "version: v1alpha1\nmachine: {type: worker}\ncluster:\n  controlPlane: {endpoint: https://cp.example:6443}\n  discovery: {enabled: true, registries: {service: {endpoint: https://discovery.example/}}}\n",
+    );
+    let src = crate::facts::Sources::default();
+    let got = crate::facts::time_sources(&src, Some(&cfg));
+    assert!(
+        got.contains(&"https://discovery.example/".to_owned()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"https://cp.example:6443/".to_owned()),
+        "{got:?}"
+    );
+    let src = crate::facts::Sources {
+        time_sources: vec!["http://127.0.0.1:8080/".to_owned()],
+        ..crate::facts::Sources::default()
+    };
+    assert_eq!(
+        crate::facts::time_sources(&src, Some(&cfg)),
+        vec!["http://127.0.0.1:8080/".to_owned()]
+    );
+    assert!(crate::facts::time_sources(&crate::facts::Sources::default(), None).is_empty());
 }
 
 #[test]

@@ -45,6 +45,15 @@ pub enum Rejected {
 }
 
 impl Rejected {
+    /// Every reason (each is a `reason` label of `meshd_discovery_rejected_total`, there from the start).
+    pub const ALL: [Rejected; 5] = [
+        Rejected::Oversized,
+        Rejected::Short,
+        Rejected::Decrypt,
+        Rejected::Protobuf,
+        Rejected::Endpoint,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Rejected::Oversized => "oversized",

@@ -37,6 +37,9 @@ use hybridnet_state::unix_now;
 
 /// The registry's name in status and in the `registry` metric label.
 pub const REGISTRY: &str = "k8s";
+/// The one reason this registry drops a record for (the `reason` label of `meshd_discovery_rejected_total`):
+/// a Node annotation that does not parse.
+pub const REJECTED_ANNOTATION: &str = "annotation";
 pub use hybridnet_kube::KUBELET_KUBECONFIGS;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
@@ -364,12 +367,7 @@ impl Registry {
             for b in bad {
                 tracing::warn!(registry = REGISTRY, node = %name, problem = %b, "ignoring a malformed node annotation");
                 self.metrics
-                    .discovery_rejected
-                    .get_or_create(&vec![
-                        ("registry".to_owned(), REGISTRY.to_owned()),
-                        ("reason".to_owned(), "annotation".to_owned()),
-                    ])
-                    .inc();
+                    .discovery_rejected(REGISTRY, REJECTED_ANNOTATION);
             }
             let n = bad.len() as u64;
             self.count(|st| st.rejected += n);

@@ -326,9 +326,8 @@ impl Registry {
 
     fn rejected(&self, id: &str, reason: super::codec::Rejected) {
         tracing::warn!(registry = %self.endpoint, affiliate = %id, reason = reason.as_str(), "dropping an affiliate record");
-        let mut labels = self.labels();
-        labels.push(("reason".to_owned(), reason.as_str().to_owned()));
-        self.metrics.discovery_rejected.get_or_create(&labels).inc();
+        self.metrics
+            .discovery_rejected(&self.endpoint, reason.as_str());
         let i = self.index;
         self.shared.update(|s| {
             if let Some(st) = s.status.get_mut(i) {

@@ -73,6 +73,7 @@ fn inputs(peers: Vec<PeerInput>) -> Inputs {
         peers,
         relay: RelayMode::Auto,
         relays_allowed: Vec::new(),
+        relay_grants: BTreeMap::new(),
         trust: trust::Trust::default(),
     }
 }
@@ -188,14 +189,52 @@ fn a_down_peer_goes_through_a_public_peer_that_is_up() {
         PathKind::Relayed { via: key(1) },
         "relayed through the public peer that is up"
     );
-    assert_eq!(allowed(&d, 2), Vec::<String>::new());
-    let relay = allowed(&d, 1);
-    for n in ["10.244.1.0/24", "10.244.2.0/24", "fd00:1::2/128"] {
-        assert!(relay.contains(&n.to_owned()), "{n} rides on the relay");
-    }
+    // End to end: the relayed peer keeps its own AllowedIPs, nothing of it goes onto the relay's peer.
+    assert_eq!(allowed(&d, 2), ["10.244.2.0/24", "fd00:1::2/128"]);
+    assert_eq!(allowed(&d, 1), ["10.244.1.0/24", "fd00:1::1/128"]);
+    // No grant yet: its own endpoint, and (without bypass) its routes as before.
+    assert_eq!(
+        d.device.peers[&key(2)].endpoint,
+        Some(ep("192.168.0.2:51820"))
+    );
+    // Granted: the endpoint is the relay port.
+    let relay_port = ep("198.51.100.1:40001");
+    let mut i = inputs(peers.clone());
+    i.bypass = true;
+    let d = plan(&i);
+    assert!(
+        !routes(&d).contains(&"10.244.2.0/24".to_owned()),
+        "with bypass, a relayed peer without a grant is down: its routes go"
+    );
+    i.relay_grants = BTreeMap::from([(key(2), (key(1), relay_port))]);
+    let d = plan(&i);
+    assert_eq!(d.device.peers[&key(2)].endpoint, Some(relay_port));
+    assert_eq!(allowed(&d, 2), ["10.244.2.0/24", "fd00:1::2/128"]);
+    assert_eq!(allowed(&d, 1), ["10.244.1.0/24", "fd00:1::1/128"]);
+    assert_eq!(
+        d.device.peers[&key(1)].endpoint,
+        Some(ep("198.51.100.1:51820")),
+        "the relay's own peer keeps its endpoint"
+    );
     assert!(
         routes(&d).contains(&"10.244.2.0/24".to_owned()),
-        "a relayed peer is reachable: its routes stay, even with bypass"
+        "a relayed peer with a grant is reachable: its routes stay, even with bypass"
+    );
+    // A grant from another relay than the plan's is not used.
+    i.relay_grants = BTreeMap::from([(key(2), (key(3), relay_port))]);
+    let d = plan(&i);
+    assert_eq!(
+        d.device.peers[&key(2)].endpoint,
+        Some(ep("192.168.0.2:51820"))
+    );
+    // The pair goes direct (the peer is up): the grant is ignored.
+    let mut direct = inputs(vec![peer(1, true), peer(2, false)]);
+    direct.relay_grants = BTreeMap::from([(key(2), (key(1), relay_port))]);
+    let d = plan(&direct);
+    assert_eq!(d.paths[&key(2)], PathKind::Direct);
+    assert_eq!(
+        d.device.peers[&key(2)].endpoint,
+        Some(ep("192.168.0.2:51820"))
     );
     // A public node relays for others and is never relayed itself: it forwards.
     let mut i = inputs(peers.clone());

@@ -50,7 +50,7 @@ impl Lab {
             |k| [key(1), key(2), key(3)].contains(k),
             || {
                 *port += 1;
-                *port
+                Some(*port)
             },
         )
     }
@@ -231,7 +231,7 @@ fn an_allocation_is_held_to_its_budget_and_a_node_to_its_share() {
             |_| true,
             || {
                 port += 1;
-                port
+                Some(port)
             },
         );
         if let Err(e) = r {
@@ -254,8 +254,65 @@ fn wireguard_shapes() {
     v[0] = 4;
     assert_eq!(is_wireguard(&v, 32), Some(MessageType::Data));
     assert_eq!(is_wireguard(&v, 48), Some(MessageType::Data));
-    assert_eq!(is_wireguard(&v, 40), None);
+    // boringtun does not pad the plaintext: any size from the header and tag up.
+    assert_eq!(is_wireguard(&v, 116), Some(MessageType::Data));
+    assert_eq!(is_wireguard(&v, 31), None);
     v[2] = 1;
     assert_eq!(is_wireguard(&v, 32), None);
     assert_eq!(is_wireguard(&[4, 0, 0], 32), None);
+}
+
+/// A relay that cannot open a port refuses, and keeps nothing (no half-made allocation).
+#[test]
+fn no_port_no_allocation() {
+    let mut t = Allocations::default();
+    let now = Instant::now();
+    let mut first = true;
+    let r = t.request(
+        now,
+        key(1),
+        "203.0.113.1".parse().unwrap(),
+        key(2),
+        |_| true,
+        || {
+            let got = first.then_some(40001);
+            first = false;
+            got
+        },
+    );
+    assert_eq!(r, Err(Refused::NoPorts));
+    assert!(t.is_empty());
+    assert_eq!(t.ports().count(), 0);
+}
+
+/// A side that sends before the other side asked (its handshake is dropped: no consent) is still where
+/// the other side's first datagram goes once it asks: no 5 s wait for WireGuard's handshake retry.
+#[test]
+fn the_first_sides_address_is_learnt_before_the_other_consents() {
+    let mut lab = Lab::new();
+    let a = lab.ask(1, "203.0.113.1", 2).unwrap();
+    assert_eq!(
+        lab.send(a.port, "203.0.113.1:5000", &initiation()),
+        Err(Dropped::NoConsent)
+    );
+    let b = lab.ask(2, "198.51.100.2", 1).unwrap();
+    assert_eq!(
+        lab.send(b.port, "198.51.100.2:6000", &initiation()),
+        Ok(Forward {
+            from_port: a.port,
+            to: addr("203.0.113.1:5000")
+        })
+    );
+    // A stranger's datagram before consent teaches nothing: only the side's own address counts.
+    let mut lab = Lab::new();
+    let a = lab.ask(1, "203.0.113.1", 2).unwrap();
+    assert_eq!(
+        lab.send(a.port, "192.0.2.66:5000", &initiation()),
+        Err(Dropped::Stranger)
+    );
+    let b = lab.ask(2, "198.51.100.2", 1).unwrap();
+    assert_eq!(
+        lab.send(b.port, "198.51.100.2:6000", &initiation()),
+        Err(Dropped::OtherSideUnknown)
+    );
 }

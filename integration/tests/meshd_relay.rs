@@ -1,0 +1,433 @@
+//! End-to-end encrypted relaying (issue 13 item 3), in the NAT lab: two nodes behind symmetric NATs talk
+//! through a public node that forwards their WireGuard datagrams between two relay ports without being
+//! able to read them. `tcpdump` on the relay sees only WireGuard-shaped UDP between its relay ports and
+//! the two parties' NATed addresses, never a packet between the parties' inner addresses; the relay's
+//! WireGuard device holds neither party's AllowedIPs on the other's peer; a TCP stream survives 10 s
+//! through the relay, and again while the pair leaves the relay for a direct path (port forwards on both
+//! routers). A third node that asks the relay for a pair with a party that never asked gets nothing
+//! forwarded. Needs root and tcpdump; fails (never skips) without them.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use hybridnet_config::PublicKey;
+use hybridnet_integration::meshd::nat::{Nat, NatLab};
+use hybridnet_integration::meshd::{PORT, TcpFlow};
+use hybridnet_integration::wait_until;
+use hybridnet_meshd::identity;
+use hybridnet_meshd::probe::{self, Alloc, AllocResult, Kind, Probe};
+use serde_json::Value;
+
+fn wait_path(lab: &NatLab, i: usize, j: usize, path: &str, timeout: Duration) -> String {
+    let mut via = String::new();
+    wait_until(
+        timeout,
+        format!("{} -> {} {path}", lab.nodes[i].name(), lab.nodes[j].name()),
+        || {
+            let (p, v, endpoint, state) = lab.path(i, j)?;
+            if p == path && state == "up" {
+                via = v;
+                Ok(())
+            } else {
+                Err(format!("{p} via {v} endpoint {endpoint} state {state}"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    via
+}
+
+/// Node `i`'s relay status (`details.relay`).
+fn relay_status(lab: &NatLab, i: usize) -> Value {
+    lab.nodes[i]
+        .details()
+        .map(|d| d["relay"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Node `i`'s granted relay endpoint for node `j`, if any.
+fn grant(lab: &NatLab, i: usize, j: usize) -> Option<String> {
+    let name = lab.nodes[j].name();
+    relay_status(lab, i)["grants"]
+        .as_array()?
+        .iter()
+        .find(|g| g["peer"] == name.as_str())
+        .and_then(|g| g["endpoint"].as_str().map(str::to_owned))
+}
+
+/// The AllowedIPs node `i`'s device holds for node `j`.
+fn allowed(lab: &NatLab, i: usize, j: usize) -> Vec<String> {
+    lab.nodes[i]
+        .peer(&lab.nodes[j].name())
+        .map(|row| {
+            row["allowedIPs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A running tcpdump, stopped when dropped (a failed assertion too).
+struct Capture(Child);
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// tcpdump in node `i`'s namespace, every interface, to a pcap file.
+fn capture(lab: &NatLab, i: usize, file: &std::path::Path) -> Capture {
+    let child = lab.nodes[i].netns.spawn(&[
+        "tcpdump",
+        "-i",
+        "any",
+        "-n",
+        "-U",
+        "-s",
+        "128",
+        "-w",
+        &file.to_string_lossy(),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    Capture(child)
+}
+
+/// The capture as text, one packet a line.
+fn read_capture(file: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("tcpdump")
+        .args(["-r", &file.to_string_lossy(), "-n", "-nn", "-q"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("tcpdump -r (is tcpdump installed? hack/test.sh installs it): {e}")
+        });
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A capture line's IPv4 UDP source and destination and length ("IP a.b.c.d.p > e.f.g.h.q: UDP, length n").
+fn udp4(line: &str) -> Option<(SocketAddr, SocketAddr, usize)> {
+    let rest = &line[line.find(" IP ")? + 4..];
+    let mut words = rest.split_whitespace();
+    let src = words.next()?;
+    if words.next()? != ">" {
+        return None;
+    }
+    let dst = words.next()?.trim_end_matches(':');
+    let sock = |s: &str| -> Option<SocketAddr> {
+        let (ip, port) = s.rsplit_once('.')?;
+        Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))
+    };
+    let len = rest.rsplit_once("length ")?.1.trim().parse().ok()?;
+    rest.contains("UDP").then_some(())?;
+    Some((sock(src)?, sock(dst)?, len))
+}
+
+fn wireguard_shaped(len: usize) -> bool {
+    // Initiation, response, cookie reply, or data (header and tag at least; boringtun does not pad).
+    matches!(len, 148 | 92 | 64) || len >= 32
+}
+
+#[test]
+fn symmetric_nats_talk_through_a_relay_that_forwards_only_ciphertext() {
+    // node1, node2 public; node3, node4 behind symmetric NATs (no direct path between them).
+    let lab = NatLab::with_publics("meshd-relay", 2, &[Nat::Symmetric, Nat::Symmetric]);
+    let (a, b) = (2, 3);
+    let pcaps: Vec<_> = (0..2)
+        .map(|i| lab.dir.join(format!("relay-node{}.pcap", i + 1)))
+        .collect();
+    let mut captures: Vec<Capture> = (0..2).map(|i| capture(&lab, i, &pcaps[i])).collect();
+    let start = Instant::now();
+    let _daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
+
+    // Relayed, with a grant on both sides: the endpoint is the relay's address at a relay port.
+    let via = wait_path(&lab, a, b, "relayed", Duration::from_secs(10));
+    assert_eq!(
+        wait_path(&lab, b, a, "relayed", Duration::from_secs(10)),
+        via
+    );
+    let r = (0..2)
+        .find(|&i| lab.nodes[i].name() == via)
+        .unwrap_or_else(|| panic!("relayed via {via}, not a public node"));
+    let c = 1 - r;
+    let r_ip = lab.wan_ip(r);
+    let mut endpoints = Vec::new();
+    for (i, j) in [(a, b), (b, a)] {
+        let mut got = String::new();
+        wait_until(Duration::from_secs(10), "a relay grant", || {
+            got = grant(&lab, i, j).ok_or_else(|| format!("{}", relay_status(&lab, i)))?;
+            Ok::<(), String>(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let ep: SocketAddr = got.parse().unwrap_or_else(|e| panic!("{got}: {e}"));
+        assert_eq!(ep.ip(), IpAddr::V4(r_ip), "the relay's address");
+        assert_ne!(
+            ep.port(),
+            PORT,
+            "a relay port, not the relay's WireGuard port"
+        );
+        endpoints.push(ep);
+    }
+    let granted = start.elapsed();
+    let dst = lab.nodes[b].mesh_ip().to_string();
+    wait_until(Duration::from_secs(10), "a ping through the relay", || {
+        lab.nodes[a].ping(&dst)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let relayed = start.elapsed();
+    eprintln!(
+        "relayed through {via}: both grants after {granted:?}, ping through after {relayed:?} (from the daemons' start, discovery included)"
+    );
+
+    // The relay holds one allocation, for the pair, with the two relay ports the parties were granted.
+    let status = relay_status(&lab, r);
+    assert_eq!(status["relays"], true, "{status}");
+    let rows = status["allocations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let pair_row = rows
+        .iter()
+        .find(|row| {
+            let parties = row["parties"].to_string();
+            parties.contains(&lab.nodes[a].name()) && parties.contains(&lab.nodes[b].name())
+        })
+        .unwrap_or_else(|| panic!("no allocation for the pair: {status}"));
+    let relay_ports: Vec<u16> = pair_row["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()))
+        .collect();
+    for ep in &endpoints {
+        assert!(relay_ports.contains(&ep.port()), "{ep} in {relay_ports:?}");
+    }
+
+    // A TCP stream through the relay for 10 s.
+    let flow = TcpFlow::start(
+        &lab.nodes[b].netns,
+        &lab.nodes[a].netns,
+        lab.nodes[b].mesh_ip(),
+        5201,
+    );
+    std::thread::sleep(Duration::from_secs(10));
+    let (gap, echoes) = flow
+        .finish()
+        .unwrap_or_else(|e| panic!("TCP through the relay: {e}"));
+    eprintln!("TCP through the relay: {echoes} echoes in 10 s, longest gap {gap:?}");
+    assert!(
+        echoes > 100 && gap < Duration::from_secs(2),
+        "{echoes} echoes, gap {gap:?}"
+    );
+    let forwarded = relay_status(&lab, r)["forwardedPackets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(forwarded > 200, "the relay forwarded {forwarded} datagrams");
+
+    // Nothing of one party is on the other's WireGuard peer, on the relay or on the parties: each
+    // peer holds its own AllowedIPs only. `allowedIPs` in `meshd status` is what the device reports over
+    // its UAPI; `wg show` cannot reach a userspace device here (its UAPI is a private socket pair, not
+    // `/var/run/wireguard/<iface>.sock`: see `crates/meshd/src/wg/userspace.rs`).
+    let inner = |i: usize| format!("{}/32", lab.nodes[i].mesh_ip());
+    for (holder, peer, foreign) in [(r, a, b), (r, b, a), (a, r, b), (b, r, a)] {
+        let got = allowed(&lab, holder, peer);
+        assert!(
+            !got.contains(&inner(foreign)),
+            "{} holds {}'s {} on {}'s peer: {got:?}",
+            lab.nodes[holder].name(),
+            lab.nodes[foreign].name(),
+            inner(foreign),
+            lab.nodes[peer].name()
+        );
+    }
+    for (i, j) in [(a, b), (b, a)] {
+        assert!(
+            allowed(&lab, i, j).contains(&inner(j)),
+            "the relayed peer keeps its own AllowedIPs: {:?}",
+            allowed(&lab, i, j)
+        );
+    }
+
+    // A hostile third node: node `c` (public, no relay needed) asks the relay for a pair with `a`, who
+    // never asked for it. Granted a port (one side's consent costs the relay a port, within the per-node
+    // cap), but nothing it sends there is forwarded.
+    let c_key = identity::load_or_create(&lab.nodes[c].data_dir.join("meshd.key"))
+        .unwrap_or_else(|e| panic!("node{}'s key: {e}", c + 1));
+    let key_of = |i: usize| -> PublicKey {
+        let d = lab.nodes[i].details().unwrap_or_else(|e| panic!("{e}"));
+        d["publicKey"]
+            .as_str()
+            .and_then(|k| k.parse().ok())
+            .unwrap_or_else(|| panic!("public key of node{}", i + 1))
+    };
+    let (r_key, a_key) = (key_of(r), key_of(a));
+    let relay_probe = SocketAddr::new(IpAddr::V4(r_ip), PORT + 1);
+    let pair_key = probe::key(&c_key.shared(&r_key));
+    let dropped_before = relay_status(&lab, r)["dropped"]["no-consent"]
+        .as_u64()
+        .unwrap_or(0);
+    let hostile_port = lab.nodes[c]
+        .netns
+        .enter(|| -> Result<u16, String> {
+            let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .map_err(|e| e.to_string())?;
+            let ask = Probe {
+                kind: Kind::Allocate,
+                sender: c_key.public(),
+                nonce: 0x5eed_0000_0000_0001,
+                timestamp_us: probe::now_us(),
+                observed: None,
+                target: Some(relay_probe),
+                flags: 0,
+            };
+            let alloc = Alloc {
+                other: a_key,
+                result: AllocResult::Granted,
+                port: 0,
+                lifetime_s: 0,
+            };
+            s.send_to(&probe::encode_alloc(&ask, &alloc, &pair_key), relay_probe)
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 256];
+            let (n, _) = s
+                .recv_from(&mut buf)
+                .map_err(|e| format!("no answer: {e}"))?;
+            let (answer, got) = probe::decode_alloc(&buf[..n]).ok_or("not an allocation answer")?;
+            if !probe::verify(&buf[..n], &pair_key) || answer.kind != Kind::Grant {
+                return Err("answer not authenticated".into());
+            }
+            if got.result != AllocResult::Granted {
+                return Err(format!("refused: {}", got.result.as_str()));
+            }
+            let mut data = vec![0u8; 64];
+            data[0] = 4;
+            let to = SocketAddr::new(IpAddr::V4(r_ip), got.port);
+            for _ in 0..50 {
+                s.send_to(&data, to).map_err(|e| e.to_string())?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(got.port)
+        })
+        .unwrap_or_else(|e| panic!("enter node{}: {e}", c + 1))
+        .unwrap_or_else(|e| panic!("the hostile request: {e}"));
+    // The status file is written every second or so: wait for it to show the drops.
+    let mut status = Value::Null;
+    wait_until(
+        Duration::from_secs(5),
+        "the third node's datagrams to be dropped for want of consent",
+        || {
+            status = relay_status(&lab, r);
+            let dropped = status["dropped"]["no-consent"].as_u64().unwrap_or(0);
+            if dropped >= dropped_before + 50 {
+                Ok(())
+            } else {
+                Err(format!("{status}"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let hostile_row = status["allocations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|row| row["ports"].to_string().contains(&hostile_port.to_string()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no allocation with port {hostile_port}: {status}"));
+    let a_side_port: u16 = hostile_row["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()))
+        .find(|p| *p != hostile_port)
+        .unwrap_or_else(|| panic!("{hostile_row}"));
+
+    // The pair leaves the relay when a direct path answers (both routers forward the WireGuard and
+    // probe ports), and a stream running meanwhile survives.
+    let flow = TcpFlow::start(
+        &lab.nodes[b].netns,
+        &lab.nodes[a].netns,
+        lab.nodes[b].mesh_ip(),
+        5202,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    lab.port_forward(a);
+    lab.port_forward(b);
+    let t = Instant::now();
+    wait_path(&lab, a, b, "direct", Duration::from_secs(15));
+    wait_path(&lab, b, a, "direct", Duration::from_secs(15));
+    let left = t.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let (gap, echoes) = flow
+        .finish()
+        .unwrap_or_else(|e| panic!("TCP while leaving the relay: {e}"));
+    eprintln!(
+        "port forwards added: the pair left the relay after {left:?}; the stream meanwhile: {echoes} echoes, longest gap {gap:?}"
+    );
+    assert!(gap < Duration::from_secs(3), "longest gap {gap:?}");
+    for (i, j) in [(a, b), (b, a)] {
+        wait_until(
+            Duration::from_secs(3),
+            "the grant to be dropped",
+            || match grant(&lab, i, j) {
+                None => Ok(()),
+                Some(g) => Err(format!("still granted {g}")),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    // What the relay saw on the wire.
+    captures.clear();
+    let lines = read_capture(&pcaps[r]);
+    assert!(lines.len() > 100, "{} captured packets", lines.len());
+    let parties = [lab.wan_ip(a), lab.wan_ip(b)].map(IpAddr::V4);
+    let mut relayed_seen = 0;
+    for line in &lines {
+        // Never a packet between the parties' inner addresses (IPv4 mesh addresses, or IPv6 ones).
+        let ia = lab.nodes[a].mesh_ip().to_string();
+        let ib = lab.nodes[b].mesh_ip().to_string();
+        let has = |ip: &str| line.contains(&format!("{ip}.")) || line.contains(&format!("{ip} "));
+        assert!(
+            !(has(&ia) && has(&ib)),
+            "the relay saw the pair's traffic in clear: {line}"
+        );
+        let Some((src, dst, len)) = udp4(line) else {
+            continue;
+        };
+        let (relay_side, other) = if src.ip() == IpAddr::V4(r_ip) {
+            (src, dst)
+        } else if dst.ip() == IpAddr::V4(r_ip) {
+            (dst, src)
+        } else {
+            continue;
+        };
+        if relay_ports.contains(&relay_side.port()) {
+            relayed_seen += 1;
+            assert!(
+                parties.contains(&other.ip()),
+                "a relay port talks to a stranger: {line}"
+            );
+            assert!(wireguard_shaped(len), "not WireGuard-shaped: {line}");
+        }
+        assert!(
+            !(src.ip() == IpAddr::V4(r_ip) && src.port() == a_side_port),
+            "forwarded for the hostile pair: {line}"
+        );
+    }
+    assert!(
+        relayed_seen > 400,
+        "{relayed_seen} datagrams at the relay ports"
+    );
+    eprintln!(
+        "tcpdump on {via}: {} packets, {relayed_seen} at the pair's relay ports, all WireGuard-shaped between them and the parties' NAT addresses",
+        lines.len()
+    );
+}
