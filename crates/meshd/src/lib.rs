@@ -265,9 +265,8 @@ async fn report(
     written: &mut Option<(Members, Instant)>,
     underlay: &mut (Vec<std::net::IpAddr>, Option<Instant>),
 ) {
-    if let Err(error) = mesh.refresh_stats().await {
-        tracing::debug!(%error, "cannot read the device counters");
-    }
+    // The counters are those of the poll's last reading (every `probing::stats_interval`): a report after
+    // each change does not dump the device again.
     mesh.update_metrics();
     let (summary, mut details) = status::report(mesh);
     if let Some(d) = discovery {

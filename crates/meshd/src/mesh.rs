@@ -10,7 +10,7 @@ use ipnet::{IpNet, Ipv6Net};
 
 use crate::identity::{self, PrivateKey};
 use crate::kubespan;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::net::{self, Net};
 use crate::peer::{Action, PeerMachine, PeerState, Timing};
 use crate::probe::{self, Kind, Probe};
@@ -43,7 +43,8 @@ pub struct Peer {
     pub name: String,
     pub key: PublicKey,
     pub mesh_addr: Ipv6Addr,
-    pub allowed_ips: BTreeSet<IpNet>,
+    /// Shared with each plan's input (no copy per pass).
+    pub allowed_ips: Arc<BTreeSet<IpNet>>,
     pub location: Option<String>,
     pub source: Source,
     pub node_id: Option<String>,
@@ -66,15 +67,14 @@ pub struct Peer {
     pub last_seen_unix: u64,
     reported_failovers: u64,
     /// KubeSpan-compatible mode: the handshake-driven fallback for a peer that does not answer probes.
-    pub handshake: Option<kubespan::Handshake>,
+    /// Boxed: only KubeSpan-compatible mode has one.
+    pub handshake: Option<Box<kubespan::Handshake>>,
     /// When the peer's machine appeared (the fallback starts after [`PROBE_GRACE`] without a pong).
     since: Instant,
     /// Order of first sight (an earlier peer keeps a mesh address a later one claims too).
     pub seniority: u64,
     /// Prefixes its source refused (see [`crate::plan::trust`]).
     pub refused: Vec<(IpNet, crate::plan::trust::Reason)>,
-    /// Its AllowedIPs as the WireGuard device reported them at the last read (status).
-    pub device_allowed: BTreeSet<IpNet>,
     /// The last WireGuard handshake, from the device's age at the last stats read.
     last_handshake_at: Option<Instant>,
 }
@@ -178,7 +178,7 @@ pub struct Mesh {
     last_counted: Instant,
     /// The last counter reading failed: no more until a reconcile succeeds.
     stats_failed: bool,
-    timing: Timing,
+    timing: Arc<Timing>,
     nonce: u64,
     cache_written: Option<cache::Cache>,
     /// Peers from the config and the cache (re-read on a config change).
@@ -215,6 +215,10 @@ pub struct Mesh {
     protected: Vec<IpAddr>,
     refused: Vec<plan::trust::Refused>,
     next_seniority: u64,
+    /// What meshd knows of the device and of its routes: the last read with every change applied since
+    /// (the device also as each counter reading found it). `None`: the next pass reads it (see `apply`).
+    device_known: Option<Actual>,
+    routes_known: Option<net::KnownRoutes>,
     /// End-to-end encrypted relaying, this node's side: the allocations it asks its relays for.
     pub relaying: crate::relay::client::Client,
     next_relay_check: Instant,
@@ -290,7 +294,7 @@ impl Mesh {
             next_stats: Instant::now(),
             last_counted: Instant::now(),
             stats_failed: false,
-            timing: Timing::default(),
+            timing: Arc::new(Timing::default()),
             nonce: fastrand::u64(..),
             cache_written: None,
             base: specs.clone(),
@@ -313,6 +317,8 @@ impl Mesh {
             protected,
             refused: Vec::new(),
             next_seniority: 0,
+            device_known: None,
+            routes_known: None,
             relaying: crate::relay::client::Client::default(),
             next_relay_check: Instant::now(),
             cfg,
@@ -462,6 +468,7 @@ impl Mesh {
             let mesh_addr = self.peer_address(&spec);
             let mut allowed: BTreeSet<IpNet> = spec.allowed_ips.iter().copied().collect();
             allowed.insert(IpNet::from(ipnet::Ipv6Net::from(mesh_addr)));
+            let allowed = Arc::new(allowed);
             let peer = match self.peers.remove(&spec.key) {
                 Some(mut p) => {
                     p.machine.set_candidates(&spec.candidates, now);
@@ -485,17 +492,16 @@ impl Mesh {
                         .cfg
                         .meshd
                         .kubespan_compat
-                        .then(|| kubespan::Handshake::new(&spec.candidates, now)),
+                        .then(|| Box::new(kubespan::Handshake::new(&spec.candidates, now))),
                     since: now,
                     seniority: {
                         self.next_seniority += 1;
                         self.next_seniority
                     },
                     refused: spec.refused,
-                    device_allowed: BTreeSet::new(),
                     last_handshake_at: None,
                     probe_key: probe::key(&self.key.shared(&spec.key)),
-                    machine: PeerMachine::new(&spec.candidates, self.timing, now),
+                    machine: PeerMachine::new(&spec.candidates, Arc::clone(&self.timing), now),
                     name: spec.name,
                     key: spec.key,
                     mesh_addr,
@@ -520,10 +526,8 @@ impl Mesh {
         }
         for (_, gone) in self.peers.drain() {
             tracing::info!(peer = %gone.name, "peer removed");
-            let labels = metrics::peer(&gone.name);
-            self.metrics.peer_state.remove(&labels);
-            self.metrics.peer_rtt_seconds.remove(&labels);
-            self.metrics.peer_failovers.remove(&labels);
+            self.metrics
+                .remove_peer(&gone.name, gone.machine.paths.iter().map(|p| p.endpoint));
         }
         self.peers = next;
         let keys = self.peers.values().map(|p| (p.key, p.probe_key)).collect();
@@ -557,6 +561,12 @@ impl Mesh {
     /// Runs the peer machines and applies what they decide. Returns whether a peer changed its state or
     /// endpoint (worth reporting at once).
     pub async fn poll(&mut self, now: Instant) -> bool {
+        // Pongs that arrived before now count before any probe is judged missed: after a stall of this
+        // loop (a starved CPU) the responder thread has queued them with their arrival times, and judging
+        // first would fail over every peer whose pong waits in the queue.
+        while let Ok(pong) = self.responder.pongs.try_recv() {
+            self.handle_pong(&pong);
+        }
         let mut changed = false;
         let mut probes = Vec::new();
         let mut counter = self.nonce;
@@ -675,7 +685,7 @@ impl Mesh {
             }
         }
         if self.dirty || now >= self.next_resync {
-            match self.reconcile().await {
+            match self.reconcile(now >= self.next_resync).await {
                 Ok(()) => {
                     self.dirty = false;
                     self.stats_failed = false;
@@ -957,7 +967,7 @@ impl Mesh {
                 .values()
                 .map(|p| plan::PeerInput {
                     key: p.key,
-                    allowed_ips: p.allowed_ips.clone(),
+                    allowed_ips: Arc::clone(&p.allowed_ips),
                     public: p.public,
                     probe_state: p.machine.state,
                     state: p.state(),
@@ -1138,11 +1148,15 @@ impl Mesh {
         match self.backend.get().await {
             Ok(actual) => {
                 self.absorb_stats(&actual);
+                // The freshest view of the device for the next change's diff (e.g. where WireGuard
+                // roamed a peer to).
+                self.device_known = Some(actual);
                 Ok(())
             }
             Err(error) => {
                 self.stats_failed = true;
                 self.dirty = true;
+                self.forget_kernel();
                 Err(error)
             }
         }
@@ -1158,9 +1172,6 @@ impl Mesh {
         }
         for (key, (config, stats)) in &actual.peers {
             if let Some(peer) = self.peers.get_mut(key) {
-                if peer.device_allowed != config.allowed_ips {
-                    peer.device_allowed.clone_from(&config.allowed_ips);
-                }
                 if stats.rx_bytes != peer.stats.rx_bytes {
                     peer.last_rx_change = now;
                 }
@@ -1186,6 +1197,13 @@ impl Mesh {
                 peer.stats = *stats;
             }
         }
+    }
+
+    /// A peer's allowed IPs as the WireGuard device holds them, as far as meshd knows (the last read and the
+    /// changes applied since; `None` before the first read, or after a failure until the next).
+    pub fn device_allowed(&self, key: &PublicKey) -> Option<&BTreeSet<IpNet>> {
+        let (config, _) = self.device_known.as_ref()?.peers.get(key)?;
+        Some(&config.allowed_ips)
     }
 
     /// This node's underlay addresses.

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub reconciles: Counter,
     /// Duration of the last reconcile pass.
     pub reconcile_seconds: Gauge<f64, AtomicU64>,
+    /// Duration of the last reconcile pass triggered by a change (no device or route dump).
+    pub reconcile_change_seconds: Gauge<f64, AtomicU64>,
     pub reconcile_errors: Counter,
     pub wireguard_peer_ops: Counter,
     pub route_changes: Counter,
@@ -138,6 +140,11 @@ impl Metrics {
                 "reconcile_seconds",
                 "Duration of the last reconcile pass (device diff and apply, route sync)",
                 m.reconcile_seconds.clone(),
+            );
+            r.register(
+                "reconcile_change_seconds",
+                "Duration of the last reconcile pass triggered by a change (diffed against what meshd knows: no device or route dump)",
+                m.reconcile_change_seconds.clone(),
             );
             r.register(
                 "reconcile_errors",
@@ -363,6 +370,42 @@ fn rejected_labels(registry: &str, reason: &str) -> Labels {
 
 pub fn peer(name: &str) -> Labels {
     vec![("peer".to_owned(), name.to_owned())]
+}
+
+/// The labels of a peer's `meshd_peer_path` series.
+pub fn peer_path(name: &str, kind: &str) -> Labels {
+    vec![
+        ("peer".to_owned(), name.to_owned()),
+        ("path".to_owned(), kind.to_owned()),
+    ]
+}
+
+/// The labels of a peer's `meshd_peer_active_endpoint` series.
+pub fn peer_endpoint(name: &str, endpoint: std::net::SocketAddr) -> Labels {
+    vec![
+        ("peer".to_owned(), name.to_owned()),
+        ("endpoint".to_owned(), endpoint.to_string()),
+    ]
+}
+
+impl Metrics {
+    /// Removes every series of a peer that is gone (`endpoints`: its paths').
+    pub fn remove_peer(&self, name: &str, endpoints: impl Iterator<Item = std::net::SocketAddr>) {
+        let labels = peer(name);
+        self.peer_state.remove(&labels);
+        self.peer_rtt_seconds.remove(&labels);
+        self.peer_handshake_age_seconds.remove(&labels);
+        self.peer_rx_bytes.remove(&labels);
+        self.peer_tx_bytes.remove(&labels);
+        self.peer_failovers.remove(&labels);
+        for kind in crate::topology::PATH_KINDS {
+            self.peer_path.remove(&peer_path(name, kind));
+        }
+        for endpoint in endpoints {
+            self.peer_active_endpoint
+                .remove(&peer_endpoint(name, endpoint));
+        }
+    }
 }
 
 #[cfg(test)]

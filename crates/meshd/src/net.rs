@@ -25,6 +25,9 @@ use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 use crate::Error;
 pub use crate::topology::Route;
 
+/// meshd's routes by destination, with their output link (see [`Net::routes`]).
+pub type KnownRoutes = BTreeMap<IpNet, (Route, Option<u32>)>;
+
 /// meshd's routing table.
 pub const ROUTE_TABLE: u32 = 51821;
 /// meshd's rule priority.
@@ -307,7 +310,7 @@ impl Net {
 
     /// meshd's routes: table [`ROUTE_TABLE`], through link `index` or added by meshd (protocol
     /// [`ROUTE_PROTOCOL`], e.g. via a next hop on the underlay), by destination, with their output link.
-    pub async fn routes(&self, index: u32) -> Result<BTreeMap<IpNet, (Route, Option<u32>)>, Error> {
+    pub async fn routes(&self, index: u32) -> Result<KnownRoutes, Error> {
         let mut out = BTreeMap::new();
         for v6 in [false, true] {
             let msg = if v6 {
@@ -455,23 +458,30 @@ impl Net {
     }
 
     /// Routes: makes meshd's routes exactly `want`, with one netlink call per difference (a changed next
-    /// hop is one replace). Returns the number of changes.
+    /// hop is one replace), from `have` (meshd's routes as [`Net::routes`] read them, or as meshd knows
+    /// them since), which follows each change made. Returns the number of changes.
     pub async fn sync_routes(
         &self,
         index: u32,
         want: &BTreeMap<IpNet, Route>,
+        have: &mut KnownRoutes,
     ) -> Result<usize, Error> {
-        let have = self.routes(index).await?;
         let mut changes = 0;
         // One bad route (e.g. a next hop that is not on a connected network) must not keep the others
         // from being applied: every difference is tried, the first failure is reported.
         let mut failed: Vec<String> = Vec::new();
-        for (net, (_, oif)) in &have {
-            if !want.contains_key(net) {
-                match self.del_route(*oif, net).await {
-                    Ok(()) => changes += 1,
-                    Err(e) => failed.push(format!("{net}: {e}")),
+        let gone: Vec<(IpNet, Option<u32>)> = have
+            .iter()
+            .filter(|(net, _)| !want.contains_key(net))
+            .map(|(net, (_, oif))| (*net, *oif))
+            .collect();
+        for (net, oif) in gone {
+            match self.del_route(oif, &net).await {
+                Ok(()) => {
+                    have.remove(&net);
+                    changes += 1;
                 }
+                Err(e) => failed.push(format!("{net}: {e}")),
             }
         }
         for (net, route) in want {
@@ -480,7 +490,16 @@ impl Net {
             });
             if !same {
                 match self.add_route(index, net, *route).await {
-                    Ok(()) => changes += 1,
+                    Ok(()) => {
+                        let oif = match route {
+                            Route::Mesh => Some(index),
+                            // The kernel picks the link of the next hop: unknown until read (a later
+                            // delete then names no link, which the table and protocol still single out).
+                            Route::Via { .. } => None,
+                        };
+                        have.insert(*net, (*route, oif));
+                        changes += 1;
+                    }
                     Err(e) => failed.push(format!("{net}: {e}")),
                 }
             }

@@ -182,7 +182,8 @@ impl Path {
 /// The state machine of one peer.
 #[derive(Clone, Debug)]
 pub struct PeerMachine {
-    pub timing: Timing,
+    /// Shared by every machine of a mesh (one copy, not one per peer).
+    pub timing: std::sync::Arc<Timing>,
     pub paths: Vec<Path>,
     /// Index into `paths` of the endpoint WireGuard uses.
     pub active: Option<usize>,
@@ -214,9 +215,13 @@ pub const SLOW_HOLD: Duration = Duration::from_secs(3);
 pub const BACK_HOLD: Duration = Duration::from_secs(1);
 
 impl PeerMachine {
-    pub fn new(candidates: &[SocketAddr], timing: Timing, now: Instant) -> PeerMachine {
+    pub fn new(
+        candidates: &[SocketAddr],
+        timing: impl Into<std::sync::Arc<Timing>>,
+        now: Instant,
+    ) -> PeerMachine {
         let mut m = PeerMachine {
-            timing,
+            timing: timing.into(),
             paths: Vec::new(),
             active: None,
             state: PeerState::Unknown,
@@ -400,7 +405,7 @@ impl PeerMachine {
     }
 
     fn expire(&mut self, now: Instant) {
-        let timing = self.timing;
+        let timing = *self.timing;
         for (i, path) in self.paths.iter_mut().enumerate() {
             let timeout = path.timeout(&timing);
             let before = path.outstanding.len();
@@ -543,7 +548,7 @@ impl PeerMachine {
 
     /// When path `i` is probed next, or `None` when it needs no probe now (traffic flows over it).
     fn interval(&mut self, i: usize, up: bool, busy: bool, flowing: bool) -> Option<Duration> {
-        let timing = self.timing;
+        let timing = *self.timing;
         let path_state = self.paths[i].state;
         let active = Some(i) == self.active;
         if active && path_state == PathState::Alive {
@@ -586,7 +591,7 @@ impl PeerMachine {
 
     /// When [`PeerMachine::poll`] next has something to do.
     pub fn next_wakeup(&self) -> Option<Instant> {
-        let timing = self.timing;
+        let timing = *self.timing;
         self.paths
             .iter()
             .flat_map(|p| {

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use hybridnet_config::{PublicKey, RelayMode};
 use ipnet::{IpNet, Ipv6Net};
@@ -34,7 +35,8 @@ pub const KEEPALIVE: u16 = 25;
 pub struct PeerInput {
     pub key: PublicKey,
     /// Its mesh /128 and its allowed IPs.
-    pub allowed_ips: BTreeSet<IpNet>,
+    /// Shared with the peer (planning runs at every change: no copy per peer and pass).
+    pub allowed_ips: Arc<BTreeSet<IpNet>>,
     /// It has a public address of its own (a relay candidate).
     pub public: bool,
     /// What its probes say.
@@ -209,7 +211,7 @@ fn screen(inputs: &Inputs) -> (Option<Inputs>, Vec<trust::Refused>) {
     let peers: Vec<(PublicKey, &BTreeSet<IpNet>)> = inputs
         .peers
         .iter()
-        .map(|p| (p.key, &p.allowed_ips))
+        .map(|p| (p.key, &*p.allowed_ips))
         .collect();
     let (kept, refused) = trust::screen(&inputs.trust, inputs.prefix, inputs.mesh_addr, &peers);
     if kept.is_empty() {
@@ -218,7 +220,7 @@ fn screen(inputs: &Inputs) -> (Option<Inputs>, Vec<trust::Refused>) {
     let mut screened = inputs.clone();
     for p in &mut screened.peers {
         if let Some(k) = kept.get(&p.key) {
-            p.allowed_ips.clone_from(k);
+            p.allowed_ips = Arc::new(k.clone());
         }
     }
     (Some(screened), refused)
@@ -252,7 +254,7 @@ fn full(inputs: &Inputs) -> Shape {
         .iter()
         .map(|p| {
             let endpoint = granted(&p.key).or(p.endpoint);
-            (p.key, (endpoint, p.allowed_ips.clone()))
+            (p.key, (endpoint, (*p.allowed_ips).clone()))
         })
         .collect();
     let routes = crate::mesh::routes_for(
@@ -264,7 +266,7 @@ fn full(inputs: &Inputs) -> Shape {
             } else {
                 p.state
             };
-            (state, &p.allowed_ips)
+            (state, &*p.allowed_ips)
         }),
         inputs.bypass,
     )
@@ -363,22 +365,25 @@ fn resolve_identical(
     mut peers: WireGuardPeers,
     states: &HashMap<PublicKey, PeerState>,
 ) -> (WireGuardPeers, Vec<Conflict>) {
-    let mut holders: BTreeMap<IpNet, Vec<PublicKey>> = BTreeMap::new();
-    for (key, (_, allowed)) in &peers {
-        for net in allowed {
-            holders.entry(*net).or_default().push(*key);
-        }
-    }
+    // One sorted list of (prefix, claimant), not a list per prefix: planning runs at every change, over
+    // thousands of peers.
+    let mut claims: Vec<(IpNet, PublicKey)> = peers
+        .iter()
+        .flat_map(|(key, (_, allowed))| allowed.iter().map(move |net| (*net, *key)))
+        .collect();
+    claims.sort_unstable();
     let rank = |k: &PublicKey| match states.get(k) {
         Some(PeerState::Up) => 0,
         Some(PeerState::Unknown) => 1,
         Some(PeerState::Down) | None => 2,
     };
     let mut conflicts = Vec::new();
-    for (prefix, mut keys) in holders {
-        if keys.len() < 2 {
+    for group in claims.chunk_by(|a, b| a.0 == b.0) {
+        if group.len() < 2 {
             continue;
         }
+        let prefix = group[0].0;
+        let mut keys: Vec<PublicKey> = group.iter().map(|(_, k)| *k).collect();
         keys.sort_by_key(|k| (rank(k), k.0));
         let holder = keys.remove(0);
         for loser in &keys {

@@ -78,7 +78,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "clockOffsetMs": p.clock_offset_ms,
                 "source": p.source.as_str(),
                 // What the WireGuard device holds for the peer (read from the device).
-                "allowedIPs": p.device_allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "allowedIPs": mesh.device_allowed(&p.key).into_iter().flatten().map(ToString::to_string).collect::<Vec<_>>(),
                 "paths": m.paths.iter().map(|path| json!({
                     "endpoint": path.endpoint.to_string(),
                     "state": match path.state { PathState::Unknown => "unknown", PathState::Alive => "alive", PathState::Dead => "dead" },

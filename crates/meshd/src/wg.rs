@@ -139,6 +139,46 @@ pub fn diff(desired: &Desired, actual: &Actual) -> Update {
     update
 }
 
+/// Records in `known` (the device as meshd last read it) that `update` was applied, so that the next diff
+/// against it needs no read of the device. `readds`: the backend applies an [`PeerOp::Update`] as remove
+/// and add (boringtun: the endpoint is then what the update set, if anything), else in place (the kernel:
+/// an endpoint the update does not set stays). Counters are not touched (they are read, never applied).
+pub fn record_applied(known: &mut Actual, update: &Update, readds: bool) {
+    if let Some(key) = &update.private_key {
+        known.public_key = Some(PrivateKey(*key).public());
+    }
+    if let Some(port) = update.listen_port {
+        known.listen_port = port;
+    }
+    if let Some(mark) = update.fwmark {
+        known.fwmark = mark;
+    }
+    for op in &update.peers {
+        match op {
+            PeerOp::Add(key, config) => {
+                known
+                    .peers
+                    .insert(*key, (config.clone(), PeerStats::default()));
+            }
+            PeerOp::Remove(key) => {
+                known.peers.remove(key);
+            }
+            PeerOp::Update { key, config, .. } => {
+                let entry = known.peers.entry(*key).or_default();
+                if readds || config.endpoint.is_some() {
+                    entry.0.endpoint = config.endpoint;
+                }
+                entry.0.allowed_ips.clone_from(&config.allowed_ips);
+                entry.0.keepalive = config.keepalive;
+                if readds {
+                    entry.0.preshared_key = config.preshared_key;
+                    entry.1 = PeerStats::default();
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -266,5 +306,39 @@ mod tests {
         let first = *d.peers.keys().next().unwrap();
         a.peers.get_mut(&first).unwrap().0.endpoint = Some("198.51.100.1:1".parse().unwrap());
         assert_eq!(diff(&d, &a).peers.len(), 1);
+    }
+
+    #[test]
+    fn recorded_updates_leave_nothing_to_diff() {
+        let (d, _) = desired(vec![
+            (key(1), peer(Some("192.0.2.1:1"), &["10.0.0.1/32"])),
+            (key(2), peer(None, &["10.0.0.2/32"])),
+        ]);
+        let mut known = Actual::default();
+        known
+            .peers
+            .insert(key(3), (peer(None, &[]), PeerStats::default()));
+        // The kernel keeps an endpoint the update does not set; boringtun re-adds the peer without one.
+        known.peers.insert(
+            key(2),
+            (
+                peer(Some("203.0.113.2:9"), &["10.9.9.9/32"]),
+                PeerStats::default(),
+            ),
+        );
+        for readds in [false, true] {
+            let mut k = known.clone();
+            let u = diff(&d, &k);
+            assert_eq!(u.peers.len(), 3, "add 1, update 2, remove 3");
+            record_applied(&mut k, &u, readds);
+            assert!(diff(&d, &k).is_empty());
+            assert!(!k.peers.contains_key(&key(3)));
+            let roamed = k.peers[&key(2)].0.endpoint;
+            if readds {
+                assert_eq!(roamed, None);
+            } else {
+                assert_eq!(roamed, Some("203.0.113.2:9".parse().unwrap()));
+            }
+        }
     }
 }

@@ -2,6 +2,12 @@
 //! reports and applying the minimal change. All of them run in every reconcile (on a change, and every
 //! [`super::RESYNC`] without one), so a resource changed from outside (a deleted link, a removed address,
 //! rules flushed by systemd-networkd's `ManageForeignRoutingPolicyRules`) comes back within one resync.
+//!
+//! The two resources that grow with the peers, the WireGuard device and meshd's routes, are read in full
+//! (one dump each) only by the resync pass and by a pass after a failure. A pass triggered by a change
+//! diffs against what meshd knows of them, the last full read with every change applied since (and the
+//! device as each counter reading found it), so one change among thousands of peers costs one operation
+//! and no dump. What changed from outside in between is repaired by the next resync.
 
 use std::time::Instant;
 
@@ -14,12 +20,23 @@ use crate::wg;
 impl Mesh {
     /// Brings every resource in line with the plan: link, addresses, rules, WireGuard device, routes,
     /// sysctls. A failing applier does not keep the others from running; the first failure is returned.
-    pub async fn reconcile(&mut self) -> Result<(), Error> {
+    /// `full`: read the device and the routes from the kernel (the resync) instead of diffing against what
+    /// meshd knows of them; a pass without that knowledge (the first, one after a failure) reads them too.
+    pub async fn reconcile(&mut self, full: bool) -> Result<(), Error> {
         self.metrics.reconciles.inc();
         let started = Instant::now();
+        if full {
+            self.device_known = None;
+            self.routes_known = None;
+        }
+        let full = self.device_known.is_none() || self.routes_known.is_none();
         let planned = self.planned();
+        let planned_at = started.elapsed();
         // Without the link nothing else can be applied.
-        self.apply_link(&planned).await?;
+        if let Err(error) = self.apply_link(&planned).await {
+            self.forget_kernel();
+            return Err(error);
+        }
         let mut first: Option<Error> = None;
         let mut note = |r: Result<(), Error>| {
             if let Err(e) = r
@@ -30,16 +47,36 @@ impl Mesh {
         };
         note(self.apply_addresses(&planned).await);
         note(self.apply_rules().await);
+        let device_from = started.elapsed();
         note(self.apply_device(&planned).await);
+        let routes_from = started.elapsed();
         note(self.apply_routes(&planned).await);
+        tracing::debug!(
+            full,
+            plan = ?planned_at,
+            device = ?routes_from.saturating_sub(device_from),
+            routes = ?started.elapsed().saturating_sub(routes_from),
+            "reconcile pass"
+        );
         self.apply_sysctls(&planned);
         self.report_conflicts(&planned);
         self.report_gateways(&planned);
         self.report_refused(&planned.refused);
-        self.metrics
-            .reconcile_seconds
-            .set(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        self.metrics.reconcile_seconds.set(took);
+        if !full {
+            self.metrics.reconcile_change_seconds.set(took);
+        }
+        if first.is_some() {
+            self.forget_kernel();
+        }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Drops what meshd knows of the device and its routes: the next pass reads both.
+    pub(super) fn forget_kernel(&mut self) {
+        self.device_known = None;
+        self.routes_known = None;
     }
 
     fn drift(&self, resource: &str, changes: usize) {
@@ -83,6 +120,8 @@ impl Mesh {
                 self.index = backend::recreate(&self.net, &name, &mut self.backend).await?;
             }
         }
+        // A link set down lost its routes, a re-created one its peers: read both in this pass.
+        self.forget_kernel();
         self.net.up(self.index, planned.mtu).await?;
         self.drift("link", 1);
         Ok(())
@@ -103,27 +142,48 @@ impl Mesh {
         Ok(())
     }
 
-    /// The WireGuard device: the minimal peer changes ([`wg::diff`]).
+    /// The WireGuard device: the minimal peer changes ([`wg::diff`]) against the device as read now, or as
+    /// meshd knows it (see the module's doc). Counters are taken from a read only.
     async fn apply_device(&mut self, planned: &Desired) -> Result<(), Error> {
-        let actual = self.backend.get().await?;
-        let update = wg::diff(&planned.device, &actual);
+        let mut known = match self.device_known.take() {
+            Some(known) => known,
+            None => {
+                let actual = self.backend.get().await?;
+                self.absorb_stats(&actual);
+                actual
+            }
+        };
+        let update = wg::diff(&planned.device, &known);
         if !update.is_empty() {
             tracing::debug!(ops = update.peers.len(), "applying WireGuard changes");
+            // A failure leaves the device unknown: the next pass reads it.
             self.backend.apply(&update).await?;
             self.metrics
                 .wireguard_peer_ops
                 .inc_by(update.peers.len() as u64);
-            if matches!(self.backend, Backend::Userspace(_)) {
+            let userspace = matches!(self.backend, Backend::Userspace(_));
+            if userspace {
                 self.kick(&update);
             }
+            wg::record_applied(&mut known, &update, userspace);
         }
-        self.absorb_stats(&actual);
+        self.device_known = Some(known);
         Ok(())
     }
 
+    /// meshd's routes: the minimal changes against the table as read now, or as meshd knows it.
     async fn apply_routes(&mut self, planned: &Desired) -> Result<(), Error> {
-        let changes = self.net.sync_routes(self.index, &planned.routes).await?;
+        let mut known = match self.routes_known.take() {
+            Some(known) => known,
+            None => self.net.routes(self.index).await?,
+        };
+        // A failure leaves the table unknown: the next pass reads it.
+        let changes = self
+            .net
+            .sync_routes(self.index, &planned.routes, &mut known)
+            .await?;
         self.metrics.route_changes.inc_by(changes as u64);
+        self.routes_known = Some(known);
         Ok(())
     }
 

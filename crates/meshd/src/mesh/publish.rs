@@ -23,16 +23,16 @@ impl Mesh {
         for p in self.peers.values_mut() {
             *needs.entry(p.machine.need().as_str()).or_default() += 1;
             busy += i64::from(p.machine.busy(now));
+            // One series per peer, its current path (1); the other kinds' are removed, not kept at 0: at
+            // thousands of peers every labelled series is memory here and cardinality in Prometheus.
             let now = paths.get(&p.key).map_or("direct", |k| k.as_str());
             for kind in crate::topology::PATH_KINDS {
-                let labels = vec![
-                    ("peer".to_owned(), p.name.clone()),
-                    ("path".to_owned(), kind.to_owned()),
-                ];
-                self.metrics
-                    .peer_path
-                    .get_or_create(&labels)
-                    .set(i64::from(kind == now));
+                let labels = metrics::peer_path(&p.name, kind);
+                if kind == now {
+                    self.metrics.peer_path.get_or_create(&labels).set(1);
+                } else {
+                    self.metrics.peer_path.remove(&labels);
+                }
             }
             let l = metrics::peer(&p.name);
             // A counter series that appears only at its first increment hides that increment from
@@ -71,16 +71,18 @@ impl Mesh {
                 self.metrics.peer_failovers.get_or_create(&l).inc_by(delta);
                 p.reported_failovers = p.machine.failovers;
             }
+            // Only the endpoint in use has a series (1); the others' are removed.
+            let active = p.endpoint();
             for path in &p.machine.paths {
-                let labels = vec![
-                    ("peer".to_owned(), p.name.clone()),
-                    ("endpoint".to_owned(), path.endpoint.to_string()),
-                ];
-                let active = p.endpoint() == Some(path.endpoint);
-                self.metrics
-                    .peer_active_endpoint
-                    .get_or_create(&labels)
-                    .set(i64::from(active));
+                let labels = metrics::peer_endpoint(&p.name, path.endpoint);
+                if active == Some(path.endpoint) {
+                    self.metrics
+                        .peer_active_endpoint
+                        .get_or_create(&labels)
+                        .set(1);
+                } else {
+                    self.metrics.peer_active_endpoint.remove(&labels);
+                }
             }
         }
         self.metrics.peers_up.set(up);

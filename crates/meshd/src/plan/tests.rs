@@ -39,7 +39,8 @@ fn peer(i: u8, public: bool) -> PeerInput {
             net(&format!("10.244.{i}.0/24")),
         ]
         .into_iter()
-        .collect(),
+        .collect::<BTreeSet<_>>()
+        .into(),
         public,
         probe_state: PeerState::Up,
         state: PeerState::Up,
@@ -407,9 +408,9 @@ fn a_private_node_routes_other_locations_via_its_gateway() {
 fn identical_prefixes_go_to_one_peer_deterministically() {
     // A reinstalled node (2, up) and its old record (1, down) both claim 10.244.7.0/24.
     let mut old = down(peer(1, false));
-    old.allowed_ips.insert(net("10.244.7.0/24"));
+    std::sync::Arc::make_mut(&mut old.allowed_ips).insert(net("10.244.7.0/24"));
     let mut new = peer(2, false);
-    new.allowed_ips.insert(net("10.244.7.0/24"));
+    std::sync::Arc::make_mut(&mut new.allowed_ips).insert(net("10.244.7.0/24"));
     for mode in ["full", "compat", "location"] {
         let mut i = inputs(vec![old.clone(), new.clone()]);
         match mode {
@@ -460,9 +461,9 @@ fn identical_prefixes_go_to_one_peer_deterministically() {
     }
     // Both up: the lowest key holds it, whatever the order of the inputs.
     let mut a = peer(1, false);
-    a.allowed_ips.insert(net("10.244.7.0/24"));
+    std::sync::Arc::make_mut(&mut a.allowed_ips).insert(net("10.244.7.0/24"));
     let mut b = peer(2, false);
-    b.allowed_ips.insert(net("10.244.7.0/24"));
+    std::sync::Arc::make_mut(&mut b.allowed_ips).insert(net("10.244.7.0/24"));
     let low = if key(1).0 < key(2).0 { key(1) } else { key(2) };
     let one = plan(&inputs(vec![a.clone(), b.clone()]));
     let other = plan(&inputs(vec![b, a]));
@@ -527,7 +528,7 @@ fn screened(peers: Vec<PeerInput>, statics: &[u8]) -> Inputs {
 
 fn claims(p: &mut PeerInput, list: &[&str]) {
     for n in list {
-        p.allowed_ips.insert(net(n));
+        std::sync::Arc::make_mut(&mut p.allowed_ips).insert(net(n));
     }
 }
 
@@ -649,7 +650,8 @@ fn a_mesh_address_claim_goes_to_its_first_holder_only() {
     let mut late = peer(3, false);
     late.allowed_ips = [net("fd00:1::2/128"), net("10.244.3.0/24")]
         .into_iter()
-        .collect();
+        .collect::<BTreeSet<_>>()
+        .into();
     let mut i = screened(vec![peer(2, false), late], &[]);
     let d = plan(&i);
     assert_eq!(
@@ -672,14 +674,20 @@ fn a_mesh_address_claim_goes_to_its_first_holder_only() {
     );
     // An address outside the mesh prefix, or this node's own, is owned by nobody.
     let mut i = screened(vec![peer(4, false)], &[]);
-    i.peers[0].allowed_ips = [net("2001:db8:9::4/128")].into_iter().collect();
+    i.peers[0].allowed_ips = [net("2001:db8:9::4/128")]
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .into();
     i.trust.peers.get_mut(&key(4)).unwrap().mesh_addr = "2001:db8:9::4".parse().unwrap();
     assert_eq!(
         refused_of(&plan(&i), key(4)),
         vec![("2001:db8:9::4/128".to_owned(), "mesh-address")]
     );
     i.trust.peers.get_mut(&key(4)).unwrap().mesh_addr = "fd00:1::100".parse().unwrap();
-    i.peers[0].allowed_ips = [net("fd00:1::100/128")].into_iter().collect();
+    i.peers[0].allowed_ips = [net("fd00:1::100/128")]
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .into();
     assert_eq!(
         refused_of(&plan(&i), key(4)),
         vec![("fd00:1::100/128".to_owned(), "mesh-address")]
@@ -754,4 +762,59 @@ fn a_node_address_in_the_underlay_is_routed_once_proven() {
     );
     assert!(wg_allowed(&d, key(1)).contains(&net("192.0.2.7/32")));
     assert!(d.routes.contains_key(&net("192.0.2.7/32")));
+}
+
+/// `cargo test --profile lab -p hybridnet-meshd --lib plan::tests::bench_plan -- --ignored --nocapture`:
+/// how long planning and the device diff take for one change among 1,000 and 5,000 peers (the part of a
+/// change-triggered reconcile that stays O(peers): it is pure, and must stay a small share of 50 ms).
+#[test]
+#[ignore = "benchmark"]
+#[allow(clippy::print_stdout)]
+fn bench_plan() {
+    for n in [1000u32, 5000] {
+        let peers: Vec<PeerInput> = (0..n)
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..4].copy_from_slice(&i.to_be_bytes());
+                k[31] = 0x42;
+                let endpoint = ep(&format!("203.0.113.{}:51821", 1 + i % 250));
+                PeerInput {
+                    key: PublicKey(k),
+                    allowed_ips: [
+                        net(&format!("fd00:1::{:x}/128", i + 1)),
+                        net(&format!(
+                            "10.{}.{}.{}/32",
+                            200 + i / 65536,
+                            (i / 256) % 256,
+                            i % 256
+                        )),
+                    ]
+                    .into_iter()
+                    .collect::<BTreeSet<_>>()
+                    .into(),
+                    public: true,
+                    probe_state: PeerState::Down,
+                    state: PeerState::Down,
+                    active: None,
+                    endpoint: Some(endpoint),
+                    no_uplink: false,
+                }
+            })
+            .collect();
+        let inputs = inputs(peers);
+        let known = applied(&plan(&inputs));
+        let rounds = 20u32;
+        let mut changed = inputs.clone();
+        changed.peers[7].endpoint = Some(ep("203.0.113.8:51999"));
+        let started = std::time::Instant::now();
+        let mut ops = 0;
+        for _ in 0..rounds {
+            let copy = changed.clone();
+            let d = plan(&copy);
+            ops = crate::wg::diff(&d.device, &known).peers.len();
+        }
+        let each = started.elapsed() / rounds;
+        assert_eq!(ops, 1);
+        println!("BENCH plan_and_diff_{n}_ms {:.1}", each.as_secs_f64() * 1e3);
+    }
 }

@@ -229,15 +229,20 @@ pub fn owners(
     mesh: Ipv6Net,
     own: Ipv6Addr,
 ) -> BTreeMap<PublicKey, Option<Ipv6Addr>> {
-    let mut claims: BTreeMap<Ipv6Addr, Vec<(&PublicKey, &PeerTrust)>> = BTreeMap::new();
-    for (k, t) in &trust.peers {
-        claims.entry(t.mesh_addr).or_default().push((k, t));
-    }
+    // One sorted list, not a list per address: planning runs at every change, over thousands of peers.
+    let mut claims: Vec<(Ipv6Addr, bool, u64, &PublicKey)> = trust
+        .peers
+        .iter()
+        .map(|(k, t)| (t.mesh_addr, !t.trusted, t.seniority, k))
+        .collect();
+    claims.sort_unstable_by_key(|(addr, untrusted, seniority, k)| {
+        (*addr, *untrusted, *seniority, k.0)
+    });
     let mut out = BTreeMap::new();
-    for (addr, mut claimants) in claims {
-        claimants.sort_by_key(|(k, t)| (!t.trusted, t.seniority, k.0));
+    for claimants in claims.chunk_by(|a, b| a.0 == b.0) {
+        let addr = claimants[0].0;
         let usable = mesh.contains(&addr) && addr != own;
-        for (i, (k, _)) in claimants.iter().enumerate() {
+        for (i, (_, _, _, k)) in claimants.iter().enumerate() {
             out.insert(**k, (usable && i == 0).then_some(addr));
         }
     }
@@ -252,6 +257,10 @@ pub fn screen(
     own: Ipv6Addr,
     peers: &[(PublicKey, &BTreeSet<IpNet>)],
 ) -> (BTreeMap<PublicKey, BTreeSet<IpNet>>, Vec<Refused>) {
+    // Only untrusted (discovered) peers are screened: without any, there is nothing to compute.
+    if trust.peers.values().all(|t| t.trusted) {
+        return (BTreeMap::new(), Vec::new());
+    }
     let statics: BTreeSet<IpNet> = peers
         .iter()
         .filter(|(k, _)| trust.peers.get(k).is_none_or(|t| t.trusted))
