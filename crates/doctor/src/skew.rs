@@ -326,62 +326,13 @@ fn exchange(
 
 mod tls {
     //! A TLS client that checks the handshake but not the certificate's chain or dates (see the module docs).
-    use std::sync::Arc;
-
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
-
-    #[derive(Debug)]
-    struct AnyCertificate(WebPkiSupportedAlgorithms);
-
-    impl ServerCertVerifier for AnyCertificate {
-        fn verify_server_cert(
-            &self,
-            _end_entity: &CertificateDer<'_>,
-            _intermediates: &[CertificateDer<'_>],
-            _server_name: &ServerName<'_>,
-            _ocsp_response: &[u8],
-            _now: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.supported_schemes()
-        }
-    }
+    use rustls::ClientConnection;
+    use rustls::pki_types::ServerName;
 
     pub fn connect(host: &str) -> Result<ClientConnection, String> {
-        let provider: CryptoProvider = rustls::crypto::ring::default_provider();
-        let algorithms = provider.signature_verification_algorithms;
-        let config = ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(algorithms)))
-            .with_no_client_auth();
+        let config = hybridnet_tls::unverified_client_config(&[]).map_err(|e| e.to_string())?;
         let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))?;
-        ClientConnection::new(Arc::new(config), name).map_err(|e| format!("TLS: {e}"))
+        ClientConnection::new(config, name).map_err(|e| format!("TLS: {e}"))
     }
 }
 
