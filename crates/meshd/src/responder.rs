@@ -179,14 +179,7 @@ fn serve(
             (Kind::Allocate, Some(alloc)) => {
                 // Admitted like a ping: inside the window, once, with a target.
                 let now_us = probe::now_us();
-                let admitted = if probe.target.is_none() {
-                    Err("untargeted")
-                } else {
-                    replay
-                        .admit(probe.sender, probe.nonce, probe.timestamp_us, now_us)
-                        .map_err(probe::Refusal::as_str)
-                };
-                if let Err(reason) = admitted {
+                if let Err(reason) = admit_v3(&mut replay, &probe, now_us) {
                     metrics.dropped(reason);
                     metrics.probes_rejected.inc();
                     continue;
@@ -233,13 +226,11 @@ fn serve(
                             .admit(probe.sender, probe.nonce, now_us, now_us)
                             .map_err(probe::Refusal::as_str)
                     }
-                } else if probe.target.is_none() {
-                    Err("untargeted")
                 } else {
-                    upgraded.insert(probe.sender);
-                    replay
-                        .admit(probe.sender, probe.nonce, probe.timestamp_us, now_us)
-                        .map_err(probe::Refusal::as_str)
+                    if probe.target.is_some() {
+                        upgraded.insert(probe.sender);
+                    }
+                    admit_v3(&mut replay, &probe, now_us)
                 };
                 if let Err(reason) = admitted {
                     metrics.dropped(reason);
@@ -376,6 +367,17 @@ fn check(
     }
     budget.verified(from, at);
     Some((probe, alloc, key))
+}
+
+/// A version-3 ping or allocation request is answered only with a target (the endpoint it probed), inside
+/// the timestamp window and once (`replay` records it).
+fn admit_v3(replay: &mut probe::Replay, probe: &Probe, now_us: u64) -> Result<(), &'static str> {
+    if probe.target.is_none() {
+        return Err("untargeted");
+    }
+    replay
+        .admit(probe.sender, probe.nonce, probe.timestamp_us, now_us)
+        .map_err(probe::Refusal::as_str)
 }
 
 fn unmapped(addr: SocketAddr) -> SocketAddr {
