@@ -260,8 +260,9 @@ impl Net {
         Ok(changes)
     }
 
-    /// Global unicast addresses of every link but `skip` (the mesh link) and loopback.
-    pub async fn underlay_addresses(&self, skip: u32) -> Result<Vec<IpAddr>, Error> {
+    /// Every address of every link but `skip` (the mesh link), with its prefix length: one dump, read by
+    /// both [`Net::underlay_addresses`] and [`Net::underlay_networks`].
+    async fn addresses_outside(&self, skip: u32) -> Result<Vec<(IpAddr, u8)>, Error> {
         let mut out = Vec::new();
         let mut stream = self.handle.address().get().execute();
         while let Some(msg) = stream.try_next().await.map_err(nl("get addresses"))? {
@@ -270,14 +271,23 @@ impl Net {
             }
             for a in &msg.attributes {
                 if let netlink_packet_route::address::AddressAttribute::Address(ip) = a {
-                    let usable = match ip {
-                        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
-                        IpAddr::V6(v6) => !v6.is_loopback() && v6.segments()[0] & 0xffc0 != 0xfe80,
-                    };
-                    if usable && !out.contains(ip) {
-                        out.push(*ip);
-                    }
+                    out.push((*ip, msg.header.prefix_len));
                 }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Global unicast addresses of every link but `skip` (the mesh link) and loopback.
+    pub async fn underlay_addresses(&self, skip: u32) -> Result<Vec<IpAddr>, Error> {
+        let mut out = Vec::new();
+        for (ip, _) in self.addresses_outside(skip).await? {
+            let usable = match ip {
+                IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+                IpAddr::V6(v6) => !v6.is_loopback() && v6.segments()[0] & 0xffc0 != 0xfe80,
+            };
+            if usable && !out.contains(&ip) {
+                out.push(ip);
             }
         }
         Ok(out)
@@ -287,21 +297,14 @@ impl Net {
     /// subnet it sits in), loopback and link-local included (the trust screen refuses those anyway).
     pub async fn underlay_networks(&self, skip: u32) -> Result<Vec<IpNet>, Error> {
         let mut out = Vec::new();
-        let mut stream = self.handle.address().get().execute();
-        while let Some(msg) = stream.try_next().await.map_err(nl("get addresses"))? {
-            if msg.header.index == skip {
+        for (ip, len) in self.addresses_outside(skip).await? {
+            let Ok(n) = IpNet::new(ip, len) else {
                 continue;
-            }
-            for a in &msg.attributes {
-                if let netlink_packet_route::address::AddressAttribute::Address(ip) = a
-                    && let Ok(n) = IpNet::new(*ip, msg.header.prefix_len)
-                {
-                    // The subnet, and the address itself (never a peer's, proven or not).
-                    for n in [n.trunc(), IpNet::from(*ip)] {
-                        if !out.contains(&n) {
-                            out.push(n);
-                        }
-                    }
+            };
+            // The subnet, and the address itself (never a peer's, proven or not).
+            for n in [n.trunc(), IpNet::from(ip)] {
+                if !out.contains(&n) {
+                    out.push(n);
                 }
             }
         }
