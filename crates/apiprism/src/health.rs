@@ -267,10 +267,11 @@ pub(crate) mod tests {
     use std::sync::Arc;
     use tokio::net::TcpListener;
 
-    fn tls_server_config() -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let key = rcgen::KeyPair::generate()?;
-        let cert =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&key)?;
+    /// A server config presenting `cert` with `key`.
+    fn server_config(
+        cert: &rcgen::Certificate,
+        key: &rcgen::KeyPair,
+    ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
@@ -280,6 +281,13 @@ pub(crate) mod tests {
                 rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             )?;
         Ok(Arc::new(config))
+    }
+
+    fn tls_server_config() -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&key)?;
+        server_config(&cert, &key)
     }
 
     /// A TCP-only probe passes a server that accepts and hangs up; the TLS probe needs a TLS server.
@@ -324,17 +332,10 @@ pub(crate) mod tests {
         let key = rcgen::KeyPair::generate()?;
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let cert = rcgen::CertificateParams::new(names)?.signed_by(&key, &ca)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )?;
+        let config = server_config(&cert, &key)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
