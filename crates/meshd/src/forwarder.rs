@@ -299,7 +299,7 @@ async fn forward(shared: Arc<Shared>, port: u16, socket: Arc<tokio::net::UdpSock
                 continue;
             }
         };
-        let src = unmapped(src);
+        let src = net::unmapped(src);
         let verdict = shared
             .state()
             .table
@@ -330,10 +330,6 @@ async fn forward(shared: Arc<Shared>, port: u16, socket: Arc<tokio::net::UdpSock
             }
         }
     }
-}
-
-fn unmapped(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 fn v6_mapped(addr: SocketAddr) -> SocketAddr {

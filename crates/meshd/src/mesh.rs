@@ -1183,7 +1183,9 @@ impl Mesh {
                     // test: the other VM's traffic over the public path kept a blackholed private path
                     // "alive").
                     let on_active = match (config.endpoint, peer.machine.active_endpoint()) {
-                        (Some(device), Some(active)) => same_endpoint(device, active),
+                        (Some(device), Some(active)) => {
+                            net::unmapped(device) == net::unmapped(active)
+                        }
                         _ => true,
                     };
                     peer.machine.on_counters(
@@ -1306,10 +1308,4 @@ fn own_addresses(cfg: &Config, mesh_addr: Ipv6Addr) -> BTreeSet<IpNet> {
     let mut set: BTreeSet<IpNet> = cfg.meshd.addresses.iter().copied().collect();
     set.insert(IpNet::V6(Ipv6Net::from(mesh_addr)));
     set
-}
-
-/// Whether two socket addresses name the same endpoint (an IPv4 address and its IPv4-mapped IPv6 form
-/// are the same: a dual-stack socket reports the latter).
-fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }

@@ -13,7 +13,7 @@
 //! (0x539): mark bit 0x1000, table 51821, priority 32450 (before `main` at 32766).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use futures_util::TryStreamExt as _;
 use hybridnet_nft::netlink_errno;
@@ -623,8 +623,29 @@ pub fn auto_mtu_of(links: &[(String, String, Option<u32>)], own: &str, any_v6: b
     min.unwrap_or(1500).saturating_sub(overhead).max(1280)
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, as a dual-stack socket reports IPv4
+/// peers) written as the IPv4 address it is: one form for comparing and showing endpoints.
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_addresses_are_unmapped_and_others_kept() {
+        let p = |s: &str| s.parse::<SocketAddr>().expect("an address");
+        assert_eq!(
+            unmapped(p("[::ffff:192.0.2.1]:51821")),
+            p("192.0.2.1:51821")
+        );
+        assert_eq!(unmapped(p("192.0.2.1:51821")), p("192.0.2.1:51821"));
+        assert_eq!(unmapped(p("[2001:db8::1]:51821")), p("[2001:db8::1]:51821"));
+        // IPv4-compatible (deprecated) addresses are IPv6 addresses, not IPv4 ones.
+        assert_eq!(unmapped(p("[::192.0.2.1]:51821")), p("[::192.0.2.1]:51821"));
+    }
+
     use super::auto_mtu_of;
 
     fn link(name: &str, state: &str, mtu: u32) -> (String, String, Option<u32>) {

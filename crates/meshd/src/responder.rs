@@ -19,7 +19,7 @@ mod budget;
 pub use budget::{SHARED_RATE, SOURCE_RATE};
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -168,7 +168,7 @@ fn serve(
             }
         };
         let at = Instant::now();
-        let from = unmapped(raw_from);
+        let from = crate::net::unmapped(raw_from);
         let Some((probe, alloc, key)) = check(&buf[..n], from, at, shared, &mut budget, metrics)
         else {
             metrics.probes_rejected.inc();
@@ -378,14 +378,4 @@ fn admit_v3(replay: &mut probe::Replay, probe: &Probe, now_us: u64) -> Result<()
     replay
         .admit(probe.sender, probe.nonce, probe.timestamp_us, now_us)
         .map_err(probe::Refusal::as_str)
-}
-
-fn unmapped(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
 }
