@@ -118,7 +118,9 @@ impl Pki {
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone())),
             )?;
         // As kube-apiserver: HTTP/2 for clients that offer it, HTTP/1.1 for the others (doctor's clock
-        // check asks for the `Date` over HTTP/1.1).
+        // check asks for the `Date` over HTTP/1.1). kubernetes/kubernetes,
+        // staging/src/k8s.io/apiserver/pkg/server/secure_serving.go, `SecureServingInfo.tlsConfig`:
+        // `NextProtos: []string{"h2", "http/1.1"}`, and `Serve` enables both protocols.
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
