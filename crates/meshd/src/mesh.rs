@@ -1136,15 +1136,10 @@ impl Mesh {
     }
 
     /// Reads counters from the device (for status and metrics). A device that does not answer (a userspace
-    /// device whose link was deleted times out after 5 s) is not read again until a reconcile has repaired
-    /// it, and that reconcile comes at the next poll, not the next resync: a reading per second that each
-    /// waited out the timeout would hold the loop, and the repair, back.
-    pub async fn refresh_stats(&mut self) -> Result<(), Error> {
-        if self.stats_failed {
-            return Err(Error::Backend(
-                "the device did not answer its last reading: waiting for the repair".to_owned(),
-            ));
-        }
+    /// device whose link was deleted times out after 5 s) is marked failed, and [`Mesh::poll`] does not
+    /// read it again until a reconcile has repaired it; that reconcile comes in the same poll, not at the
+    /// next resync: readings that each waited out the timeout would hold the loop, and the repair, back.
+    async fn refresh_stats(&mut self) -> Result<(), Error> {
         match self.backend.get().await {
             Ok(actual) => {
                 self.absorb_stats(&actual);
