@@ -8,7 +8,11 @@
 //!   "object":...}`): every change after N from the history, then live changes; without N (or 0) the
 //!   current nodes as ADDED first. A version older than the compacted history answers 410 Gone, as an
 //!   HTTP status ([`Gone::Status`]) or as an `ERROR` event with code 410 that ends the stream
-//!   ([`Gone::Event`], what the watch cache sends);
+//!   ([`Gone::Event`], what the watch cache sends). Upstream (kubernetes/kubernetes,
+//!   `staging/src/k8s.io/apiserver/pkg/storage/cacher/`): `watchCache.getAllEventsSinceLocked`
+//!   (watch_cache.go) answers a version older than its oldest event with `NewResourceExpired` ("too old
+//!   resource version", 410), and `Cacher.Watch` (cacher.go) hands that error to the client as a watch
+//!   whose one event is `ERROR` with the 410 `Status` (`newErrWatcher`);
 //! - `GET /api/v1/nodes/<name>`, and `PATCH /api/v1/nodes/<name>` with a JSON merge patch
 //!   (`application/merge-patch+json`, RFC 7386): the resourceVersion moves on and watchers get MODIFIED;
 //!   404 `Status` for an unknown node;
