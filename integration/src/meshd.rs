@@ -153,6 +153,8 @@ pub struct MeshLab {
 
 impl MeshLab {
     pub fn new(n: u8, label: &str) -> MeshLab {
+        // Each node resolves every other on both underlays, and the bridge learns them all.
+        crate::netns::ensure_neighbour_capacity(2 * usize::from(n) * usize::from(n));
         let switch = Netns::new();
         for br in ["brpriv", "brpub"] {
             switch.ip(&["link", "add", br, "type", "bridge"]);

@@ -237,6 +237,44 @@ pub struct LabNode {
     pub ipv6: Ipv6Addr,
 }
 
+/// Makes room for `entries` more neighbour (ARP and NDP) entries on this machine.
+///
+/// The kernel's neighbour tables are shared by every network namespace (`arp_tbl` and `nd_tbl` in
+/// net/ipv4/arp.c and net/ipv6/ndisc.c; `gc_thresh*` are only writable from the initial namespace), and
+/// the default `gc_thresh3` of 1024 is a hard cap: above it `neigh_alloc` fails ("neighbor table
+/// overflow" in the kernel log) and packets to unresolved neighbours are dropped. A lab of 32 nodes on
+/// two underlays needs about 2,000 entries, so without this its probes vanish in the kernel and peers
+/// look down. The limits are raised (never lowered) and stay raised: they are the settings large
+/// Kubernetes nodes run with, and lowering them under another running lab would break it.
+pub fn ensure_neighbour_capacity(entries: usize) {
+    require_root();
+    // Room for what the rest of the machine holds too.
+    let want = entries.saturating_add(1024);
+    for family in ["ipv4", "ipv6"] {
+        for (knob, value) in [
+            ("gc_thresh3", want),
+            ("gc_thresh2", want / 2),
+            ("gc_thresh1", want / 4),
+        ] {
+            let path = format!("/proc/sys/net/{family}/neigh/default/{knob}");
+            let now: usize = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            if now < value {
+                std::fs::write(&path, value.to_string()).unwrap_or_else(|e| {
+                    panic!(
+                        "cannot raise {path} from {now} to {value} ({e}): a lab of this size overflows \
+                         the kernel's neighbour table without it (run the test as root in the initial \
+                         network namespace)"
+                    )
+                });
+            }
+        }
+    }
+}
+
 /// N nodes joined by veth pairs to bridge `br0` in a "switch" namespace (nothing touches the host's
 /// namespace). Node `i` has `eth0` with `<segment>.1i/24` and `<segment>::1i/64` (no DAD, usable at once).
 #[derive(Debug)]

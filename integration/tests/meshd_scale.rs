@@ -3,6 +3,11 @@
 //! peers carrying traffic, extrapolated from its per-peer rates to 1,000 peers (issue 15: at most 500 per
 //! second in and out). The simulation in crates/meshd/src/probing/tests.rs measures the same at 1,000 and
 //! 5,000 peers; this test confirms it against real daemons. Needs root.
+//!
+//! The lab needs about 2,000 neighbour entries, more than the kernel's default table holds (it is shared
+//! by all namespaces): [`MeshLab::new`] raises its limits first. Before it did, probes to peers whose
+//! neighbour entry could not be allocated vanished in the kernel and this test failed with a third of the
+//! peers down.
 #![allow(clippy::print_stderr)]
 
 use std::process::Child;
@@ -31,8 +36,9 @@ fn probe_packets(d: &Daemon) -> f64 {
 }
 
 #[test]
-#[ignore = "32 userspace daemons need the 2 cores to themselves (at a load of 17 from parallel builds their \
-            probes time out and peers flap): run with --ignored on a quiet machine"]
+#[ignore = "a measurement: 32 userspace daemons' join time and probe rates need the 2 cores to themselves \
+            (beside the rest of the suite, or parallel builds, their timing is the machine's, not meshd's): \
+            run with --ignored on a quiet machine"]
 fn thirty_two_nodes_join_in_seconds_and_probe_within_the_scale_budget() {
     let n = nodes();
     // node1 sends traffic to 10 % of its peers.
@@ -70,8 +76,9 @@ fn thirty_two_nodes_join_in_seconds_and_probe_within_the_scale_budget() {
         at_1000 <= 500.0,
         "{at_1000:.0} probe packets/s at 1,000 peers (per idle peer {per_idle:.3}, per busy {per_busy:.3})"
     );
+    // Issue 15's target.
     assert!(
-        join <= Duration::from_secs(5),
+        join <= Duration::from_secs(2),
         "{n} nodes took {join:?} to join"
     );
 }
