@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use hybridnet_config::Config;
 use serde_json::Value;
 
-use crate::facts::{Facts, Record, route_interface};
+use crate::facts::{Facts, NeighbourTable, Record, route_interface, route_to};
 use crate::kubelet::url_host_port;
 use crate::model::{Finding, Verdict};
 
@@ -42,6 +42,7 @@ pub fn all(f: &Facts) -> Vec<Finding> {
     out.push(mesh_port(f));
     out.push(mtu(f));
     out.push(forwarding(f));
+    out.push(neighbours(f));
     out.push(clock(f));
     out
 }
@@ -467,6 +468,117 @@ fn forwarding(f: &Facts) -> Finding {
             "IPv4 forwarding is on (IPv6 forwarding is off: needed only on a gateway or for IPv6 pods)",
         ),
     }
+}
+
+/// Whether the kernel's neighbour tables hold an entry for every peer address on this node's links.
+///
+/// Each peer endpoint reached without a gateway needs an ARP (IPv4) or NDP (IPv6) entry, and the kernel's
+/// default hard limit (`gc_thresh3`) is 1024 per family for the whole machine, pods' entries included.
+/// Above it new entries fail and packets to those peers are dropped in the kernel: probes go unanswered
+/// and peers look down (found in a 32-node lab: the tables of network namespaces are the host's).
+fn neighbours(f: &Facts) -> Finding {
+    const C: &str = "neighbours";
+    let Some((details, _)) = live_details(f, "meshd") else {
+        return Finding::skip(C, "meshd is not running");
+    };
+    let peers = details["peers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    // Every candidate path of every peer: standby paths are probed, so they hold entries too.
+    let mut on_link = [
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    ];
+    for ep in peers
+        .iter()
+        .flat_map(|p| p["paths"].as_array().map(Vec::as_slice).unwrap_or_default())
+        .filter_map(|path| path["endpoint"].as_str()?.parse::<SocketAddr>().ok())
+    {
+        let ip = ep.ip().to_canonical();
+        if route_to(&f.routes, ip).is_some_and(|r| !r.gateway) {
+            on_link[usize::from(ip.is_ipv6())].insert(ip);
+        }
+    }
+    let mut fail = Vec::new();
+    let mut warn = Vec::new();
+    let mut ok = Vec::new();
+    for (i, (family, sysctl)) in [("IPv4 (ARP)", "net.ipv4"), ("IPv6 (NDP)", "net.ipv6")]
+        .into_iter()
+        .enumerate()
+    {
+        let Some(NeighbourTable {
+            limit,
+            soft_limit,
+            fulls,
+        }) = f.neighbours[i]
+        else {
+            continue;
+        };
+        let need = u64::try_from(on_link[i].len()).unwrap_or(u64::MAX);
+        let overflowed = if fulls > 0 {
+            format!(" (the kernel found it full {fulls} times since boot)")
+        } else {
+            String::new()
+        };
+        // The soft limit at twice the need (pods hold entries too), the hard one twice that.
+        let soft = need.saturating_mul(2).max(512).next_power_of_two();
+        let fix = format!(
+            "{sysctl}.neigh.default.gc_thresh3={} {sysctl}.neigh.default.gc_thresh2={soft} {sysctl}.neigh.default.gc_thresh1={}",
+            soft.saturating_mul(2),
+            soft / 4
+        );
+        if need >= limit {
+            fail.push((
+                format!(
+                    "{need} peer addresses on this node's links need {family} neighbour entries, more than the table's limit of {limit}{overflowed}: packets to the peers beyond it are dropped"
+                ),
+                fix,
+            ));
+        } else if need >= soft_limit {
+            warn.push((
+                format!(
+                    "{need} peer addresses on this node's links need {family} neighbour entries, above the table's soft limit of {soft_limit} (hard limit {limit}){overflowed}: the kernel keeps evicting and resolving them again"
+                ),
+                fix,
+            ));
+        } else {
+            ok.push(format!(
+                "{family}: {need} on-link peer addresses, limit {limit}{overflowed}"
+            ));
+        }
+    }
+    let fix = |items: &[(String, String)]| {
+        format!(
+            "raise the limits: sysctl -w {} (persist it: /etc/sysctl.d, or Talos machine.sysctls)",
+            items
+                .iter()
+                .map(|(_, fix)| fix.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    };
+    let message = |items: &[(String, String)]| {
+        items
+            .iter()
+            .map(|(m, _)| m.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if !fail.is_empty() {
+        let all: Vec<_> = fail.iter().chain(&warn).cloned().collect();
+        return Finding::fail(C, message(&all), fix(&all));
+    }
+    if !warn.is_empty() {
+        return Finding::warn(C, message(&warn), fix(&warn));
+    }
+    if ok.is_empty() {
+        return Finding::skip(
+            C,
+            "cannot read the neighbour table limits (in a network namespace they are the host's)",
+        );
+    }
+    Finding::ok(C, ok.join("; "))
 }
 
 /// TLS errors a wrong clock causes, as rustls and Go word them.

@@ -32,6 +32,22 @@ pub struct Route {
     pub dest: IpAddr,
     pub prefix_len: u8,
     pub interface: String,
+    /// Via a gateway (`RTF_GATEWAY`); otherwise the destination is on the link and each address on it
+    /// takes a neighbour entry.
+    pub gateway: bool,
+}
+
+/// The kernel's neighbour table of one family (ARP for IPv4, NDP for IPv6): its hard limit and how often it
+/// was found full since boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NeighbourTable {
+    /// `net.<family>.neigh.default.gc_thresh3`: above it a new entry cannot be made and packets to that
+    /// address are dropped ("neighbor table overflow" in the kernel log).
+    pub limit: u64,
+    /// `gc_thresh2`: above it the kernel collects entries older than 5 s, so addresses are resolved again.
+    pub soft_limit: u64,
+    /// `table_fulls` of `/proc/net/stat/{arp,ndisc}_cache`, summed over CPUs.
+    pub fulls: u64,
 }
 
 #[derive(Debug)]
@@ -54,6 +70,9 @@ pub struct Facts {
     pub routes: Vec<Route>,
     /// This node's clock against its time sources' `Date` headers (`skew`).
     pub clock: Vec<Measured>,
+    /// The IPv4 and IPv6 neighbour tables; `None` where they cannot be read (in a network namespace other
+    /// than the host's, `neigh/default` is not there: the tables are the host's).
+    pub neighbours: [Option<NeighbourTable>; 2],
 }
 
 /// Where to look (the command line's choices).
@@ -106,8 +125,44 @@ impl Facts {
                 )
                 .collect(),
             clock,
+            neighbours: [
+                neighbour_table("ipv4", "arp_cache"),
+                neighbour_table("ipv6", "ndisc_cache"),
+            ],
         }
     }
+}
+
+fn neighbour_table(family: &str, stat: &str) -> Option<NeighbourTable> {
+    let knob = |name: &str| {
+        read_trim(&format!("/proc/sys/net/{family}/neigh/default/{name}"))?
+            .parse()
+            .ok()
+    };
+    Some(NeighbourTable {
+        limit: knob("gc_thresh3")?,
+        soft_limit: knob("gc_thresh2")?,
+        fulls: std::fs::read_to_string(format!("/proc/net/stat/{stat}"))
+            .map(|t| parse_table_fulls(&t))
+            .unwrap_or(0),
+    })
+}
+
+/// `/proc/net/stat/arp_cache` (and `ndisc_cache`): a header naming the columns, then one line of hex
+/// counters per CPU (net/core/neighbour.c, `neigh_stat_seq_show`). Returns `table_fulls` summed; 0 when
+/// the column is missing.
+pub fn parse_table_fulls(text: &str) -> u64 {
+    let mut lines = text.lines();
+    let Some(column) = lines
+        .next()
+        .and_then(|h| h.split_whitespace().position(|c| c == "table_fulls"))
+    else {
+        return 0;
+    };
+    lines
+        .filter_map(|l| l.split_whitespace().nth(column))
+        .filter_map(|v| u64::from_str_radix(v, 16).ok())
+        .fold(0, u64::saturating_add)
 }
 
 /// Where to read the time: the command line's URLs, else the discovery service endpoints (when discovery
@@ -213,11 +268,13 @@ pub fn parse_routes(text: &str) -> Vec<Route> {
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let dest = u32::from_str_radix(f.get(1)?, 16).ok()?;
+            let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
             let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
             Some(Route {
                 dest: IpAddr::V4(Ipv4Addr::from(u32::from_be(dest))),
                 prefix_len: u8::try_from(mask.count_ones()).ok()?,
                 interface: (*f.first()?).to_owned(),
+                gateway: flags & RTF_GATEWAY != 0,
             })
         })
         .collect()
@@ -225,6 +282,8 @@ pub fn parse_routes(text: &str) -> Vec<Route> {
 
 /// `RTF_REJECT`: an unreachable or prohibit route (the kernel lists its default `lo` ones).
 const RTF_REJECT: u32 = 0x0200;
+/// `RTF_GATEWAY`: the route has a next hop (include/uapi/linux/route.h).
+const RTF_GATEWAY: u32 = 0x0002;
 
 /// `/proc/net/ipv6_route`: `dest dest_len src src_len next_hop metric refcnt use flags iface`, addresses as
 /// 32 hex digits in network order, lengths and flags in hex (net/ipv6/route.c, `rt6_info_seq_show`). Reject
@@ -246,6 +305,7 @@ pub fn parse_routes6(text: &str) -> Vec<Route> {
                 dest: IpAddr::V6(Ipv6Addr::from(dest)),
                 prefix_len,
                 interface: f[9].to_owned(),
+                gateway: flags & RTF_GATEWAY != 0,
             })
         })
         .collect()
@@ -272,11 +332,15 @@ fn same_prefix(a: IpAddr, b: IpAddr, len: u8) -> bool {
 
 /// The interface of the longest route matching `ip` (of its family).
 pub fn route_interface(routes: &[Route], ip: IpAddr) -> Option<&str> {
+    route_to(routes, ip).map(|r| r.interface.as_str())
+}
+
+/// The longest-prefix route to `ip`.
+pub fn route_to(routes: &[Route], ip: IpAddr) -> Option<&Route> {
     routes
         .iter()
         .filter(|r| same_prefix(ip, r.dest, r.prefix_len))
         .max_by_key(|r| r.prefix_len)
-        .map(|r| r.interface.as_str())
 }
 
 #[cfg(test)]
@@ -307,6 +371,44 @@ mod tests {
             Some("eth0")
         );
         assert_eq!(route_interface(&[], Ipv4Addr::new(8, 8, 8, 8).into()), None);
+        let gateway = |ip: Ipv4Addr| route_to(&routes, ip.into()).map(|r| r.gateway);
+        assert_eq!(
+            gateway(Ipv4Addr::new(8, 8, 8, 8)),
+            Some(true),
+            "the default"
+        );
+        assert_eq!(
+            gateway(Ipv4Addr::new(192, 0, 2, 12)),
+            Some(false),
+            "on the link"
+        );
+    }
+
+    #[test]
+    fn this_machines_neighbour_tables_read() {
+        // The real thing: unit tests run in the host's namespace, where the limits are.
+        for (family, stat) in [("ipv4", "arp_cache"), ("ipv6", "ndisc_cache")] {
+            let t = neighbour_table(family, stat)
+                .unwrap_or_else(|| panic!("{family} neighbour limits unreadable here"));
+            assert!(t.limit >= t.soft_limit && t.limit > 0, "{family}: {t:?}");
+        }
+    }
+
+    #[test]
+    fn neighbour_table_fulls_are_summed_over_cpus() {
+        // As Linux 6.x prints /proc/net/stat/arp_cache on two CPUs (read on this machine after a 32-node
+        // lab overflowed the table).
+        let text = "entries  allocs   destroys hash_grows lookups  hits     res_failed rcv_probes_mcast rcv_probes_ucast periodic_gc_runs forced_gc_runs unresolved_discards table_fulls\n\
+                    00000420 0000558e 000062a3 00000006   000449ac 00022094 000004e0   00000000         00000000         000008e2         00049258       00000000            00048f10\n\
+                    00000420 00005d6e 00004c39 00000002   0004c2d0 00025e25 000003eb   00000000         00000000         00000000         00043a94       00000000            000437e1\n";
+        assert_eq!(parse_table_fulls(text), 0x48f10 + 0x437e1);
+        assert_eq!(parse_table_fulls("entries allocs\n1 2\n"), 0, "no column");
+        assert_eq!(parse_table_fulls(""), 0);
+        assert_eq!(
+            parse_table_fulls("table_fulls\nzz\nffffffffffffffff\n1\n"),
+            u64::MAX,
+            "junk skipped, no overflow"
+        );
     }
 
     #[test]

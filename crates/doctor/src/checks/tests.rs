@@ -44,8 +44,10 @@ fn facts(cfg: &str) -> Facts {
             dest: Ipv4Addr::new(192, 0, 2, 0).into(),
             prefix_len: 24,
             interface: "eth0".to_owned(),
+            gateway: false,
         }],
         clock: Vec::new(),
+        neighbours: [None, None],
     }
 }
 
@@ -245,6 +247,7 @@ fn mtu_black_hole_over_an_ipv6_underlay() {
         dest: "2001:db8:7::".parse().expect("ip"),
         prefix_len: 48,
         interface: "sit1".to_owned(),
+        gateway: false,
     });
     f.mtus.insert("sit1".to_owned(), 1480);
     f.records.insert(
@@ -534,4 +537,80 @@ fn missing_daemons_and_bad_config_fail_the_report() {
         all.iter().all(|x| x.check != "kubelet-dns"),
         "config-dependent checks are left out"
     );
+}
+
+/// `n` peers, each with a path on 192.0.2.0/24 (on the link) and one on 198.51.100.0/24 (via a gateway).
+fn peers_on_link(n: u8) -> serde_json::Value {
+    json!(
+        (0..n)
+            .map(|i| json!({
+                "name": format!("node{i}"), "state": "up", "endpoint": format!("192.0.2.{i}:51821"),
+                "paths": [
+                    {"endpoint": format!("192.0.2.{i}:51821"), "state": "alive"},
+                    {"endpoint": format!("198.51.100.{i}:51821"), "state": "alive"},
+                ],
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+#[test]
+fn neighbour_tables_too_small_for_the_on_link_peers_fail_with_the_sysctls() {
+    use crate::facts::NeighbourTable;
+    let mut f = facts(OURS);
+    f.routes.push(Route {
+        dest: Ipv4Addr::UNSPECIFIED.into(),
+        prefix_len: 0,
+        interface: "eth0".to_owned(),
+        gateway: true,
+    });
+    f.records.insert("meshd", meshd(peers_on_link(200), 600));
+    // In a network namespace other than the host's the limits cannot be read: skipped, saying why.
+    let n = find(&all(&f), "neighbours").clone();
+    assert_eq!(n.verdict, Verdict::Skip, "{n:?}");
+    assert!(n.message.contains("network namespace"), "{n:?}");
+    let table = |limit, soft_limit, fulls| {
+        Some(NeighbourTable {
+            limit,
+            soft_limit,
+            fulls,
+        })
+    };
+    // The defaults hold 200 on-link addresses (the 200 behind the gateway take none).
+    f.neighbours = [table(1024, 512, 0), table(1024, 512, 0)];
+    let n = find(&all(&f), "neighbours").clone();
+    assert_eq!(n.verdict, Verdict::Ok, "{n:?}");
+    assert!(n.message.contains("200 on-link"), "{n:?}");
+    // Above the soft limit: warned, with the sysctls.
+    f.neighbours[0] = table(1024, 128, 0);
+    let n = find(&all(&f), "neighbours").clone();
+    assert_eq!(n.verdict, Verdict::Warn, "{n:?}");
+    // At the hard limit: packets are dropped.
+    f.neighbours[0] = table(200, 128, 7);
+    let n = find(&all(&f), "neighbours").clone();
+    assert_eq!(n.verdict, Verdict::Fail, "{n:?}");
+    assert!(
+        n.message.contains("200 peer addresses") && n.message.contains("full 7 times"),
+        "{n:?}"
+    );
+    let fix = n.fix.as_deref().unwrap_or_default();
+    assert!(
+        fix.contains("net.ipv4.neigh.default.gc_thresh3=1024")
+            && fix.contains("net.ipv4.neigh.default.gc_thresh2=512")
+            && fix.contains("machine.sysctls"),
+        "{fix}"
+    );
+    // The fix's values clear the finding.
+    f.neighbours[0] = table(1024, 512, 7);
+    assert_eq!(find(&all(&f), "neighbours").verdict, Verdict::Ok);
+    // Hostile or odd status: endpoints that do not parse count for nothing.
+    f.records.insert(
+        "meshd",
+        meshd(
+            json!([{"paths": [{"endpoint": "x"}, {"endpoint": 5}, {}]}, {"paths": "no"}]),
+            600,
+        ),
+    );
+    f.neighbours[0] = table(1, 1, 0);
+    assert_eq!(find(&all(&f), "neighbours").verdict, Verdict::Ok);
 }
