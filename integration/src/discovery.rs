@@ -40,11 +40,11 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{HeaderMap, Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
 use tokio::sync::mpsc;
 
 use crate::Netns;
+use crate::standin::{HttpStandin, Protocol};
 
 /// The real service's limits (`pkg/limits`).
 pub const ID_MAX: usize = 256;
@@ -224,8 +224,7 @@ pub struct DiscoveryServer {
     /// The test CA's certificate (PEM) when the service speaks TLS.
     pub ca_pem: Option<String>,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: HttpStandin,
 }
 
 impl DiscoveryServer {
@@ -258,21 +257,22 @@ impl DiscoveryServer {
             .tcp_listener(addr)
             .unwrap_or_else(|e| panic!("discovery stand-in cannot listen on {addr}: {e}"));
         let state = Arc::new(Mutex::new(State::default()));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let st = state.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("runtime: {e}"));
-            rt.block_on(serve(listener, st, acceptor, stop_rx));
-        });
+        let (st, gc_state) = (state.clone(), state.clone());
+        let server = HttpStandin::spawn(
+            listener,
+            acceptor,
+            Protocol::Http2,
+            Some(Box::new(move || gc(&gc_state))),
+            move |peer, req| {
+                let st = st.clone();
+                async move { handle(&st, peer, req).await }
+            },
+        );
         DiscoveryServer {
             addr,
             ca_pem,
             state,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -359,63 +359,6 @@ impl DiscoveryServer {
             .lock()
             .map(|s| s.calls.get(method).copied().unwrap_or(0))
             .unwrap_or(0)
-    }
-}
-
-impl Drop for DiscoveryServer {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-async fn serve(
-    listener: std::net::TcpListener,
-    state: Arc<Mutex<State>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => panic!("listener: {e}"),
-    };
-    let gc_state = state.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            gc(&gc_state);
-        }
-    });
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => {
-                let Ok((tcp, peer)) = accepted else { continue };
-                let st = state.clone();
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(&st, peer, req).await) }
-                    });
-                    let http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                    match tls {
-                        None => {
-                            let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
-                        }
-                        Some(acceptor) => {
-                            // A client that does not trust the test CA fails here.
-                            let Ok(stream) = acceptor.accept(tcp).await else { return };
-                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                        }
-                    }
-                });
-            }
-        }
     }
 }
 

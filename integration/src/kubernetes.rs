@@ -43,11 +43,11 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::Netns;
+use crate::standin::{HttpStandin, Protocol};
 
 /// How a too-old resourceVersion is answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,8 +181,7 @@ pub struct KubeApiServer {
     pub addr: SocketAddr,
     tls: Option<ClientTls>,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: HttpStandin,
 }
 
 impl KubeApiServer {
@@ -220,21 +219,17 @@ impl KubeApiServer {
             watchers: Vec::new(),
             requests: BTreeMap::new(),
         }));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let st = state.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("runtime: {e}"));
-            rt.block_on(serve(listener, st, acceptor, stop_rx));
-        });
+        let server =
+            HttpStandin::spawn(listener, acceptor, Protocol::Http1, None, move |_, req| {
+                let st = st.clone();
+                async move { handle(&st, req).await }
+            });
         KubeApiServer {
             addr,
             tls: client_tls,
             state,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -413,56 +408,6 @@ impl KubeApiServer {
                 s.emit_in(coll, "DELETED", object);
             }
         });
-    }
-}
-
-impl Drop for KubeApiServer {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-async fn serve(
-    listener: std::net::TcpListener,
-    state: Arc<Mutex<State>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => panic!("listener: {e}"),
-    };
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
-                let st = state.clone();
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(&st, req).await) }
-                    });
-                    let http = hyper::server::conn::http1::Builder::new();
-                    match tls {
-                        None => {
-                            let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
-                        }
-                        Some(acceptor) => {
-                            // A client without a certificate from the CA fails here.
-                            let Ok(stream) = acceptor.accept(tcp).await else { return };
-                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                        }
-                    }
-                });
-            }
-        }
     }
 }
 

@@ -38,6 +38,7 @@ mod process;
 pub mod qemu;
 mod root;
 pub mod stale;
+mod standin;
 mod wait;
 
 pub use config::ConfigDoc;
