@@ -773,9 +773,54 @@ impl Mesh {
                 tracing::debug!(to = %request.to, %error, "allocation request not sent");
             }
         }
+        self.probe_relayed_paths(now);
         self.metrics
             .relay_grants
             .set(i64::try_from(self.relaying.endpoints().len()).unwrap_or(i64::MAX));
+    }
+
+    /// Pings each granted relayed path at its relay port, from the probe socket (see
+    /// [`crate::relay::client`]); a path that died (or came alive) re-plans.
+    fn probe_relayed_paths(&mut self, now: Instant) {
+        let mut counter = self.nonce;
+        let (pings, changed) = self.relaying.probe_paths(now, || {
+            counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            counter ^ fastrand::u64(..)
+        });
+        self.nonce = counter;
+        if changed {
+            self.dirty = true;
+            for v in self.relaying.views(now) {
+                if v.path == crate::relay::client::PathState::Dead {
+                    let peer = self.peers.get(&v.peer).map(|p| p.name.clone());
+                    let relay = self.peers.get(&v.relay).map(|p| p.name.clone());
+                    tracing::warn!(
+                        ?peer,
+                        ?relay,
+                        "relayed path dead (no pongs through the relay)"
+                    );
+                }
+            }
+        }
+        for ping in pings {
+            let Some(peer) = self.peers.get(&ping.peer) else {
+                continue;
+            };
+            let probe = Probe {
+                kind: Kind::Ping,
+                sender: self.public,
+                nonce: ping.nonce,
+                timestamp_us: probe::now_us(),
+                observed: None,
+                target: Some(ping.to),
+                flags: 0,
+            };
+            let datagram = probe::encode(&probe, &peer.probe_key);
+            self.metrics.probes_sent.inc();
+            if let Err(error) = self.responder.socket.send_to(&datagram, v6_mapped(ping.to)) {
+                tracing::debug!(to = %ping.to, %error, "relayed path probe not sent");
+            }
+        }
     }
 
     /// A relay's answer to one of our allocation requests.
@@ -886,11 +931,14 @@ impl Mesh {
         if remote.peek().is_none() {
             return false;
         }
-        // Down (every path tried), not merely untested: a gateway that is starting is not flagged.
+        // Down (every path tried), not merely untested: a gateway that is starting is not flagged. A
+        // remote candidate reached through a relay (granted, the relayed path not dead) is an uplink.
+        let relayed = self.relaying.endpoints();
         remote.all(|(k, _)| {
             self.peers
                 .get(k)
                 .is_none_or(|p| p.machine.state == crate::peer::PeerState::Down)
+                && !relayed.contains_key(k)
         })
     }
 
@@ -900,6 +948,20 @@ impl Mesh {
             return;
         }
         let probe = &pong.probe;
+        // A pong through a relay answers a probe of the relayed path (bound to the relay port it went to).
+        if !pong.v2
+            && let Some(changed) =
+                self.relaying
+                    .on_pong(pong.at, probe.sender, pong.from, probe.nonce, probe.target)
+        {
+            self.metrics.probes_answered.inc();
+            if changed {
+                let peer = self.peers.get(&probe.sender).map(|p| p.name.clone());
+                tracing::info!(?peer, "relayed path alive (pongs through the relay)");
+                self.dirty = true;
+            }
+            return;
+        }
         let Some(peer) = self.peers.get_mut(&probe.sender) else {
             return;
         };
@@ -962,6 +1024,7 @@ impl Mesh {
             relay: m.relay,
             relays_allowed: m.relays.clone(),
             relay_grants: self.relaying.endpoints(),
+            relay_excluded: self.relaying.excluded(Instant::now()),
             peers: self
                 .peers
                 .values()

@@ -7,8 +7,22 @@
 //! direct (or moves to another relay) is forgotten at once: no more refreshes, and the relay lets the
 //! allocation expire. A grant counts only as the answer to a request still outstanding: from the address
 //! the request went to, echoing it as the target, from the relay it was sent to, for the pair asked.
+//!
+//! **The relayed path is probed end to end, through the relay.** Once granted, the node pings its peer
+//! every [`PATH_EVERY`] at the granted relay port, from its probe socket: the relay forwards probe-shaped
+//! datagrams to the other party's probe socket ([`crate::relay`]), whose responder answers as to any
+//! ping; the pong comes back through the relay, MAC'd with the pair's key (the relay cannot forge one).
+//! A pong counts only for a ping still outstanding, from the relay port it went to, echoing it as the
+//! target. The path is alive after one pong and dead after [`PATH_DEAD_AFTER`] pings in a row without one
+//! within [`PATH_TIMEOUT`] (about 2-2.5 s after the relay stops forwarding). A dead path's peer has no
+//! relayed endpoint ([`Client::endpoints`]): it is down (its routes go under `allowDownPeerBypass`). A
+//! relay whose path *was alive* and died is excluded for the pair ([`Client::excluded`]) for at least
+//! [`FAILED_HOLD`], and after that for as long as the pair is relayed alive through another relay: both
+//! parties see the path die within a probe interval of each other, so both move to the next relay of the
+//! ranking (or report the peer down when there is none) and stay there; a path that never answered
+//! (the other party not there yet) excludes nothing and keeps being probed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -20,6 +34,67 @@ use crate::probe::{Alloc, AllocResult};
 pub const RETRY: Duration = Duration::from_secs(1);
 /// A refused request is sent again after this long.
 pub const REFUSED_RETRY: Duration = Duration::from_secs(5);
+/// A granted relayed path is pinged this often.
+pub const PATH_EVERY: Duration = Duration::from_millis(500);
+/// A ping of the relayed path without a pong this long is missed.
+pub const PATH_TIMEOUT: Duration = Duration::from_secs(1);
+/// This many missed pings in a row: the relayed path is dead.
+pub const PATH_DEAD_AFTER: u32 = 3;
+/// A relay whose relayed path died is excluded for the pair at least this long.
+pub const FAILED_HOLD: Duration = Duration::from_secs(30);
+
+/// What the probes of a relayed path say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathState {
+    /// No pong yet.
+    Unknown,
+    Alive,
+    Dead,
+}
+
+impl PathState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathState::Unknown => "unknown",
+            PathState::Alive => "alive",
+            PathState::Dead => "dead",
+        }
+    }
+}
+
+/// A ping of a relayed path to send: to `peer`, at the relay port `to` (its target).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathPing {
+    pub peer: PublicKey,
+    pub to: SocketAddr,
+    pub nonce: u64,
+}
+
+/// The probes of one granted relayed path.
+#[derive(Clone, Debug)]
+struct PathProbe {
+    state: PathState,
+    /// Pings without a pong yet, oldest first.
+    outstanding: VecDeque<(u64, Instant)>,
+    missed: u32,
+    next: Instant,
+    rtt: Option<Duration>,
+    /// It has been alive (a death then excludes the relay for the pair).
+    was_alive: bool,
+}
+
+impl PathProbe {
+    fn new(now: Instant) -> PathProbe {
+        PathProbe {
+            state: PathState::Unknown,
+            outstanding: VecDeque::new(),
+            missed: 0,
+            next: now,
+            rtt: None,
+            was_alive: false,
+        }
+    }
+}
 
 /// A request to send: to the relay `relay` at its probe address `to`, for the pair with `peer`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +114,8 @@ struct Held {
     expires: Option<Instant>,
     next: Instant,
     refused: Option<AllocResult>,
+    /// The relayed path's probes (while granted).
+    path: PathProbe,
 }
 
 /// The allocations this node holds (or asks for) on relays, per relayed peer.
@@ -46,6 +123,8 @@ struct Held {
 pub struct Client {
     held: BTreeMap<PublicKey, Held>,
     outstanding: HashMap<u64, (Request, Instant)>,
+    /// (peer, relay) whose relayed path died, and when.
+    failed: BTreeMap<(PublicKey, PublicKey), Instant>,
 }
 
 /// A relayed peer's allocation as `meshd status` shows it.
@@ -56,6 +135,9 @@ pub struct View {
     pub endpoint: Option<SocketAddr>,
     pub expires_in: Option<Duration>,
     pub refused: Option<AllocResult>,
+    /// What the probes through the relay say.
+    pub path: PathState,
+    pub rtt: Option<Duration>,
 }
 
 impl Client {
@@ -82,6 +164,7 @@ impl Client {
                 expires: None,
                 next: now,
                 refused: None,
+                path: PathProbe::new(now),
             });
             if h.expires.is_some_and(|e| e <= now) {
                 h.expires = None;
@@ -132,7 +215,11 @@ impl Client {
         let before = h.endpoint;
         if alloc.result == AllocResult::Granted && alloc.port != 0 {
             let lifetime = Duration::from_secs(u64::from(alloc.lifetime_s));
-            h.endpoint = Some(SocketAddr::new(request.to.ip(), alloc.port));
+            let endpoint = SocketAddr::new(request.to.ip(), alloc.port);
+            if h.endpoint != Some(endpoint) {
+                h.path = PathProbe::new(now);
+            }
+            h.endpoint = Some(endpoint);
             h.expires = Some(now + lifetime);
             h.next = now + (lifetime / 3).max(RETRY);
             h.refused = None;
@@ -145,13 +232,114 @@ impl Client {
         Some(h.endpoint != before)
     }
 
-    /// Each relayed peer with a grant: its relay and the endpoint to use (the relay's address, the
-    /// granted port).
+    /// Each relayed peer with a grant whose relayed path is not dead: its relay and the endpoint to use
+    /// (the relay's address, the granted port).
     pub fn endpoints(&self) -> BTreeMap<PublicKey, (PublicKey, SocketAddr)> {
         self.held
             .iter()
+            .filter(|(_, h)| h.path.state != PathState::Dead)
             .filter_map(|(peer, h)| h.endpoint.map(|e| (*peer, (h.relay, e))))
             .collect()
+    }
+
+    /// The relayed path's state for `peer` (`None`: not granted).
+    pub fn path_state(&self, peer: &PublicKey) -> Option<PathState> {
+        let h = self.held.get(peer)?;
+        h.endpoint.map(|_| h.path.state)
+    }
+
+    /// The relays excluded per peer: their relayed path died less than [`FAILED_HOLD`] ago, or since
+    /// then the pair has been relayed alive through another relay (it stays there).
+    pub fn excluded(&self, now: Instant) -> BTreeMap<PublicKey, BTreeSet<PublicKey>> {
+        let mut out: BTreeMap<PublicKey, BTreeSet<PublicKey>> = BTreeMap::new();
+        for ((peer, relay), at) in &self.failed {
+            let elsewhere = self
+                .held
+                .get(peer)
+                .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive);
+            if now.saturating_duration_since(*at) < FAILED_HOLD || elsewhere {
+                out.entry(*peer).or_default().insert(*relay);
+            }
+        }
+        out
+    }
+
+    /// The pings of relayed paths due now, and whether a path's state changed (its peer's endpoint and
+    /// state with it). Missed pings are counted here.
+    pub fn probe_paths(
+        &mut self,
+        now: Instant,
+        mut nonce: impl FnMut() -> u64,
+    ) -> (Vec<PathPing>, bool) {
+        let mut changed = false;
+        let mut due = Vec::new();
+        for (peer, h) in &mut self.held {
+            let Some(to) = h.endpoint else {
+                continue;
+            };
+            let p = &mut h.path;
+            while p
+                .outstanding
+                .front()
+                .is_some_and(|(_, sent)| now.saturating_duration_since(*sent) >= PATH_TIMEOUT)
+            {
+                p.outstanding.pop_front();
+                p.missed += 1;
+            }
+            if p.missed >= PATH_DEAD_AFTER && p.state != PathState::Dead {
+                p.state = PathState::Dead;
+                changed = true;
+                if p.was_alive {
+                    self.failed.insert((*peer, h.relay), now);
+                }
+            }
+            if now >= p.next {
+                let n = nonce();
+                p.outstanding.push_back((n, now));
+                // Bounded: pings older than the timeout are gone above.
+                p.next = now + PATH_EVERY;
+                due.push(PathPing {
+                    peer: *peer,
+                    to,
+                    nonce: n,
+                });
+            }
+        }
+        // Exclusions no longer in force are forgotten.
+        let held = &self.held;
+        self.failed.retain(|(peer, relay), at| {
+            now.saturating_duration_since(*at) < FAILED_HOLD
+                || held
+                    .get(peer)
+                    .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive)
+        });
+        (due, changed)
+    }
+
+    /// A pong (MAC checked) from `peer`, answering `nonce`, that came from `from` echoing `target`.
+    /// `None` when it answers no ping of a relayed path; else whether the path's state changed.
+    pub fn on_pong(
+        &mut self,
+        at: Instant,
+        peer: PublicKey,
+        from: SocketAddr,
+        nonce: u64,
+        target: Option<SocketAddr>,
+    ) -> Option<bool> {
+        let h = self.held.get_mut(&peer)?;
+        let to = h.endpoint?;
+        let p = &mut h.path;
+        let i = p.outstanding.iter().position(|(n, _)| *n == nonce)?;
+        if from != to || target != Some(to) {
+            return None;
+        }
+        let (_, sent) = p.outstanding.remove(i)?;
+        p.rtt = Some(at.saturating_duration_since(sent));
+        p.missed = 0;
+        p.was_alive = true;
+        let changed = p.state != PathState::Alive;
+        p.state = PathState::Alive;
+        Some(changed)
     }
 
     /// Every relayed peer's allocation, granted or not.
@@ -164,6 +352,8 @@ impl Client {
                 endpoint: h.endpoint,
                 expires_in: h.expires.map(|e| e.saturating_duration_since(now)),
                 refused: h.refused,
+                path: h.path.state,
+                rtt: h.path.rtt,
             })
             .collect()
     }
@@ -311,5 +501,117 @@ mod tests {
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].relay, due[0].to), (r2, to2));
         assert!(c.endpoints().is_empty());
+    }
+
+    /// Granted for `b` through `r` at `ep` (request sent at `t`).
+    fn granted_at(
+        c: &mut Client,
+        t: Instant,
+        b: PublicKey,
+        r: PublicKey,
+        to: SocketAddr,
+        port: u16,
+    ) {
+        let wanted = BTreeMap::from([(b, (r, to))]);
+        let (due, _) = c.poll(t, &wanted, || 1000 + u64::from(port));
+        assert_eq!(
+            c.on_answer(t, r, to, due[0].nonce, Some(to), &granted(b, port)),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
+        let (b, r, r2) = (key(2), key(3), key(4));
+        let to: SocketAddr = "198.51.100.1:51822".parse().unwrap();
+        let to2: SocketAddr = "198.51.100.2:51822".parse().unwrap();
+        let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
+        let mut c = Client::default();
+        let mut n = 0u64;
+        let mut nonce = || {
+            n += 1;
+            n
+        };
+        let t = Instant::now();
+        granted_at(&mut c, t, b, r, to, 40001);
+        assert_eq!(c.path_state(&b), Some(PathState::Unknown));
+        // Pinged at once, at the relay port, then every PATH_EVERY.
+        let (pings, _) = c.probe_paths(t, &mut nonce);
+        assert_eq!(pings.len(), 1);
+        assert_eq!((pings[0].peer, pings[0].to), (b, ep));
+        assert!(c.probe_paths(t + PATH_EVERY / 2, &mut nonce).0.is_empty());
+        // A pong from elsewhere, or not echoing the relay port, or for no ping of ours: not taken.
+        let at = t + Duration::from_millis(20);
+        assert_eq!(c.on_pong(at, b, to, pings[0].nonce, Some(ep)), None);
+        assert_eq!(c.on_pong(at, b, ep, pings[0].nonce, Some(to)), None);
+        assert_eq!(c.on_pong(at, b, ep, 4242, Some(ep)), None);
+        assert_eq!(c.on_pong(at, r, ep, pings[0].nonce, Some(ep)), None);
+        // The right one: alive.
+        assert_eq!(c.on_pong(at, b, ep, pings[0].nonce, Some(ep)), Some(true));
+        assert_eq!(c.path_state(&b), Some(PathState::Alive));
+        assert_eq!(c.views(at)[0].rtt, Some(Duration::from_millis(20)));
+        assert!(c.excluded(at).is_empty());
+        // The relay stops forwarding: 3 pings in a row without a pong, the path is dead (2-2.5 s).
+        let mut now = t + PATH_EVERY;
+        let died = loop {
+            let (_, changed) = c.probe_paths(now, &mut nonce);
+            if changed {
+                break now;
+            }
+            now += Duration::from_millis(250);
+            assert!(now < t + Duration::from_secs(5), "never declared dead");
+        };
+        assert_eq!(c.path_state(&b), Some(PathState::Dead));
+        let took = died - (t + PATH_EVERY);
+        assert!(
+            took >= Duration::from_secs(2) && took <= Duration::from_millis(2500),
+            "{took:?}"
+        );
+        // No relayed endpoint any more (the peer is down), and the relay is excluded for the pair.
+        assert!(c.endpoints().is_empty());
+        assert_eq!(c.excluded(died)[&b], BTreeSet::from([r]));
+        // The plan moves the pair to r2; alive there, r stays excluded after the hold.
+        granted_at(&mut c, died, b, r2, to2, 40009);
+        let (pings, _) = c.probe_paths(died, &mut nonce);
+        assert_eq!(pings.len(), 1);
+        let ep2: SocketAddr = "198.51.100.2:40009".parse().unwrap();
+        assert_eq!(
+            c.on_pong(died, b, ep2, pings[0].nonce, Some(ep2)),
+            Some(true)
+        );
+        let later = died + FAILED_HOLD + Duration::from_secs(1);
+        assert_eq!(c.excluded(later)[&b], BTreeSet::from([r]));
+        // Without another live relay the exclusion ends with the hold.
+        c.poll(later, &BTreeMap::new(), &mut nonce);
+        c.probe_paths(later, &mut nonce);
+        assert!(c.excluded(later).is_empty());
+    }
+
+    #[test]
+    fn a_relayed_path_that_never_answered_excludes_nothing_and_comes_alive_later() {
+        let (b, r) = (key(2), key(3));
+        let to: SocketAddr = "198.51.100.1:51822".parse().unwrap();
+        let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
+        let mut c = Client::default();
+        let mut n = 0u64;
+        let mut nonce = || {
+            n += 1;
+            n
+        };
+        let t = Instant::now();
+        granted_at(&mut c, t, b, r, to, 40001);
+        let mut now = t;
+        let mut last = 0;
+        while now < t + Duration::from_secs(4) {
+            if let Some(p) = c.probe_paths(now, &mut nonce).0.first() {
+                last = p.nonce;
+            }
+            now += Duration::from_millis(250);
+        }
+        assert_eq!(c.path_state(&b), Some(PathState::Dead));
+        assert!(c.excluded(now).is_empty(), "never alive: nothing excluded");
+        // The other party arrives: the next pong brings it alive, the endpoint back.
+        assert_eq!(c.on_pong(now, b, ep, last, Some(ep)), Some(true));
+        assert_eq!(c.endpoints()[&b], (r, ep));
     }
 }
