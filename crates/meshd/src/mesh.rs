@@ -1033,13 +1033,24 @@ impl Mesh {
                     allowed_ips: Arc::clone(&p.allowed_ips),
                     public: p.public,
                     probe_state: p.machine.state,
-                    state: p.state(),
+                    state: self.peer_state(p),
                     active: p.machine.active_endpoint(),
                     endpoint: p.endpoint(),
                     no_uplink: p.no_uplink,
                 })
                 .collect(),
             trust: self.trust(),
+        }
+    }
+
+    /// A peer's state for routes and status: [`Peer::state`], except that a relayed peer (or one whose
+    /// relayed path died lately) is not up by WireGuard traffic alone (that traffic came through the
+    /// relay: its relayed path's probes decide).
+    pub fn peer_state(&self, p: &Peer) -> PeerState {
+        if p.by_traffic() && self.relaying.involved(&p.key) {
+            p.machine.state
+        } else {
+            p.state()
         }
     }
 

@@ -59,7 +59,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 Some(PathKind::Gateway { via: Some(g) }) => reach(g),
                 Some(PathKind::Gateway { via: None }) => "down",
                 Some(PathKind::Relayed { .. }) => reach(&p.key),
-                _ => p.state().as_str(),
+                _ => mesh.peer_state(p).as_str(),
             };
             let (path, via) = match paths.get(&p.key) {
                 Some(PathKind::Native { via }) => ("native", json!(via.to_string())),

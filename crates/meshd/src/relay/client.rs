@@ -242,6 +242,12 @@ impl Client {
             .collect()
     }
 
+    /// Whether `peer` is relayed (or asked for), or its relayed path died lately: its liveness is the
+    /// relayed path's, not the WireGuard traffic that came through a relay.
+    pub fn involved(&self, peer: &PublicKey) -> bool {
+        self.held.contains_key(peer) || self.failed.keys().any(|(p, _)| p == peer)
+    }
+
     /// The relayed path's state for `peer` (`None`: not granted).
     pub fn path_state(&self, peer: &PublicKey) -> Option<PathState> {
         let h = self.held.get(peer)?;
