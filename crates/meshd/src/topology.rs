@@ -27,6 +27,11 @@
 //! those AllowedIPs to the next candidate in place (one peer update each) and each route by one netlink
 //! replace: nothing is renumbered, no other peer is touched.
 //!
+//! **Relays** ([`relays`]): a direct peer no direct path reaches (two NATed gateways) goes through a
+//! relay, end to end; in the layout it is as up as its relayed path (granted, not dead:
+//! [`Live::relay_up`]), so a remote gateway reached through a relay holds its location and carries its
+//! routed nodes' AllowedIPs on its own WireGuard peer (never on the relay's).
+//!
 //! Routes via a next hop need the next hop's family: an IPv4 private address carries the IPv4 mesh and
 //! allowed addresses; the ULA /128s of native and gateway-routed peers need IPv6 private addresses.
 
