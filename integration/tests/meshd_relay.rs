@@ -186,7 +186,20 @@ fn symmetric_nats_talk_through_a_relay_that_forwards_only_ciphertext() {
         "relayed through {via}: both grants after {granted:?}, ping through after {relayed:?} (from the daemons' start, discovery included)"
     );
 
-    // The relay holds one allocation, for the pair, with the two relay ports the parties were granted.
+    // The relay holds one allocation, for the pair, with the two relay ports the parties were granted
+    // (the relay's status file is written every second: wait for the one that shows it).
+    wait_until(
+        Duration::from_secs(3),
+        "the relay's status to show the pair",
+        || {
+            if pair_ports(&lab, r, a, b).len() == 2 {
+                Ok(())
+            } else {
+                Err(relay_status(&lab, r).to_string())
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let status = relay_status(&lab, r);
     assert_eq!(status["relays"], true, "{status}");
     let rows = status["allocations"]

@@ -222,6 +222,8 @@ pub struct Mesh {
     /// End-to-end encrypted relaying, this node's side: the allocations it asks its relays for.
     pub relaying: crate::relay::client::Client,
     next_relay_check: Instant,
+    /// A grant or a relayed path's pong changed a relayed endpoint or path: the next poll reports it.
+    relay_changed: bool,
 }
 
 /// How often the relayed peers are re-planned for allocation requests (refreshes and retries are due
@@ -321,6 +323,7 @@ impl Mesh {
             routes_known: None,
             relaying: crate::relay::client::Client::default(),
             next_relay_check: Instant::now(),
+            relay_changed: false,
             cfg,
         };
         mesh.refresh_underlay().await;
@@ -658,7 +661,11 @@ impl Mesh {
         }
         if now >= self.next_relay_check {
             self.next_relay_check = now + RELAY_CHECK;
-            self.relay_requests(now);
+            // A relayed endpoint that went, or a relayed path that died or came alive: report at once.
+            changed |= self.relay_requests(now);
+        }
+        if std::mem::take(&mut self.relay_changed) {
+            changed = true;
         }
         if self
             .clamp_task
@@ -709,8 +716,9 @@ impl Mesh {
     }
 
     /// End-to-end encrypted relaying: grants allocations when this node may relay (public, `relay: auto`),
-    /// and asks the relay of each relayed peer for one (see [`crate::relay::client`]).
-    fn relay_requests(&mut self, now: Instant) {
+    /// and asks the relay of each relayed peer for one (see [`crate::relay::client`]). Returns whether a
+    /// relayed endpoint or a relayed path's state changed.
+    fn relay_requests(&mut self, now: Instant) -> bool {
         let own_public = self.own_public();
         let relays = self.cfg.meshd.relay == hybridnet_config::RelayMode::Auto && own_public;
         self.responder
@@ -773,15 +781,16 @@ impl Mesh {
                 tracing::debug!(to = %request.to, %error, "allocation request not sent");
             }
         }
-        self.probe_relayed_paths(now);
+        let path_changed = self.probe_relayed_paths(now);
         self.metrics
             .relay_grants
             .set(i64::try_from(self.relaying.endpoints().len()).unwrap_or(i64::MAX));
+        changed || path_changed
     }
 
     /// Pings each granted relayed path at its relay port, from the probe socket (see
-    /// [`crate::relay::client`]); a path that died (or came alive) re-plans.
-    fn probe_relayed_paths(&mut self, now: Instant) {
+    /// [`crate::relay::client`]); a path that died (or came alive) re-plans. Returns whether one did.
+    fn probe_relayed_paths(&mut self, now: Instant) -> bool {
         let mut counter = self.nonce;
         let (pings, changed) = self.relaying.probe_paths(now, || {
             counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -821,6 +830,7 @@ impl Mesh {
                 tracing::debug!(to = %ping.to, %error, "relayed path probe not sent");
             }
         }
+        changed
     }
 
     /// A relay's answer to one of our allocation requests.
@@ -859,6 +869,7 @@ impl Mesh {
                 }
                 if changed {
                     self.dirty = true;
+                    self.relay_changed = true;
                 }
             }
         }
@@ -959,6 +970,7 @@ impl Mesh {
                 let peer = self.peers.get(&probe.sender).map(|p| p.name.clone());
                 tracing::info!(?peer, "relayed path alive (pongs through the relay)");
                 self.dirty = true;
+                self.relay_changed = true;
             }
             return;
         }
