@@ -186,7 +186,20 @@ fn symmetric_nats_talk_through_a_relay_that_forwards_only_ciphertext() {
         "relayed through {via}: both grants after {granted:?}, ping through after {relayed:?} (from the daemons' start, discovery included)"
     );
 
-    // The relay holds one allocation, for the pair, with the two relay ports the parties were granted.
+    // The relay holds one allocation, for the pair, with the two relay ports the parties were granted
+    // (the relay's status file is written every second: wait for the one that shows it).
+    wait_until(
+        Duration::from_secs(3),
+        "the relay's status to show the pair",
+        || {
+            if pair_ports(&lab, r, a, b).len() == 2 {
+                Ok(())
+            } else {
+                Err(relay_status(&lab, r).to_string())
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let status = relay_status(&lab, r);
     assert_eq!(status["relays"], true, "{status}");
     let rows = status["allocations"]
@@ -429,5 +442,306 @@ fn symmetric_nats_talk_through_a_relay_that_forwards_only_ciphertext() {
     eprintln!(
         "tcpdump on {via}: {} packets, {relayed_seen} at the pair's relay ports, all WireGuard-shaped between them and the parties' NAT addresses",
         lines.len()
+    );
+}
+
+/// The relay ports of the allocation for the pair (`a`, `b`) on relay `r`.
+fn pair_ports(lab: &NatLab, r: usize, a: usize, b: usize) -> Vec<u16> {
+    let status = relay_status(lab, r);
+    status["allocations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|row| {
+            let parties = row["parties"].to_string();
+            parties.contains(&format!("\"{}\"", lab.nodes[a].name()))
+                && parties.contains(&format!("\"{}\"", lab.nodes[b].name()))
+        })
+        .map(|row| {
+            row["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The relay stops forwarding for a pair: nftables on the relay drops every datagram to the pair's relay
+/// ports (its probe port and WireGuard still answer: it is up, only its forwarding is gone).
+fn stop_forwarding(lab: &NatLab, r: usize, ports: &[u16]) {
+    let list = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let path = lab.dir.join(format!("relaydrop-{}.nft", ports[0]));
+    std::fs::write(
+        &path,
+        format!(
+            "table inet relaydrop {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
+             udp dport {{ {list} }} drop\n  }}\n}}\n"
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let out = lab.nodes[r]
+        .netns
+        .exec(&["nft", "-f", &path.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "nft on the relay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn resume_forwarding(lab: &NatLab, r: usize) {
+    let out = lab.nodes[r]
+        .netns
+        .exec(&["nft", "delete", "table", "inet", "relaydrop"]);
+    assert!(
+        out.status.success(),
+        "nft on the relay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Node `i`'s relayed path to node `j` as its status shows it ("alive", "dead", "unknown"), if granted.
+fn relayed_path(lab: &NatLab, i: usize, j: usize) -> Option<String> {
+    let name = lab.nodes[j].name();
+    relay_status(lab, i)["grants"]
+        .as_array()?
+        .iter()
+        .find(|g| g["peer"] == name.as_str())
+        .and_then(|g| g["path"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn a_relay_that_stops_forwarding_is_seen_dead_and_the_pair_moves_to_the_other_relay() {
+    // node1, node2 public (both may relay); node3, node4 behind symmetric NATs.
+    let lab = NatLab::with_publics("meshd-relay-stop", 2, &[Nat::Symmetric, Nat::Symmetric]);
+    let (a, b) = (2, 3);
+    let _daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
+    let via = wait_path(&lab, a, b, "relayed", Duration::from_secs(10));
+    assert_eq!(
+        wait_path(&lab, b, a, "relayed", Duration::from_secs(10)),
+        via
+    );
+    let r = (0..2)
+        .find(|&i| lab.nodes[i].name() == via)
+        .unwrap_or_else(|| panic!("relayed via {via}, not a public node"));
+    let other = lab.nodes[1 - r].name();
+    // The relayed path is probed end to end through the relay: alive on both sides.
+    for (i, j) in [(a, b), (b, a)] {
+        wait_until(
+            Duration::from_secs(10),
+            "the relayed path alive",
+            || match relayed_path(&lab, i, j).as_deref() {
+                Some("alive") => Ok(()),
+                other => Err(format!("{other:?}: {}", relay_status(&lab, i))),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let dst = lab.nodes[b].mesh_ip().to_string();
+    wait_until(Duration::from_secs(10), "a ping through the relay", || {
+        lab.nodes[a].ping(&dst)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ports = pair_ports(&lab, r, a, b);
+    assert_eq!(ports.len(), 2, "{}", relay_status(&lab, r));
+
+    // A stream runs while the relay stops forwarding.
+    let flow = TcpFlow::start(
+        &lab.nodes[b].netns,
+        &lab.nodes[a].netns,
+        lab.nodes[b].mesh_ip(),
+        5203,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop_forwarding(&lab, r, &ports);
+    let t = Instant::now();
+    // Both parties see the relayed path die (its probes go unanswered) and move to the other relay.
+    let mut seen = [None, None];
+    wait_until(
+        Duration::from_secs(10),
+        "both parties off the dead relay",
+        || {
+            for (k, (i, j)) in [(a, b), (b, a)].into_iter().enumerate() {
+                if seen[k].is_none() {
+                    let (p, v, _, state) = lab.path(i, j)?;
+                    if p == "relayed" && v == other && state == "up" {
+                        seen[k] = Some(t.elapsed());
+                    }
+                }
+            }
+            if seen.iter().all(Option::is_some) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{:?} / {:?}",
+                    lab.path(a, b),
+                    relay_status(&lab, a)["grants"]
+                ))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let moved = seen.iter().flatten().max().copied().unwrap_or_default();
+    wait_until(
+        Duration::from_secs(10),
+        "a ping through the other relay",
+        || lab.nodes[a].ping(&dst),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let through = t.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let (gap, echoes) = flow
+        .finish()
+        .unwrap_or_else(|e| panic!("TCP while the relay stopped forwarding: {e}"));
+    eprintln!(
+        "{via} stopped forwarding: both parties on {other} after {seen:?} (max {moved:?}), a ping through it after {through:?}; the stream: {echoes} echoes, longest gap {gap:?}"
+    );
+    assert!(
+        moved < Duration::from_secs(5),
+        "the dead relayed path seen and left after {moved:?}"
+    );
+    assert!(gap < Duration::from_secs(10), "longest gap {gap:?}");
+    // The new relay holds the pair; the old one is left to expire.
+    assert_eq!(pair_ports(&lab, 1 - r, a, b).len(), 2);
+    resume_forwarding(&lab, r);
+}
+
+#[test]
+fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
+    // node1 public (the relay); node2 and node3 behind symmetric NATs. `topology: location`: the
+    // discovery service carries no location, so every node is a location of its own, and each NATed
+    // node is its location's only node and gateway (a location whose nodes are all behind a symmetric
+    // NAT): the two gateways have no direct path and are relayed, end to end.
+    let mut lab = NatLab::with_publics("meshd-relay-loc", 1, &[Nat::Symmetric, Nat::Symmetric]);
+    for n in &mut lab.nodes {
+        n.extra = "  topology: location\n  allowDownPeerBypass: true\n".to_owned();
+    }
+    let (r, a, b) = (0, 1, 2);
+    let start = Instant::now();
+    let _daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
+    for (i, j) in [(a, b), (b, a)] {
+        assert_eq!(
+            wait_path(&lab, i, j, "relayed", Duration::from_secs(15)),
+            lab.nodes[r].name()
+        );
+        wait_until(
+            Duration::from_secs(10),
+            "the relayed path alive",
+            || match relayed_path(&lab, i, j).as_deref() {
+                Some("alive") => Ok(()),
+                other => Err(format!("{other:?}: {}", relay_status(&lab, i))),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // Each is the other's location's active gateway, reached through the relay.
+        let d = lab.nodes[i].details().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d["topology"]["gatewayCandidate"], true, "{}", d["topology"]);
+        let gateways = d["topology"]["gateways"].to_string();
+        assert!(
+            gateways.contains(&format!("\"{}\"", lab.nodes[j].name())),
+            "{} is a gateway: {gateways}",
+            lab.nodes[j].name()
+        );
+    }
+    let dst = lab.nodes[b].mesh_ip().to_string();
+    wait_until(Duration::from_secs(10), "a ping through the relay", || {
+        lab.nodes[a].ping(&dst)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "topology location: relayed through {} after {:?} (from the daemons' start)",
+        lab.nodes[r].name(),
+        start.elapsed()
+    );
+    // End to end: the relay's device holds neither party's AllowedIPs on the other's peer, and each
+    // party keeps the other's on its own peer.
+    let inner = |i: usize| format!("{}/32", lab.nodes[i].mesh_ip());
+    for (holder, peer, foreign) in [(r, a, b), (r, b, a), (a, r, b), (b, r, a)] {
+        let got = allowed(&lab, holder, peer);
+        assert!(!got.contains(&inner(foreign)), "{got:?}");
+    }
+    for (i, j) in [(a, b), (b, a)] {
+        assert!(allowed(&lab, i, j).contains(&inner(j)));
+    }
+    let flow = TcpFlow::start(
+        &lab.nodes[b].netns,
+        &lab.nodes[a].netns,
+        lab.nodes[b].mesh_ip(),
+        5204,
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let (gap, echoes) = flow
+        .finish()
+        .unwrap_or_else(|e| panic!("TCP through the relay: {e}"));
+    eprintln!(
+        "topology location: TCP through the relay: {echoes} echoes in 5 s, longest gap {gap:?}"
+    );
+    assert!(echoes > 50 && gap < Duration::from_secs(2));
+
+    // The relay stops forwarding (and is the only relay): both parties see the relayed path dead and
+    // report each other down; with allowDownPeerBypass the other's routes are withdrawn.
+    let ports = pair_ports(&lab, r, a, b);
+    assert_eq!(ports.len(), 2, "{}", relay_status(&lab, r));
+    stop_forwarding(&lab, r, &ports);
+    let t = Instant::now();
+    let mut seen = [None, None];
+    wait_until(
+        Duration::from_secs(10),
+        "both parties report the pair down",
+        || {
+            for (k, (i, j)) in [(a, b), (b, a)].into_iter().enumerate() {
+                if seen[k].is_none() {
+                    let (_, _, _, state) = lab.path(i, j)?;
+                    if state == "down" {
+                        seen[k] = Some(t.elapsed());
+                    }
+                }
+            }
+            if seen.iter().all(Option::is_some) {
+                Ok(())
+            } else {
+                Err(format!("{:?} {:?}", lab.path(a, b), lab.path(b, a)))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let down = seen.iter().flatten().max().copied().unwrap_or_default();
+    eprintln!(
+        "topology location: the relay stopped forwarding; the pair reported down after {seen:?}"
+    );
+    assert!(
+        down < Duration::from_secs(5),
+        "reported down after {down:?}"
+    );
+    let route = lab.nodes[a]
+        .netns
+        .exec(&["ip", "route", "show", "table", "51821"]);
+    let route = String::from_utf8_lossy(&route.stdout).to_string();
+    assert!(
+        !route.contains(&format!("{} ", lab.nodes[b].mesh_ip())),
+        "bypass: the down peer's route is withdrawn: {route}"
+    );
+
+    // Forwarding resumes: after the hold the pair asks again and is relayed, alive, once more.
+    resume_forwarding(&lab, r);
+    let t = Instant::now();
+    for (i, j) in [(a, b), (b, a)] {
+        wait_path(&lab, i, j, "relayed", Duration::from_secs(50));
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "a ping through the relay again",
+        || lab.nodes[a].ping(&dst),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "topology location: forwarding resumed; relayed again after {:?} (the failed relay is retried after 30 s)",
+        t.elapsed()
     );
 }

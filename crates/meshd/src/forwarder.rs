@@ -300,10 +300,13 @@ async fn forward(shared: Arc<Shared>, port: u16, socket: Arc<tokio::net::UdpSock
             }
         };
         let src = net::unmapped(src);
-        let verdict = shared
-            .state()
-            .table
-            .forward(Instant::now(), port, src, &buf[..n.min(4)], n);
+        let verdict = shared.state().table.forward(
+            Instant::now(),
+            port,
+            src,
+            &buf[..n.min(crate::relay::HEAD)],
+            n,
+        );
         let out = match verdict {
             Ok(f) => f,
             Err(why) => {

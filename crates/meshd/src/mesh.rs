@@ -222,6 +222,8 @@ pub struct Mesh {
     /// End-to-end encrypted relaying, this node's side: the allocations it asks its relays for.
     pub relaying: crate::relay::client::Client,
     next_relay_check: Instant,
+    /// A grant or a relayed path's pong changed a relayed endpoint or path: the next poll reports it.
+    relay_changed: bool,
 }
 
 /// How often the relayed peers are re-planned for allocation requests (refreshes and retries are due
@@ -321,6 +323,7 @@ impl Mesh {
             routes_known: None,
             relaying: crate::relay::client::Client::default(),
             next_relay_check: Instant::now(),
+            relay_changed: false,
             cfg,
         };
         mesh.refresh_underlay().await;
@@ -658,7 +661,11 @@ impl Mesh {
         }
         if now >= self.next_relay_check {
             self.next_relay_check = now + RELAY_CHECK;
-            self.relay_requests(now);
+            // A relayed endpoint that went, or a relayed path that died or came alive: report at once.
+            changed |= self.relay_requests(now);
+        }
+        if std::mem::take(&mut self.relay_changed) {
+            changed = true;
         }
         if self
             .clamp_task
@@ -709,8 +716,9 @@ impl Mesh {
     }
 
     /// End-to-end encrypted relaying: grants allocations when this node may relay (public, `relay: auto`),
-    /// and asks the relay of each relayed peer for one (see [`crate::relay::client`]).
-    fn relay_requests(&mut self, now: Instant) {
+    /// and asks the relay of each relayed peer for one (see [`crate::relay::client`]). Returns whether a
+    /// relayed endpoint or a relayed path's state changed.
+    fn relay_requests(&mut self, now: Instant) -> bool {
         let own_public = self.own_public();
         let relays = self.cfg.meshd.relay == hybridnet_config::RelayMode::Auto && own_public;
         self.responder
@@ -773,9 +781,56 @@ impl Mesh {
                 tracing::debug!(to = %request.to, %error, "allocation request not sent");
             }
         }
+        let path_changed = self.probe_relayed_paths(now);
         self.metrics
             .relay_grants
             .set(i64::try_from(self.relaying.endpoints().len()).unwrap_or(i64::MAX));
+        changed || path_changed
+    }
+
+    /// Pings each granted relayed path at its relay port, from the probe socket (see
+    /// [`crate::relay::client`]); a path that died (or came alive) re-plans. Returns whether one did.
+    fn probe_relayed_paths(&mut self, now: Instant) -> bool {
+        let mut counter = self.nonce;
+        let (pings, changed) = self.relaying.probe_paths(now, || {
+            counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            counter ^ fastrand::u64(..)
+        });
+        self.nonce = counter;
+        if changed {
+            self.dirty = true;
+            for v in self.relaying.views(now) {
+                if v.path == crate::relay::client::PathState::Dead {
+                    let peer = self.peers.get(&v.peer).map(|p| p.name.clone());
+                    let relay = self.peers.get(&v.relay).map(|p| p.name.clone());
+                    tracing::warn!(
+                        ?peer,
+                        ?relay,
+                        "relayed path dead (no pongs through the relay)"
+                    );
+                }
+            }
+        }
+        for ping in pings {
+            let Some(peer) = self.peers.get(&ping.peer) else {
+                continue;
+            };
+            let probe = Probe {
+                kind: Kind::Ping,
+                sender: self.public,
+                nonce: ping.nonce,
+                timestamp_us: probe::now_us(),
+                observed: None,
+                target: Some(ping.to),
+                flags: 0,
+            };
+            let datagram = probe::encode(&probe, &peer.probe_key);
+            self.metrics.probes_sent.inc();
+            if let Err(error) = self.responder.socket.send_to(&datagram, v6_mapped(ping.to)) {
+                tracing::debug!(to = %ping.to, %error, "relayed path probe not sent");
+            }
+        }
+        changed
     }
 
     /// A relay's answer to one of our allocation requests.
@@ -814,6 +869,7 @@ impl Mesh {
                 }
                 if changed {
                     self.dirty = true;
+                    self.relay_changed = true;
                 }
             }
         }
@@ -886,11 +942,14 @@ impl Mesh {
         if remote.peek().is_none() {
             return false;
         }
-        // Down (every path tried), not merely untested: a gateway that is starting is not flagged.
+        // Down (every path tried), not merely untested: a gateway that is starting is not flagged. A
+        // remote candidate reached through a relay (granted, the relayed path not dead) is an uplink.
+        let relayed = self.relaying.endpoints();
         remote.all(|(k, _)| {
             self.peers
                 .get(k)
                 .is_none_or(|p| p.machine.state == crate::peer::PeerState::Down)
+                && !relayed.contains_key(k)
         })
     }
 
@@ -900,6 +959,21 @@ impl Mesh {
             return;
         }
         let probe = &pong.probe;
+        // A pong through a relay answers a probe of the relayed path (bound to the relay port it went to).
+        if !pong.v2
+            && let Some(changed) =
+                self.relaying
+                    .on_pong(pong.at, probe.sender, pong.from, probe.nonce, probe.target)
+        {
+            self.metrics.probes_answered.inc();
+            if changed {
+                let peer = self.peers.get(&probe.sender).map(|p| p.name.clone());
+                tracing::info!(?peer, "relayed path alive (pongs through the relay)");
+                self.dirty = true;
+                self.relay_changed = true;
+            }
+            return;
+        }
         let Some(peer) = self.peers.get_mut(&probe.sender) else {
             return;
         };
@@ -962,6 +1036,7 @@ impl Mesh {
             relay: m.relay,
             relays_allowed: m.relays.clone(),
             relay_grants: self.relaying.endpoints(),
+            relay_excluded: self.relaying.excluded(Instant::now()),
             peers: self
                 .peers
                 .values()
@@ -970,13 +1045,24 @@ impl Mesh {
                     allowed_ips: Arc::clone(&p.allowed_ips),
                     public: p.public,
                     probe_state: p.machine.state,
-                    state: p.state(),
+                    state: self.peer_state(p),
                     active: p.machine.active_endpoint(),
                     endpoint: p.endpoint(),
                     no_uplink: p.no_uplink,
                 })
                 .collect(),
             trust: self.trust(),
+        }
+    }
+
+    /// A peer's state for routes and status: [`Peer::state`], except that a relayed peer (or one whose
+    /// relayed path died lately) is not up by WireGuard traffic alone (that traffic came through the
+    /// relay: its relayed path's probes decide).
+    pub fn peer_state(&self, p: &Peer) -> PeerState {
+        if p.by_traffic() && self.relaying.involved(&p.key) {
+            p.machine.state
+        } else {
+            p.state()
         }
     }
 

@@ -81,6 +81,9 @@ pub struct Inputs {
     /// Relayed peers whose relay granted an allocation: the relay and the endpoint to use (the relay's
     /// address at the granted port; see [`crate::relay::client`]).
     pub relay_grants: BTreeMap<PublicKey, (PublicKey, SocketAddr)>,
+    /// Relays passed over per peer: the relayed path through them died lately (see
+    /// [`crate::relay::client::Client::excluded`]).
+    pub relay_excluded: BTreeMap<PublicKey, BTreeSet<PublicKey>>,
     /// What discovered peers may claim (see [`trust`]).
     pub trust: trust::Trust,
 }
@@ -141,7 +144,8 @@ pub fn rules() -> Vec<Rule> {
 pub fn plan(inputs: &Inputs) -> Desired {
     let (screened, refused) = screen(inputs);
     let inputs = screened.as_ref().unwrap_or(inputs);
-    let layout = layout(inputs);
+    let relayed = relays(inputs);
+    let layout = layout(inputs, &relayed);
     let Shape {
         wireguard,
         routes,
@@ -154,14 +158,15 @@ pub fn plan(inputs: &Inputs) -> Desired {
                 .into_iter()
                 .filter_map(|(key, allowed)| {
                     let p = inputs.peers.iter().find(|p| p.key == key)?;
-                    Some((key, (p.active, allowed)))
+                    let endpoint = granted(inputs, &relayed, &key).or(p.active);
+                    Some((key, (endpoint, allowed)))
                 })
                 .collect(),
             routes: l.routes,
             paths: l.paths,
             gateways: l.gateways,
         },
-        None => full(inputs),
+        None => full(inputs, &relayed),
     };
     let states: HashMap<PublicKey, PeerState> =
         inputs.peers.iter().map(|p| (p.key, p.state)).collect();
@@ -239,16 +244,8 @@ struct Shape {
 /// `topology: full`: every peer is a WireGuard peer with its own allowed IPs. A relayed peer keeps them
 /// (end-to-end encrypted relaying: nothing of it goes onto the relay's WireGuard peer); its endpoint is
 /// the relay port its relay granted ([`Inputs::relay_grants`]), and until a grant comes, its own.
-fn full(inputs: &Inputs) -> Shape {
-    let relays = relays(inputs);
-    let granted = |key: &PublicKey| {
-        let relay = relays.get(key)?;
-        inputs
-            .relay_grants
-            .get(key)
-            .filter(|(r, _)| r == relay)
-            .map(|(_, endpoint)| *endpoint)
-    };
+fn full(inputs: &Inputs, relays: &BTreeMap<PublicKey, PublicKey>) -> Shape {
+    let granted = |key: &PublicKey| granted(inputs, relays, key);
     let wireguard = inputs
         .peers
         .iter()
@@ -291,10 +288,31 @@ fn full(inputs: &Inputs) -> Shape {
     }
 }
 
-/// `topology: full`: the peers relayed now, and their relays. With `relay: never` none (a peer no
-/// direct path reaches is down). A relay candidate says it has a public address of its own *and* we
-/// reach it on a public address (its active path is alive there), and is in `meshd.relays` when that
-/// list is set.
+/// The endpoint of a relayed peer whose relay (the plan's) granted an allocation whose relayed path is not
+/// dead ([`Inputs::relay_grants`] holds only those): the relay port. `None`: not reachable through a relay.
+fn granted(
+    inputs: &Inputs,
+    relays: &BTreeMap<PublicKey, PublicKey>,
+    key: &PublicKey,
+) -> Option<SocketAddr> {
+    let relay = relays.get(key)?;
+    inputs
+        .relay_grants
+        .get(key)
+        .filter(|(r, _)| r == relay)
+        .map(|(_, endpoint)| *endpoint)
+}
+
+/// The peers relayed now, and their relays. With `relay: never` none (a peer no direct path reaches is
+/// down). A relay candidate says it has a public address of its own *and* we reach it on a public
+/// address (its active path is alive there), and is in `meshd.relays` when that list is set; a relay
+/// whose relayed path died for the pair lately is passed over ([`Inputs::relay_excluded`]).
+///
+/// `topology: location`: only the peers the topology makes direct WireGuard peers are relayed (a gateway
+/// candidate's peers in other locations' candidates, the pairs of gateways; a peer of our location
+/// without a private endpoint): native peers are on our LAN, and routed ones go through a gateway, which
+/// is relayed in their stead when it must be. A relayed remote gateway holds its location as long as its
+/// relayed path is up (see [`topology::layout`]).
 pub fn relays(inputs: &Inputs) -> BTreeMap<PublicKey, PublicKey> {
     if inputs.relay == RelayMode::Never || inputs.own_public {
         return BTreeMap::new();
@@ -308,6 +326,13 @@ pub fn relays(inputs: &Inputs) -> BTreeMap<PublicKey, PublicKey> {
     if !inputs.peers.iter().any(candidate) {
         return BTreeMap::new();
     }
+    let relayable = |key: &PublicKey| {
+        inputs.topology.as_ref().is_none_or(|t| {
+            t.peers
+                .get(key)
+                .is_some_and(|p| p.role == topology::Role::Direct)
+        })
+    };
     let views: Vec<topology::RelayView> = inputs
         .peers
         .iter()
@@ -316,15 +341,21 @@ pub fn relays(inputs: &Inputs) -> BTreeMap<PublicKey, PublicKey> {
             candidate: candidate(p),
             state: p.probe_state,
             // One X25519 per down peer, only when there is a candidate to rank.
-            pair_secret: (p.probe_state == PeerState::Down)
+            pair_secret: (p.probe_state == PeerState::Down && relayable(&p.key))
                 .then(|| crate::probe::key(&inputs.private_key.shared(&p.key))),
         })
         .collect();
-    topology::relays(inputs.own_public, &views)
+    topology::relays(inputs.own_public, &views, |peer, relay| {
+        inputs
+            .relay_excluded
+            .get(peer)
+            .is_some_and(|r| r.contains(relay))
+    })
 }
 
-/// `topology: location`: the layout for the current liveness (`None` in `topology: full`).
-pub fn layout(inputs: &Inputs) -> Option<Layout> {
+/// `topology: location`: the layout for the current liveness (`None` in `topology: full`); `relays`:
+/// [`relays`].
+pub fn layout(inputs: &Inputs, relays: &BTreeMap<PublicKey, PublicKey>) -> Option<Layout> {
     let plan = inputs.topology.as_ref()?;
     let live = inputs
         .peers
@@ -335,6 +366,8 @@ pub fn layout(inputs: &Inputs) -> Option<Layout> {
                 active: p.active,
                 allowed: &p.allowed_ips,
                 no_uplink: p.no_uplink,
+                relay: relays.get(&p.key).copied(),
+                relay_up: granted(inputs, relays, &p.key).is_some(),
             };
             (p.key, live)
         })

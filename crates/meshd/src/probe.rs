@@ -262,6 +262,11 @@ pub fn encode_v2(probe: &Probe, key: &[u8; 32]) -> Vec<u8> {
 }
 
 /// Whether a datagram is version 2 (see [`encode_v2`]).
+/// Whether `bytes` starts with the magic and version 3 (a cheap shape check; nothing is authenticated).
+pub fn is_v3_header(bytes: &[u8]) -> bool {
+    bytes.len() >= 5 && &bytes[..4] == MAGIC && bytes[4] == VERSION
+}
+
 pub fn is_v2(bytes: &[u8]) -> bool {
     bytes.len() == LEN_V2
 }

@@ -14,7 +14,12 @@
 //! - **Only the parties.** A side's datagrams are taken only from the IP address its request came from
 //!   (a symmetric NAT keeps the address and changes the port): the first datagram from there fixes the
 //!   port; another port of that address is taken only with a WireGuard handshake initiation (a NAT
-//!   rebinding); anything else is dropped. Only datagrams shaped like WireGuard messages pass.
+//!   rebinding); anything else is dropped. Only datagrams shaped like WireGuard messages pass, and the
+//!   parties' probes of the relayed path (version-3 pings and pongs, MAC'd end to end with the pair's
+//!   key, which the relay does not have): a probe-shaped datagram is forwarded to the other side's probe
+//!   socket (its address learnt the same way, from the side's own probes; another port only with a ping),
+//!   so each party probes the relayed path end to end, through the relay, and sees it die when the relay
+//!   stops forwarding.
 //! - **A lifetime.** An allocation lasts [`LIFETIME`] after the last request of each side (both refresh
 //!   it while they need it); an expired one forwards nothing and is removed.
 //! - **A budget.** Each allocation has a byte and a packet rate (token buckets, [`BYTES_PER_SEC`],
@@ -96,7 +101,7 @@ pub enum Dropped {
     NoConsent,
     /// Not from the address the side's request came from.
     Stranger,
-    /// Not shaped like a WireGuard message.
+    /// Not shaped like a WireGuard message (nor like a probe of the relayed path).
     NotWireGuard,
     /// The other side has sent nothing yet: its address (port) is unknown.
     OtherSideUnknown,
@@ -130,8 +135,10 @@ struct Side {
     port: u16,
     /// Where its request came from; `None` until it asked.
     ip: Option<IpAddr>,
-    /// The address its datagrams come from (fixed by the first one).
+    /// The address its WireGuard datagrams come from (fixed by the first one).
     addr: Option<SocketAddr>,
+    /// The address its probes of the relayed path come from (its probe socket: another NAT mapping).
+    probe_addr: Option<SocketAddr>,
     expires: Instant,
 }
 
@@ -193,6 +200,7 @@ impl Allocations {
                 port,
                 ip: None,
                 addr: None,
+                probe_addr: None,
                 expires: now,
             };
             let (Some(pa), Some(pb)) = (ports(), ports()) else {
@@ -216,6 +224,7 @@ impl Allocations {
         if s.ip != Some(from) {
             // A new address (the node moved): its datagrams come from there now.
             s.addr = None;
+            s.probe_addr = None;
         }
         s.ip = Some(from);
         s.expires = now + LIFETIME;
@@ -248,15 +257,23 @@ impl Allocations {
         if me.ip != Some(src.ip()) {
             return Err(Dropped::Stranger);
         }
-        let kind = is_wireguard(bytes, len).ok_or(Dropped::NotWireGuard)?;
+        let shape = is_wireguard(bytes, len)
+            .map(Shape::WireGuard)
+            .or_else(|| is_probe(bytes, len).map(|ping| Shape::Probe { ping }))
+            .ok_or(Dropped::NotWireGuard)?;
         // The side's address is learnt from its own datagrams (from the address its request came from)
         // even before the other side asked: its first handshake then reaches it as soon as the other
-        // side's comes, instead of waiting out WireGuard's 5 s handshake retry.
-        match me.addr {
-            None => me.addr = Some(src),
+        // side's comes, instead of waiting out WireGuard's 5 s handshake retry. WireGuard datagrams and
+        // probes come from two sockets (two NAT mappings): each has its address.
+        let (mine, rebind) = match shape {
+            Shape::WireGuard(kind) => (&mut me.addr, kind == MessageType::Initiation),
+            Shape::Probe { ping } => (&mut me.probe_addr, ping),
+        };
+        match *mine {
+            None => *mine = Some(src),
             Some(a) if a == src => {}
-            // The same address, another port: a NAT rebinding, taken only with a new handshake.
-            Some(_) if kind == MessageType::Initiation => me.addr = Some(src),
+            // The same address, another port: a NAT rebinding, taken only with a new handshake (a ping).
+            Some(_) if rebind => *mine = Some(src),
             Some(_) => return Err(Dropped::Stranger),
         }
         if alloc.sides[other].ip.is_none() {
@@ -265,7 +282,11 @@ impl Allocations {
         if alloc.sides[other].expires <= now {
             return Err(Dropped::Expired);
         }
-        let to = alloc.sides[other].addr.ok_or(Dropped::OtherSideUnknown)?;
+        let to = match shape {
+            Shape::WireGuard(_) => alloc.sides[other].addr,
+            Shape::Probe { .. } => alloc.sides[other].probe_addr,
+        }
+        .ok_or(Dropped::OtherSideUnknown)?;
         if !alloc.packets.take(PACKETS_PER_SEC, 1.0, now)
             || !alloc.bytes.take(BYTES_PER_SEC, len as f64, now)
         {
@@ -334,6 +355,33 @@ pub enum MessageType {
     Cookie,
     Data,
 }
+
+/// What a relay port forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    WireGuard(MessageType),
+    /// A probe of the relayed path (`ping`: a ping, else a pong).
+    Probe {
+        ping: bool,
+    },
+}
+
+/// Whether a datagram is shaped like a version-3 ping (`Some(true)`) or pong (`Some(false)`): the
+/// parties' probes of the relayed path, MAC'd with their pair key (the relay checks the shape only).
+/// `bytes` is the datagram's start (at least 6 bytes), `len` its size.
+pub fn is_probe(bytes: &[u8], len: usize) -> Option<bool> {
+    if len != crate::probe::LEN || bytes.len() < 6 || !crate::probe::is_v3_header(bytes) {
+        return None;
+    }
+    match bytes[5] {
+        1 => Some(true),
+        2 => Some(false),
+        _ => None,
+    }
+}
+
+/// How many leading bytes [`Allocations::forward`] looks at.
+pub const HEAD: usize = 6;
 
 /// The message type of a datagram shaped like WireGuard (type byte, three zero bytes, the type's size;
 /// data: at least a 16-byte header and a 16-byte tag; not a multiple of 16, since the plaintext's padding

@@ -37,19 +37,29 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         .iter()
         .map(|p| {
             let m = &p.machine;
-            // A peer behind a gateway is as up as its gateway (its own machine probes nothing).
+            // A peer behind a gateway is as up as its gateway (its own machine probes nothing); a relayed
+            // peer as its relayed path (granted, not dead) and its relay.
+            let reach = |k: &hybridnet_config::PublicKey| -> &'static str {
+                match paths.get(k) {
+                    Some(PathKind::Relayed { via }) => match mesh.relaying.path_state(k) {
+                        Some(s) if s != crate::relay::client::PathState::Dead => mesh
+                            .peers
+                            .get(via)
+                            .map_or("down", |r| r.machine.state.as_str()),
+                        _ => "down",
+                    },
+                    _ => mesh
+                        .peers
+                        .get(k)
+                        .map_or("down", |g| g.machine.state.as_str()),
+                }
+            };
             let state = match paths.get(&p.key) {
                 Some(PathKind::Gateway { via: Some(g) }) if *g == mesh.public => "up",
-                Some(PathKind::Gateway { via: Some(g) }) => mesh
-                    .peers
-                    .get(g)
-                    .map_or("down", |g| g.machine.state.as_str()),
+                Some(PathKind::Gateway { via: Some(g) }) => reach(g),
                 Some(PathKind::Gateway { via: None }) => "down",
-                Some(PathKind::Relayed { via }) => mesh
-                    .peers
-                    .get(via)
-                    .map_or("down", |g| g.machine.state.as_str()),
-                _ => p.state().as_str(),
+                Some(PathKind::Relayed { .. }) => reach(&p.key),
+                _ => mesh.peer_state(p).as_str(),
             };
             let (path, via) = match paths.get(&p.key) {
                 Some(PathKind::Native { via }) => ("native", json!(via.to_string())),
@@ -158,6 +168,9 @@ fn relay(mesh: &Mesh, name_of: &dyn Fn(&hybridnet_config::PublicKey) -> String) 
                 "endpoint": v.endpoint.map(|e| e.to_string()),
                 "expiresInS": v.expires_in.map(|d| d.as_secs()),
                 "refused": v.refused.map(crate::probe::AllocResult::as_str),
+                // The relayed path, probed end to end through the relay.
+                "path": v.endpoint.map(|_| v.path.as_str()),
+                "rttMs": ms(v.rtt),
             })
         })
         .collect();
@@ -268,7 +281,12 @@ pub fn render(details: &Value) -> String {
             s(&g["peer"]),
             s(&g["relay"]),
             match (g["endpoint"].as_str(), g["refused"].as_str()) {
-                (Some(e), _) => format!("relay port {e}, {}s left", g["expiresInS"]),
+                (Some(e), _) => match g["path"].as_str() {
+                    Some(path) if path != "unknown" => {
+                        format!("relay port {e}, {}s left, path {path}", g["expiresInS"])
+                    }
+                    _ => format!("relay port {e}, {}s left", g["expiresInS"]),
+                },
                 (None, Some(why)) => format!("refused ({why})"),
                 (None, None) => "asking".to_owned(),
             }

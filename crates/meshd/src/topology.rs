@@ -27,6 +27,11 @@
 //! those AllowedIPs to the next candidate in place (one peer update each) and each route by one netlink
 //! replace: nothing is renumbered, no other peer is touched.
 //!
+//! **Relays** ([`relays`]): a direct peer no direct path reaches (two NATed gateways) goes through a
+//! relay, end to end; in the layout it is as up as its relayed path (granted, not dead:
+//! [`Live::relay_up`]), so a remote gateway reached through a relay holds its location and carries its
+//! routed nodes' AllowedIPs on its own WireGuard peer (never on the relay's).
+//!
 //! Routes via a next hop need the next hop's family: an IPv4 private address carries the IPv4 mesh and
 //! allowed addresses; the ULA /128s of native and gateway-routed peers need IPv6 private addresses.
 
@@ -197,6 +202,10 @@ pub struct Live<'a> {
     pub allowed: &'a BTreeSet<IpNet>,
     /// A candidate of our location that says it reaches no other location (its pongs' `NO_UPLINK`).
     pub no_uplink: bool,
+    /// A direct peer relayed now: its relay ([`relays`]).
+    pub relay: Option<PublicKey>,
+    /// Its relay granted the allocation and the relayed path is not dead: it is reachable (up).
+    pub relay_up: bool,
 }
 
 /// Every path kind, for the `meshd_peer_path` gauge.
@@ -267,11 +276,15 @@ pub fn layout(
 ) -> Layout {
     let mut out = Layout::default();
     out.routes.insert(IpNet::V6(prefix), Route::Mesh);
+    // A relayed peer is as up as its relayed path (a remote gateway reached through a relay holds its
+    // location like any other).
     let state = |k: &PublicKey| {
         if k == me {
             PeerState::Up
         } else {
-            live.get(k).map_or(PeerState::Down, |l| l.state)
+            live.get(k).map_or(PeerState::Down, |l| {
+                if l.relay_up { PeerState::Up } else { l.state }
+            })
         }
     };
     for (loc, cands) in &plan.candidates {
@@ -336,7 +349,11 @@ pub fn layout(
                 if !(bypass && state(key) == PeerState::Down) {
                     mesh_route(&mut out.routes, allowed);
                 }
-                out.paths.insert(*key, PathKind::Direct);
+                let path = live
+                    .get(key)
+                    .and_then(|l| l.relay)
+                    .map_or(PathKind::Direct, |via| PathKind::Relayed { via });
+                out.paths.insert(*key, path);
             }
             Role::Routed => {
                 if plan.candidate {
@@ -350,7 +367,11 @@ pub fn layout(
                             .or_default()
                             .extend(allowed.iter().copied());
                     }
-                    mesh_route(&mut out.routes, allowed);
+                    // `allowDownPeerBypass`: no gateway of its location is up (none, or a relayed one
+                    // whose relayed path is down): its routes go, as a down direct peer's do.
+                    if !(bypass && g.is_none_or(|g| state(&g) != PeerState::Up)) {
+                        mesh_route(&mut out.routes, allowed);
+                    }
                     out.paths.insert(*key, PathKind::Gateway { via: g });
                 } else {
                     // Natively to our own location's active gateway.
@@ -451,8 +472,18 @@ pub struct RelayView {
 /// by the pair's shared secret, so both ends of a pair pick the same relay from the same candidates,
 /// different pairs spread over the candidates, and no node can grind a key that wins every pair (or even
 /// one chosen pair: the score is unpredictable without the pair's secret). The direct candidates keep
-/// being probed: once one answers, the peer is `Up` and leaves the relay.
-pub fn relays(me_public: bool, peers: &[RelayView]) -> BTreeMap<PublicKey, PublicKey> {
+/// being probed: once one answers, the peer is `Up` and leaves the relay. `excluded(peer, relay)`: a
+/// relay whose relayed path for the pair died lately is passed over (both parties saw it die, so both
+/// pass it over; see [`crate::relay::client`]).
+///
+/// `topology: location` relays the same way, among the peers its plan makes *direct* (a gateway
+/// candidate and another location's candidates, the pairs of gateways; a peer of our location without a
+/// private endpoint): the caller gives a `pair_secret` only to those.
+pub fn relays(
+    me_public: bool,
+    peers: &[RelayView],
+    excluded: impl Fn(&PublicKey, &PublicKey) -> bool,
+) -> BTreeMap<PublicKey, PublicKey> {
     let mut out = BTreeMap::new();
     if me_public {
         return out;
@@ -463,7 +494,12 @@ pub fn relays(me_public: bool, peers: &[RelayView]) -> BTreeMap<PublicKey, Publi
         };
         let best = peers
             .iter()
-            .filter(|r| r.key != p.key && r.candidate && r.state == PeerState::Up)
+            .filter(|r| {
+                r.key != p.key
+                    && r.candidate
+                    && r.state == PeerState::Up
+                    && !excluded(&p.key, &r.key)
+            })
             .max_by_key(|r| (relay_score(&secret, &r.key), r.key.0));
         if let Some(relay) = best {
             out.insert(p.key, relay.key);

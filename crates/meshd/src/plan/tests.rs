@@ -74,6 +74,7 @@ fn inputs(peers: Vec<PeerInput>) -> Inputs {
         relay: RelayMode::Auto,
         relays_allowed: Vec::new(),
         relay_grants: BTreeMap::new(),
+        relay_excluded: BTreeMap::new(),
         trust: trust::Trust::default(),
     }
 }
@@ -817,4 +818,102 @@ fn bench_plan() {
         assert_eq!(ops, 1);
         println!("BENCH plan_and_diff_{n}_ms {:.1}", each.as_secs_f64() * 1e3);
     }
+}
+
+/// Home labs behind symmetric NATs: this node (100) alone in location `a`, node 11 in `b` with 12 behind
+/// it (pinned `never`: routed through 11), node 21 and 22 public in `c` (relays). No public node in `a`
+/// or `b`: 100 and 11 are their locations' gateways, and no direct path joins them.
+fn home_labs() -> Inputs {
+    let node = |i: u8, loc: &str, pin: Pin, endpoint: &str| Node {
+        key: key(i),
+        location: Some(loc.to_owned()),
+        pin,
+        endpoints: vec![ep(endpoint)],
+    };
+    let me = node(100, "a", Pin::Auto, "192.168.1.100:51820");
+    let nodes = vec![
+        node(11, "b", Pin::Auto, "192.168.2.11:51820"),
+        node(12, "b", Pin::Never, "192.168.2.12:51820"),
+        node(21, "c", Pin::Auto, "198.51.100.21:51820"),
+        node(22, "c", Pin::Auto, "198.51.100.22:51820"),
+    ];
+    let topo = topology::plan(&me, &nodes);
+    assert!(topo.candidate);
+    let mut peers = vec![
+        down(peer(11, false)),
+        down(peer(12, false)),
+        peer(21, true),
+        peer(22, true),
+    ];
+    for p in &mut peers {
+        p.active = p.endpoint.filter(|_| p.public);
+    }
+    let mut i = inputs(peers);
+    i.topology = Some(topo);
+    i
+}
+
+#[test]
+fn location_topology_relays_the_pair_of_gateways_end_to_end() {
+    let mut i = home_labs();
+    i.bypass = true;
+    let d = plan(&i);
+    let relay = match d.paths[&key(11)] {
+        PathKind::Relayed { via } => via,
+        ref other => panic!("the remote gateway is relayed: {other:?}"),
+    };
+    assert!(relay == key(21) || relay == key(22));
+    let other = if relay == key(21) { key(22) } else { key(21) };
+    // The routed node behind it is never relayed itself: it rides on its gateway.
+    assert!(matches!(d.paths[&key(12)], PathKind::Gateway { .. }));
+    // No grant yet: b has no gateway, and with bypass nothing of b is routed.
+    assert_eq!(d.gateways["b"], None);
+    assert!(!routes(&d).contains(&"10.244.12.0/24".to_owned()));
+    // Granted: 11 holds b; its own WireGuard peer (endpoint: the relay port) carries 12's prefixes, end to
+    // end; the relay's peer holds nothing of b.
+    let relay_port = ep("198.51.100.21:40001");
+    i.relay_grants = BTreeMap::from([(key(11), (relay, relay_port))]);
+    let d = plan(&i);
+    assert_eq!(d.gateways["b"], Some(key(11)));
+    assert_eq!(d.device.peers[&key(11)].endpoint, Some(relay_port));
+    assert_eq!(
+        allowed(&d, 11),
+        [
+            "10.244.11.0/24",
+            "10.244.12.0/24",
+            "fd00:1::11/128",
+            "fd00:1::12/128"
+        ]
+    );
+    let relay_i = if relay == key(21) { 21 } else { 22 };
+    assert_eq!(
+        allowed(&d, relay_i),
+        [
+            format!("10.244.{relay_i}.0/24"),
+            format!("fd00:1::{relay_i}/128")
+        ]
+    );
+    assert!(routes(&d).contains(&"10.244.12.0/24".to_owned()));
+    assert!(routes(&d).contains(&"10.244.11.0/24".to_owned()));
+    // The relayed path through it died (no grant endpoint any more, the relay excluded for the pair):
+    // the pair moves to the other relay.
+    i.relay_grants.clear();
+    i.relay_excluded = BTreeMap::from([(key(11), BTreeSet::from([relay]))]);
+    let d = plan(&i);
+    assert_eq!(d.paths[&key(11)], PathKind::Relayed { via: other });
+    assert_eq!(d.gateways["b"], None, "until the new relay grants");
+    // Every relay excluded: the gateway is down (reported, routes withdrawn with bypass).
+    i.relay_excluded = BTreeMap::from([(key(11), BTreeSet::from([relay, other]))]);
+    let d = plan(&i);
+    assert_eq!(d.paths[&key(11)], PathKind::Direct);
+    assert!(!routes(&d).contains(&"10.244.12.0/24".to_owned()));
+    // `relay: never`: not relayed either.
+    let mut never = home_labs();
+    never.relay = RelayMode::Never;
+    let d = plan(&never);
+    assert_eq!(d.paths[&key(11)], PathKind::Direct);
+    // A public node (here: a gateway with a public address) is never relayed.
+    let mut public = home_labs();
+    public.own_public = true;
+    assert_eq!(plan(&public).paths[&key(11)], PathKind::Direct);
 }

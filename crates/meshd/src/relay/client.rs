@@ -7,8 +7,22 @@
 //! direct (or moves to another relay) is forgotten at once: no more refreshes, and the relay lets the
 //! allocation expire. A grant counts only as the answer to a request still outstanding: from the address
 //! the request went to, echoing it as the target, from the relay it was sent to, for the pair asked.
+//!
+//! **The relayed path is probed end to end, through the relay.** Once granted, the node pings its peer
+//! every [`PATH_EVERY`] at the granted relay port, from its probe socket: the relay forwards probe-shaped
+//! datagrams to the other party's probe socket ([`crate::relay`]), whose responder answers as to any
+//! ping; the pong comes back through the relay, MAC'd with the pair's key (the relay cannot forge one).
+//! A pong counts only for a ping still outstanding, from the relay port it went to, echoing it as the
+//! target. The path is alive after one pong and dead after [`PATH_DEAD_AFTER`] pings in a row without one
+//! within [`PATH_TIMEOUT`] (about 2-2.5 s after the relay stops forwarding). A dead path's peer has no
+//! relayed endpoint ([`Client::endpoints`]): it is down (its routes go under `allowDownPeerBypass`). A
+//! relay whose path *was alive* and died is excluded for the pair ([`Client::excluded`]) for at least
+//! [`FAILED_HOLD`], and after that for as long as the pair is relayed alive through another relay: both
+//! parties see the path die within a probe interval of each other, so both move to the next relay of the
+//! ranking (or report the peer down when there is none) and stay there; a path that never answered
+//! (the other party not there yet) excludes nothing and keeps being probed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -20,6 +34,67 @@ use crate::probe::{Alloc, AllocResult};
 pub const RETRY: Duration = Duration::from_secs(1);
 /// A refused request is sent again after this long.
 pub const REFUSED_RETRY: Duration = Duration::from_secs(5);
+/// A granted relayed path is pinged this often.
+pub const PATH_EVERY: Duration = Duration::from_millis(500);
+/// A ping of the relayed path without a pong this long is missed.
+pub const PATH_TIMEOUT: Duration = Duration::from_secs(1);
+/// This many missed pings in a row: the relayed path is dead.
+pub const PATH_DEAD_AFTER: u32 = 3;
+/// A relay whose relayed path died is excluded for the pair at least this long.
+pub const FAILED_HOLD: Duration = Duration::from_secs(30);
+
+/// What the probes of a relayed path say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathState {
+    /// No pong yet.
+    Unknown,
+    Alive,
+    Dead,
+}
+
+impl PathState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathState::Unknown => "unknown",
+            PathState::Alive => "alive",
+            PathState::Dead => "dead",
+        }
+    }
+}
+
+/// A ping of a relayed path to send: to `peer`, at the relay port `to` (its target).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathPing {
+    pub peer: PublicKey,
+    pub to: SocketAddr,
+    pub nonce: u64,
+}
+
+/// The probes of one granted relayed path.
+#[derive(Clone, Debug)]
+struct PathProbe {
+    state: PathState,
+    /// Pings without a pong yet, oldest first.
+    outstanding: VecDeque<(u64, Instant)>,
+    missed: u32,
+    next: Instant,
+    rtt: Option<Duration>,
+    /// It has been alive (a death then excludes the relay for the pair).
+    was_alive: bool,
+}
+
+impl PathProbe {
+    fn new(now: Instant) -> PathProbe {
+        PathProbe {
+            state: PathState::Unknown,
+            outstanding: VecDeque::new(),
+            missed: 0,
+            next: now,
+            rtt: None,
+            was_alive: false,
+        }
+    }
+}
 
 /// A request to send: to the relay `relay` at its probe address `to`, for the pair with `peer`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +114,8 @@ struct Held {
     expires: Option<Instant>,
     next: Instant,
     refused: Option<AllocResult>,
+    /// The relayed path's probes (while granted).
+    path: PathProbe,
 }
 
 /// The allocations this node holds (or asks for) on relays, per relayed peer.
@@ -46,6 +123,8 @@ struct Held {
 pub struct Client {
     held: BTreeMap<PublicKey, Held>,
     outstanding: HashMap<u64, (Request, Instant)>,
+    /// (peer, relay) whose relayed path died, and when.
+    failed: BTreeMap<(PublicKey, PublicKey), Instant>,
 }
 
 /// A relayed peer's allocation as `meshd status` shows it.
@@ -56,6 +135,9 @@ pub struct View {
     pub endpoint: Option<SocketAddr>,
     pub expires_in: Option<Duration>,
     pub refused: Option<AllocResult>,
+    /// What the probes through the relay say.
+    pub path: PathState,
+    pub rtt: Option<Duration>,
 }
 
 impl Client {
@@ -82,6 +164,7 @@ impl Client {
                 expires: None,
                 next: now,
                 refused: None,
+                path: PathProbe::new(now),
             });
             if h.expires.is_some_and(|e| e <= now) {
                 h.expires = None;
@@ -132,7 +215,11 @@ impl Client {
         let before = h.endpoint;
         if alloc.result == AllocResult::Granted && alloc.port != 0 {
             let lifetime = Duration::from_secs(u64::from(alloc.lifetime_s));
-            h.endpoint = Some(SocketAddr::new(request.to.ip(), alloc.port));
+            let endpoint = SocketAddr::new(request.to.ip(), alloc.port);
+            if h.endpoint != Some(endpoint) {
+                h.path = PathProbe::new(now);
+            }
+            h.endpoint = Some(endpoint);
             h.expires = Some(now + lifetime);
             h.next = now + (lifetime / 3).max(RETRY);
             h.refused = None;
@@ -145,13 +232,120 @@ impl Client {
         Some(h.endpoint != before)
     }
 
-    /// Each relayed peer with a grant: its relay and the endpoint to use (the relay's address, the
-    /// granted port).
+    /// Each relayed peer with a grant whose relayed path is not dead: its relay and the endpoint to use
+    /// (the relay's address, the granted port).
     pub fn endpoints(&self) -> BTreeMap<PublicKey, (PublicKey, SocketAddr)> {
         self.held
             .iter()
+            .filter(|(_, h)| h.path.state != PathState::Dead)
             .filter_map(|(peer, h)| h.endpoint.map(|e| (*peer, (h.relay, e))))
             .collect()
+    }
+
+    /// Whether `peer` is relayed (or asked for), or its relayed path died lately: its liveness is the
+    /// relayed path's, not the WireGuard traffic that came through a relay.
+    pub fn involved(&self, peer: &PublicKey) -> bool {
+        self.held.contains_key(peer) || self.failed.keys().any(|(p, _)| p == peer)
+    }
+
+    /// The relayed path's state for `peer` (`None`: not granted).
+    pub fn path_state(&self, peer: &PublicKey) -> Option<PathState> {
+        let h = self.held.get(peer)?;
+        h.endpoint.map(|_| h.path.state)
+    }
+
+    /// The relays excluded per peer: their relayed path died less than [`FAILED_HOLD`] ago, or since
+    /// then the pair has been relayed alive through another relay (it stays there).
+    pub fn excluded(&self, now: Instant) -> BTreeMap<PublicKey, BTreeSet<PublicKey>> {
+        let mut out: BTreeMap<PublicKey, BTreeSet<PublicKey>> = BTreeMap::new();
+        for ((peer, relay), at) in &self.failed {
+            let elsewhere = self
+                .held
+                .get(peer)
+                .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive);
+            if now.saturating_duration_since(*at) < FAILED_HOLD || elsewhere {
+                out.entry(*peer).or_default().insert(*relay);
+            }
+        }
+        out
+    }
+
+    /// The pings of relayed paths due now, and whether a path's state changed (its peer's endpoint and
+    /// state with it). Missed pings are counted here.
+    pub fn probe_paths(
+        &mut self,
+        now: Instant,
+        mut nonce: impl FnMut() -> u64,
+    ) -> (Vec<PathPing>, bool) {
+        let mut changed = false;
+        let mut due = Vec::new();
+        for (peer, h) in &mut self.held {
+            let Some(to) = h.endpoint else {
+                continue;
+            };
+            let p = &mut h.path;
+            while p
+                .outstanding
+                .front()
+                .is_some_and(|(_, sent)| now.saturating_duration_since(*sent) >= PATH_TIMEOUT)
+            {
+                p.outstanding.pop_front();
+                p.missed += 1;
+            }
+            if p.missed >= PATH_DEAD_AFTER && p.state != PathState::Dead {
+                p.state = PathState::Dead;
+                changed = true;
+                if p.was_alive {
+                    self.failed.insert((*peer, h.relay), now);
+                }
+            }
+            if now >= p.next {
+                let n = nonce();
+                p.outstanding.push_back((n, now));
+                // Bounded: pings older than the timeout are gone above.
+                p.next = now + PATH_EVERY;
+                due.push(PathPing {
+                    peer: *peer,
+                    to,
+                    nonce: n,
+                });
+            }
+        }
+        // Exclusions no longer in force are forgotten.
+        let held = &self.held;
+        self.failed.retain(|(peer, relay), at| {
+            now.saturating_duration_since(*at) < FAILED_HOLD
+                || held
+                    .get(peer)
+                    .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive)
+        });
+        (due, changed)
+    }
+
+    /// A pong (MAC checked) from `peer`, answering `nonce`, that came from `from` echoing `target`.
+    /// `None` when it answers no ping of a relayed path; else whether the path's state changed.
+    pub fn on_pong(
+        &mut self,
+        at: Instant,
+        peer: PublicKey,
+        from: SocketAddr,
+        nonce: u64,
+        target: Option<SocketAddr>,
+    ) -> Option<bool> {
+        let h = self.held.get_mut(&peer)?;
+        let to = h.endpoint?;
+        let p = &mut h.path;
+        let i = p.outstanding.iter().position(|(n, _)| *n == nonce)?;
+        if from != to || target != Some(to) {
+            return None;
+        }
+        let (_, sent) = p.outstanding.remove(i)?;
+        p.rtt = Some(at.saturating_duration_since(sent));
+        p.missed = 0;
+        p.was_alive = true;
+        let changed = p.state != PathState::Alive;
+        p.state = PathState::Alive;
+        Some(changed)
     }
 
     /// Every relayed peer's allocation, granted or not.
@@ -164,6 +358,8 @@ impl Client {
                 endpoint: h.endpoint,
                 expires_in: h.expires.map(|e| e.saturating_duration_since(now)),
                 refused: h.refused,
+                path: h.path.state,
+                rtt: h.path.rtt,
             })
             .collect()
     }
@@ -171,145 +367,4 @@ impl Client {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::identity::PrivateKey;
-
-    fn key(i: u8) -> PublicKey {
-        PrivateKey([i; 32]).public()
-    }
-
-    fn granted(other: PublicKey, port: u16) -> Alloc {
-        Alloc {
-            other,
-            result: AllocResult::Granted,
-            port,
-            lifetime_s: 60,
-        }
-    }
-
-    #[test]
-    fn asks_until_granted_refreshes_while_relayed_and_stops_when_direct() {
-        let (b, r, r2) = (key(2), key(3), key(4));
-        let to: SocketAddr = "198.51.100.1:51821".parse().unwrap();
-        let to2: SocketAddr = "198.51.100.2:51821".parse().unwrap();
-        let mut c = Client::default();
-        let mut n = 0u64;
-        let mut nonce = || {
-            n += 1;
-            n
-        };
-        let t = Instant::now();
-        let wanted = BTreeMap::from([(b, (r, to))]);
-        let (due, changed) = c.poll(t, &wanted, &mut nonce);
-        assert_eq!(due.len(), 1);
-        assert!(!changed);
-        let first = due[0];
-        // Not again before RETRY; again after it (no answer).
-        assert!(c.poll(t + RETRY / 2, &wanted, &mut nonce).0.is_empty());
-        let (due, _) = c.poll(t + RETRY, &wanted, &mut nonce);
-        assert_eq!(due.len(), 1);
-        let second = due[0];
-        // Answers that do not match the request are ignored: wrong relay, wrong source, wrong target,
-        // wrong pair, unknown nonce.
-        let at = t + RETRY;
-        assert_eq!(
-            c.on_answer(at, r2, to, second.nonce, Some(to), &granted(b, 9)),
-            None
-        );
-        assert_eq!(
-            c.on_answer(at, r, to2, second.nonce, Some(to), &granted(b, 9)),
-            None
-        );
-        assert_eq!(
-            c.on_answer(at, r, to, second.nonce, Some(to2), &granted(b, 9)),
-            None
-        );
-        assert_eq!(
-            c.on_answer(at, r, to, second.nonce, Some(to), &granted(key(5), 9)),
-            None
-        );
-        assert_eq!(c.on_answer(at, r, to, 999, Some(to), &granted(b, 9)), None);
-        assert!(c.endpoints().is_empty());
-        // The first request's (late) answer still counts, once.
-        assert_eq!(
-            c.on_answer(at, r, to, first.nonce, Some(to), &granted(b, 40001)),
-            Some(true)
-        );
-        assert_eq!(
-            c.on_answer(at, r, to, first.nonce, Some(to), &granted(b, 40001)),
-            None
-        );
-        let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
-        assert_eq!(c.endpoints(), BTreeMap::from([(b, (r, ep))]));
-        // Refreshed at a third of the lifetime, not before.
-        assert!(
-            c.poll(at + Duration::from_secs(19), &wanted, &mut nonce)
-                .0
-                .is_empty()
-        );
-        let (due, changed) = c.poll(at + Duration::from_secs(20), &wanted, &mut nonce);
-        assert_eq!((due.len(), changed), (1, false));
-        // No answer to any refresh: the grant expires with its lifetime, the endpoint goes.
-        let (_, changed) = c.poll(at + Duration::from_secs(60), &wanted, &mut nonce);
-        assert!(changed);
-        assert!(c.endpoints().is_empty());
-        // Granted again, then the peer goes direct: forgotten at once, nothing more is sent.
-        let later = at + Duration::from_secs(61);
-        let (due, _) = c.poll(later, &wanted, &mut nonce);
-        assert_eq!(due.len(), 1);
-        assert_eq!(
-            c.on_answer(later, r, to, due[0].nonce, Some(to), &granted(b, 40002)),
-            Some(true)
-        );
-        let (due, changed) = c.poll(
-            later + Duration::from_secs(30),
-            &BTreeMap::new(),
-            &mut nonce,
-        );
-        assert!(due.is_empty() && changed);
-        assert!(c.endpoints().is_empty() && c.views(later).is_empty());
-    }
-
-    #[test]
-    fn a_refusal_is_retried_later_and_a_new_relay_starts_over() {
-        let (b, r, r2) = (key(2), key(3), key(4));
-        let to: SocketAddr = "198.51.100.1:51821".parse().unwrap();
-        let to2: SocketAddr = "198.51.100.2:51821".parse().unwrap();
-        let mut c = Client::default();
-        let mut n = 0u64;
-        let mut nonce = || {
-            n += 1;
-            n
-        };
-        let t = Instant::now();
-        let wanted = BTreeMap::from([(b, (r, to))]);
-        let (due, _) = c.poll(t, &wanted, &mut nonce);
-        let no = Alloc {
-            other: b,
-            result: AllocResult::NotRelay,
-            port: 0,
-            lifetime_s: 0,
-        };
-        assert_eq!(
-            c.on_answer(t, r, to, due[0].nonce, Some(to), &no),
-            Some(false)
-        );
-        assert_eq!(c.views(t)[0].refused, Some(AllocResult::NotRelay));
-        assert!(c.poll(t + RETRY, &wanted, &mut nonce).0.is_empty());
-        assert_eq!(c.poll(t + REFUSED_RETRY, &wanted, &mut nonce).0.len(), 1);
-        // Granted by r, then the plan picks r2: r's endpoint goes, r2 is asked at once.
-        let at = t + REFUSED_RETRY;
-        let (due, _) = c.poll(at + RETRY, &wanted, &mut nonce);
-        assert_eq!(
-            c.on_answer(at, r, to, due[0].nonce, Some(to), &granted(b, 7)),
-            Some(true)
-        );
-        let moved = BTreeMap::from([(b, (r2, to2))]);
-        let (due, changed) = c.poll(at + RETRY, &moved, &mut nonce);
-        assert!(changed);
-        assert_eq!(due.len(), 1);
-        assert_eq!((due[0].relay, due[0].to), (r2, to2));
-        assert!(c.endpoints().is_empty());
-    }
-}
+mod tests;

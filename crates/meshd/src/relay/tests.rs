@@ -316,3 +316,91 @@ fn the_first_sides_address_is_learnt_before_the_other_consents() {
         Err(Dropped::OtherSideUnknown)
     );
 }
+
+/// A version-3 probe datagram (ping or pong) as the parties' probe sockets send it (MAC not checked here:
+/// the relay cannot, it does not have the pair's key).
+fn probe_shaped(ping: bool) -> Vec<u8> {
+    let p = crate::probe::Probe {
+        kind: if ping {
+            crate::probe::Kind::Ping
+        } else {
+            crate::probe::Kind::Pong
+        },
+        sender: key(1),
+        nonce: 7,
+        timestamp_us: 1,
+        observed: None,
+        target: Some(addr("198.51.100.9:40001")),
+        flags: 0,
+    };
+    crate::probe::encode(&p, &[5; 32]).to_vec()
+}
+
+#[test]
+fn probes_of_the_relayed_path_go_between_the_parties_probe_sockets() {
+    let mut lab = Lab::new();
+    let a = lab.ask(1, "203.0.113.1", 2).unwrap();
+    let b = lab.ask(2, "198.51.100.2", 1).unwrap();
+    // WireGuard from both sides (their WireGuard sockets).
+    assert_eq!(
+        lab.send(a.port, "203.0.113.1:5000", &initiation()),
+        Err(Dropped::OtherSideUnknown)
+    );
+    assert!(lab.send(b.port, "198.51.100.2:7000", &data(32)).is_ok());
+    // A's ping from its probe socket (another NAT mapping): B's probe socket is unknown yet.
+    assert_eq!(
+        lab.send(a.port, "203.0.113.1:6000", &probe_shaped(true)),
+        Err(Dropped::OtherSideUnknown)
+    );
+    // B's ping: to A's probe socket, not to A's WireGuard socket; A's pong: to B's probe socket.
+    assert_eq!(
+        lab.send(b.port, "198.51.100.2:8000", &probe_shaped(true)),
+        Ok(Forward {
+            from_port: a.port,
+            to: addr("203.0.113.1:6000")
+        })
+    );
+    assert_eq!(
+        lab.send(a.port, "203.0.113.1:6000", &probe_shaped(false)),
+        Ok(Forward {
+            from_port: b.port,
+            to: addr("198.51.100.2:8000")
+        })
+    );
+    // WireGuard still goes to the WireGuard sockets.
+    assert_eq!(
+        lab.send(b.port, "198.51.100.2:7000", &data(32)).unwrap().to,
+        addr("203.0.113.1:5000")
+    );
+    // Another port of A's address: a pong does not move A's probe socket, a ping does (NAT rebinding).
+    assert_eq!(
+        lab.send(a.port, "203.0.113.1:6001", &probe_shaped(false)),
+        Err(Dropped::Stranger)
+    );
+    assert!(
+        lab.send(a.port, "203.0.113.1:6001", &probe_shaped(true))
+            .is_ok()
+    );
+    assert_eq!(
+        lab.send(b.port, "198.51.100.2:8000", &probe_shaped(false))
+            .unwrap()
+            .to,
+        addr("203.0.113.1:6001")
+    );
+    // A stranger's probe is dropped; so is anything probe-like of another size, version or kind.
+    assert_eq!(
+        lab.send(a.port, "192.0.2.66:6000", &probe_shaped(true)),
+        Err(Dropped::Stranger)
+    );
+    let mut v2 = probe_shaped(true);
+    v2[4] = 2;
+    let mut alloc = probe_shaped(true);
+    alloc[5] = 3;
+    let short = probe_shaped(true)[..90].to_vec();
+    for junk in [v2, alloc, short] {
+        assert_eq!(
+            lab.send(a.port, "203.0.113.1:6001", &junk),
+            Err(Dropped::NotWireGuard)
+        );
+    }
+}

@@ -61,10 +61,16 @@ fn addrs(i: u8) -> BTreeSet<IpNet> {
     .collect()
 }
 
+fn none(_: &PublicKey, _: &PublicKey) -> bool {
+    false
+}
+
 struct World {
     addrs: BTreeMap<PublicKey, BTreeSet<IpNet>>,
     states: BTreeMap<PublicKey, PeerState>,
     no_uplink: BTreeSet<PublicKey>,
+    /// Relayed peers: the relay, and whether the relayed path is up.
+    relayed: BTreeMap<PublicKey, (PublicKey, bool)>,
 }
 
 impl World {
@@ -73,6 +79,7 @@ impl World {
             addrs: nodes.iter().map(|n| (n.key, addrs(n.key.0[0]))).collect(),
             states: nodes.iter().map(|n| (n.key, PeerState::Up)).collect(),
             no_uplink: BTreeSet::new(),
+            relayed: BTreeMap::new(),
         }
     }
 
@@ -94,6 +101,8 @@ impl World {
                         active: p.probe.first().copied(),
                         allowed: &self.addrs[k],
                         no_uplink: self.no_uplink.contains(k),
+                        relay: self.relayed.get(k).map(|r| r.0),
+                        relay_up: self.relayed.get(k).is_some_and(|r| r.1),
                     },
                 )
             })
@@ -135,7 +144,7 @@ fn relays_only_down_peers_of_a_natted_node_through_a_live_candidate() {
         v(5, false, PeerState::Up),
         v(6, false, PeerState::Unknown),
     ];
-    let r = relays(false, &peers);
+    let r = relays(false, &peers, none);
     // 1 is down (a public node can be unreachable too), 4 is down; 6 is still being probed. Each goes
     // through the live candidate ranked first for its pair (2 or 3), never through a non-candidate.
     assert_eq!(r.keys().copied().collect::<Vec<_>>(), {
@@ -157,13 +166,13 @@ fn relays_only_down_peers_of_a_natted_node_through_a_live_candidate() {
         assert_eq!(*relay, best);
     }
     // A public node never relays: NATed peers reach it.
-    assert!(relays(true, &peers).is_empty());
+    assert!(relays(true, &peers, none).is_empty());
     // No live candidate: nothing to relay through.
     let lone = [v(2, true, PeerState::Down), v(4, false, PeerState::Down)];
-    assert!(relays(false, &lone).is_empty());
+    assert!(relays(false, &lone, none).is_empty());
     // The direct path comes back: the peer leaves the relay.
     let back = [v(2, true, PeerState::Up), v(4, false, PeerState::Up)];
-    assert!(relays(false, &back).is_empty());
+    assert!(relays(false, &back, none).is_empty());
     // The relay itself dies: another candidate takes over.
     let next = [
         v(2, true, PeerState::Down),
@@ -171,7 +180,7 @@ fn relays_only_down_peers_of_a_natted_node_through_a_live_candidate() {
         v(4, false, PeerState::Down),
     ];
     assert_eq!(
-        relays(false, &next),
+        relays(false, &next, none),
         [(key(2), key(3)), (key(4), key(3))].into_iter().collect()
     );
 }
@@ -501,4 +510,80 @@ fn a_third_location_leaves_the_others_alone() {
         via("192.168.1.1", 3)
     );
     assert_eq!(after1.gateways["c"], Some(key(21)));
+}
+
+/// Home labs behind symmetric NATs: location a (1, 3), location b (11, and 12 pinned `never`), each
+/// without a public node (all but 12 are candidates); location c: 21, public (a relay).
+fn home_labs() -> Vec<Node> {
+    vec![
+        node(1, "a", Pin::Auto, &["192.168.1.1:51821"]),
+        node(3, "a", Pin::Auto, &["192.168.1.3:51821"]),
+        node(11, "b", Pin::Auto, &["192.168.2.11:51821"]),
+        node(12, "b", Pin::Never, &["192.168.2.12:51821"]),
+        node(21, "c", Pin::Auto, &["198.51.100.21:51821"]),
+    ]
+}
+
+#[test]
+fn a_remote_gateway_reached_through_a_relay_holds_its_location() {
+    let nodes = home_labs();
+    let plan = plan_of(&nodes, 1);
+    assert!(plan.candidate);
+    // The gateways of a and b are direct peers of each other (and of the relay's location).
+    assert_eq!(plan.peers[&key(11)].role, Role::Direct);
+    assert_eq!(plan.peers[&key(21)].role, Role::Direct);
+    assert_eq!(plan.peers[&key(12)].role, Role::Routed);
+    let mut w = World::new(&nodes);
+    // No direct path between the two NATed gateways.
+    w.states.insert(key(11), PeerState::Down);
+    let l = w.layout(&nodes, 1);
+    assert_eq!(
+        l.gateways["b"], None,
+        "b's only candidate is down: no gateway"
+    );
+    // Relayed through 21, granted and alive: 11 holds b, 12's addresses ride on 11's own WireGuard peer
+    // (end to end), nothing of b goes onto the relay's peer.
+    w.relayed.insert(key(11), (key(21), true));
+    let l = w.layout(&nodes, 1);
+    assert_eq!(l.gateways["b"], Some(key(11)));
+    assert_eq!(l.paths[&key(11)], PathKind::Relayed { via: key(21) });
+    assert_eq!(l.paths[&key(12)], PathKind::Gateway { via: Some(key(11)) });
+    assert!(l.wireguard[&key(11)].is_superset(&addrs(12)));
+    assert!(l.wireguard[&key(11)].is_superset(&addrs(11)));
+    assert!(l.wireguard[&key(21)].is_disjoint(&addrs(11)));
+    assert!(l.wireguard[&key(21)].is_disjoint(&addrs(12)));
+    assert_eq!(l.routes[&"10.99.0.12/32".parse().unwrap()], Route::Mesh);
+    // The relayed path dies: b has no gateway again (down, not a silent black hole through the relay).
+    w.relayed.insert(key(11), (key(21), false));
+    let l = w.layout(&nodes, 1);
+    assert_eq!(l.gateways["b"], None);
+    assert_eq!(l.paths[&key(11)], PathKind::Relayed { via: key(21) });
+}
+
+#[test]
+fn location_relays_pair_gateways_only_and_pass_over_a_failed_relay() {
+    // From gateway 1's side: 11 (another location's candidate) is down, 21 and 22 are relays; 3 (native,
+    // our location) and 12 (routed) are never relayed: the caller gives them no pair secret.
+    let v = |i: u8, candidate: bool, state: PeerState, secret: bool| RelayView {
+        key: key(i),
+        candidate,
+        state,
+        pair_secret: secret.then_some([i; 32]),
+    };
+    let peers = [
+        v(11, false, PeerState::Down, true),
+        v(3, false, PeerState::Down, false),
+        v(12, false, PeerState::Down, false),
+        v(21, true, PeerState::Up, false),
+        v(22, true, PeerState::Up, false),
+    ];
+    let r = relays(false, &peers, none);
+    assert_eq!(r.keys().copied().collect::<Vec<_>>(), vec![key(11)]);
+    let first = r[&key(11)];
+    // The first relay's path died for the pair: both parties pass it over, to the other one.
+    let other = if first == key(21) { key(22) } else { key(21) };
+    let r = relays(false, &peers, |p, relay| *p == key(11) && *relay == first);
+    assert_eq!(r[&key(11)], other);
+    // Both excluded: the peer is not relayed (it is down).
+    assert!(relays(false, &peers, |_, _| true).is_empty());
 }
