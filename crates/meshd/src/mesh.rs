@@ -1096,21 +1096,17 @@ impl Mesh {
         }
     }
 
-    /// boringtun updates a peer by removing and re-adding it, which drops the session on this side only:
-    /// the other side keeps sending on the old session, which nobody can decrypt, until its own
-    /// keepalive-plus-rekey timeout (15 s). One datagram through the tunnel to each re-added (or newly
-    /// added) peer makes this side initiate a handshake at once, which replaces the stale session on the
-    /// other side too. The datagram goes to the discard port of the peer's mesh address.
+    /// A peer added to boringtun (new, or re-added after its device was re-created) has no session, and the
+    /// other side may still send on an old one, which nobody can decrypt, until its own keepalive-plus-rekey
+    /// timeout (15 s). One datagram through the tunnel to each added peer makes this side initiate a
+    /// handshake at once, which replaces the stale session on the other side too. The datagram goes to the
+    /// discard port of the peer's mesh address. An updated peer keeps its session (updates are in place).
     fn kick(&self, update: &wg::Update) {
         let keys: Vec<&PublicKey> = update
             .peers
             .iter()
             .filter_map(|op| match op {
-                wg::PeerOp::Update { key, config, .. } | wg::PeerOp::Add(key, config)
-                    if config.endpoint.is_some() =>
-                {
-                    Some(key)
-                }
+                wg::PeerOp::Add(key, config) if config.endpoint.is_some() => Some(key),
                 _ => None,
             })
             .collect();

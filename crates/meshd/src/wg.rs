@@ -140,10 +140,10 @@ pub fn diff(desired: &Desired, actual: &Actual) -> Update {
 }
 
 /// Records in `known` (the device as meshd last read it) that `update` was applied, so that the next diff
-/// against it needs no read of the device. `readds`: the backend applies an [`PeerOp::Update`] as remove
-/// and add (boringtun: the endpoint is then what the update set, if anything), else in place (the kernel:
-/// an endpoint the update does not set stays). Counters are not touched (they are read, never applied).
-pub fn record_applied(known: &mut Actual, update: &Update, readds: bool) {
+/// against it needs no read of the device. Both backends apply an [`PeerOp::Update`] in place: an endpoint
+/// the update does not set stays (e.g. where WireGuard roamed the peer to). Counters are not touched (they
+/// are read, never applied).
+pub fn record_applied(known: &mut Actual, update: &Update) {
     if let Some(key) = &update.private_key {
         known.public_key = Some(PrivateKey(*key).public());
     }
@@ -165,15 +165,11 @@ pub fn record_applied(known: &mut Actual, update: &Update, readds: bool) {
             }
             PeerOp::Update { key, config, .. } => {
                 let entry = known.peers.entry(*key).or_default();
-                if readds || config.endpoint.is_some() {
+                if config.endpoint.is_some() {
                     entry.0.endpoint = config.endpoint;
                 }
                 entry.0.allowed_ips.clone_from(&config.allowed_ips);
                 entry.0.keepalive = config.keepalive;
-                if readds {
-                    entry.0.preshared_key = config.preshared_key;
-                    entry.1 = PeerStats::default();
-                }
             }
         }
     }
@@ -318,27 +314,24 @@ mod tests {
         known
             .peers
             .insert(key(3), (peer(None, &[]), PeerStats::default()));
-        // The kernel keeps an endpoint the update does not set; boringtun re-adds the peer without one.
+        // Both backends update in place: an endpoint the update does not set stays.
         known.peers.insert(
             key(2),
             (
                 peer(Some("203.0.113.2:9"), &["10.9.9.9/32"]),
-                PeerStats::default(),
+                PeerStats {
+                    rx_bytes: 7,
+                    ..PeerStats::default()
+                },
             ),
         );
-        for readds in [false, true] {
-            let mut k = known.clone();
-            let u = diff(&d, &k);
-            assert_eq!(u.peers.len(), 3, "add 1, update 2, remove 3");
-            record_applied(&mut k, &u, readds);
-            assert!(diff(&d, &k).is_empty());
-            assert!(!k.peers.contains_key(&key(3)));
-            let roamed = k.peers[&key(2)].0.endpoint;
-            if readds {
-                assert_eq!(roamed, None);
-            } else {
-                assert_eq!(roamed, Some("203.0.113.2:9".parse().unwrap()));
-            }
-        }
+        let u = diff(&d, &known);
+        assert_eq!(u.peers.len(), 3, "add 1, update 2, remove 3");
+        record_applied(&mut known, &u);
+        assert!(diff(&d, &known).is_empty());
+        assert!(!known.peers.contains_key(&key(3)));
+        let (config, stats) = &known.peers[&key(2)];
+        assert_eq!(config.endpoint, Some("203.0.113.2:9".parse().unwrap()));
+        assert_eq!(stats.rx_bytes, 7, "the session and its counters stay");
     }
 }

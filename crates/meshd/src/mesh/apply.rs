@@ -161,11 +161,10 @@ impl Mesh {
             self.metrics
                 .wireguard_peer_ops
                 .inc_by(update.peers.len() as u64);
-            let userspace = matches!(self.backend, Backend::Userspace(_));
-            if userspace {
+            if matches!(self.backend, Backend::Userspace(_)) {
                 self.kick(&update);
             }
-            wg::record_applied(&mut known, &update, userspace);
+            wg::record_applied(&mut known, &update);
         }
         self.device_known = Some(known);
         Ok(())
