@@ -1137,8 +1137,11 @@ impl Mesh {
     /// next resync: readings that each waited out the timeout would hold the loop, and the repair, back.
     async fn refresh_stats(&mut self) -> Result<(), Error> {
         match self.backend.get().await {
-            Ok(actual) => {
+            Ok(mut actual) => {
                 self.absorb_stats(&actual);
+                // One copy of each peer's allowed IPs (see `wg::share_allowed`).
+                let peers = &self.peers;
+                wg::share_allowed(&mut actual, |k| peers.get(k).map(|p| &p.allowed_ips));
                 // The freshest view of the device for the next change's diff (e.g. where WireGuard
                 // roamed a peer to).
                 self.device_known = Some(actual);

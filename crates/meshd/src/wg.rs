@@ -11,6 +11,7 @@ pub mod userspace;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hybridnet_config::PublicKey;
@@ -23,7 +24,9 @@ use crate::identity::PrivateKey;
 pub struct PeerConfig {
     /// `None`: meshd has not chosen an endpoint yet; whatever the device has (e.g. roamed to) stays.
     pub endpoint: Option<SocketAddr>,
-    pub allowed_ips: BTreeSet<IpNet>,
+    /// Shared (one copy per peer, not one per plan and one in the device's view): planning clones the
+    /// pointer, and [`share_allowed`] points a read device's sets at the plan's where they are equal.
+    pub allowed_ips: Arc<BTreeSet<IpNet>>,
     pub keepalive: Option<u16>,
     /// Set when the peer is added (KubeSpan compatibility: the cluster secret); not diffed afterwards.
     pub preshared_key: Option<[u8; 32]>,
@@ -116,7 +119,8 @@ pub fn diff(desired: &Desired, actual: &Actual) -> Update {
             None => update.peers.push(PeerOp::Add(*key, want.clone())),
             Some((have, _)) => {
                 let endpoint = want.endpoint.is_some() && want.endpoint != have.endpoint;
-                let allowed_ips = want.allowed_ips != have.allowed_ips;
+                let allowed_ips = !Arc::ptr_eq(&want.allowed_ips, &have.allowed_ips)
+                    && want.allowed_ips != have.allowed_ips;
                 let keepalive = want.keepalive != have.keepalive;
                 if endpoint || allowed_ips || keepalive {
                     update.peers.push(PeerOp::Update {
@@ -168,9 +172,26 @@ pub fn record_applied(known: &mut Actual, update: &Update) {
                 if config.endpoint.is_some() {
                     entry.0.endpoint = config.endpoint;
                 }
-                entry.0.allowed_ips.clone_from(&config.allowed_ips);
+                entry.0.allowed_ips = Arc::clone(&config.allowed_ips);
                 entry.0.keepalive = config.keepalive;
             }
+        }
+    }
+}
+
+/// Points each peer's allowed IPs in `known` (a device as read: sets of its own) at the equal set
+/// `wanted` gives for the peer (the plan's, the peer's own): one copy per peer is kept between passes, not
+/// two, and the next diff compares pointers.
+pub fn share_allowed<'a>(
+    known: &mut Actual,
+    wanted: impl Fn(&PublicKey) -> Option<&'a Arc<BTreeSet<IpNet>>>,
+) {
+    for (key, (config, _)) in &mut known.peers {
+        if let Some(want) = wanted(key)
+            && !Arc::ptr_eq(want, &config.allowed_ips)
+            && *want == config.allowed_ips
+        {
+            config.allowed_ips = Arc::clone(want);
         }
     }
 }
@@ -187,7 +208,7 @@ mod tests {
     fn peer(ep: Option<&str>, ips: &[&str]) -> PeerConfig {
         PeerConfig {
             endpoint: ep.map(|e| e.parse().unwrap()),
-            allowed_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            allowed_ips: Arc::new(ips.iter().map(|i| i.parse().unwrap()).collect()),
             keepalive: Some(5),
             preshared_key: None,
         }
@@ -333,5 +354,27 @@ mod tests {
         let (config, stats) = &known.peers[&key(2)];
         assert_eq!(config.endpoint, Some("203.0.113.2:9".parse().unwrap()));
         assert_eq!(stats.rx_bytes, 7, "the session and its counters stay");
+        assert!(Arc::ptr_eq(
+            &config.allowed_ips,
+            &d.peers[&key(2)].allowed_ips
+        ));
+    }
+
+    #[test]
+    fn a_read_device_shares_equal_allowed_ips_with_the_plan() {
+        let (d, _) = desired(vec![
+            (key(1), peer(None, &["10.0.0.1/32"])),
+            (key(2), peer(None, &["10.0.0.2/32"])),
+        ]);
+        let mut read = Actual::default();
+        read.peers
+            .insert(key(1), (peer(None, &["10.0.0.1/32"]), PeerStats::default()));
+        read.peers
+            .insert(key(2), (peer(None, &["10.0.9.9/32"]), PeerStats::default()));
+        share_allowed(&mut read, |k| d.peers.get(k).map(|c| &c.allowed_ips));
+        let shared = |k| Arc::ptr_eq(&read.peers[&k].0.allowed_ips, &d.peers[&k].allowed_ips);
+        assert!(shared(key(1)), "equal: one copy");
+        assert!(!shared(key(2)), "different: the device's own, diffed");
+        assert_eq!(diff(&d, &read).peers.len(), 1);
     }
 }

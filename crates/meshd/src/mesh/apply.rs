@@ -148,8 +148,11 @@ impl Mesh {
         let mut known = match self.device_known.take() {
             Some(known) => known,
             None => {
-                let actual = self.backend.get().await?;
+                let mut actual = self.backend.get().await?;
                 self.absorb_stats(&actual);
+                wg::share_allowed(&mut actual, |k| {
+                    planned.device.peers.get(k).map(|c| &c.allowed_ips)
+                });
                 actual
             }
         };

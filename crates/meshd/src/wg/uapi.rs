@@ -47,7 +47,7 @@ fn add_lines(out: &mut String, key: &PublicKey, config: &PeerConfig) {
         let _ = writeln!(out, "persistent_keepalive_interval={k}");
     }
     let _ = writeln!(out, "replace_allowed_ips=true");
-    for ip in &config.allowed_ips {
+    for ip in config.allowed_ips.iter() {
         let _ = writeln!(out, "allowed_ip={ip}");
     }
 }
@@ -116,7 +116,7 @@ fn update_lines(
     }
     if allowed_ips {
         let _ = writeln!(out, "replace_allowed_ips=true");
-        for ip in &config.allowed_ips {
+        for ip in config.allowed_ips.iter() {
             let _ = writeln!(out, "allowed_ip={ip}");
         }
     }
@@ -157,7 +157,8 @@ pub fn parse_get(text: &str) -> Result<Actual, String> {
                 match key {
                     "endpoint" => config.endpoint = value.parse().ok(),
                     "allowed_ip" => {
-                        config.allowed_ips.insert(value.parse().map_err(|_| bad())?);
+                        std::sync::Arc::make_mut(&mut config.allowed_ips)
+                            .insert(value.parse().map_err(|_| bad())?);
                     }
                     "persistent_keepalive_interval" => {
                         config.keepalive = value.parse().ok().filter(|k| *k != 0);
@@ -241,7 +242,9 @@ mod tests {
     fn set_renders_adds_removes_and_updates_in_place() {
         let config = PeerConfig {
             endpoint: Some("192.0.2.1:51821".parse().unwrap()),
-            allowed_ips: ["10.0.0.1/32".parse().unwrap()].into_iter().collect(),
+            allowed_ips: std::sync::Arc::new(
+                ["10.0.0.1/32".parse().unwrap()].into_iter().collect(),
+            ),
             keepalive: Some(5),
             preshared_key: None,
         };
@@ -290,7 +293,9 @@ mod tests {
                 key: PublicKey([4; 32]),
                 config: PeerConfig {
                     endpoint: None,
-                    allowed_ips: ["10.0.0.2/32".parse().unwrap()].into_iter().collect(),
+                    allowed_ips: std::sync::Arc::new(
+                        ["10.0.0.2/32".parse().unwrap()].into_iter().collect(),
+                    ),
                     keepalive: None,
                     preshared_key: Some([9; 32]),
                 },
