@@ -20,7 +20,7 @@ use crate::topology::{self, PathKind, Plan};
 use crate::wg::kernel::Kernel;
 use crate::wg::userspace::Userspace;
 use crate::wg::{self, Actual, PeerStats};
-use crate::{Error, cache, plan};
+use crate::{Error, plan};
 
 mod apply;
 mod backend;
@@ -180,7 +180,8 @@ pub struct Mesh {
     stats_failed: bool,
     timing: Arc<Timing>,
     nonce: u64,
-    cache_written: Option<cache::Cache>,
+    /// A hash of the peer cache as last written (not a copy of it: a few hundred bytes per peer).
+    cache_written: Option<u64>,
     /// Peers from the config and the cache (re-read on a config change).
     base: Vec<PeerSpec>,
     /// Peers from discovery, and whether a registry has synced since start (then cached discovered

@@ -140,12 +140,18 @@ impl Mesh {
             version: cache::VERSION,
             peers,
         };
-        if self.cache_written.as_ref() == Some(&c) {
+        let hash = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::hash::DefaultHasher::new();
+            c.hash(&mut h);
+            h.finish()
+        };
+        if self.cache_written == Some(hash) {
             return;
         }
         let path = cache::path(&self.cfg.data_dir);
         match cache::store(&path, &c) {
-            Ok(()) => self.cache_written = Some(c),
+            Ok(()) => self.cache_written = Some(hash),
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "cannot write the peer cache")
             }
