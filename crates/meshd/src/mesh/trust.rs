@@ -70,9 +70,16 @@ impl Mesh {
             service_subnets: self.cfg.cluster.service_subnets.clone(),
             endpoints: self.protected.clone(),
         };
+        // Only discovered peers are screened: with none, no peer's standing is needed (not built for
+        // every plan of a mesh of static peers).
+        let screened = self
+            .peers
+            .values()
+            .any(|p| p.source != crate::model::Source::Static);
         let peers = self
             .peers
             .values()
+            .filter(|_| screened)
             .map(|p| {
                 let t = PeerTrust {
                     trusted: p.source == crate::model::Source::Static,
