@@ -344,6 +344,7 @@ impl Mesh {
         base: Vec<PeerSpec>,
     ) -> Result<(), Error> {
         self.base = base;
+        self.forget_cached();
         let specs = self.combined();
         self.cfg = cfg;
         let any_v6 = specs
@@ -368,8 +369,17 @@ impl Mesh {
     pub fn set_discovered(&mut self, specs: Vec<PeerSpec>, synced: bool) {
         self.discovered = specs;
         self.discovery_synced = synced;
+        self.forget_cached();
         let all = self.combined();
         self.set_peers(all, Instant::now());
+    }
+
+    /// Once a registry has synced, cached peers are never used again ([`Mesh::combined`]): their specs
+    /// are not kept (a second spec per discovered peer otherwise).
+    fn forget_cached(&mut self) {
+        if self.discovery_synced {
+            self.base.retain(|s| s.source == Source::Static);
+        }
     }
 
     /// Static peers first, then discovered ones, then (until discovery has synced) cached ones.
@@ -1101,13 +1111,21 @@ impl Mesh {
     /// other side may still send on an old one, which nobody can decrypt, until its own keepalive-plus-rekey
     /// timeout (15 s). One datagram through the tunnel to each added peer makes this side initiate a
     /// handshake at once, which replaces the stale session on the other side too. The datagram goes to the
-    /// discard port of the peer's mesh address. An updated peer keeps its session (updates are in place).
+    /// discard port of the peer's mesh address. A peer whose endpoint changed gets one too: with a session
+    /// (kept: updates are in place) it goes on that session to the new endpoint, so the other side roams at
+    /// once; without one (boringtun then starts the peer afresh, see `vendor/boringtun/HYBRIDNET-PATCH.md`)
+    /// it starts the handshake to the new endpoint now rather than at the old one's next retry (5 s).
     fn kick(&self, update: &wg::Update) {
         let keys: Vec<&PublicKey> = update
             .peers
             .iter()
             .filter_map(|op| match op {
                 wg::PeerOp::Add(key, config) if config.endpoint.is_some() => Some(key),
+                wg::PeerOp::Update {
+                    key,
+                    endpoint: true,
+                    ..
+                } => Some(key),
                 _ => None,
             })
             .collect();

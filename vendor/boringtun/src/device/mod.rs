@@ -319,13 +319,21 @@ impl Device {
         // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): an existing peer is updated in place (was a panic,
         // "Modifying existing peers is not yet supported"): its tunnel, so its session, survives.
         if let Some(peer) = self.peers.get(&pub_key).cloned() {
-            let same_psk =
-                preshared_key.is_none() || peer.lock().preshared_key() == preshared_key.as_ref();
-            if same_psk {
+            let (same_psk, no_session_elsewhere) = {
+                let p = peer.lock();
+                let moved = endpoint.is_some() && p.endpoint().addr != endpoint;
+                (
+                    preshared_key.is_none() || p.preshared_key() == preshared_key.as_ref(),
+                    moved && p.time_since_last_handshake().is_none(),
+                )
+            };
+            if same_psk && !no_session_elsewhere {
                 return self.modify_peer(&peer, replace_ips, endpoint, allowed_ips, keepalive);
             }
-            // Another preshared key: the handshake state holds it, so the peer starts over with a new
-            // tunnel, keeping what this section does not set.
+            // Another preshared key (the handshake state holds it), or a new endpoint for a peer that
+            // has no session to keep (a handshake to the old endpoint may be pending, retried only every
+            // 5 s): the peer starts over with a new tunnel, whose first packet starts a handshake to the
+            // new endpoint at once, keeping what this section does not set.
             let (endpoint, allowed_ips, keepalive) = {
                 let p = peer.lock();
                 let mut ips: Vec<AllowedIP> = if replace_ips {
