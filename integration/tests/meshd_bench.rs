@@ -207,12 +207,12 @@ fn bench_reconcile() {
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let initial = t.elapsed();
+    let first_reconcile = metric(&d, "meshd_reconcile_seconds");
     // The daemon's resident memory with every peer configured and settled (meshd with its embedded
     // boringtun): `hack/bench/meshd.sh` runs this at two peer counts, and the difference per peer is what a
     // peer costs, everything included (the count from the types is `probing::tests::per_peer_bytes`).
     std::thread::sleep(Duration::from_secs(3));
     let rss_kib = rss_kib(d.pid());
-    let first_reconcile = metric(&d, "meshd_reconcile_seconds");
     let ops0 = metric(&d, "meshd_wireguard_peer_ops_total");
     let routes0 = metric(&d, "meshd_route_changes_total");
     // One peer changes (a new endpoint and allowed IP): the reload must touch that peer only.
