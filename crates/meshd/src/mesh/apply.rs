@@ -207,7 +207,7 @@ impl Mesh {
                     Some(k) => self
                         .peers
                         .get(k)
-                        .map_or_else(|| k.to_string(), |p| p.name.clone()),
+                        .map_or_else(|| k.to_string(), |p| p.spec.name.clone()),
                 };
                 tracing::info!(location, from = %name(before), to = %name(now), "active gateway changed");
                 self.metrics.gateway_changes.inc();
@@ -225,7 +225,7 @@ impl Mesh {
                 let name = |k| {
                     self.peers
                         .get(k)
-                        .map_or_else(|| format!("{k}"), |p| p.name.clone())
+                        .map_or_else(|| format!("{k}"), |p| p.spec.name.clone())
                 };
                 let losers: Vec<String> = c.losers.iter().map(name).collect();
                 tracing::warn!(prefix = %c.prefix, holder = %name(&c.holder), without = ?losers, "two peers claim the same prefix: one holds it");

@@ -75,18 +75,18 @@ impl Mesh {
         let screened = self
             .peers
             .values()
-            .any(|p| p.source != crate::model::Source::Static);
+            .any(|p| p.spec.source != crate::model::Source::Static);
         let peers = self
             .peers
             .values()
             .filter(|_| screened)
             .map(|p| {
                 let t = PeerTrust {
-                    trusted: p.source == crate::model::Source::Static,
+                    trusted: p.spec.source == crate::model::Source::Static,
                     mesh_addr: p.mesh_addr,
                     seniority: p.seniority,
-                    refused: p.refused.clone(),
-                    addresses: p.addresses.clone(),
+                    refused: p.spec.refused.clone(),
+                    addresses: p.spec.addresses.clone(),
                     proven: proven(p),
                 };
                 (p.key, t)
@@ -121,7 +121,7 @@ impl Mesh {
             let name = self
                 .peers
                 .get(&r.peer)
-                .map_or_else(|| r.peer.to_string(), |p| p.name.clone());
+                .map_or_else(|| r.peer.to_string(), |p| p.spec.name.clone());
             tracing::warn!(peer = %name, prefix = %r.prefix, reason = r.reason.as_str(), "refused a prefix a discovered peer announced; the rest of its record is used");
             self.metrics
                 .prefixes_refused
@@ -163,7 +163,7 @@ pub fn rows(mesh: &Mesh, refused: &[Refused]) -> serde_json::Value {
             let name = mesh
                 .peers
                 .get(&r.peer)
-                .map_or_else(|| r.peer.to_string(), |p| p.name.clone());
+                .map_or_else(|| r.peer.to_string(), |p| p.spec.name.clone());
             serde_json::json!({
                 "peer": name,
                 "prefix": r.prefix.to_string(),
