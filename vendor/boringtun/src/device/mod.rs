@@ -334,7 +334,7 @@ impl Device {
             // has no session to keep (a handshake to the old endpoint may be pending, retried only every
             // 5 s): the peer starts over with a new tunnel, whose first packet starts a handshake to the
             // new endpoint at once, keeping what this section does not set.
-            let (endpoint, allowed_ips, keepalive) = {
+            let (endpoint, allowed_ips, keepalive, preshared_key) = {
                 let p = peer.lock();
                 let mut ips: Vec<AllowedIP> = if replace_ips {
                     Vec::new()
@@ -349,6 +349,7 @@ impl Device {
                     endpoint.or(old_endpoint),
                     ips,
                     keepalive.or(p.persistent_keepalive()),
+                    preshared_key.or(p.preshared_key().copied()),
                 )
             };
             self.remove_peer(&pub_key);
