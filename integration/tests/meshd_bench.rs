@@ -208,6 +208,11 @@ fn bench_reconcile() {
     .unwrap_or_else(|e| panic!("{e}"));
     let initial = t.elapsed();
     let first_reconcile = metric(&d, "meshd_reconcile_seconds");
+    // The daemon's resident memory with every peer configured and settled (meshd with its embedded
+    // boringtun): `hack/bench/meshd.sh` runs this at two peer counts, and the difference per peer is what a
+    // peer costs, everything included (the count from the types is `probing::tests::per_peer_bytes`).
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_kib = rss_kib(d.pid());
     let ops0 = metric(&d, "meshd_wireguard_peer_ops_total");
     let routes0 = metric(&d, "meshd_route_changes_total");
     // One peer changes (a new endpoint and allowed IP): the reload must touch that peer only.
@@ -245,6 +250,7 @@ fn bench_reconcile() {
         "BENCH reconcile_first_pass_ms {:.1}",
         first_reconcile * 1e3
     );
+    let _ = writeln!(out, "BENCH reconcile_rss_kib {rss_kib}");
     let _ = writeln!(out, "BENCH reconcile_one_change_wg_ops {ops}");
     let _ = writeln!(out, "BENCH reconcile_one_change_route_ops {routes}");
     let _ = writeln!(
@@ -257,4 +263,16 @@ fn bench_reconcile() {
         ops <= 2.0 && routes <= 2.0,
         "one change cost {ops} WireGuard ops and {routes} route ops"
     );
+}
+
+/// `VmRSS` of process `pid` in KiB (0 when unreadable).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

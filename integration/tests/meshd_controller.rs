@@ -494,8 +494,8 @@ fn a_forwarding_node_keeps_its_slaac_default_route() {
 }
 
 /// Two peers claim the same prefix (a reinstalled node's old record, a reused pod CIDR): one holds it,
-/// the status and the metrics say so, and nothing moves back and forth (on the userspace backend every
-/// move is a remove and an add that resets the session). WireGuard operations are counted over 60 s.
+/// the status and the metrics say so, and nothing moves back and forth (every move is a WireGuard update
+/// of two peers). WireGuard operations are counted over 60 s.
 #[test]
 fn identical_prefixes_from_two_peers_do_not_flap() {
     let mut lab = MeshLab::new(3, "meshd-identical");

@@ -16,14 +16,14 @@ pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join("meshd-peers.json")
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Cache {
     pub version: u32,
     pub peers: Vec<CachedPeer>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct CachedPeer {
     pub name: String,

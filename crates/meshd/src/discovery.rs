@@ -558,9 +558,9 @@ impl Discovery {
 
     /// Whether publishing waits for our pod CIDRs: with `advertiseKubernetesNetworks`, until the
     /// Kubernetes client has read our Node, at most [`POD_CIDR_WAIT`]. Peers then meet us with our pod
-    /// CIDRs in their first record of us; a later change of AllowedIPs restarts the session on the
-    /// userspace backend (remove + add), which can leave the other side's traffic unanswered for up to
-    /// WireGuard's 15 s rekey timeout.
+    /// CIDRs in their first record of us, not a record without them followed by one with them (two
+    /// WireGuard updates on every peer; each was a session restart on the userspace backend before its
+    /// updates were in place).
     pub fn waits_for_pod_cidrs(&self) -> bool {
         self.key.kubernetes.as_ref().is_some_and(|k| k.pod_cidrs)
             && !self.snapshot.borrow().own_node_read

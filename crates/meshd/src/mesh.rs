@@ -20,7 +20,7 @@ use crate::topology::{self, PathKind, Plan};
 use crate::wg::kernel::Kernel;
 use crate::wg::userspace::Userspace;
 use crate::wg::{self, Actual, PeerStats};
-use crate::{Error, cache, plan};
+use crate::{Error, plan};
 
 mod apply;
 mod backend;
@@ -40,16 +40,13 @@ pub const RESYNC: Duration = Duration::from_secs(10);
 /// One peer.
 #[derive(Debug)]
 pub struct Peer {
-    pub name: String,
+    /// The peer as its source describes it (name, location, source, node ID, addresses, API server port,
+    /// refused prefixes): shared with the list kept for re-planning, not a second copy.
+    pub spec: Arc<PeerSpec>,
     pub key: PublicKey,
     pub mesh_addr: Ipv6Addr,
     /// Shared with each plan's input (no copy per pass).
     pub allowed_ips: Arc<BTreeSet<IpNet>>,
-    pub location: Option<String>,
-    pub source: Source,
-    pub node_id: Option<String>,
-    pub addresses: Vec<IpAddr>,
-    pub api_server_port: Option<u16>,
     /// It has a public address of its own (a relay candidate).
     pub public: bool,
     /// Its last pong said it is a gateway candidate without a path to other locations.
@@ -73,8 +70,6 @@ pub struct Peer {
     since: Instant,
     /// Order of first sight (an earlier peer keeps a mesh address a later one claims too).
     pub seniority: u64,
-    /// Prefixes its source refused (see [`crate::plan::trust`]).
-    pub refused: Vec<(IpNet, crate::plan::trust::Reason)>,
     /// The last WireGuard handshake, from the device's age at the last stats read.
     last_handshake_at: Option<Instant>,
 }
@@ -180,12 +175,13 @@ pub struct Mesh {
     stats_failed: bool,
     timing: Arc<Timing>,
     nonce: u64,
-    cache_written: Option<cache::Cache>,
+    /// A hash of the peer cache as last written (not a copy of it: a few hundred bytes per peer).
+    cache_written: Option<u64>,
     /// Peers from the config and the cache (re-read on a config change).
-    base: Vec<PeerSpec>,
+    base: Vec<Arc<PeerSpec>>,
     /// Peers from discovery, and whether a registry has synced since start (then cached discovered
     /// peers are no longer used).
-    discovered: Vec<PeerSpec>,
+    discovered: Vec<Arc<PeerSpec>>,
     discovery_synced: bool,
     pub last_error: Option<String>,
     pub started: Instant,
@@ -299,7 +295,7 @@ impl Mesh {
             timing: Arc::new(Timing::default()),
             nonce: fastrand::u64(..),
             cache_written: None,
-            base: specs.clone(),
+            base: specs.into_iter().map(Arc::new).collect(),
             discovered: Vec::new(),
             discovery_synced: false,
             last_error: None,
@@ -329,6 +325,7 @@ impl Mesh {
         mesh.refresh_underlay().await;
         mesh.own_endpoints = mesh.announced().await;
         mesh.sync_clamp().await;
+        let specs = mesh.combined();
         mesh.set_peers(specs, Instant::now());
         Ok(mesh)
     }
@@ -345,7 +342,8 @@ impl Mesh {
         cfg: Arc<Config>,
         base: Vec<PeerSpec>,
     ) -> Result<(), Error> {
-        self.base = base;
+        self.base = base.into_iter().map(Arc::new).collect();
+        self.forget_cached();
         let specs = self.combined();
         self.cfg = cfg;
         let any_v6 = specs
@@ -368,15 +366,24 @@ impl Mesh {
 
     /// Replaces the discovered peers (`synced`: a registry delivered a full snapshot).
     pub fn set_discovered(&mut self, specs: Vec<PeerSpec>, synced: bool) {
-        self.discovered = specs;
+        self.discovered = specs.into_iter().map(Arc::new).collect();
         self.discovery_synced = synced;
+        self.forget_cached();
         let all = self.combined();
         self.set_peers(all, Instant::now());
     }
 
+    /// Once a registry has synced, cached peers are never used again ([`Mesh::combined`]): their specs
+    /// are not kept (a second spec per discovered peer otherwise).
+    fn forget_cached(&mut self) {
+        if self.discovery_synced {
+            self.base.retain(|s| s.source == Source::Static);
+        }
+    }
+
     /// Static peers first, then discovered ones, then (until discovery has synced) cached ones.
-    fn combined(&self) -> Vec<PeerSpec> {
-        let mut out: Vec<PeerSpec> = self
+    fn combined(&self) -> Vec<Arc<PeerSpec>> {
+        let mut out: Vec<Arc<PeerSpec>> = self
             .base
             .iter()
             .filter(|s| s.source == Source::Static)
@@ -417,7 +424,7 @@ impl Mesh {
     }
 
     /// The topology plan for `specs` (`topology: location`), else `None`.
-    fn plan_for(&self, specs: &[PeerSpec]) -> Option<Plan> {
+    fn plan_for(&self, specs: &[Arc<PeerSpec>]) -> Option<Plan> {
         if self.cfg.meshd.topology != Topology::Location {
             return None;
         }
@@ -446,25 +453,23 @@ impl Mesh {
         Some(topology::plan(&me, &peers))
     }
 
-    fn set_peers(&mut self, mut specs: Vec<PeerSpec>, now: Instant) {
+    fn set_peers(&mut self, specs: Vec<Arc<PeerSpec>>, now: Instant) {
         self.plan = self.plan_for(&specs);
-        if let Some(plan) = &self.plan {
-            // Each machine probes what the plan says (native peers: private endpoints; routed: none).
-            for spec in &mut specs {
-                if let Some(p) = plan.peers.get(&spec.key) {
-                    spec.candidates = p.probe.clone();
-                }
-            }
-        }
         let mut next = HashMap::new();
         for spec in specs {
             if spec.key == self.public {
                 continue;
             }
+            // Each machine probes what the plan says (native peers: private endpoints; routed: none).
+            let candidates = self
+                .plan
+                .as_ref()
+                .and_then(|plan| plan.peers.get(&spec.key))
+                .map_or_else(|| spec.candidates.clone(), |p| p.probe.clone());
             // Its own addresses (discovery) tell whether it is public; a static peer's endpoints are
             // taken as its own.
             let public = if spec.addresses.is_empty() {
-                spec.candidates.iter().any(|c| topology::is_public(c.ip()))
+                candidates.iter().any(|c| topology::is_public(c.ip()))
             } else {
                 spec.addresses.iter().any(|a| topology::is_public(*a))
             };
@@ -474,20 +479,14 @@ impl Mesh {
             let allowed = Arc::new(allowed);
             let peer = match self.peers.remove(&spec.key) {
                 Some(mut p) => {
-                    p.machine.set_candidates(&spec.candidates, now);
+                    p.machine.set_candidates(&candidates, now);
                     if let Some(h) = p.handshake.as_mut() {
-                        h.set_endpoints(&spec.candidates);
+                        h.set_endpoints(&candidates);
                     }
                     p.mesh_addr = mesh_addr;
-                    p.name = spec.name;
                     p.allowed_ips = allowed;
-                    p.location = spec.location;
-                    p.source = spec.source;
-                    p.node_id = spec.node_id;
-                    p.addresses = spec.addresses;
-                    p.api_server_port = spec.api_server_port;
                     p.public = public;
-                    p.refused = spec.refused;
+                    p.spec = spec;
                     p
                 }
                 None => Peer {
@@ -495,25 +494,19 @@ impl Mesh {
                         .cfg
                         .meshd
                         .kubespan_compat
-                        .then(|| Box::new(kubespan::Handshake::new(&spec.candidates, now))),
+                        .then(|| Box::new(kubespan::Handshake::new(&candidates, now))),
                     since: now,
                     seniority: {
                         self.next_seniority += 1;
                         self.next_seniority
                     },
-                    refused: spec.refused,
                     last_handshake_at: None,
                     probe_key: probe::key(&self.key.shared(&spec.key)),
-                    machine: PeerMachine::new(&spec.candidates, Arc::clone(&self.timing), now),
-                    name: spec.name,
+                    machine: PeerMachine::new(&candidates, Arc::clone(&self.timing), now),
                     key: spec.key,
+                    spec,
                     mesh_addr,
                     allowed_ips: allowed,
-                    location: spec.location,
-                    source: spec.source,
-                    node_id: spec.node_id,
-                    addresses: spec.addresses,
-                    api_server_port: spec.api_server_port,
                     public,
                     no_uplink: false,
                     speaks_v3: false,
@@ -528,9 +521,11 @@ impl Mesh {
             next.insert(peer.key, peer);
         }
         for (_, gone) in self.peers.drain() {
-            tracing::info!(peer = %gone.name, "peer removed");
-            self.metrics
-                .remove_peer(&gone.name, gone.machine.paths.iter().map(|p| p.endpoint));
+            tracing::info!(peer = %gone.spec.name, "peer removed");
+            self.metrics.remove_peer(
+                &gone.spec.name,
+                gone.machine.paths.iter().map(|p| p.endpoint),
+            );
         }
         self.peers = next;
         let keys = self.peers.values().map(|p| (p.key, p.probe_key)).collect();
@@ -540,7 +535,11 @@ impl Mesh {
         }
         self.metrics.peers.set(self.peers.len() as i64);
         for source in Source::ALL {
-            let n = self.peers.values().filter(|p| p.source == source).count();
+            let n = self
+                .peers
+                .values()
+                .filter(|p| p.spec.source == source)
+                .count();
             self.metrics
                 .peers_by_source
                 .get_or_create(&vec![("source".to_owned(), source.as_str().to_owned())])
@@ -602,12 +601,12 @@ impl Mesh {
                     Action::Probe { endpoint, nonce } => probes.push((peer.key, endpoint, nonce)),
                     Action::SetEndpoint(ep) => {
                         changed = true;
-                        tracing::info!(peer = %peer.name, endpoint = %ep, failovers = peer.machine.failovers, "active endpoint");
+                        tracing::info!(peer = %peer.spec.name, endpoint = %ep, failovers = peer.machine.failovers, "active endpoint");
                         self.dirty = true;
                     }
                     Action::State(state) => {
                         changed = true;
-                        tracing::info!(peer = %peer.name, state = state.as_str(), "peer state");
+                        tracing::info!(peer = %peer.spec.name, state = state.as_str(), "peer state");
                         // Routes (bypass), gateways and relays follow peer states.
                         self.dirty = true;
                     }
@@ -629,7 +628,7 @@ impl Mesh {
             };
             let before = h.state;
             if let Some(ep) = h.poll(now, last) {
-                tracing::info!(peer = %peer.name, endpoint = %ep, "active endpoint (no probe answers: WireGuard handshakes decide, as in KubeSpan)");
+                tracing::info!(peer = %peer.spec.name, endpoint = %ep, "active endpoint (no probe answers: WireGuard handshakes decide, as in KubeSpan)");
                 changed = true;
                 self.dirty = true;
                 // Traffic now, so the session at the new endpoint is proven (or a handshake starts) after
@@ -637,7 +636,7 @@ impl Mesh {
                 self.handshake_kicks.push(peer.key);
             }
             if h.state != before {
-                tracing::info!(peer = %peer.name, state = h.state.as_str(), "peer state (handshakes)");
+                tracing::info!(peer = %peer.spec.name, state = h.state.as_str(), "peer state (handshakes)");
                 changed = true;
                 if self.cfg.meshd.allow_down_peer_bypass {
                     self.dirty = true;
@@ -801,8 +800,8 @@ impl Mesh {
             self.dirty = true;
             for v in self.relaying.views(now) {
                 if v.path == crate::relay::client::PathState::Dead {
-                    let peer = self.peers.get(&v.peer).map(|p| p.name.clone());
-                    let relay = self.peers.get(&v.relay).map(|p| p.name.clone());
+                    let peer = self.peers.get(&v.peer).map(|p| p.spec.name.clone());
+                    let relay = self.peers.get(&v.relay).map(|p| p.spec.name.clone());
                     tracing::warn!(
                         ?peer,
                         ?relay,
@@ -847,8 +846,8 @@ impl Mesh {
         ) {
             None => self.metrics.dropped("unbound"),
             Some(changed) => {
-                let relay = self.peers.get(&probe.sender).map(|p| p.name.clone());
-                let peer = self.peers.get(&alloc.other).map(|p| p.name.clone());
+                let relay = self.peers.get(&probe.sender).map(|p| p.spec.name.clone());
+                let peer = self.peers.get(&alloc.other).map(|p| p.spec.name.clone());
                 if alloc.result == probe::AllocResult::Granted {
                     if changed {
                         tracing::info!(
@@ -967,7 +966,7 @@ impl Mesh {
         {
             self.metrics.probes_answered.inc();
             if changed {
-                let peer = self.peers.get(&probe.sender).map(|p| p.name.clone());
+                let peer = self.peers.get(&probe.sender).map(|p| p.spec.name.clone());
                 tracing::info!(?peer, "relayed path alive (pongs through the relay)");
                 self.dirty = true;
                 self.relay_changed = true;
@@ -983,7 +982,7 @@ impl Mesh {
         if !probe::bound(sent_to, probe, pong.from, pong.v2) {
             if sent_to.is_some() {
                 self.metrics.dropped("unbound");
-                tracing::debug!(peer = %peer.name, from = %pong.from, target = ?probe.target, expected = ?sent_to, "pong not bound to its ping's endpoint");
+                tracing::debug!(peer = %peer.spec.name, from = %pong.from, target = ?probe.target, expected = ?sent_to, "pong not bound to its ping's endpoint");
             }
             return;
         }
@@ -1007,7 +1006,7 @@ impl Mesh {
             let no_uplink = probe.flags & probe::NO_UPLINK != 0;
             if peer.no_uplink != no_uplink {
                 peer.no_uplink = no_uplink;
-                tracing::info!(peer = %peer.name, no_uplink, "gateway uplink");
+                tracing::info!(peer = %peer.spec.name, no_uplink, "gateway uplink");
                 self.dirty = true;
             }
         }
@@ -1182,21 +1181,25 @@ impl Mesh {
         }
     }
 
-    /// boringtun updates a peer by removing and re-adding it, which drops the session on this side only:
-    /// the other side keeps sending on the old session, which nobody can decrypt, until its own
-    /// keepalive-plus-rekey timeout (15 s). One datagram through the tunnel to each re-added (or newly
-    /// added) peer makes this side initiate a handshake at once, which replaces the stale session on the
-    /// other side too. The datagram goes to the discard port of the peer's mesh address.
+    /// A peer added to boringtun (new, or re-added after its device was re-created) has no session, and the
+    /// other side may still send on an old one, which nobody can decrypt, until its own keepalive-plus-rekey
+    /// timeout (15 s). One datagram through the tunnel to each added peer makes this side initiate a
+    /// handshake at once, which replaces the stale session on the other side too. The datagram goes to the
+    /// discard port of the peer's mesh address. A peer whose endpoint changed gets one too: with a session
+    /// (kept: updates are in place) it goes on that session to the new endpoint, so the other side roams at
+    /// once; without one (boringtun then starts the peer afresh, see `vendor/boringtun/HYBRIDNET-PATCH.md`)
+    /// it starts the handshake to the new endpoint now rather than at the old one's next retry (5 s).
     fn kick(&self, update: &wg::Update) {
         let keys: Vec<&PublicKey> = update
             .peers
             .iter()
             .filter_map(|op| match op {
-                wg::PeerOp::Update { key, config, .. } | wg::PeerOp::Add(key, config)
-                    if config.endpoint.is_some() =>
-                {
-                    Some(key)
-                }
+                wg::PeerOp::Add(key, config) if config.endpoint.is_some() => Some(key),
+                wg::PeerOp::Update {
+                    key,
+                    endpoint: true,
+                    ..
+                } => Some(key),
                 _ => None,
             })
             .collect();
@@ -1227,8 +1230,11 @@ impl Mesh {
     /// next resync: readings that each waited out the timeout would hold the loop, and the repair, back.
     async fn refresh_stats(&mut self) -> Result<(), Error> {
         match self.backend.get().await {
-            Ok(actual) => {
+            Ok(mut actual) => {
                 self.absorb_stats(&actual);
+                // One copy of each peer's allowed IPs (see `wg::share_allowed`).
+                let peers = &self.peers;
+                wg::share_allowed(&mut actual, |k| peers.get(k).map(|p| &p.allowed_ips));
                 // The freshest view of the device for the next change's diff (e.g. where WireGuard
                 // roamed a peer to).
                 self.device_known = Some(actual);

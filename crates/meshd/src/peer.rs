@@ -207,8 +207,8 @@ pub struct PeerMachine {
 }
 
 /// How long an alive active path must stay far slower than the best before traffic moves off it: RTT
-/// samples spike on a loaded host or a busy link, and every move costs a WireGuard update (a session reset
-/// on the userspace backend). A dead path still fails over at once.
+/// samples spike on a loaded host or a busy link, and every move costs a WireGuard update (and a roam of
+/// the other side). A dead path still fails over at once.
 pub const SLOW_HOLD: Duration = Duration::from_secs(3);
 /// How long an earlier-listed path must stay preferred (alive, near the best RTT) before traffic moves back
 /// to it.

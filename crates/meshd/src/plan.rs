@@ -153,24 +153,26 @@ pub fn plan(inputs: &Inputs) -> Desired {
         gateways,
     } = match layout {
         Some(l) => Shape {
-            wireguard: l
-                .wireguard
-                .into_iter()
-                .filter_map(|(key, allowed)| {
-                    let p = inputs.peers.iter().find(|p| p.key == key)?;
-                    let endpoint = granted(inputs, &relayed, &key).or(p.active);
-                    Some((key, (endpoint, allowed)))
-                })
-                .collect(),
+            wireguard: {
+                // One lookup per WireGuard peer, not a search of every peer for each.
+                let active: HashMap<PublicKey, Option<SocketAddr>> =
+                    inputs.peers.iter().map(|p| (p.key, p.active)).collect();
+                l.wireguard
+                    .into_iter()
+                    .filter_map(|(key, allowed)| {
+                        let active = *active.get(&key)?;
+                        let endpoint = granted(inputs, &relayed, &key).or(active);
+                        Some((key, (endpoint, Arc::new(allowed))))
+                    })
+                    .collect()
+            },
             routes: l.routes,
             paths: l.paths,
             gateways: l.gateways,
         },
         None => full(inputs, &relayed),
     };
-    let states: HashMap<PublicKey, PeerState> =
-        inputs.peers.iter().map(|p| (p.key, p.state)).collect();
-    let (wireguard, conflicts) = resolve_identical(wireguard, &states);
+    let (wireguard, conflicts) = resolve_identical(wireguard, &inputs.peers);
     let device = wg::Desired {
         private_key: inputs.private_key.clone(),
         listen_port: inputs.listen_port,
@@ -231,7 +233,9 @@ fn screen(inputs: &Inputs) -> (Option<Inputs>, Vec<trust::Refused>) {
     (Some(screened), refused)
 }
 
-type WireGuardPeers = BTreeMap<PublicKey, (Option<SocketAddr>, BTreeSet<IpNet>)>;
+/// Each WireGuard peer's endpoint and allowed IPs (shared with its input unless a prefix was taken away:
+/// planning clones no peer's set).
+type WireGuardPeers = BTreeMap<PublicKey, (Option<SocketAddr>, Arc<BTreeSet<IpNet>>)>;
 
 /// The topology's part of the plan: WireGuard peers (endpoint, allowed IPs), routes, paths, gateways.
 struct Shape {
@@ -251,7 +255,7 @@ fn full(inputs: &Inputs, relays: &BTreeMap<PublicKey, PublicKey>) -> Shape {
         .iter()
         .map(|p| {
             let endpoint = granted(&p.key).or(p.endpoint);
-            (p.key, (endpoint, (*p.allowed_ips).clone()))
+            (p.key, (endpoint, Arc::clone(&p.allowed_ips)))
         })
         .collect();
     let routes = crate::mesh::routes_for(
@@ -396,7 +400,7 @@ pub fn layout(inputs: &Inputs, relays: &BTreeMap<PublicKey, PublicKey>) -> Optio
 /// down, then the lowest key. Returns the peers without the lost prefixes, and the conflicts.
 fn resolve_identical(
     mut peers: WireGuardPeers,
-    states: &HashMap<PublicKey, PeerState>,
+    inputs: &[PeerInput],
 ) -> (WireGuardPeers, Vec<Conflict>) {
     // One sorted list of (prefix, claimant), not a list per prefix: planning runs at every change, over
     // thousands of peers.
@@ -405,23 +409,27 @@ fn resolve_identical(
         .flat_map(|(key, (_, allowed))| allowed.iter().map(move |net| (*net, *key)))
         .collect();
     claims.sort_unstable();
-    let rank = |k: &PublicKey| match states.get(k) {
-        Some(PeerState::Up) => 0,
-        Some(PeerState::Unknown) => 1,
-        Some(PeerState::Down) | None => 2,
-    };
     let mut conflicts = Vec::new();
+    // The peers' states, only when some prefix has two claimants (rare: not built for every plan).
+    let mut states: Option<HashMap<PublicKey, PeerState>> = None;
     for group in claims.chunk_by(|a, b| a.0 == b.0) {
         if group.len() < 2 {
             continue;
         }
+        let states =
+            states.get_or_insert_with(|| inputs.iter().map(|p| (p.key, p.state)).collect());
+        let rank = |k: &PublicKey| match states.get(k) {
+            Some(PeerState::Up) => 0,
+            Some(PeerState::Unknown) => 1,
+            Some(PeerState::Down) | None => 2,
+        };
         let prefix = group[0].0;
         let mut keys: Vec<PublicKey> = group.iter().map(|(_, k)| *k).collect();
         keys.sort_by_key(|k| (rank(k), k.0));
         let holder = keys.remove(0);
         for loser in &keys {
             if let Some((_, allowed)) = peers.get_mut(loser) {
-                allowed.remove(&prefix);
+                Arc::make_mut(allowed).remove(&prefix);
             }
         }
         conflicts.push(Conflict {

@@ -21,7 +21,7 @@ fn ms(d: Option<std::time::Duration>) -> Value {
 /// The summary line and the details.
 pub fn report(mesh: &Mesh) -> (String, Value) {
     let mut peers: Vec<&crate::mesh::Peer> = mesh.peers.values().collect();
-    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    peers.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     let planned = mesh.planned();
     let paths = &planned.paths;
     let name_of = |k: &hybridnet_config::PublicKey| {
@@ -30,7 +30,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         } else {
             mesh.peers
                 .get(k)
-                .map_or_else(|| k.to_string(), |p| p.name.clone())
+                .map_or_else(|| k.to_string(), |p| p.spec.name.clone())
         }
     };
     let rows: Vec<Value> = peers
@@ -72,7 +72,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "via": via,
                 // `probes` normally; `traffic` when only WireGuard traffic shows the peer alive.
                 "liveness": if p.by_traffic() { "traffic" } else { "probes" },
-                "name": p.name,
+                "name": p.spec.name,
                 "publicKey": p.key.to_string(),
                 "meshAddress": p.mesh_addr.to_string(),
                 "state": state,
@@ -86,7 +86,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
                 "lastSeen": p.last_seen_unix,
                 // Its clock minus ours at its last version-3 pong (doctor's `clock` check reads it).
                 "clockOffsetMs": p.clock_offset_ms,
-                "source": p.source.as_str(),
+                "source": p.spec.source.as_str(),
                 // What the WireGuard device holds for the peer (read from the device).
                 "allowedIPs": mesh.device_allowed(&p.key).into_iter().flatten().map(ToString::to_string).collect::<Vec<_>>(),
                 "paths": m.paths.iter().map(|path| json!({
@@ -361,22 +361,22 @@ pub fn members(mesh: &Mesh, own_addresses: Vec<IpAddr>) -> Members {
         last_seen: unix_now(),
     }];
     let mut peers: Vec<&crate::mesh::Peer> = mesh.peers.values().collect();
-    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    peers.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     for p in peers {
-        let mut addresses: Vec<IpAddr> = p.addresses.clone();
+        let mut addresses: Vec<IpAddr> = p.spec.addresses.clone();
         for path in &p.machine.paths {
             if !addresses.contains(&path.endpoint.ip()) {
                 addresses.push(path.endpoint.ip());
             }
         }
         members.push(Member {
-            name: p.name.clone(),
-            node_id: p.node_id.clone(),
+            name: p.spec.name.clone(),
+            node_id: p.spec.node_id.clone(),
             addresses,
             mesh_address: Some(IpAddr::V6(p.mesh_addr)),
-            location: p.location.clone(),
-            control_plane: p.api_server_port.is_some(),
-            api_server_port: p.api_server_port,
+            location: p.spec.location.clone(),
+            control_plane: p.spec.api_server_port.is_some(),
+            api_server_port: p.spec.api_server_port,
             last_seen: p.last_seen_unix,
         });
     }

@@ -11,6 +11,7 @@ pub mod userspace;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hybridnet_config::PublicKey;
@@ -23,7 +24,9 @@ use crate::identity::PrivateKey;
 pub struct PeerConfig {
     /// `None`: meshd has not chosen an endpoint yet; whatever the device has (e.g. roamed to) stays.
     pub endpoint: Option<SocketAddr>,
-    pub allowed_ips: BTreeSet<IpNet>,
+    /// Shared (one copy per peer, not one per plan and one in the device's view): planning clones the
+    /// pointer, and [`share_allowed`] points a read device's sets at the plan's where they are equal.
+    pub allowed_ips: Arc<BTreeSet<IpNet>>,
     pub keepalive: Option<u16>,
     /// Set when the peer is added (KubeSpan compatibility: the cluster secret); not diffed afterwards.
     pub preshared_key: Option<[u8; 32]>,
@@ -116,7 +119,8 @@ pub fn diff(desired: &Desired, actual: &Actual) -> Update {
             None => update.peers.push(PeerOp::Add(*key, want.clone())),
             Some((have, _)) => {
                 let endpoint = want.endpoint.is_some() && want.endpoint != have.endpoint;
-                let allowed_ips = want.allowed_ips != have.allowed_ips;
+                let allowed_ips = !Arc::ptr_eq(&want.allowed_ips, &have.allowed_ips)
+                    && want.allowed_ips != have.allowed_ips;
                 let keepalive = want.keepalive != have.keepalive;
                 if endpoint || allowed_ips || keepalive {
                     update.peers.push(PeerOp::Update {
@@ -140,10 +144,10 @@ pub fn diff(desired: &Desired, actual: &Actual) -> Update {
 }
 
 /// Records in `known` (the device as meshd last read it) that `update` was applied, so that the next diff
-/// against it needs no read of the device. `readds`: the backend applies an [`PeerOp::Update`] as remove
-/// and add (boringtun: the endpoint is then what the update set, if anything), else in place (the kernel:
-/// an endpoint the update does not set stays). Counters are not touched (they are read, never applied).
-pub fn record_applied(known: &mut Actual, update: &Update, readds: bool) {
+/// against it needs no read of the device. Both backends apply an [`PeerOp::Update`] in place: an endpoint
+/// the update does not set stays (e.g. where WireGuard roamed the peer to). Counters are not touched (they
+/// are read, never applied).
+pub fn record_applied(known: &mut Actual, update: &Update) {
     if let Some(key) = &update.private_key {
         known.public_key = Some(PrivateKey(*key).public());
     }
@@ -165,16 +169,29 @@ pub fn record_applied(known: &mut Actual, update: &Update, readds: bool) {
             }
             PeerOp::Update { key, config, .. } => {
                 let entry = known.peers.entry(*key).or_default();
-                if readds || config.endpoint.is_some() {
+                if config.endpoint.is_some() {
                     entry.0.endpoint = config.endpoint;
                 }
-                entry.0.allowed_ips.clone_from(&config.allowed_ips);
+                entry.0.allowed_ips = Arc::clone(&config.allowed_ips);
                 entry.0.keepalive = config.keepalive;
-                if readds {
-                    entry.0.preshared_key = config.preshared_key;
-                    entry.1 = PeerStats::default();
-                }
             }
+        }
+    }
+}
+
+/// Points each peer's allowed IPs in `known` (a device as read: sets of its own) at the equal set
+/// `wanted` gives for the peer (the plan's, the peer's own): one copy per peer is kept between passes, not
+/// two, and the next diff compares pointers.
+pub fn share_allowed<'a>(
+    known: &mut Actual,
+    wanted: impl Fn(&PublicKey) -> Option<&'a Arc<BTreeSet<IpNet>>>,
+) {
+    for (key, (config, _)) in &mut known.peers {
+        if let Some(want) = wanted(key)
+            && !Arc::ptr_eq(want, &config.allowed_ips)
+            && *want == config.allowed_ips
+        {
+            config.allowed_ips = Arc::clone(want);
         }
     }
 }
@@ -191,7 +208,7 @@ mod tests {
     fn peer(ep: Option<&str>, ips: &[&str]) -> PeerConfig {
         PeerConfig {
             endpoint: ep.map(|e| e.parse().unwrap()),
-            allowed_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            allowed_ips: Arc::new(ips.iter().map(|i| i.parse().unwrap()).collect()),
             keepalive: Some(5),
             preshared_key: None,
         }
@@ -318,27 +335,46 @@ mod tests {
         known
             .peers
             .insert(key(3), (peer(None, &[]), PeerStats::default()));
-        // The kernel keeps an endpoint the update does not set; boringtun re-adds the peer without one.
+        // Both backends update in place: an endpoint the update does not set stays.
         known.peers.insert(
             key(2),
             (
                 peer(Some("203.0.113.2:9"), &["10.9.9.9/32"]),
-                PeerStats::default(),
+                PeerStats {
+                    rx_bytes: 7,
+                    ..PeerStats::default()
+                },
             ),
         );
-        for readds in [false, true] {
-            let mut k = known.clone();
-            let u = diff(&d, &k);
-            assert_eq!(u.peers.len(), 3, "add 1, update 2, remove 3");
-            record_applied(&mut k, &u, readds);
-            assert!(diff(&d, &k).is_empty());
-            assert!(!k.peers.contains_key(&key(3)));
-            let roamed = k.peers[&key(2)].0.endpoint;
-            if readds {
-                assert_eq!(roamed, None);
-            } else {
-                assert_eq!(roamed, Some("203.0.113.2:9".parse().unwrap()));
-            }
-        }
+        let u = diff(&d, &known);
+        assert_eq!(u.peers.len(), 3, "add 1, update 2, remove 3");
+        record_applied(&mut known, &u);
+        assert!(diff(&d, &known).is_empty());
+        assert!(!known.peers.contains_key(&key(3)));
+        let (config, stats) = &known.peers[&key(2)];
+        assert_eq!(config.endpoint, Some("203.0.113.2:9".parse().unwrap()));
+        assert_eq!(stats.rx_bytes, 7, "the session and its counters stay");
+        assert!(Arc::ptr_eq(
+            &config.allowed_ips,
+            &d.peers[&key(2)].allowed_ips
+        ));
+    }
+
+    #[test]
+    fn a_read_device_shares_equal_allowed_ips_with_the_plan() {
+        let (d, _) = desired(vec![
+            (key(1), peer(None, &["10.0.0.1/32"])),
+            (key(2), peer(None, &["10.0.0.2/32"])),
+        ]);
+        let mut read = Actual::default();
+        read.peers
+            .insert(key(1), (peer(None, &["10.0.0.1/32"]), PeerStats::default()));
+        read.peers
+            .insert(key(2), (peer(None, &["10.0.9.9/32"]), PeerStats::default()));
+        share_allowed(&mut read, |k| d.peers.get(k).map(|c| &c.allowed_ips));
+        let shared = |k| Arc::ptr_eq(&read.peers[&k].0.allowed_ips, &d.peers[&k].allowed_ips);
+        assert!(shared(key(1)), "equal: one copy");
+        assert!(!shared(key(2)), "different: the device's own, diffed");
+        assert_eq!(diff(&d, &read).peers.len(), 1);
     }
 }

@@ -148,8 +148,11 @@ impl Mesh {
         let mut known = match self.device_known.take() {
             Some(known) => known,
             None => {
-                let actual = self.backend.get().await?;
+                let mut actual = self.backend.get().await?;
                 self.absorb_stats(&actual);
+                wg::share_allowed(&mut actual, |k| {
+                    planned.device.peers.get(k).map(|c| &c.allowed_ips)
+                });
                 actual
             }
         };
@@ -161,11 +164,10 @@ impl Mesh {
             self.metrics
                 .wireguard_peer_ops
                 .inc_by(update.peers.len() as u64);
-            let userspace = matches!(self.backend, Backend::Userspace(_));
-            if userspace {
+            if matches!(self.backend, Backend::Userspace(_)) {
                 self.kick(&update);
             }
-            wg::record_applied(&mut known, &update, userspace);
+            wg::record_applied(&mut known, &update);
         }
         self.device_known = Some(known);
         Ok(())
@@ -205,7 +207,7 @@ impl Mesh {
                     Some(k) => self
                         .peers
                         .get(k)
-                        .map_or_else(|| k.to_string(), |p| p.name.clone()),
+                        .map_or_else(|| k.to_string(), |p| p.spec.name.clone()),
                 };
                 tracing::info!(location, from = %name(before), to = %name(now), "active gateway changed");
                 self.metrics.gateway_changes.inc();
@@ -223,7 +225,7 @@ impl Mesh {
                 let name = |k| {
                     self.peers
                         .get(k)
-                        .map_or_else(|| format!("{k}"), |p| p.name.clone())
+                        .map_or_else(|| format!("{k}"), |p| p.spec.name.clone())
                 };
                 let losers: Vec<String> = c.losers.iter().map(name).collect();
                 tracing::warn!(prefix = %c.prefix, holder = %name(&c.holder), without = ?losers, "two peers claim the same prefix: one holds it");

@@ -27,14 +27,14 @@ impl Mesh {
             // thousands of peers every labelled series is memory here and cardinality in Prometheus.
             let now = paths.get(&p.key).map_or("direct", |k| k.as_str());
             for kind in crate::topology::PATH_KINDS {
-                let labels = metrics::peer_path(&p.name, kind);
+                let labels = metrics::peer_path(&p.spec.name, kind);
                 if kind == now {
                     self.metrics.peer_path.get_or_create(&labels).set(1);
                 } else {
                     self.metrics.peer_path.remove(&labels);
                 }
             }
-            let l = metrics::peer(&p.name);
+            let l = metrics::peer(&p.spec.name);
             // A counter series that appears only at its first increment hides that increment from
             // `increase()` (the MeshdPathFailover alert): start every peer's at 0.
             drop(self.metrics.peer_failovers.get_or_create(&l));
@@ -74,7 +74,7 @@ impl Mesh {
             // Only the endpoint in use has a series (1); the others' are removed.
             let active = p.endpoint();
             for path in &p.machine.paths {
-                let labels = metrics::peer_endpoint(&p.name, path.endpoint);
+                let labels = metrics::peer_endpoint(&p.spec.name, path.endpoint);
                 if active == Some(path.endpoint) {
                     self.metrics
                         .peer_active_endpoint
@@ -112,7 +112,7 @@ impl Mesh {
                     }
                 }
                 cache::CachedPeer {
-                    name: p.name.clone(),
+                    name: p.spec.name.clone(),
                     public_key: p.key.to_string(),
                     endpoints,
                     allowed_ips: p
@@ -121,12 +121,12 @@ impl Mesh {
                         .filter(|n| !matches!(n, IpNet::V6(v) if self.prefix.contains(v)))
                         .map(ToString::to_string)
                         .collect(),
-                    location: p.location.clone(),
-                    source: p.source.as_str().to_owned(),
+                    location: p.spec.location.clone(),
+                    source: p.spec.source.as_str().to_owned(),
                     last_seen: 0,
-                    node_id: p.node_id.clone(),
-                    addresses: p.addresses.iter().map(ToString::to_string).collect(),
-                    api_server_port: p.api_server_port,
+                    node_id: p.spec.node_id.clone(),
+                    addresses: p.spec.addresses.iter().map(ToString::to_string).collect(),
+                    api_server_port: p.spec.api_server_port,
                     mesh_address: self
                         .cfg
                         .meshd
@@ -140,12 +140,18 @@ impl Mesh {
             version: cache::VERSION,
             peers,
         };
-        if self.cache_written.as_ref() == Some(&c) {
+        let hash = {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut h = std::hash::DefaultHasher::new();
+            c.hash(&mut h);
+            h.finish()
+        };
+        if self.cache_written == Some(hash) {
             return;
         }
         let path = cache::path(&self.cfg.data_dir);
         match cache::store(&path, &c) {
-            Ok(()) => self.cache_written = Some(c),
+            Ok(()) => self.cache_written = Some(hash),
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "cannot write the peer cache")
             }

@@ -70,16 +70,23 @@ impl Mesh {
             service_subnets: self.cfg.cluster.service_subnets.clone(),
             endpoints: self.protected.clone(),
         };
+        // Only discovered peers are screened: with none, no peer's standing is needed (not built for
+        // every plan of a mesh of static peers).
+        let screened = self
+            .peers
+            .values()
+            .any(|p| p.spec.source != crate::model::Source::Static);
         let peers = self
             .peers
             .values()
+            .filter(|_| screened)
             .map(|p| {
                 let t = PeerTrust {
-                    trusted: p.source == crate::model::Source::Static,
+                    trusted: p.spec.source == crate::model::Source::Static,
                     mesh_addr: p.mesh_addr,
                     seniority: p.seniority,
-                    refused: p.refused.clone(),
-                    addresses: p.addresses.clone(),
+                    refused: p.spec.refused.clone(),
+                    addresses: p.spec.addresses.clone(),
                     proven: proven(p),
                 };
                 (p.key, t)
@@ -114,7 +121,7 @@ impl Mesh {
             let name = self
                 .peers
                 .get(&r.peer)
-                .map_or_else(|| r.peer.to_string(), |p| p.name.clone());
+                .map_or_else(|| r.peer.to_string(), |p| p.spec.name.clone());
             tracing::warn!(peer = %name, prefix = %r.prefix, reason = r.reason.as_str(), "refused a prefix a discovered peer announced; the rest of its record is used");
             self.metrics
                 .prefixes_refused
@@ -156,7 +163,7 @@ pub fn rows(mesh: &Mesh, refused: &[Refused]) -> serde_json::Value {
             let name = mesh
                 .peers
                 .get(&r.peer)
-                .map_or_else(|| r.peer.to_string(), |p| p.name.clone());
+                .map_or_else(|| r.peer.to_string(), |p| p.spec.name.clone());
             serde_json::json!({
                 "peer": name,
                 "prefix": r.prefix.to_string(),

@@ -393,8 +393,7 @@ fn traffic_need_probes_only_when_counters_stop_or_go_unanswered() {
 #[test]
 fn an_rtt_spike_never_moves_traffic_a_sustained_slowdown_does() {
     // Two paths of equal RTT; the active (private) one slows down for less than SLOW_HOLD (a loaded host,
-    // a burst on the link): traffic stays. Every move is a WireGuard update (a session reset on the
-    // userspace backend), so noise must not cause any.
+    // a burst on the link): traffic stays. Every move is a WireGuard update, so noise must not cause any.
     let mut s = Sim::new(&[PRIV, PUB]);
     s.run(ms(3000));
     assert_eq!(s.active().as_deref(), Some(PRIV));

@@ -542,7 +542,7 @@ fn refused_of(d: &Desired, k: PublicKey) -> Vec<(String, &'static str)> {
 }
 
 fn wg_allowed(d: &Desired, k: PublicKey) -> BTreeSet<IpNet> {
-    d.device.peers[&k].allowed_ips.clone()
+    (*d.device.peers[&k].allowed_ips).clone()
 }
 
 #[test]

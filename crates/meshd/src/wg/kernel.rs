@@ -4,6 +4,7 @@
 //! changed peer: the cost of a change does not grow with the number of peers.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt as _;
@@ -173,7 +174,8 @@ impl Kernel {
                                     .peers
                                     .entry(key)
                                     .or_insert((PeerConfig::default(), PeerStats::default()));
-                                entry.0.allowed_ips.extend(config.allowed_ips);
+                                Arc::make_mut(&mut entry.0.allowed_ips)
+                                    .extend(config.allowed_ips.iter().copied());
                                 if config.endpoint.is_some() {
                                     entry.0.endpoint = config.endpoint;
                                 }
@@ -275,7 +277,7 @@ fn parse_peer(peer: WireguardPeer) -> (Option<PublicKey>, PeerConfig, PeerStats)
                         set.insert(n);
                     }
                 }
-                config.allowed_ips = set;
+                config.allowed_ips = std::sync::Arc::new(set);
             }
             _ => {}
         }

@@ -1,9 +1,11 @@
 //! The WireGuard cross-platform userspace API (the text protocol wireguard-go and boringtun serve; meshd speaks it
 //! to its embedded boringtun over a private socket pair): `get=1` and `set=1`, `key=value` lines, keys in hex.
 //!
-//! boringtun 0.7.1's device cannot modify an existing peer (it panics: "Modifying existing peers is not yet
-//! supported"), so [`render_set`] turns an [`PeerOp::Update`] into `remove` + add of the peer. The session then
-//! restarts with a handshake (one round trip); the kernel backend updates in place.
+//! An [`PeerOp::Update`] is rendered in place: only the fields that changed (`endpoint`,
+//! `persistent_keepalive_interval`, `replace_allowed_ips` with the new list), so the peer's session
+//! survives an endpoint change, as on the kernel backend. Published boringtun 0.7.1 panics on that
+//! ("Modifying existing peers is not yet supported", cloudflare/boringtun#40, #209); meshd builds a patched
+//! copy (`vendor/boringtun`, see its `HYBRIDNET-PATCH.md`) that updates an existing peer in place.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -45,7 +47,7 @@ fn add_lines(out: &mut String, key: &PublicKey, config: &PeerConfig) {
         let _ = writeln!(out, "persistent_keepalive_interval={k}");
     }
     let _ = writeln!(out, "replace_allowed_ips=true");
-    for ip in &config.allowed_ips {
+    for ip in config.allowed_ips.iter() {
         let _ = writeln!(out, "allowed_ip={ip}");
     }
 }
@@ -71,24 +73,53 @@ pub fn render_set(update: &Update) -> Vec<String> {
     if !device.is_empty() {
         requests.push(format!("set=1\n{}\n", device.as_str()));
     }
-    let remove = |key: &PublicKey| format!("set=1\npublic_key={}\nremove=true\n\n", hex(&key.0));
-    let add = |key: &PublicKey, config: &PeerConfig| {
-        let mut out = String::from("set=1\n");
-        add_lines(&mut out, key, config);
-        out.push('\n');
-        out
-    };
     for op in &update.peers {
+        let mut out = String::from("set=1\n");
         match op {
-            PeerOp::Add(key, config) => requests.push(add(key, config)),
-            PeerOp::Remove(key) => requests.push(remove(key)),
-            PeerOp::Update { key, config, .. } => {
-                requests.push(remove(key));
-                requests.push(add(key, config));
+            PeerOp::Add(key, config) => add_lines(&mut out, key, config),
+            PeerOp::Remove(key) => {
+                let _ = writeln!(out, "public_key={}\nremove=true", hex(&key.0));
             }
+            PeerOp::Update {
+                key,
+                config,
+                endpoint,
+                allowed_ips,
+                keepalive,
+            } => update_lines(&mut out, key, config, (*endpoint, *allowed_ips, *keepalive)),
         }
+        out.push('\n');
+        requests.push(out);
     }
     requests
+}
+
+/// An existing peer's changed fields (`changed`: endpoint, allowed IPs, keepalive), in place: no `remove`,
+/// no preshared key (set when the peer is added), the session stays.
+fn update_lines(
+    out: &mut String,
+    key: &PublicKey,
+    config: &PeerConfig,
+    changed: (bool, bool, bool),
+) {
+    let (endpoint, allowed_ips, keepalive) = changed;
+    let _ = writeln!(out, "public_key={}", hex(&key.0));
+    if let Some(ep) = config.endpoint.filter(|_| endpoint) {
+        let _ = writeln!(out, "endpoint={ep}");
+    }
+    if keepalive {
+        let _ = writeln!(
+            out,
+            "persistent_keepalive_interval={}",
+            config.keepalive.unwrap_or(0)
+        );
+    }
+    if allowed_ips {
+        let _ = writeln!(out, "replace_allowed_ips=true");
+        for ip in config.allowed_ips.iter() {
+            let _ = writeln!(out, "allowed_ip={ip}");
+        }
+    }
 }
 
 /// Parses a `get=1` answer (without the final `errno=` line check, done by the caller).
@@ -126,7 +157,8 @@ pub fn parse_get(text: &str) -> Result<Actual, String> {
                 match key {
                     "endpoint" => config.endpoint = value.parse().ok(),
                     "allowed_ip" => {
-                        config.allowed_ips.insert(value.parse().map_err(|_| bad())?);
+                        std::sync::Arc::make_mut(&mut config.allowed_ips)
+                            .insert(value.parse().map_err(|_| bad())?);
                     }
                     "persistent_keepalive_interval" => {
                         config.keepalive = value.parse().ok().filter(|k| *k != 0);
@@ -207,10 +239,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn set_renders_adds_removes_and_updates_as_remove_add() {
+    fn set_renders_adds_removes_and_updates_in_place() {
         let config = PeerConfig {
             endpoint: Some("192.0.2.1:51821".parse().unwrap()),
-            allowed_ips: ["10.0.0.1/32".parse().unwrap()].into_iter().collect(),
+            allowed_ips: std::sync::Arc::new(
+                ["10.0.0.1/32".parse().unwrap()].into_iter().collect(),
+            ),
             keepalive: Some(5),
             preshared_key: None,
         };
@@ -231,22 +265,54 @@ mod tests {
             ],
         };
         let requests = render_set(&update);
-        assert_eq!(
-            requests.len(),
-            5,
-            "device, add, remove, update as remove + add"
-        );
+        assert_eq!(requests.len(), 4, "device, add, remove, update: one each");
         assert!(requests[0].starts_with("set=1\nprivate_key=0101"));
         assert!(requests[0].ends_with("listen_port=51821\nfwmark=4096\n\n"));
-        let remove = |k: [u8; 32]| format!("set=1\npublic_key={}\nremove=true\n\n", hex(&k));
-        assert_eq!(requests[2], remove([3; 32]));
-        assert_eq!(requests[3], remove([4; 32]));
-        let add = format!(
-            "set=1\npublic_key={}\nendpoint=192.0.2.1:51821\n",
-            hex(&[4; 32])
+        assert_eq!(
+            requests[1],
+            format!(
+                "set=1\npublic_key={}\nendpoint=192.0.2.1:51821\npersistent_keepalive_interval=5\n\
+                 replace_allowed_ips=true\nallowed_ip=10.0.0.1/32\n\n",
+                hex(&[2; 32])
+            )
         );
-        assert!(requests[4].starts_with(&add));
-        assert!(requests[4].ends_with("allowed_ip=10.0.0.1/32\n\n"));
+        assert_eq!(
+            requests[2],
+            format!("set=1\npublic_key={}\nremove=true\n\n", hex(&[3; 32]))
+        );
+        // Only the changed endpoint: no remove (the session stays), allowed IPs and keepalive untouched.
+        assert_eq!(
+            requests[3],
+            format!(
+                "set=1\npublic_key={}\nendpoint=192.0.2.1:51821\n\n",
+                hex(&[4; 32])
+            )
+        );
+        let ips_and_keepalive = Update {
+            peers: vec![PeerOp::Update {
+                key: PublicKey([4; 32]),
+                config: PeerConfig {
+                    endpoint: None,
+                    allowed_ips: std::sync::Arc::new(
+                        ["10.0.0.2/32".parse().unwrap()].into_iter().collect(),
+                    ),
+                    keepalive: None,
+                    preshared_key: Some([9; 32]),
+                },
+                endpoint: false,
+                allowed_ips: true,
+                keepalive: true,
+            }],
+            ..Update::default()
+        };
+        assert_eq!(
+            render_set(&ips_and_keepalive),
+            vec![format!(
+                "set=1\npublic_key={}\npersistent_keepalive_interval=0\nreplace_allowed_ips=true\n\
+                 allowed_ip=10.0.0.2/32\n\n",
+                hex(&[4; 32])
+            )]
+        );
     }
 
     #[test]
