@@ -624,7 +624,16 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
     }
     let (r, a, b) = (0, 1, 2);
     let start = Instant::now();
-    let _daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
+    let daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
+    // The metric agrees with `meshd status`: a relayed peer is as up as its relayed path (not by the
+    // WireGuard traffic that came through the relay).
+    let peer_state = |i: usize, j: usize| -> Option<f64> {
+        let m = daemons[i].metrics().ok()?;
+        let label = format!("{{peer=\"{}\"}}", lab.nodes[j].name());
+        m.series("meshd_peer_state")
+            .find(|(l, _)| *l == label)
+            .map(|(_, v)| v)
+    };
     for (i, j) in [(a, b), (b, a)] {
         assert_eq!(
             wait_path(&lab, i, j, "relayed", Duration::from_secs(15)),
@@ -668,6 +677,11 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
     }
     for (i, j) in [(a, b), (b, a)] {
         assert!(allowed(&lab, i, j).contains(&inner(j)));
+        assert_eq!(
+            peer_state(i, j),
+            Some(1.0),
+            "meshd_peer_state while relayed"
+        );
     }
     let flow = TcpFlow::start(
         &lab.nodes[b].netns,
@@ -727,6 +741,18 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
         !route.contains(&format!("{} ", lab.nodes[b].mesh_ip())),
         "bypass: the down peer's route is withdrawn: {route}"
     );
+    // Published every second: the metric follows within two.
+    for (i, j) in [(a, b), (b, a)] {
+        wait_until(
+            Duration::from_secs(3),
+            "meshd_peer_state down",
+            || match peer_state(i, j) {
+                Some(2.0) => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
 
     // Forwarding resumes: after the hold the pair asks again and is relayed, alive, once more.
     resume_forwarding(&lab, r);

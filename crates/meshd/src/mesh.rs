@@ -1065,6 +1065,36 @@ impl Mesh {
         }
     }
 
+    /// A peer's state as `meshd status` and the metrics report it, given the plan's `paths`: a peer behind
+    /// a gateway is as up as its gateway (its own machine probes nothing), a relayed peer as its relayed
+    /// path (granted, not dead) and its relay, any other peer as [`Mesh::peer_state`].
+    pub fn reported_state(
+        &self,
+        p: &Peer,
+        paths: &std::collections::BTreeMap<PublicKey, PathKind>,
+    ) -> PeerState {
+        let reach = |k: &PublicKey| match paths.get(k) {
+            Some(PathKind::Relayed { via }) => match self.relaying.path_state(k) {
+                Some(s) if s != crate::relay::client::PathState::Dead => self
+                    .peers
+                    .get(via)
+                    .map_or(PeerState::Down, |r| r.machine.state),
+                _ => PeerState::Down,
+            },
+            _ => self
+                .peers
+                .get(k)
+                .map_or(PeerState::Down, |g| g.machine.state),
+        };
+        match paths.get(&p.key) {
+            Some(PathKind::Gateway { via: Some(g) }) if *g == self.public => PeerState::Up,
+            Some(PathKind::Gateway { via: Some(g) }) => reach(g),
+            Some(PathKind::Gateway { via: None }) => PeerState::Down,
+            Some(PathKind::Relayed { .. }) => reach(&p.key),
+            _ => self.peer_state(p),
+        }
+    }
+
     /// The relay's forwarder (see [`crate::forwarder`]).
     pub fn forwarder(&self) -> &crate::forwarder::Forwarder {
         &self.responder.forwarder

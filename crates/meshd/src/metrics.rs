@@ -100,7 +100,7 @@ impl Metrics {
         registry.register("meshd", |r| {
             r.register(
                 "peer_state",
-                "Peer state: 0 unknown, 1 up, 2 down",
+                "Peer state as meshd status shows it (through its gateway or relay where it has one): 0 unknown, 1 up, 2 down",
                 m.peer_state.clone(),
             );
             r.register(

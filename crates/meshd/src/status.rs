@@ -37,30 +37,7 @@ pub fn report(mesh: &Mesh) -> (String, Value) {
         .iter()
         .map(|p| {
             let m = &p.machine;
-            // A peer behind a gateway is as up as its gateway (its own machine probes nothing); a relayed
-            // peer as its relayed path (granted, not dead) and its relay.
-            let reach = |k: &hybridnet_config::PublicKey| -> &'static str {
-                match paths.get(k) {
-                    Some(PathKind::Relayed { via }) => match mesh.relaying.path_state(k) {
-                        Some(s) if s != crate::relay::client::PathState::Dead => mesh
-                            .peers
-                            .get(via)
-                            .map_or("down", |r| r.machine.state.as_str()),
-                        _ => "down",
-                    },
-                    _ => mesh
-                        .peers
-                        .get(k)
-                        .map_or("down", |g| g.machine.state.as_str()),
-                }
-            };
-            let state = match paths.get(&p.key) {
-                Some(PathKind::Gateway { via: Some(g) }) if *g == mesh.public => "up",
-                Some(PathKind::Gateway { via: Some(g) }) => reach(g),
-                Some(PathKind::Gateway { via: None }) => "down",
-                Some(PathKind::Relayed { .. }) => reach(&p.key),
-                _ => mesh.peer_state(p).as_str(),
-            };
+            let state = mesh.reported_state(p, paths).as_str();
             let (path, via) = match paths.get(&p.key) {
                 Some(PathKind::Native { via }) => ("native", json!(via.to_string())),
                 Some(PathKind::Gateway { via }) => ("gateway", json!(via.as_ref().map(name_of))),

@@ -20,6 +20,12 @@ impl Mesh {
             ("slow", 0),
         ]);
         let mut busy = 0;
+        // As `meshd status` shows them (through gateways and relays).
+        let states: std::collections::HashMap<_, _> = self
+            .peers
+            .values()
+            .map(|p| (p.key, self.reported_state(p, &paths)))
+            .collect();
         for p in self.peers.values_mut() {
             *needs.entry(p.machine.need().as_str()).or_default() += 1;
             busy += i64::from(p.machine.busy(now));
@@ -38,7 +44,7 @@ impl Mesh {
             // A counter series that appears only at its first increment hides that increment from
             // `increase()` (the MeshdPathFailover alert): start every peer's at 0.
             drop(self.metrics.peer_failovers.get_or_create(&l));
-            let state = p.state();
+            let state = states.get(&p.key).copied().unwrap_or(PeerState::Unknown);
             if state == PeerState::Up {
                 up += 1;
             }
