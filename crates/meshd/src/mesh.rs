@@ -522,10 +522,7 @@ impl Mesh {
         }
         for (_, gone) in self.peers.drain() {
             tracing::info!(peer = %gone.spec.name, "peer removed");
-            self.metrics.remove_peer(
-                &gone.spec.name,
-                gone.machine.paths.iter().map(|p| p.endpoint),
-            );
+            self.metrics.peer_table.remove(&gone.key);
         }
         self.peers = next;
         let keys = self.peers.values().map(|p| (p.key, p.probe_key)).collect();

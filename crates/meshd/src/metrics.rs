@@ -1,4 +1,4 @@
-//! meshd's metrics (prefix `meshd_`), per peer where it matters.
+//! meshd's metrics (prefix `meshd_`), per peer where it matters (those in [`PeerTable`]).
 
 use std::sync::atomic::AtomicU64;
 
@@ -7,20 +7,18 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
+pub mod peers;
+
+pub use peers::{PeerRow, PeerTable};
+
 type Labels = Vec<(String, String)>;
 
 /// Registered once per process (a re-created mesh after a config change reuses them).
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    /// 0 unknown, 1 up, 2 down.
-    pub peer_state: Family<Labels, Gauge>,
-    pub peer_rtt_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
-    pub peer_handshake_age_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
-    pub peer_rx_bytes: Family<Labels, Gauge>,
-    pub peer_tx_bytes: Family<Labels, Gauge>,
-    pub peer_failovers: Family<Labels, Counter>,
-    /// 1 for the endpoint WireGuard uses for each peer.
-    pub peer_active_endpoint: Family<Labels, Gauge>,
+    /// The per-peer series (state, RTT, handshake age, counters, failovers, active endpoint, path),
+    /// rendered at each scrape from one row per peer.
+    pub peer_table: PeerTable,
     pub peers: Gauge,
     pub peers_up: Gauge,
     pub reconciles: Counter,
@@ -45,8 +43,6 @@ pub struct Metrics {
     /// Probe datagrams that got no answer or were not taken, by reason (`malformed`, `unknown` sender,
     /// `throttled` before the HMAC, `mac`, `untargeted`, `stale`, `replayed`, `full`, `unbound` pong).
     pub probes_dropped: Family<Labels, Counter>,
-    /// 1 for the path a peer takes now (`native`, `direct`, `gateway`, `relayed`), 0 for the others.
-    pub peer_path: Family<Labels, Gauge>,
     /// Peers by source (`static`, `discovery`, `cache`).
     pub peers_by_source: Family<Labels, Gauge>,
     /// Per discovery registry: 1 while its watch is live.
@@ -98,41 +94,7 @@ impl Metrics {
     pub fn register(registry: &SharedRegistry) -> Metrics {
         let m = Metrics::default();
         registry.register("meshd", |r| {
-            r.register(
-                "peer_state",
-                "Peer state as meshd status shows it (through its gateway or relay where it has one): 0 unknown, 1 up, 2 down",
-                m.peer_state.clone(),
-            );
-            r.register(
-                "peer_rtt_seconds",
-                "Smoothed probe RTT of the peer's active path",
-                m.peer_rtt_seconds.clone(),
-            );
-            r.register(
-                "peer_handshake_age_seconds",
-                "Age of the last WireGuard handshake, when the backend reports it",
-                m.peer_handshake_age_seconds.clone(),
-            );
-            r.register(
-                "peer_rx_bytes",
-                "Bytes received from the peer (WireGuard counter)",
-                m.peer_rx_bytes.clone(),
-            );
-            r.register(
-                "peer_tx_bytes",
-                "Bytes sent to the peer (WireGuard counter)",
-                m.peer_tx_bytes.clone(),
-            );
-            r.register(
-                "peer_failovers",
-                "Switches away from a dead active path",
-                m.peer_failovers.clone(),
-            );
-            r.register(
-                "peer_active_endpoint",
-                "1 for the endpoint in use",
-                m.peer_active_endpoint.clone(),
-            );
+            r.register_collector(Box::new(m.peer_table.clone()));
             r.register("peers", "Peers configured", m.peers.clone());
             r.register("peers_up", "Peers up", m.peers_up.clone());
             r.register("reconciles", "Reconcile passes", m.reconciles.clone());
@@ -196,11 +158,6 @@ impl Metrics {
                 "probes_dropped",
                 "Probe datagrams not answered or not taken, by reason",
                 m.probes_dropped.clone(),
-            );
-            r.register(
-                "peer_path",
-                "1 for the path the peer takes now: native, direct, gateway or relayed",
-                m.peer_path.clone(),
             );
             r.register(
                 "peers_by_source",
@@ -366,46 +323,6 @@ fn rejected_labels(registry: &str, reason: &str) -> Labels {
         ("registry".to_owned(), registry.to_owned()),
         ("reason".to_owned(), reason.to_owned()),
     ]
-}
-
-pub fn peer(name: &str) -> Labels {
-    vec![("peer".to_owned(), name.to_owned())]
-}
-
-/// The labels of a peer's `meshd_peer_path` series.
-pub fn peer_path(name: &str, kind: &str) -> Labels {
-    vec![
-        ("peer".to_owned(), name.to_owned()),
-        ("path".to_owned(), kind.to_owned()),
-    ]
-}
-
-/// The labels of a peer's `meshd_peer_active_endpoint` series.
-pub fn peer_endpoint(name: &str, endpoint: std::net::SocketAddr) -> Labels {
-    vec![
-        ("peer".to_owned(), name.to_owned()),
-        ("endpoint".to_owned(), endpoint.to_string()),
-    ]
-}
-
-impl Metrics {
-    /// Removes every series of a peer that is gone (`endpoints`: its paths').
-    pub fn remove_peer(&self, name: &str, endpoints: impl Iterator<Item = std::net::SocketAddr>) {
-        let labels = peer(name);
-        self.peer_state.remove(&labels);
-        self.peer_rtt_seconds.remove(&labels);
-        self.peer_handshake_age_seconds.remove(&labels);
-        self.peer_rx_bytes.remove(&labels);
-        self.peer_tx_bytes.remove(&labels);
-        self.peer_failovers.remove(&labels);
-        for kind in crate::topology::PATH_KINDS {
-            self.peer_path.remove(&peer_path(name, kind));
-        }
-        for endpoint in endpoints {
-            self.peer_active_endpoint
-                .remove(&peer_endpoint(name, endpoint));
-        }
-    }
 }
 
 #[cfg(test)]

@@ -208,9 +208,6 @@ pub struct Live<'a> {
     pub relay_up: bool,
 }
 
-/// Every path kind, for the `meshd_peer_path` gauge.
-pub const PATH_KINDS: [&str; 4] = ["native", "direct", "gateway", "relayed"];
-
 /// How a peer is reached now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathKind {

@@ -20,6 +20,7 @@ impl Mesh {
             ("slow", 0),
         ]);
         let mut busy = 0;
+        let mut rows = Vec::with_capacity(self.peers.len());
         // As `meshd status` shows them (through gateways and relays).
         let states: std::collections::HashMap<_, _> = self
             .peers
@@ -29,68 +30,46 @@ impl Mesh {
         for p in self.peers.values_mut() {
             *needs.entry(p.machine.need().as_str()).or_default() += 1;
             busy += i64::from(p.machine.busy(now));
-            // One series per peer, its current path (1); the other kinds' are removed, not kept at 0: at
-            // thousands of peers every labelled series is memory here and cardinality in Prometheus.
-            let now = paths.get(&p.key).map_or("direct", |k| k.as_str());
-            for kind in crate::topology::PATH_KINDS {
-                let labels = metrics::peer_path(&p.spec.name, kind);
-                if kind == now {
-                    self.metrics.peer_path.get_or_create(&labels).set(1);
-                } else {
-                    self.metrics.peer_path.remove(&labels);
-                }
-            }
-            let l = metrics::peer(&p.spec.name);
-            // A counter series that appears only at its first increment hides that increment from
-            // `increase()` (the MeshdPathFailover alert): start every peer's at 0.
-            drop(self.metrics.peer_failovers.get_or_create(&l));
             let state = states.get(&p.key).copied().unwrap_or(PeerState::Unknown);
             if state == PeerState::Up {
                 up += 1;
             }
-            self.metrics.peer_state.get_or_create(&l).set(match state {
-                PeerState::Unknown => 0,
-                PeerState::Up => 1,
-                PeerState::Down => 2,
-            });
-            let rtt = p
-                .machine
-                .active
-                .and_then(|a| p.machine.paths[a].rtt)
-                .map_or(f64::NAN, |r| r.as_secs_f64());
-            self.metrics.peer_rtt_seconds.get_or_create(&l).set(rtt);
-            let hs = p.stats.last_handshake.map_or(f64::NAN, |d| d.as_secs_f64());
-            self.metrics
-                .peer_handshake_age_seconds
-                .get_or_create(&l)
-                .set(hs);
-            self.metrics
-                .peer_rx_bytes
-                .get_or_create(&l)
-                .set(p.stats.rx_bytes as i64);
-            self.metrics
-                .peer_tx_bytes
-                .get_or_create(&l)
-                .set(p.stats.tx_bytes as i64);
             let delta = p.machine.failovers.saturating_sub(p.reported_failovers);
-            if delta > 0 {
-                self.metrics.peer_failovers.get_or_create(&l).inc_by(delta);
-                p.reported_failovers = p.machine.failovers;
-            }
-            // Only the endpoint in use has a series (1); the others' are removed.
-            let active = p.endpoint();
-            for path in &p.machine.paths {
-                let labels = metrics::peer_endpoint(&p.spec.name, path.endpoint);
-                if active == Some(path.endpoint) {
-                    self.metrics
-                        .peer_active_endpoint
-                        .get_or_create(&labels)
-                        .set(1);
-                } else {
-                    self.metrics.peer_active_endpoint.remove(&labels);
-                }
-            }
+            p.reported_failovers = p.machine.failovers;
+            let secs = |d: std::time::Duration, scale: f64| {
+                u32::try_from((d.as_secs_f64() * scale).round() as u64)
+                    .unwrap_or(metrics::peers::NONE - 1)
+            };
+            let path = paths.get(&p.key).map_or("direct", |k| k.as_str());
+            rows.push(metrics::PeerRow {
+                spec: p.spec.clone(),
+                rx_bytes: p.stats.rx_bytes,
+                tx_bytes: p.stats.tx_bytes,
+                active_endpoint: p.endpoint(),
+                failovers: u32::try_from(delta).unwrap_or(u32::MAX),
+                rtt_us: p
+                    .machine
+                    .active
+                    .and_then(|a| p.machine.paths[a].rtt)
+                    .map_or(metrics::peers::NONE, |r| secs(r, 1e6)),
+                handshake_age_s: p
+                    .stats
+                    .last_handshake
+                    .map_or(metrics::peers::NONE, |d| secs(d, 1.0)),
+                state: match state {
+                    PeerState::Unknown => 0,
+                    PeerState::Up => 1,
+                    PeerState::Down => 2,
+                },
+                path: metrics::peers::PATHS
+                    .iter()
+                    .position(|k| *k == path)
+                    .and_then(|i| u8::try_from(i).ok())
+                    .unwrap_or(1),
+            });
         }
+        // One write of the table per report (a scrape waits for that, never for the loop).
+        self.metrics.peer_table.replace(rows);
         self.metrics.peers_up.set(up);
         self.metrics.peers_busy.set(busy);
         for (need, n) in needs {
