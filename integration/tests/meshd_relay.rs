@@ -516,6 +516,60 @@ fn relayed_path(lab: &NatLab, i: usize, j: usize) -> Option<String> {
         .and_then(|g| g["path"].as_str().map(str::to_owned))
 }
 
+/// Waits until `i`'s relayed path to `j` is alive (probed end to end through the relay).
+fn wait_relayed_alive_from(lab: &NatLab, i: usize, j: usize) {
+    wait_until(
+        Duration::from_secs(10),
+        "the relayed path alive",
+        || match relayed_path(lab, i, j).as_deref() {
+            Some("alive") => Ok(()),
+            other => Err(format!("{other:?}: {}", relay_status(lab, i))),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// [`wait_relayed_alive_from`] both ways.
+fn wait_relayed_alive(lab: &NatLab, a: usize, b: usize) {
+    for (i, j) in [(a, b), (b, a)] {
+        wait_relayed_alive_from(lab, i, j);
+    }
+}
+
+/// Waits (10 s at most) until `done(path, via, state)` holds for each party's view of the other, and
+/// returns when each first did, measured from `t`.
+fn both_sides(
+    lab: &NatLab,
+    (a, b): (usize, usize),
+    t: Instant,
+    what: &str,
+    done: impl Fn(&str, &str, &str) -> bool,
+) -> [Option<Duration>; 2] {
+    let mut seen = [None, None];
+    wait_until(Duration::from_secs(10), what, || {
+        for (k, (i, j)) in [(a, b), (b, a)].into_iter().enumerate() {
+            if seen[k].is_none() {
+                let (path, via, _, state) = lab.path(i, j)?;
+                if done(&path, &via, &state) {
+                    seen[k] = Some(t.elapsed());
+                }
+            }
+        }
+        if seen.iter().all(Option::is_some) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{:?} / {:?} / {:?}",
+                lab.path(a, b),
+                lab.path(b, a),
+                relay_status(lab, a)["grants"]
+            ))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    seen
+}
+
 #[test]
 fn a_relay_that_stops_forwarding_is_seen_dead_and_the_pair_moves_to_the_other_relay() {
     // node1, node2 public (both may relay); node3, node4 behind symmetric NATs.
@@ -532,17 +586,7 @@ fn a_relay_that_stops_forwarding_is_seen_dead_and_the_pair_moves_to_the_other_re
         .unwrap_or_else(|| panic!("relayed via {via}, not a public node"));
     let other = lab.nodes[1 - r].name();
     // The relayed path is probed end to end through the relay: alive on both sides.
-    for (i, j) in [(a, b), (b, a)] {
-        wait_until(
-            Duration::from_secs(10),
-            "the relayed path alive",
-            || match relayed_path(&lab, i, j).as_deref() {
-                Some("alive") => Ok(()),
-                other => Err(format!("{other:?}: {}", relay_status(&lab, i))),
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-    }
+    wait_relayed_alive(&lab, a, b);
     let dst = lab.nodes[b].mesh_ip().to_string();
     wait_until(Duration::from_secs(10), "a ping through the relay", || {
         lab.nodes[a].ping(&dst)
@@ -562,31 +606,13 @@ fn a_relay_that_stops_forwarding_is_seen_dead_and_the_pair_moves_to_the_other_re
     stop_forwarding(&lab, r, &ports);
     let t = Instant::now();
     // Both parties see the relayed path die (its probes go unanswered) and move to the other relay.
-    let mut seen = [None, None];
-    wait_until(
-        Duration::from_secs(10),
+    let seen = both_sides(
+        &lab,
+        (a, b),
+        t,
         "both parties off the dead relay",
-        || {
-            for (k, (i, j)) in [(a, b), (b, a)].into_iter().enumerate() {
-                if seen[k].is_none() {
-                    let (p, v, _, state) = lab.path(i, j)?;
-                    if p == "relayed" && v == other && state == "up" {
-                        seen[k] = Some(t.elapsed());
-                    }
-                }
-            }
-            if seen.iter().all(Option::is_some) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{:?} / {:?}",
-                    lab.path(a, b),
-                    relay_status(&lab, a)["grants"]
-                ))
-            }
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+        |p, v, state| p == "relayed" && v == other && state == "up",
+    );
     let moved = seen.iter().flatten().max().copied().unwrap_or_default();
     wait_until(
         Duration::from_secs(10),
@@ -639,15 +665,7 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
             wait_path(&lab, i, j, "relayed", Duration::from_secs(15)),
             lab.nodes[r].name()
         );
-        wait_until(
-            Duration::from_secs(10),
-            "the relayed path alive",
-            || match relayed_path(&lab, i, j).as_deref() {
-                Some("alive") => Ok(()),
-                other => Err(format!("{other:?}: {}", relay_status(&lab, i))),
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        wait_relayed_alive_from(&lab, i, j);
         // Each is the other's location's active gateway, reached through the relay.
         let d = lab.nodes[i].details().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d["topology"]["gatewayCandidate"], true, "{}", d["topology"]);
@@ -704,27 +722,13 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
     assert_eq!(ports.len(), 2, "{}", relay_status(&lab, r));
     stop_forwarding(&lab, r, &ports);
     let t = Instant::now();
-    let mut seen = [None, None];
-    wait_until(
-        Duration::from_secs(10),
+    let seen = both_sides(
+        &lab,
+        (a, b),
+        t,
         "both parties report the pair down",
-        || {
-            for (k, (i, j)) in [(a, b), (b, a)].into_iter().enumerate() {
-                if seen[k].is_none() {
-                    let (_, _, _, state) = lab.path(i, j)?;
-                    if state == "down" {
-                        seen[k] = Some(t.elapsed());
-                    }
-                }
-            }
-            if seen.iter().all(Option::is_some) {
-                Ok(())
-            } else {
-                Err(format!("{:?} {:?}", lab.path(a, b), lab.path(b, a)))
-            }
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+        |_, _, state| state == "down",
+    );
     let down = seen.iter().flatten().max().copied().unwrap_or_default();
     eprintln!(
         "topology location: the relay stopped forwarding; the pair reported down after {seen:?}"
