@@ -186,20 +186,8 @@ fn symmetric_nats_talk_through_a_relay_that_forwards_only_ciphertext() {
         "relayed through {via}: both grants after {granted:?}, ping through after {relayed:?} (from the daemons' start, discovery included)"
     );
 
-    // The relay holds one allocation, for the pair, with the two relay ports the parties were granted
-    // (the relay's status file is written every second: wait for the one that shows it).
-    wait_until(
-        Duration::from_secs(3),
-        "the relay's status to show the pair",
-        || {
-            if pair_ports(&lab, r, a, b).len() == 2 {
-                Ok(())
-            } else {
-                Err(relay_status(&lab, r).to_string())
-            }
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    // The relay holds one allocation, for the pair, with the two relay ports the parties were granted.
+    wait_pair_ports(&lab, r, a, b);
     let status = relay_status(&lab, r);
     assert_eq!(status["relays"], true, "{status}");
     let rows = status["allocations"]
@@ -468,6 +456,27 @@ fn pair_ports(lab: &NatLab, r: usize, a: usize, b: usize) -> Vec<u16> {
         .unwrap_or_default()
 }
 
+/// [`pair_ports`] once the relay's status shows both: its status file is written about once a second
+/// (a grant is not a change of the relay's own state), so the parties can see their grants before it
+/// does (found in CI, where the file lagged the parties by more than the 2.8 s the test had taken).
+fn wait_pair_ports(lab: &NatLab, r: usize, a: usize, b: usize) -> Vec<u16> {
+    let mut ports = Vec::new();
+    wait_until(
+        Duration::from_secs(5),
+        "the relay's status to show the pair's two ports",
+        || {
+            ports = pair_ports(lab, r, a, b);
+            if ports.len() == 2 {
+                Ok(())
+            } else {
+                Err(relay_status(lab, r).to_string())
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    ports
+}
+
 /// The relay stops forwarding for a pair: nftables on the relay drops every datagram to the pair's relay
 /// ports (its probe port and WireGuard still answer: it is up, only its forwarding is gone).
 fn stop_forwarding(lab: &NatLab, r: usize, ports: &[u16]) {
@@ -592,8 +601,7 @@ fn a_relay_that_stops_forwarding_is_seen_dead_and_the_pair_moves_to_the_other_re
         lab.nodes[a].ping(&dst)
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    let ports = pair_ports(&lab, r, a, b);
-    assert_eq!(ports.len(), 2, "{}", relay_status(&lab, r));
+    let ports = wait_pair_ports(&lab, r, a, b);
 
     // A stream runs while the relay stops forwarding.
     let flow = TcpFlow::start(
@@ -634,7 +642,7 @@ fn a_relay_that_stops_forwarding_is_seen_dead_and_the_pair_moves_to_the_other_re
     );
     assert!(gap < Duration::from_secs(10), "longest gap {gap:?}");
     // The new relay holds the pair; the old one is left to expire.
-    assert_eq!(pair_ports(&lab, 1 - r, a, b).len(), 2);
+    assert_eq!(wait_pair_ports(&lab, 1 - r, a, b).len(), 2);
     resume_forwarding(&lab, r);
 }
 
@@ -718,8 +726,7 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
 
     // The relay stops forwarding (and is the only relay): both parties see the relayed path dead and
     // report each other down; with allowDownPeerBypass the other's routes are withdrawn.
-    let ports = pair_ports(&lab, r, a, b);
-    assert_eq!(ports.len(), 2, "{}", relay_status(&lab, r));
+    let ports = wait_pair_ports(&lab, r, a, b);
     stop_forwarding(&lab, r, &ports);
     let t = Instant::now();
     let seen = both_sides(
