@@ -35,20 +35,36 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn add_lines(out: &mut String, key: &PublicKey, config: &PeerConfig) {
+/// One peer's section: a new peer with everything (`add`), or an existing peer's changed fields in place
+/// (`changed`: endpoint, allowed IPs, keepalive; no `remove`, no preshared key, which is set when the peer
+/// is added: the session stays). The kernel backend's twin is `kernel::peer_attrs`.
+fn peer_lines(
+    out: &mut String,
+    key: &PublicKey,
+    config: &PeerConfig,
+    add: bool,
+    (endpoint, allowed_ips, keepalive): (bool, bool, bool),
+) {
     let _ = writeln!(out, "public_key={}", hex(&key.0));
-    if let Some(psk) = &config.preshared_key {
+    if let Some(psk) = config.preshared_key.as_ref().filter(|_| add) {
         let _ = writeln!(out, "preshared_key={}", hex(psk));
     }
-    if let Some(ep) = config.endpoint {
+    if let Some(ep) = config.endpoint.filter(|_| endpoint) {
         let _ = writeln!(out, "endpoint={ep}");
     }
-    if let Some(k) = config.keepalive {
+    // A new peer without keepalive needs no line; an existing one whose keepalive went is set to 0 (off).
+    if let Some(k) = config
+        .keepalive
+        .or((!add).then_some(0))
+        .filter(|_| keepalive)
+    {
         let _ = writeln!(out, "persistent_keepalive_interval={k}");
     }
-    let _ = writeln!(out, "replace_allowed_ips=true");
-    for ip in config.allowed_ips.iter() {
-        let _ = writeln!(out, "allowed_ip={ip}");
+    if allowed_ips {
+        let _ = writeln!(out, "replace_allowed_ips=true");
+        for ip in config.allowed_ips.iter() {
+            let _ = writeln!(out, "allowed_ip={ip}");
+        }
     }
 }
 
@@ -76,7 +92,7 @@ pub fn render_set(update: &Update) -> Vec<String> {
     for op in &update.peers {
         let mut out = String::from("set=1\n");
         match op {
-            PeerOp::Add(key, config) => add_lines(&mut out, key, config),
+            PeerOp::Add(key, config) => peer_lines(&mut out, key, config, true, (true, true, true)),
             PeerOp::Remove(key) => {
                 let _ = writeln!(out, "public_key={}\nremove=true", hex(&key.0));
             }
@@ -86,40 +102,18 @@ pub fn render_set(update: &Update) -> Vec<String> {
                 endpoint,
                 allowed_ips,
                 keepalive,
-            } => update_lines(&mut out, key, config, (*endpoint, *allowed_ips, *keepalive)),
+            } => peer_lines(
+                &mut out,
+                key,
+                config,
+                false,
+                (*endpoint, *allowed_ips, *keepalive),
+            ),
         }
         out.push('\n');
         requests.push(out);
     }
     requests
-}
-
-/// An existing peer's changed fields (`changed`: endpoint, allowed IPs, keepalive), in place: no `remove`,
-/// no preshared key (set when the peer is added), the session stays.
-fn update_lines(
-    out: &mut String,
-    key: &PublicKey,
-    config: &PeerConfig,
-    changed: (bool, bool, bool),
-) {
-    let (endpoint, allowed_ips, keepalive) = changed;
-    let _ = writeln!(out, "public_key={}", hex(&key.0));
-    if let Some(ep) = config.endpoint.filter(|_| endpoint) {
-        let _ = writeln!(out, "endpoint={ep}");
-    }
-    if keepalive {
-        let _ = writeln!(
-            out,
-            "persistent_keepalive_interval={}",
-            config.keepalive.unwrap_or(0)
-        );
-    }
-    if allowed_ips {
-        let _ = writeln!(out, "replace_allowed_ips=true");
-        for ip in config.allowed_ips.iter() {
-            let _ = writeln!(out, "allowed_ip={ip}");
-        }
-    }
 }
 
 /// Parses a `get=1` answer (without the final `errno=` line check, done by the caller).
