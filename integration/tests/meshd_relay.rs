@@ -233,28 +233,8 @@ fn symmetric_nats_talk_through_a_relay_that_forwards_only_ciphertext() {
     assert!(forwarded > 200, "the relay forwarded {forwarded} datagrams");
 
     // Nothing of one party is on the other's WireGuard peer, on the relay or on the parties: each
-    // peer holds its own AllowedIPs only. `allowedIPs` in `meshd status` is what the device reports over
-    // its UAPI; `wg show` cannot reach a userspace device here (its UAPI is a private socket pair, not
-    // `/var/run/wireguard/<iface>.sock`: see `crates/meshd/src/wg/userspace.rs`).
-    let inner = |i: usize| format!("{}/32", lab.nodes[i].mesh_ip());
-    for (holder, peer, foreign) in [(r, a, b), (r, b, a), (a, r, b), (b, r, a)] {
-        let got = allowed(&lab, holder, peer);
-        assert!(
-            !got.contains(&inner(foreign)),
-            "{} holds {}'s {} on {}'s peer: {got:?}",
-            lab.nodes[holder].name(),
-            lab.nodes[foreign].name(),
-            inner(foreign),
-            lab.nodes[peer].name()
-        );
-    }
-    for (i, j) in [(a, b), (b, a)] {
-        assert!(
-            allowed(&lab, i, j).contains(&inner(j)),
-            "the relayed peer keeps its own AllowedIPs: {:?}",
-            allowed(&lab, i, j)
-        );
-    }
+    // peer holds its own AllowedIPs only.
+    assert_end_to_end(&lab, r, a, b);
 
     // A hostile third node: node `c` (public, no relay needed) asks the relay for a pair with `a`, who
     // never asked for it. Granted a port (one side's consent costs the relay a port, within the per-node
@@ -454,6 +434,33 @@ fn pair_ports(lab: &NatLab, r: usize, a: usize, b: usize) -> Vec<u16> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// End to end through relay `r`: nothing of one party is on the other's WireGuard peer, on the relay
+/// or on the parties, and each party keeps the other's AllowedIPs on the other's own peer. `allowedIPs`
+/// in `meshd status` is what the device reports over its UAPI; `wg show` cannot reach a userspace device
+/// here (its UAPI is a private socket pair, not `/var/run/wireguard/<iface>.sock`: see
+/// `crates/meshd/src/wg/userspace.rs`).
+fn assert_end_to_end(lab: &NatLab, r: usize, a: usize, b: usize) {
+    let inner = |i: usize| format!("{}/32", lab.nodes[i].mesh_ip());
+    for (holder, peer, foreign) in [(r, a, b), (r, b, a), (a, r, b), (b, r, a)] {
+        let got = allowed(lab, holder, peer);
+        assert!(
+            !got.contains(&inner(foreign)),
+            "{} holds {}'s {} on {}'s peer: {got:?}",
+            lab.nodes[holder].name(),
+            lab.nodes[foreign].name(),
+            inner(foreign),
+            lab.nodes[peer].name()
+        );
+    }
+    for (i, j) in [(a, b), (b, a)] {
+        assert!(
+            allowed(lab, i, j).contains(&inner(j)),
+            "the relayed peer keeps its own AllowedIPs: {:?}",
+            allowed(lab, i, j)
+        );
+    }
 }
 
 /// [`pair_ports`] once the relay's status shows both: its status file is written about once a second
@@ -696,13 +703,8 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
     );
     // End to end: the relay's device holds neither party's AllowedIPs on the other's peer, and each
     // party keeps the other's on its own peer.
-    let inner = |i: usize| format!("{}/32", lab.nodes[i].mesh_ip());
-    for (holder, peer, foreign) in [(r, a, b), (r, b, a), (a, r, b), (b, r, a)] {
-        let got = allowed(&lab, holder, peer);
-        assert!(!got.contains(&inner(foreign)), "{got:?}");
-    }
+    assert_end_to_end(&lab, r, a, b);
     for (i, j) in [(a, b), (b, a)] {
-        assert!(allowed(&lab, i, j).contains(&inner(j)));
         assert_eq!(
             peer_state(i, j),
             Some(1.0),

@@ -6,6 +6,15 @@ fn key(i: u8) -> PublicKey {
     PrivateKey([i; 32]).public()
 }
 
+/// Nonces 1, 2, 3, ... (what the mesh's counter hands out).
+fn nonces() -> impl FnMut() -> u64 {
+    let mut n = 0;
+    move || {
+        n += 1;
+        n
+    }
+}
+
 fn granted(other: PublicKey, port: u16) -> Alloc {
     Alloc {
         other,
@@ -21,11 +30,7 @@ fn asks_until_granted_refreshes_while_relayed_and_stops_when_direct() {
     let to: SocketAddr = "198.51.100.1:51821".parse().unwrap();
     let to2: SocketAddr = "198.51.100.2:51821".parse().unwrap();
     let mut c = Client::default();
-    let mut n = 0u64;
-    let mut nonce = || {
-        n += 1;
-        n
-    };
+    let mut nonce = nonces();
     let t = Instant::now();
     let wanted = BTreeMap::from([(b, (r, to))]);
     let (due, changed) = c.poll(t, &wanted, &mut nonce);
@@ -104,11 +109,7 @@ fn a_refusal_is_retried_later_and_a_new_relay_starts_over() {
     let to: SocketAddr = "198.51.100.1:51821".parse().unwrap();
     let to2: SocketAddr = "198.51.100.2:51821".parse().unwrap();
     let mut c = Client::default();
-    let mut n = 0u64;
-    let mut nonce = || {
-        n += 1;
-        n
-    };
+    let mut nonce = nonces();
     let t = Instant::now();
     let wanted = BTreeMap::from([(b, (r, to))]);
     let (due, _) = c.poll(t, &wanted, &mut nonce);
@@ -157,11 +158,7 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     let to2: SocketAddr = "198.51.100.2:51822".parse().unwrap();
     let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
     let mut c = Client::default();
-    let mut n = 0u64;
-    let mut nonce = || {
-        n += 1;
-        n
-    };
+    let mut nonce = nonces();
     let t = Instant::now();
     granted_at(&mut c, t, b, r, to, 40001);
     assert_eq!(c.path_state(&b), Some(PathState::Unknown));
@@ -223,11 +220,7 @@ fn a_relayed_path_that_never_answered_excludes_nothing_and_comes_alive_later() {
     let to: SocketAddr = "198.51.100.1:51822".parse().unwrap();
     let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
     let mut c = Client::default();
-    let mut n = 0u64;
-    let mut nonce = || {
-        n += 1;
-        n
-    };
+    let mut nonce = nonces();
     let t = Instant::now();
     granted_at(&mut c, t, b, r, to, 40001);
     let mut now = t;
