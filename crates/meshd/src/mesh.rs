@@ -37,6 +37,13 @@ pub use crate::plan::KEEPALIVE;
 /// Full resync of device and routes even without a change (drift from outside is repaired).
 pub const RESYNC: Duration = Duration::from_secs(10);
 
+/// The next probe or allocation nonce from the mesh's counter: unique per sender (a step of the golden
+/// ratio's odd constant), unpredictable (mixed with a random word).
+fn next_nonce(counter: &mut u64) -> u64 {
+    *counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    *counter ^ fastrand::u64(..)
+}
+
 /// One peer.
 #[derive(Debug)]
 pub struct Peer {
@@ -589,10 +596,7 @@ impl Mesh {
             // Traffic over WireGuard proves a path; native traffic is out of its sight (see `probing`).
             peer.machine
                 .set_need(planning.need(self.plan.as_ref(), &peer.key));
-            let actions = peer.machine.poll(now, &mut || {
-                counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                counter ^ fastrand::u64(..)
-            });
+            let actions = peer.machine.poll(now, &mut || next_nonce(&mut counter));
             for action in actions {
                 match action {
                     Action::Probe { endpoint, nonce } => probes.push((peer.key, endpoint, nonce)),
@@ -741,10 +745,9 @@ impl Mesh {
                 .collect()
         };
         let mut counter = self.nonce;
-        let (due, changed) = self.relaying.poll(now, &wanted, || {
-            counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            counter ^ fastrand::u64(..)
-        });
+        let (due, changed) = self
+            .relaying
+            .poll(now, &wanted, || next_nonce(&mut counter));
         self.nonce = counter;
         if changed {
             self.dirty = true;
@@ -788,10 +791,7 @@ impl Mesh {
     /// [`crate::relay::client`]); a path that died (or came alive) re-plans. Returns whether one did.
     fn probe_relayed_paths(&mut self, now: Instant) -> bool {
         let mut counter = self.nonce;
-        let (pings, changed) = self.relaying.probe_paths(now, || {
-            counter = counter.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            counter ^ fastrand::u64(..)
-        });
+        let (pings, changed) = self.relaying.probe_paths(now, || next_nonce(&mut counter));
         self.nonce = counter;
         if changed {
             self.dirty = true;
@@ -811,16 +811,7 @@ impl Mesh {
             let Some(peer) = self.peers.get(&ping.peer) else {
                 continue;
             };
-            let probe = Probe {
-                kind: Kind::Ping,
-                sender: self.public,
-                nonce: ping.nonce,
-                timestamp_us: probe::now_us(),
-                observed: None,
-                target: Some(ping.to),
-                flags: 0,
-            };
-            let datagram = probe::encode(&probe, &peer.probe_key);
+            let datagram = probe::encode(&self.ping(ping.nonce, ping.to), &peer.probe_key);
             self.metrics.probes_sent.inc();
             if let Err(error) = self.responder.socket.send_to(&datagram, v6_mapped(ping.to)) {
                 tracing::debug!(to = %ping.to, %error, "relayed path probe not sent");
@@ -871,12 +862,9 @@ impl Mesh {
         }
     }
 
-    async fn send_probe(&mut self, key: PublicKey, endpoint: SocketAddr, nonce: u64) {
-        let Some(peer) = self.peers.get(&key) else {
-            return;
-        };
-        let target = probe::probe_addr(endpoint);
-        let ping = Probe {
+    /// A version-3 ping from this node, stamped now, naming `target` (the address it is sent to).
+    fn ping(&self, nonce: u64, target: SocketAddr) -> Probe {
+        Probe {
             kind: Kind::Ping,
             sender: self.public,
             nonce,
@@ -884,7 +872,15 @@ impl Mesh {
             observed: None,
             target: Some(target),
             flags: 0,
+        }
+    }
+
+    async fn send_probe(&mut self, key: PublicKey, endpoint: SocketAddr, nonce: u64) {
+        let Some(peer) = self.peers.get(&key) else {
+            return;
         };
+        let target = probe::probe_addr(endpoint);
+        let ping = self.ping(nonce, target);
         let mut datagrams = vec![probe::encode(&ping, &peer.probe_key)];
         if !peer.speaks_v3 {
             // The rolling upgrade: the same ping in version 2 too, until the peer answers in version 3.
