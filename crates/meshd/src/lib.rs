@@ -267,8 +267,10 @@ async fn report(
 ) {
     // The counters are those of the poll's last reading (every `probing::stats_interval`): a report after
     // each change does not dump the device again.
-    mesh.update_metrics();
-    let (summary, mut details) = status::report(mesh);
+    // One plan for the metrics and the status (at thousands of peers a plan costs milliseconds).
+    let planned = mesh.planned();
+    mesh.update_metrics(&planned.paths);
+    let (summary, mut details) = status::report(mesh, &planned);
     if let Some(d) = discovery {
         details["discovery"] = serde_json::json!({
             "synced": d.snapshot.borrow().synced,

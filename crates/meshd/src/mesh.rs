@@ -1106,11 +1106,6 @@ impl Mesh {
         plan::plan(&self.inputs())
     }
 
-    /// Each peer's path (`direct` or `relayed` in `topology: full`).
-    pub fn paths(&self) -> std::collections::BTreeMap<PublicKey, PathKind> {
-        self.planned().paths
-    }
-
     /// What the pongs of public peers say about our NAT (see [`topology::nat`]).
     pub fn nat(&self) -> topology::NatView {
         let own: Vec<IpAddr> = self.own_endpoints.iter().map(SocketAddr::ip).collect();

@@ -18,11 +18,10 @@ fn ms(d: Option<std::time::Duration>) -> Value {
     })
 }
 
-/// The summary line and the details.
-pub fn report(mesh: &Mesh) -> (String, Value) {
+/// The summary line and the details, given the plan the report made (`Mesh::planned`).
+pub fn report(mesh: &Mesh, planned: &crate::plan::Desired) -> (String, Value) {
     let mut peers: Vec<&crate::mesh::Peer> = mesh.peers.values().collect();
     peers.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-    let planned = mesh.planned();
     let paths = &planned.paths;
     let name_of = |k: &hybridnet_config::PublicKey| {
         if *k == mesh.public {

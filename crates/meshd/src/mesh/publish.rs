@@ -1,17 +1,19 @@
 //! What the mesh publishes besides `status.json`: per-peer metrics and the peer cache.
 
+use hybridnet_config::PublicKey;
 use ipnet::IpNet;
 
 use super::Mesh;
 use crate::cache;
 use crate::metrics;
 use crate::peer::PeerState;
+use crate::topology::PathKind;
 
 impl Mesh {
-    /// Publishes per-peer metrics.
-    pub fn update_metrics(&mut self) {
+    /// Publishes per-peer metrics, given the plan's `paths` (the report plans once for these and
+    /// `meshd status`).
+    pub fn update_metrics(&mut self, paths: &std::collections::BTreeMap<PublicKey, PathKind>) {
         let mut up = 0;
-        let paths = self.paths();
         let now = std::time::Instant::now();
         let mut needs = std::collections::BTreeMap::from([
             ("fast", 0i64),
@@ -25,7 +27,7 @@ impl Mesh {
         let states: std::collections::HashMap<_, _> = self
             .peers
             .values()
-            .map(|p| (p.key, self.reported_state(p, &paths)))
+            .map(|p| (p.key, self.reported_state(p, paths)))
             .collect();
         for p in self.peers.values_mut() {
             *needs.entry(p.machine.need().as_str()).or_default() += 1;
