@@ -65,6 +65,12 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 if cargo nextest --version >/dev/null 2>&1; then runner=(cargo nextest run --no-fail-fast); else runner=(cargo test --no-fail-fast); fi
 cargo --version; echo "runner: ${runner[*]}"
+# A full run writes about 6 GiB into target/ and dist/: say so up front rather than fail in a link later.
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+echo "disk: $((free_kib / 1024 / 1024)) GiB free here"
+if [ "$quick" -eq 0 ] && [ "$free_kib" -lt $((8 * 1024 * 1024)) ]; then
+  echo "hack/test.sh: warning: less than 8 GiB free; a full run needs about 6 GiB (target/ and dist/)" >&2
+fi
 done_step
 
 step "cargo fmt --check"
@@ -145,3 +151,4 @@ step "unit and integration tests"
 HYBRIDNET_BIN_DIR="$PWD/target/$musl/release" HYBRIDNET_EXTENSION_TAR="$PWD/dist/hybridnet-amd64.tar" \
   "${runner[@]}" --workspace --locked
 done_step
+echo "disk used: $(du -sh target | cut -f1) in target/, $(du -sh dist | cut -f1) in dist/"
