@@ -552,17 +552,17 @@ fn wait_relayed_alive(lab: &NatLab, a: usize, b: usize) {
     }
 }
 
-/// Waits (10 s at most) until `done(path, via, state)` holds for each party's view of the other, and
-/// returns when each first did, measured from `t`.
+/// Waits (`timeout` at most) until `done(path, via, state)` holds for each party's view of the other,
+/// and returns when each first did, measured from `t`.
 fn both_sides(
     lab: &NatLab,
     (a, b): (usize, usize),
-    t: Instant,
+    (t, timeout): (Instant, Duration),
     what: &str,
     done: impl Fn(&str, &str, &str) -> bool,
 ) -> [Option<Duration>; 2] {
     let mut seen = [None, None];
-    wait_until(Duration::from_secs(10), what, || {
+    wait_until(timeout, what, || {
         for (k, (i, j)) in [(a, b), (b, a)].into_iter().enumerate() {
             if seen[k].is_none() {
                 let (path, via, _, state) = lab.path(i, j)?;
@@ -624,7 +624,7 @@ fn a_relay_that_stops_forwarding_is_seen_dead_and_the_pair_moves_to_the_other_re
     let seen = both_sides(
         &lab,
         (a, b),
-        t,
+        (t, Duration::from_secs(10)),
         "both parties off the dead relay",
         |p, v, state| p == "relayed" && v == other && state == "up",
     );
@@ -734,7 +734,7 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
     let seen = both_sides(
         &lab,
         (a, b),
-        t,
+        (t, Duration::from_secs(10)),
         "both parties report the pair down",
         |_, _, state| state == "down",
     );
@@ -783,4 +783,93 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
         "topology location: forwarding resumed; relayed again after {:?} (the failed relay is retried after 30 s)",
         t.elapsed()
     );
+}
+
+/// The relay forwards only probe-shaped datagrams (UDP length 8 + [`probe::LEN`]: the relayed path's
+/// pings and pongs) and drops everything else at its relay ports: WireGuard's handshakes and data. Its
+/// own WireGuard and probe ports are untouched. A hostile relay can do this: the sizes tell them apart.
+fn forward_only_probes(lab: &NatLab, r: usize) {
+    let path = lab.dir.join("relayprobesonly.nft");
+    std::fs::write(
+        &path,
+        format!(
+            "table inet relaydrop {{\n  chain input {{\n    type filter hook input priority -10; policy accept;\n    \
+             udp dport != {{ {PORT}, {} }} udp length != {} drop\n  }}\n}}\n",
+            PORT + 1,
+            8 + probe::LEN
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let out = lab.nodes[r]
+        .netns
+        .exec(&["nft", "-f", &path.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "nft on the relay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_relay_that_forwards_probes_but_drops_wireguard_is_left_for_the_other_relay() {
+    // node1, node2 public (both may relay); node3, node4 behind symmetric NATs.
+    let lab = NatLab::with_publics(
+        "meshd-relay-probesonly",
+        2,
+        &[Nat::Symmetric, Nat::Symmetric],
+    );
+    let (a, b) = (2, 3);
+    let mut daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
+    // The pair's first relay (the ranking is per pair and does not change across restarts).
+    let via = wait_path(&lab, a, b, "relayed", Duration::from_secs(10));
+    let r = (0..2)
+        .find(|&i| lab.nodes[i].name() == via)
+        .unwrap_or_else(|| panic!("relayed via {via}, not a public node"));
+    let other = lab.nodes[1 - r].name();
+    // Both parties restart (fresh WireGuard devices: no session to keep) while that relay forwards
+    // only the probes.
+    daemons.truncate(a);
+    forward_only_probes(&lab, r);
+    daemons.push(lab.start(a));
+    daemons.push(lab.start(b));
+    let t = Instant::now();
+    // The pair takes the same relay again, whose path answers probes: alive, but no handshake.
+    wait_relayed_alive(&lab, a, b);
+    let alive = t.elapsed();
+    assert_eq!(lab.path(a, b).map(|p| p.1), Ok(via.clone()));
+    // Within FIRST_HANDSHAKE_WITHIN (30 s) of coming alive, both parties leave it for the other relay.
+    let seen = both_sides(
+        &lab,
+        (a, b),
+        (t, Duration::from_secs(50)),
+        "both parties on the other relay",
+        |p, v, state| p == "relayed" && v == other && state == "up",
+    );
+    let moved = seen.iter().flatten().max().copied().unwrap_or_default();
+    let dst = lab.nodes[b].mesh_ip().to_string();
+    wait_until(
+        Duration::from_secs(10),
+        "a ping through the other relay",
+        || lab.nodes[a].ping(&dst),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "{via} forwarded only probes: relayed path alive through it after {alive:?}, both parties on {other} after {seen:?}"
+    );
+    assert!(
+        moved < alive + Duration::from_secs(40),
+        "left the relay that carried no handshake after {moved:?} (alive after {alive:?})"
+    );
+    for i in [a, b] {
+        let log = daemons[i].log();
+        assert!(
+            log.contains("relayed path carries no WireGuard handshake"),
+            "{}'s log names no relayed path without handshakes:\n{log}",
+            lab.nodes[i].name()
+        );
+    }
+    // The relay that dropped WireGuard is still excluded: the pair stays on the other one.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lab.path(a, b).map(|p| p.1), Ok(other.clone()));
+    resume_forwarding(&lab, r);
 }

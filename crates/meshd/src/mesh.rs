@@ -790,19 +790,46 @@ impl Mesh {
     /// Pings each granted relayed path at its relay port, from the probe socket (see
     /// [`crate::relay::client`]); a path that died (or came alive) re-plans. Returns whether one did.
     fn probe_relayed_paths(&mut self, now: Instant) -> bool {
+        use crate::relay::client::PathState;
         let mut counter = self.nonce;
-        let (pings, changed) = self.relaying.probe_paths(now, || next_nonce(&mut counter));
+        let before: std::collections::BTreeMap<PublicKey, PathState> = self
+            .relaying
+            .views(now)
+            .into_iter()
+            .map(|v| (v.peer, v.path))
+            .collect();
+        let peers = &self.peers;
+        let (pings, changed) = self.relaying.probe_paths(
+            now,
+            |k| peers.get(k).and_then(|p| p.last_handshake_at),
+            || next_nonce(&mut counter),
+        );
         self.nonce = counter;
         if changed {
             self.dirty = true;
             for v in self.relaying.views(now) {
-                if v.path == crate::relay::client::PathState::Dead {
-                    let peer = self.peers.get(&v.peer).map(|p| p.spec.name.clone());
-                    let relay = self.peers.get(&v.relay).map(|p| p.spec.name.clone());
+                if !v.path.is_dead() || before.get(&v.peer) == Some(&v.path) {
+                    continue;
+                }
+                let peer = self.peers.get(&v.peer).map(|p| p.spec.name.clone());
+                let relay = self.peers.get(&v.relay).map(|p| p.spec.name.clone());
+                let reason = if v.path == PathState::Dead {
+                    "no_pongs"
+                } else {
+                    "no_handshake"
+                };
+                self.metrics.relay_path_failed(reason);
+                if v.path == PathState::Dead {
                     tracing::warn!(
                         ?peer,
                         ?relay,
                         "relayed path dead (no pongs through the relay)"
+                    );
+                } else {
+                    tracing::warn!(
+                        ?peer,
+                        ?relay,
+                        "relayed path carries no WireGuard handshake (its probes answer): the relay is left for this peer"
                     );
                 }
             }
@@ -1068,7 +1095,7 @@ impl Mesh {
     ) -> PeerState {
         let reach = |k: &PublicKey| match paths.get(k) {
             Some(PathKind::Relayed { via }) => match self.relaying.path_state(k) {
-                Some(s) if s != crate::relay::client::PathState::Dead => self
+                Some(s) if !s.is_dead() => self
                     .peers
                     .get(via)
                     .map_or(PeerState::Down, |r| r.machine.state),

@@ -88,11 +88,21 @@ pub struct Metrics {
     pub relay_dropped: Family<Labels, Counter>,
     /// Relayed peers whose relay granted an allocation (this node's side).
     pub relay_grants: Gauge,
+    /// Relayed paths (this node's side) that failed, by reason: `no_pongs` (the probes through the
+    /// relay went unanswered) or `no_handshake` (they answered, WireGuard's handshakes did not get
+    /// through).
+    pub relay_paths_failed: Family<Labels, Counter>,
 }
 
 impl Metrics {
     pub fn register(registry: &SharedRegistry) -> Metrics {
         let m = Metrics::default();
+        for reason in RELAY_PATH_FAILURES {
+            drop(
+                m.relay_paths_failed
+                    .get_or_create(&vec![("reason".to_owned(), reason.to_owned())]),
+            );
+        }
         registry.register("meshd", |r| {
             r.register_collector(Box::new(m.peer_table.clone()));
             r.register("peers", "Peers configured", m.peers.clone());
@@ -265,6 +275,11 @@ impl Metrics {
                 m.relay_grants.clone(),
             );
             r.register(
+                "relay_paths_failed",
+                "Relayed paths of this node that failed, by reason (no_pongs: probes through the relay unanswered; no_handshake: probes answered, no WireGuard handshake got through)",
+                m.relay_paths_failed.clone(),
+            );
+            r.register(
                 "refused_prefixes",
                 "Prefixes of discovered peers refused in the last reconcile",
                 m.prefixes_refused_now.clone(),
@@ -316,7 +331,17 @@ impl Metrics {
             .get_or_create(&vec![("result".to_owned(), result.to_owned())])
             .inc();
     }
+
+    /// Counts a relayed path of ours that failed for `reason` (one of [`RELAY_PATH_FAILURES`]).
+    pub fn relay_path_failed(&self, reason: &str) {
+        self.relay_paths_failed
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
 }
+
+/// The reasons `meshd_relay_paths_failed_total` counts (each series there from the start, at 0).
+pub const RELAY_PATH_FAILURES: [&str; 2] = ["no_pongs", "no_handshake"];
 
 fn rejected_labels(registry: &str, reason: &str) -> Labels {
     vec![

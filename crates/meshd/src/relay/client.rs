@@ -21,6 +21,18 @@
 //! parties see the path die within a probe interval of each other, so both move to the next relay of the
 //! ranking (or report the peer down when there is none) and stay there; a path that never answered
 //! (the other party not there yet) excludes nothing and keeps being probed.
+//!
+//! **The probes are not enough: WireGuard must get through too.** A relay can tell the probes from the
+//! WireGuard datagrams by their size, forward the first and drop the second: the path looks alive and
+//! carries nothing. So an alive relayed path must also carry the pair's WireGuard handshakes, which only
+//! the two parties can complete: a first one within [`FIRST_HANDSHAKE_WITHIN`] of the path coming alive
+//! (unless an earlier session, established directly or through another relay, is still valid), and none
+//! older than [`HANDSHAKE_STALE`] after that (WireGuard renews a session every 2 minutes while it sends,
+//! and persistent keepalives make it send; a session is unusable after 3). A path that fails that is
+//! [`PathState::NoHandshake`]: its peer is down, and the relay is excluded for the pair for
+//! [`NO_HANDSHAKE_HOLD`] (it answers probes, so it would be taken again at once). The verdict does not
+//! say who dropped the handshakes: a peer whose WireGuard does not know us fails it too, and is down
+//! either way.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -42,6 +54,16 @@ pub const PATH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const PATH_DEAD_AFTER: u32 = 3;
 /// A relay whose relayed path died is excluded for the pair at least this long.
 pub const FAILED_HOLD: Duration = Duration::from_secs(30);
+/// An alive relayed path with no WireGuard handshake this long after it came alive (and no earlier
+/// session still valid) carries nothing: WireGuard initiates at once (the endpoint change sends a
+/// datagram through the tunnel) and retries every 5 s.
+pub const FIRST_HANDSHAKE_WITHIN: Duration = Duration::from_secs(30);
+/// A WireGuard session whose last handshake is older than this cannot carry data: WireGuard rejects a
+/// session after 180 s (`REJECT_AFTER_TIME`), and renews a live one after 120 s on the next send, which
+/// persistent keepalives (25 s) guarantee; the rest is margin for the handshake's own retries.
+pub const HANDSHAKE_STALE: Duration = Duration::from_secs(200);
+/// A relay whose path answered probes but carried no handshake is excluded for the pair this long.
+pub const NO_HANDSHAKE_HOLD: Duration = Duration::from_secs(300);
 
 /// What the probes of a relayed path say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +71,10 @@ pub enum PathState {
     /// No pong yet.
     Unknown,
     Alive,
+    /// The probes went unanswered.
     Dead,
+    /// The probes answer but no WireGuard handshake gets through (see the module's docs).
+    NoHandshake,
 }
 
 impl PathState {
@@ -58,7 +83,13 @@ impl PathState {
             PathState::Unknown => "unknown",
             PathState::Alive => "alive",
             PathState::Dead => "dead",
+            PathState::NoHandshake => "no-handshake",
         }
+    }
+
+    /// The path carries nothing: the peer has no relayed endpoint.
+    pub fn is_dead(self) -> bool {
+        matches!(self, PathState::Dead | PathState::NoHandshake)
     }
 }
 
@@ -81,6 +112,8 @@ struct PathProbe {
     rtt: Option<Duration>,
     /// It has been alive (a death then excludes the relay for the pair).
     was_alive: bool,
+    /// When it last came alive (the handshake deadlines count from there).
+    alive_since: Option<Instant>,
 }
 
 impl PathProbe {
@@ -92,6 +125,7 @@ impl PathProbe {
             next: now,
             rtt: None,
             was_alive: false,
+            alive_since: None,
         }
     }
 }
@@ -123,7 +157,7 @@ struct Held {
 pub struct Client {
     held: BTreeMap<PublicKey, Held>,
     outstanding: HashMap<u64, (Request, Instant)>,
-    /// (peer, relay) whose relayed path died, and when.
+    /// (peer, relay) whose relayed path died, and until when it is excluded at least.
     failed: BTreeMap<(PublicKey, PublicKey), Instant>,
 }
 
@@ -237,7 +271,7 @@ impl Client {
     pub fn endpoints(&self) -> BTreeMap<PublicKey, (PublicKey, SocketAddr)> {
         self.held
             .iter()
-            .filter(|(_, h)| h.path.state != PathState::Dead)
+            .filter(|(_, h)| !h.path.state.is_dead())
             .filter_map(|(peer, h)| h.endpoint.map(|e| (*peer, (h.relay, e))))
             .collect()
     }
@@ -254,16 +288,17 @@ impl Client {
         h.endpoint.map(|_| h.path.state)
     }
 
-    /// The relays excluded per peer: their relayed path died less than [`FAILED_HOLD`] ago, or since
-    /// then the pair has been relayed alive through another relay (it stays there).
+    /// The relays excluded per peer: their relayed path died less than [`FAILED_HOLD`] ago (carried no
+    /// handshake less than [`NO_HANDSHAKE_HOLD`] ago), or since then the pair has been relayed alive
+    /// through another relay (it stays there).
     pub fn excluded(&self, now: Instant) -> BTreeMap<PublicKey, BTreeSet<PublicKey>> {
         let mut out: BTreeMap<PublicKey, BTreeSet<PublicKey>> = BTreeMap::new();
-        for ((peer, relay), at) in &self.failed {
+        for ((peer, relay), until) in &self.failed {
             let elsewhere = self
                 .held
                 .get(peer)
                 .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive);
-            if now.saturating_duration_since(*at) < FAILED_HOLD || elsewhere {
+            if now < *until || elsewhere {
                 out.entry(*peer).or_default().insert(*relay);
             }
         }
@@ -271,10 +306,12 @@ impl Client {
     }
 
     /// The pings of relayed paths due now, and whether a path's state changed (its peer's endpoint and
-    /// state with it). Missed pings are counted here.
+    /// state with it). Missed pings are counted here, and the handshake deadlines checked:
+    /// `last_handshake` is when WireGuard last completed a handshake with a peer, if it has a session.
     pub fn probe_paths(
         &mut self,
         now: Instant,
+        last_handshake: impl Fn(&PublicKey) -> Option<Instant>,
         mut nonce: impl FnMut() -> u64,
     ) -> (Vec<PathPing>, bool) {
         let mut changed = false;
@@ -292,11 +329,22 @@ impl Client {
                 p.outstanding.pop_front();
                 p.missed += 1;
             }
-            if p.missed >= PATH_DEAD_AFTER && p.state != PathState::Dead {
+            if p.missed >= PATH_DEAD_AFTER && !p.state.is_dead() {
                 p.state = PathState::Dead;
                 changed = true;
                 if p.was_alive {
-                    self.failed.insert((*peer, h.relay), now);
+                    self.failed.insert((*peer, h.relay), now + FAILED_HOLD);
+                }
+            }
+            if let (PathState::Alive, Some(since)) = (p.state, p.alive_since) {
+                let first = since + FIRST_HANDSHAKE_WITHIN;
+                let deadline =
+                    last_handshake(peer).map_or(first, |at| first.max(at + HANDSHAKE_STALE));
+                if now >= deadline {
+                    p.state = PathState::NoHandshake;
+                    changed = true;
+                    self.failed
+                        .insert((*peer, h.relay), now + NO_HANDSHAKE_HOLD);
                 }
             }
             if now >= p.next {
@@ -313,8 +361,8 @@ impl Client {
         }
         // Exclusions no longer in force are forgotten.
         let held = &self.held;
-        self.failed.retain(|(peer, relay), at| {
-            now.saturating_duration_since(*at) < FAILED_HOLD
+        self.failed.retain(|(peer, relay), until| {
+            now < *until
                 || held
                     .get(peer)
                     .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive)
@@ -342,8 +390,15 @@ impl Client {
         let (_, sent) = p.outstanding.remove(i)?;
         p.rtt = Some(at.saturating_duration_since(sent));
         p.missed = 0;
+        if p.state == PathState::NoHandshake {
+            // Its probes answer; its WireGuard did not: it stays down until the pair leaves it.
+            return Some(false);
+        }
         p.was_alive = true;
         let changed = p.state != PathState::Alive;
+        if changed {
+            p.alive_since = Some(at);
+        }
         p.state = PathState::Alive;
         Some(changed)
     }

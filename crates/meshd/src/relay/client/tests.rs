@@ -163,10 +163,14 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     granted_at(&mut c, t, b, r, to, 40001);
     assert_eq!(c.path_state(&b), Some(PathState::Unknown));
     // Pinged at once, at the relay port, then every PATH_EVERY.
-    let (pings, _) = c.probe_paths(t, &mut nonce);
+    let (pings, _) = c.probe_paths(t, |_| Some(t), &mut nonce);
     assert_eq!(pings.len(), 1);
     assert_eq!((pings[0].peer, pings[0].to), (b, ep));
-    assert!(c.probe_paths(t + PATH_EVERY / 2, &mut nonce).0.is_empty());
+    assert!(
+        c.probe_paths(t + PATH_EVERY / 2, |_| Some(t), &mut nonce)
+            .0
+            .is_empty()
+    );
     // A pong from elsewhere, or not echoing the relay port, or for no ping of ours: not taken.
     let at = t + Duration::from_millis(20);
     assert_eq!(c.on_pong(at, b, to, pings[0].nonce, Some(ep)), None);
@@ -181,7 +185,7 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     // The relay stops forwarding: 3 pings in a row without a pong, the path is dead (2-2.5 s).
     let mut now = t + PATH_EVERY;
     let died = loop {
-        let (_, changed) = c.probe_paths(now, &mut nonce);
+        let (_, changed) = c.probe_paths(now, |_| Some(t), &mut nonce);
         if changed {
             break now;
         }
@@ -199,7 +203,7 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     assert_eq!(c.excluded(died)[&b], BTreeSet::from([r]));
     // The plan moves the pair to r2; alive there, r stays excluded after the hold.
     granted_at(&mut c, died, b, r2, to2, 40009);
-    let (pings, _) = c.probe_paths(died, &mut nonce);
+    let (pings, _) = c.probe_paths(died, |_| Some(t), &mut nonce);
     assert_eq!(pings.len(), 1);
     let ep2: SocketAddr = "198.51.100.2:40009".parse().unwrap();
     assert_eq!(
@@ -210,7 +214,7 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     assert_eq!(c.excluded(later)[&b], BTreeSet::from([r]));
     // Without another live relay the exclusion ends with the hold.
     c.poll(later, &BTreeMap::new(), &mut nonce);
-    c.probe_paths(later, &mut nonce);
+    c.probe_paths(later, |_| Some(t), &mut nonce);
     assert!(c.excluded(later).is_empty());
 }
 
@@ -226,7 +230,7 @@ fn a_relayed_path_that_never_answered_excludes_nothing_and_comes_alive_later() {
     let mut now = t;
     let mut last = 0;
     while now < t + Duration::from_secs(4) {
-        if let Some(p) = c.probe_paths(now, &mut nonce).0.first() {
+        if let Some(p) = c.probe_paths(now, |_| Some(t), &mut nonce).0.first() {
             last = p.nonce;
         }
         now += Duration::from_millis(250);
@@ -236,4 +240,129 @@ fn a_relayed_path_that_never_answered_excludes_nothing_and_comes_alive_later() {
     // The other party arrives: the next pong brings it alive, the endpoint back.
     assert_eq!(c.on_pong(now, b, ep, last, Some(ep)), Some(true));
     assert_eq!(c.endpoints()[&b], (r, ep));
+}
+
+/// Probes `b`'s relayed path through `ep` from `from` until `until` (every 250 ms), each ping answered at
+/// once, WireGuard's last handshake as `handshake` says; returns when the path's state changed, if it did.
+fn answered_until(
+    c: &mut Client,
+    (b, ep): (PublicKey, SocketAddr),
+    (from, until): (Instant, Instant),
+    handshake: impl Fn(Instant) -> Option<Instant>,
+    nonce: &mut impl FnMut() -> u64,
+) -> Option<Instant> {
+    let mut now = from;
+    while now < until {
+        let (pings, changed) = c.probe_paths(now, |_| handshake(now), &mut *nonce);
+        if changed {
+            return Some(now);
+        }
+        for p in pings {
+            c.on_pong(now, b, ep, p.nonce, Some(ep));
+        }
+        now += Duration::from_millis(250);
+    }
+    None
+}
+
+#[test]
+fn a_relayed_path_that_answers_probes_but_carries_no_handshake_is_left() {
+    // A relay that forwards the probes (their size tells them apart) and drops WireGuard's datagrams.
+    let (b, r) = (key(2), key(3));
+    let to: SocketAddr = "198.51.100.1:51822".parse().unwrap();
+    let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
+    let mut c = Client::default();
+    let mut nonce = nonces();
+    let t = Instant::now();
+    granted_at(&mut c, t, b, r, to, 40001);
+    let (pings, _) = c.probe_paths(t, |_| None, &mut nonce);
+    assert_eq!(c.on_pong(t, b, ep, pings[0].nonce, Some(ep)), Some(true));
+    // The probes keep answering; no handshake ever completes: the path is given
+    // FIRST_HANDSHAKE_WITHIN from when it came alive.
+    let step = Duration::from_millis(250);
+    let left = answered_until(
+        &mut c,
+        (b, ep),
+        (t + step, t + Duration::from_secs(60)),
+        |_| None,
+        &mut nonce,
+    )
+    .expect("a path without handshakes is never left");
+    let took = left - t;
+    assert!(
+        took >= FIRST_HANDSHAKE_WITHIN && took <= FIRST_HANDSHAKE_WITHIN + step,
+        "{took:?}"
+    );
+    assert_eq!(c.path_state(&b), Some(PathState::NoHandshake));
+    assert_eq!(c.views(left)[0].path.as_str(), "no-handshake");
+    // No relayed endpoint (the peer is down), and the relay is excluded for the pair.
+    assert!(c.endpoints().is_empty());
+    assert_eq!(c.excluded(left)[&b], BTreeSet::from([r]));
+    // Its pongs keep coming: they do not bring it back.
+    let (pings, _) = c.probe_paths(left + PATH_EVERY, |_| None, &mut nonce);
+    assert_eq!(
+        c.on_pong(left + PATH_EVERY, b, ep, pings[0].nonce, Some(ep)),
+        Some(false)
+    );
+    assert_eq!(c.path_state(&b), Some(PathState::NoHandshake));
+    // With no other relay it stays excluded for NO_HANDSHAKE_HOLD (not just FAILED_HOLD: it answers
+    // probes, so it would be taken again at once), then it may be tried again.
+    let later = left + FAILED_HOLD + Duration::from_secs(1);
+    c.poll(later, &BTreeMap::new(), &mut nonce);
+    c.probe_paths(later, |_| None, &mut nonce);
+    assert_eq!(c.excluded(later)[&b], BTreeSet::from([r]));
+    let after = left + NO_HANDSHAKE_HOLD;
+    c.probe_paths(after, |_| None, &mut nonce);
+    assert!(c.excluded(after).is_empty());
+}
+
+#[test]
+fn a_relayed_path_keeps_a_valid_session_and_must_renew_it() {
+    let (b, r) = (key(2), key(3));
+    let to: SocketAddr = "198.51.100.1:51822".parse().unwrap();
+    let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
+    let mut nonce = nonces();
+    let t = Instant::now() + Duration::from_secs(1000);
+    let start = |c: &mut Client, nonce: &mut dyn FnMut() -> u64| {
+        granted_at(c, t, b, r, to, 40001);
+        let (pings, _) = c.probe_paths(t, |_| None, &mut *nonce);
+        assert_eq!(c.on_pong(t, b, ep, pings[0].nonce, Some(ep)), Some(true));
+    };
+    // WireGuard renews the session every 2 minutes (persistent keepalives make it send): never left.
+    let mut c = Client::default();
+    start(&mut c, &mut nonce);
+    let renewed = |now: Instant| {
+        let age = now.saturating_duration_since(t).as_secs() % 120;
+        Some(now - Duration::from_secs(age))
+    };
+    assert_eq!(
+        answered_until(
+            &mut c,
+            (b, ep),
+            (t, t + Duration::from_secs(600)),
+            renewed,
+            &mut nonce
+        ),
+        None
+    );
+    assert_eq!(c.path_state(&b), Some(PathState::Alive));
+    // A session from before the relay (a direct path's, 100 s old) holds while it is valid, but it
+    // must be renewed through the relay: left HANDSHAKE_STALE after that handshake, not earlier.
+    let mut c = Client::default();
+    start(&mut c, &mut nonce);
+    let old = t - Duration::from_secs(100);
+    let left = answered_until(
+        &mut c,
+        (b, ep),
+        (t, t + Duration::from_secs(600)),
+        |_| Some(old),
+        &mut nonce,
+    )
+    .expect("a session never renewed through the relay is never left");
+    let took = left - old;
+    assert!(
+        took >= HANDSHAKE_STALE && took <= HANDSHAKE_STALE + Duration::from_millis(250),
+        "{took:?}"
+    );
+    assert_eq!(c.path_state(&b), Some(PathState::NoHandshake));
 }
