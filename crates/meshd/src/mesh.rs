@@ -77,7 +77,8 @@ pub struct Peer {
     since: Instant,
     /// Order of first sight (an earlier peer keeps a mesh address a later one claims too).
     pub seniority: u64,
-    /// The last WireGuard handshake, from the device's age at the last stats read.
+    /// The last WireGuard handshake, from the device's age at the last stats read (the latest seen: a
+    /// reading without one keeps it).
     last_handshake_at: Option<Instant>,
 }
 
@@ -1327,7 +1328,11 @@ impl Mesh {
                     );
                     peer.counted = (stats.rx_bytes, stats.tx_bytes);
                 }
-                peer.last_handshake_at = stats.last_handshake.and_then(|age| now.checked_sub(age));
+                // Kept across a reading without one: boringtun reports no handshake while its session
+                // has expired and the next is under way (an idle session: 180 s to 205 s after the
+                // last), where the kernel keeps reporting the last one.
+                let read = stats.last_handshake.and_then(|age| now.checked_sub(age));
+                peer.last_handshake_at = peer.last_handshake_at.max(read);
                 peer.stats = *stats;
             }
         }

@@ -136,7 +136,9 @@ impl NatLab {
         );
     }
 
-    fn nft(&self, ns: &Netns, name: &str, script: &str) {
+    /// Loads `script` with `nft -f` in `ns` (the file goes in the lab's directory, named after `name`);
+    /// fails the test when nft refuses it.
+    pub fn nft(&self, ns: &Netns, name: &str, script: &str) {
         let path = self.dir.join(format!("{name}-{}.nft", fastrand_suffix()));
         std::fs::write(&path, script).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let out = ns.exec(&["nft", "-f", &path.to_string_lossy()]);

@@ -27,8 +27,8 @@
 //! carries nothing. So an alive relayed path must also carry the pair's WireGuard handshakes, which only
 //! the two parties can complete: a first one within [`FIRST_HANDSHAKE_WITHIN`] of the path coming alive
 //! (unless an earlier session, established directly or through another relay, is still valid), and none
-//! older than [`HANDSHAKE_STALE`] after that (WireGuard renews a session every 2 minutes while it sends,
-//! and persistent keepalives make it send; a session is unusable after 3). A path that fails that is
+//! older than [`HANDSHAKE_STALE`] after that (an idle session is renewed within 205 s, a busy one
+//! within 2 minutes; a session is unusable after 3). A path that fails that is
 //! [`PathState::NoHandshake`]: its peer is down, and the relay is excluded for the pair for
 //! [`NO_HANDSHAKE_HOLD`] (it answers probes, so it would be taken again at once). The verdict does not
 //! say who dropped the handshakes: a peer whose WireGuard does not know us fails it too, and is down
@@ -58,10 +58,13 @@ pub const FAILED_HOLD: Duration = Duration::from_secs(30);
 /// session still valid) carries nothing: WireGuard initiates at once (the endpoint change sends a
 /// datagram through the tunnel) and retries every 5 s.
 pub const FIRST_HANDSHAKE_WITHIN: Duration = Duration::from_secs(30);
-/// A WireGuard session whose last handshake is older than this cannot carry data: WireGuard rejects a
-/// session after 180 s (`REJECT_AFTER_TIME`), and renews a live one after 120 s on the next send, which
-/// persistent keepalives (25 s) guarantee; the rest is margin for the handshake's own retries.
-pub const HANDSHAKE_STALE: Duration = Duration::from_secs(200);
+/// A WireGuard session whose last handshake is older than this is not being renewed: a session is
+/// rejected after 180 s (`REJECT_AFTER_TIME`). The kernel renews one after 120 s on its initiator's
+/// next send, keepalives included (`keep_key_fresh` in `send.c`): at most 145 s with persistent
+/// keepalives (25 s). boringtun renews only on data (`update_timers` in `noise/timers.rs` skips
+/// keepalives), so an idle session expires at 180 s and the next keepalive starts a new one: at most
+/// 205 s. The rest is margin for the handshake's own retries (5 s each).
+pub const HANDSHAKE_STALE: Duration = Duration::from_secs(240);
 /// A relay whose path answered probes but carried no handshake is excluded for the pair this long.
 pub const NO_HANDSHAKE_HOLD: Duration = Duration::from_secs(300);
 

@@ -141,6 +141,16 @@ fn a_refusal_is_retried_later_and_a_new_relay_starts_over() {
     assert!(c.endpoints().is_empty());
 }
 
+/// A client granted for peer `key(2)` through relay `key(3)` (probe address 198.51.100.1:51822) at
+/// port 40001, at `t`: the client, the peer, the relay and the relayed endpoint.
+fn granted_pair(t: Instant) -> (Client, PublicKey, PublicKey, SocketAddr) {
+    let (b, r) = (key(2), key(3));
+    let to: SocketAddr = "198.51.100.1:51822".parse().unwrap();
+    let mut c = Client::default();
+    granted_at(&mut c, t, b, r, to, 40001);
+    (c, b, r, "198.51.100.1:40001".parse().unwrap())
+}
+
 /// Granted for `b` through `r` at `ep` (request sent at `t`).
 fn granted_at(c: &mut Client, t: Instant, b: PublicKey, r: PublicKey, to: SocketAddr, port: u16) {
     let wanted = BTreeMap::from([(b, (r, to))]);
@@ -220,13 +230,9 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
 
 #[test]
 fn a_relayed_path_that_never_answered_excludes_nothing_and_comes_alive_later() {
-    let (b, r) = (key(2), key(3));
-    let to: SocketAddr = "198.51.100.1:51822".parse().unwrap();
-    let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
-    let mut c = Client::default();
-    let mut nonce = nonces();
     let t = Instant::now();
-    granted_at(&mut c, t, b, r, to, 40001);
+    let (mut c, b, r, ep) = granted_pair(t);
+    let mut nonce = nonces();
     let mut now = t;
     let mut last = 0;
     while now < t + Duration::from_secs(4) {
@@ -268,13 +274,9 @@ fn answered_until(
 #[test]
 fn a_relayed_path_that_answers_probes_but_carries_no_handshake_is_left() {
     // A relay that forwards the probes (their size tells them apart) and drops WireGuard's datagrams.
-    let (b, r) = (key(2), key(3));
-    let to: SocketAddr = "198.51.100.1:51822".parse().unwrap();
-    let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
-    let mut c = Client::default();
-    let mut nonce = nonces();
     let t = Instant::now();
-    granted_at(&mut c, t, b, r, to, 40001);
+    let (mut c, b, r, ep) = granted_pair(t);
+    let mut nonce = nonces();
     let (pings, _) = c.probe_paths(t, |_| None, &mut nonce);
     assert_eq!(c.on_pong(t, b, ep, pings[0].nonce, Some(ep)), Some(true));
     // The probes keep answering; no handshake ever completes: the path is given
@@ -318,21 +320,20 @@ fn a_relayed_path_that_answers_probes_but_carries_no_handshake_is_left() {
 
 #[test]
 fn a_relayed_path_keeps_a_valid_session_and_must_renew_it() {
-    let (b, r) = (key(2), key(3));
-    let to: SocketAddr = "198.51.100.1:51822".parse().unwrap();
-    let ep: SocketAddr = "198.51.100.1:40001".parse().unwrap();
     let mut nonce = nonces();
     let t = Instant::now() + Duration::from_secs(1000);
-    let start = |c: &mut Client, nonce: &mut dyn FnMut() -> u64| {
-        granted_at(c, t, b, r, to, 40001);
+    // Granted, and alive at `t`.
+    let alive = |nonce: &mut dyn FnMut() -> u64| {
+        let (mut c, b, _, ep) = granted_pair(t);
         let (pings, _) = c.probe_paths(t, |_| None, &mut *nonce);
         assert_eq!(c.on_pong(t, b, ep, pings[0].nonce, Some(ep)), Some(true));
+        (c, b, ep)
     };
-    // WireGuard renews the session every 2 minutes (persistent keepalives make it send): never left.
-    let mut c = Client::default();
-    start(&mut c, &mut nonce);
+    // An idle session on boringtun: it expires at 180 s and the next persistent keepalive (25 s)
+    // starts a new one, 205 s after the last at worst (the kernel's renews within 145 s): never left.
+    let (mut c, b, ep) = alive(&mut nonce);
     let renewed = |now: Instant| {
-        let age = now.saturating_duration_since(t).as_secs() % 120;
+        let age = now.saturating_duration_since(t).as_secs() % 205;
         Some(now - Duration::from_secs(age))
     };
     assert_eq!(
@@ -348,8 +349,7 @@ fn a_relayed_path_keeps_a_valid_session_and_must_renew_it() {
     assert_eq!(c.path_state(&b), Some(PathState::Alive));
     // A session from before the relay (a direct path's, 100 s old) holds while it is valid, but it
     // must be renewed through the relay: left HANDSHAKE_STALE after that handshake, not earlier.
-    let mut c = Client::default();
-    start(&mut c, &mut nonce);
+    let (mut c, b, ep) = alive(&mut nonce);
     let old = t - Duration::from_secs(100);
     let left = answered_until(
         &mut c,
