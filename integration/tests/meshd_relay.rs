@@ -858,6 +858,20 @@ fn a_relay_that_forwards_probes_but_drops_wireguard_is_left_for_the_other_relay(
             lab.nodes[i].name()
         );
     }
+    // Each party's status says which relay it left for the other, and why.
+    for (i, j) in [(a, b), (b, a)] {
+        let status = relay_status(&lab, i);
+        let held = status["excluded"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| {
+                x["peer"] == lab.nodes[j].name().as_str()
+                    && x["relay"] == via.as_str()
+                    && x["reason"] == "no-handshake"
+            });
+        assert!(held, "{}'s status: {status}", lab.nodes[i].name());
+    }
     // The relay that dropped WireGuard is still excluded: the pair stays on the other one.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(lab.path(a, b).map(|p| p.1), Ok(other.clone()));

@@ -150,6 +150,20 @@ fn relay(mesh: &Mesh, name_of: &dyn Fn(&hybridnet_config::PublicKey) -> String) 
             })
         })
         .collect();
+    // Relays passed over for a peer: their relayed path died (no pongs) or carried no handshake.
+    let excluded: Vec<Value> = mesh
+        .relaying
+        .exclusions(now)
+        .iter()
+        .map(|x| {
+            json!({
+                "peer": name_of(&x.peer),
+                "relay": name_of(&x.relay),
+                "reason": x.reason.as_str(),
+                "leftS": x.left.as_secs(),
+            })
+        })
+        .collect();
     let (stats, rows) = mesh.forwarder().snapshot();
     let allocations: Vec<Value> = rows
         .iter()
@@ -164,6 +178,7 @@ fn relay(mesh: &Mesh, name_of: &dyn Fn(&hybridnet_config::PublicKey) -> String) 
     json!({
         "relays": mesh.relays_for_others(),
         "grants": grants,
+        "excluded": excluded,
         "allocations": allocations,
         "openPorts": mesh.forwarder().open_ports(),
         "forwardedPackets": stats.forwarded_packets,
@@ -265,6 +280,21 @@ pub fn render(details: &Value) -> String {
                 },
                 (None, Some(why)) => format!("refused ({why})"),
                 (None, None) => "asking".to_owned(),
+            }
+        );
+    }
+    for x in relay["excluded"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "relay {} left for {}: path {}, held {}s more{}",
+            s(&x["relay"]),
+            s(&x["peer"]),
+            s(&x["reason"]),
+            x["leftS"],
+            if x["leftS"] == 0 {
+                " (and while relayed through another)"
+            } else {
+                ""
             }
         );
     }
@@ -383,6 +413,10 @@ mod tests {
                     {"peer": "node5", "relay": "node1", "endpoint": "198.51.100.11:40001", "expiresInS": 52, "refused": null},
                     {"peer": "node6", "relay": "node1", "endpoint": null, "expiresInS": null, "refused": "not-relay"},
                 ],
+                "excluded": [
+                    {"peer": "node5", "relay": "node2", "reason": "no-handshake", "leftS": 287},
+                    {"peer": "node7", "relay": "node2", "reason": "dead", "leftS": 0},
+                ],
             },
         });
         let out = render(&details);
@@ -392,6 +426,16 @@ mod tests {
         );
         assert!(
             out.contains("relayed node6 via node1: refused (not-relay)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("relay node2 left for node5: path no-handshake, held 287s more\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "relay node2 left for node7: path dead, held 0s more (and while relayed through another)"
+            ),
             "{out}"
         );
         assert!(

@@ -160,8 +160,20 @@ struct Held {
 pub struct Client {
     held: BTreeMap<PublicKey, Held>,
     outstanding: HashMap<u64, (Request, Instant)>,
-    /// (peer, relay) whose relayed path died, and until when it is excluded at least.
-    failed: BTreeMap<(PublicKey, PublicKey), Instant>,
+    /// (peer, relay) whose relayed path died: until when it is excluded at least, and how it died
+    /// ([`PathState::Dead`] or [`PathState::NoHandshake`]).
+    failed: BTreeMap<(PublicKey, PublicKey), (Instant, PathState)>,
+}
+
+/// A relay passed over for a peer, as `meshd status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exclusion {
+    pub peer: PublicKey,
+    pub relay: PublicKey,
+    /// How its relayed path died.
+    pub reason: PathState,
+    /// How long the hold lasts still (zero: held only while the pair is relayed alive elsewhere).
+    pub left: Duration,
 }
 
 /// A relayed peer's allocation as `meshd status` shows it.
@@ -296,16 +308,31 @@ impl Client {
     /// through another relay (it stays there).
     pub fn excluded(&self, now: Instant) -> BTreeMap<PublicKey, BTreeSet<PublicKey>> {
         let mut out: BTreeMap<PublicKey, BTreeSet<PublicKey>> = BTreeMap::new();
-        for ((peer, relay), until) in &self.failed {
-            let elsewhere = self
-                .held
-                .get(peer)
-                .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive);
-            if now < *until || elsewhere {
-                out.entry(*peer).or_default().insert(*relay);
-            }
+        for x in self.exclusions(now) {
+            out.entry(x.peer).or_default().insert(x.relay);
         }
         out
+    }
+
+    /// The relays excluded per peer ([`Client::excluded`]), with why and for how long.
+    pub fn exclusions(&self, now: Instant) -> Vec<Exclusion> {
+        self.failed
+            .iter()
+            .filter(|((peer, relay), (until, _))| now < *until || self.elsewhere(peer, relay))
+            .map(|((peer, relay), (until, reason))| Exclusion {
+                peer: *peer,
+                relay: *relay,
+                reason: *reason,
+                left: until.saturating_duration_since(now),
+            })
+            .collect()
+    }
+
+    /// Whether `peer` is relayed alive through a relay other than `relay`.
+    fn elsewhere(&self, peer: &PublicKey, relay: &PublicKey) -> bool {
+        self.held
+            .get(peer)
+            .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive)
     }
 
     /// The pings of relayed paths due now, and whether a path's state changed (its peer's endpoint and
@@ -336,7 +363,8 @@ impl Client {
                 p.state = PathState::Dead;
                 changed = true;
                 if p.was_alive {
-                    self.failed.insert((*peer, h.relay), now + FAILED_HOLD);
+                    self.failed
+                        .insert((*peer, h.relay), (now + FAILED_HOLD, PathState::Dead));
                 }
             }
             if let (PathState::Alive, Some(since)) = (p.state, p.alive_since) {
@@ -346,8 +374,10 @@ impl Client {
                 if now >= deadline {
                     p.state = PathState::NoHandshake;
                     changed = true;
-                    self.failed
-                        .insert((*peer, h.relay), now + NO_HANDSHAKE_HOLD);
+                    self.failed.insert(
+                        (*peer, h.relay),
+                        (now + NO_HANDSHAKE_HOLD, PathState::NoHandshake),
+                    );
                 }
             }
             if now >= p.next {
@@ -363,13 +393,15 @@ impl Client {
             }
         }
         // Exclusions no longer in force are forgotten.
-        let held = &self.held;
-        self.failed.retain(|(peer, relay), until| {
-            now < *until
-                || held
-                    .get(peer)
-                    .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive)
-        });
+        let over: Vec<_> = self
+            .failed
+            .iter()
+            .filter(|((peer, relay), (until, _))| now >= *until && !self.elsewhere(peer, relay))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in over {
+            self.failed.remove(&k);
+        }
         (due, changed)
     }
 

@@ -300,6 +300,15 @@ fn a_relayed_path_that_answers_probes_but_carries_no_handshake_is_left() {
     // No relayed endpoint (the peer is down), and the relay is excluded for the pair.
     assert!(c.endpoints().is_empty());
     assert_eq!(c.excluded(left)[&b], BTreeSet::from([r]));
+    assert_eq!(
+        c.exclusions(left),
+        vec![Exclusion {
+            peer: b,
+            relay: r,
+            reason: PathState::NoHandshake,
+            left: NO_HANDSHAKE_HOLD,
+        }]
+    );
     // Its pongs keep coming: they do not bring it back.
     let (pings, _) = c.probe_paths(left + PATH_EVERY, |_| None, &mut nonce);
     assert_eq!(
