@@ -71,6 +71,14 @@ MESHD = [
         ("meshd_refused_prefixes{$sel}", "refused now"),
         ("sum by (peer, reason) (increase(meshd_prefixes_refused_total{$sel}[1h]))", "{{peer}} {{reason}} (new in 1h)"),
     ], "short", "timeseries"),
+    ("Relayed peers: granted, failed paths (15m)", [
+        ("meshd_relay_grants{$sel}", "granted"),
+        ("sum by (reason) (increase(meshd_relay_paths_failed_total{$sel}[15m]))", "failed: {{reason}}"),
+    ], "short", "timeseries"),
+    ("Relay for others: allocations, forwarded /s", [
+        ("meshd_relay_allocations{$sel}", "allocations"),
+        (f"sum(rate(meshd_relay_forwarded_packets_total{{$sel}}[{R}]))", "forwarded /s"),
+    ], "short", "timeseries"),
 ]
 
 DNSLOCAL = [
