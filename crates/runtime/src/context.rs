@@ -98,13 +98,23 @@ impl StatusHandle {
         let details = serde_json::value::to_raw_value(&details)
             .ok()
             .map(Arc::from);
+        self.replace(summary.into(), details);
+    }
+
+    /// Replaces the summary line and the details, given as JSON text: a daemon with large details writes
+    /// them piece by piece instead of building one `Value` of them all.
+    pub fn set_json(&self, summary: impl Into<String>, details: Box<RawValue>) {
+        self.replace(summary.into(), Some(Arc::from(details)));
+    }
+
+    fn replace(&self, summary: String, details: Option<Arc<RawValue>>) {
         let old = std::mem::replace(
             &mut *self
                 .inner
                 .report
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
-            (summary.into(), details),
+            (summary, details),
         );
         drop(old); // outside the lock
         self.touch();
@@ -176,5 +186,9 @@ mod tests {
         let read: DaemonStatus = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read.details, details);
         assert_eq!(read.summary, "1/1 peers up");
+        // Details given as text are kept as given.
+        let raw = RawValue::from_string(text).unwrap_or_else(|e| panic!("{e}"));
+        status.set_json("again", raw);
+        assert_eq!(status.get(), ("again".to_owned(), details));
     }
 }
