@@ -102,6 +102,8 @@ printf '%-44s %10s ms\n' "reconcile, $(v reconcile_peers) peers: first pass" "$(
 printf '%-44s %12s %22s\n' "  one peer changes: WireGuard / route ops" "$(v reconcile_one_change_wg_ops) / $(v reconcile_one_change_route_ops)" "all peers every 30 s"
 printf '%-44s %10s ms\n' "  one peer changes: pass" "$(v reconcile_one_change_pass_ms)"
 printf '%-44s %10s KiB\n' "  daemon RSS with every peer configured" "$(v reconcile_rss_kib)"
+printf '%-44s %10s KiB\n' "  daemon RSS settled / peak over 3 s" "$(v reconcile_rss_min_kib) / $(v reconcile_rss_max_kib)"
+printf '%-44s %10s KiB\n' "  daemon VmHWM (first pass included)" "$(v reconcile_hwm_kib)"
 printf '%-44s %10s s %20s s %8s\n' "gateway failover p50 ($(v gateway_failover_n) kills)" "$(v gateway_failover_p50_s)" "Kilo 60-90" "$(ratio "$(v gateway_failover_p50_s)" 60)"
 printf '%-44s %10s s %20s s\n' "gateway failover p99" "$(v gateway_failover_p99_s)" "Kilo 90"
 printf '%-44s %10s s %20s s\n' "gateway failover max" "$(v gateway_failover_max_s)" "Kilo 90"

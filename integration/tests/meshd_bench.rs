@@ -213,6 +213,18 @@ fn bench_reconcile() {
     // peer costs, everything included (the count from the types is `probing::tests::per_peer_bytes`).
     std::thread::sleep(Duration::from_secs(3));
     let rss_kib = rss_kib(d.pid());
+    // One sample catches the status details' rebuild (every second, a few KiB per peer while it lasts) or
+    // misses it: the lowest and highest over the next 3 s (every 100 ms) tell the settled RSS from the
+    // peaks; `VmHWM` is the highest RSS since the start (the first pass included).
+    let samples: Vec<u64> = (0..30)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            status_kib(d.pid(), "VmRSS:")
+        })
+        .collect();
+    let rss_min_kib = samples.iter().copied().min().unwrap_or(0);
+    let rss_max_kib = samples.iter().copied().max().unwrap_or(0);
+    let hwm_kib = status_kib(d.pid(), "VmHWM:");
     let ops0 = metric(&d, "meshd_wireguard_peer_ops_total");
     let routes0 = metric(&d, "meshd_route_changes_total");
     // One peer changes (a new endpoint and allowed IP): the reload must touch that peer only.
@@ -251,6 +263,9 @@ fn bench_reconcile() {
         first_reconcile * 1e3
     );
     let _ = writeln!(out, "BENCH reconcile_rss_kib {rss_kib}");
+    let _ = writeln!(out, "BENCH reconcile_rss_min_kib {rss_min_kib}");
+    let _ = writeln!(out, "BENCH reconcile_rss_max_kib {rss_max_kib}");
+    let _ = writeln!(out, "BENCH reconcile_hwm_kib {hwm_kib}");
     let _ = writeln!(out, "BENCH reconcile_one_change_wg_ops {ops}");
     let _ = writeln!(out, "BENCH reconcile_one_change_route_ops {routes}");
     let _ = writeln!(
@@ -267,11 +282,16 @@ fn bench_reconcile() {
 
 /// `VmRSS` of process `pid` in KiB (0 when unreadable).
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), 0 when unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)

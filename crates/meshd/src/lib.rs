@@ -270,14 +270,20 @@ async fn report(
     // One plan for the metrics and the status (at thousands of peers a plan costs milliseconds).
     let planned = mesh.planned();
     mesh.update_metrics(&planned.paths);
-    let (summary, mut details) = status::report(mesh, &planned);
+    let (summary, mut details, peers) = status::report(mesh, &planned);
     if let Some(d) = discovery {
         details["discovery"] = serde_json::json!({
             "synced": d.snapshot.borrow().synced,
             "registries": d.snapshot.borrow().registries,
         });
     }
-    ctx.status.set(summary, details);
+    match status::with_peers(&details, peers) {
+        Ok(json) => ctx.status.set_json(summary, json),
+        Err(error) => {
+            tracing::warn!(%error, "cannot write the peer table into the status details");
+            ctx.status.set(summary, details);
+        }
+    }
     if mesh.last_error.is_none() && !ctx.is_ready() {
         ctx.set_ready(true);
     }

@@ -339,7 +339,8 @@ async fn write_status(
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let (mut summary, details) = ctx.status.get();
+        // The details as the daemon's report holds them (JSON text, shared): written without a copy.
+        let (mut summary, details) = ctx.status.shared();
         if stopping {
             summary = STOPPED.to_owned();
         }
@@ -354,19 +355,21 @@ async fn write_status(
             config_generation: generation,
             config_error,
             summary,
-            details,
+            details: (),
         };
         let dir = StateDir::new(ctx.config.borrow().state_dir.clone());
         let daemon = shared.daemon;
         // The write fsyncs a file and its directory: keep it off the async workers (the data paths).
-        let written = tokio::task::spawn_blocking(move || dir.write(daemon, RECORD, &record))
-            .await
-            .unwrap_or_else(|join| {
-                Err(hybridnet_state::Error::Io {
-                    path: PathBuf::from(RECORD),
-                    source: std::io::Error::other(join.to_string()),
-                })
-            });
+        let written = tokio::task::spawn_blocking(move || {
+            dir.write(daemon, RECORD, &record.with_details(details.as_deref()))
+        })
+        .await
+        .unwrap_or_else(|join| {
+            Err(hybridnet_state::Error::Io {
+                path: PathBuf::from(RECORD),
+                source: std::io::Error::other(join.to_string()),
+            })
+        });
         match written {
             Ok(()) => last_error = None,
             Err(error) => {

@@ -28,9 +28,12 @@ pub fn status_record(daemon: &str) -> (&str, &'static str) {
 }
 
 /// `<daemon>/status.json`: each daemon's health and counters, for `status` and for the other daemons.
+///
+/// `D` is the details' type: a [`serde_json::Value`] when read; a writer may serialize borrowed details
+/// (`DaemonStatus<&Value>`) without copying them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
-pub struct DaemonStatus {
+pub struct DaemonStatus<D = serde_json::Value> {
     /// `apiprism`, `meshd` or `dnslocal`.
     pub daemon: String,
     /// The daemon's version.
@@ -52,7 +55,26 @@ pub struct DaemonStatus {
     /// What the daemon is doing, one line.
     pub summary: String,
     /// Daemon-specific details (upstream table, peer table, cache counters ...).
-    pub details: serde_json::Value,
+    pub details: D,
+}
+
+impl<D> DaemonStatus<D> {
+    /// The same record with other details (borrowed ones, to serialize without a copy).
+    pub fn with_details<E>(self, details: E) -> DaemonStatus<E> {
+        DaemonStatus {
+            daemon: self.daemon,
+            version: self.version,
+            pid: self.pid,
+            started_at: self.started_at,
+            updated_at: self.updated_at,
+            ready: self.ready,
+            config_path: self.config_path,
+            config_generation: self.config_generation,
+            config_error: self.config_error,
+            summary: self.summary,
+            details,
+        }
+    }
 }
 
 /// `meshd/members.json`: the cluster members meshd knows, this node included.

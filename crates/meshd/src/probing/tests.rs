@@ -382,10 +382,19 @@ fn per_peer_bytes() -> usize {
     per_peer_items().iter().map(|(_, b)| b).sum()
 }
 
-/// The userspace backend's tunnel per peer (boringtun's `Tunn`, inline: its sessions, handshake, timers),
-/// besides its peer record and allowed-IP entries: the kernel backend keeps the equivalent in the kernel.
+/// The userspace backend's tunnel per peer (boringtun's `Tunn`: its handshake, timers and session slots),
+/// besides its peer record, allowed-IP entries and live sessions (boxed, about 1.3 KB each, one or two
+/// per peer with traffic): the kernel backend keeps the equivalent in the kernel.
 fn per_peer_boringtun_bytes() -> usize {
     std::mem::size_of::<boringtun::noise::Tunn>()
+}
+
+#[test]
+fn boringtun_tunnel_without_its_sessions_stays_under_2_kib() {
+    // vendor/boringtun (HYBRIDNET-PATCH.md): the eight session slots are boxed; inline they made the
+    // tunnel 11,040 bytes, mostly empty slots, for every peer.
+    let bytes = per_peer_boringtun_bytes();
+    assert!(bytes <= 2048, "size_of::<Tunn>() = {bytes} B");
 }
 
 /// The per-peer series (state, RTT, handshake age, rx, tx, failovers, active endpoint, path): one row of

@@ -7,7 +7,8 @@ use socket2::{Domain, Protocol, Type};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::str::FromStr;
 
-use crate::device::{AllowedIps, Error};
+use crate::device::Error;
+use ip_network::IpNetwork;
 use crate::noise::{Tunn, TunnResult};
 
 #[derive(Default, Debug)]
@@ -22,7 +23,12 @@ pub struct Peer {
     /// The index the tunnel uses
     index: u32,
     endpoint: RwLock<Endpoint>,
-    allowed_ips: AllowedIps<()>,
+    // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): the peer's own networks as a list, not an `AllowedIps<()>`
+    // trie: an empty `IpNetworkTable` preallocates 4,608 bytes (two tables of nine buckets, each with a
+    // 32-slot free list, per family), 4.6 KiB per peer for the one or few networks a peer has. The device's
+    // table (`Device::peers_by_ip`) stays the trie that routes packets; this list only answers
+    // `is_allowed_ip` (any network holding the address, as the trie's lookup did) and lists the networks.
+    allowed_ips: Vec<IpNetwork>,
     preshared_key: Option<[u8; 32]>,
 }
 
@@ -58,16 +64,21 @@ impl Peer {
         allowed_ips: &[AllowedIP],
         preshared_key: Option<[u8; 32]>,
     ) -> Peer {
-        Peer {
+        // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): the networks are added one by one (`add_allowed_ip`).
+        let mut peer = Peer {
             tunnel,
             index,
             endpoint: RwLock::new(Endpoint {
                 addr: endpoint,
                 conn: None,
             }),
-            allowed_ips: allowed_ips.iter().map(|ip| (ip, ())).collect(),
+            allowed_ips: Vec::new(),
             preshared_key,
+        };
+        for ip in allowed_ips {
+            peer.add_allowed_ip(ip);
         }
+        peer
     }
 
     pub fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> TunnResult<'a> {
@@ -145,7 +156,9 @@ impl Peer {
     }
 
     pub fn is_allowed_ip<I: Into<IpAddr>>(&self, addr: I) -> bool {
-        self.allowed_ips.find(addr.into()).is_some()
+        // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): a scan of the peer's own networks (see `allowed_ips`).
+        let addr = addr.into();
+        self.allowed_ips.iter().any(|net| net.contains(addr))
     }
 
     // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): the peer's own list of networks, changed in place with the
@@ -155,12 +168,22 @@ impl Peer {
     }
 
     // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): see `clear_allowed_ips`.
+    // The network is truncated to its prefix and kept once, as the trie kept it.
     pub(crate) fn add_allowed_ip(&mut self, ip: &AllowedIP) {
-        self.allowed_ips.insert(ip.addr, u32::from(ip.cidr), ());
+        let Ok(net) = IpNetwork::new_truncate(ip.addr, ip.cidr) else {
+            return; // a prefix longer than the address: the trie's insert panicked here
+        };
+        if !self.allowed_ips.contains(&net) {
+            self.allowed_ips.push(net);
+        }
     }
 
+    // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): the list's networks (the trie listed IPv4 then IPv6, each in
+    // address order; the list keeps the order they were added in).
     pub fn allowed_ips(&self) -> impl Iterator<Item = (IpAddr, u8)> + '_ {
-        self.allowed_ips.iter().map(|(_, ip, cidr)| (ip, cidr))
+        self.allowed_ips
+            .iter()
+            .map(|net| (net.network_address(), net.netmask()))
     }
 
     pub fn time_since_last_handshake(&self) -> Option<std::time::Duration> {

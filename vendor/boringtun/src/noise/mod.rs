@@ -61,7 +61,11 @@ pub struct Tunn {
     /// The handshake currently in progress
     handshake: handshake::Handshake,
     /// The N_SESSIONS most recent sessions, index is session id modulo N_SESSIONS
-    sessions: [Option<session::Session>; N_SESSIONS],
+    // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): boxed. A `Session` is about 1.3 KB (two AEAD keys and the
+    // replay window) and a slot holds one only from its handshake until it expires (REJECT_AFTER_TIME,
+    // 180 s; one new every 120 s): inline, the eight slots took about 10 KB of every peer's `Tunn`, most
+    // of them empty (all of them for a peer without a session).
+    sessions: [Option<Box<session::Session>>; N_SESSIONS],
     /// Index of most recently used session
     current: usize,
     /// Queue to store blocked packets
@@ -329,7 +333,7 @@ impl Tunn {
 
         // Store new session in ring buffer
         let index = session.local_index();
-        self.sessions[index % N_SESSIONS] = Some(session);
+        self.sessions[index % N_SESSIONS] = Some(Box::new(session)); // HYBRIDNET PATCH: boxed
 
         self.timer_tick(TimerName::TimeLastPacketReceived);
         self.timer_tick(TimerName::TimeLastPacketSent);
@@ -357,7 +361,7 @@ impl Tunn {
         // Store new session in ring buffer
         let l_idx = session.local_index();
         let index = l_idx % N_SESSIONS;
-        self.sessions[index] = Some(session);
+        self.sessions[index] = Some(Box::new(session)); // HYBRIDNET PATCH: boxed
 
         self.timer_tick(TimerName::TimeLastPacketReceived);
         self.timer_tick_session_established(true, index); // New session established, we are the initiator
