@@ -741,13 +741,14 @@ impl Device {
                             flush = true;
                             let _: Result<_, _> = udp.send_to(packet, &addr);
                         }
+                        // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): the device's table decides.
                         TunnResult::WriteToTunnelV4(packet, addr) => {
-                            if p.is_allowed_ip(addr) {
+                            if d.routes_to(addr.into(), peer) {
                                 t.iface.write4(packet);
                             }
                         }
                         TunnResult::WriteToTunnelV6(packet, addr) => {
-                            if p.is_allowed_ip(addr) {
+                            if d.routes_to(addr.into(), peer) {
                                 t.iface.write6(packet);
                             }
                         }
@@ -784,6 +785,17 @@ impl Device {
         Ok(())
     }
 
+    // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): whether a packet from `src` that came through `peer`'s
+    // tunnel may enter: the device's table routes `src` to that peer, as WireGuard's kernel module checks
+    // (`wg_allowedips_lookup_src(...) == peer` in `wg_packet_consume_data_done`, receive.c) and
+    // wireguard-go does. One trie lookup, whatever the number of the peer's networks (the peer's own list
+    // would be scanned).
+    fn routes_to(&self, src: IpAddr, peer: &Arc<Mutex<Peer>>) -> bool {
+        self.peers_by_ip
+            .find(src)
+            .is_some_and(|found| Arc::ptr_eq(found, peer))
+    }
+
     fn register_conn_handler(
         &self,
         peer: Arc<Mutex<Peer>>,
@@ -792,7 +804,7 @@ impl Device {
     ) -> Result<(), Error> {
         self.queue.new_event(
             udp.as_raw_fd(),
-            Box::new(move |_, t| {
+            Box::new(move |d, t| {
                 // The conn_handler handles packet received from a connected UDP socket, associated
                 // with a known peer, this saves us the hustle of finding the right peer. If another
                 // peer gets the same ip, it will be ignored until the socket does not expire.
@@ -818,13 +830,14 @@ impl Device {
                             flush = true;
                             let _: Result<_, _> = udp.send(packet);
                         }
+                        // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): the device's table decides.
                         TunnResult::WriteToTunnelV4(packet, addr) => {
-                            if p.is_allowed_ip(addr) {
+                            if d.routes_to(addr.into(), &peer) {
                                 iface.write4(packet);
                             }
                         }
                         TunnResult::WriteToTunnelV6(packet, addr) => {
-                            if p.is_allowed_ip(addr) {
+                            if d.routes_to(addr.into(), &peer) {
                                 iface.write6(packet);
                             }
                         }

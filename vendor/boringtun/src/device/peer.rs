@@ -157,6 +157,7 @@ impl Peer {
 
     pub fn is_allowed_ip<I: Into<IpAddr>>(&self, addr: I) -> bool {
         // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): a scan of the peer's own networks (see `allowed_ips`).
+        // The receive path does not call it: the device's table decides there (`Device::routes_to`).
         let addr = addr.into();
         self.allowed_ips.iter().any(|net| net.contains(addr))
     }
