@@ -113,9 +113,8 @@ struct PathProbe {
     missed: u32,
     next: Instant,
     rtt: Option<Duration>,
-    /// It has been alive (a death then excludes the relay for the pair).
-    was_alive: bool,
-    /// When it last came alive (the handshake deadlines count from there).
+    /// When it last came alive (the handshake deadlines count from there); `Some` once it has been
+    /// alive, when a death excludes the relay for the pair.
     alive_since: Option<Instant>,
 }
 
@@ -127,7 +126,6 @@ impl PathProbe {
             missed: 0,
             next: now,
             rtt: None,
-            was_alive: false,
             alive_since: None,
         }
     }
@@ -362,7 +360,7 @@ impl Client {
             if p.missed >= PATH_DEAD_AFTER && !p.state.is_dead() {
                 p.state = PathState::Dead;
                 changed = true;
-                if p.was_alive {
+                if p.alive_since.is_some() {
                     self.failed
                         .insert((*peer, h.relay), (now + FAILED_HOLD, PathState::Dead));
                 }
@@ -429,7 +427,6 @@ impl Client {
             // Its probes answer; its WireGuard did not: it stays down until the pair leaves it.
             return Some(false);
         }
-        p.was_alive = true;
         let changed = p.state != PathState::Alive;
         if changed {
             p.alive_since = Some(at);
