@@ -793,46 +793,31 @@ impl Mesh {
     fn probe_relayed_paths(&mut self, now: Instant) -> bool {
         use crate::relay::client::PathState;
         let mut counter = self.nonce;
-        let before: std::collections::BTreeMap<PublicKey, PathState> = self
-            .relaying
-            .views(now)
-            .into_iter()
-            .map(|v| (v.peer, v.path))
-            .collect();
         let peers = &self.peers;
-        let (pings, changed) = self.relaying.probe_paths(
+        let (pings, failed) = self.relaying.probe_paths(
             now,
             |k| peers.get(k).and_then(|p| p.last_handshake_at),
             || next_nonce(&mut counter),
         );
         self.nonce = counter;
-        if changed {
+        for f in &failed {
             self.dirty = true;
-            for v in self.relaying.views(now) {
-                if !v.path.is_dead() || before.get(&v.peer) == Some(&v.path) {
-                    continue;
-                }
-                let peer = self.peers.get(&v.peer).map(|p| p.spec.name.clone());
-                let relay = self.peers.get(&v.relay).map(|p| p.spec.name.clone());
-                let reason = if v.path == PathState::Dead {
-                    "no_pongs"
-                } else {
-                    "no_handshake"
-                };
-                self.metrics.relay_path_failed(reason);
-                if v.path == PathState::Dead {
-                    tracing::warn!(
-                        ?peer,
-                        ?relay,
-                        "relayed path dead (no pongs through the relay)"
-                    );
-                } else {
-                    tracing::warn!(
-                        ?peer,
-                        ?relay,
-                        "relayed path carries no WireGuard handshake (its probes answer): the relay is left for this peer"
-                    );
-                }
+            let peer = self.peers.get(&f.peer).map(|p| p.spec.name.clone());
+            let relay = self.peers.get(&f.relay).map(|p| p.spec.name.clone());
+            if f.reason == PathState::Dead {
+                self.metrics.relay_path_failed("no_pongs");
+                tracing::warn!(
+                    ?peer,
+                    ?relay,
+                    "relayed path dead (no pongs through the relay)"
+                );
+            } else {
+                self.metrics.relay_path_failed("no_handshake");
+                tracing::warn!(
+                    ?peer,
+                    ?relay,
+                    "relayed path carries no WireGuard handshake (its probes answer): the relay is left for this peer"
+                );
             }
         }
         for ping in pings {
@@ -845,7 +830,7 @@ impl Mesh {
                 tracing::debug!(to = %ping.to, %error, "relayed path probe not sent");
             }
         }
-        changed
+        !failed.is_empty()
     }
 
     /// A relay's answer to one of our allocation requests.

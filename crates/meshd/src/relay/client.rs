@@ -163,6 +163,15 @@ pub struct Client {
     failed: BTreeMap<(PublicKey, PublicKey), (Instant, PathState)>,
 }
 
+/// A relayed path that failed ([`Client::probe_paths`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failed {
+    pub peer: PublicKey,
+    pub relay: PublicKey,
+    /// [`PathState::Dead`] or [`PathState::NoHandshake`].
+    pub reason: PathState,
+}
+
 /// A relay passed over for a peer, as `meshd status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exclusion {
@@ -333,16 +342,17 @@ impl Client {
             .is_some_and(|h| h.relay != *relay && h.path.state == PathState::Alive)
     }
 
-    /// The pings of relayed paths due now, and whether a path's state changed (its peer's endpoint and
-    /// state with it). Missed pings are counted here, and the handshake deadlines checked:
-    /// `last_handshake` is when WireGuard last completed a handshake with a peer, if it has a session.
+    /// The pings of relayed paths due now, and the paths that failed now (each once, as it fails: its
+    /// peer's endpoint and state change with it). Missed pings are counted here, and the handshake
+    /// deadlines checked: `last_handshake` is when WireGuard last completed a handshake with a peer, if
+    /// it has a session.
     pub fn probe_paths(
         &mut self,
         now: Instant,
         last_handshake: impl Fn(&PublicKey) -> Option<Instant>,
         mut nonce: impl FnMut() -> u64,
-    ) -> (Vec<PathPing>, bool) {
-        let mut changed = false;
+    ) -> (Vec<PathPing>, Vec<Failed>) {
+        let mut failed = Vec::new();
         let mut due = Vec::new();
         for (peer, h) in &mut self.held {
             let Some(to) = h.endpoint else {
@@ -359,7 +369,11 @@ impl Client {
             }
             if p.missed >= PATH_DEAD_AFTER && !p.state.is_dead() {
                 p.state = PathState::Dead;
-                changed = true;
+                failed.push(Failed {
+                    peer: *peer,
+                    relay: h.relay,
+                    reason: PathState::Dead,
+                });
                 if p.alive_since.is_some() {
                     self.failed
                         .insert((*peer, h.relay), (now + FAILED_HOLD, PathState::Dead));
@@ -371,7 +385,11 @@ impl Client {
                     last_handshake(peer).map_or(first, |at| first.max(at + HANDSHAKE_STALE));
                 if now >= deadline {
                     p.state = PathState::NoHandshake;
-                    changed = true;
+                    failed.push(Failed {
+                        peer: *peer,
+                        relay: h.relay,
+                        reason: PathState::NoHandshake,
+                    });
                     self.failed.insert(
                         (*peer, h.relay),
                         (now + NO_HANDSHAKE_HOLD, PathState::NoHandshake),
@@ -400,7 +418,7 @@ impl Client {
         for k in over {
             self.failed.remove(&k);
         }
-        (due, changed)
+        (due, failed)
     }
 
     /// A pong (MAC checked) from `peer`, answering `nonce`, that came from `from` echoing `target`.

@@ -195,8 +195,16 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     // The relay stops forwarding: 3 pings in a row without a pong, the path is dead (2-2.5 s).
     let mut now = t + PATH_EVERY;
     let died = loop {
-        let (_, changed) = c.probe_paths(now, |_| Some(t), &mut nonce);
-        if changed {
+        let (_, failed) = c.probe_paths(now, |_| Some(t), &mut nonce);
+        if !failed.is_empty() {
+            assert_eq!(
+                failed,
+                vec![Failed {
+                    peer: b,
+                    relay: r,
+                    reason: PathState::Dead
+                }]
+            );
             break now;
         }
         now += Duration::from_millis(250);
@@ -259,8 +267,13 @@ fn answered_until(
 ) -> Option<Instant> {
     let mut now = from;
     while now < until {
-        let (pings, changed) = c.probe_paths(now, |_| handshake(now), &mut *nonce);
-        if changed {
+        let (pings, failed) = c.probe_paths(now, |_| handshake(now), &mut *nonce);
+        if !failed.is_empty() {
+            assert!(
+                failed
+                    .iter()
+                    .all(|f| f.peer == b && f.reason == PathState::NoHandshake)
+            );
             return Some(now);
         }
         for p in pings {
