@@ -558,7 +558,8 @@ fn ten_restarts_with_a_handoff_cut_nothing() -> Result<()> {
                     .find(|l| l.contains("took over from the running instance"))
                     .map(str::to_owned)
                     .ok_or("not yet")
-            })?;
+            })
+            .with_context(|| format!("instance {i}'s log:\n{}", next.log()))?;
             ensure!(
                 !took.contains("connections=0"),
                 "instance {i} took no connection over (the watch stays with the old one): {took}"

@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg, sockopt::PeerCredentials,
 };
@@ -380,6 +381,7 @@ impl GiverSocket {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
+        let _lock = lock_dir(path).map_err(err)?;
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
             _ => {}
@@ -425,13 +427,29 @@ pub fn hello(conn: &Socket) -> Result<(), HandoffError> {
 }
 
 impl Drop for GiverSocket {
+    /// Removes the socket file if it is still ours. The check and the removal are two steps, so they hold
+    /// the directory's lock, as [`GiverSocket::bind`] does while it replaces the file: a giver that retires
+    /// (drops this right after `DONE`) while its taker binds would otherwise see its own file, then remove
+    /// the taker's, and the next upgrade would find no socket and start afresh (seen in CI). Without the
+    /// lock the file stays: a stale socket file is refused at connect and replaced at the next bind.
     fn drop(&mut self) {
+        let Ok(_lock) = lock_dir(&self.path) else {
+            return;
+        };
         let ours =
             std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// An exclusive `flock` on the directory holding the socket file, held while the file is replaced or
+/// removed (the directory itself: no lock file to create, plant or clean up). Released when dropped.
+fn lock_dir(path: &Path) -> io::Result<Flock<std::fs::File>> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file = std::fs::File::open(dir)?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| io::Error::from(errno))
 }
 
 /// The giver's side of the exchange after the hello: sends the listeners and the pairs (as raw descriptors:
