@@ -20,10 +20,13 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::net;
-use crate::relay::{Allocations, Grant, Pair, Refused};
+use crate::relay::{Allocations, Dropped, Grant, Pair, Refused};
 
 /// How often allocations are expired.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// Why the forwarder itself did not send a datagram the allocations let through: no socket for the other
+/// side's port (its allocation just ended), or the send failed.
+const FORWARDER_DROPS: [&str; 2] = ["no-socket", "send"];
 /// The largest datagram forwarded (WireGuard's are at most the underlay MTU).
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -92,6 +95,15 @@ impl Forwarder {
     /// Starts the forwarder's thread (it holds no port until an allocation is granted).
     /// `mark`: give relay ports meshd's fwmark (needs `CAP_NET_ADMIN`; off only in unit tests).
     pub fn start(metrics: Metrics, mark: bool) -> Result<Forwarder, crate::Error> {
+        // Every drop reason's series from the start, at 0: a series born at its first increment starts
+        // at 1, which `increase()` never counts.
+        for reason in Dropped::ALL
+            .map(Dropped::as_str)
+            .iter()
+            .chain(&FORWARDER_DROPS)
+        {
+            metrics.relay_dropped_zero(reason);
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             sockets: Mutex::new(HashMap::new()),
@@ -315,7 +327,7 @@ async fn forward(shared: Arc<Shared>, port: u16, socket: Arc<tokio::net::UdpSock
             }
         };
         let Some(out_socket) = shared.sockets().get(&out.from_port).cloned() else {
-            shared.dropped("no-socket");
+            shared.dropped(FORWARDER_DROPS[0]);
             continue;
         };
         match out_socket.try_send_to(&buf[..n], v6_mapped(out.to)) {
@@ -329,7 +341,7 @@ async fn forward(shared: Arc<Shared>, port: u16, socket: Arc<tokio::net::UdpSock
             }
             Err(error) => {
                 tracing::debug!(%error, to = %out.to, "relayed datagram not sent");
-                shared.dropped("send");
+                shared.dropped(FORWARDER_DROPS[1]);
             }
         }
     }

@@ -318,6 +318,14 @@ impl Metrics {
             .inc();
     }
 
+    /// Creates the series of `reason` in `meshd_relay_dropped_total` at 0 (kept if it exists).
+    pub fn relay_dropped_zero(&self, reason: &str) {
+        drop(
+            self.relay_dropped
+                .get_or_create(&vec![("reason".to_owned(), reason.to_owned())]),
+        );
+    }
+
     /// Counts a datagram at a relay port not forwarded, for `reason`.
     pub fn relay_dropped(&self, reason: &str) {
         self.relay_dropped

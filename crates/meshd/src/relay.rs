@@ -110,6 +110,17 @@ pub enum Dropped {
 }
 
 impl Dropped {
+    /// Every reason, for series that exist from the start.
+    pub const ALL: [Dropped; 7] = [
+        Dropped::NoAllocation,
+        Dropped::Expired,
+        Dropped::NoConsent,
+        Dropped::Stranger,
+        Dropped::NotWireGuard,
+        Dropped::OtherSideUnknown,
+        Dropped::OverBudget,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Dropped::NoAllocation => "no-allocation",

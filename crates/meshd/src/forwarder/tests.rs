@@ -114,3 +114,21 @@ fn an_expired_allocation_closes_its_ports() {
         UdpSocket::bind(("::", ga.port)).is_ok() || UdpSocket::bind(("0.0.0.0", ga.port)).is_ok()
     );
 }
+
+/// Every reason `meshd_relay_dropped_total` counts is there at 0 once the forwarder runs, so an alert's
+/// `increase()` sees the first drop too.
+#[test]
+fn every_drop_reason_is_a_series_from_the_start() {
+    let registry = hybridnet_runtime::SharedRegistry::default();
+    let f = Forwarder::start(Metrics::register(&registry), false).unwrap();
+    let text = registry.encode();
+    for reason in Dropped::ALL
+        .map(Dropped::as_str)
+        .iter()
+        .chain(&FORWARDER_DROPS)
+    {
+        let series = format!("meshd_relay_dropped_total{{reason=\"{reason}\"}} 0");
+        assert!(text.contains(&series), "{series} in\n{text}");
+    }
+    f.stop();
+}
