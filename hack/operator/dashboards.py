@@ -75,9 +75,10 @@ MESHD = [
         ("meshd_relay_grants{$sel}", "granted"),
         ("sum by (reason) (increase(meshd_relay_paths_failed_total{$sel}[15m]))", "failed: {{reason}}"),
     ], "short", "timeseries"),
-    ("Relay for others: allocations, forwarded /s", [
+    ("Relay for others: allocations, forwarded and dropped /s", [
         ("meshd_relay_allocations{$sel}", "allocations"),
         (f"sum(rate(meshd_relay_forwarded_packets_total{{$sel}}[{R}]))", "forwarded /s"),
+        (f"sum by (reason) (rate(meshd_relay_dropped_total{{$sel}}[{R}]))", "dropped /s: {{reason}}"),
     ], "short", "timeseries"),
 ]
 
