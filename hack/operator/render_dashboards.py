@@ -45,13 +45,14 @@ def unit_formatter(unit):
         if unit == "percentunit":
             return f"{v * 100:.0f}%"
         if unit == "s":
-            return f"{v * 1000:.1f} ms" if abs(v) < 1 else f"{v:.1f} s"
+            # Three significant digits: sub-millisecond RTTs (0.25 ms, 0.3 ms) stay apart on the axis.
+            return f"{v * 1000:.3g} ms" if abs(v) < 1 else f"{v:.3g} s"
         if unit in ("Bps", "ops"):
             suffix = "B/s" if unit == "Bps" else "/s"
             for scale, p in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
                 if abs(v) >= scale:
-                    return f"{v / scale:.1f} {p}{suffix}"
-            return f"{v:.1f} {suffix}"
+                    return f"{v / scale:.3g} {p}{suffix}"
+            return f"{v + 0.0:.3g} {suffix}"  # + 0.0: no "-0"
         return f"{v:g}"
     return FuncFormatter(fmt)
 
