@@ -467,7 +467,14 @@ impl Tunn {
     /// Returns the truncated packet and the source IP as TunnResult
     fn validate_decapsulated_packet<'a>(&mut self, packet: &'a mut [u8]) -> TunnResult<'a> {
         let (computed_len, src_ip_address) = match packet.len() {
-            0 => return TunnResult::Done, // This is keepalive, and not an error
+            0 => {
+                // HYBRIDNET PATCH (see HYBRIDNET-PATCH.md): a keepalive counts in `rx_bytes`, as the
+                // kernel counts it (`update_rx_stats(peer, message_data_len(0))`, 32 bytes, in
+                // `wg_packet_consume_data_done`, drivers/net/wireguard/receive.c): a peer's persistent
+                // keepalives are then seen by whoever reads the counters.
+                self.rx_bytes += DATA_OVERHEAD_SZ;
+                return TunnResult::Done; // This is keepalive, and not an error
+            }
             _ if packet[0] >> 4 == 4 && packet.len() >= IPV4_MIN_HEADER_SIZE => {
                 let len_bytes: [u8; IP_LEN_SZ] = packet[IPV4_LEN_OFF..IPV4_LEN_OFF + IP_LEN_SZ]
                     .try_into()
