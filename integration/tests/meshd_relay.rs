@@ -853,7 +853,7 @@ fn a_relay_that_forwards_probes_but_drops_wireguard_is_left_for_the_other_relay(
     for i in [a, b] {
         let log = daemons[i].log();
         assert!(
-            log.contains("relayed path carries no WireGuard handshake"),
+            log.contains("relayed path carries no WireGuard"),
             "{}'s log names no relayed path without handshakes:\n{log}",
             lab.nodes[i].name()
         );
@@ -878,6 +878,85 @@ fn a_relay_that_forwards_probes_but_drops_wireguard_is_left_for_the_other_relay(
     resume_forwarding(&lab, r);
 }
 
+/// The same hostile relay, but it starts dropping WireGuard under a running session: the session stays
+/// valid for minutes (a handshake is not due before 120-205 s, none stale before 240 s), but the peer's
+/// persistent keepalives (25 s) stop arriving, so each party leaves the relay RECEIVE_SILENT (75 s) after
+/// the last datagram it received (crates/meshd/src/relay/client.rs).
+#[test]
+fn a_relay_that_starts_dropping_wireguard_under_a_running_session_is_left_within_75_s() {
+    let lab = NatLab::with_publics(
+        "meshd-relay-dropsession",
+        2,
+        &[Nat::Symmetric, Nat::Symmetric],
+    );
+    let (a, b) = (2, 3);
+    let daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
+    let via = wait_path(&lab, a, b, "relayed", Duration::from_secs(10));
+    let r = (0..2)
+        .find(|&i| lab.nodes[i].name() == via)
+        .unwrap_or_else(|| panic!("relayed via {via}, not a public node"));
+    let other = lab.nodes[1 - r].name();
+    wait_relayed_alive(&lab, a, b);
+    let dst = lab.nodes[b].mesh_ip().to_string();
+    wait_until(
+        Duration::from_secs(10),
+        "a ping through the first relay",
+        || lab.nodes[a].ping(&dst),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Idle now: the peer's persistent keepalives (25 s) alone move the receive counter (boringtun counts
+    // them as the kernel does: vendor/boringtun/HYBRIDNET-PATCH.md), which the receive rule reads.
+    std::thread::sleep(Duration::from_secs(2));
+    let rx = |lab: &NatLab| {
+        lab.nodes[a]
+            .peer(&lab.nodes[b].name())
+            .ok()
+            .and_then(|row| row["rxBytes"].as_u64())
+    };
+    let before = rx(&lab);
+    let idle = Instant::now();
+    wait_until(Duration::from_secs(35), "a keepalive counted", || {
+        match (before, rx(&lab)) {
+            (Some(x), Some(y)) if y > x => Ok(()),
+            other => Err(format!("rxBytes {other:?}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "idle: the peer's keepalive counted after {:?}",
+        idle.elapsed()
+    );
+    // A running session; the relay starts forwarding only the probes.
+    forward_only_probes(&lab, r);
+    let t = Instant::now();
+    let (seen, moved) = both_relayed_via(&lab, (a, b), (t, Duration::from_secs(110)), &other);
+    wait_until(
+        Duration::from_secs(10),
+        "a ping through the other relay",
+        || lab.nodes[a].ping(&dst),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "{via} started dropping WireGuard under a running session: both parties on {other} after {seen:?}"
+    );
+    // The last datagram received came at most one keepalive interval (25 s) before the drop began, so
+    // the silence is seen within 75 s of it; then a new relay grant and its first pong.
+    assert!(
+        moved < Duration::from_secs(90),
+        "left the relay that dropped the running session after {moved:?} (the handshake rule alone: 240 s)"
+    );
+    for i in [a, b] {
+        let log = daemons[i].log();
+        assert!(
+            log.contains("relayed path carries no WireGuard")
+                && log.contains("WireGuard has received nothing from the peer through the relay"),
+            "{}'s log does not name the silent relayed path:\n{log}",
+            lab.nodes[i].name()
+        );
+    }
+    resume_forwarding(&lab, r);
+}
+
 #[test]
 #[ignore = "takes 6 minutes (an idle WireGuard session outlives REJECT_AFTER_TIME, 180 s, and is renewed): \
             run with --ignored"]
@@ -886,7 +965,9 @@ fn an_idle_relayed_pair_keeps_its_relay_across_session_renewals() {
     // an idle session only after it expired (180 s) at the next persistent keepalive (25 s), and reports
     // no handshake meanwhile (`time_since_last_handshake` in vendor/boringtun/src/noise/timers.rs). The
     // first session carried data (the ping, the kick), so boringtun renews it at 120 s; the next one is
-    // idle and expires 180 s later: 360 s covers both.
+    // idle and expires 180 s later: 360 s covers both. Nor may the receive rule (nothing received for
+    // 75 s): between an expired idle session's last keepalive and the new session's first datagram,
+    // up to 50 s pass.
     let lab = NatLab::new("meshd-relay-idle", &[Nat::Symmetric, Nat::Symmetric]);
     let (a, b) = (1, 2);
     let daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
@@ -926,7 +1007,7 @@ fn an_idle_relayed_pair_keeps_its_relay_across_session_renewals() {
     for i in [a, b] {
         let log = daemons[i].log();
         assert!(
-            !log.contains("relayed path carries no WireGuard handshake"),
+            !log.contains("relayed path carries no WireGuard"),
             "{} left a working relay:\n{log}",
             lab.nodes[i].name()
         );

@@ -791,14 +791,20 @@ impl Mesh {
     /// Pings each granted relayed path at its relay port, from the probe socket (see
     /// [`crate::relay::client`]); a path that died (or came alive) re-plans. Returns whether one did.
     fn probe_relayed_paths(&mut self, now: Instant) -> bool {
-        use crate::relay::client::PathState;
+        use crate::relay::client::{Heard, PathState};
         let mut counter = self.nonce;
         let peers = &self.peers;
-        let (pings, failed) = self.relaying.probe_paths(
-            now,
-            |k| peers.get(k).and_then(|p| p.last_handshake_at),
-            || next_nonce(&mut counter),
-        );
+        // While the counters cannot be read, their last receipt says nothing about the path now.
+        let counted = !self.stats_failed;
+        let heard = |k: &PublicKey| {
+            peers.get(k).map_or_else(Heard::default, |p| Heard {
+                last_handshake: p.last_handshake_at,
+                last_received: counted.then_some(p.last_rx_change),
+            })
+        };
+        let (pings, failed) = self
+            .relaying
+            .probe_paths(now, heard, || next_nonce(&mut counter));
         self.nonce = counter;
         for f in &failed {
             self.dirty = true;
@@ -816,7 +822,8 @@ impl Mesh {
                 tracing::warn!(
                     ?peer,
                     ?relay,
-                    "relayed path carries no WireGuard handshake (its probes answer): the relay is left for this peer"
+                    why = f.why,
+                    "relayed path carries no WireGuard (its probes answer): the relay is left for this peer"
                 );
             }
         }

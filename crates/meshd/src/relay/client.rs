@@ -28,7 +28,10 @@
 //! the two parties can complete: a first one within [`FIRST_HANDSHAKE_WITHIN`] of the path coming alive
 //! (unless an earlier session, established directly or through another relay, is still valid), and none
 //! older than [`HANDSHAKE_STALE`] after that (an idle session is renewed within 205 s, a busy one
-//! within 2 minutes; a session is unusable after 3). A path that fails that is
+//! within 2 minutes; a session is unusable after 3). And a session already running when the relay starts
+//! dropping is not left to run out: every peer sends persistent keepalives (25 s), so WireGuard receiving
+//! nothing from the peer for [`RECEIVE_SILENT`] while the probes answer means its datagrams do not get
+//! through. A path that fails either is
 //! [`PathState::NoHandshake`]: its peer is down, and the relay is excluded for the pair for
 //! [`NO_HANDSHAKE_HOLD`] (it answers probes, so it would be taken again at once). The verdict does not
 //! say who dropped the handshakes: a peer whose WireGuard does not know us fails it too, and is down
@@ -65,6 +68,14 @@ pub const FIRST_HANDSHAKE_WITHIN: Duration = Duration::from_secs(30);
 /// keepalives), so an idle session expires at 180 s and the next keepalive starts a new one: at most
 /// 205 s. The rest is margin for the handshake's own retries (5 s each).
 pub const HANDSHAKE_STALE: Duration = Duration::from_secs(240);
+/// An alive relayed path over which WireGuard has received nothing from the peer for this long (counted
+/// from when it came alive, or from the last receipt if later) carries nothing. Every peer sends
+/// persistent keepalives every 25 s, so a working session is heard at least that often (both backends
+/// count a received keepalive: the kernel does, boringtun with our patch, vendor/boringtun); the longest
+/// silence is boringtun's idle renewal: the session expires at 180 s, and the next keepalive tick (at
+/// most 25 s later) starts a new one, so up to 50 s between the last keepalive of the old session and the
+/// first datagram of the new. The rest is margin for a lost handshake's retry (5 s) and the readings.
+pub const RECEIVE_SILENT: Duration = Duration::from_secs(75);
 /// A relay whose path answered probes but carried no handshake is excluded for the pair this long.
 pub const NO_HANDSHAKE_HOLD: Duration = Duration::from_secs(300);
 
@@ -170,6 +181,32 @@ pub struct Failed {
     pub relay: PublicKey,
     /// [`PathState::Dead`] or [`PathState::NoHandshake`].
     pub reason: PathState,
+    /// Which rule failed it, for the log.
+    pub why: &'static str,
+}
+
+/// What WireGuard says of a peer (read from the device's counters): when it last completed a handshake
+/// (if it has a session) and when it last received anything from it (`None`: unknown, no readings).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Heard {
+    pub last_handshake: Option<Instant>,
+    pub last_received: Option<Instant>,
+}
+
+/// Why an alive relayed path carries no WireGuard, if it does not (see the module docs): the first of
+/// the deadlines that `now` has passed.
+fn carries_nothing(since: Instant, heard: Heard, now: Instant) -> Option<&'static str> {
+    let first = since + FIRST_HANDSHAKE_WITHIN;
+    match heard.last_handshake {
+        None if now >= first => return Some("no WireGuard handshake since the path came alive"),
+        Some(at) if now >= first.max(at + HANDSHAKE_STALE) => {
+            return Some("the last WireGuard handshake is too old (not renewed through the relay)");
+        }
+        _ => {}
+    }
+    let received = heard.last_received?;
+    (now >= since.max(received) + RECEIVE_SILENT)
+        .then_some("WireGuard has received nothing from the peer through the relay")
 }
 
 /// A relay passed over for a peer, as `meshd status` shows it.
@@ -343,13 +380,12 @@ impl Client {
     }
 
     /// The pings of relayed paths due now, and the paths that failed now (each once, as it fails: its
-    /// peer's endpoint and state change with it). Missed pings are counted here, and the handshake
-    /// deadlines checked: `last_handshake` is when WireGuard last completed a handshake with a peer, if
-    /// it has a session.
+    /// peer's endpoint and state change with it). Missed pings are counted here, and WireGuard's
+    /// deadlines checked against what `heard` says of each peer.
     pub fn probe_paths(
         &mut self,
         now: Instant,
-        last_handshake: impl Fn(&PublicKey) -> Option<Instant>,
+        heard: impl Fn(&PublicKey) -> Heard,
         mut nonce: impl FnMut() -> u64,
     ) -> (Vec<PathPing>, Vec<Failed>) {
         let mut failed = Vec::new();
@@ -373,28 +409,27 @@ impl Client {
                     peer: *peer,
                     relay: h.relay,
                     reason: PathState::Dead,
+                    why: "no pongs through the relay",
                 });
                 if p.alive_since.is_some() {
                     self.failed
                         .insert((*peer, h.relay), (now + FAILED_HOLD, PathState::Dead));
                 }
             }
-            if let (PathState::Alive, Some(since)) = (p.state, p.alive_since) {
-                let first = since + FIRST_HANDSHAKE_WITHIN;
-                let deadline =
-                    last_handshake(peer).map_or(first, |at| first.max(at + HANDSHAKE_STALE));
-                if now >= deadline {
-                    p.state = PathState::NoHandshake;
-                    failed.push(Failed {
-                        peer: *peer,
-                        relay: h.relay,
-                        reason: PathState::NoHandshake,
-                    });
-                    self.failed.insert(
-                        (*peer, h.relay),
-                        (now + NO_HANDSHAKE_HOLD, PathState::NoHandshake),
-                    );
-                }
+            if let (PathState::Alive, Some(since)) = (p.state, p.alive_since)
+                && let Some(why) = carries_nothing(since, heard(peer), now)
+            {
+                p.state = PathState::NoHandshake;
+                failed.push(Failed {
+                    peer: *peer,
+                    relay: h.relay,
+                    reason: PathState::NoHandshake,
+                    why,
+                });
+                self.failed.insert(
+                    (*peer, h.relay),
+                    (now + NO_HANDSHAKE_HOLD, PathState::NoHandshake),
+                );
             }
             if now >= p.next {
                 let n = nonce();

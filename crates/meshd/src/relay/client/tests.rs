@@ -7,6 +7,14 @@ fn key(i: u8) -> PublicKey {
 }
 
 /// Nonces 1, 2, 3, ... (what the mesh's counter hands out).
+/// WireGuard's last handshake, the counters unread (the receive rule does not apply).
+fn handshake(at: Option<Instant>) -> Heard {
+    Heard {
+        last_handshake: at,
+        last_received: None,
+    }
+}
+
 fn nonces() -> impl FnMut() -> u64 {
     let mut n = 0;
     move || {
@@ -173,11 +181,11 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     granted_at(&mut c, t, b, r, to, 40001);
     assert_eq!(c.path_state(&b), Some(PathState::Unknown));
     // Pinged at once, at the relay port, then every PATH_EVERY.
-    let (pings, _) = c.probe_paths(t, |_| Some(t), &mut nonce);
+    let (pings, _) = c.probe_paths(t, |_| handshake(Some(t)), &mut nonce);
     assert_eq!(pings.len(), 1);
     assert_eq!((pings[0].peer, pings[0].to), (b, ep));
     assert!(
-        c.probe_paths(t + PATH_EVERY / 2, |_| Some(t), &mut nonce)
+        c.probe_paths(t + PATH_EVERY / 2, |_| handshake(Some(t)), &mut nonce)
             .0
             .is_empty()
     );
@@ -195,14 +203,15 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     // The relay stops forwarding: 3 pings in a row without a pong, the path is dead (2-2.5 s).
     let mut now = t + PATH_EVERY;
     let died = loop {
-        let (_, failed) = c.probe_paths(now, |_| Some(t), &mut nonce);
+        let (_, failed) = c.probe_paths(now, |_| handshake(Some(t)), &mut nonce);
         if !failed.is_empty() {
             assert_eq!(
                 failed,
                 vec![Failed {
                     peer: b,
                     relay: r,
-                    reason: PathState::Dead
+                    reason: PathState::Dead,
+                    why: "no pongs through the relay",
                 }]
             );
             break now;
@@ -221,7 +230,7 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     assert_eq!(c.excluded(died)[&b], BTreeSet::from([r]));
     // The plan moves the pair to r2; alive there, r stays excluded after the hold.
     granted_at(&mut c, died, b, r2, to2, 40009);
-    let (pings, _) = c.probe_paths(died, |_| Some(t), &mut nonce);
+    let (pings, _) = c.probe_paths(died, |_| handshake(Some(t)), &mut nonce);
     assert_eq!(pings.len(), 1);
     let ep2: SocketAddr = "198.51.100.2:40009".parse().unwrap();
     assert_eq!(
@@ -232,7 +241,7 @@ fn the_relayed_path_is_probed_through_the_relay_and_a_dead_one_excluded() {
     assert_eq!(c.excluded(later)[&b], BTreeSet::from([r]));
     // Without another live relay the exclusion ends with the hold.
     c.poll(later, &BTreeMap::new(), &mut nonce);
-    c.probe_paths(later, |_| Some(t), &mut nonce);
+    c.probe_paths(later, |_| handshake(Some(t)), &mut nonce);
     assert!(c.excluded(later).is_empty());
 }
 
@@ -244,7 +253,11 @@ fn a_relayed_path_that_never_answered_excludes_nothing_and_comes_alive_later() {
     let mut now = t;
     let mut last = 0;
     while now < t + Duration::from_secs(4) {
-        if let Some(p) = c.probe_paths(now, |_| Some(t), &mut nonce).0.first() {
+        if let Some(p) = c
+            .probe_paths(now, |_| handshake(Some(t)), &mut nonce)
+            .0
+            .first()
+        {
             last = p.nonce;
         }
         now += Duration::from_millis(250);
@@ -257,17 +270,17 @@ fn a_relayed_path_that_never_answered_excludes_nothing_and_comes_alive_later() {
 }
 
 /// Probes `b`'s relayed path through `ep` from `from` until `until` (every 250 ms), each ping answered at
-/// once, WireGuard's last handshake as `handshake` says; returns when the path's state changed, if it did.
+/// once, WireGuard as `heard` says; returns when the path's state changed, if it did.
 fn answered_until(
     c: &mut Client,
     (b, ep): (PublicKey, SocketAddr),
     (from, until): (Instant, Instant),
-    handshake: impl Fn(Instant) -> Option<Instant>,
+    heard: impl Fn(Instant) -> Heard,
     nonce: &mut impl FnMut() -> u64,
 ) -> Option<Instant> {
     let mut now = from;
     while now < until {
-        let (pings, failed) = c.probe_paths(now, |_| handshake(now), &mut *nonce);
+        let (pings, failed) = c.probe_paths(now, |_| heard(now), &mut *nonce);
         if !failed.is_empty() {
             assert!(
                 failed
@@ -290,7 +303,7 @@ fn a_relayed_path_that_answers_probes_but_carries_no_handshake_is_left() {
     let t = Instant::now();
     let (mut c, b, r, ep) = granted_pair(t);
     let mut nonce = nonces();
-    let (pings, _) = c.probe_paths(t, |_| None, &mut nonce);
+    let (pings, _) = c.probe_paths(t, |_| handshake(None), &mut nonce);
     assert_eq!(c.on_pong(t, b, ep, pings[0].nonce, Some(ep)), Some(true));
     // The probes keep answering; no handshake ever completes: the path is given
     // FIRST_HANDSHAKE_WITHIN from when it came alive.
@@ -299,7 +312,7 @@ fn a_relayed_path_that_answers_probes_but_carries_no_handshake_is_left() {
         &mut c,
         (b, ep),
         (t + step, t + Duration::from_secs(60)),
-        |_| None,
+        |_| handshake(None),
         &mut nonce,
     )
     .expect("a path without handshakes is never left");
@@ -323,7 +336,7 @@ fn a_relayed_path_that_answers_probes_but_carries_no_handshake_is_left() {
         }]
     );
     // Its pongs keep coming: they do not bring it back.
-    let (pings, _) = c.probe_paths(left + PATH_EVERY, |_| None, &mut nonce);
+    let (pings, _) = c.probe_paths(left + PATH_EVERY, |_| handshake(None), &mut nonce);
     assert_eq!(
         c.on_pong(left + PATH_EVERY, b, ep, pings[0].nonce, Some(ep)),
         Some(false)
@@ -333,10 +346,10 @@ fn a_relayed_path_that_answers_probes_but_carries_no_handshake_is_left() {
     // probes, so it would be taken again at once), then it may be tried again.
     let later = left + FAILED_HOLD + Duration::from_secs(1);
     c.poll(later, &BTreeMap::new(), &mut nonce);
-    c.probe_paths(later, |_| None, &mut nonce);
+    c.probe_paths(later, |_| handshake(None), &mut nonce);
     assert_eq!(c.excluded(later)[&b], BTreeSet::from([r]));
     let after = left + NO_HANDSHAKE_HOLD;
-    c.probe_paths(after, |_| None, &mut nonce);
+    c.probe_paths(after, |_| handshake(None), &mut nonce);
     assert!(c.excluded(after).is_empty());
 }
 
@@ -347,16 +360,22 @@ fn a_relayed_path_keeps_a_valid_session_and_must_renew_it() {
     // Granted, and alive at `t`.
     let alive = |nonce: &mut dyn FnMut() -> u64| {
         let (mut c, b, _, ep) = granted_pair(t);
-        let (pings, _) = c.probe_paths(t, |_| None, &mut *nonce);
+        let (pings, _) = c.probe_paths(t, |_| handshake(None), &mut *nonce);
         assert_eq!(c.on_pong(t, b, ep, pings[0].nonce, Some(ep)), Some(true));
         (c, b, ep)
     };
     // An idle session on boringtun: it expires at 180 s and the next persistent keepalive (25 s)
     // starts a new one, 205 s after the last at worst (the kernel's renews within 145 s): never left.
+    // The peer's keepalives arrive every 25 s, and not at all between the old session's last (155 s)
+    // and the new one (205 s): 50 s of silence, within RECEIVE_SILENT.
     let (mut c, b, ep) = alive(&mut nonce);
     let renewed = |now: Instant| {
         let age = now.saturating_duration_since(t).as_secs() % 205;
-        Some(now - Duration::from_secs(age))
+        let heard = if age >= 155 { 155 } else { age - age % 25 };
+        Heard {
+            last_handshake: Some(now - Duration::from_secs(age)),
+            last_received: Some(now - Duration::from_secs(age - heard)),
+        }
     };
     assert_eq!(
         answered_until(
@@ -377,7 +396,7 @@ fn a_relayed_path_keeps_a_valid_session_and_must_renew_it() {
         &mut c,
         (b, ep),
         (t, t + Duration::from_secs(600)),
-        |_| Some(old),
+        |_| handshake(Some(old)),
         &mut nonce,
     )
     .expect("a session never renewed through the relay is never left");
@@ -387,4 +406,57 @@ fn a_relayed_path_keeps_a_valid_session_and_must_renew_it() {
         "{took:?}"
     );
     assert_eq!(c.path_state(&b), Some(PathState::NoHandshake));
+}
+
+/// A relay that starts dropping WireGuard under a running session: the session stays valid for minutes,
+/// but the peer's keepalives (25 s) stop arriving, so the path is left RECEIVE_SILENT after the last
+/// datagram received, long before the handshake would go stale.
+#[test]
+fn a_running_session_that_stops_receiving_is_left_after_the_receive_silence() {
+    let mut nonce = nonces();
+    let t = Instant::now() + Duration::from_secs(1000);
+    let (mut c, b, r, ep) = granted_pair(t);
+    let (pings, _) = c.probe_paths(t, |_| handshake(Some(t)), &mut nonce);
+    assert_eq!(c.on_pong(t, b, ep, pings[0].nonce, Some(ep)), Some(true));
+    // Keepalives every 25 s until the relay starts dropping at t + 100 s (the last one at t + 100 s).
+    let stop = t + Duration::from_secs(100);
+    let heard = |now: Instant| {
+        let last = now.min(stop);
+        let age = last.saturating_duration_since(t).as_secs();
+        Heard {
+            last_handshake: Some(t),
+            last_received: Some(t + Duration::from_secs(age - age % 25)),
+        }
+    };
+    let left = answered_until(
+        &mut c,
+        (b, ep),
+        (t, t + Duration::from_secs(600)),
+        heard,
+        &mut nonce,
+    )
+    .expect("a path that stopped carrying WireGuard is never left");
+    let took = left - stop;
+    assert!(
+        took >= RECEIVE_SILENT && took <= RECEIVE_SILENT + Duration::from_millis(250),
+        "{took:?}"
+    );
+    assert!(
+        left < t + HANDSHAKE_STALE,
+        "before the handshake went stale"
+    );
+    assert_eq!(c.path_state(&b), Some(PathState::NoHandshake));
+    assert_eq!(c.excluded(left)[&b], BTreeSet::from([r]));
+    // Unread counters (last_received unknown) apply no receive rule: the session holds until it is stale.
+    let (mut c, b, _, ep) = granted_pair(t);
+    let (pings, _) = c.probe_paths(t, |_| handshake(Some(t)), &mut nonce);
+    assert_eq!(c.on_pong(t, b, ep, pings[0].nonce, Some(ep)), Some(true));
+    let left = answered_until(
+        &mut c,
+        (b, ep),
+        (t, t + Duration::from_secs(600)),
+        |_| handshake(Some(t)),
+        &mut nonce,
+    );
+    assert_eq!(left.map(|l| l - t), Some(HANDSHAKE_STALE));
 }
