@@ -39,6 +39,21 @@ fn wait_path(lab: &NatLab, i: usize, j: usize, path: &str, timeout: Duration) ->
 }
 
 /// Node `i`'s relay status (`details.relay`).
+/// Waits (10 s at most) until a ping from node `a` to node `b`'s mesh address is answered; panics naming
+/// `what` if it is not.
+fn ping_within_10s(lab: &NatLab, a: usize, b: usize, what: &str) {
+    let dst = lab.nodes[b].mesh_ip().to_string();
+    wait_until(Duration::from_secs(10), what, || lab.nodes[a].ping(&dst))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The index of the public node named `via` (the lab's public nodes come first: 0 and 1).
+fn public_index(lab: &NatLab, via: &str) -> usize {
+    (0..2)
+        .find(|&i| lab.nodes[i].name() == via)
+        .unwrap_or_else(|| panic!("relayed via {via}, not a public node"))
+}
+
 fn relay_status(lab: &NatLab, i: usize) -> Value {
     lab.nodes[i]
         .details()
@@ -153,9 +168,7 @@ fn symmetric_nats_talk_through_a_relay_that_forwards_only_ciphertext() {
         wait_path(&lab, b, a, "relayed", Duration::from_secs(10)),
         via
     );
-    let r = (0..2)
-        .find(|&i| lab.nodes[i].name() == via)
-        .unwrap_or_else(|| panic!("relayed via {via}, not a public node"));
+    let r = public_index(&lab, &via);
     let c = 1 - r;
     let r_ip = lab.wan_ip(r);
     let mut endpoints = Vec::new();
@@ -176,11 +189,7 @@ fn symmetric_nats_talk_through_a_relay_that_forwards_only_ciphertext() {
         endpoints.push(ep);
     }
     let granted = start.elapsed();
-    let dst = lab.nodes[b].mesh_ip().to_string();
-    wait_until(Duration::from_secs(10), "a ping through the relay", || {
-        lab.nodes[a].ping(&dst)
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping through the relay");
     let relayed = start.elapsed();
     eprintln!(
         "relayed through {via}: both grants after {granted:?}, ping through after {relayed:?} (from the daemons' start, discovery included)"
@@ -611,17 +620,11 @@ fn a_relay_that_stops_forwarding_is_seen_dead_and_the_pair_moves_to_the_other_re
         wait_path(&lab, b, a, "relayed", Duration::from_secs(10)),
         via
     );
-    let r = (0..2)
-        .find(|&i| lab.nodes[i].name() == via)
-        .unwrap_or_else(|| panic!("relayed via {via}, not a public node"));
+    let r = public_index(&lab, &via);
     let other = lab.nodes[1 - r].name();
     // The relayed path is probed end to end through the relay: alive on both sides.
     wait_relayed_alive(&lab, a, b);
-    let dst = lab.nodes[b].mesh_ip().to_string();
-    wait_until(Duration::from_secs(10), "a ping through the relay", || {
-        lab.nodes[a].ping(&dst)
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping through the relay");
     let ports = wait_pair_ports(&lab, r, a, b);
 
     // A stream runs while the relay stops forwarding.
@@ -636,12 +639,7 @@ fn a_relay_that_stops_forwarding_is_seen_dead_and_the_pair_moves_to_the_other_re
     let t = Instant::now();
     // Both parties see the relayed path die (its probes go unanswered) and move to the other relay.
     let (seen, moved) = both_relayed_via(&lab, (a, b), (t, Duration::from_secs(10)), &other);
-    wait_until(
-        Duration::from_secs(10),
-        "a ping through the other relay",
-        || lab.nodes[a].ping(&dst),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping through the other relay");
     let through = t.elapsed();
     std::thread::sleep(Duration::from_secs(2));
     let (gap, echoes) = flow
@@ -698,11 +696,7 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
             lab.nodes[j].name()
         );
     }
-    let dst = lab.nodes[b].mesh_ip().to_string();
-    wait_until(Duration::from_secs(10), "a ping through the relay", || {
-        lab.nodes[a].ping(&dst)
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping through the relay");
     eprintln!(
         "topology location: relayed through {} after {:?} (from the daemons' start)",
         lab.nodes[r].name(),
@@ -780,12 +774,7 @@ fn topology_location_relays_two_natted_gateways_and_reports_a_dead_relay() {
     for (i, j) in [(a, b), (b, a)] {
         wait_path(&lab, i, j, "relayed", Duration::from_secs(50));
     }
-    wait_until(
-        Duration::from_secs(10),
-        "a ping through the relay again",
-        || lab.nodes[a].ping(&dst),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping through the relay again");
     eprintln!(
         "topology location: forwarding resumed; relayed again after {:?} (the failed relay is retried after 30 s)",
         t.elapsed()
@@ -819,9 +808,7 @@ fn a_relay_that_forwards_probes_but_drops_wireguard_is_left_for_the_other_relay(
     let mut daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
     // The pair's first relay (the ranking is per pair and does not change across restarts).
     let via = wait_path(&lab, a, b, "relayed", Duration::from_secs(10));
-    let r = (0..2)
-        .find(|&i| lab.nodes[i].name() == via)
-        .unwrap_or_else(|| panic!("relayed via {via}, not a public node"));
+    let r = public_index(&lab, &via);
     let other = lab.nodes[1 - r].name();
     // Both parties restart (fresh WireGuard devices: no session to keep) while that relay forwards
     // only the probes.
@@ -836,13 +823,7 @@ fn a_relay_that_forwards_probes_but_drops_wireguard_is_left_for_the_other_relay(
     assert_eq!(lab.path(a, b).map(|p| p.1), Ok(via.clone()));
     // Within FIRST_HANDSHAKE_WITHIN (30 s) of coming alive, both parties leave it for the other relay.
     let (seen, moved) = both_relayed_via(&lab, (a, b), (t, Duration::from_secs(50)), &other);
-    let dst = lab.nodes[b].mesh_ip().to_string();
-    wait_until(
-        Duration::from_secs(10),
-        "a ping through the other relay",
-        || lab.nodes[a].ping(&dst),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping through the other relay");
     eprintln!(
         "{via} forwarded only probes: relayed path alive through it after {alive:?}, both parties on {other} after {seen:?}"
     );
@@ -892,18 +873,10 @@ fn a_relay_that_starts_dropping_wireguard_under_a_running_session_is_left_within
     let (a, b) = (2, 3);
     let daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
     let via = wait_path(&lab, a, b, "relayed", Duration::from_secs(10));
-    let r = (0..2)
-        .find(|&i| lab.nodes[i].name() == via)
-        .unwrap_or_else(|| panic!("relayed via {via}, not a public node"));
+    let r = public_index(&lab, &via);
     let other = lab.nodes[1 - r].name();
     wait_relayed_alive(&lab, a, b);
-    let dst = lab.nodes[b].mesh_ip().to_string();
-    wait_until(
-        Duration::from_secs(10),
-        "a ping through the first relay",
-        || lab.nodes[a].ping(&dst),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping through the first relay");
     // Idle now: the peer's persistent keepalives (25 s) alone move the receive counter (boringtun counts
     // them as the kernel does: vendor/boringtun/HYBRIDNET-PATCH.md), which the receive rule reads.
     std::thread::sleep(Duration::from_secs(2));
@@ -930,12 +903,7 @@ fn a_relay_that_starts_dropping_wireguard_under_a_running_session_is_left_within
     forward_only_probes(&lab, r);
     let t = Instant::now();
     let (seen, moved) = both_relayed_via(&lab, (a, b), (t, Duration::from_secs(110)), &other);
-    wait_until(
-        Duration::from_secs(10),
-        "a ping through the other relay",
-        || lab.nodes[a].ping(&dst),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping through the other relay");
     eprintln!(
         "{via} started dropping WireGuard under a running session: both parties on {other} after {seen:?}"
     );
@@ -973,11 +941,7 @@ fn an_idle_relayed_pair_keeps_its_relay_across_session_renewals() {
     let daemons: Vec<_> = (0..lab.nodes.len()).map(|i| lab.start(i)).collect();
     let via = wait_path(&lab, a, b, "relayed", Duration::from_secs(10));
     wait_relayed_alive(&lab, a, b);
-    let dst = lab.nodes[b].mesh_ip().to_string();
-    wait_until(Duration::from_secs(10), "a ping through the relay", || {
-        lab.nodes[a].ping(&dst)
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping through the relay");
     // Idle: nothing but WireGuard's keepalives and the probes, for 360 s.
     let t = Instant::now();
     let mut ages = Vec::new();
@@ -1012,10 +976,5 @@ fn an_idle_relayed_pair_keeps_its_relay_across_session_renewals() {
             lab.nodes[i].name()
         );
     }
-    wait_until(
-        Duration::from_secs(10),
-        "a ping after the idle time",
-        || lab.nodes[a].ping(&dst),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    ping_within_10s(&lab, a, b, "a ping after the idle time");
 }
