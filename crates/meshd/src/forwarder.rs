@@ -26,7 +26,9 @@ use crate::relay::{Allocations, Dropped, Grant, Pair, Refused};
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// Why the forwarder itself did not send a datagram the allocations let through: no socket for the other
 /// side's port (its allocation just ended), or the send failed.
-const FORWARDER_DROPS: [&str; 2] = ["no-socket", "send"];
+const NO_SOCKET: &str = "no-socket";
+const SEND_FAILED: &str = "send";
+const FORWARDER_DROPS: [&str; 2] = [NO_SOCKET, SEND_FAILED];
 /// The largest datagram forwarded (WireGuard's are at most the underlay MTU).
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -327,7 +329,7 @@ async fn forward(shared: Arc<Shared>, port: u16, socket: Arc<tokio::net::UdpSock
             }
         };
         let Some(out_socket) = shared.sockets().get(&out.from_port).cloned() else {
-            shared.dropped(FORWARDER_DROPS[0]);
+            shared.dropped(NO_SOCKET);
             continue;
         };
         match out_socket.try_send_to(&buf[..n], v6_mapped(out.to)) {
@@ -341,7 +343,7 @@ async fn forward(shared: Arc<Shared>, port: u16, socket: Arc<tokio::net::UdpSock
             }
             Err(error) => {
                 tracing::debug!(%error, to = %out.to, "relayed datagram not sent");
-                shared.dropped(FORWARDER_DROPS[1]);
+                shared.dropped(SEND_FAILED);
             }
         }
     }
